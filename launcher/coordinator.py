@@ -1,0 +1,291 @@
+"""The coordinator (rendezvous) process: registration, rank assignment, topology, barriers, heartbeats.
+
+States: REGISTERING -> RUNNING -> FINISHED, or FAILED from either. Every wait has a deadline and ends with a
+message naming who is missing ("waiting for 1 of 2 workers: ranks 1"). When a registered process stops sending
+heartbeats, every other process is told (an ERROR notice on its heartbeat channel) and the coordinator fails;
+when every worker is done, the servers are told to shut down.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from protocol import transport
+from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
+
+log = logging.getLogger("zps.coordinator")
+
+
+class State(enum.Enum):
+    REGISTERING = "registering"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass
+class _Member:
+    role: str
+    rank: int
+    identity: bytes
+    request_id: int
+    host: str
+    pid: int
+    address: str | None
+    hb_identity: bytes | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}:{self.rank}"
+
+    def where(self) -> str:
+        return f"{self.name} (host {self.host}, pid {self.pid})"
+
+
+class Coordinator:
+    """Serves one job. ``serve()`` returns 0 when every worker finished and 1 on failure (see ``error``)."""
+
+    def __init__(
+        self,
+        num_servers: int,
+        num_workers: int,
+        mode: str = "bsp",
+        staleness: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeout: float = 120.0,
+        heartbeat_timeout: float = 15.0,
+        job: dict[str, Any] | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if num_servers < 1 or num_workers < 1:
+            raise ValueError(f"a job needs at least one server and one worker, got {num_servers} and {num_workers}")
+        self.expected = {"server": num_servers, "worker": num_workers}
+        self.mode, self.staleness = mode, staleness
+        self.timeout, self.heartbeat_timeout = timeout, heartbeat_timeout
+        self.job = job or {}
+        self.context = context or zmq.Context.instance()
+        self.sock = transport.configure(self.context.socket(zmq.ROUTER))
+        if port:
+            self.sock.bind(transport.tcp_address(host, port))
+            self.address = transport.tcp_address(host, port)
+        else:
+            self.address = transport.bind_free(self.sock, host)
+        self.endpoint = self.address.removeprefix("tcp://")  # host:port, the value of ZPS_COORDINATOR
+        self.state = State.REGISTERING
+        self.error: str | None = None
+        self.members: dict[tuple[str, int], _Member] = {}
+        self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._finished_at: float | None = None
+
+    # -- public ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> int:
+        try:
+            while not self._stop.is_set():
+                if self.sock.poll(100):
+                    for _ in range(256):
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                self._tick()
+                if self.state is State.FAILED:
+                    return 1
+                if self.state is State.FINISHED and self._servers_gone():
+                    return 0
+            return 0 if self.state is State.FINISHED else 1
+        finally:
+            self.sock.close(linger=200)
+
+    # -- handling --------------------------------------------------------------------------------------
+    def _reply(self, identity: bytes, msg: Message) -> None:
+        transport.send(self.sock, msg, identity=identity)
+
+    def _handle(self, frames: list[Any]) -> None:
+        identity = transport.frame_bytes(frames[0])
+        request_id = 0
+        try:
+            msg = parse_frames(frames[1:])
+            request_id = msg.id
+            if msg.kind is Kind.REGISTER:
+                self._register(identity, msg)
+            elif msg.kind is Kind.HEARTBEAT:
+                self._heartbeat(identity, msg)
+            elif msg.kind is Kind.BARRIER:
+                self._barrier(identity, msg)
+            elif msg.kind is Kind.DONE:
+                self._done(identity, msg)
+            else:
+                raise ProtocolError(ErrorCode.BAD_KIND, f"the coordinator does not serve {msg.kind.value!r}")
+        except ProtocolError as exc:
+            self._reply(identity, error_reply(request_id, "coordinator", exc.code, exc.reason))
+
+    def _member(self, src: str) -> _Member | None:
+        role, _, rank = src.partition(":")
+        return self.members.get((role, int(rank))) if rank.isdigit() else None
+
+    def _register(self, identity: bytes, msg: Message) -> None:
+        body = msg.body
+        role, rank = body.get("role"), body.get("rank", -1)
+        if role not in self.expected:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"cannot register role {role!r}: expected server or worker")
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer, got {rank!r}")
+        if self.state is not State.REGISTERING:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{role} registered after the cluster was complete ({self.state.value})")
+        count = self.expected[role]
+        taken = {r for (ro, r) in self.members if ro == role}
+        if rank < 0:
+            free = [r for r in range(count) if r not in taken]
+            if not free:
+                raise ProtocolError(ErrorCode.CONFLICT, f"all {count} {role} ranks are taken; the job expects {count} {role}s")
+            rank = free[0]
+        elif rank >= count:
+            raise ProtocolError(
+                ErrorCode.CONFLICT, f"{role} rank {rank} is out of range: the job has {count} {role}s (ranks 0-{count - 1})"
+            )
+        elif rank in taken:
+            other = self.members[(role, rank)]
+            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is already registered by {other.where()}")
+        address = body.get("address")
+        if role == "server" and not isinstance(address, str):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address'")
+        member = _Member(role, rank, identity, msg.id, str(body.get("host", "?")), int(body.get("pid", 0) or 0), address)
+        self.members[(role, rank)] = member
+        log.info("registered %s", member.where())
+        if len(self.members) == sum(self.expected.values()):
+            self._start()
+
+    def _start(self) -> None:
+        servers = [self.members[("server", r)].address for r in range(self.expected["server"])]
+        for member in self.members.values():
+            body = {
+                "role": member.role,
+                "rank": member.rank,
+                "num_servers": self.expected["server"],
+                "num_workers": self.expected["worker"],
+                "servers": servers,
+                "mode": self.mode,
+                "staleness": self.staleness,
+                "job": self.job,
+            }
+            member.last_seen = time.monotonic()
+            self._reply(member.identity, Message(Kind.TOPOLOGY, id=member.request_id, src="coordinator", body=body))
+        self.state = State.RUNNING
+        log.info("cluster complete: %d servers, %d workers", self.expected["server"], self.expected["worker"])
+
+    def _heartbeat(self, identity: bytes, msg: Message) -> None:
+        member = self._member(msg.src)
+        if member is None:
+            return
+        member.hb_identity = identity
+        member.last_seen = time.monotonic()
+        if self.state is State.FAILED:
+            self._reply(identity, error_reply(0, "coordinator", ErrorCode.DEAD, self.error or "the job failed"))
+        elif self.state is State.FINISHED and member.role == "server":
+            self._reply(identity, Message(Kind.SHUTDOWN, src="coordinator"))
+        else:
+            self._reply(identity, Message(Kind.OK, src="coordinator"))
+
+    def _barrier(self, identity: bytes, msg: Message) -> None:
+        member = self._member(msg.src)
+        if member is None or member.role != "worker":
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"only registered workers take part in barriers, not {msg.src!r}")
+        name = str(msg.body.get("name", "default"))
+        started, arrived = self.barriers.setdefault(name, (time.monotonic(), {}))
+        arrived[member.rank] = (identity, msg.id)
+        self._release_barriers()
+
+    def _live_workers(self) -> set[int]:
+        return {r for (role, r), m in self.members.items() if role == "worker" and not m.done}
+
+    def _release_barriers(self) -> None:
+        live = self._live_workers()
+        for name, (started, arrived) in list(self.barriers.items()):
+            if live <= set(arrived):
+                for identity, request_id in arrived.values():
+                    self._reply(identity, Message(Kind.OK, id=request_id, src="coordinator"))
+                del self.barriers[name]
+
+    def _done(self, identity: bytes, msg: Message) -> None:
+        member = self._member(msg.src)
+        if member is not None:
+            member.done = True
+            log.info("%s is done", member.name)
+        self._reply(identity, Message(Kind.OK, id=msg.id, src="coordinator"))
+        if self.state is State.RUNNING:
+            self._release_barriers()
+            if not self._live_workers():
+                self.state = State.FINISHED
+                self._finished_at = time.monotonic()
+                for m in self.members.values():
+                    if m.role == "server" and m.hb_identity is not None:
+                        self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src="coordinator"))
+
+    def _servers_gone(self) -> bool:
+        servers = [m for m in self.members.values() if m.role == "server"]
+        if all(m.done for m in servers):
+            return True
+        # servers that never answer the shutdown are the launcher's to end; do not wait for them forever
+        return self._finished_at is not None and time.monotonic() - self._finished_at > self.heartbeat_timeout
+
+    # -- deadlines -------------------------------------------------------------------------------------
+    def _missing(self) -> str:
+        parts = []
+        for role, count in self.expected.items():
+            missing = [r for r in range(count) if (role, r) not in self.members]
+            if missing:
+                have = count - len(missing)
+                parts.append(f"{len(missing)} of {count} {role}s (ranks {', '.join(map(str, missing))})")
+        return "; ".join(parts)
+
+    def _fail(self, reason: str) -> None:
+        self.error = reason
+        self.state = State.FAILED
+        log.error("%s", reason)
+        for m in self.members.values():
+            if self._registration_pending():
+                self._reply(m.identity, error_reply(m.request_id, "coordinator", ErrorCode.MISSING, reason))
+            elif m.hb_identity is not None:
+                self._reply(m.hb_identity, error_reply(0, "coordinator", ErrorCode.DEAD, reason))
+        for _, arrived in self.barriers.values():
+            for identity, request_id in arrived.values():
+                self._reply(identity, error_reply(request_id, "coordinator", ErrorCode.DEAD, reason))
+
+    def _registration_pending(self) -> bool:
+        return len(self.members) < sum(self.expected.values())
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.state is State.REGISTERING:
+            if now - self._started > self.timeout:
+                self._fail(f"the cluster is incomplete after {self.timeout:.0f}s: waiting for {self._missing()}")
+            return
+        if self.state is not State.RUNNING:
+            return
+        for m in self.members.values():
+            if not m.done and now - m.last_seen > self.heartbeat_timeout:
+                self._fail(
+                    f"{m.where()} stopped sending heartbeats {now - m.last_seen:.0f}s ago; the job cannot go on without it"
+                )
+                return
+        live = self._live_workers()
+        for name, (started, arrived) in list(self.barriers.items()):
+            if now - started > self.timeout:
+                missing = sorted(live - set(arrived))
+                self._fail(f"barrier {name!r} timed out after {self.timeout:.0f}s waiting for workers {missing}")
+                return

@@ -1,0 +1,228 @@
+"""A Kubernetes manifest for one zps cluster, written as YAML text (no YAML library needed), and ranks from pods.
+
+:func:`render_manifest` gives five objects, for ``kubectl apply -f``:
+
+* ``Service <name>-coordinator`` -- headless; its DNS name is the coordinator address every pod gets.
+* ``Deployment <name>-coordinator`` -- one pod running ``zps node`` with ``ZPS_ROLE=coordinator``.
+* ``Service <name>-server`` -- headless, the governing service the server StatefulSet requires.
+* ``StatefulSet <name>-server`` -- ``num_servers`` pods running ``zps node``; rank = pod ordinal.
+* ``Job <name>-worker`` -- Indexed, ``completions = parallelism = num_workers``, running
+  ``zps node SCRIPT ARGS...``; rank = ``JOB_COMPLETION_INDEX``. A worker that fails fails the Job
+  (``backoffLimit: 0``); servers and coordinator run until ``kubectl delete -f`` the manifest.
+
+Every container gets ``ZPS_ROLE``, ``ZPS_COORDINATOR`` (service DNS name:port), ``ZPS_NUM_SERVERS``,
+``ZPS_NUM_WORKERS``, ``ZPS_HOST`` (the pod IP, from the downward API) and ``ZPS_RANK_FROM``, which tells
+``zps node`` how to find its rank: :func:`rank_from_k8s` (``hostname-ordinal``: the ``-N`` suffix of
+``HOSTNAME``, which is the pod name in a StatefulSet; ``job-completion-index``: ``JOB_COMPLETION_INDEX``).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Any, Mapping, Sequence
+
+from launcher.env_roles import LaunchEnvError, parse_int, parse_port
+
+DEFAULT_PORT = 29600
+RANK_SOURCES = ("hostname-ordinal", "job-completion-index")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+_ORDINAL = re.compile(r".+-(\d+)")
+
+
+def rank_from_k8s(env: Mapping[str, str]) -> int | None:
+    """This pod's rank within its role, or None where nothing says it.
+
+    ``ZPS_RANK_FROM=hostname-ordinal``: the ordinal suffix of ``HOSTNAME`` (``zps-server-2`` -> 2).
+    ``ZPS_RANK_FROM=job-completion-index``, or unset: ``JOB_COMPLETION_INDEX`` (None when unset and absent).
+    ``HOSTNAME`` is read only when asked: a Deployment's pod names can end in digits too.
+    """
+    source = env.get("ZPS_RANK_FROM", "").strip().lower()
+    if source == "hostname-ordinal":
+        hostname = env.get("HOSTNAME", "")
+        match = _ORDINAL.fullmatch(hostname)
+        if match is None:
+            raise LaunchEnvError(f"ZPS_RANK_FROM=hostname-ordinal but HOSTNAME={hostname!r} does not end in "
+                                 f"-N; this only works in a StatefulSet pod")
+        return int(match.group(1))
+    if source not in ("", "job-completion-index"):
+        raise LaunchEnvError(f"ZPS_RANK_FROM={source!r} is not one of {', '.join(RANK_SOURCES)}")
+    index = env.get("JOB_COMPLETION_INDEX", "")
+    if index == "":
+        if source:
+            raise LaunchEnvError("ZPS_RANK_FROM=job-completion-index but JOB_COMPLETION_INDEX is not set; "
+                                 "this only works in an Indexed Job pod (completionMode: Indexed)")
+        return None
+    return parse_int("JOB_COMPLETION_INDEX", index, 0)
+
+
+def k8s_roles(env: Mapping[str, str]) -> dict[str, str]:
+    """``{"ZPS_RANK": ...}`` from :func:`rank_from_k8s` when ``ZPS_RANK`` is unset and a rank is found, else {}."""
+    if env.get("ZPS_RANK", ""):
+        return {}
+    rank = rank_from_k8s(env)
+    return {} if rank is None else {"ZPS_RANK": str(rank)}
+
+
+# --- YAML text -------------------------------------------------------------------------------------------------
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        # a JSON string is a YAML double-quoted scalar: every string is quoted, so "1", "true", "no", "null",
+        # "*x", "#y" and ": z" all stay strings
+        return json.dumps(value, ensure_ascii=False)
+    raise TypeError(f"cannot write {type(value).__name__} as YAML")
+
+
+def _key(key: str) -> str:
+    return key if _PLAIN_KEY.fullmatch(key) and key.lower() not in ("true", "false", "null", "yes", "no",
+                                                                       "on", "off", "y", "n") else _scalar(key)
+
+
+def _emit(value: Any, indent: int, lines: list[str]) -> None:
+    """Append block-style YAML for a dict or list at ``indent`` spaces."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{_key(key)}:")
+                _emit(item, indent + 2, lines)
+            else:
+                lines.append(f"{pad}{_key(key)}: {_flow_empty(item)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (dict, list)) and item:
+                sub: list[str] = []
+                _emit(item, indent + 2, sub)
+                lines.append(f"{pad}- {sub[0][indent + 2:]}")
+                lines.extend(sub[1:])
+            else:
+                lines.append(f"{pad}- {_flow_empty(item)}")
+    else:
+        raise TypeError(f"a YAML document is a mapping or a list, not {type(value).__name__}")
+
+
+def _flow_empty(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    return _scalar(value)
+
+
+def to_yaml_stream(documents: Sequence[Mapping[str, Any]]) -> str:
+    """Documents (dicts of dicts, lists, str, int, bool, None) as one YAML stream, each opened by ``---``."""
+    lines: list[str] = []
+    for document in documents:
+        lines.append("---")
+        _emit(dict(document), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+# --- the manifest ----------------------------------------------------------------------------------------------
+
+def _check_name(what: str, value: str, max_len: int) -> None:
+    if not _DNS_LABEL.fullmatch(value) or len(value) > max_len:
+        raise ValueError(f"{what}={value!r} must be a DNS label: lowercase letters, digits and '-', "
+                         f"starting and ending with a letter or digit, at most {max_len} characters")
+
+
+def render_manifest(image: str, num_servers: int, num_workers: int, command: Sequence[str] | str,
+                    namespace: str | None = None, port: int = DEFAULT_PORT, name: str = "zps",
+                    gpus_per_worker: int = 0) -> str:
+    """The Kubernetes objects of one zps cluster (see the module docstring) as a YAML document stream.
+
+    ``command`` is the worker's script and arguments, run as ``zps node SCRIPT ARGS...``: a list of strings,
+    or one string split like a shell would (``"train.py --lr 0.1"``). ``name`` prefixes every object (one
+    cluster per name and namespace). ``gpus_per_worker`` > 0 asks for ``nvidia.com/gpu`` per worker pod.
+    """
+    if not isinstance(image, str) or not image.strip() or any(c.isspace() for c in image):
+        raise ValueError(f"image={image!r} must be an image reference without spaces, e.g. 'registry/zps:1.0'")
+    for what, count in (("num_servers", num_servers), ("num_workers", num_workers)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{what}={count!r} must be an integer >= 1")
+    if isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, int) or gpus_per_worker < 0:
+        raise ValueError(f"gpus_per_worker={gpus_per_worker!r} must be an integer >= 0")
+    port = parse_port("port", port)
+    # pod names: <name>-server-<ordinal> and <name>-worker-<index>-<5 chars> must stay within 63 characters
+    _check_name("name", name, 40)
+    if namespace is not None:
+        _check_name("namespace", namespace, 63)
+    args = shlex.split(command) if isinstance(command, str) else list(command)
+    if not args or not all(isinstance(a, str) for a in args) or not args[0]:
+        raise ValueError(f"command={command!r} must name the worker script, e.g. ['train.py', '--lr', '0.1']")
+
+    coordinator_svc = f"{name}-coordinator"
+    server_svc = f"{name}-server"
+    host = coordinator_svc if namespace is None else f"{coordinator_svc}.{namespace}.svc"
+    coordinator = f"{host}:{port}"
+
+    def meta(obj_name: str, component: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": obj_name}
+        if namespace is not None:
+            out["namespace"] = namespace
+        out["labels"] = labels(component)
+        return out
+
+    def labels(component: str) -> dict[str, str]:
+        return {"app.kubernetes.io/name": "zps", "app.kubernetes.io/instance": name,
+                "app.kubernetes.io/component": component}
+
+    def container(role: str, argv: list[str], rank_from: str | None,
+                  resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        env: list[dict[str, Any]] = [
+            {"name": "ZPS_ROLE", "value": role},
+            {"name": "ZPS_COORDINATOR", "value": coordinator},
+            {"name": "ZPS_NUM_SERVERS", "value": str(num_servers)},
+            {"name": "ZPS_NUM_WORKERS", "value": str(num_workers)},
+            {"name": "ZPS_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ]
+        if rank_from is not None:
+            env.append({"name": "ZPS_RANK_FROM", "value": rank_from})
+        out: dict[str, Any] = {"name": role, "image": image, "command": argv, "env": env}
+        if role == "coordinator":
+            out["ports"] = [{"name": "coordinator", "containerPort": port, "protocol": "TCP"}]
+        if resources:
+            out["resources"] = resources
+        return out
+
+    def pod(component: str, spec_container: dict[str, Any], restart: str) -> dict[str, Any]:
+        return {"metadata": {"labels": labels(component)},
+                "spec": {"restartPolicy": restart, "containers": [spec_container]}}
+
+    def headless(svc_name: str, component: str, ports: list[dict[str, Any]] | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"clusterIP": "None", "publishNotReadyAddresses": True,
+                                "selector": labels(component)}
+        if ports:
+            spec["ports"] = ports
+        return {"apiVersion": "v1", "kind": "Service", "metadata": meta(svc_name, component), "spec": spec}
+
+    worker_resources = ({"limits": {"nvidia.com/gpu": gpus_per_worker}} if gpus_per_worker else None)
+    documents = [
+        headless(coordinator_svc, "coordinator",
+                 [{"name": "coordinator", "port": port, "targetPort": port, "protocol": "TCP"}]),
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(coordinator_svc, "coordinator"),
+         "spec": {"replicas": 1, "selector": {"matchLabels": labels("coordinator")},
+                  "template": pod("coordinator", container("coordinator", ["zps", "node"], None), "Always")}},
+        # no ports: servers pick free ones and report them to the coordinator
+        headless(server_svc, "server", None),
+        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta(server_svc, "server"),
+         "spec": {"serviceName": server_svc, "replicas": num_servers, "podManagementPolicy": "Parallel",
+                  "selector": {"matchLabels": labels("server")},
+                  "template": pod("server", container("server", ["zps", "node"], "hostname-ordinal"),
+                                  "Always")}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(f"{name}-worker", "worker"),
+         "spec": {"completionMode": "Indexed", "completions": num_workers, "parallelism": num_workers,
+                  "backoffLimit": 0,
+                  "template": pod("worker", container("worker", ["zps", "node", *args], "job-completion-index",
+                                                      worker_resources), "Never")}},
+    ]
+    return to_yaml_stream(documents)

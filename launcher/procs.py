@@ -1,0 +1,169 @@
+"""Child processes of a job: started in their own sessions, output prefixed by role and rank, torn down as a unit.
+
+Teardown is SIGTERM to each child's process group, a bounded wait, then SIGKILL. On Linux each child also gets
+PR_SET_PDEATHSIG, so it dies even when the launcher itself is SIGKILLed.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable, Sequence
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class LineForwarder:
+    """Copies a child's byte stream to ``out`` line by line with a prefix.
+
+    Decodes incrementally (a UTF-8 character split across reads survives; invalid bytes become U+FFFD), treats
+    ``\\r`` as a line end too (progress bars), and writes the last line even without a newline.
+    """
+
+    def __init__(self, prefix: str, out: IO[str], lock: threading.Lock, tail: list[str] | None = None) -> None:
+        self.prefix, self.out, self.lock = prefix, out, lock
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.partial = ""
+        self.tail = tail  # the last lines, kept for error reports
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        text = self.partial + self.decoder.decode(data, final=final)
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        self.partial = "" if final else lines.pop()
+        if final and lines and lines[-1] == "":
+            lines.pop()
+        if not lines:
+            return
+        with self.lock:
+            for line in lines:
+                self.out.write(f"{self.prefix}{line}\n")
+                if self.tail is not None:
+                    self.tail.append(line)
+                    del self.tail[:-20]
+            self.out.flush()
+
+    def pump(self, stream: IO[bytes]) -> None:
+        fd = stream.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.feed(b"", final=True)
+                return
+            self.feed(data)
+
+
+@dataclass
+class Child:
+    label: str  # e.g. "worker 1"
+    proc: subprocess.Popen
+    tail: list[str] = field(default_factory=list)
+    exited_at: float | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+
+class ProcessGroup:
+    """Starts children and ends them together. ``changed`` is set whenever a child exits."""
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self.out = out or sys.stdout
+        self.lock = threading.Lock()
+        self.children: list[Child] = []
+        self.changed = threading.Event()
+
+    def start(self, label: str, argv: Sequence[str], env: dict[str, str], cwd: str | None = None) -> Child:
+        proc = subprocess.Popen(
+            list(argv),
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        child = Child(label, proc)
+        forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
+        assert proc.stdout is not None
+        reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{label}", daemon=True)
+        waiter = threading.Thread(target=self._wait, args=(child,), name=f"wait-{label}", daemon=True)
+        child.threads = [reader, waiter]
+        reader.start()
+        waiter.start()
+        self.children.append(child)
+        return child
+
+    def _wait(self, child: Child) -> None:
+        child.proc.wait()
+        child.exited_at = time.monotonic()
+        self.changed.set()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            self.out.write(f"[zps] {text}\n")
+            self.out.flush()
+
+    def running(self) -> list[Child]:
+        return [c for c in self.children if c.proc.poll() is None]
+
+    def terminate(self, grace: float = 5.0) -> None:
+        """SIGTERM every child's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+        for child in self.running():
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            # the group may hold grandchildren (data loader workers) even when the child itself has exited
+            _signal_group(child.proc, signal.SIGKILL)
+            try:
+                child.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            for thread in child.threads:
+                thread.join(timeout=2)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session: the child's pid is its process group id
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], None]:
+    """Route SIGINT/SIGTERM/SIGHUP to ``on_signal``; return a function that restores the old handlers."""
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        old[sig] = signal.signal(sig, lambda signum, frame: on_signal(signum))
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore

@@ -1,0 +1,73 @@
+"""Error feedback: a wrapper that makes any lossy codec conserve gradient mass over time.
+
+Each ``encode`` sends ``x + residual`` and keeps what its codec lost, ``residual = (x + residual) - decoded``, so
+the sum of everything decoded plus the final residual equals the sum of every gradient pushed (Seide et al. 2014,
+Karimireddy et al. 2019). The residual is a float32 tensor on the gradient's device.
+
+Learning-rate convention: the residual is stored in gradient units. A gradient ``g`` becomes the parameter update
+``-lr * g`` on the server, so when the learning rate changes from ``a`` to ``b`` (:meth:`ErrorFeedback.set_lr`)
+the residual is scaled by ``a / b``: the parameter-space correction it still owes, ``a * residual``, is kept.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Codec, Encoded, flat
+
+
+class ErrorFeedback(Codec):
+    """Wrap ``inner`` with a residual kept on ``self``. Not a registered codec: ``spec()`` and ``decode`` are the
+    inner codec's, so the receiver decodes with a plain instance of ``inner``'s spec."""
+
+    stateful = True
+
+    def __init__(self, inner: Codec, lr: float | None = None) -> None:
+        if not isinstance(inner, Codec):
+            raise TypeError(f"ErrorFeedback wraps a Codec, got {inner!r}")
+        if isinstance(inner, ErrorFeedback):
+            raise TypeError("ErrorFeedback would wrap another ErrorFeedback: one residual is enough")
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]  # the wrapper speaks for its codec
+        self.exact = inner.exact  # type: ignore[misc]
+        self.lr = lr
+        self.residual: torch.Tensor | None = None
+
+    @property
+    def params(self) -> dict:
+        return getattr(self.inner, "params", {})
+
+    def spec(self) -> str:
+        return self.inner.spec()
+
+    def encode(self, tensor: torch.Tensor) -> Encoded:
+        x = flat(tensor)
+        compensated = x.float()
+        if self.residual is not None:
+            if self.residual.shape != compensated.shape or self.residual.device != compensated.device:
+                raise ValueError(f"error feedback for codec {self.inner.name!r}: got {compensated.numel()} "
+                                 f"elements on {compensated.device}, the residual holds {self.residual.numel()} "
+                                 f"on {self.residual.device}; use one ErrorFeedback per key")
+            compensated = compensated + self.residual
+        encoded = self.inner.encode(compensated.to(x.dtype))  # a no-op cast for float32 gradients
+        decoded = self.inner.decode(encoded, x.numel(), torch.float32, x.device)
+        # the cast to x.dtype (if any) and the codec's loss both land in the residual
+        self.residual = compensated - decoded  # not in place: `compensated` may be the input or a buffer
+        return encoded
+
+    def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        return self.inner.decode(encoded, numel, dtype, device)
+
+    def set_lr(self, lr: float) -> None:
+        """Record the learning rate; on a change from ``a`` to ``lr``, scale the residual by ``a / lr``."""
+        if not lr > 0:
+            raise ValueError(f"error feedback: learning rate must be > 0, got {lr!r}")
+        if self.lr is not None and self.residual is not None and lr != self.lr:
+            self.residual.mul_(self.lr / lr)
+        self.lr = float(lr)
+
+    def reset(self) -> None:
+        """Forget the residual (e.g. after the model was reloaded from a checkpoint)."""
+        self.residual = None
+
+    def __repr__(self) -> str:
+        return f"ErrorFeedback({self.inner.spec()!r})"

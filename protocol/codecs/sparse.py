@@ -1,0 +1,257 @@
+"""Sparsifying codecs: send only some elements.
+
+``topk`` (the k largest magnitudes), ``randomk`` (k random elements, indices regenerated from a seed, unbiased)
+and ``dgc`` (Deep Gradient Compression, Lin et al. 2018: top-k of a locally accumulated, momentum-corrected
+gradient). Decoding scatters into zeros, so a decoded tensor is dense.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import Codec, DeviceRng, Encoded, check, flat, resolve_params
+from .registry import register_codec
+
+_EXACT_BELOW = 1 << 16  # below this many elements torch.topk is cheap enough
+_SAMPLE_HITS = 1000  # sample size is chosen so that about this many sampled elements clear the threshold
+_MIN_SAMPLE = 4096
+_OVERSHOOT = 1.15  # aim the sampled threshold at 15% more candidates than k
+_M32 = 0xFFFFFFFF
+
+
+# ---- selection and (de)scattering --------------------------------------------------------------------------
+
+
+def _count(ratio: float, numel: int) -> int:
+    """How many elements a density ``ratio`` keeps: at least one of a non-empty tensor."""
+    if numel == 0:
+        return 0
+    return max(1, min(numel, int(ratio * numel + 1e-9)))
+
+
+def topk_indices(magnitude: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Positions (int64, ascending) of the ``k`` largest entries of 1-D non-negative ``magnitude``: exactly the
+    top-k, ties broken arbitrarily.
+
+    Large inputs avoid a sort and ``torch.topk``'s full selection: the k-th largest value is estimated from a
+    random sample (aimed a little low), the elements above it are gathered with one mask, and ``torch.topk`` runs
+    only over those candidates. Since every non-candidate is below every candidate, the result is exact; when the
+    estimate was too high (fewer than k candidates) it retries lower, then falls back to ``torch.topk``.
+    """
+    n = magnitude.numel()
+    if k >= n:
+        return torch.arange(n, device=magnitude.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=magnitude.device)
+    if n >= _EXACT_BELOW and k * 8 <= n:
+        m = min(n, max(_MIN_SAMPLE, _SAMPLE_HITS * n // k))
+        sample = magnitude[torch.randint(0, n, (m,), generator=gen, device=magnitude.device)]
+        over = _OVERSHOOT
+        for _ in range(3):
+            target = min(m, math.ceil(over * k * m / n))
+            threshold = torch.kthvalue(sample, m - target + 1).values
+            candidates = (magnitude >= threshold).nonzero().squeeze(1)
+            if candidates.numel() >= k:
+                pick = torch.topk(magnitude[candidates], k, sorted=False).indices
+                return candidates[pick].sort().values
+            over *= 4
+    return torch.topk(magnitude, k, sorted=False).indices.sort().values
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
+
+
+def _sparse_decode(codec: str, encoded: Encoded, numel: int, dtype: torch.dtype,
+                   device: torch.device | str) -> torch.Tensor:
+    """Scatter ``buffers = [values, indices]`` into zeros."""
+    check(len(encoded.buffers) == 2, f"codec {codec!r}: expected 2 buffers, got {len(encoded.buffers)}")
+    values, indices = encoded.buffers
+    check(values.dim() == 1 and indices.dim() == 1 and values.numel() == indices.numel() <= numel,
+          f"codec {codec!r}: {values.numel()} values and {indices.numel()} indices do not fit {numel} elements")
+    check(indices.dtype in (torch.int32, torch.int64), f"codec {codec!r}: indices must be int32/int64, got {indices.dtype}")
+    out = torch.zeros(numel, dtype=dtype, device=device)
+    if indices.numel():
+        indices = indices.to(out.device)
+        low, high = torch.aminmax(indices)
+        check(int(low) >= 0 and int(high) < numel, f"codec {codec!r}: indices out of range [0, {numel})")
+        out[indices] = values.to(device=out.device, dtype=dtype)
+    return out
+
+
+def hashed_indices(seed: int, k: int, numel: int, device: torch.device | str) -> torch.Tensor:
+    """``k`` uniform positions in ``[0, numel)`` (with replacement, int64), a pure function of the arguments.
+
+    Counter-based hashing with integer torch ops, so the worker's device and the server's (CPU or CUDA) agree;
+    ``torch.Generator`` streams differ between CPU and CUDA and could not be replayed across them.
+    """
+    s1, s2 = seed & _M32, (seed >> 32) & _M32
+    h = torch.arange(2 * k, dtype=torch.int64, device=device).add_(s1).bitwise_and_(_M32)
+    h = _mix32(_mix32(h).bitwise_xor_(s2)).view(k, 2)
+    wide = (h[:, 0] << 30) | (h[:, 1] >> 2)  # 62 random bits: the modulo bias is below numel / 2**62
+    return wide.remainder_(numel) if k else wide
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply) on int64 lanes holding values below 2**32; in place."""
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _ratio(codec: str, value: float) -> float:
+    check(0.0 < value <= 1.0, f"codec {codec!r}: ratio must be in (0, 1], got {value}")
+    return value
+
+
+# ---- codecs ------------------------------------------------------------------------------------------------
+
+
+@register_codec
+class TopKCodec(Codec):
+    """The ``k = ratio * numel`` largest-magnitude elements (exactly k; see :func:`topk_indices`).
+
+    Params: ``ratio`` (default 0.01), ``seed`` (for the threshold sample only: the result does not depend on it).
+    Buffers: values (the input's dtype) and ascending indices (int32; int64 beyond 2**31 elements). Meta: none.
+    Biased: pair it with error feedback.
+    """
+
+    name = "topk"
+    SCHEMA = {"ratio": (float, 0.01), "seed": (int, None)}
+
+    def __init__(self, **params: Any) -> None:
+        self.params = resolve_params(self.name, params, self.SCHEMA)
+        self.ratio = _ratio(self.name, self.params["ratio"])
+        self.rng = DeviceRng(self.params["seed"])
+
+    def encode(self, tensor: torch.Tensor) -> Encoded:
+        x = flat(tensor)
+        idx = topk_indices(x.abs(), _count(self.ratio, x.numel()), self.rng.on(x.device))
+        return Encoded({}, [x[idx], idx.to(_index_dtype(x.numel()))])
+
+    def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        return _sparse_decode(self.name, encoded, numel, dtype, device)
+
+
+@register_codec
+class RandomKCodec(Codec):
+    """``k = ratio * numel`` positions drawn uniformly (with replacement) from a per-call seed sent in meta, so
+    only the values cross the wire. Decoding sums the values into their positions scaled by ``numel / k``, which
+    makes it unbiased; ``scale=false`` leaves them unscaled (biased, but a contraction: the form to use with
+    error feedback, whose residual the scaled form inflates).
+
+    Params: ``ratio`` (default 0.01), ``scale`` (default true), ``seed``. Buffers: values (the input's dtype).
+    Meta: ``seed`` (int; positions are :func:`hashed_indices` of it), ``scale`` (bool).
+    """
+
+    name = "randomk"
+    unbiased = True
+    SCHEMA = {"ratio": (float, 0.01), "scale": (bool, True), "seed": (int, None)}
+
+    def __init__(self, **params: Any) -> None:
+        self.params = resolve_params(self.name, params, self.SCHEMA)
+        self.ratio = _ratio(self.name, self.params["ratio"])
+        self.scale: bool = self.params["scale"]
+        self.unbiased = self.scale  # type: ignore[misc]
+        self.rng = DeviceRng(self.params["seed"])
+
+    def encode(self, tensor: torch.Tensor) -> Encoded:
+        x = flat(tensor)
+        seed = self.rng.draw_seed()
+        idx = hashed_indices(seed, _count(self.ratio, x.numel()), x.numel(), x.device)
+        return Encoded({"seed": seed, "scale": self.scale}, [x[idx]])
+
+    def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        check(len(encoded.buffers) == 1, f"codec 'randomk': expected 1 buffer, got {len(encoded.buffers)}")
+        (values,) = encoded.buffers
+        seed, scale = encoded.meta.get("seed"), encoded.meta.get("scale", True)
+        check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63,
+              f"codec 'randomk': meta 'seed' must be a non-negative int, got {seed!r}")
+        check(isinstance(scale, bool), f"codec 'randomk': meta 'scale' must be a bool, got {scale!r}")
+        check(values.dim() == 1 and (values.numel() <= numel) and (values.numel() > 0) == (numel > 0),
+              f"codec 'randomk': {values.numel()} values do not fit {numel} elements")
+        out = torch.zeros(numel, dtype=torch.float32, device=device)
+        k = values.numel()
+        if k:
+            values = values.to(device=out.device, dtype=torch.float32)
+            if scale:
+                values = values * (numel / k)
+            out.index_add_(0, hashed_indices(seed, k, numel, out.device), values)
+        return out.to(dtype)
+
+
+@register_codec
+class DgcCodec(Codec):
+    """Deep Gradient Compression (Lin et al. 2018), the worker side; stateful.
+
+    Each call: clip the gradient's L2 norm to ``clip`` (if set); momentum correction ``u = momentum * u + g``;
+    local accumulation ``v += u``; send the top-k of ``|v|`` (threshold estimated from a sample, see
+    :func:`topk_indices`); clear the sent positions of ``v`` and ``u`` (momentum factor masking). The density
+    warms up: it decays exponentially from 25% to ``ratio`` over the first ``warmup_steps`` calls.
+
+    The decoded tensor already contains momentum: the server should apply it with momentum-free SGD.
+
+    Params: ``ratio`` (final density, default 0.001), ``momentum`` (0.9), ``clip`` (optional max norm),
+    ``warmup_steps`` (0), ``seed``. Buffers and decoding as ``topk``. Meta: ``step``, ``density``.
+    """
+
+    name = "dgc"
+    stateful = True
+    SCHEMA = {"ratio": (float, 0.001), "momentum": (float, 0.9), "clip": (float, None),
+              "warmup_steps": (int, 0), "seed": (int, None)}
+    WARMUP_START = 0.25
+
+    def __init__(self, **params: Any) -> None:
+        self.params = resolve_params(self.name, params, self.SCHEMA)
+        self.ratio = _ratio(self.name, self.params["ratio"])
+        self.momentum: float = self.params["momentum"]
+        self.clip: float | None = self.params["clip"]
+        self.warmup_steps: int = self.params["warmup_steps"]
+        check(0.0 <= self.momentum < 1.0, f"codec 'dgc': momentum must be in [0, 1), got {self.momentum}")
+        check(self.clip is None or self.clip > 0, f"codec 'dgc': clip must be > 0, got {self.clip}")
+        check(self.warmup_steps >= 0, f"codec 'dgc': warmup_steps must be >= 0, got {self.warmup_steps}")
+        self.rng = DeviceRng(self.params["seed"])
+        self.step = 0
+        self.u: torch.Tensor | None = None  # momentum
+        self.v: torch.Tensor | None = None  # accumulated, not yet sent
+
+    def density(self, step: int) -> float:
+        """The fraction of elements sent at ``step`` (0-based)."""
+        start = max(self.WARMUP_START, self.ratio)
+        if step >= self.warmup_steps:
+            return self.ratio
+        return start * (self.ratio / start) ** (step / self.warmup_steps)
+
+    def _state(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.u is None or self.v is None:
+            self.u, self.v = torch.zeros_like(g), torch.zeros_like(g)
+        elif self.v.shape != g.shape or self.v.device != g.device:
+            raise ValueError(f"codec 'dgc' holds state for {self.v.numel()} elements on {self.v.device}, got "
+                             f"{g.numel()} on {g.device}; use one instance per key")
+        return self.u, self.v
+
+    def encode(self, tensor: torch.Tensor) -> Encoded:
+        x = flat(tensor)
+        g = x.float()
+        if self.clip is not None:
+            g = g * (self.clip / (torch.linalg.vector_norm(g) + 1e-12)).clamp(max=1.0)
+        u, v = self._state(g)
+        u.mul_(self.momentum).add_(g)
+        v.add_(u)
+        density = self.density(self.step)
+        idx = topk_indices(v.abs(), _count(density, v.numel()), self.rng.on(v.device))
+        values = v[idx].to(x.dtype)
+        v[idx] -= values.float()  # zero for float32; keeps what a narrower dtype rounded off
+        u[idx] = 0.0
+        meta = {"step": self.step, "density": density}
+        self.step += 1
+        return Encoded(meta, [values, idx.to(_index_dtype(v.numel()))])
+
+    def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        return _sparse_decode(self.name, encoded, numel, dtype, device)
+
+    def reset(self) -> None:
+        """Forget momentum, accumulation and the warm-up position."""
+        self.step, self.u, self.v = 0, None, None

@@ -1,0 +1,188 @@
+"""One message format: a msgpack header frame plus raw buffer frames, with an explicit ``kind`` field.
+
+Header fields (a msgpack map, validated before anything is touched):
+
+- ``v``      protocol version (int; must equal :data:`PROTOCOL_VERSION`)
+- ``kind``   one of :class:`Kind`
+- ``id``     request id chosen by the sender (int >= 0); replies carry the request's id
+- ``src``    sender, e.g. ``"worker:1"``
+- ``keys``   per-key entries (data messages only): ``{"key": int, "step": int, "nf": frames, ...}`` plus
+             codec fields (``codec``, ``meta``, ``bufs``: per-buffer ``[dtype, numel]``)
+- ``body``   kind-specific small map (optimizer config, error reason, topology, ...)
+
+Frames 1..n are the raw buffers of the keys in order (``nf`` frames each). Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+
+class Kind(str, enum.Enum):
+    """Message kinds. Control and data share one format; the kind says which."""
+
+    # rendezvous (worker/server <-> coordinator)
+    REGISTER = "register"
+    TOPOLOGY = "topology"
+    BARRIER = "barrier"
+    HEARTBEAT = "heartbeat"
+    DONE = "done"
+    SHUTDOWN = "shutdown"
+    # data (worker <-> server)
+    INIT = "init"
+    PUSH = "push"
+    PULL = "pull"
+    PUSH_PULL = "push_pull"
+    LEAVE = "leave"
+    STATS = "stats"
+    # replies
+    OK = "ok"
+    VALUES = "values"
+    ERROR = "error"
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request failed. Callers branch on the code, never on the message text."""
+
+    BAD_HEADER = "bad_header"
+    BAD_VERSION = "bad_version"
+    BAD_KIND = "bad_kind"
+    UNKNOWN_KEY = "unknown_key"
+    SHAPE_MISMATCH = "shape_mismatch"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    FRAME_COUNT = "frame_count"
+    FRAME_SIZE = "frame_size"
+    NOT_INITIALIZED = "not_initialized"
+    CONFLICT = "conflict"
+    STEP_AHEAD = "step_ahead"
+    BAD_OPTIMIZER = "bad_optimizer"
+    BAD_CODEC = "bad_codec"
+    TIMEOUT = "timeout"
+    MISSING = "missing"
+    DEAD = "dead"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A message or request was rejected; ``code`` is an :class:`ErrorCode`."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"[{code.value}] {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Message:
+    """A decoded message: header fields plus raw frames (``memoryview``-able buffers)."""
+
+    kind: Kind
+    id: int = 0
+    src: str = ""
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    body: dict[str, Any] = field(default_factory=dict)
+    frames: list[Any] = field(default_factory=list)
+
+    def header(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": self.kind.value, "id": self.id, "src": self.src}
+        if self.keys:
+            head["keys"] = self.keys
+        if self.body:
+            head["body"] = self.body
+        return head
+
+    def to_frames(self) -> list[Any]:
+        """Frame 0 the packed header, then the raw buffers as they are (no copy here)."""
+        return [msgpack.packb(self.header(), use_bin_type=True), *self.frames]
+
+    def describe(self) -> str:
+        """A short one-line form for logs."""
+        keys = f" keys={len(self.keys)}" if self.keys else ""
+        return f"<{self.kind.value} id={self.id} src={self.src}{keys} frames={len(self.frames)}>"
+
+
+def error_reply(request_id: int, src: str, code: ErrorCode, reason: str) -> Message:
+    return Message(Kind.ERROR, id=request_id, src=src, body={"code": code.value, "reason": reason})
+
+
+def raise_if_error(msg: Message) -> Message:
+    """Turn an ERROR reply into a :class:`ProtocolError`; return other messages unchanged."""
+    if msg.kind is Kind.ERROR:
+        try:
+            code = ErrorCode(msg.body.get("code"))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        raise ProtocolError(code, str(msg.body.get("reason", "no reason given")))
+    return msg
+
+
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+def _bad(reason: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_HEADER, reason)
+
+
+def parse_frames(frames: Sequence[Any]) -> Message:
+    """Decode and structurally validate a multipart message; raise :class:`ProtocolError` on any defect.
+
+    Checks the header is a msgpack map of the right version and kind with well-typed fields, and that the
+    frame count equals the sum of the keys' ``nf``. Per-key semantic checks (known key, sizes) are the
+    receiver's, against its own declared state.
+    """
+    if not frames:
+        raise _bad("empty message")
+    raw = frames[0]
+    raw_bytes = raw.bytes if hasattr(raw, "bytes") else bytes(raw)
+    if len(raw_bytes) > _MAX_HEADER_BYTES:
+        raise _bad(f"header of {len(raw_bytes)} bytes exceeds {_MAX_HEADER_BYTES}")
+    try:
+        head = msgpack.unpackb(raw_bytes, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise _bad(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(head, dict):
+        raise _bad(f"header must be a msgpack map, got {type(head).__name__}")
+    version = head.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION, f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    try:
+        kind = Kind(head.get("kind"))
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_KIND, f"unknown message kind {head.get('kind')!r}") from None
+    request_id = head.get("id", 0)
+    if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
+        raise _bad(f"'id' must be a non-negative integer, got {request_id!r}")
+    src = head.get("src", "")
+    if not isinstance(src, str):
+        raise _bad(f"'src' must be a string, got {type(src).__name__}")
+    body = head.get("body", {})
+    if not isinstance(body, dict):
+        raise _bad(f"'body' must be a map, got {type(body).__name__}")
+    keys = head.get("keys", [])
+    if not isinstance(keys, list):
+        raise _bad(f"'keys' must be a list, got {type(keys).__name__}")
+    expected_frames = 0
+    for i, entry in enumerate(keys):
+        if not isinstance(entry, dict):
+            raise _bad(f"keys[{i}] must be a map")
+        key = entry.get("key")
+        if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+            raise _bad(f"keys[{i}].key must be a non-negative integer, got {key!r}")
+        for name in ("step", "nf"):
+            value = entry.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _bad(f"keys[{i}].{name} must be a non-negative integer, got {value!r}")
+        expected_frames += entry.get("nf", 0)
+    if len(frames) - 1 != expected_frames:
+        raise ProtocolError(
+            ErrorCode.FRAME_COUNT,
+            f"header announces {expected_frames} data frames but the message carries {len(frames) - 1}",
+        )
+    return Message(kind, id=request_id, src=src, keys=keys, body=body, frames=list(frames[1:]))

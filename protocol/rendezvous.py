@@ -1,0 +1,177 @@
+"""The client side of the coordinator, shared by servers and workers: register, barrier, heartbeat, done.
+
+Every call has a deadline and names what it waited for when it gives up. A background heartbeat thread keeps
+the coordinator informed and listens for its notices: ``shutdown`` (the job is over) and ``dead`` (a peer was
+lost); :attr:`RendezvousClient.failure` then holds the reason, for the process to act on.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import transport
+from .config import Config
+from .messages import ErrorCode, Kind, Message, ProtocolError, raise_if_error
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What the coordinator hands every process once the whole cluster has registered."""
+
+    role: str
+    rank: int
+    num_servers: int
+    num_workers: int
+    servers: tuple[str, ...]  # server addresses by rank
+    mode: str  # bsp | asp | ssp
+    staleness: int
+    job: dict[str, Any]
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "Topology":
+        return cls(
+            role=body["role"],
+            rank=int(body["rank"]),
+            num_servers=int(body["num_servers"]),
+            num_workers=int(body["num_workers"]),
+            servers=tuple(body["servers"]),
+            mode=body["mode"],
+            staleness=int(body["staleness"]),
+            job=dict(body.get("job", {})),
+        )
+
+
+class RendezvousError(ProtocolError):
+    """The coordinator refused, timed out or is unreachable; the message names what is missing."""
+
+
+class RendezvousClient:
+    """Talks to the coordinator at ``config.coordinator``. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, config: Config, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.address = "tcp://" + config.coordinator
+        self.name = f"{config.role}:{config.rank if config.rank >= 0 else '?'}"
+        self._sock = transport.configure(self.context.socket(zmq.DEALER))
+        transport.connect(self._sock, self.address)
+        self._ids = itertools.count(1)
+        self._hb_thread: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+        self.shutdown_requested = threading.Event()
+        self.failure: str | None = None
+        self.topology: Topology | None = None
+
+    # -- request / reply -------------------------------------------------------------------------------
+    def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None) -> Message:
+        timeout = self.config.timeout if timeout is None else timeout
+        request_id = next(self._ids)
+        transport.send(self._sock, Message(kind, id=request_id, src=self.name, body=body))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+                raise RendezvousError(
+                    ErrorCode.TIMEOUT,
+                    f"{self.name}: no answer from the coordinator at {self.config.coordinator} to {what} within "
+                    f"{timeout:.0f}s (is it running, and is ZPS_COORDINATOR right?)",
+                )
+            reply = transport.recv(self._sock)
+            if reply.id == request_id:
+                if reply.kind is Kind.ERROR:
+                    body = reply.body
+                    raise RendezvousError(ErrorCode(body.get("code", "internal")), str(body.get("reason")))
+                return reply
+
+    def register(self, address: str | None = None) -> Topology:
+        """Register this process (a server passes its bound ``address``); block until the cluster is complete."""
+        body = {
+            "role": self.config.role,
+            "rank": self.config.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        if address is not None:
+            body["address"] = address
+        # The coordinator itself gives up (with the names of the missing) before our own deadline does.
+        reply = self._request(Kind.REGISTER, body, "registration", timeout=self.config.timeout + 10)
+        self.topology = Topology.from_body(reply.body)
+        self.name = f"{self.topology.role}:{self.topology.rank}"
+        self._start_heartbeats()
+        return self.topology
+
+    def barrier(self, name: str = "default") -> None:
+        """Wait until every worker reached the barrier ``name``."""
+        self._request(Kind.BARRIER, {"name": name}, f"barrier {name!r}", timeout=self.config.timeout + 10)
+
+    def done(self, exit_code: int = 0) -> None:
+        """Tell the coordinator this process finished; the coordinator ends the job when all workers have."""
+        self._stop_heartbeats()
+        try:
+            self._request(Kind.DONE, {"exit_code": exit_code}, "done", timeout=min(10.0, self.config.timeout))
+        except RendezvousError:
+            pass  # the coordinator may already be gone at the end of a job; nothing is lost
+
+    # -- heartbeats ------------------------------------------------------------------------------------
+    def _start_heartbeats(self) -> None:
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="zps-heartbeat", daemon=True)
+        self._hb_thread.start()
+
+    def _stop_heartbeats(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
+            self._hb_thread.join(timeout=5)
+
+    def _heartbeat_loop(self) -> None:
+        sock = transport.configure(self.context.socket(zmq.DEALER))
+        transport.connect(sock, self.address)
+        interval = self.config.heartbeat_interval
+        last_answer = time.monotonic()
+        try:
+            while not self._hb_stop.is_set():
+                transport.send(sock, Message(Kind.HEARTBEAT, src=self.name))
+                deadline = time.monotonic() + interval
+                while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
+                    if not sock.poll(int(remaining * 1000) + 1):
+                        continue
+                    try:
+                        msg = transport.recv(sock)
+                    except ProtocolError:
+                        continue
+                    last_answer = time.monotonic()
+                    if msg.kind is Kind.SHUTDOWN:
+                        self.shutdown_requested.set()
+                    elif msg.kind is Kind.ERROR:
+                        self.failure = str(msg.body.get("reason", "the coordinator reported a failure"))
+                        self.shutdown_requested.set()
+                if time.monotonic() - last_answer > self.config.heartbeat_timeout and self.failure is None:
+                    self.failure = (
+                        f"{self.name}: the coordinator at {self.config.coordinator} has not answered heartbeats "
+                        f"for {self.config.heartbeat_timeout:.0f}s; assuming the job is gone"
+                    )
+                    self.shutdown_requested.set()
+        finally:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        self._stop_heartbeats()
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> "RendezvousClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_failure(client: RendezvousClient) -> None:
+    """Raise if the coordinator reported a lost peer or vanished."""
+    if client.failure is not None:
+        raise RendezvousError(ErrorCode.DEAD, client.failure)

@@ -1,0 +1,100 @@
+"""Tensors to wire buffers and back: dtype names, zero-copy views, and the encoded-key fields of a header."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codecs.base import Codec, Encoded
+from .messages import ErrorCode, ProtocolError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_from_name(name: Any) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown dtype {name!r}; known: {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot cross the wire; use one of {', '.join(DTYPES)}") from None
+
+
+def as_buffer(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (moved to host first if it is on a device)."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    tensor = tensor.contiguous()
+    if tensor.dtype is torch.bfloat16:  # numpy has no bfloat16: view the bits
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
+    """A 1-D tensor viewing ``frame``'s bytes (zero copy, read-only source); checks the byte size first."""
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    view = memoryview(buf).cast("B")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if view.nbytes != numel * itemsize:
+        raise ProtocolError(
+            ErrorCode.FRAME_SIZE,
+            f"{what}: frame has {view.nbytes} bytes, expected {numel} x {itemsize} = {numel * itemsize}",
+        )
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    if dtype is torch.bfloat16:
+        return torch.from_numpy(np.frombuffer(view, dtype=np.int16)).view(torch.bfloat16)
+    # np.frombuffer on a read-only buffer gives a read-only array; torch warns but never writes to it.
+    array = np.frombuffer(view, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], list[memoryview]]:
+    """Encode ``tensor`` with ``codec``; return the header fields for its key entry and its frames."""
+    encoded = codec.encode(tensor)
+    frames = [as_buffer(b) for b in encoded.buffers]
+    entry = {
+        "codec": codec.spec(),
+        "meta": encoded.meta,
+        "bufs": [[dtype_name(b.dtype), b.numel()] for b in encoded.buffers],
+        "nf": len(frames),
+    }
+    return entry, frames
+
+
+def entry_encoded(entry: dict[str, Any], frames: list[Any], what: str) -> Encoded:
+    """Rebuild the :class:`Encoded` of one key entry from its header fields and frames, validating sizes."""
+    bufs = entry.get("bufs", [])
+    meta = entry.get("meta", {})
+    if not isinstance(bufs, list) or len(bufs) != len(frames):
+        raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: 'bufs' describes {len(bufs) if isinstance(bufs, list) else '?'} buffers but {len(frames)} frames came")
+    if not isinstance(meta, dict):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'meta' must be a map")
+    buffers = []
+    for i, (desc, frame) in enumerate(zip(bufs, frames)):
+        if not (isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], int) and desc[1] >= 0):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: bufs[{i}] must be [dtype, numel], got {desc!r}")
+        buffers.append(from_buffer(frame, dtype_from_name(desc[0]), desc[1], f"{what} buffer {i}"))
+    return Encoded(meta=meta, buffers=buffers)

@@ -1,0 +1,71 @@
+"""ZeroMQ helpers: bind to a free port on a chosen address, send and receive :class:`Message` s.
+
+Large frames are sent with ``copy=False`` (pyzmq keeps a reference to the buffer until it is sent); received
+frames above the threshold come back as zero-copy ``zmq.Frame`` objects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from .messages import Message, parse_frames
+
+# Below this size a copy is cheaper than the bookkeeping of a zero-copy frame (pyzmq's own default is 64 KiB).
+COPY_THRESHOLD = 64 * 1024
+# Large tensors: do not let unsent messages pile up without bound.
+SNDHWM = 1000
+RCVHWM = 1000
+
+
+def tcp_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"tcp://{host}:{port}"
+
+
+def configure(sock: zmq.Socket) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    return sock
+
+
+def bind_free(sock: zmq.Socket, host: str) -> str:
+    """Bind ``sock`` to a free TCP port on ``host`` (never all interfaces unless ``host`` says so)."""
+    if ":" in host:
+        sock.setsockopt(zmq.IPV6, 1)
+    port = sock.bind_to_random_port(tcp_address(host, 0).rsplit(":", 1)[0], min_port=20000, max_port=65000, max_tries=200)
+    return tcp_address(host, port)
+
+
+def connect(sock: zmq.Socket, address: str) -> None:
+    if address.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    sock.connect(address)
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
+    """Send ``msg`` (prefixed by a ROUTER ``identity`` when given); large frames go zero-copy."""
+    frames = msg.to_frames()
+    if identity is not None:
+        frames.insert(0, identity)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        flags = zmq.SNDMORE if i < last else 0
+        nbytes = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+        sock.send(frame, flags, copy=nbytes < COPY_THRESHOLD)
+
+
+def recv_frames(sock: zmq.Socket) -> list[Any]:
+    """Receive one multipart message; large parts stay zero-copy ``zmq.Frame`` s."""
+    return sock.recv_multipart(copy=False)
+
+
+def frame_bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def recv(sock: zmq.Socket) -> Message:
+    """Receive and parse one message from a DEALER (no identity frame)."""
+    return parse_frames(recv_frames(sock))

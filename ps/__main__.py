@@ -1,0 +1,6 @@
+"""``python -m ps``: run one parameter server configured by ``ZPS_*`` variables."""
+import sys
+
+from .server import main
+
+sys.exit(main())

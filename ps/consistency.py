@@ -1,0 +1,154 @@
+"""Consistency modes: when a push is applied and when a pull may be answered.
+
+- BSP: a step's pushes of all live workers are summed per key, averaged and applied once; a pull for step t
+  waits until the key's version reaches t.
+- ASP: each push is applied on arrival; pulls are answered at once.
+- SSP(s): pushes are applied on arrival; a pull from a worker at clock c waits until every live worker has
+  reached clock c - s. A worker's clock is the step of its latest pull (it has pushed all earlier steps).
+
+Every mode applies a retried push once: pushes carry (worker, step, key).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from protocol.messages import ErrorCode, ProtocolError
+
+from .store import KeyState
+
+MODES = ("bsp", "asp", "ssp")
+
+
+class Consistency:
+    """Shared state: the live workers and their clocks. Subclasses decide push and pull semantics."""
+
+    name = ""
+
+    def __init__(self, num_workers: int, staleness: int = 0) -> None:
+        self.live: set[int] = set(range(num_workers))
+        self.staleness = staleness
+        self.clock: dict[int, int] = {w: 0 for w in self.live}
+        self.max_served_gap = 0  # largest (clock of a served pull - slowest live clock) seen
+
+    def check_push(self, state: KeyState, worker: int, step: int) -> bool:
+        """Validate a push without changing anything; return False for a duplicate (to be acknowledged only)."""
+        raise NotImplementedError
+
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
+        """Apply or aggregate one checked push; return True when the key's value changed."""
+        raise NotImplementedError
+
+    def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
+        raise NotImplementedError
+
+    def pull_waiting_for(self, state: KeyState, worker: int, step: int) -> str:
+        """Why a pull is not ready: names the workers (and clocks) it waits for."""
+        raise NotImplementedError
+
+    def note_clock(self, worker: int, step: int) -> None:
+        if worker in self.live:
+            self.clock[worker] = max(self.clock.get(worker, 0), step)
+
+    def slowest(self) -> int:
+        return min((self.clock[w] for w in self.live), default=0)
+
+    def served(self, worker: int, step: int) -> None:
+        if self.live:
+            self.max_served_gap = max(self.max_served_gap, step - self.slowest())
+
+    def leave(self, worker: int, states: Iterable[KeyState]) -> list[KeyState]:
+        """A worker finished: stop waiting for it. Returns keys whose value changed as a result."""
+        self.live.discard(worker)
+        self.clock.pop(worker, None)
+        return []
+
+
+class BSP(Consistency):
+    name = "bsp"
+
+    def check_push(self, state: KeyState, worker: int, step: int) -> bool:
+        if step < state.version or worker in state.pushed:
+            return False
+        if step > state.version:
+            raise ProtocolError(
+                ErrorCode.STEP_AHEAD,
+                f"push of {state.label()} for step {step} from worker {worker}, but the server aggregates step "
+                f"{state.version}: pull step {state.version + 1} before pushing the next step",
+            )
+        return True
+
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
+        if worker not in self.live:
+            return False
+        state.accumulate(worker, grad)
+        if self.live <= state.pushed:
+            state.apply_aggregate()
+            return True
+        return False
+
+    def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
+        return state.initialized and state.version >= step
+
+    def pull_waiting_for(self, state: KeyState, worker: int, step: int) -> str:
+        if not state.initialized:
+            return f"{state.label()} is not initialised yet (rank 0 sends the initial values)"
+        missing = sorted(self.live - state.pushed)
+        return (
+            f"{state.label()} is at version {state.version}, the pull wants {step}; step {state.version} has pushes "
+            f"from workers {sorted(state.pushed)} and waits for workers {missing}"
+        )
+
+    def leave(self, worker: int, states: Iterable[KeyState]) -> list[KeyState]:
+        super().leave(worker, states)
+        changed = []
+        for state in states:
+            state.pushed.discard(worker)
+            if state.pushed and self.live <= state.pushed:
+                state.apply_aggregate()
+                changed.append(state)
+        return changed
+
+
+class ASP(Consistency):
+    name = "asp"
+
+    def check_push(self, state: KeyState, worker: int, step: int) -> bool:
+        return step > state.last_step.get(worker, -1)
+
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
+        state.last_step[worker] = step
+        state.apply(grad)
+        return True
+
+    def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
+        return state.initialized
+
+    def pull_waiting_for(self, state: KeyState, worker: int, step: int) -> str:
+        return f"{state.label()} is not initialised yet (rank 0 sends the initial values)"
+
+
+class SSP(ASP):
+    name = "ssp"
+
+    def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
+        return state.initialized and self.slowest() >= step - self.staleness
+
+    def pull_waiting_for(self, state: KeyState, worker: int, step: int) -> str:
+        if not state.initialized:
+            return super().pull_waiting_for(state, worker, step)
+        behind = {w: self.clock[w] for w in sorted(self.live) if self.clock[w] < step - self.staleness}
+        return (
+            f"worker {worker} at clock {step} (staleness {self.staleness}) waits for workers "
+            + ", ".join(f"{w} at clock {c}" for w, c in behind.items())
+        )
+
+
+def make_consistency(mode: str, num_workers: int, staleness: int = 0) -> Consistency:
+    mode = mode.lower()
+    if mode not in MODES:
+        raise ValueError(f"consistency mode {mode!r} is not one of {', '.join(MODES)}")
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return {"bsp": BSP, "asp": ASP, "ssp": SSP}[mode](num_workers, staleness)

@@ -1,0 +1,68 @@
+"""Server-side optimizers: torch.optim's own classes, chosen by name and configured by validated hyper-parameters."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from protocol.messages import ErrorCode, ProtocolError
+from protocol.optim_spec import IMPLEMENTATION_FLAGS as _IGNORED
+
+# Element-wise optimizers give the same result on a chunk as on the whole tensor, so they may run on shards.
+ALLOWED: dict[str, type[torch.optim.Optimizer]] = {
+    cls.__name__.lower(): cls
+    for cls in (
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adagrad,
+        torch.optim.RMSprop,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.Adadelta,
+    )
+}
+
+
+def _bad(reason: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_OPTIMIZER, reason)
+
+
+def optimizer_class(name: Any) -> type[torch.optim.Optimizer]:
+    if not isinstance(name, str) or name.lower() not in ALLOWED:
+        known = ", ".join(c.__name__ for c in ALLOWED.values())
+        raise _bad(f"optimizer {name!r} is not available on the server (element-wise optimizers only): {known}")
+    return ALLOWED[name.lower()]
+
+
+def clean_hparams(cls: type[torch.optim.Optimizer], hparams: Any) -> dict[str, Any]:
+    """Keep the hyper-parameters ``cls`` accepts; reject unknown names and non-numeric values by name."""
+    if not isinstance(hparams, dict):
+        raise _bad(f"hyper-parameters must be a map, got {type(hparams).__name__}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    out: dict[str, Any] = {}
+    for name, value in hparams.items():
+        if name in _IGNORED:
+            continue
+        if name not in accepted:
+            raise _bad(f"{cls.__name__} has no hyper-parameter {name!r}; it takes {', '.join(sorted(accepted - _IGNORED))}")
+        if isinstance(value, list):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise _bad(f"{cls.__name__}.{name} must be numbers, got {value!r}")
+            value = tuple(float(v) for v in value)
+        elif value is not None and not isinstance(value, (int, float, bool)):
+            raise _bad(f"{cls.__name__}.{name} must be a number or boolean, got {value!r}")
+        out[name] = value
+    return out
+
+
+def build_optimizer(name: str, hparams: dict[str, Any], param: torch.Tensor) -> torch.optim.Optimizer:
+    """A torch.optim optimizer over one shard tensor; construction errors become ``BAD_OPTIMIZER`` replies."""
+    cls = optimizer_class(name)
+    cleaned = clean_hparams(cls, hparams)
+    try:
+        return cls([param], **cleaned)
+    except (ValueError, TypeError) as exc:
+        raise _bad(f"{cls.__name__}({cleaned}) refused: {exc}") from None

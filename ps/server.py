@@ -1,0 +1,385 @@
+"""The parameter-server process: a ZeroMQ ROUTER loop over the shard store.
+
+Every request is validated in full before any state changes: a message with one bad key changes nothing and
+gets an ERROR reply naming the problem, and the loop keeps serving. Pulls that cannot be answered yet (BSP
+versions, SSP clocks, keys not yet initialised) wait in a list with a deadline; when it passes, the worker gets
+an ERROR naming exactly which workers or keys held it up.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from protocol import transport
+from protocol.codecs import Codec, make_codec
+from protocol.config import Config
+from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
+from protocol.rendezvous import RendezvousClient, Topology
+from protocol.tensors import DTYPES, encode_entry, entry_encoded
+
+from .consistency import Consistency, make_consistency
+from .optim import build_optimizer, optimizer_class
+from .store import KeyState
+
+log = logging.getLogger("zps.server")
+
+_WORKER_SRC = re.compile(r"^worker:(\d+)$")
+
+
+@dataclass
+class _Pending:
+    """A pull waiting for its keys to become ready."""
+
+    identity: bytes
+    request_id: int
+    worker: int
+    states: list[KeyState]
+    step: int
+    deadline: float
+
+
+class Server:
+    """One shard server. ``run()`` registers with the coordinator and serves until told to shut down."""
+
+    def __init__(self, config: Config, context: zmq.Context | None = None, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.stop = stop or threading.Event()
+        self.keys: dict[int, KeyState] = {}
+        self.pending: list[_Pending] = []
+        self.consistency: Consistency | None = None
+        self.topology: Topology | None = None
+        self.name = "server:?"
+        self._codecs: dict[str, Codec] = {}
+        self._none = make_codec("none")
+        self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        sock = transport.configure(self.context.socket(zmq.ROUTER))
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        address = transport.bind_free(sock, self.config.host)
+        rendezvous = RendezvousClient(self.config, self.context)
+        try:
+            self.topology = rendezvous.register(address)
+            self.name = f"server:{self.topology.rank}"
+            self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness)
+            log.info("%s serving at %s (%s)", self.name, address, self.topology.mode)
+            self._serve(sock, rendezvous)
+            if rendezvous.failure:
+                log.error("%s: %s", self.name, rendezvous.failure)
+                return 1
+            return 0
+        finally:
+            rendezvous.done()
+            rendezvous.close()
+            sock.close(linger=0)
+
+    def _serve(self, sock: zmq.Socket, rendezvous: RendezvousClient) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self.stop.is_set() and not rendezvous.shutdown_requested.is_set():
+            wait_ms = 100
+            if self.pending:
+                soonest = min(p.deadline for p in self.pending)
+                wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
+            if poller.poll(wait_ms):
+                # drain what is queued before checking deadlines again
+                for _ in range(256):
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(sock, frames)
+            self._expire(sock)
+        reason = rendezvous.failure or "the job is shutting down"
+        for p in self.pending:
+            self._send(sock, p.identity, error_reply(p.request_id, self.name, ErrorCode.DEAD, f"{self.name}: {reason}"))
+        self.pending.clear()
+
+    # -- dispatch --------------------------------------------------------------------------------------
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: Message) -> None:
+        self.counters["bytes_out"] += sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
+        transport.send(sock, msg, identity=identity)
+
+    def _handle(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        self.counters["requests"] += 1
+        identity = transport.frame_bytes(frames[0])
+        request_id = 0
+        try:
+            msg = parse_frames(frames[1:])
+            request_id = msg.id
+            self.counters["bytes_in"] += sum(len(f) for f in frames[2:])
+            reply = self.handle(identity, msg)
+        except ProtocolError as exc:
+            self.counters["errors"] += 1
+            log.warning("%s rejected a request: %s", self.name, exc)
+            reply = error_reply(request_id, self.name, exc.code, f"{self.name}: {exc.reason}")
+        except Exception as exc:  # a bug must not take the server down; the worker hears about it
+            self.counters["errors"] += 1
+            log.exception("%s: internal error", self.name)
+            reply = error_reply(request_id, self.name, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}")
+        if reply is not None:
+            self._send(sock, identity, reply)
+        self._flush_ready(sock)
+
+    def handle(self, identity: bytes, msg: Message) -> Message | None:
+        """Serve one parsed request; return the reply, or None when it waits in ``pending``."""
+        if msg.kind is Kind.INIT:
+            return self._init(msg)
+        if msg.kind in (Kind.PUSH, Kind.PUSH_PULL):
+            worker = self._worker(msg)
+            self._push(msg, worker)
+            if msg.kind is Kind.PUSH:
+                return Message(Kind.OK, id=msg.id, src=self.name)
+            steps = [e.get("step", 0) + 1 for e in msg.keys]
+            return self._pull(identity, msg, worker, steps)
+        if msg.kind is Kind.PULL:
+            worker = self._worker(msg)
+            return self._pull(identity, msg, worker, [e.get("step", 0) for e in msg.keys])
+        if msg.kind is Kind.LEAVE:
+            worker = self._worker(msg)
+            assert self.consistency is not None
+            changed = self.consistency.leave(worker, self.keys.values())
+            self.counters["pushes_applied"] += len(changed)
+            return Message(Kind.OK, id=msg.id, src=self.name)
+        if msg.kind is Kind.STATS:
+            return Message(Kind.OK, id=msg.id, src=self.name, body=self.stats())
+        raise ProtocolError(ErrorCode.BAD_KIND, f"a server does not serve {msg.kind.value!r} requests")
+
+    def _worker(self, msg: Message) -> int:
+        match = _WORKER_SRC.match(msg.src)
+        assert self.topology is not None
+        if not match or int(match.group(1)) >= self.topology.num_workers:
+            raise ProtocolError(
+                ErrorCode.BAD_HEADER,
+                f"'src' must be worker:N with N < {self.topology.num_workers}, got {msg.src!r}",
+            )
+        return int(match.group(1))
+
+    def _state(self, entry: dict[str, Any], initialized: bool = True) -> KeyState:
+        key = entry["key"]
+        state = self.keys.get(key)
+        if state is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"key {key} was never declared (INIT it first)")
+        if initialized and not state.initialized:
+            raise ProtocolError(ErrorCode.NOT_INITIALIZED, f"{state.label()} has no values yet: rank 0 must INIT it")
+        return state
+
+    # -- INIT ------------------------------------------------------------------------------------------
+    def _init(self, msg: Message) -> Message:
+        """Declare keys (every worker) and set their values and optimizer (rank 0). All-or-nothing."""
+        worker = self._worker(msg)
+        body = msg.body
+        opt_name = body.get("optimizer")
+        groups = body.get("groups", [])
+        if opt_name is not None:
+            optimizer_class(opt_name)
+            if not isinstance(groups, list) or not groups:
+                raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "'groups' must be a non-empty list of hyper-parameter maps")
+        declared: list[tuple[dict[str, Any], KeyState | None]] = []
+        values: list[torch.Tensor | None] = []
+        offset = 0
+        seen: set[int] = set()
+        for entry in msg.keys:
+            key, numel, name = entry["key"], entry.get("numel"), entry.get("name", "")
+            if key in seen:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key} appears twice in one INIT")
+            seen.add(key)
+            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'numel' must be a non-negative integer")
+            if entry.get("dtype", "float32") not in DTYPES or not isinstance(name, str):
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: bad 'dtype' or 'name'")
+            existing = self.keys.get(key)
+            if existing is not None and (existing.numel != numel or existing.name != name):
+                raise ProtocolError(
+                    ErrorCode.CONFLICT,
+                    f"worker {worker} declares key {key} as {name!r} with {numel} elements, but it was declared as "
+                    f"{existing.name!r} with {existing.numel}: do all workers build the same model?",
+                )
+            nf = entry.get("nf", 0)
+            frames = msg.frames[offset : offset + nf]
+            offset += nf
+            tensor = None
+            if nf:
+                if opt_name is None:
+                    raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "INIT with values must name the server 'optimizer'")
+                group = entry.get("group", 0)
+                if not isinstance(group, int) or not 0 <= group < len(groups):
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the {len(groups)} groups")
+                tensor = self._decode(entry, frames, numel, entry.get("dtype", "float32"), f"INIT of key {key}")
+            declared.append((entry, existing))
+            values.append(tensor)
+        # every check passed: now change state
+        for (entry, existing), tensor in zip(declared, values):
+            state = existing or KeyState(
+                key=entry["key"],
+                numel=entry["numel"],
+                name=entry.get("name", ""),
+                offset=entry.get("offset", 0),
+                group=entry.get("group", 0),
+            )
+            self.keys[state.key] = state
+            if tensor is not None and not state.initialized:
+                param = tensor.to(torch.float32, copy=True)
+                hparams = groups[entry.get("group", 0)]
+                state.initialize(param, build_optimizer(opt_name, hparams, param))
+        return Message(Kind.OK, id=msg.id, src=self.name)
+
+    # -- PUSH ------------------------------------------------------------------------------------------
+    def _decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: str, what: str) -> torch.Tensor:
+        spec = entry.get("codec", "none")
+        if not isinstance(spec, str):
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: 'codec' must be a string")
+        encoded = entry_encoded(entry, frames, what)
+        if spec == "none":
+            bufs = entry.get("bufs")
+            if bufs != [[dtype, numel]]:
+                got = bufs[0] if isinstance(bufs, list) and len(bufs) == 1 else bufs
+                code = ErrorCode.DTYPE_MISMATCH if isinstance(got, list) and got[0] != dtype else ErrorCode.SHAPE_MISMATCH
+                raise ProtocolError(code, f"{what}: got {got!r} but the key is declared as [{dtype!r}, {numel}]")
+            return encoded.buffers[0]
+        codec = self._codec(spec, what)
+        try:
+            out = codec.decode(encoded, numel, torch.float32, "cpu")
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: codec {spec!r} could not decode: {exc}") from None
+        if out.numel() != numel:
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: decoded {out.numel()} elements, the key has {numel}")
+        return out
+
+    def _codec(self, spec: str, what: str) -> Codec:
+        codec = self._codecs.get(spec)
+        if codec is None:
+            name = spec.split(":", 1)[0]
+            allowed_paths = {s.split(":", 1)[0] for s in (self.config.codec, self.config.pull_codec) if s}
+            if "." in name and name not in allowed_paths:
+                # Never import a module a remote peer names: user codecs must be configured on the server too.
+                raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: codec {name!r} is not configured on this server (ZPS_CODEC)")
+            try:
+                codec = make_codec(spec)
+            except Exception as exc:
+                raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: {exc}") from None
+            self._codecs[spec] = codec
+        return codec
+
+    def _push(self, msg: Message, worker: int) -> None:
+        """Validate and decode every key first; then apply. A message with one bad key changes nothing."""
+        assert self.consistency is not None
+        lrs = msg.body.get("lr")
+        if lrs is not None and not (
+            isinstance(lrs, list) and lrs and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in lrs)
+        ):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"'lr' must be a list of non-negative numbers (one per group), got {lrs!r}")
+        accepted: list[tuple[KeyState, int, torch.Tensor]] = []
+        offset = 0
+        seen: set[int] = set()
+        for entry in msg.keys:
+            nf = entry.get("nf", 0)
+            frames = msg.frames[offset : offset + nf]
+            offset += nf
+            state = self._state(entry)
+            if state.key in seen:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
+            seen.add(state.key)
+            step = entry.get("step", 0)
+            grad = self._decode(entry, frames, state.numel, "float32", f"push of {state.label()}")
+            if self.consistency.check_push(state, worker, step):
+                accepted.append((state, step, grad))
+            else:
+                self.counters["duplicates"] += 1
+        for state, step, grad in accepted:
+            if lrs is not None:
+                state.lr = float(lrs[state.group] if state.group < len(lrs) else lrs[0])
+            if grad.dtype != torch.float32:
+                grad = grad.float()
+            if self.consistency.push(state, worker, step, grad):
+                self.counters["pushes_applied"] += 1
+
+    # -- PULL ------------------------------------------------------------------------------------------
+    def _pull(self, identity: bytes, msg: Message, worker: int, steps: list[int]) -> Message | None:
+        assert self.consistency is not None
+        states = [self._state(e, initialized=False) for e in msg.keys]
+        step = max(steps, default=0)
+        self.consistency.note_clock(worker, step)
+        pending = _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout)
+        if self._ready(pending):
+            return self._values(pending)
+        self.pending.append(pending)
+        return None
+
+    def _ready(self, p: _Pending) -> bool:
+        assert self.consistency is not None
+        return all(self.consistency.pull_ready(s, p.worker, p.step) for s in p.states)
+
+    def _values(self, p: _Pending) -> Message:
+        assert self.consistency is not None and self.topology is not None
+        self.consistency.served(p.worker, p.step)
+        # BSP never changes a value before every live worker received it, so it may send the store zero-copy;
+        # ASP/SSP may update a key while ZeroMQ still sends it, so they send a snapshot.
+        snapshot = self.topology.mode != "bsp"
+        keys, frames = [], []
+        for s in p.states:
+            assert s.param is not None
+            entry, bufs = encode_entry(self._none, s.param.clone() if snapshot else s.param)
+            entry.update(key=s.key, version=s.version)
+            keys.append(entry)
+            frames.extend(bufs)
+        return Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames)
+
+    def _flush_ready(self, sock: zmq.Socket) -> None:
+        if not self.pending:
+            return
+        still = []
+        for p in self.pending:
+            if self._ready(p):
+                self._send(sock, p.identity, self._values(p))
+            else:
+                still.append(p)
+        self.pending = still
+
+    def _expire(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        if not any(p.deadline <= now for p in self.pending):
+            return
+        assert self.consistency is not None
+        still = []
+        for p in self.pending:
+            if p.deadline > now:
+                still.append(p)
+                continue
+            blocked = next(s for s in p.states if not self.consistency.pull_ready(s, p.worker, p.step))
+            reason = self.consistency.pull_waiting_for(blocked, p.worker, p.step)
+            self._send(
+                sock,
+                p.identity,
+                error_reply(p.request_id, self.name, ErrorCode.TIMEOUT, f"{self.name}: pull gave up after {self.config.timeout:.0f}s: {reason}"),
+            )
+        self.pending = still
+
+    def stats(self) -> dict[str, Any]:
+        assert self.consistency is not None
+        return {
+            "mode": self.consistency.name,
+            "keys": len(self.keys),
+            "versions": {str(k): s.version for k, s in sorted(self.keys.items())},
+            "live_workers": sorted(self.consistency.live),
+            "clocks": {str(w): c for w, c in sorted(self.consistency.clock.items())},
+            "max_served_gap": self.consistency.max_served_gap,
+            "staleness": self.consistency.staleness,
+            **self.counters,
+        }
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return Server(Config.from_env()).run()

@@ -1,0 +1,379 @@
+"""The low-level worker client: declare tensors, then push / pull / push_pull them by name, non-blocking.
+
+One I/O thread owns every ZeroMQ socket (sockets are not thread-safe); calls from the training thread encode
+their tensors, queue the messages and return a :class:`concurrent.futures.Future` at once. A tensor is cut into
+chunks by the sharding plan and each server gets one message per call holding all of its chunks.
+
+Delivery: a future resolves when every server involved answered. A push is applied once even if retried
+(the server de-duplicates on (worker, step, key)). Every request has a deadline; a server that stays silent, a
+reply naming an error, or a peer lost by the coordinator fails the future with a message saying which.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import zmq
+
+from protocol import transport
+from protocol.codecs import Codec, make_codec
+from protocol.config import Config
+from protocol.messages import ErrorCode, Kind, Message, ProtocolError, parse_frames, raise_if_error
+from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
+from protocol.rendezvous import RendezvousClient, Topology, check_failure
+from protocol.tensors import encode_entry, entry_encoded
+
+log = logging.getLogger("zps.worker")
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class _Request:
+    """One user call, possibly spread over several servers."""
+
+    future: Future
+    what: str
+    deadline: float
+    waiting: set[int]  # servers that have not answered yet
+    outs: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> flat destination view
+    replies: dict[int, dict[str, Any]] = field(default_factory=dict)  # server -> reply body
+    error: BaseException | None = None
+
+
+class Client:
+    """A worker's connection to the parameter servers.
+
+    Build with :meth:`from_env` inside a process started by ``zps`` (or pass a :class:`Config`), then
+    :meth:`declare` the tensors once. Names are the keys of the mappings given to push/pull.
+    """
+
+    def __init__(self, config: Config, context: zmq.Context | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.chunk_bytes = chunk_bytes
+        self.rendezvous = RendezvousClient(config, self.context)
+        self.topology: Topology = self.rendezvous.register()
+        self.rank = self.topology.rank
+        self.num_workers = self.topology.num_workers
+        self.name = f"worker:{self.rank}"
+        self.plan: Plan | None = None
+        self._by_name: dict[str, tuple[int, list[Chunk]]] = {}
+        self._codecs: dict[int, Codec] = {}
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, tuple[_Request, int]] = {}  # message id -> (request, server)
+        self._queue: collections.deque[tuple[int, Message, _Request]] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake_addr = f"inproc://zps-wake-{id(self)}"
+        self._wake_rx = self.context.socket(zmq.PAIR)
+        self._wake_rx.bind(self._wake_addr)
+        self._wake_tx = self.context.socket(zmq.PAIR)
+        self._wake_tx.connect(self._wake_addr)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._io_loop, name=f"zps-io-{self.rank}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> "Client":
+        return cls(Config.from_env(), **kwargs)
+
+    # -- declaration -----------------------------------------------------------------------------------
+    def declare(
+        self,
+        tensors: Tensors,
+        optimizer: tuple[str, list[dict[str, Any]]] | None = None,
+        groups: Mapping[str, int] | None = None,
+    ) -> None:
+        """Declare every tensor once, in the same order on every worker; rank 0's values initialise the servers.
+
+        ``optimizer`` is (torch.optim class name, hyper-parameters per group) for the servers to build; ``groups``
+        maps a name to its group index (default 0). Blocks until every server acknowledged.
+        """
+        if self.plan is not None:
+            raise RuntimeError(f"{self.name}: declare() was already called; declare every tensor in one call")
+        specs = [ParamSpec(name, tuple(t.shape), 4) for name, t in tensors.items()]
+        self.plan = make_plan(specs, self.topology.num_servers, self.chunk_bytes)
+        for index, spec in enumerate(self.plan.params):
+            self._by_name[spec.name] = (index, self.plan.chunks_of(index))
+        with_values = self.rank == 0
+        if with_values and optimizer is None:
+            raise ValueError("rank 0 must pass the server optimizer to declare()")
+        none = make_codec("none")
+        messages: dict[int, Message] = {}
+        for server in range(self.topology.num_servers):
+            keys, frames = [], []
+            for chunk in self.plan.chunks_on(server):
+                entry: dict[str, Any] = {
+                    "key": chunk.key,
+                    "name": chunk.name,
+                    "offset": chunk.offset,
+                    "numel": chunk.numel,
+                    "dtype": "float32",
+                    "group": (groups or {}).get(chunk.name, 0),
+                    "nf": 0,
+                }
+                if with_values:
+                    flat = self._flat(tensors[chunk.name])
+                    enc, bufs = encode_entry(none, flat[chunk.offset : chunk.offset + chunk.numel])
+                    entry.update(enc)
+                    frames.extend(bufs)
+                keys.append(entry)
+            body: dict[str, Any] = {}
+            if with_values and optimizer is not None:
+                body = {"optimizer": optimizer[0], "groups": optimizer[1]}
+            messages[server] = Message(Kind.INIT, src=self.name, keys=keys, body=body, frames=frames)
+        self._submit(messages, "declare", {}).result()
+
+    # -- data calls ------------------------------------------------------------------------------------
+    def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
+        """Push gradients of ``step``; resolves when every server acknowledged."""
+        return self._submit(self._push_messages(Kind.PUSH, grads, step, lr), f"push of step {step}", {})
+
+    def pull(self, outs: Tensors, step: int) -> Future:
+        """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates)."""
+        messages: dict[int, Message] = {}
+        for name in outs:
+            for chunk in self._chunks(name):
+                msg = messages.setdefault(chunk.server, Message(Kind.PULL, src=self.name))
+                msg.keys.append({"key": chunk.key, "step": step, "nf": 0})
+        return self._submit(messages, f"pull of step {step}", self._destinations(outs))
+
+    def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
+        """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip."""
+        if set(grads) != set(outs):
+            raise ValueError("push_pull needs the same names in grads and outs")
+        messages = self._push_messages(Kind.PUSH_PULL, grads, step, lr)
+        return self._submit(messages, f"push_pull of step {step}", self._destinations(outs))
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each server's counters and consistency record, by server rank."""
+        messages = {s: Message(Kind.STATS, src=self.name) for s in range(self.topology.num_servers)}
+        request = self._submit(messages, "stats", {}, keep_replies=True)
+        replies = request.result()
+        return [replies[s] for s in range(self.topology.num_servers)]
+
+    def leave(self) -> None:
+        """Tell every server this worker is done, so BSP and SSP stop waiting for it."""
+        messages = {s: Message(Kind.LEAVE, src=self.name) for s in range(self.topology.num_servers)}
+        self._submit(messages, "leave", {}).result()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _flat(tensor: torch.Tensor) -> torch.Tensor:
+        t = tensor.detach()
+        if t.dtype != torch.float32:
+            t = t.float()
+        return t.reshape(-1)
+
+    def _chunks(self, name: str) -> list[Chunk]:
+        try:
+            return self._by_name[name][1]
+        except KeyError:
+            if self.plan is None:
+                raise RuntimeError(f"{self.name}: call declare() before pushing or pulling") from None
+            raise KeyError(f"{name!r} was not declared; declared: {', '.join(self._by_name)}") from None
+
+    def _codec(self, key: int) -> Codec:
+        codec = self._codecs.get(key)
+        if codec is None:
+            codec = self._codecs[key] = make_codec("none")
+        return codec
+
+    def _push_messages(self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None) -> dict[int, Message]:
+        """``lr``: the learning rate (one, or one per optimizer group) the servers apply this step with."""
+        body = {} if lr is None else {"lr": [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)]}
+        messages: dict[int, Message] = {}
+        for name, grad in grads.items():
+            flat = self._flat(grad)
+            for chunk in self._chunks(name):
+                if flat.numel() != self.plan.params[chunk.param].numel:  # type: ignore[union-attr]
+                    raise ValueError(f"{name!r} has {flat.numel()} elements but was declared with {self.plan.params[chunk.param].numel}")  # type: ignore[union-attr]
+                msg = messages.setdefault(chunk.server, Message(kind, src=self.name, body=body))
+                entry, frames = encode_entry(self._codec(chunk.key), flat[chunk.offset : chunk.offset + chunk.numel])
+                entry.update(key=chunk.key, step=step)
+                msg.keys.append(entry)
+                msg.frames.extend(frames)
+        return messages
+
+    def _destinations(self, outs: Tensors) -> dict[int, torch.Tensor]:
+        dest: dict[int, torch.Tensor] = {}
+        for name, out in outs.items():
+            if not out.is_contiguous():
+                raise ValueError(f"pull destination {name!r} must be contiguous")
+            flat = out.detach().view(-1)
+            for chunk in self._chunks(name):
+                dest[chunk.key] = flat[chunk.offset : chunk.offset + chunk.numel]
+        return dest
+
+    # -- the I/O thread --------------------------------------------------------------------------------
+    def _submit(self, messages: dict[int, Message], what: str, outs: dict[int, torch.Tensor], keep_replies: bool = False) -> Future:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: the client is closed")
+        check_failure(self.rendezvous)
+        future: Future = Future()
+        request = _Request(
+            future, what, time.monotonic() + self.config.timeout + 15, set(messages), outs=outs
+        )
+        request.replies = {} if keep_replies else None  # type: ignore[assignment]
+        if not messages:
+            future.set_result({})
+            return future
+        with self._lock:
+            for server, msg in messages.items():
+                self._queue.append((server, msg, request))
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        return future
+
+    def _io_loop(self) -> None:
+        sockets = []
+        for address in self.topology.servers:
+            sock = transport.configure(self.context.socket(zmq.DEALER))
+            transport.connect(sock, address)
+            sockets.append(sock)
+        poller = zmq.Poller()
+        poller.register(self._wake_rx, zmq.POLLIN)
+        index = {}
+        for server, sock in enumerate(sockets):
+            poller.register(sock, zmq.POLLIN)
+            index[sock] = server
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if self._wake_rx in events:
+                    while True:
+                        try:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    self._send_queued(sockets)
+                for sock, server in index.items():
+                    if sock in events:
+                        while True:
+                            try:
+                                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._on_reply(server, frames)
+                self._check_deadlines()
+        finally:
+            for sock in sockets:
+                sock.close(linger=0)
+            self._fail_all(RuntimeError(f"{self.name}: the client was closed with this request outstanding"))
+
+    def _send_queued(self, sockets: list[zmq.Socket]) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                server, msg, request = self._queue.popleft()
+            msg.id = next(self._ids)
+            self._inflight[msg.id] = (request, server)
+            transport.send(sockets[server], msg)
+
+    def _on_reply(self, server: int, frames: list[Any]) -> None:
+        try:
+            msg = parse_frames(frames)
+        except ProtocolError as exc:
+            log.error("%s: unreadable reply from server %d: %s", self.name, server, exc)
+            return
+        found = self._inflight.pop(msg.id, None)
+        if found is None:
+            return  # a late reply to a request that already failed
+        request, _ = found
+        try:
+            raise_if_error(msg)
+            if msg.kind is Kind.VALUES:
+                self._copy_values(msg, request)
+            if request.replies is not None:
+                request.replies[server] = msg.body
+        except Exception as exc:  # the first error fails the whole call
+            if request.error is None:
+                request.error = exc
+        request.waiting.discard(server)
+        if not request.waiting:
+            self._finish(request)
+
+    def _copy_values(self, msg: Message, request: _Request) -> None:
+        offset = 0
+        for entry in msg.keys:
+            nf = entry.get("nf", 0)
+            frames = msg.frames[offset : offset + nf]
+            offset += nf
+            dest = request.outs.get(entry["key"])
+            if dest is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
+            encoded = entry_encoded(entry, frames, f"values of key {entry['key']}")
+            values = self._codec(entry["key"]).decode(encoded, dest.numel(), dest.dtype, "cpu")
+            dest.copy_(values, non_blocking=False)
+
+    def _finish(self, request: _Request) -> None:
+        if request.future.done():
+            return
+        if request.error is not None:
+            err = request.error
+            if isinstance(err, ProtocolError):
+                err = ProtocolError(err.code, f"{self.name} {request.what}: {err.reason}")
+            request.future.set_exception(err)
+        else:
+            request.future.set_result(request.replies if request.replies is not None else {})
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        failure = self.rendezvous.failure
+        for msg_id, (request, server) in list(self._inflight.items()):
+            if failure is not None:
+                reason = ProtocolError(ErrorCode.DEAD, f"{self.name} {request.what}: {failure}")
+            elif now > request.deadline:
+                reason = ProtocolError(
+                    ErrorCode.TIMEOUT,
+                    f"{self.name} {request.what}: no reply from server {server} ({self.topology.servers[server]}) "
+                    f"within {self.config.timeout + 15:.0f}s",
+                )
+            else:
+                continue
+            del self._inflight[msg_id]
+            if request.error is None:
+                request.error = reason
+            request.waiting.discard(server)
+            if not request.waiting:
+                self._finish(request)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request, _ in self._inflight.values():
+            if not request.future.done():
+                request.future.set_exception(exc)
+        self._inflight.clear()
+
+    # -- shutdown --------------------------------------------------------------------------------------
+    def close(self, leave: bool = True) -> None:
+        """Leave the servers (so nobody waits for this worker), tell the coordinator, stop the I/O thread."""
+        if self._closed:
+            return
+        try:
+            if leave and self.plan is not None and self.rendezvous.failure is None:
+                try:
+                    self.leave()
+                except Exception as exc:  # the servers may be gone already at the end of a failed job
+                    log.warning("%s: leave failed: %s", self.name, exc)
+        finally:
+            self._closed = True
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._wake_tx.close(linger=0)
+            self._wake_rx.close(linger=0)
+            self.rendezvous.done()
+            self.rendezvous.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
