@@ -139,7 +139,8 @@ class RendezvousClient:
                 transport.send(sock, Message(Kind.HEARTBEAT, src=self.name))
                 deadline = time.monotonic() + interval
                 while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
-                    if not sock.poll(int(remaining * 1000) + 1):
+                    # short slices, so a stop request is seen within 50 ms
+                    if not sock.poll(int(min(remaining, 0.05) * 1000) + 1):
                         continue
                     try:
                         msg = transport.recv(sock)

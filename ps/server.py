@@ -21,7 +21,7 @@ from protocol import transport
 from protocol.codecs import Codec, make_codec
 from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
-from protocol.rendezvous import RendezvousClient, Topology
+from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from protocol.tensors import DTYPES, encode_entry, entry_encoded
 
 from .consistency import Consistency, make_consistency
@@ -68,7 +68,11 @@ class Server:
         address = transport.bind_free(sock, self.config.host)
         rendezvous = RendezvousClient(self.config, self.context)
         try:
-            self.topology = rendezvous.register(address)
+            try:
+                self.topology = rendezvous.register(address)
+            except RendezvousError as exc:
+                log.error("%s could not join the cluster: %s", self.name, exc.reason)
+                return 1
             self.name = f"server:{self.topology.rank}"
             self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness)
             log.info("%s serving at %s (%s)", self.name, address, self.topology.mode)
@@ -185,7 +189,7 @@ class Server:
             if not isinstance(groups, list) or not groups:
                 raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "'groups' must be a non-empty list of hyper-parameter maps")
         declared: list[tuple[dict[str, Any], KeyState | None]] = []
-        values: list[torch.Tensor | None] = []
+        values: list[tuple[torch.Tensor, torch.optim.Optimizer] | None] = []
         offset = 0
         seen: set[int] = set()
         for entry in msg.keys:
@@ -214,7 +218,9 @@ class Server:
                 group = entry.get("group", 0)
                 if not isinstance(group, int) or not 0 <= group < len(groups):
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the {len(groups)} groups")
-                tensor = self._decode(entry, frames, numel, entry.get("dtype", "float32"), f"INIT of key {key}")
+                decoded = self._decode(entry, frames, numel, entry.get("dtype", "float32"), f"INIT of key {key}")
+                param = decoded.to(torch.float32, copy=True)
+                tensor = (param, build_optimizer(opt_name, groups[group], param))
             declared.append((entry, existing))
             values.append(tensor)
         # every check passed: now change state
@@ -228,9 +234,7 @@ class Server:
             )
             self.keys[state.key] = state
             if tensor is not None and not state.initialized:
-                param = tensor.to(torch.float32, copy=True)
-                hparams = groups[entry.get("group", 0)]
-                state.initialize(param, build_optimizer(opt_name, hparams, param))
+                state.initialize(*tensor)
         return Message(Kind.OK, id=msg.id, src=self.name)
 
     # -- PUSH ------------------------------------------------------------------------------------------

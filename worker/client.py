@@ -60,7 +60,11 @@ class Client:
         self.context = context or zmq.Context.instance()
         self.chunk_bytes = chunk_bytes
         self.rendezvous = RendezvousClient(config, self.context)
-        self.topology: Topology = self.rendezvous.register()
+        try:
+            self.topology: Topology = self.rendezvous.register()
+        except BaseException:
+            self.rendezvous.close()
+            raise
         self.rank = self.topology.rank
         self.num_workers = self.topology.num_workers
         self.name = f"worker:{self.rank}"

@@ -32,7 +32,8 @@ class Codec(ABC):
     """Base class of every codec. Subclasses set ``name`` and implement ``encode``/``decode``.
 
     Class flags tell tests and the server what to expect: ``exact`` (decode(encode(x)) == x bit for bit),
-    ``unbiased`` (E[decode(encode(x))] == x), ``stateful`` (encode depends on earlier calls).
+    ``unbiased`` (E[decode(encode(x))] == x), ``stateful`` (encode depends on earlier calls). Parameters live in
+    ``self.params`` (a dict), which ``spec()`` writes back out; :func:`resolve_params` checks them.
     """
 
     name: ClassVar[str] = ""
@@ -99,7 +100,7 @@ def check(condition: bool, message: str) -> None:
 
 
 class DeviceRng:
-    """``torch.Generator``\ s, one per device, all seeded from one ``seed`` (a random one when ``None``)."""
+    """Torch generators, one per device, all seeded from one ``seed`` (a random one when ``None``)."""
 
     def __init__(self, seed: int | None) -> None:
         self.seed = secrets.randbits(62) if seed is None else int(seed)
@@ -122,6 +123,15 @@ class DeviceRng:
 def flat(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as a contiguous 1-D tensor (a view when it already is contiguous)."""
     return tensor.reshape(-1).contiguous()
+
+
+def saturate_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a float32 result this decoder owns to ``dtype``, clamping in place to ``dtype``'s finite range first
+    (an unbiased estimate may exceed the input's range: float16 would turn it into inf)."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+        limit = torch.finfo(dtype).max
+        tensor = tensor.clamp_(-limit, limit)
+    return tensor.to(dtype)
 
 
 def fresh(tensor: torch.Tensor, source: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import Codec, DeviceRng, Encoded, check, flat, fresh, resolve_params
+from .base import Codec, DeviceRng, Encoded, check, flat, fresh, resolve_params, saturate_to
 from .registry import register_codec
 
 
@@ -82,7 +82,7 @@ class PowerSgdCodec(Codec):
             m = torch.cat([m, m.new_zeros(rows * cols - m.numel())])
         m = m.view(rows, cols)
         p = torch.linalg.qr(m @ self._warm_q(cols, x.device), mode="reduced").Q
-        q = m.t() @ p
+        q = (p.t() @ m).t()  # = M^T P; this order reads M row-major, several times faster than m.t() @ p
         alive = torch.linalg.vector_norm(q, dim=0) > 0  # a zero column would stay zero forever: restart it
         self.q = torch.where(alive, q, self.q0)
         meta = {"raw": False, "rows": rows, "cols": cols, "rank": self.rank}
@@ -105,4 +105,4 @@ class PowerSgdCodec(Codec):
               f"codec 'powersgd': factor sizes {p.numel()}, {q.numel()} do not match {rows} x {cols} at rank {rank}")
         p = p.to(device=device, dtype=torch.float32).view(rows, rank)
         q = q.to(device=device, dtype=torch.float32).view(cols, rank)
-        return (p @ q.t()).view(-1)[:numel].to(dtype)
+        return saturate_to((p @ q.t()).view(-1)[:numel], dtype)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Codec, DeviceRng, Encoded, check, flat, fresh, resolve_params
+from .base import Codec, DeviceRng, Encoded, check, flat, fresh, resolve_params, saturate_to
 from .registry import register_codec
 
 _F16_MAX = float(torch.finfo(torch.float16).max)
@@ -25,21 +25,23 @@ def _n_buckets(numel: int, bucket: int) -> int:
 
 
 def _bucket_norms(x: torch.Tensor, bucket: int, order: float) -> torch.Tensor:
-    """The ``order``-norm of each ``bucket``-sized slice of 1-D ``x`` (the last one may be short)."""
+    """The L2 (``order=2``) or max-magnitude (``order=inf``) norm of each ``bucket``-sized slice of 1-D ``x``
+    (the last slice may be short)."""
     n = x.numel()
     full = n - n % bucket
-    parts = []
-    if full:
-        parts.append(torch.linalg.vector_norm(x[:full].view(-1, bucket), ord=order, dim=1))
-    if full < n:
-        parts.append(torch.linalg.vector_norm(x[full:], ord=order).reshape(1))
-    if not parts:
+    views = ([x[:full].view(-1, bucket)] if full else []) + ([x[full:].view(1, -1)] if full < n else [])
+    if not views:
         return x.new_zeros(0)
+    if order == 2:
+        parts = [torch.linalg.vector_norm(v, ord=2, dim=1) for v in views]
+    else:  # max and -min: several times faster than vector_norm(ord=inf) on CPU
+        parts = [torch.maximum(v.amax(dim=1), v.amin(dim=1).neg_()) for v in views]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _bucket_mul(x: torch.Tensor, factors: torch.Tensor, bucket: int, out: torch.Tensor) -> torch.Tensor:
-    """``out = x * factors`` with one factor per ``bucket``-sized slice of 1-D ``x``; no expanded copy."""
+    """``out = x * factors`` with one factor per ``bucket``-sized slice of 1-D float ``x`` (``out`` may be ``x``);
+    no expanded copy of the factors."""
     n = x.numel()
     full = n - n % bucket
     if full:
@@ -71,10 +73,15 @@ def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`_pack_bits`: ``numel`` uint8 codes."""
-    per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed[:, None] >> shifts) & ((1 << bits) - 1)
+    codes = (packed[:, None] >> shifts).bitwise_and_((1 << bits) - 1)
     return codes.view(-1)[:numel]
+
+
+def _dequantize(codes: torch.Tensor, factors: torch.Tensor, bucket: int) -> torch.Tensor:
+    """float32 ``codes * factor`` per bucket (converting first, then scaling in place, is the fast order)."""
+    out = codes.to(torch.float32)
+    return _bucket_mul(out, factors, bucket, out)
 
 
 def _expect_buffers(encoded: Encoded, count: int, codec: str) -> list[torch.Tensor]:
@@ -188,8 +195,7 @@ class Int8Codec(Codec):
         _expect_numel(q, numel, "int8 values")
         _expect_numel(scale, _n_buckets(numel, chunk), "int8 scales")
         q, scale = q.to(device), scale.to(device=device, dtype=torch.float32)
-        out = _bucket_mul(q, scale, chunk, torch.empty(numel, dtype=torch.float32, device=q.device))
-        return out.to(dtype)
+        return _dequantize(q, scale, chunk).to(dtype)
 
 
 @register_codec
@@ -237,9 +243,8 @@ class QsgdCodec(Codec):
         _expect_numel(norms, _n_buckets(numel, bucket), "qsgd norms")
         q, norms = q.to(device), norms.to(device=device, dtype=torch.float32)
         if bits == 4:
-            q = _unpack_bits(q, 4, numel).view(torch.int8) - 8
-        out = _bucket_mul(q, norms / levels, bucket, torch.empty(numel, dtype=torch.float32, device=q.device))
-        return out.to(dtype)
+            q = _unpack_bits(q, 4, numel).view(torch.int8).sub_(8)
+        return saturate_to(_dequantize(q, norms / levels, bucket), dtype)
 
 
 @register_codec
@@ -248,8 +253,8 @@ class TernGradCodec(Codec):
     ``s = max|x|``: unbiased, values in {-s, 0, s}, 2 bits per element, 4 per byte.
 
     Params: ``bucket`` (elements per scale; 0, the default, means one scale for the whole tensor), ``seed``.
-    Buffers: packed trits (uint8, ceil(numel / 4); code 0 -> 0, 1 -> +1, 3 -> -1, the first element in the
-    low bits) and the scales (float32). Meta: ``bucket`` (0 or the bucket size).
+    Buffers: packed trits (uint8, ceil(numel / 4); code = trit + 1, so 0 -> -1, 1 -> 0, 2 -> +1, the first
+    element in the low bits) and the scales (float32). Meta: ``bucket`` (0 or the bucket size).
     """
 
     name = "terngrad"
@@ -268,8 +273,7 @@ class TernGradCodec(Codec):
         scale = _bucket_norms(x, bucket, float("inf"))
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
         y = _bucket_mul(x, inv, bucket, torch.empty_like(x))  # in [-1, 1]
-        trits = _stochastic_round_(y, self.rng.on(x.device)).clamp_(-1, 1).to(torch.int8)
-        codes = trits.view(torch.uint8) & 3  # -1 -> 3, 0 -> 0, 1 -> 1
+        codes = _stochastic_round_(y, self.rng.on(x.device)).clamp_(-1, 1).add_(1).to(torch.uint8)
         return Encoded({"bucket": self.bucket}, [_pack_bits(codes, 2), scale])
 
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -278,10 +282,8 @@ class TernGradCodec(Codec):
         _expect_numel(packed, -(-numel // 4), "terngrad trits")
         _expect_numel(scale, _n_buckets(numel, bucket), "terngrad scales")
         packed, scale = packed.to(device), scale.to(device=device, dtype=torch.float32)
-        codes = _unpack_bits(packed, 2, numel)
-        trits = (codes & 1).to(torch.int8) - 2 * (codes >> 1).to(torch.int8)  # 0 -> 0, 1 -> 1, 3 -> 1 - 2 = -1
-        out = _bucket_mul(trits, scale, bucket, torch.empty(numel, dtype=torch.float32, device=packed.device))
-        return out.to(dtype)
+        trits = _unpack_bits(packed, 2, numel).view(torch.int8).sub_(1)
+        return _dequantize(trits, scale, bucket).to(dtype)
 
 
 @register_codec
@@ -302,15 +304,10 @@ class OneBitCodec(Codec):
     def encode(self, tensor: torch.Tensor) -> Encoded:
         x = flat(tensor).float()
         positive = x >= 0
-        n_pos = positive.sum()
-        n_neg = x.numel() - n_pos
-        sum_pos = x.clamp(min=0).sum()
-        sum_neg = x.sum() - sum_pos
-        zero = torch.zeros((), device=x.device)
-        means = torch.stack([
-            torch.where(n_pos > 0, sum_pos / n_pos.clamp(min=1), zero),
-            torch.where(n_neg > 0, sum_neg / n_neg.clamp(min=1), zero),
-        ])
+        counts = torch.stack([torch.count_nonzero(positive), x.numel() - torch.count_nonzero(positive)])
+        total, magnitude = x.sum(), torch.linalg.vector_norm(x, ord=1)
+        sums = torch.stack([total + magnitude, total - magnitude]) / 2  # [sum of x >= 0, sum of x < 0]
+        means = (sums / counts.clamp(min=1)).to(torch.float32)  # an empty group's mean is 0
         return Encoded({}, [_pack_bits(positive.view(torch.uint8), 1), means])
 
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -318,5 +315,5 @@ class OneBitCodec(Codec):
         _expect_numel(packed, -(-numel // 8), "onebit signs")
         _expect_numel(means, 2, "onebit means")
         packed, means = packed.to(device), means.to(device=device, dtype=torch.float32)
-        bits = _unpack_bits(packed, 1, numel)
-        return torch.where(bits.bool(), means[0], means[1]).to(dtype)
+        out = _unpack_bits(packed, 1, numel).to(torch.float32)  # 1 for x >= 0, else 0
+        return out.mul_(means[0] - means[1]).add_(means[1]).to(dtype)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Codec, DeviceRng, Encoded, check, flat, resolve_params
+from .base import Codec, DeviceRng, Encoded, check, flat, resolve_params, saturate_to
 from .registry import register_codec
 
 _EXACT_BELOW = 1 << 16  # below this many elements torch.topk is cheap enough
@@ -64,14 +64,16 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
 
 
-def _sparse_decode(codec: str, encoded: Encoded, numel: int, dtype: torch.dtype,
+def _sparse_decode(codec: str, encoded: Encoded, k: int, numel: int, dtype: torch.dtype,
                    device: torch.device | str) -> torch.Tensor:
-    """Scatter ``buffers = [values, indices]`` into zeros."""
+    """Scatter ``buffers = [values, indices]`` (``k`` of each) into zeros."""
     check(len(encoded.buffers) == 2, f"codec {codec!r}: expected 2 buffers, got {len(encoded.buffers)}")
     values, indices = encoded.buffers
-    check(values.dim() == 1 and indices.dim() == 1 and values.numel() == indices.numel() <= numel,
-          f"codec {codec!r}: {values.numel()} values and {indices.numel()} indices do not fit {numel} elements")
-    check(indices.dtype in (torch.int32, torch.int64), f"codec {codec!r}: indices must be int32/int64, got {indices.dtype}")
+    check(values.dim() == 1 and indices.dim() == 1 and values.numel() == indices.numel() == k,
+          f"codec {codec!r}: expected {k} values and indices for {numel} elements, "
+          f"got {values.numel()} and {indices.numel()}")
+    check(indices.dtype in (torch.int32, torch.int64),
+          f"codec {codec!r}: indices must be int32 or int64, got {indices.dtype}")
     out = torch.zeros(numel, dtype=dtype, device=device)
     if indices.numel():
         indices = indices.to(out.device)
@@ -132,7 +134,7 @@ class TopKCodec(Codec):
         return Encoded({}, [x[idx], idx.to(_index_dtype(x.numel()))])
 
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        return _sparse_decode(self.name, encoded, numel, dtype, device)
+        return _sparse_decode(self.name, encoded, _count(self.ratio, numel), numel, dtype, device)
 
 
 @register_codec
@@ -170,16 +172,16 @@ class RandomKCodec(Codec):
         check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63,
               f"codec 'randomk': meta 'seed' must be a non-negative int, got {seed!r}")
         check(isinstance(scale, bool), f"codec 'randomk': meta 'scale' must be a bool, got {scale!r}")
-        check(values.dim() == 1 and (values.numel() <= numel) and (values.numel() > 0) == (numel > 0),
-              f"codec 'randomk': {values.numel()} values do not fit {numel} elements")
+        k = _count(self.ratio, numel)
+        check(values.dim() == 1 and values.numel() == k,
+              f"codec 'randomk': expected {k} values for {numel} elements at ratio {self.ratio}, got {values.numel()}")
         out = torch.zeros(numel, dtype=torch.float32, device=device)
-        k = values.numel()
         if k:
             values = values.to(device=out.device, dtype=torch.float32)
             if scale:
                 values = values * (numel / k)
             out.index_add_(0, hashed_indices(seed, k, numel, out.device), values)
-        return out.to(dtype)
+        return saturate_to(out, dtype)
 
 
 @register_codec
@@ -250,7 +252,10 @@ class DgcCodec(Codec):
         return Encoded(meta, [values, idx.to(_index_dtype(v.numel()))])
 
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        return _sparse_decode(self.name, encoded, numel, dtype, device)
+        density = encoded.meta.get("density")
+        check(isinstance(density, float) and 0.0 < density <= 1.0,
+              f"codec 'dgc': meta 'density' must be a float in (0, 1], got {density!r}")
+        return _sparse_decode(self.name, encoded, _count(density, numel), numel, dtype, device)
 
     def reset(self) -> None:
         """Forget momentum, accumulation and the warm-up position."""

@@ -1,0 +1,113 @@
+"""Test helpers: an in-process cluster (coordinator and servers in threads, real ZeroMQ on loopback), and a
+process-table check for multi-process tests."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, TypeVar
+
+from launcher.coordinator import Coordinator
+from protocol.config import Config
+from ps.server import Server
+from worker.client import Client
+
+T = TypeVar("T")
+
+
+class LocalCluster:
+    def __init__(self, coordinator: Coordinator, servers: list[Server], num_workers: int, timeout: float) -> None:
+        self.coordinator = coordinator
+        self.servers = servers
+        self.num_workers = num_workers
+        self.timeout = timeout
+
+    def worker_config(self, rank: int = -1, **overrides) -> Config:
+        values = dict(
+            role="worker",
+            coordinator=self.coordinator.endpoint,
+            num_servers=len(self.servers),
+            num_workers=self.num_workers,
+            rank=rank,
+            timeout=self.timeout,
+            heartbeat_timeout=10.0,
+        )
+        values.update(overrides)
+        return Config(**values)
+
+    def clients(self, **kwargs) -> list[Client]:
+        """One client per worker rank, registered concurrently (registration waits for the whole cluster)."""
+        return run_parallel([lambda r=r: Client(self.worker_config(r), **kwargs) for r in range(self.num_workers)])
+
+
+def run_parallel(calls: list[Callable[[], T]], timeout: float = 120) -> list[T]:
+    """Run each call in its own thread; return the results in order, re-raising the first exception."""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        futures = [pool.submit(c) for c in calls]
+        return [f.result(timeout=timeout) for f in futures]
+
+
+@contextlib.contextmanager
+def local_cluster(num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0) -> Iterator[LocalCluster]:
+    coordinator = Coordinator(num_servers, num_workers, mode=mode, staleness=staleness, timeout=timeout, heartbeat_timeout=10.0)
+    threads = [threading.Thread(target=coordinator.serve, daemon=True)]
+    servers = []
+    for rank in range(num_servers):
+        config = Config(
+            role="server", coordinator=coordinator.endpoint, num_servers=num_servers, num_workers=num_workers,
+            rank=rank, timeout=timeout, heartbeat_timeout=10.0,
+        )
+        server = Server(config)
+        servers.append(server)
+        threads.append(threading.Thread(target=server.run, daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        yield LocalCluster(coordinator, servers, num_workers, timeout)
+    finally:
+        for s in servers:
+            s.stop.set()
+        for t in threads[1:]:  # servers first: they say goodbye to the coordinator on the way out
+            t.join(timeout=10)
+        coordinator.stop()
+        threads[0].join(timeout=10)
+
+
+def close_all(clients: list[Client]) -> None:
+    run_parallel([c.close for c in clients])
+
+
+# -- the process table -----------------------------------------------------------------------------------
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes whose environment carries ``ZPS_TEST_TAG=tag`` (zombies have an empty environ)."""
+    needle = f"ZPS_TEST_TAG={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for_no_tagged(tag: str, within: float) -> list[int]:
+    """Wait up to ``within`` seconds for every tagged process to be gone; return the survivors."""
+    deadline = time.monotonic() + within
+    while True:
+        left = tagged_pids(tag)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)  # polling an external condition (the kernel's process table), bounded by the deadline
+
+
+def kill_tagged(tag: str) -> None:
+    for pid in tagged_pids(tag):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)

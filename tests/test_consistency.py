@@ -1,0 +1,122 @@
+"""SSP bounds staleness (asserted from what the servers record); BSP waits name who is missing; cluster size errors."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from protocol.messages import ErrorCode, ProtocolError
+from protocol.rendezvous import RendezvousError
+from worker.client import Client
+
+from .cluster import close_all, local_cluster, run_parallel
+
+
+def run_steps(client: Client, steps: int, delay: float, tensors: dict[str, torch.Tensor]) -> None:
+    grads = {k: torch.full_like(v, 0.01) for k, v in tensors.items()}
+    for step in range(steps):
+        if delay:
+            time.sleep(delay)  # an emulated straggler, not synchronisation
+        client.push_pull(grads, tensors, step).result(timeout=60)
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_ssp_never_lets_a_worker_run_more_than_s_clocks_ahead(staleness: int) -> None:
+    steps = 15
+    with local_cluster(2, 3, "ssp", staleness=staleness) as cluster:
+        clients = cluster.clients(chunk_bytes=64)
+        try:
+            models = [{"w": torch.zeros(40), "b": torch.zeros(3)} for _ in clients]
+            clients[0].declare(models[0], ("SGD", [{"lr": 0.1}]))
+            run_parallel([lambda c=c, m=m: c.declare(m) for c, m in zip(clients[1:], models[1:])])
+            run_parallel([lambda c=c, m=m: c.pull(m, 0).result() for c, m in zip(clients, models)])
+            # worker 2 is the straggler
+            run_parallel([lambda i=i: run_steps(clients[i], steps, 0.01 if i == 2 else 0.0, models[i]) for i in range(3)])
+            stats = clients[0].stats()
+        finally:
+            close_all(clients)
+    for s in stats:
+        assert s["max_served_gap"] <= staleness, s
+    # the fast workers really did use the slack they were allowed
+    assert max(s["max_served_gap"] for s in stats) == staleness
+    # every push was applied once: 3 workers x steps x keys on the server
+    total = sum(s["pushes_applied"] for s in stats)
+    assert total == 3 * steps * sum(s["keys"] for s in stats)
+
+
+def test_asp_does_not_wait_for_stragglers() -> None:
+    with local_cluster(1, 2, "asp") as cluster:
+        clients = cluster.clients()
+        try:
+            models = [{"w": torch.zeros(8)} for _ in clients]
+            clients[0].declare(models[0], ("SGD", [{"lr": 0.1}]))
+            clients[1].declare(models[1])
+            # worker 1 never pushes; worker 0 still makes progress
+            run_steps(clients[0], 10, 0.0, models[0])
+            stats = clients[0].stats()[0]
+        finally:
+            close_all(clients)
+    assert stats["max_served_gap"] == 10
+    torch.testing.assert_close(models[0]["w"], torch.full((8,), -0.1 * 0.01 * 10))  # lr x grad x steps
+
+
+def test_bsp_wait_names_the_missing_worker() -> None:
+    with local_cluster(1, 2, "bsp", timeout=1.0) as cluster:
+        clients = cluster.clients()
+        try:
+            tensors = {"w": torch.zeros(4)}
+            clients[0].declare(tensors, ("SGD", [{"lr": 0.1}]))
+            clients[1].declare({"w": torch.zeros(4)})
+            started = time.monotonic()
+            with pytest.raises(ProtocolError) as info:
+                clients[0].push_pull({"w": torch.ones(4)}, tensors, 0).result(timeout=30)
+            assert time.monotonic() - started < 10
+            assert info.value.code is ErrorCode.TIMEOUT
+            assert "waits for workers [1]" in str(info.value)
+        finally:
+            close_all(clients)
+
+
+def test_a_worker_that_leaves_is_no_longer_waited_for() -> None:
+    with local_cluster(1, 2, "bsp") as cluster:
+        clients = cluster.clients()
+        try:
+            tensors = {"w": torch.zeros(4)}
+            clients[0].declare(tensors, ("SGD", [{"lr": 1.0}]))
+            clients[1].declare({"w": torch.zeros(4)})
+            clients[1].leave()
+            clients[0].push_pull({"w": torch.ones(4)}, tensors, 0).result(timeout=10)
+            torch.testing.assert_close(tensors["w"], -torch.ones(4))
+        finally:
+            close_all(clients)
+
+
+def test_missing_worker_fails_fast_naming_the_rank() -> None:
+    """The job expects 3 workers; only 2 start. Registration fails within the timeout, naming rank 2."""
+    with local_cluster(1, 3, "bsp", timeout=1.5) as cluster:
+        started = time.monotonic()
+        results = run_parallel(
+            [lambda r=r: _register_expecting_failure(cluster.worker_config(r)) for r in range(2)], timeout=30
+        )
+        elapsed = time.monotonic() - started
+    assert elapsed < 8
+    for err in results:
+        assert err.code is ErrorCode.MISSING
+        assert "1 of 3 workers (ranks 2)" in str(err)
+    assert cluster.coordinator.error and "ranks 2" in cluster.coordinator.error
+
+
+def test_worker_rank_out_of_range_is_refused() -> None:
+    with local_cluster(1, 2, "bsp", timeout=1.0) as cluster:
+        err = _register_expecting_failure(cluster.worker_config(rank=5))
+    assert err.code is ErrorCode.CONFLICT
+    assert "ranks 0-1" in str(err)
+
+
+def _register_expecting_failure(config) -> RendezvousError:
+    try:
+        Client(config).close()
+    except RendezvousError as exc:
+        return exc
+    raise AssertionError("registration should have failed")

@@ -1,0 +1,154 @@
+"""Parity with PyTorch itself: a BSP job equals single-process torch.optim on the same global batches."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from worker import DistributedOptimizer
+
+from .cluster import close_all, local_cluster, run_parallel
+
+STEPS = 20
+BATCH = 8  # per worker
+
+
+def _template() -> nn.Module:
+    torch.manual_seed(1234)
+    return nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 3))
+
+
+_TEMPLATE = _template()
+
+
+def make_model() -> nn.Module:
+    """The same initial model every time; a copy, since worker threads must not share torch's global RNG."""
+    return copy.deepcopy(_TEMPLATE)
+
+
+def batches(num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(99)
+    return [(torch.randn(num_workers * BATCH, 10, generator=g), torch.randn(num_workers * BATCH, 3, generator=g)) for _ in range(STEPS)]
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01, betas=(0.8, 0.95), weight_decay=1e-4),
+}
+
+
+def reference(optimizer: str, data, schedule: bool = False) -> nn.Module:
+    """Single process: the gradient of the mean loss over the global batch (= the mean of the workers' gradients)."""
+    model = make_model()
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5) if schedule else None
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if sched:
+            sched.step()
+    return model
+
+
+def train_worker(client, rank: int, num_workers: int, optimizer: str, data, schedule: bool = False) -> nn.Module:
+    model = make_model()
+    if rank > 0:  # prove that non-zero ranks start from what they pull, not from their own initial values
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    local = OPTIMIZERS[optimizer](model.parameters())
+    opt = DistributedOptimizer(local, model, client=client)
+    sched = torch.optim.lr_scheduler.StepLR(local, step_size=5, gamma=0.5) if schedule else None
+    for x, y in data:
+        xs, ys = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
+        opt.zero_grad()
+        nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+        if sched:
+            sched.step()
+    return model
+
+
+def assert_same(expected: nn.Module, got: nn.Module) -> None:
+    for (name, a), b in zip(expected.named_parameters(), got.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("num_servers", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_bsp_matches_single_process(num_workers: int, num_servers: int, optimizer: str) -> None:
+    data = batches(num_workers)
+    expected = reference(optimizer, data)
+    with local_cluster(num_servers, num_workers, "bsp") as cluster:
+        # tiny chunks, so every weight matrix is cut and spread over all servers
+        clients = cluster.clients(chunk_bytes=128)
+        try:
+            models = run_parallel(
+                [lambda r=r: train_worker(clients[r], r, num_workers, optimizer, data) for r in range(num_workers)]
+            )
+        finally:
+            close_all(clients)
+    for model in models:
+        assert_same(expected, model)
+    if num_workers > 1:  # the test would pass trivially if no step was taken
+        assert not torch.allclose(models[0][0].weight, make_model()[0].weight)
+
+
+def test_lr_scheduler_on_the_worker_reaches_the_servers() -> None:
+    data = batches(2)
+    expected = reference("sgd_momentum", data, schedule=True)
+    unscheduled = reference("sgd_momentum", data)
+    with local_cluster(2, 2, "bsp") as cluster:
+        clients = cluster.clients(chunk_bytes=256)
+        try:
+            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, "sgd_momentum", data, schedule=True) for r in range(2)])
+        finally:
+            close_all(clients)
+    assert_same(expected, models[0])
+    assert not torch.allclose(expected[0].weight, unscheduled[0].weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_asp_with_one_worker_matches_single_process(optimizer: str) -> None:
+    data = batches(1)
+    expected = reference(optimizer, data)
+    with local_cluster(2, 1, "asp") as cluster:
+        (client,) = cluster.clients(chunk_bytes=128)
+        try:
+            model = train_worker(client, 0, 1, optimizer, data)
+        finally:
+            client.close()
+    assert_same(expected, model)
+
+
+def test_param_groups_keep_their_own_hyperparameters() -> None:
+    data = batches(1)
+
+    def build(model):
+        return torch.optim.SGD(
+            [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.01, "momentum": 0.5}],
+            lr=0.05,
+        )
+
+    ref = make_model()
+    opt = build(ref)
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    with local_cluster(1, 1, "bsp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            model = make_model()
+            dist = DistributedOptimizer(build(model), model, client=client)
+            for x, y in data:
+                dist.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                dist.step()
+        finally:
+            client.close()
+    assert_same(ref, model)
