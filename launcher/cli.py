@@ -32,6 +32,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default="", help="gradient codec for pushes, e.g. topk:ratio=0.01")
     p.add_argument("--pull-codec", default="", help="codec for compressed pulls (deltas with server-side error feedback)")
     p.add_argument("--error-feedback", action="store_true", help="wrap the push codec in error feedback")
+    p.add_argument("--compress-min", type=int, default=1024, metavar="N",
+                   help="tensors with fewer elements go uncompressed (default 1024)")
     p.add_argument("--timeout", type=_positive(float), default=120.0, help="seconds any wait may take before the job fails naming what is missing")
     p.add_argument("--heartbeat-timeout", type=_positive(float), default=15.0, help="seconds of silence after which a process is declared dead")
 
@@ -53,6 +55,7 @@ def job_spec(args: argparse.Namespace, host: str = "127.0.0.1") -> JobSpec:
         codec=args.codec,
         pull_codec=args.pull_codec,
         error_feedback=args.error_feedback,
+        compress_min=args.compress_min,
     )
 
 

@@ -30,7 +30,8 @@ from typing import Iterable, Sequence
 ROLES = ("coordinator", "server", "worker")
 DEFAULT_ROLES = ("server", "worker")
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
+# a name never starts with '-': ssh would read it as an option
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.%A-Za-z]+\]")
 _HOROVOD = re.compile(r"(?P<name>.+):(?P<slots>[^:\]]*)")
 
 
@@ -76,7 +77,8 @@ def _parse_line(where: str, text: str, line: int) -> Host:
         token = match.group("name")
         slots = _slots(where, match.group("slots"))
     if _NAME.fullmatch(token) is None:
-        raise HostfileError(f"{where}: {token!r} is not a host name (letters, digits, '.', '-', '_')")
+        raise HostfileError(f"{where}: {token!r} is not a host name (letters, digits, '.', '-', '_'; "
+                            f"not starting with '-')")
 
     roles: tuple[str, ...] | None = None
     seen: set[str] = set()

@@ -35,6 +35,7 @@ class JobSpec:
     codec: str = ""
     pull_codec: str = ""
     error_feedback: bool = False
+    compress_min: int = 1024
     # seconds the servers get to exit by themselves after the last worker finished
     shutdown_grace: float = 20.0
 
@@ -50,6 +51,7 @@ class JobSpec:
             "ZPS_TIMEOUT": str(self.timeout),
             "ZPS_HEARTBEAT_TIMEOUT": str(self.heartbeat_timeout),
             "ZPS_ERROR_FEEDBACK": "1" if self.error_feedback else "0",
+            "ZPS_COMPRESS_MIN": str(self.compress_min),
         }
         for name in ("optimizer", "codec", "pull_codec"):
             value = getattr(self, name)

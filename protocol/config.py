@@ -10,6 +10,10 @@ from dataclasses import dataclass, fields
 from typing import Mapping
 
 ROLES = ("coordinator", "server", "worker")
+# consistency modes (the server implements them: ps.consistency.MODES is this tuple)
+MODES = ("bsp", "asp", "ssp")
+# DMLC_ROLE values of ps-lite / BytePS that name a zps role differently
+DMLC_ROLE_NAMES = {"scheduler": "coordinator"}
 
 # ZPS name -> the DMLC alias users of ps-lite / BytePS already have in their manifests.
 DMLC_ALIASES = {
@@ -48,6 +52,13 @@ class Config:
     codec: str = ""
     pull_codec: str = ""
     error_feedback: bool = False
+    # tensors with fewer elements (biases, norms) are sent uncompressed
+    compress_min: int = 1024
+    # this process's index among the processes of its role on its host (its GPU is cuda:<local_rank>)
+    local_rank: int = 0
+    # read by the coordinator role (``zps node`` with ZPS_ROLE=coordinator); launchers pass them directly
+    mode: str = "bsp"
+    staleness: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
@@ -89,11 +100,19 @@ class Config:
             return number
 
         role = need("ZPS_ROLE").lower()
+        if get("ZPS_ROLE") != env.get("ZPS_ROLE"):  # the value came from DMLC_ROLE
+            role = DMLC_ROLE_NAMES.get(role, role)
         if role not in ROLES:
             raise ConfigError(f"ZPS_ROLE={role!r} is not one of {', '.join(ROLES)}")
         coordinator = need("ZPS_COORDINATOR")
         if coordinator.count(":") < 1 or not coordinator.rsplit(":", 1)[1].isdigit():
             raise ConfigError(f"ZPS_COORDINATOR={coordinator!r} must be host:port")
+        mode = get("ZPS_MODE", "bsp").lower()
+        if mode not in MODES:
+            raise ConfigError(f"ZPS_MODE={mode!r} is not one of {', '.join(MODES)}")
+        staleness = as_int("ZPS_STALENESS", get("ZPS_STALENESS", "0"), 0)
+        if staleness and mode != "ssp":
+            raise ConfigError(f"ZPS_STALENESS={staleness} only applies to ZPS_MODE=ssp (got {mode})")
         return cls(
             role=role,
             coordinator=coordinator,
@@ -108,6 +127,10 @@ class Config:
             codec=get("ZPS_CODEC", ""),
             pull_codec=get("ZPS_PULL_CODEC", ""),
             error_feedback=get("ZPS_ERROR_FEEDBACK", "0").lower() in ("1", "true", "yes", "on"),
+            compress_min=as_int("ZPS_COMPRESS_MIN", get("ZPS_COMPRESS_MIN", "1024"), 0),
+            local_rank=as_int("ZPS_LOCAL_RANK", get("ZPS_LOCAL_RANK", "0"), 0),
+            mode=mode,
+            staleness=staleness,
         )
 
     def to_env(self) -> dict[str, str]:

@@ -98,3 +98,47 @@ def entry_encoded(entry: dict[str, Any], frames: list[Any], what: str) -> Encode
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: bufs[{i}] must be [dtype, numel], got {desc!r}")
         buffers.append(from_buffer(frame, dtype_from_name(desc[0]), desc[1], f"{what} buffer {i}"))
     return Encoded(meta=meta, buffers=buffers)
+
+
+class Decoders:
+    """Codec instances for decoding, by spec, built on first use.
+
+    A spec that arrives from the network may name a registered codec, or an import path only when this process
+    was configured with that same path: a peer never makes us import a module of its choosing.
+    """
+
+    def __init__(self, configured: tuple[str, ...] = ()) -> None:
+        from .codecs import parse_codec_spec
+
+        self._allowed = {parse_codec_spec(s)[0] for s in configured if s}
+        self._cache: dict[str, Codec] = {}
+
+    def get(self, spec: Any, what: str) -> Codec:
+        from .codecs import make_codec, parse_codec_spec
+
+        codec = self._cache.get(spec) if isinstance(spec, str) else None
+        if codec is not None:
+            return codec
+        if not isinstance(spec, str):
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: 'codec' must be a string, got {spec!r}")
+        try:
+            name, _ = parse_codec_spec(spec)
+            codec = make_codec(spec, allow_import=name in self._allowed)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: {exc}") from None
+        self._cache[spec] = codec
+        return codec
+
+    def decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+        """Decode one key entry into a flat tensor of ``numel`` elements of ``dtype`` on the CPU."""
+        encoded = entry_encoded(entry, frames, what)
+        codec = self.get(entry.get("codec", "none"), what)
+        try:
+            out = codec.decode(encoded, numel, dtype, "cpu")
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: codec {entry.get('codec')!r} could not decode: {exc}") from None
+        if out.numel() != numel:
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: decoded {out.numel()} elements, the key has {numel}")
+        return out

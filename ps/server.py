@@ -22,7 +22,7 @@ from protocol.codecs import Codec, make_codec
 from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
-from protocol.tensors import DTYPES, encode_entry, entry_encoded
+from protocol.tensors import DTYPES, Decoders, encode_entry, entry_encoded
 
 from .consistency import Consistency, make_consistency
 from .optim import build_optimizer, optimizer_class
@@ -43,6 +43,7 @@ class _Pending:
     states: list[KeyState]
     step: int
     deadline: float
+    pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so
 
 
 class Server:
@@ -57,8 +58,10 @@ class Server:
         self.consistency: Consistency | None = None
         self.topology: Topology | None = None
         self.name = "server:?"
-        self._codecs: dict[str, Codec] = {}
+        self._decoders = Decoders((config.codec, config.pull_codec))
         self._none = make_codec("none")
+        # compressed pull: what each worker holds of each key, and the encoder that sends it deltas
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, Codec]] = {}
         self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -152,6 +155,8 @@ class Server:
             worker = self._worker(msg)
             assert self.consistency is not None
             changed = self.consistency.leave(worker, self.keys.values())
+            for key in [k for k in self._views if k[0] == worker]:
+                del self._views[key]
             self.counters["pushes_applied"] += len(changed)
             return Message(Kind.OK, id=msg.id, src=self.name)
         if msg.kind is Kind.STATS:
@@ -239,42 +244,14 @@ class Server:
 
     # -- PUSH ------------------------------------------------------------------------------------------
     def _decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: str, what: str) -> torch.Tensor:
-        spec = entry.get("codec", "none")
-        if not isinstance(spec, str):
-            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: 'codec' must be a string")
-        encoded = entry_encoded(entry, frames, what)
-        if spec == "none":
+        if entry.get("codec", "none") == "none":
             bufs = entry.get("bufs")
             if bufs != [[dtype, numel]]:
                 got = bufs[0] if isinstance(bufs, list) and len(bufs) == 1 else bufs
-                code = ErrorCode.DTYPE_MISMATCH if isinstance(got, list) and got[0] != dtype else ErrorCode.SHAPE_MISMATCH
+                code = ErrorCode.DTYPE_MISMATCH if isinstance(got, list) and got and got[0] != dtype else ErrorCode.SHAPE_MISMATCH
                 raise ProtocolError(code, f"{what}: got {got!r} but the key is declared as [{dtype!r}, {numel}]")
-            return encoded.buffers[0]
-        codec = self._codec(spec, what)
-        try:
-            out = codec.decode(encoded, numel, torch.float32, "cpu")
-        except ProtocolError:
-            raise
-        except Exception as exc:
-            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: codec {spec!r} could not decode: {exc}") from None
-        if out.numel() != numel:
-            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: decoded {out.numel()} elements, the key has {numel}")
-        return out
-
-    def _codec(self, spec: str, what: str) -> Codec:
-        codec = self._codecs.get(spec)
-        if codec is None:
-            name = spec.split(":", 1)[0]
-            allowed_paths = {s.split(":", 1)[0] for s in (self.config.codec, self.config.pull_codec) if s}
-            if "." in name and name not in allowed_paths:
-                # Never import a module a remote peer names: user codecs must be configured on the server too.
-                raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: codec {name!r} is not configured on this server (ZPS_CODEC)")
-            try:
-                codec = make_codec(spec)
-            except Exception as exc:
-                raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: {exc}") from None
-            self._codecs[spec] = codec
-        return codec
+            return entry_encoded(entry, frames, what).buffers[0]  # a zero-copy view of the frame
+        return self._decoders.decode(entry, frames, numel, torch.float32, what)
 
     def _push(self, msg: Message, worker: int) -> None:
         """Validate and decode every key first; then apply. A message with one bad key changes nothing."""
@@ -313,9 +290,13 @@ class Server:
     def _pull(self, identity: bytes, msg: Message, worker: int, steps: list[int]) -> Message | None:
         assert self.consistency is not None
         states = [self._state(e, initialized=False) for e in msg.keys]
+        pull_codecs = [e.get("pc") for e in msg.keys]
+        for spec, state in zip(pull_codecs, states):
+            if spec is not None:
+                self._decoders.get(spec, f"pull codec of {state.label()}")  # validate before waiting
         step = max(steps, default=0)
         self.consistency.note_clock(worker, step)
-        pending = _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout)
+        pending = _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout, pull_codecs)
         if self._ready(pending):
             return self._values(pending)
         self.pending.append(pending)
@@ -332,13 +313,35 @@ class Server:
         # ASP/SSP may update a key while ZeroMQ still sends it, so they send a snapshot.
         snapshot = self.topology.mode != "bsp"
         keys, frames = [], []
-        for s in p.states:
+        for s, spec in zip(p.states, p.pull_codecs):
             assert s.param is not None
-            entry, bufs = encode_entry(self._none, s.param.clone() if snapshot else s.param)
+            if spec is None:
+                entry, bufs = encode_entry(self._none, s.param.clone() if snapshot else s.param)
+            else:
+                entry, bufs = self._delta(p.worker, s, spec)
             entry.update(key=s.key, version=s.version)
             keys.append(entry)
             frames.extend(bufs)
         return Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames)
+
+    def _delta(self, worker: int, s: KeyState, spec: str) -> tuple[dict[str, Any], list[memoryview]]:
+        """Compressed pull: the first time the full values; then the change since this worker's last pull,
+        encoded with ``spec``. What the codec loses stays in (param - view) and is sent later: the server's own
+        error feedback. The view is advanced by exactly what the worker decodes, so both stay identical."""
+        assert s.param is not None
+        found = self._views.get((worker, s.key))
+        if found is None or found[1].spec() != spec:
+            view = s.param.clone()
+            self._views[(worker, s.key)] = (view, make_codec(spec, allow_import=True))  # spec validated in _pull
+            entry, bufs = encode_entry(self._none, view)
+            entry["delta"] = False
+            return entry, bufs
+        view, codec = found
+        entry, bufs = encode_entry(codec, s.param - view)
+        encoded = entry_encoded(entry, bufs, f"pull of {s.label()}")
+        view.add_(codec.decode(encoded, s.numel, torch.float32, "cpu"))
+        entry["delta"] = True
+        return entry, bufs
 
     def _flush_ready(self, sock: zmq.Socket) -> None:
         if not self.pending:

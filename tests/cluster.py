@@ -51,14 +51,17 @@ def run_parallel(calls: list[Callable[[], T]], timeout: float = 120) -> list[T]:
 
 
 @contextlib.contextmanager
-def local_cluster(num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0) -> Iterator[LocalCluster]:
+def local_cluster(
+    num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0, codec: str = ""
+) -> Iterator[LocalCluster]:
+    """Coordinator and servers in threads of this process; ``codec`` is the job's ZPS_CODEC as servers see it."""
     coordinator = Coordinator(num_servers, num_workers, mode=mode, staleness=staleness, timeout=timeout, heartbeat_timeout=10.0)
     threads = [threading.Thread(target=coordinator.serve, daemon=True)]
     servers = []
     for rank in range(num_servers):
         config = Config(
             role="server", coordinator=coordinator.endpoint, num_servers=num_servers, num_workers=num_workers,
-            rank=rank, timeout=timeout, heartbeat_timeout=10.0,
+            rank=rank, timeout=timeout, heartbeat_timeout=10.0, codec=codec,
         )
         server = Server(config)
         servers.append(server)

@@ -23,12 +23,12 @@ import torch
 import zmq
 
 from protocol import transport
-from protocol.codecs import Codec, make_codec
+from protocol.codecs import Codec, ErrorFeedback, codec_factory, make_codec
 from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, parse_frames, raise_if_error
 from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from protocol.rendezvous import RendezvousClient, Topology, check_failure
-from protocol.tensors import encode_entry, entry_encoded
+from protocol.tensors import Decoders, encode_entry, entry_encoded
 
 log = logging.getLogger("zps.worker")
 
@@ -55,8 +55,27 @@ class Client:
     :meth:`declare` the tensors once. Names are the keys of the mappings given to push/pull.
     """
 
-    def __init__(self, config: Config, context: zmq.Context | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        config: Config,
+        context: zmq.Context | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        codec: str | None = None,
+        pull_codec: str | None = None,
+        error_feedback: bool | None = None,
+        compress_min: int | None = None,
+    ) -> None:
+        """``codec``/``pull_codec``/``error_feedback``/``compress_min`` default to the job's ``ZPS_*`` settings."""
         self.config = config
+        codec = config.codec if codec is None else codec
+        self.pull_codec = (config.pull_codec if pull_codec is None else pull_codec) or None
+        error_feedback = config.error_feedback if error_feedback is None else error_feedback
+        self.compress_min = config.compress_min if compress_min is None else compress_min
+        self._none_codec = make_codec("none")
+        self._push_factory = codec_factory(codec, error_feedback=error_feedback) if codec and codec != "none" else None
+        self._decoders = Decoders((codec or "", self.pull_codec or ""))
+        if self.pull_codec:
+            self._decoders.get(self.pull_codec, "pull codec")  # a bad spec fails here, not at the first pull
         self.context = context or zmq.Context.instance()
         self.chunk_bytes = chunk_bytes
         self.rendezvous = RendezvousClient(config, self.context)
@@ -107,6 +126,7 @@ class Client:
         self.plan = make_plan(specs, self.topology.num_servers, self.chunk_bytes)
         for index, spec in enumerate(self.plan.params):
             self._by_name[spec.name] = (index, self.plan.chunks_of(index))
+        self._group_of_param = [(groups or {}).get(spec.name, 0) for spec in self.plan.params]
         with_values = self.rank == 0
         if with_values and optimizer is None:
             raise ValueError("rank 0 must pass the server optimizer to declare()")
@@ -147,7 +167,10 @@ class Client:
         for name in outs:
             for chunk in self._chunks(name):
                 msg = messages.setdefault(chunk.server, Message(Kind.PULL, src=self.name))
-                msg.keys.append({"key": chunk.key, "step": step, "nf": 0})
+                entry = {"key": chunk.key, "step": step, "nf": 0}
+                if self.pull_codec and self._compressed(chunk):
+                    entry["pc"] = self.pull_codec
+                msg.keys.append(entry)
         return self._submit(messages, f"pull of step {step}", self._destinations(outs))
 
     def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
@@ -185,10 +208,16 @@ class Client:
                 raise RuntimeError(f"{self.name}: call declare() before pushing or pulling") from None
             raise KeyError(f"{name!r} was not declared; declared: {', '.join(self._by_name)}") from None
 
-    def _codec(self, key: int) -> Codec:
-        codec = self._codecs.get(key)
+    def _compressed(self, chunk: Chunk) -> bool:
+        """Small tensors (biases, norms) go uncompressed: their bytes are few and their precision matters."""
+        return self.plan.params[chunk.param].numel >= self.compress_min  # type: ignore[union-attr]
+
+    def _codec(self, chunk: Chunk) -> Codec:
+        """The push codec of a chunk: one instance per key, since codecs and error feedback keep state."""
+        codec = self._codecs.get(chunk.key)
         if codec is None:
-            codec = self._codecs[key] = make_codec("none")
+            use = self._push_factory is not None and self._compressed(chunk)
+            codec = self._codecs[chunk.key] = self._push_factory() if use else self._none_codec  # type: ignore[misc]
         return codec
 
     def _push_messages(self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None) -> dict[int, Message]:
@@ -201,8 +230,16 @@ class Client:
                 if flat.numel() != self.plan.params[chunk.param].numel:  # type: ignore[union-attr]
                     raise ValueError(f"{name!r} has {flat.numel()} elements but was declared with {self.plan.params[chunk.param].numel}")  # type: ignore[union-attr]
                 msg = messages.setdefault(chunk.server, Message(kind, src=self.name, body=body))
-                entry, frames = encode_entry(self._codec(chunk.key), flat[chunk.offset : chunk.offset + chunk.numel])
+                codec = self._codec(chunk)
+                if isinstance(codec, ErrorFeedback) and body:
+                    lrs = body["lr"]
+                    group_lr = lrs[min(self._group_of_param[chunk.param], len(lrs) - 1)]
+                    if group_lr > 0:
+                        codec.set_lr(group_lr)
+                entry, frames = encode_entry(codec, flat[chunk.offset : chunk.offset + chunk.numel])
                 entry.update(key=chunk.key, step=step)
+                if kind is Kind.PUSH_PULL and self.pull_codec and self._compressed(chunk):
+                    entry["pc"] = self.pull_codec
                 msg.keys.append(entry)
                 msg.frames.extend(frames)
         return messages
@@ -314,9 +351,17 @@ class Client:
             dest = request.outs.get(entry["key"])
             if dest is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
-            encoded = entry_encoded(entry, frames, f"values of key {entry['key']}")
-            values = self._codec(entry["key"]).decode(encoded, dest.numel(), dest.dtype, "cpu")
-            dest.copy_(values, non_blocking=False)
+            what = f"values of key {entry['key']}"
+            if entry.get("codec", "none") == "none":
+                values = entry_encoded(entry, frames, what).buffers[0]  # zero-copy view of the frame
+                if values.numel() != dest.numel():
+                    raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: {values.numel()} elements, expected {dest.numel()}")
+            else:
+                values = self._decoders.decode(entry, frames, dest.numel(), torch.float32, what)
+            if entry.get("delta"):
+                dest.add_(values.to(dest.device))
+            else:
+                dest.copy_(values)
 
     def _finish(self, request: _Request) -> None:
         if request.future.done():

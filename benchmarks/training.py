@@ -1,0 +1,378 @@
+"""Training throughput (samples/s) of the same model under several systems, same machine, same run.
+
+Models (synthetic data, fixed batches in memory so no loading is timed):
+- mlp: 784 -> 2048 -> 1536 -> 10 (4.77M parameters)
+- cnn: conv(1->32, 3x3) pool conv(32->64, 3x3) pool fc(1600->128) fc(128->10) on 1x28x28 (0.23M parameters)
+
+Contenders, all with SGD (lr 0.01) and the same global batch (64 per worker, 128 global; the single process 128):
+- single: one process, plain torch.optim
+- ddp/gloo: torch DistributedDataParallel, 2 processes, gloo on loopback
+- rpc-ps: the PyTorch RPC parameter-server tutorial pattern, 1 PS + 2 trainers: the PS holds the model and runs its
+  forward; trainers call it with rpc_sync, run distributed autograd backward and a DistributedOptimizer step
+- zps: BSP, 2 workers with 1 and with 2 servers, ``worker.DistributedOptimizer``; with ``overlap=True`` too when
+  the optimizer has that option
+
+samples/s = global samples of a window of steps / its wall time (rank 0's clock; for rpc-ps the trainers' rates are
+summed per window); the median window is reported.
+
+    python benchmarks/training.py [--quick] [--models mlp cnn] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+LR = 0.01
+PER_WORKER = 64
+WORKERS = 2
+SINGLE_THREADS = 2  # the single process gets the whole 2-core machine
+MULTI_THREADS = 1  # each process of a multi-process contender: one intra-op thread
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+
+
+# -- model, data, timed loop ----------------------------------------------------------------------------------------
+def make_model(kind: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 1536), nn.ReLU(), nn.Linear(1536, 10))
+    if kind == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+    raise ValueError(f"unknown model {kind!r}")
+
+
+def make_batches(kind: str, batch: int, seed: int, count: int = 4) -> list:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, 784) if kind == "mlp" else (batch, 1, 28, 28)
+    return [(torch.randn(*shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process
+
+
+def timed_windows(step: Callable[[int], None], warmup: int, windows: int, steps: int) -> list[float]:
+    """Seconds of each window of ``steps`` steps, after ``warmup`` untimed steps."""
+    i = 0
+    for _ in range(warmup):
+        step(i)
+        i += 1
+    out = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(i)
+            i += 1
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def local_step(model, opt, batches) -> Callable[[int], None]:
+    import torch.nn.functional as F
+
+    def step(i: int) -> None:
+        x, y = batches[i % len(batches)]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def write(out_dir: str, rank: int, obj: Any) -> None:
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(obj))
+
+
+# -- single process ----------------------------------------------------------------------------------------------
+def single_main(kind: str, sched: dict, out_dir: str) -> None:
+    import torch
+
+    set_threads(SINGLE_THREADS)
+    model = make_model(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    step = local_step(model, opt, make_batches(kind, PER_WORKER * WORKERS, seed=1))
+    write(out_dir, 0, {"windows": timed_windows(step, **sched), "threads": torch.get_num_threads()})
+
+
+# -- DDP with gloo ---------------------------------------------------------------------------------------------------
+def ddp_main(rank: int, kind: str, sched: dict, out_dir: str, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port))
+    set_threads(MULTI_THREADS)
+    dist.init_process_group("gloo", rank=rank, world_size=WORKERS)
+    try:
+        model = DDP(make_model(kind))
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        step = local_step(model, opt, make_batches(kind, PER_WORKER, seed=1 + rank))
+        dist.barrier()
+        windows = timed_windows(step, **sched)
+        write(out_dir, rank, {"windows": windows})
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# -- the RPC parameter-server pattern (PyTorch tutorial) ---------------------------------------------------------------
+class ParameterServer:
+    """Holds the model; trainers run its forward remotely and step its parameters via DistributedOptimizer."""
+
+    def __init__(self, kind: str) -> None:
+        self.model = make_model(kind)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def get_param_rrefs(self) -> list:
+        from torch.distributed import rpc
+
+        return [rpc.RRef(p) for p in self.model.parameters()]
+
+
+_ps: ParameterServer | None = None
+_ps_lock = threading.Lock()
+_start = threading.Barrier(WORKERS, timeout=300)
+
+
+def get_parameter_server(kind: str) -> ParameterServer:
+    global _ps
+    with _ps_lock:
+        if _ps is None:
+            _ps = ParameterServer(kind)
+        return _ps
+
+
+def call_method(method: str, rref, *args):
+    return getattr(rref.local_value(), method)(*args)
+
+
+def start_barrier() -> None:
+    _start.wait()
+
+
+def rpc_main(rank: int, kind: str, sched: dict, out_dir: str, port: int) -> None:
+    import torch
+    import torch.distributed.autograd as dist_autograd
+    import torch.nn.functional as F
+    from torch.distributed import rpc
+    from torch.distributed.optim import DistributedOptimizer
+
+    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port))
+    set_threads(MULTI_THREADS)
+    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, rpc_timeout=300, init_method=f"tcp://127.0.0.1:{port}")
+    name = "ps" if rank == 0 else f"trainer{rank}"
+    rpc.init_rpc(name, rank=rank, world_size=WORKERS + 1, rpc_backend_options=options)
+    try:
+        if rank == 0:
+            return  # the PS serves RPCs until every trainer called rpc.shutdown()
+        ps_rref = rpc.remote("ps", get_parameter_server, args=(kind,))
+        param_rrefs = rpc.rpc_sync("ps", call_method, args=("get_param_rrefs", ps_rref))
+        opt = DistributedOptimizer(torch.optim.SGD, param_rrefs, lr=LR)
+        batches = make_batches(kind, PER_WORKER, seed=rank)
+
+        def step(i: int) -> None:
+            x, y = batches[i % len(batches)]
+            with dist_autograd.context() as context_id:
+                out = rpc.rpc_sync("ps", call_method, args=("forward", ps_rref, x))
+                loss = F.cross_entropy(out, y)
+                dist_autograd.backward(context_id, [loss])
+                opt.step(context_id)
+
+        rpc.rpc_sync("ps", start_barrier)
+        write(out_dir, rank, {"windows": timed_windows(step, **sched)})
+    finally:
+        rpc.shutdown()
+
+
+# -- zps -----------------------------------------------------------------------------------------------------------
+def overlap_available() -> bool:
+    import worker
+
+    return "overlap" in inspect.signature(worker.DistributedOptimizer).parameters
+
+
+def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
+    import torch
+
+    import worker
+
+    set_threads(MULTI_THREADS)
+    client = worker.init()
+    model = make_model(kind)
+    kwargs = {"overlap": True} if overlap else {}
+    opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, **kwargs)
+    step = local_step(model, opt, make_batches(kind, PER_WORKER, seed=1 + client.rank))
+    client.rendezvous.barrier("bench-start")
+    windows = timed_windows(step, **sched)
+    if client.rank == 0:
+        C.emit_result({"windows": windows})
+    worker.shutdown()
+
+
+# -- running the contenders ------------------------------------------------------------------------------------------
+def spawn_group(target: Callable, nprocs: int, args: tuple, timeout: float) -> None:
+    """Start ``nprocs`` spawned processes ``target(rank, *args)``; wait; end any left at the deadline; raise on failure."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, *args), daemon=False) for rank in range(nprocs)]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        late = [i for i, p in enumerate(procs) if p.is_alive()]
+        if late:
+            raise RuntimeError(f"ranks {late} still running after {timeout:.0f}s")
+        bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"ranks exited with codes {bad}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _single_entry(rank: int, kind: str, sched: dict, out_dir: str) -> None:
+    single_main(kind, sched, out_dir)
+
+
+def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str, Any]:
+    """Returns {"rates": samples/s per window, ...}."""
+    global_batch = PER_WORKER * WORKERS
+    steps = sched["steps"]
+    with tempfile.TemporaryDirectory(prefix="zps-bench-") as out_dir:
+        if name == "single":
+            spawn_group(_single_entry, 1, (kind, sched, out_dir), timeout)
+            windows = json.loads(Path(out_dir, "0.json").read_text())["windows"]
+            return {"rates": [global_batch * steps / w for w in windows]}
+        if name == "ddp/gloo":
+            spawn_group(ddp_main, WORKERS, (kind, sched, out_dir, C.free_port()), timeout)
+            windows = json.loads(Path(out_dir, "0.json").read_text())["windows"]
+            return {"rates": [global_batch * steps / w for w in windows]}
+        if name == "rpc-ps":
+            spawn_group(rpc_main, WORKERS + 1, (kind, sched, out_dir, C.free_port()), timeout)
+            per_trainer = [json.loads(Path(out_dir, f"{r}.json").read_text())["windows"] for r in range(1, WORKERS + 1)]
+            return {"rates": [sum(PER_WORKER * steps / w for w in ws) for ws in zip(*per_trainer)]}
+    if name.startswith("zps"):
+        servers = int(name.split("S=")[1].split(",")[0].rstrip(")"))
+        overlap = "overlap" in name and "no overlap" not in name
+        args = ["--role-zps-worker", kind, "--warmup", str(sched["warmup"]), "--windows", str(sched["windows"]),
+                "--steps", str(steps)] + (["--overlap"] if overlap else [])
+        env = {"OMP_NUM_THREADS": str(MULTI_THREADS)}
+        result = C.run_zps(__file__, args, servers=servers, workers=WORKERS, mode="bsp", env=env, timeout=timeout)
+        return {"rates": [global_batch * steps / w for w in result["windows"]]}
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = C.base_parser(__doc__)
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--windows", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed window")
+    parser.add_argument("--contenders", nargs="+", default=None, help="run only these (names as in the table)")
+    parser.add_argument("--role-zps-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sched = {"warmup": args.warmup or (3 if args.quick else 5), "windows": args.windows or (3 if args.quick else 5),
+             "steps": args.steps or (5 if args.quick else 10)}
+    if args.role_zps_worker:
+        zps_worker(args.role_zps_worker, sched, args.overlap)
+        return {}
+
+    started, load_before = time.monotonic(), C.load_avg()
+    has_overlap = overlap_available()
+    names = ["single", "ddp/gloo", "rpc-ps", "zps (S=1, no overlap)", "zps (S=2, no overlap)"]
+    if has_overlap:
+        names += ["zps (S=1, overlap)", "zps (S=2, overlap)"]
+    if args.contenders:
+        names = [n for n in names if any(c in n for c in args.contenders)]
+    timeout = 300 if args.quick else 600
+    results: dict[str, dict[str, Any]] = {}
+    sections = [
+        "### training: samples/s, same model and global batch (128) on this machine",
+        "",
+        f"SGD lr {LR}; {sched['warmup']} warm-up steps, then {sched['windows']} windows of {sched['steps']} steps; median "
+        f"window. Threads: the single process {SINGLE_THREADS} intra-op threads; every process of the multi-process "
+        f"contenders (ddp, rpc-ps, zps workers and servers) {MULTI_THREADS}. 2 workers x 64 samples (single: 128).",
+    ]
+    for kind in args.models:
+        rows_data: dict[str, dict[str, Any]] = {}
+        for name in names:
+            load = C.load_avg()
+            print(f"[{kind}] measuring {name} (load {load}) ...", flush=True)
+            try:
+                r = run_contender(name, kind, sched, timeout)
+                r["median"] = C.median(r["rates"])
+            except Exception as exc:
+                print(f"[{kind}] {name} failed: {exc}", flush=True)
+                r = {"rates": [], "median": None, "error": str(exc).splitlines()[0]}
+            r["load"] = load
+            rows_data[name] = r
+            print(f"[{kind}] {name}: {C.fmt(r['median'], 1)} samples/s", flush=True)
+        results[kind] = rows_data
+        ddp = rows_data.get("ddp/gloo", {}).get("median")
+        rpcps = rows_data.get("rpc-ps", {}).get("median")
+        single = rows_data.get("single", {}).get("median")
+        rows = []
+        for name, r in rows_data.items():
+            m = r["median"]
+            spread = f"{min(r['rates']):,.0f}-{max(r['rates']):,.0f}" if r["rates"] else r.get("error", "failed")
+            rows.append([name, C.fmt(m, 1), spread, C.ratio(m, single), C.ratio(m, ddp), C.ratio(m, rpcps), r["load"]])
+        params = sum(p.numel() for p in make_model(kind).parameters())
+        sections += ["", f"#### {kind} ({params / 1e6:.2f}M parameters)", "",
+                     C.md_table(["contender", "samples/s", "window range", "vs single", "vs ddp/gloo", "vs rpc-ps", "load avg at start"], rows)]
+        verdicts = []
+        for name, r in rows_data.items():
+            if name.startswith("zps") and r["median"]:
+                verdicts.append(f"{name}: {r['median'] / ddp:.2f}x ddp ({'met' if r['median'] >= ddp else 'MISSED'} >= 1.0x), "
+                                f"{r['median'] / rpcps:.2f}x rpc-ps ({'met' if r['median'] >= 3 * rpcps else 'MISSED'} >= 3x)"
+                                if ddp and rpcps else f"{name}: no baseline")
+        for s in (1, 2):
+            on = rows_data.get(f"zps (S={s}, overlap)", {}).get("median")
+            off = rows_data.get(f"zps (S={s}, no overlap)", {}).get("median")
+            if on and off:
+                verdicts.append(f"overlap vs no overlap, S={s}: {on / off:.2f}x ({'met' if on > off else 'MISSED'} > 1.0x)")
+        if not has_overlap:
+            verdicts.append("overlap: not available yet (worker.DistributedOptimizer has no `overlap` option)")
+        sections += [""] + [f"- {v}" for v in verdicts]
+    md = "\n".join(sections)
+    return C.finish("training", md, {"schedule": sched, "results": results, "overlap_available": has_overlap},
+                    args.json, started, load_before)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Push+pull round-trip goodput of one tensor: zps beside raw pyzmq and a plain TCP socket, same run, loopback.
+
+Every contender does the same round trip between two processes: send N bytes, receive N bytes back. Goodput is
+(bytes sent + bytes received) / median round-trip time.
+
+- tcp: ``sendall`` of N bytes, the peer ``recv_into`` a preallocated buffer and ``sendall`` s it back; the client
+  ``recv_into`` its own preallocated buffer.
+- pyzmq: DEALER -> ROUTER echo of one N-byte frame, zero-copy on both sides (``copy=False``).
+- zps: 1 worker + 1 server, BSP, ``push_pull`` of one float32 tensor per iteration (cut into 4 MiB chunks by the
+  plan), server optimizer SGD with lr=0 (the update is computed, the values stay put).
+
+    python benchmarks/transport.py [--quick] [--sizes-mib 1 16 64] [--repeats 10] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+MIB = 1 << 20
+FULL_SIZES = [1, 4, 16, 64, 256]
+QUICK_SIZES = [1, 16, 64]
+
+
+def repeats_for(mib: int, repeats: int) -> int:
+    """Fewer repeats for the largest tensors keeps a full run within minutes."""
+    return max(5, repeats if mib <= 64 else repeats // 2)
+
+
+# -- helper processes (the echo peers) -------------------------------------------------------------------------
+def tcp_echo_server(max_bytes: int) -> None:
+    buf = bytearray(max_bytes)
+    view = memoryview(buf)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        print(listener.getsockname()[1], flush=True)
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while True:
+                header = _recv_exact(conn, memoryview(bytearray(8)))
+                if header is None:
+                    return
+                (n,) = struct.unpack("!Q", header)
+                if n == 0:
+                    return
+                if _recv_exact(conn, view[:n]) is None:
+                    return
+                conn.sendall(view[:n])
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview | None:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return view
+
+
+def zmq_echo_server() -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    print(port, flush=True)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 2 and len(frames[1]) == 0:
+            break
+        sock.send_multipart(frames, copy=False)
+    sock.close()
+    ctx.term()
+
+
+# -- the client side of the baselines ---------------------------------------------------------------------------
+def bench_tcp(sizes: list[int], repeats: int) -> dict[int, list[float]]:
+    max_bytes = max(sizes) * MIB
+    out: dict[int, list[float]] = {}
+    with C.Helper([sys.executable, __file__, "--role-tcp-echo", str(max_bytes)]) as helper:
+        port = int(helper.ready_line)
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            send = memoryview(bytearray(b"\x01" * max_bytes))
+            recv = memoryview(bytearray(max_bytes))
+            for mib in sizes:
+                n = mib * MIB
+
+                def round_trip(n: int = n) -> None:
+                    conn.sendall(struct.pack("!Q", n))
+                    conn.sendall(send[:n])
+                    if _recv_exact(conn, recv[:n]) is None:
+                        raise RuntimeError("tcp echo peer closed the connection")
+
+                out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
+            conn.sendall(struct.pack("!Q", 0))
+    return out
+
+
+def bench_zmq(sizes: list[int], repeats: int) -> dict[int, list[float]]:
+    import zmq
+
+    out: dict[int, list[float]] = {}
+    ctx = zmq.Context()
+    try:
+        with C.Helper([sys.executable, __file__, "--role-zmq-echo"]) as helper:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{int(helper.ready_line)}")
+            try:
+                payload = memoryview(bytearray(b"\x01" * (max(sizes) * MIB)))
+                for mib in sizes:
+                    data = payload[: mib * MIB]
+
+                    def round_trip(data: memoryview = data) -> None:
+                        sock.send(data, copy=False)
+                        sock.recv(copy=False)
+
+                    out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
+                sock.send(b"")
+                time.sleep(0.1)
+            finally:
+                sock.close()
+    finally:
+        ctx.term()
+    return out
+
+
+# -- zps ------------------------------------------------------------------------------------------------------
+def zps_worker(sizes: list[int], repeats: int) -> None:
+    """Runs inside ``zps run``: one tensor per size, declared together; ``push_pull`` of one tensor at a time."""
+    import torch
+
+    import worker
+
+    torch.set_num_threads(1)
+    client = worker.init()
+    values = {f"t{mib}": torch.zeros(mib * MIB // 4) for mib in sizes}
+    client.declare(values, ("SGD", [{"lr": 0.0}]) if client.rank == 0 else None)
+    times: dict[str, list[float]] = {}
+    for mib in sizes:
+        name = f"t{mib}"
+        grad = torch.full_like(values[name], 0.5)
+        step = 0
+
+        def round_trip() -> None:
+            nonlocal step
+            client.push_pull({name: grad}, {name: values[name]}, step).result()
+            step += 1
+
+        times[str(mib)] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
+    if client.rank == 0:
+        C.emit_result({"times": times})
+    worker.shutdown()
+
+
+def bench_zps(sizes: list[int], repeats: int, env: dict[str, str] | None = None) -> dict[int, list[float]]:
+    args = ["--role-worker", "--sizes-mib", *map(str, sizes), "--repeats", str(repeats)]
+    result = C.run_zps(__file__, args, servers=1, workers=1, mode="bsp", env=env, timeout=900)
+    return {int(k): v for k, v in result["times"].items()}
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    parser = C.base_parser(__doc__)
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="round trips timed per size (median reported)")
+    parser.add_argument("--role-worker", action="store_true", help=argparse.SUPPRESS)  # inside zps run
+    parser.add_argument("--role-tcp-echo", type=int, default=None, help=argparse.SUPPRESS)  # the tcp peer
+    parser.add_argument("--role-zmq-echo", action="store_true", help=argparse.SUPPRESS)  # the pyzmq peer
+    args = parser.parse_args(argv)
+    if args.role_tcp_echo is not None:
+        tcp_echo_server(args.role_tcp_echo)
+        return {}
+    if args.role_zmq_echo:
+        zmq_echo_server()
+        return {}
+    sizes = args.sizes_mib or (QUICK_SIZES if args.quick else FULL_SIZES)
+    repeats = args.repeats or (7 if args.quick else 15)
+    if args.role_worker:
+        zps_worker(sizes, repeats)
+        return {}
+
+    started, load_before = time.monotonic(), C.load_avg()
+    results: dict[str, dict[int, list[float]]] = {}
+    loads: dict[str, str] = {}
+    shm_env, shm_note = C.shm_option()
+    contenders = [("tcp", lambda: bench_tcp(sizes, repeats)), ("pyzmq", lambda: bench_zmq(sizes, repeats)),
+                  ("zps", lambda: bench_zps(sizes, repeats))]
+    if shm_env is not None:
+        contenders.append(("zps-shm", lambda: bench_zps(sizes, repeats, shm_env)))
+    for name, fn in contenders:
+        loads[name] = C.load_avg()
+        print(f"measuring {name} (load {loads[name]}) ...", flush=True)
+        results[name] = fn()
+
+    def gbps(name: str, mib: int) -> float | None:
+        times = results.get(name, {}).get(mib)
+        return 2 * mib * MIB / C.median(times) / 1e9 if times else None
+
+    headers = ["size", "tcp GB/s", "pyzmq GB/s", "zps GB/s"]
+    if "zps-shm" in results:
+        headers.append("zps-shm GB/s")
+    headers += ["zps / pyzmq", "zps / tcp", "pyzmq / tcp", "zps ms / round trip"]
+    rows = []
+    summary = {}
+    for mib in sizes:
+        t, z, p = gbps("tcp", mib), gbps("pyzmq", mib), gbps("zps", mib)
+        row = [f"{mib} MiB", C.fmt(t), C.fmt(z), C.fmt(p)]
+        if "zps-shm" in results:
+            row.append(C.fmt(gbps("zps-shm", mib)))
+        row += [C.ratio(p, z), C.ratio(p, t), C.ratio(z, t), C.fmt(C.median(results["zps"][mib]) * 1e3, 1)]
+        rows.append(row)
+        summary[mib] = {"tcp_gbps": t, "pyzmq_gbps": z, "zps_gbps": p, "zps_shm_gbps": gbps("zps-shm", mib),
+                        "zps_over_pyzmq": p / z if p and z else None, "zps_over_tcp": p / t if p and t else None}
+    big = [summary[m]["zps_over_pyzmq"] for m in sizes if m >= 16 and summary[m]["zps_over_pyzmq"]]
+    verdict = (f"target zps >= 0.90x pyzmq at >= 16 MiB: {'met' if big and min(big) >= 0.9 else 'MISSED'} "
+               f"(lowest {min(big):.2f}x)" if big else "no size >= 16 MiB measured")
+    md = "\n".join([
+        "### transport: push+pull round-trip goodput, 1 worker + 1 server, loopback",
+        "",
+        f"Goodput = (bytes sent + bytes received) / median round trip; {repeats} round trips per size "
+        f"(half of that above 64 MiB, at least 5) after 2 warm-up ones. zps: BSP, SGD lr=0, 4 MiB chunks.",
+        "",
+        C.md_table(headers, rows),
+        "",
+        f"- {verdict}",
+        f"- {shm_note}",
+        "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
+    ])
+    return C.finish("transport", md, {"sizes_mib": sizes, "repeats": repeats, "times": {k: {str(m): v for m, v in r.items()} for k, r in results.items()},
+                                      "summary": {str(k): v for k, v in summary.items()}, "loads": loads, "shm": shm_note},
+                    args.json, started, load_before)
+
+
+if __name__ == "__main__":
+    main()
