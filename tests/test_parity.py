@@ -53,14 +53,14 @@ def reference(optimizer: str, data, schedule: bool = False) -> nn.Module:
     return model
 
 
-def train_worker(client, rank: int, num_workers: int, optimizer: str, data, schedule: bool = False) -> nn.Module:
+def train_worker(client, rank: int, num_workers: int, optimizer: str, data, schedule: bool = False, overlap: bool = True) -> nn.Module:
     model = make_model()
     if rank > 0:  # prove that non-zero ranks start from what they pull, not from their own initial values
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
     local = OPTIMIZERS[optimizer](model.parameters())
-    opt = DistributedOptimizer(local, model, client=client)
+    opt = DistributedOptimizer(local, model, client=client, overlap=overlap, bucket_bytes=256)
     sched = torch.optim.lr_scheduler.StepLR(local, step_size=5, gamma=0.5) if schedule else None
     for x, y in data:
         xs, ys = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
@@ -152,3 +152,57 @@ def test_param_groups_keep_their_own_hyperparameters() -> None:
         finally:
             client.close()
     assert_same(ref, model)
+
+
+@pytest.mark.parametrize("mode", ["bsp", "asp"])
+def test_without_overlap_the_result_is_the_same(mode: str) -> None:
+    workers = 2 if mode == "bsp" else 1
+    data = batches(workers)
+    expected = reference("adam", data)
+    with local_cluster(2, workers, mode) as cluster:
+        clients = cluster.clients(chunk_bytes=128)
+        try:
+            models = run_parallel([lambda r=r: train_worker(clients[r], r, workers, "adam", data, overlap=False) for r in range(workers)])
+        finally:
+            close_all(clients)
+    assert_same(expected, models[0])
+
+
+def test_gradient_accumulation_pushes_once_per_step() -> None:
+    """Two backward passes per step: the pushed gradient is their sum, as in single-process training."""
+    data = batches(1)
+    ref = make_model()
+    opt = OPTIMIZERS["sgd_momentum"](ref.parameters())
+    for x, y in data:
+        opt.zero_grad()
+        for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
+            nn.functional.mse_loss(ref(x[half]), y[half]).backward()
+        opt.step()
+    with local_cluster(1, 1, "bsp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            model = make_model()
+            dist = DistributedOptimizer(OPTIMIZERS["sgd_momentum"](model.parameters()), model, client=client, backward_passes_per_step=2)
+            for x, y in data:
+                dist.zero_grad()
+                for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
+                    nn.functional.mse_loss(model(x[half]), y[half]).backward()
+                dist.step()
+        finally:
+            client.close()
+    assert_same(ref, model)
+
+
+def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
+    with local_cluster(1, 1, "bsp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            model = make_model()
+            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client)
+            x, y = batches(1)[0]
+            nn.functional.mse_loss(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            with pytest.raises(RuntimeError, match="overlap=False"):
+                dist.step()
+        finally:
+            client.close()

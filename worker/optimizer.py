@@ -7,9 +7,15 @@ The wrapped optimizer is never stepped locally: its class and per-group hyper-pa
 servers' torch.optim over the shards, and each group's learning rate is sent with every step, so a torch LR
 scheduler attached to the *wrapped* optimizer drives the servers. Rank 0's parameter values initialise the
 servers; every worker (rank 0 too) then starts from what it pulls, so all begin identical.
+
+With ``overlap=True`` (the default) each gradient is pushed during backward, as soon as it is accumulated
+(post-accumulate-grad hooks, gathered into buckets of ``bucket_bytes``), and :meth:`step` only pushes what is
+left and pulls the new values, front layers first. A gradient changed after it was pushed (e.g. clipped between
+backward and step) is detected and refused rather than silently ignored: use ``overlap=False`` for that.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,9 +35,17 @@ class DistributedOptimizer:
         model: torch.nn.Module | None = None,
         named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
         client: Client | None = None,
+        overlap: bool = True,
+        backward_passes_per_step: int = 1,
+        bucket_bytes: int = 4 * 1024 * 1024,
     ) -> None:
+        if backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self.optimizer = optimizer
         self.client = client or default_client()
+        self.overlap = overlap
+        self.backward_passes_per_step = backward_passes_per_step
+        self.bucket_bytes = bucket_bytes
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         if named_parameters is None and model is not None:
             named_parameters = model.named_parameters()
@@ -46,10 +60,20 @@ class DistributedOptimizer:
         missing = len(group_of) - len(self.params)
         if missing:
             raise ValueError(f"{missing} parameter(s) of the optimizer are not in the model's named_parameters()")
-        self._groups = groups
         self.client.declare(self.params, describe_optimizer(optimizer), groups)
         self.client.pull(self.params, step=0).result()
         self.steps = 0
+        # overlap bookkeeping, reset every step
+        self._name_of = {id(p): n for n, p in self.params.items()}
+        self._passes: dict[str, int] = {}
+        self._pushed: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (grad pushed, its version then)
+        self._bucket: dict[str, torch.Tensor] = {}
+        self._bucket_size = 0
+        self._futures: list[Future] = []
+        self._hooks = []
+        if overlap:
+            for param in self.params.values():
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -58,15 +82,65 @@ class DistributedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    # -- overlap ---------------------------------------------------------------------------------------
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        name = self._name_of[id(param)]
+        count = self._passes.get(name, 0) + 1
+        self._passes[name] = count
+        if count < self.backward_passes_per_step or name in self._pushed or param.grad is None:
+            return
+        self._pushed[name] = (param.grad, param.grad._version)
+        self._bucket[name] = param.grad
+        self._bucket_size += param.grad.numel() * param.grad.element_size()
+        if self._bucket_size >= self.bucket_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._bucket:
+            self._futures.append(self.client.push(self._bucket, self.steps, lr=self._lrs()))
+            self._bucket, self._bucket_size = {}, 0
+
+    def _check_unchanged(self) -> None:
+        for name, (grad, version) in self._pushed.items():
+            now = self.params[name].grad
+            if now is not grad or grad._version != version:
+                raise RuntimeError(
+                    f"the gradient of {name!r} changed after it was pushed during backward (clipped or rescaled "
+                    "between backward and step?); build the DistributedOptimizer with overlap=False to modify "
+                    "gradients before they are sent"
+                )
+
+    # -- step ------------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Push this step's gradients (zeros for parameters without one), pull the new values into the model."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in self.params.items()}
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         with torch.no_grad():
-            self.client.push_pull(grads, self.params, self.steps, lr=lrs).result()
+            if self.overlap:
+                self._check_unchanged()
+                rest = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items() if n not in self._pushed}
+                self._bucket.update(rest)
+                self._flush()
+                pull = self.client.pull(self.params, self.steps + 1)  # in declaration order: front layers first
+                for future in self._futures:
+                    future.result()
+                pull.result()
+                self._futures, self._pushed, self._passes = [], {}, {}
+            else:
+                grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
+                self.client.push_pull(grads, self.params, self.steps, lr=self._lrs()).result()
         self.steps += 1
+        # The wrapped optimizer's step() never runs; tell torch's LR schedulers that a step happened.
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]
         return loss
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the servers keep the model)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

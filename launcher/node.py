@@ -1,0 +1,184 @@
+"""``zps node`` and ``zps slurm``: run the one role this process's environment names, for schedulers that start
+every process themselves (Kubernetes, Slurm, torchrun, a ps-lite / BytePS manifest, your own scripts).
+
+Where the role comes from (:func:`node_env`; a ``ZPS_*`` variable already set always wins):
+
+* ``ZPS_ROLE`` = ``coordinator`` | ``server`` | ``worker`` and the other ``ZPS_*`` variables;
+* ``DMLC_*`` variables (``DMLC_ROLE=scheduler`` is the coordinator): :func:`launcher.env_roles.dmlc_to_zps`;
+* a Kubernetes pod's rank (StatefulSet ordinal, Indexed Job completion index): :func:`launcher.k8s.k8s_roles`;
+* torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` when no role is set: a
+  worker (:func:`launcher.env_roles.torchrun_roles`); the coordinator is at ``MASTER_ADDR:MASTER_PORT+1``.
+
+Then:
+
+* coordinator -- serves the rendezvous at the port of ``ZPS_COORDINATOR``, bound to ``ZPS_HOST`` (else to the
+  host of ``ZPS_COORDINATOR``), with ``ZPS_MODE`` / ``ZPS_STALENESS``; exits 0 when every worker finished.
+* server -- ``python -m ps`` in this process.
+* worker -- runs ``SCRIPT ARGS...`` in this process, as ``python SCRIPT ARGS...`` would; where CUDA is
+  available, first ``torch.cuda.set_device(cuda:<local rank>)`` (``ZPS_LOCAL_RANK``, ``LOCAL_RANK`` or
+  ``SLURM_LOCALID``), so each worker of a host drives its own GPU.
+
+``zps slurm`` derives the role of each task of an ``srun`` step (:func:`launcher.slurm.slurm_roles`); task 0
+runs the coordinator in a thread next to its own role (server 0).
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+import threading
+from typing import Mapping, Sequence
+
+import zmq
+
+from protocol.config import Config, ConfigError
+
+from .coordinator import Coordinator
+from .env_roles import LaunchEnvError, dmlc_to_zps, local_device, torchrun_roles
+from .k8s import k8s_roles
+from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
+
+
+def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str, str]:
+    """``env`` with the ``ZPS_*`` variables its ``DMLC_*``, Kubernetes or torchrun variables imply laid over it.
+
+    ``num_servers`` fills ``ZPS_NUM_SERVERS`` where nothing sets it (torchrun knows only its workers).
+    """
+    out = dict(env)
+    out.update(dmlc_to_zps(out))
+    out.update(k8s_roles(out))
+    if not out.get("ZPS_ROLE") and out.get("RANK", "") != "" and out.get("WORLD_SIZE", "") != "":
+        out.update(torchrun_roles(out, num_servers))
+    if num_servers is not None and not out.get("ZPS_NUM_SERVERS"):
+        out["ZPS_NUM_SERVERS"] = str(num_servers)
+    return out
+
+
+def make_coordinator(config: Config, bind_host: str | None = None) -> Coordinator:
+    """The coordinator ``config`` describes, bound to ``bind_host`` (default: the host of its address)."""
+    host, _, port = config.coordinator.rpartition(":")
+    return Coordinator(config.num_servers, config.num_workers, mode=config.mode, staleness=config.staleness,
+                       host=bind_host or host.strip("[]"), port=int(port), timeout=config.timeout,
+                       heartbeat_timeout=config.heartbeat_timeout)
+
+
+def serve_coordinator(config: Config, bind_host: str | None = None) -> int:
+    """Serve the rendezvous until the job ends; 0 when every worker finished, 1 on failure (said on stderr)."""
+    try:
+        coordinator = make_coordinator(config, bind_host)
+    except zmq.ZMQError as exc:
+        print(f"zps node: the coordinator cannot bind {bind_host or config.coordinator}: {exc}", file=sys.stderr)
+        return 1
+    print(f"zps: coordinator at {coordinator.endpoint} for {config.num_servers} servers and "
+          f"{config.num_workers} workers ({config.mode})", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        coordinator.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, stop)
+    code = coordinator.serve()
+    if code:
+        print(f"zps: coordinator: {coordinator.error or 'stopped before the job finished'}", file=sys.stderr,
+              flush=True)
+    return code
+
+
+def run_script(script: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``SCRIPT ARGS...`` in this process as ``python SCRIPT ARGS...`` would; return its exit code."""
+    path = script[0]
+    if not os.path.isfile(path):
+        print(f"zps node: script {path!r} not found (in {os.getcwd()})", file=sys.stderr)
+        return 2
+    try:
+        _pin_device(env)
+    except LaunchEnvError as exc:
+        print(f"zps node: {exc}", file=sys.stderr)
+        return 2
+    sys.argv = list(script)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _pin_device(env: Mapping[str, str]) -> None:
+    """``torch.cuda.set_device(cuda:<local rank>)`` where CUDA is available (see the module docstring)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device(env))
+
+
+def run_role(config: Config, env: Mapping[str, str], script: Sequence[str]) -> int:
+    """Run ``config.role`` in this process; ``env`` (the resolved environment) becomes ``os.environ``."""
+    if config.role == "coordinator":
+        return serve_coordinator(config, env.get("ZPS_HOST") or None)
+    # the server and the worker library read their configuration from os.environ (Config.from_env)
+    os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+    if config.role == "server":
+        from ps.server import main as server_main
+
+        return server_main()
+    if not script:
+        print("zps node: a worker runs a training script: zps node SCRIPT [ARGS...]", file=sys.stderr)
+        return 2
+    return run_script(script, env)
+
+
+def main_node(script: Sequence[str], num_servers: int | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """``zps node [SCRIPT ARGS...]``."""
+    try:
+        env = node_env(os.environ if environ is None else environ, num_servers)
+        config = Config.from_env(env)
+    except (ConfigError, LaunchEnvError) as exc:
+        print(f"zps node: {exc}", file=sys.stderr)
+        return 2
+    return run_role(config, env, script)
+
+
+def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int | None = None,
+               environ: Mapping[str, str] | None = None) -> int:
+    """``srun zps slurm [--servers S] SCRIPT ARGS...``: this task's role; task 0 also runs the coordinator."""
+    base = os.environ if environ is None else environ
+    try:
+        env = {**base, **slurm_roles(base, num_servers or 1, port or DEFAULT_PORT)}
+        config = Config.from_env(env)
+        first_task = is_coordinator_task(base)
+    except (ConfigError, LaunchEnvError) as exc:
+        print(f"zps slurm: {exc}", file=sys.stderr)
+        return 2
+    if not first_task:
+        return run_role(config, env, script)
+    try:
+        coordinator = make_coordinator(config)
+    except zmq.ZMQError as exc:
+        print(f"zps slurm: the coordinator cannot bind {config.coordinator}: {exc}", file=sys.stderr)
+        return 1
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(coordinator.serve()), name="zps-coordinator",
+                              daemon=True)
+    thread.start()
+    try:
+        code = run_role(config, env, script)
+    except BaseException:
+        coordinator.stop()
+        raise
+    if code:
+        coordinator.stop()
+    # the coordinator ends once the servers said goodbye, at most heartbeat_timeout after the last worker
+    thread.join(timeout=config.heartbeat_timeout + 10)
+    if thread.is_alive():
+        coordinator.stop()
+        thread.join(timeout=5)
+    if not code and result and result[0]:
+        print(f"zps: coordinator: {coordinator.error}", file=sys.stderr, flush=True)
+        return result[0]
+    return code

@@ -1,0 +1,202 @@
+"""`zps launch` over real ssh: a throw-away sshd on loopback, where 127.0.0.2 and 127.0.0.3 are two hosts.
+
+Training reaches the local backend's accuracy; a remote worker killed mid-run ends the job naming it; a
+launcher killed outright takes every remote process along; the preflight catches an unreachable host, a busy
+port, a wrong interface and a version mismatch within seconds, and starts nothing. Every process of a job
+carries ZPS_TEST_TAG (in the launcher's environment and, through --env, the remote ones), so the process table
+shows what is left on any "host".
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from launcher.preflight import Problem, compare, format_problems
+
+from .cluster import kill_tagged, tagged_pids, wait_for_no_tagged
+from .sshd import Sshd, descendants, ensure_openssh
+
+ROOT = Path(__file__).resolve().parents[1]
+ZPS = [sys.executable, "-m", "launcher.cli"]
+FOREVER = "tests/scripts/train_forever.py"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    reason = ensure_openssh()
+    if reason:
+        pytest.skip(reason)
+    with Sshd(tmp_path_factory.mktemp("sshd")) as daemon:  # stopped at teardown, also when a test failed
+        yield daemon
+
+
+@pytest.fixture()
+def tag():
+    value = uuid.uuid4().hex
+    yield value
+    kill_tagged(value)
+
+
+def launch(sshd: Sshd, tag: str, *args: str) -> subprocess.Popen:
+    options = [a for o in sshd.client_options() for a in ("--ssh-option", o)]
+    argv = [*ZPS, "launch", "--ssh-port", str(sshd.port), *options, "--env", f"ZPS_TEST_TAG={tag}", *args]
+    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    seen = []
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=deadline - time.monotonic()):
+            break
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}")
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"the launcher did not end within {timeout}s:\n{out.decode(errors='replace')}")
+    return proc.returncode, out.decode(errors="replace")
+
+
+def role_pid(tag: str, role: str, rank: int) -> int:
+    """The pid of the role's own process (not its guard) among the tagged ones, from the process table."""
+    for pid in tagged_pids(tag):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (f"ZPS_ROLE={role}".encode() in environ and f"ZPS_RANK={rank}".encode() in environ
+                and b"launcher.ssh" not in cmdline and b"launcher.cli" not in cmdline):
+            return pid
+    raise AssertionError(f"no {role} {rank} among the processes tagged {tag}")
+
+
+def assert_nothing_left(sshd: Sshd, tag: str, within: float = 15) -> None:
+    assert wait_for_no_tagged(tag, within=within) == []
+    deadline = time.monotonic() + within
+    while descendants(sshd.proc.pid) and time.monotonic() < deadline:  # sshd's sessions end with their clients
+        time.sleep(0.05)  # polling the process table, bounded by the deadline
+    assert descendants(sshd.proc.pid) == []
+
+
+def write_hostfile(path: Path) -> str:
+    path.write_text("# two hosts on loopback\n127.0.0.2 slots=1\n127.0.0.3 slots=1\n")
+    return str(path)
+
+
+def test_digits_over_ssh_on_two_hosts(sshd: Sshd, tag: str, tmp_path: Path) -> None:
+    result = tmp_path / "result.json"
+    proc = launch(sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2",
+                  "examples/digits.py", "--epochs", "20", "--out", str(result))
+    code, text = finish(proc, timeout=120)
+    assert code == 0, text
+    summary = json.loads(result.read_text())
+    assert summary["test_accuracy"] >= 0.95, summary
+    assert (summary["workers"], summary["servers"]) == (2, 2)
+    # one server per host, each bound to its own host's address (not 0.0.0.0, not the launcher's)
+    assert "[server 0@127.0.0.2] " in text and "serving at tcp://127.0.0.2:" in text, text
+    assert "[server 1@127.0.0.3] " in text and "serving at tcp://127.0.0.3:" in text, text
+    assert "[worker 0@127.0.0.2] epoch 20/20" in text, text
+    assert_nothing_left(sshd, tag)
+
+
+def test_a_killed_remote_worker_ends_the_job_and_leaves_nothing(sshd: Sshd, tag: str, tmp_path: Path) -> None:
+    proc = launch(sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2",
+                  "examples/digits.py", "--epochs", "1000")
+    wait_for_line(proc, "[worker 0@127.0.0.2] epoch 5/1000", timeout=60)
+    os.kill(role_pid(tag, "worker", 0), signal.SIGKILL)
+    killed_at = time.monotonic()
+    code, text = finish(proc, timeout=60)
+    assert code == 128 + signal.SIGKILL, text
+    assert time.monotonic() - killed_at < 20, text
+    assert "worker 0@127.0.0.2 exited with code 137" in text, text
+    assert "worker 0@127.0.0.2 (pid" in text and "was killed by SIGKILL" in text, text
+    assert_nothing_left(sshd, tag)
+
+
+def test_a_launcher_killed_outright_takes_the_remote_processes_along(sshd: Sshd, tag: str) -> None:
+    proc = launch(sshd, tag, "--hosts", "127.0.0.2,127.0.0.3", "--servers", "1", "--workers", "2", FOREVER)
+    wait_for_line(proc, "TRAINING", timeout=60)
+    assert role_pid(tag, "server", 0) and role_pid(tag, "worker", 1)
+    proc.kill()  # no teardown: the ssh clients die with it (pdeathsig), then the remote guards end their roles
+    proc.wait(timeout=10)
+    assert_nothing_left(sshd, tag)
+
+
+# --- preflight -------------------------------------------------------------------------------------------------
+
+def preflight(sshd: Sshd, tag: str, *args: str, script: str = "examples/digits.py") -> tuple[int, str]:
+    started = time.monotonic()
+    code, text = finish(launch(sshd, tag, "--servers", "2", "--workers", "2", *args, script), timeout=60)
+    assert time.monotonic() - started < 20, text
+    assert code == 2, text
+    assert "nothing was started" in text, text
+    assert tagged_pids(tag) == []
+    return code, text
+
+
+def test_preflight_names_an_unreachable_host(sshd: Sshd, tag: str) -> None:
+    _, text = preflight(sshd, tag, "--hosts", "127.0.0.2,127.0.0.9")
+    row = next(line for line in text.splitlines() if line.startswith("127.0.0.9"))
+    assert " ssh " in row and "Connection refused" in row, text
+    assert not any(line.startswith("127.0.0.2 ") for line in text.splitlines()), text
+
+
+def test_preflight_names_a_busy_coordinator_port(sshd: Sshd, tag: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _, text = preflight(sshd, tag, "--hosts", "127.0.0.2,127.0.0.3", "--port", str(port))
+    assert f"the coordinator port 127.0.0.1:{port} is already in use" in text, text
+
+
+def test_preflight_names_a_wrong_interface_on_every_host(sshd: Sshd, tag: str) -> None:
+    _, text = preflight(sshd, tag, "--hosts", "127.0.0.2,127.0.0.3", "--interface", "nosuch0")
+    rows = [line for line in text.splitlines() if "no network interface 'nosuch0'" in line]
+    assert sorted(row.split()[0] for row in rows) == ["127.0.0.2", "127.0.0.3", "launcher"], text
+
+
+def test_preflight_names_a_zps_version_mismatch_and_a_missing_script(sshd: Sshd, tag: str, tmp_path: Path) -> None:
+    # a zps 9.9 distribution first on the remote processes' path: what the remote Python really reports
+    dist = tmp_path / "site" / "zps-9.9.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zps\nVersion: 9.9\n")
+    _, text = preflight(sshd, tag, "--hosts", "127.0.0.2", "--env", f"PYTHONPATH={dist.parent}",
+                        script="examples/nosuch.py")
+    assert "zps 9.9 there, 0.1.0 on the launcher host" in text, text
+    assert "examples/nosuch.py is not a file in" in text, text
+
+
+def test_preflight_compares_python_versions() -> None:
+    local = {"python": "3.11.7", "zps": "0.1.0"}
+    assert compare("h", "/py", local, {"python": "3.11.2", "zps": "0.1.0", "problems": []}) == []
+    problems = compare("h", "/py", local, {"python": "3.12.1", "zps": None, "problems": [["reach", "x"]]})
+    assert [(p.check, p.host) for p in problems] == [("reach", "h"), ("python", "h"), ("zps", "h")]
+    assert "Python 3.12.1 there, the launcher runs 3.11.7" in problems[1].detail
+    table = format_problems(problems + [Problem("launcher", "port", "busy")])
+    assert table.splitlines()[1].split() == ["host", "check", "problem"]
