@@ -254,21 +254,25 @@ def _end(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def shm_option() -> tuple[dict[str, str] | None, str]:
-    """(environment that turns on zps's same-host shared-memory path, note) or (None, why not) when not built yet."""
+def shm_option() -> tuple[dict[str, str] | None, dict[str, str], str]:
+    """(environment that turns zps's same-host shared-memory path on, environment that turns it off, note).
+
+    The first is None while the option does not exist; zps's default then is the ZeroMQ path.
+    """
     try:
         from dataclasses import fields
 
         from protocol.config import Config
 
-        names = [f.name for f in fields(Config)]
+        found = {f.name: f.default for f in fields(Config)}
     except Exception as exc:  # the core is being edited; report rather than fail
-        return None, f"zps-shm: could not inspect protocol.config ({exc})"
-    shm = [n for n in names if "shm" in n.lower() or "shared_mem" in n.lower()]
-    if not shm:
-        return None, "zps-shm: not available yet (protocol.config.Config has no shared-memory option)"
-    name = shm[0]
-    return {"ZPS_" + name.upper(): "1"}, f"zps-shm: ZPS_{name.upper()}=1"
+        return None, {}, f"zps-shm: could not inspect protocol.config ({exc})"
+    names = [n for n in found if n.lower() == "shm" or "shared_mem" in n.lower()]
+    if not names:
+        return None, {}, "zps-shm: not available yet (protocol.config.Config has no shared-memory option)"
+    var = "ZPS_" + names[0].upper()
+    default = "on" if found[names[0]] else "off"
+    return {var: "1"}, {var: "0"}, f"zps's same-host shared-memory path: {var}=1 on, {var}=0 off (default: {default})"
 
 
 class Helper:

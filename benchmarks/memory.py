@@ -98,40 +98,55 @@ def main(argv: list[str] | None = None) -> dict:
     server_idle = idle_rss_kib("import torch, zmq, msgpack, numpy\nimport ps.server")
     print(f"idle 'import torch': {torch_idle['VmRSS'] / 1024:.0f} MiB; idle server imports: {server_idle['VmRSS'] / 1024:.0f} MiB", flush=True)
     extra_env = dict(item.split("=", 1) for item in args.env)
-    load_zps = C.load_avg()
-    result = C.run_zps(__file__, ["--role-worker", "--params", str(numel), "--steps", str(steps)], servers=1, workers=1,
-                       mode="bsp", env={"OMP_NUM_THREADS": "1", **extra_env}, timeout=900)
-    floor = 3 * 4 * result["numel"]
+    shm_on, shm_off, shm_note = C.shm_option()
+    paths = [("zeromq", shm_off)] + ([("shared memory", shm_on)] if shm_on is not None else [])
     base = torch_idle["VmRSS"] * 1024
-    rows = []
-    for stage, st in result["stages"].items():
-        rss, hwm = st["VmRSS"] * 1024, st["VmHWM"] * 1024
-        rows.append([stage, C.fmt(rss / MIB, 0), C.fmt(hwm / MIB, 0), f"{rss / floor:.2f}x", f"{(rss - base) / floor:.2f}x",
-                     f"{hwm / floor:.2f}x", f"{(hwm - base) / floor:.2f}x"])
-    last = list(result["stages"].values())[-1]
-    raw, net = last["VmRSS"] * 1024 / floor, (last["VmRSS"] * 1024 - base) / floor
-    peak_raw, peak_net = last["VmHWM"] * 1024 / floor, (last["VmHWM"] * 1024 - base) / floor
+    runs: dict[str, dict] = {}
+    rows, verdicts = [], []
+    floor = 0
+    for path, path_env in paths:
+        load = C.load_avg()
+        print(f"measuring the server over {path} (load {load}) ...", flush=True)
+        result = C.run_zps(__file__, ["--role-worker", "--params", str(numel), "--steps", str(steps)], servers=1, workers=1,
+                           mode="bsp", env={"OMP_NUM_THREADS": "1", **path_env, **extra_env}, timeout=900)
+        result["load"] = load
+        runs[path] = result
+        floor = 3 * 4 * result["numel"]
+        for stage, st in result["stages"].items():
+            rss, hwm = st["VmRSS"] * 1024, st["VmHWM"] * 1024
+            rows.append([path, stage, C.fmt(rss / MIB, 0), C.fmt(hwm / MIB, 0), C.fmt(st.get("RssAnon", 0) / 1024, 0),
+                         C.fmt(st.get("RssShmem", 0) / 1024, 0), f"{rss / floor:.2f}x", f"{(rss - base) / floor:.2f}x",
+                         f"{hwm / floor:.2f}x", f"{(hwm - base) / floor:.2f}x"])
+        last = list(result["stages"].values())[-1]
+        raw, net = last["VmRSS"] * 1024 / floor, (last["VmRSS"] * 1024 - base) / floor
+        peak_raw, peak_net = last["VmHWM"] * 1024 / floor, (last["VmHWM"] * 1024 - base) / floor
+        result.update(steady_ratio_raw=raw, steady_ratio_net=net, peak_ratio_raw=peak_raw, peak_ratio_net=peak_net)
+        verdicts.append(
+            f"over {path}: steady RSS {raw:.2f}x raw, {net:.2f}x net "
+            f"({'met' if raw <= TARGET else 'met net of the interpreter only' if net <= TARGET else 'MISSED'}); "
+            f"peak (VmHWM) {peak_raw:.2f}x raw, {peak_net:.2f}x net "
+            f"({'met' if peak_raw <= TARGET else 'met net' if peak_net <= TARGET else 'MISSED'}); "
+            "step times " + ", ".join(f"{t:.2f}" for t in result["step_times"]) + f" s; load at start {load}")
+    numel_done = next(iter(runs.values()))["numel"]
     md = "\n".join([
-        f"### memory: server RSS for {result['numel'] / 1e6:.0f}M float32 parameters with Adam (1 server, 1 worker, BSP)",
+        f"### memory: server RSS for {numel_done / 1e6:.0f}M float32 parameters with Adam (1 server, 1 worker, BSP)",
         "",
-        f"Floor = parameters + Adam's exp_avg and exp_avg_sq = 3 x 4 B x {result['numel']:,} = {floor / MIB:,.0f} MiB. "
+        f"Floor = parameters + Adam's exp_avg and exp_avg_sq = 3 x 4 B x {numel_done:,} = {floor / MIB:,.0f} MiB. "
         f"Idle `python -c \"import torch\"`: {torch_idle['VmRSS'] / 1024:.0f} MiB RSS (the 'net' columns subtract it); "
         f"idle process with the server's imports (torch, zmq, msgpack, numpy, ps.server): {server_idle['VmRSS'] / 1024:.0f} MiB. "
-        f"Step times (push_pull of all {result['numel'] / 1e6:.0f}M): "
-        + ", ".join(f"{t:.2f} s" for t in result["step_times"]) + ".",
+        "RssShmem is shared-memory pages the server has touched (the worker's segment, shared with it).",
         "",
-        C.md_table(["server stage", "VmRSS MiB", "VmHWM MiB", "RSS / floor", "net RSS / floor", "HWM / floor", "net HWM / floor"], rows),
+        C.md_table(["path", "server stage", "VmRSS MiB", "VmHWM MiB", "RssAnon MiB", "RssShmem MiB", "RSS / floor",
+                    "net RSS / floor", "HWM / floor", "net HWM / floor"], rows, align="ll" + "r" * 8),
         "",
-        f"- target server memory <= {TARGET}x params + optimizer state: steady RSS {raw:.2f}x raw, {net:.2f}x net "
-        f"({'met' if raw <= TARGET else 'met net of the interpreter only' if net <= TARGET else 'MISSED'}); "
-        f"peak (VmHWM) {peak_raw:.2f}x raw, {peak_net:.2f}x net ({'met' if peak_raw <= TARGET else 'met net' if peak_net <= TARGET else 'MISSED'})",
-        f"- load average: before {load_before}; at zps start {load_zps}",
-        *([f"- extra environment of the zps job: {' '.join(args.env)}"] if args.env else []),
+        f"- target server memory <= {TARGET}x params + optimizer state:",
+        *[f"  - {v}" for v in verdicts],
+        f"- {shm_note}",
+        f"- load average before: {load_before}",
+        *([f"- extra environment of the zps jobs: {' '.join(args.env)}"] if args.env else []),
     ])
-    return C.finish("memory", md, {"numel": result["numel"], "floor_bytes": floor, "torch_idle_kib": torch_idle,
-                                   "server_imports_idle_kib": server_idle, "zps": result,
-                                   "steady_ratio_raw": raw, "steady_ratio_net": net, "peak_ratio_raw": peak_raw,
-                                   "peak_ratio_net": peak_net}, args.json, started, load_before)
+    return C.finish("memory", md, {"numel": numel_done, "floor_bytes": floor, "torch_idle_kib": torch_idle,
+                                   "server_imports_idle_kib": server_idle, "runs": runs}, args.json, started, load_before)
 
 
 if __name__ == "__main__":

@@ -106,14 +106,24 @@ def main(argv: list[str] | None = None) -> dict:
     loads = {"pyzmq": C.load_avg()}
     print(f"measuring pyzmq REQ/REP (load {loads['pyzmq']}) ...", flush=True)
     reqrep = bench_reqrep(windows, window)
+    shm_env, no_shm_env, shm_note = C.shm_option()
+    worker_args = ["--role-worker", "--windows", str(windows), "--window", str(window)]
     loads["zps"] = C.load_avg()
     print(f"measuring zps push_pull (load {loads['zps']}) ...", flush=True)
-    zps = C.run_zps(__file__, ["--role-worker", "--windows", str(windows), "--window", str(window)], timeout=300)["rates"]
+    zps = C.run_zps(__file__, worker_args, env=no_shm_env, timeout=300)["rates"]
+    zps_shm = None
+    if shm_env is not None:
+        loads["zps-shm"] = C.load_avg()
+        print(f"measuring zps push_pull through shared memory (load {loads['zps-shm']}) ...", flush=True)
+        zps_shm = C.run_zps(__file__, worker_args, env=shm_env, timeout=300)["rates"]
     r, z = C.median(reqrep), C.median(zps)
     rows = [
         ["pyzmq REQ/REP", C.fmt(r, 0), C.fmt(1e6 / r, 1), "1.00x"],
         ["zps push_pull (BSP, 1 worker, 1 server)", C.fmt(z, 0), C.fmt(1e6 / z, 1), C.ratio(z, r)],
     ]
+    if zps_shm:
+        zs = C.median(zps_shm)
+        rows.append(["zps push_pull, shared memory", C.fmt(zs, 0), C.fmt(1e6 / zs, 1), C.ratio(zs, r)])
     verdict = f"target zps >= 0.70x pyzmq REQ/REP: {'met' if z / r >= 0.7 else 'MISSED'} ({z / r:.2f}x)"
     md = "\n".join([
         "### small: 4 KiB round trips per second, loopback",
@@ -123,9 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
         C.md_table(["contender", "round trips/s", "us / round trip", "vs pyzmq"], rows),
         "",
         f"- {verdict}",
+        f"- {shm_note}; the plain zps row runs with it off (ZeroMQ over loopback TCP)" if shm_env else f"- {shm_note}",
         "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
     ])
-    return C.finish("small", md, {"pyzmq_rates": reqrep, "zps_rates": zps, "zps_over_pyzmq": z / r, "loads": loads},
+    return C.finish("small", md, {"pyzmq_rates": reqrep, "zps_rates": zps, "zps_shm_rates": zps_shm, "zps_over_pyzmq": z / r, "loads": loads},
                     args.json, started, load_before)
 
 

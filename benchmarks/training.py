@@ -252,7 +252,8 @@ def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
     set_threads(MULTI_THREADS)
     client = worker.init()
     model = make_model(kind)
-    kwargs = {"overlap": True} if overlap else {}
+    # overlap is on by default where the option exists: pass it explicitly both ways
+    kwargs = {"overlap": overlap} if "overlap" in inspect.signature(worker.DistributedOptimizer).parameters else {}
     opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, **kwargs)
     step = local_step(model, opt, make_batches(kind, PER_WORKER, seed=1 + client.rank))
     client.rendezvous.barrier("bench-start")
@@ -312,10 +313,12 @@ def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str
             return {"rates": [sum(PER_WORKER * steps / w for w in ws) for ws in zip(*per_trainer)]}
     if name.startswith("zps"):
         servers = int(name.split("S=")[1].split(",")[0].rstrip(")"))
-        overlap = "overlap" in name and "no overlap" not in name
+        overlap = ", overlap" in name
         args = ["--role-zps-worker", kind, "--warmup", str(sched["warmup"]), "--windows", str(sched["windows"]),
                 "--steps", str(steps)] + (["--overlap"] if overlap else [])
         env = {"OMP_NUM_THREADS": str(MULTI_THREADS)}
+        if "no shm" in name:
+            env.update(C.shm_option()[1])
         result = C.run_zps(__file__, args, servers=servers, workers=WORKERS, mode="bsp", env=env, timeout=timeout)
         return {"rates": [global_batch * steps / w for w in result["windows"]]}
     raise ValueError(name)
@@ -335,16 +338,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sched = {"warmup": args.warmup or (3 if args.quick else 5), "windows": args.windows or (3 if args.quick else 4),
              "steps": args.steps or (5 if args.quick else 8)}
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 2)
     if args.role_zps_worker:
         zps_worker(args.role_zps_worker, sched, args.overlap)
         return {}
 
     started, load_before = time.monotonic(), C.load_avg()
     has_overlap = overlap_available()
+    shm_on, _, shm_note = C.shm_option()
     names = ["single", "ddp/gloo", "rpc-ps", "zps (S=1, no overlap)", "zps (S=2, no overlap)"]
     if has_overlap:
         names += ["zps (S=1, overlap)", "zps (S=2, overlap)"]
+    if shm_on is not None:
+        names.append("zps (S=2, overlap, no shm)" if has_overlap else "zps (S=2, no overlap, no shm)")
     if args.contenders:
         names = [n for n in names if any(c in n for c in args.contenders)]
     timeout = 300 if args.quick else 600
@@ -359,6 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rpc-ps runs the whole model on the PS (the tutorial's design); its trainers take turns holding the PS model from "
         "forward to optimizer step, because concurrent steps fail with an in-place modification error "
         "(pytorch/tutorials#2095; serialisation as in pytorch/examples#842).",
+        "",
+        "zps rows run with zps's defaults (its same-host shared-memory path included, where it exists) unless they say "
+        "'no shm'. " + shm_note + ".",
     ]
     for kind in args.models:
         rows_data: dict[str, dict[str, Any]] = {name: {"rates": [], "loads": [], "errors": []} for name in names}

@@ -155,7 +155,7 @@ def coordinator_address(interface: str | None, first_host: str) -> str:
         try:
             return host_address(interface, {})
         except LookupError as exc:
-            raise LaunchError(f"--interface on the launcher host: {exc}") from None
+            raise LaunchError(str(exc)) from None
     destination = ssh_destination(first_host)
     try:
         infos = socket.getaddrinfo(destination, 9, socket.AF_INET, socket.SOCK_DGRAM)
@@ -229,17 +229,25 @@ def run_ssh(spec: JobSpec, hosts: Sequence[Host], script: Sequence[str], remote:
     out = out or sys.stdout
     placements = place(hosts, spec.num_servers, spec.num_workers)
     targets = remote_hosts(placements)
-    coordinator_host = coordinator_address(remote.interface, targets[0])
+    try:
+        coordinator_host: str | None = coordinator_address(remote.interface, targets[0])
+        local_problems = []
+    except LaunchError as exc:
+        if dry_run or not preflight:
+            raise
+        # report it with whatever the hosts have to say, in one table
+        coordinator_host, local_problems = None, [checks.Problem(checks.LAUNCHER, "interface", str(exc))]
     if dry_run:
         out.write(describe(spec, placements, script, coordinator_host, remote, ssh) + "\n")
         return 0
     if preflight:
-        problems = checks.run_preflight(targets, ssh, remote, coordinator_host, spec.port, script[0],
-                                        timeout=preflight_timeout)
+        problems = local_problems + checks.run_preflight(targets, ssh, remote, coordinator_host, spec.port,
+                                                         script[0], timeout=preflight_timeout)
         if problems:
             out.write(checks.format_problems(problems) + "\n")
             out.flush()
             return 2
+    assert coordinator_host is not None
     spec = replace(spec, host=coordinator_host)
     return run_job(spec, lambda coordinator: ssh_processes(spec, placements, script, coordinator, remote, ssh), out)
 

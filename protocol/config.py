@@ -54,6 +54,8 @@ class Config:
     error_feedback: bool = False
     # tensors with fewer elements (biases, norms) are sent uncompressed
     compress_min: int = 1024
+    # move tensor bytes through shared memory when worker and server share a host (falls back by itself)
+    shm: bool = True
     # this process's index among the processes of its role on its host (its GPU is cuda:<local_rank>)
     local_rank: int = 0
     # read by the coordinator role (``zps node`` with ZPS_ROLE=coordinator); launchers pass them directly
@@ -128,6 +130,7 @@ class Config:
             pull_codec=get("ZPS_PULL_CODEC", ""),
             error_feedback=get("ZPS_ERROR_FEEDBACK", "0").lower() in ("1", "true", "yes", "on"),
             compress_min=as_int("ZPS_COMPRESS_MIN", get("ZPS_COMPRESS_MIN", "1024"), 0),
+            shm=get("ZPS_SHM", "1").lower() in ("1", "true", "yes", "on"),
             local_rank=as_int("ZPS_LOCAL_RANK", get("ZPS_LOCAL_RANK", "0"), 0),
             mode=mode,
             staleness=staleness,

@@ -22,6 +22,7 @@ from protocol.codecs import Codec, make_codec
 from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
+from protocol.shm import Segment, ShmUnavailable
 from protocol.tensors import DTYPES, Decoders, encode_entry, entry_encoded
 
 from .consistency import Consistency, make_consistency
@@ -44,6 +45,7 @@ class _Pending:
     step: int
     deadline: float
     pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so
+    pull_shm: list[bool]  # per key: answer through the worker's shared pull area
 
 
 class Server:
@@ -62,7 +64,11 @@ class Server:
         self._none = make_codec("none")
         # compressed pull: what each worker holds of each key, and the encoder that sends it deltas
         self._views: dict[tuple[int, int], tuple[torch.Tensor, Codec]] = {}
-        self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0}
+        # same-host fast path: each worker's shared segment and, per (worker, key), its (push, pull) offsets
+        self._segments: dict[int, Segment] = {}
+        self._shm_offsets: dict[tuple[int, int], tuple[int, int]] = {}
+        self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0,
+                         "shm_bytes_in": 0, "shm_bytes_out": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -157,6 +163,9 @@ class Server:
             changed = self.consistency.leave(worker, self.keys.values())
             for key in [k for k in self._views if k[0] == worker]:
                 del self._views[key]
+            segment = self._segments.pop(worker, None)
+            if segment is not None:
+                segment.close()
             self.counters["pushes_applied"] += len(changed)
             return Message(Kind.OK, id=msg.id, src=self.name)
         if msg.kind is Kind.STATS:
@@ -228,7 +237,15 @@ class Server:
                 tensor = (param, build_optimizer(opt_name, groups[group], param))
             declared.append((entry, existing))
             values.append(tensor)
+        segment, shm_reply = self._attach(worker, body.get("shm"), msg.keys)
         # every check passed: now change state
+        if segment is not None:
+            old = self._segments.pop(worker, None)
+            if old is not None:
+                old.close()
+            self._segments[worker] = segment
+            for entry in msg.keys:
+                self._shm_offsets[(worker, entry["key"])] = tuple(entry["shm"])  # type: ignore[assignment]
         for (entry, existing), tensor in zip(declared, values):
             state = existing or KeyState(
                 key=entry["key"],
@@ -240,7 +257,37 @@ class Server:
             self.keys[state.key] = state
             if tensor is not None and not state.initialized:
                 state.initialize(*tensor)
-        return Message(Kind.OK, id=msg.id, src=self.name)
+        return Message(Kind.OK, id=msg.id, src=self.name, body=shm_reply)
+
+    def _attach(self, worker: int, description: Any, entries: list[dict[str, Any]]) -> tuple[Segment | None, dict[str, Any]]:
+        """Map the worker's shared segment if it is on this host and every key's areas fit in it."""
+        if description is None:
+            return None, {}
+        if not isinstance(description, dict):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "'shm' must be a map")
+        try:
+            segment = Segment.attach(description.get("path"), description.get("size"), description.get("token"))
+        except ShmUnavailable as exc:
+            return None, {"shm": False, "why": str(exc)}
+        segment.unlink()  # both sides hold a mapping: a crash from here on leaves nothing in /dev/shm
+        try:
+            for entry in entries:
+                offsets = entry.get("shm")
+                if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+                    raise ValueError(f"key {entry['key']}: 'shm' must be [push offset, pull offset]")
+                for offset in offsets:
+                    segment.view(offset, entry["numel"])
+        except ValueError as exc:
+            segment.close()
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"shared segment layout: {exc}") from None
+        return segment, {"shm": True}
+
+    def _shm_view(self, worker: int, key: int, area: int, numel: int, what: str) -> torch.Tensor:
+        segment = self._segments.get(worker)
+        offsets = self._shm_offsets.get((worker, key))
+        if segment is None or offsets is None:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: worker {worker} has no shared segment for key {key}")
+        return segment.view(offsets[area], numel)
 
     # -- PUSH ------------------------------------------------------------------------------------------
     def _decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: str, what: str) -> torch.Tensor:
@@ -273,7 +320,14 @@ class Server:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
             seen.add(state.key)
             step = entry.get("step", 0)
-            grad = self._decode(entry, frames, state.numel, "float32", f"push of {state.label()}")
+            what = f"push of {state.label()}"
+            if entry.get("shm"):
+                if nf or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: a shared-memory push is uncompressed float32, without frames")
+                grad = self._shm_view(worker, state.key, 0, state.numel, what)
+                self.counters["shm_bytes_in"] += state.numel * 4
+            else:
+                grad = self._decode(entry, frames, state.numel, "float32", what)
             if self.consistency.check_push(state, worker, step):
                 accepted.append((state, step, grad))
             else:
@@ -291,12 +345,16 @@ class Server:
         assert self.consistency is not None
         states = [self._state(e, initialized=False) for e in msg.keys]
         pull_codecs = [e.get("pc") for e in msg.keys]
+        pull_shm = [bool(e.get("pshm")) for e in msg.keys]
+        for wants, state in zip(pull_shm, states):
+            if wants:
+                self._shm_view(worker, state.key, 1, state.numel, f"pull of {state.label()}")
         for spec, state in zip(pull_codecs, states):
             if spec is not None:
                 self._decoders.get(spec, f"pull codec of {state.label()}")  # validate before waiting
         step = max(steps, default=0)
         self.consistency.note_clock(worker, step)
-        pending = _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout, pull_codecs)
+        pending = _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout, pull_codecs, pull_shm)
         if self._ready(pending):
             return self._values(pending)
         self.pending.append(pending)
@@ -313,9 +371,13 @@ class Server:
         # ASP/SSP may update a key while ZeroMQ still sends it, so they send a snapshot.
         snapshot = self.topology.mode != "bsp"
         keys, frames = [], []
-        for s, spec in zip(p.states, p.pull_codecs):
+        for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm):
             assert s.param is not None
-            if spec is None:
+            if shared:
+                self._shm_view(p.worker, s.key, 1, s.numel, f"pull of {s.label()}").copy_(s.param)
+                self.counters["shm_bytes_out"] += s.numel * 4
+                entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
+            elif spec is None:
                 entry, bufs = encode_entry(self._none, s.param.clone() if snapshot else s.param)
             else:
                 entry, bufs = self._delta(p.worker, s, spec)

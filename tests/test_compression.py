@@ -32,7 +32,7 @@ def bytes_received_by(port: int) -> int:
 def wire_bytes_of_push(codec: str, error_feedback: bool = False) -> int:
     grad = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
     with local_cluster(1, 1, "asp") as cluster:
-        (client,) = cluster.clients(codec=codec, error_feedback=error_feedback)
+        (client,) = cluster.clients(codec=codec, error_feedback=error_feedback, shm=False)  # count TCP bytes
         try:
             client.declare({"w": torch.zeros(NUMEL)}, ("SGD", [{"lr": 0.0}]))
             port = int(client.topology.servers[0].rsplit(":", 1)[1])

@@ -126,15 +126,15 @@ def test_digits_over_ssh_on_two_hosts(sshd: Sshd, tag: str, tmp_path: Path) -> N
 
 def test_a_killed_remote_worker_ends_the_job_and_leaves_nothing(sshd: Sshd, tag: str, tmp_path: Path) -> None:
     proc = launch(sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2",
-                  "examples/digits.py", "--epochs", "1000")
-    wait_for_line(proc, "[worker 0@127.0.0.2] epoch 5/1000", timeout=60)
-    os.kill(role_pid(tag, "worker", 0), signal.SIGKILL)
+                  FOREVER)
+    wait_for_line(proc, "[worker 1@127.0.0.3] TRAINING", timeout=60)  # its progress: training steps are done
+    os.kill(role_pid(tag, "worker", 1), signal.SIGKILL)
     killed_at = time.monotonic()
     code, text = finish(proc, timeout=60)
     assert code == 128 + signal.SIGKILL, text
     assert time.monotonic() - killed_at < 20, text
-    assert "worker 0@127.0.0.2 exited with code 137" in text, text
-    assert "worker 0@127.0.0.2 (pid" in text and "was killed by SIGKILL" in text, text
+    assert "worker 1@127.0.0.3 exited with code 137: stopping the job" in text, text
+    assert "zps: worker 1@127.0.0.3 (pid" in text and "was killed by SIGKILL" in text, text
     assert_nothing_left(sshd, tag)
 
 
@@ -186,7 +186,7 @@ def test_preflight_names_a_zps_version_mismatch_and_a_missing_script(sshd: Sshd,
     dist = tmp_path / "site" / "zps-9.9.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zps\nVersion: 9.9\n")
-    _, text = preflight(sshd, tag, "--hosts", "127.0.0.2", "--env", f"PYTHONPATH={dist.parent}",
+    _, text = preflight(sshd, tag, "--hosts", "127.0.0.2:2", "--env", f"PYTHONPATH={dist.parent}",
                         script="examples/nosuch.py")
     assert "zps 9.9 there, 0.1.0 on the launcher host" in text, text
     assert "examples/nosuch.py is not a file in" in text, text

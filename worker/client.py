@@ -28,6 +28,8 @@ from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, parse_frames, raise_if_error
 from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from protocol.rendezvous import RendezvousClient, Topology, check_failure
+from protocol.shm import Segment, ShmUnavailable
+from protocol.shm import layout as shm_layout
 from protocol.tensors import Decoders, encode_entry, entry_encoded
 
 log = logging.getLogger("zps.worker")
@@ -46,6 +48,7 @@ class _Request:
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> flat destination view
     replies: dict[int, dict[str, Any]] = field(default_factory=dict)  # server -> reply body
     error: BaseException | None = None
+    shm_marks: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # server -> shared areas in use
 
 
 class Client:
@@ -64,6 +67,7 @@ class Client:
         pull_codec: str | None = None,
         error_feedback: bool | None = None,
         compress_min: int | None = None,
+        shm: bool | None = None,
     ) -> None:
         """``codec``/``pull_codec``/``error_feedback``/``compress_min`` default to the job's ``ZPS_*`` settings."""
         self.config = config
@@ -71,6 +75,10 @@ class Client:
         self.pull_codec = (config.pull_codec if pull_codec is None else pull_codec) or None
         error_feedback = config.error_feedback if error_feedback is None else error_feedback
         self.compress_min = config.compress_min if compress_min is None else compress_min
+        self.use_shm = config.shm if shm is None else shm
+        self._segments: dict[int, Segment] = {}  # server -> segment it mapped
+        self._shm_offsets: dict[int, tuple[int, int]] = {}  # key -> (push offset, pull offset)
+        self._shm_busy: set[tuple[int, str]] = set()  # (key, "push" | "pull") areas with a request in flight
         self._none_codec = make_codec("none")
         self._push_factory = codec_factory(codec, error_feedback=error_feedback) if codec and codec != "none" else None
         self._decoders = Decoders((codec or "", self.pull_codec or ""))
@@ -132,9 +140,18 @@ class Client:
             raise ValueError("rank 0 must pass the server optimizer to declare()")
         none = make_codec("none")
         messages: dict[int, Message] = {}
+        created: dict[int, Segment] = {}
         for server in range(self.topology.num_servers):
             keys, frames = [], []
-            for chunk in self.plan.chunks_on(server):
+            chunks = self.plan.chunks_on(server)
+            offsets: list[tuple[int, int]] = []
+            if self.use_shm and chunks:
+                offsets, data_bytes = shm_layout([c.numel for c in chunks])
+                try:
+                    created[server] = Segment.create(data_bytes)
+                except ShmUnavailable as exc:
+                    log.info("%s: no shared memory (%s); using TCP frames", self.name, exc)
+            for i, chunk in enumerate(chunks):
                 entry: dict[str, Any] = {
                     "key": chunk.key,
                     "name": chunk.name,
@@ -144,6 +161,8 @@ class Client:
                     "group": (groups or {}).get(chunk.name, 0),
                     "nf": 0,
                 }
+                if server in created:
+                    entry["shm"] = list(offsets[i])
                 if with_values:
                     flat = self._flat(tensors[chunk.name])
                     enc, bufs = encode_entry(none, flat[chunk.offset : chunk.offset + chunk.numel])
@@ -153,32 +172,50 @@ class Client:
             body: dict[str, Any] = {}
             if with_values and optimizer is not None:
                 body = {"optimizer": optimizer[0], "groups": optimizer[1]}
+            if server in created:
+                body["shm"] = created[server].describe()
             messages[server] = Message(Kind.INIT, src=self.name, keys=keys, body=body, frames=frames)
-        self._submit(messages, "declare", {}).result()
+        try:
+            replies = self._submit(messages, "declare", {}, keep_replies=True).result()
+        finally:
+            for segment in created.values():
+                segment.unlink()  # mapped by both sides now (or not wanted): the name is no longer needed
+        for server, segment in created.items():
+            if replies.get(server, {}).get("shm"):
+                self._segments[server] = segment
+                for chunk, offs in zip(self.plan.chunks_on(server), shm_layout([c.numel for c in self.plan.chunks_on(server)])[0]):
+                    self._shm_offsets[chunk.key] = offs
+            else:
+                log.info("%s: server %d cannot map shared memory (%s); using TCP frames", self.name, server,
+                         replies.get(server, {}).get("why", "another host"))
+                segment.close()
 
     # -- data calls ------------------------------------------------------------------------------------
     def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
         """Push gradients of ``step``; resolves when every server acknowledged."""
-        return self._submit(self._push_messages(Kind.PUSH, grads, step, lr), f"push of step {step}", {})
+        marks: dict[int, list[tuple[int, str]]] = {}
+        messages = self._push_messages(Kind.PUSH, grads, step, lr, marks)
+        return self._submit(messages, f"push of step {step}", {}, marks=marks)
 
     def pull(self, outs: Tensors, step: int) -> Future:
         """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates)."""
         messages: dict[int, Message] = {}
+        marks: dict[int, list[tuple[int, str]]] = {}
         for name in outs:
             for chunk in self._chunks(name):
                 msg = messages.setdefault(chunk.server, Message(Kind.PULL, src=self.name))
                 entry = {"key": chunk.key, "step": step, "nf": 0}
-                if self.pull_codec and self._compressed(chunk):
-                    entry["pc"] = self.pull_codec
+                self._pull_options(chunk, entry, marks)
                 msg.keys.append(entry)
-        return self._submit(messages, f"pull of step {step}", self._destinations(outs))
+        return self._submit(messages, f"pull of step {step}", self._destinations(outs), marks=marks)
 
     def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
         """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip."""
         if set(grads) != set(outs):
             raise ValueError("push_pull needs the same names in grads and outs")
-        messages = self._push_messages(Kind.PUSH_PULL, grads, step, lr)
-        return self._submit(messages, f"push_pull of step {step}", self._destinations(outs))
+        marks: dict[int, list[tuple[int, str]]] = {}
+        messages = self._push_messages(Kind.PUSH_PULL, grads, step, lr, marks)
+        return self._submit(messages, f"push_pull of step {step}", self._destinations(outs), marks=marks)
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and consistency record, by server rank."""
@@ -220,7 +257,30 @@ class Client:
             codec = self._codecs[chunk.key] = self._push_factory() if use else self._none_codec  # type: ignore[misc]
         return codec
 
-    def _push_messages(self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None) -> dict[int, Message]:
+    def _shm_area(self, chunk: Chunk, area: str, marks: dict[int, list[tuple[int, str]]]) -> torch.Tensor | None:
+        """The shared area of ``chunk`` for ``area`` ("push" or "pull"), reserved until the reply, or None when
+        this server has no segment or a request using that area is still in flight (then frames are used)."""
+        if chunk.server not in self._segments:
+            return None
+        mark = (chunk.key, area)
+        with self._lock:
+            if mark in self._shm_busy:
+                return None
+            self._shm_busy.add(mark)
+        marks.setdefault(chunk.server, []).append(mark)
+        push, pull = self._shm_offsets[chunk.key]
+        return self._segments[chunk.server].view(push if area == "push" else pull, chunk.numel)
+
+    def _pull_options(self, chunk: Chunk, entry: dict[str, Any], marks: dict[int, list[tuple[int, str]]]) -> None:
+        """How the values of ``chunk`` should come back: a compressed delta, the shared pull area, or a frame."""
+        if self.pull_codec and self._compressed(chunk):
+            entry["pc"] = self.pull_codec
+        elif self._shm_area(chunk, "pull", marks) is not None:
+            entry["pshm"] = 1
+
+    def _push_messages(
+        self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None, marks: dict[int, list[tuple[int, str]]]
+    ) -> dict[int, Message]:
         """``lr``: the learning rate (one, or one per optimizer group) the servers apply this step with."""
         body = {} if lr is None else {"lr": [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)]}
         messages: dict[int, Message] = {}
@@ -236,10 +296,16 @@ class Client:
                     group_lr = lrs[min(self._group_of_param[chunk.param], len(lrs) - 1)]
                     if group_lr > 0:
                         codec.set_lr(group_lr)
-                entry, frames = encode_entry(codec, flat[chunk.offset : chunk.offset + chunk.numel])
+                part = flat[chunk.offset : chunk.offset + chunk.numel]
+                area = self._shm_area(chunk, "push", marks) if codec is self._none_codec else None
+                if area is not None:
+                    area.copy_(part)  # the only copy: the server reads it in place
+                    entry, frames = {"codec": "none", "meta": {}, "bufs": [["float32", chunk.numel]], "nf": 0, "shm": 1}, []
+                else:
+                    entry, frames = encode_entry(codec, part)
                 entry.update(key=chunk.key, step=step)
-                if kind is Kind.PUSH_PULL and self.pull_codec and self._compressed(chunk):
-                    entry["pc"] = self.pull_codec
+                if kind is Kind.PUSH_PULL:
+                    self._pull_options(chunk, entry, marks)
                 msg.keys.append(entry)
                 msg.frames.extend(frames)
         return messages
@@ -255,7 +321,14 @@ class Client:
         return dest
 
     # -- the I/O thread --------------------------------------------------------------------------------
-    def _submit(self, messages: dict[int, Message], what: str, outs: dict[int, torch.Tensor], keep_replies: bool = False) -> Future:
+    def _submit(
+        self,
+        messages: dict[int, Message],
+        what: str,
+        outs: dict[int, torch.Tensor],
+        keep_replies: bool = False,
+        marks: dict[int, list[tuple[int, str]]] | None = None,
+    ) -> Future:
         if self._closed:
             raise RuntimeError(f"{self.name}: the client is closed")
         check_failure(self.rendezvous)
@@ -264,6 +337,7 @@ class Client:
             future, what, time.monotonic() + self.config.timeout + 15, set(messages), outs=outs
         )
         request.replies = {} if keep_replies else None  # type: ignore[assignment]
+        request.shm_marks = marks or {}
         if not messages:
             future.set_result({})
             return future
@@ -338,9 +412,16 @@ class Client:
         except Exception as exc:  # the first error fails the whole call
             if request.error is None:
                 request.error = exc
+        self._release(request, server)
         request.waiting.discard(server)
         if not request.waiting:
             self._finish(request)
+
+    def _release(self, request: _Request, server: int) -> None:
+        marks = request.shm_marks.pop(server, None)
+        if marks:
+            with self._lock:
+                self._shm_busy.difference_update(marks)
 
     def _copy_values(self, msg: Message, request: _Request) -> None:
         offset = 0
@@ -352,7 +433,12 @@ class Client:
             if dest is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
             what = f"values of key {entry['key']}"
-            if entry.get("codec", "none") == "none":
+            if entry.get("pshm"):
+                segment = self._segments.get(self._chunk_server(entry["key"]))
+                if segment is None:
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: shared-memory reply without a segment")
+                values = segment.view(self._shm_offsets[entry["key"]][1], dest.numel())
+            elif entry.get("codec", "none") == "none":
                 values = entry_encoded(entry, frames, what).buffers[0]  # zero-copy view of the frame
                 if values.numel() != dest.numel():
                     raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: {values.numel()} elements, expected {dest.numel()}")
@@ -395,6 +481,9 @@ class Client:
             if not request.waiting:
                 self._finish(request)
 
+    def _chunk_server(self, key: int) -> int:
+        return self.plan.chunks[key].server  # type: ignore[union-attr]
+
     def _fail_all(self, exc: BaseException) -> None:
         for request, _ in self._inflight.values():
             if not request.future.done():
@@ -418,6 +507,9 @@ class Client:
             self._thread.join(timeout=5)
             self._wake_tx.close(linger=0)
             self._wake_rx.close(linger=0)
+            for segment in self._segments.values():
+                segment.close()
+            self._segments.clear()
             self.rendezvous.done()
             self.rendezvous.close()
 
