@@ -80,9 +80,8 @@ def serve_coordinator(config: Config, bind_host: str | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, stop)
     code = coordinator.serve()
-    if code:
-        print(f"zps: coordinator: {coordinator.error or 'stopped before the job finished'}", file=sys.stderr,
-              flush=True)
+    if code and coordinator.error is None:  # a failure's reason is already logged by the coordinator
+        print("zps: coordinator: stopped before the job finished", file=sys.stderr, flush=True)
     return code
 
 
@@ -178,7 +177,6 @@ def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int 
     if thread.is_alive():
         coordinator.stop()
         thread.join(timeout=5)
-    if not code and result and result[0]:
-        print(f"zps: coordinator: {coordinator.error}", file=sys.stderr, flush=True)
+    if not code and result and result[0]:  # the coordinator logged why
         return result[0]
     return code

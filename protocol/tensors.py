@@ -1,6 +1,7 @@
 """Tensors to wire buffers and back: dtype names, zero-copy views, and the encoded-key fields of a header."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in DTYPES.values()}
+_NUMPY = {d: torch.empty((), dtype=d).numpy().dtype for d in DTYPES.values() if d is not torch.bfloat16}
+# Frames are read-only buffers; torch warns when it wraps one, though zps never writes to them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 def dtype_from_name(name: Any) -> torch.dtype:
@@ -50,9 +55,8 @@ def as_buffer(tensor: torch.Tensor) -> memoryview:
 
 def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
     """A 1-D tensor viewing ``frame``'s bytes (zero copy, read-only source); checks the byte size first."""
-    buf = frame.buffer if hasattr(frame, "buffer") else frame
-    view = memoryview(buf).cast("B")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    view = memoryview(frame.buffer if hasattr(frame, "buffer") else frame).cast("B")
+    itemsize = _ITEMSIZE[dtype]
     if view.nbytes != numel * itemsize:
         raise ProtocolError(
             ErrorCode.FRAME_SIZE,
@@ -62,13 +66,7 @@ def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.
         return torch.empty(0, dtype=dtype)
     if dtype is torch.bfloat16:
         return torch.from_numpy(np.frombuffer(view, dtype=np.int16)).view(torch.bfloat16)
-    # np.frombuffer on a read-only buffer gives a read-only array; torch warns but never writes to it.
-    array = np.frombuffer(view, dtype=torch.empty((), dtype=dtype).numpy().dtype)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+    return torch.from_numpy(np.frombuffer(view, dtype=_NUMPY[dtype]))
 
 
 def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], list[memoryview]]:

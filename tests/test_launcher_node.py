@@ -59,13 +59,13 @@ class Procs:
         self.tag, self.dir = tag, directory
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, env: dict[str, str], args: list[str]) -> None:
+    def start(self, name: str, env: dict[str, str], args: list[str], command: list[str] = ZPS) -> None:
         # a clean environment: no ZPS_*/DMLC_*/torchrun variable of the test runner leaks into the roles
         base = {k: v for k, v in os.environ.items()
                 if not k.startswith(("ZPS_", "DMLC_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         with open(self.dir / f"{name}.log", "wb") as log:
             self.procs[name] = subprocess.Popen(
-                ZPS + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**base, "ZPS_TEST_TAG": self.tag, "OMP_NUM_THREADS": "1", **env})
 
     def wait(self, timeout: float) -> dict[str, int]:
@@ -141,10 +141,9 @@ def test_zps_node_joins_torchrun_workers(procs: Procs, tag: str, script: list[st
            "ZPS_TIMEOUT": "60"}
     procs.start("coordinator", {**zps, "ZPS_ROLE": "coordinator"}, ["node"])
     procs.start("server", {**zps, "ZPS_ROLE": "server"}, ["node"])
-    for rank in range(2):
-        torchrun = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(master_port), "ZPS_TIMEOUT": "60"}
-        procs.start(f"worker{rank}", torchrun, ["node", "--servers", "1", *script])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(master_port), "-m", "launcher.cli"]
+    procs.start("torchrun", {"ZPS_TIMEOUT": "60"}, ["node", "--servers", "1", *script], command=torchrun)
     facts = check_job(procs, tag, script, workers=2)
     assert [(f["rank"], f["local_rank"], f["workers"], f["servers"]) for f in facts] == [(0, "0", 2, 1), (1, "1", 2, 1)]
 
