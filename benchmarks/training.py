@@ -111,10 +111,10 @@ def write(out_dir: str, rank: int, obj: Any) -> None:
 
 
 # -- single process ----------------------------------------------------------------------------------------------
-def single_main(kind: str, sched: dict, out_dir: str) -> None:
+def single_main(kind: str, sched: dict, out_dir: str, threads: int = SINGLE_THREADS) -> None:
     import torch
 
-    set_threads(SINGLE_THREADS)
+    set_threads(threads)
     model = make_model(kind)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     step = local_step(model, opt, make_batches(kind, PER_WORKER * WORKERS, seed=1))
@@ -290,8 +290,8 @@ def spawn_group(target: Callable, nprocs: int, args: tuple, timeout: float) -> N
                 p.join(5)
 
 
-def _single_entry(rank: int, kind: str, sched: dict, out_dir: str) -> None:
-    single_main(kind, sched, out_dir)
+def _single_entry(rank: int, kind: str, sched: dict, out_dir: str, threads: int) -> None:
+    single_main(kind, sched, out_dir, threads)
 
 
 def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str, Any]:
@@ -299,8 +299,9 @@ def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str
     global_batch = PER_WORKER * WORKERS
     steps = sched["steps"]
     with tempfile.TemporaryDirectory(prefix="zps-bench-") as out_dir:
-        if name == "single":
-            spawn_group(_single_entry, 1, (kind, sched, out_dir), timeout)
+        if name.startswith("single"):
+            threads = 1 if "1 thread" in name else SINGLE_THREADS
+            spawn_group(_single_entry, 1, (kind, sched, out_dir, threads), timeout)
             windows = json.loads(Path(out_dir, "0.json").read_text())["windows"]
             return {"rates": [global_batch * steps / w for w in windows]}
         if name == "ddp/gloo":
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, load_before = time.monotonic(), C.load_avg()
     has_overlap = overlap_available()
     shm_on, _, shm_note = C.shm_option()
-    names = ["single", "ddp/gloo", "rpc-ps", "zps (S=1, no overlap)", "zps (S=2, no overlap)"]
+    names = ["single", "single (1 thread)", "ddp/gloo", "rpc-ps", "zps (S=1, no overlap)", "zps (S=2, no overlap)"]
     if has_overlap:
         names += ["zps (S=1, overlap)", "zps (S=2, overlap)"]
     if shm_on is not None:
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         "### training: samples/s, same model and global batch (128) on this machine",
         "",
         f"SGD lr {LR}; each contender started {rounds} time(s), in turn; each time {sched['warmup']} warm-up steps, then "
-        f"{sched['windows']} windows of {sched['steps']} steps; median of all windows. Threads: the single process {SINGLE_THREADS} intra-op threads; every process of the multi-process "
+        f"{sched['windows']} windows of {sched['steps']} steps; median of all windows. Threads: the single process {SINGLE_THREADS} intra-op threads ('single (1 thread)': 1); every process of the multi-process "
         f"contenders (ddp, rpc-ps, zps workers and servers) {MULTI_THREADS}. 2 workers x 64 samples (single: 128).",
         "",
         "rpc-ps runs the whole model on the PS (the tutorial's design); its trainers take turns holding the PS model from "

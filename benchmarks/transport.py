@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = C.base_parser(__doc__)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None, help="round trips timed per size (median reported)")
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the zps jobs only, e.g. MALLOC_TRIM_THRESHOLD_=2147483647 (diagnosis)")
     parser.add_argument("--role-worker", action="store_true", help=argparse.SUPPRESS)  # inside zps run
     parser.add_argument("--role-tcp-echo", type=int, default=None, help=argparse.SUPPRESS)  # the tcp peer
     parser.add_argument("--role-zmq-echo", action="store_true", help=argparse.SUPPRESS)  # the pyzmq peer
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         zmq_echo_server()
         return {}
     sizes = args.sizes_mib or (QUICK_SIZES if args.quick else FULL_SIZES)
-    repeats = args.repeats or (7 if args.quick else 15)
+    repeats = args.repeats or (7 if args.quick else 25)
     if args.role_worker:
         zps_worker(sizes, repeats)
         return {}
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict[int, list[float]]] = {}
     loads: dict[str, str] = {}
     shm_env, no_shm_env, shm_note = C.shm_option()
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    no_shm_env = {**no_shm_env, **extra_env}
+    shm_env = {**shm_env, **extra_env} if shm_env is not None else None
     contenders = [("tcp", lambda: bench_tcp(sizes, repeats)), ("pyzmq", lambda: bench_zmq(sizes, repeats)),
                   ("pyzmq-4MiB", lambda: bench_zmq(sizes, repeats, CHUNK)),
                   ("zps", lambda: bench_zps(sizes, repeats, no_shm_env))]
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- {verdict}",
         f"- {shm_note}; the plain zps row runs with it off (ZeroMQ over loopback TCP)" if shm_env else f"- {shm_note}",
         "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
+        *([f"- extra environment of the zps jobs: {' '.join(args.env)}"] if args.env else []),
     ])
     return C.finish("transport", md, {"sizes_mib": sizes, "repeats": repeats, "times": {k: {str(m): v for m, v in r.items()} for k, r in results.items()},
                                       "summary": {str(k): v for k, v in summary.items()}, "loads": loads, "shm": shm_note},

@@ -78,7 +78,7 @@ def probe(args: dict) -> dict:
     try:
         from importlib.metadata import version
         out["zps"] = version("zps")
-    except Exception:  # PackageNotFoundError, or a broken installation
+    except Exception:  # PackageNotFoundError (a source checkout, or none), or a broken installation
         out["zps"] = None
     workdir = args.get("workdir")
     if workdir:
@@ -90,6 +90,9 @@ def probe(args: dict) -> dict:
             script = args.get("script")
             if script and not os.path.isfile(script):
                 problem("script", f"{script} is not a file in {workdir}")
+    import importlib.util  # from the workdir, as the roles will (python -m ps, python SCRIPT)
+
+    out["importable"] = all(importlib.util.find_spec(name) is not None for name in ("launcher", "ps", "worker"))
     if args.get("address"):
         interface = args.get("interface")
         try:
@@ -135,10 +138,11 @@ def compare(host: str, python: str, local: dict[str, Any], remote: dict[str, Any
     if mine != theirs:
         problems.append(Problem(host, "python", f"{python} is Python {remote.get('python')} there, the launcher "
                                                 f"runs {local['python']}; use the same major.minor everywhere"))
-    if remote.get("zps") is None:
-        problems.append(Problem(host, "zps", f"zps is not installed for {python} there; install zps "
-                                             f"{local['zps']} there (pip install zps=={local['zps']}, or -e .)"))
-    elif remote["zps"] != local["zps"]:
+    if not remote.get("importable"):
+        version = f"=={local['zps']}" if local.get("zps") else ""
+        problems.append(Problem(host, "zps", f"{python} cannot import zps there; install it there "
+                                             f"(pip install zps{version}, or pip install -e . in a checkout)"))
+    elif None not in (remote.get("zps"), local.get("zps")) and remote["zps"] != local["zps"]:
         problems.append(Problem(host, "zps", f"zps {remote['zps']} there, {local['zps']} on the launcher host; "
                                              f"install the same version everywhere"))
     return problems

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import shlex
 import signal
 import socket
@@ -41,9 +42,9 @@ from .job import JobSpec, ProcSpec, local_env, run_job
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # seconds the guard gives a role between SIGTERM and SIGKILL
 GUARD_GRACE = 3.0
-# environment variables zps launch sets itself; --env may not override them
-LAUNCHER_VARS = ("ZPS_ROLE", "ZPS_RANK", "ZPS_COORDINATOR", "ZPS_NUM_SERVERS", "ZPS_NUM_WORKERS", "ZPS_HOST",
-                 "ZPS_LOCAL_RANK")
+# variables zps launch sets for each process besides JobSpec.role_env's; --env may not set them
+LAUNCHER_VARS = ("ZPS_HOST", "ZPS_LOCAL_RANK", "ZPS_OPTIMIZER", "ZPS_CODEC", "ZPS_PULL_CODEC", "ZPS_MODE",
+                 "ZPS_STALENESS")
 
 
 class LaunchError(RuntimeError):
@@ -103,17 +104,24 @@ def ssh_destination(host: str) -> str:
 
 
 def parse_env_options(items: Sequence[str]) -> dict[str, str]:
-    """``--env K=V`` values as a dict; names must be shell variable names and not ones the launcher sets."""
+    """``--env NAME=VALUE`` values as a dict; NAME must be a shell variable name."""
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name.replace("_", "a").isalnum() or name[0].isdigit():
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise LaunchError(f"--env {item!r}: write NAME=VALUE, NAME made of letters, digits and '_'")
-        if name in LAUNCHER_VARS:
-            hint = "; use --interface to choose the bind address" if name == "ZPS_HOST" else ""
-            raise LaunchError(f"--env {name}: zps launch sets {name} for each process itself{hint}")
         out[name] = value
     return out
+
+
+def check_env(spec: JobSpec, env: Mapping[str, str]) -> None:
+    """Refuse ``--env`` variables that zps launch sets itself: the two values would disagree."""
+    owned = {*spec.role_env("worker", 0, "-"), *LAUNCHER_VARS}
+    clash = sorted(owned & set(env))
+    if clash:
+        hint = "; --interface chooses the bind address" if "ZPS_HOST" in clash else ""
+        raise LaunchError(f"--env {', '.join(clash)}: zps launch sets {'it' if len(clash) == 1 else 'them'} for "
+                          f"each process from its own options (--timeout, --optimizer, ...){hint}")
 
 
 # --- addresses -------------------------------------------------------------------------------------------------
@@ -196,7 +204,7 @@ def ssh_processes(spec: JobSpec, placements: Sequence[Placement], script: Sequen
         label = f"{p.role} {p.rank}@{ssh_destination(p.host)}"
         role_argv = [remote.python, "-m", "ps"] if p.role == "server" else [remote.python, "-u", *script]
         guarded = remote.guarded(label, role_argv, share=per_host[p.host])
-        command = remote.command(guarded, {"PYTHONUNBUFFERED": "1", **remote.env, **env})
+        command = remote.command(guarded, {"PYTHONUNBUFFERED": "1", **env})
         procs.append(ProcSpec(label, p.role, ssh.argv(p.host, command), launcher_env))
     return procs
 
@@ -227,6 +235,7 @@ def run_ssh(spec: JobSpec, hosts: Sequence[Host], script: Sequence[str], remote:
     from . import preflight as checks
 
     out = out or sys.stdout
+    check_env(spec, remote.env)
     placements = place(hosts, spec.num_servers, spec.num_workers)
     targets = remote_hosts(placements)
     try:
@@ -289,8 +298,8 @@ def guard(label: str, argv: Sequence[str], interface: str | None = None, share: 
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, stop)
-    if parent == 1 or os.getppid() != parent:
-        return 128 + signal.SIGHUP  # the session was gone before we could watch it
+    if parent == 1 or os.getppid() != parent or stopping.is_set():
+        return 128 + signal.SIGHUP  # the session ended before the role could start
     try:
         env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, share))), **os.environ,
                "ZPS_HOST": host_address(interface, os.environ)}
@@ -313,10 +322,9 @@ def guard(label: str, argv: Sequence[str], interface: str | None = None, share: 
     code = child.wait()
     _kill_group(child.pid, signal.SIGKILL)  # what the role left behind in its group (data loader workers)
     if code < 0:
-        name = signal.Signals(-code).name
-        why = "stopped by the launcher" if stopping.is_set() else "killed"
-        print(f"zps: {label} (pid {child.pid} on {socket.gethostname()}) was {why} by {name}",
-              file=sys.stderr, flush=True)
+        if not stopping.is_set():  # (when we stopped it, nobody is listening any more)
+            print(f"zps: {label} (pid {child.pid} on {socket.gethostname()}) was killed by "
+                  f"{signal.Signals(-code).name}", file=sys.stderr, flush=True)
         return 128 - code
     return code
 

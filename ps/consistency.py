@@ -82,6 +82,9 @@ class BSP(Consistency):
     def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
         if worker not in self.live:
             return False
+        if len(self.live) == 1 and not state.pushed:
+            state.apply(grad)  # nothing to sum: apply the received buffer itself, no accumulator
+            return True
         state.accumulate(worker, grad)
         if self.live <= state.pushed:
             state.apply_aggregate()

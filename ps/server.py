@@ -149,14 +149,15 @@ class Server:
             return self._init(msg)
         if msg.kind in (Kind.PUSH, Kind.PUSH_PULL):
             worker = self._worker(msg)
-            self._push(msg, worker)
             if msg.kind is Kind.PUSH:
+                self._push(msg, worker)
                 return Message(Kind.OK, id=msg.id, src=self.name)
-            steps = [e.get("step", 0) + 1 for e in msg.keys]
-            return self._pull(identity, msg, worker, steps)
+            pending = self._pull_request(identity, msg, worker, [e.get("step", 0) + 1 for e in msg.keys])
+            self._push(msg, worker)  # the pull half was checked first: a refused message changes nothing
+            return self._pull(pending)
         if msg.kind is Kind.PULL:
             worker = self._worker(msg)
-            return self._pull(identity, msg, worker, [e.get("step", 0) for e in msg.keys])
+            return self._pull(self._pull_request(identity, msg, worker, [e.get("step", 0) for e in msg.keys]))
         if msg.kind is Kind.LEAVE:
             worker = self._worker(msg)
             assert self.consistency is not None
@@ -341,20 +342,23 @@ class Server:
                 self.counters["pushes_applied"] += 1
 
     # -- PULL ------------------------------------------------------------------------------------------
-    def _pull(self, identity: bytes, msg: Message, worker: int, steps: list[int]) -> Message | None:
-        assert self.consistency is not None
+    def _pull_request(self, identity: bytes, msg: Message, worker: int, steps: list[int]) -> _Pending:
+        """Check a pull (known keys, usable pull codec, shared areas) without changing anything."""
         states = [self._state(e, initialized=False) for e in msg.keys]
         pull_codecs = [e.get("pc") for e in msg.keys]
         pull_shm = [bool(e.get("pshm")) for e in msg.keys]
-        for wants, state in zip(pull_shm, states):
-            if wants:
-                self._shm_view(worker, state.key, 1, state.numel, f"pull of {state.label()}")
-        for spec, state in zip(pull_codecs, states):
+        for spec, shared, state in zip(pull_codecs, pull_shm, states):
             if spec is not None:
-                self._decoders.get(spec, f"pull codec of {state.label()}")  # validate before waiting
+                self._decoders.get(spec, f"pull codec of {state.label()}")
+            if shared:
+                self._shm_view(worker, state.key, 1, state.numel, f"pull of {state.label()}")
         step = max(steps, default=0)
-        self.consistency.note_clock(worker, step)
-        pending = _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout, pull_codecs, pull_shm)
+        return _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout, pull_codecs, pull_shm)
+
+    def _pull(self, pending: _Pending) -> Message | None:
+        """Answer now if the consistency mode allows, else wait in ``pending`` (with a deadline)."""
+        assert self.consistency is not None
+        self.consistency.note_clock(pending.worker, pending.step)
         if self._ready(pending):
             return self._values(pending)
         self.pending.append(pending)
@@ -426,7 +430,10 @@ class Server:
             if p.deadline > now:
                 still.append(p)
                 continue
-            blocked = next(s for s in p.states if not self.consistency.pull_ready(s, p.worker, p.step))
+            blocked = next((s for s in p.states if not self.consistency.pull_ready(s, p.worker, p.step)), None)
+            if blocked is None:  # ready after all: answer it
+                self._send(sock, p.identity, self._values(p))
+                continue
             reason = self.consistency.pull_waiting_for(blocked, p.worker, p.step)
             self._send(
                 sock,

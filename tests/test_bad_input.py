@@ -19,7 +19,7 @@ NUMEL = 16
 def served():
     """An ASP cluster of one server with two declared keys, a real client, and a raw DEALER to the server."""
     with local_cluster(1, 1, "asp") as cluster:
-        (client,) = cluster.clients()
+        (client,) = cluster.clients(shm=False)  # frames only: the raw socket speaks as worker 0 too
         tensors = {"a": torch.arange(NUMEL, dtype=torch.float32), "b": torch.ones(NUMEL)}
         client.declare(tensors, ("SGD", [{"lr": 1.0}]))
         raw = zmq.Context.instance().socket(zmq.DEALER)
@@ -76,6 +76,8 @@ CASES = {
     "negative step": (lambda k: [header(keys=[dict(push_entry(k), step=-1)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
     "unknown codec": (lambda k: [header(keys=[dict(push_entry(k), codec="nosuchcodec")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
     "codec by import path": (lambda k: [header(keys=[dict(push_entry(k), codec="os.path:join")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
+    "push_pull with a bad pull codec": (lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pc="nosuchcodec")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
+    "push_pull into a shared area it has not got": (lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pshm=1)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
     "bad lr": (lambda k: [header(keys=[push_entry(k)], body={"lr": ["fast"]}), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
 }
 

@@ -250,7 +250,8 @@ def test_zps_launch_dry_run_shows_placement_and_commands(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("args, message", [
     (["--hosts", "127.0.0.2", "--workers", "2"], "2 workers need 2 slots"),
-    (["--hosts", "127.0.0.2:2", "--env", "ZPS_HOST=1.2.3.4"], "use --interface"),
+    (["--hosts", "127.0.0.2:2", "--env", "ZPS_HOST=1.2.3.4"], "--interface chooses the bind address"),
+    (["--hosts", "127.0.0.2:2", "--env", "ZPS_TIMEOUT=5"], "ZPS_TIMEOUT: zps launch sets it"),
     (["--hosts", "127.0.0.2:2", "--env", "no-name"], "write NAME=VALUE"),
 ])
 def test_zps_launch_refuses_what_cannot_work(args: list[str], message: str) -> None:

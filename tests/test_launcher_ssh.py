@@ -194,9 +194,13 @@ def test_preflight_names_a_zps_version_mismatch_and_a_missing_script(sshd: Sshd,
 
 def test_preflight_compares_python_versions() -> None:
     local = {"python": "3.11.7", "zps": "0.1.0"}
-    assert compare("h", "/py", local, {"python": "3.11.2", "zps": "0.1.0", "problems": []}) == []
-    problems = compare("h", "/py", local, {"python": "3.12.1", "zps": None, "problems": [["reach", "x"]]})
+    same = {"python": "3.11.2", "zps": "0.1.0", "importable": True, "problems": []}
+    assert compare("h", "/py", local, same) == []
+    assert compare("h", "/py", local, {**same, "zps": None}) == []  # a source checkout in the workdir
+    problems = compare("h", "/py", local, {"python": "3.12.1", "zps": None, "importable": False,
+                                           "problems": [["reach", "x"]]})
     assert [(p.check, p.host) for p in problems] == [("reach", "h"), ("python", "h"), ("zps", "h")]
     assert "Python 3.12.1 there, the launcher runs 3.11.7" in problems[1].detail
+    assert "/py cannot import zps there; install it there (pip install zps==0.1.0" in problems[2].detail
     table = format_problems(problems + [Problem("launcher", "port", "busy")])
     assert table.splitlines()[1].split() == ["host", "check", "problem"]
