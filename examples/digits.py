@@ -36,7 +36,8 @@ def make_model() -> nn.Module:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: TensorDataset) -> float:
-    x, y = data.tensors
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in data.tensors)
     return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--optimizer", default=os.environ.get("ZPS_OPTIMIZER") or "sgd:lr=0.05,momentum=0.9",
                         help="torch.optim spec (default: zps run --optimizer, else sgd:lr=0.05,momentum=0.9)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where gradients are computed (default: cuda when available)")
     parser.add_argument("--out", help="write a JSON summary here (rank 0)")
     parser.add_argument("--slow", type=float, default=0.0, help="seconds worker --slow-rank sleeps per step (straggler)")
     parser.add_argument("--slow-rank", type=int, default=-1)
@@ -55,7 +58,7 @@ def main() -> None:
     client = worker.init()
     torch.manual_seed(args.seed)  # every worker builds the same model; rank 0's values initialise the servers
     train, test = load_data(args.seed)
-    model = make_model()
+    model = make_model().to(args.device)
     optimizer = worker.DistributedOptimizer(build_from_spec(args.optimizer, model.parameters()), model)
     sampler = worker.shard_sampler(train, shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
@@ -67,6 +70,7 @@ def main() -> None:
         for x, y in loader:
             if client.rank == args.slow_rank and args.slow:
                 time.sleep(args.slow)  # an emulated straggler, not synchronisation
+            x, y = x.to(args.device), y.to(args.device)
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
             loss.backward()

@@ -206,3 +206,21 @@ def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
                 dist.step()
         finally:
             client.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gradients_on_the_gpu_give_the_same_result() -> None:
+    data = batches(1)
+    expected = reference("adam", data)
+    with local_cluster(1, 1, "bsp") as cluster:
+        (client,) = cluster.clients(chunk_bytes=256)
+        try:
+            model = make_model().cuda()
+            dist = DistributedOptimizer(OPTIMIZERS["adam"](model.parameters()), model, client=client)
+            for x, y in data:
+                dist.zero_grad()
+                nn.functional.mse_loss(model(x.cuda()), y.cuda()).backward()
+                dist.step()
+        finally:
+            client.close()
+    assert_same(expected, model.cpu())
