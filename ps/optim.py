@@ -1,6 +1,7 @@
 """Server-side optimizers: torch.optim's own classes, chosen by name and configured by validated hyper-parameters."""
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -42,10 +43,11 @@ def clean_hparams(cls: type[torch.optim.Optimizer], hparams: Any) -> dict[str, A
     if not isinstance(hparams, dict):
         raise _bad(f"hyper-parameters must be a map, got {type(hparams).__name__}")
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    derived = _derived_defaults(cls, frozenset(accepted))
     out: dict[str, Any] = {}
     for name, value in hparams.items():
-        if name in _IGNORED:
-            continue
+        if name in _IGNORED or (name in derived and value == derived[name]):
+            continue  # set by the class itself (e.g. AdamW's decoupled_weight_decay), not by its caller
         if name not in accepted:
             raise _bad(f"{cls.__name__} has no hyper-parameter {name!r}; it takes {', '.join(sorted(accepted - _IGNORED))}")
         if isinstance(value, list):
@@ -56,6 +58,13 @@ def clean_hparams(cls: type[torch.optim.Optimizer], hparams: Any) -> dict[str, A
             raise _bad(f"{cls.__name__}.{name} must be a number or boolean, got {value!r}")
         out[name] = value
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _derived_defaults(cls: type[torch.optim.Optimizer], accepted: frozenset[str]) -> dict[str, Any]:
+    """Group entries a class fills in without taking them as arguments, with the values it uses."""
+    probe = cls([torch.zeros(1, requires_grad=True)])
+    return {k: v for k, v in probe.defaults.items() if k not in accepted}
 
 
 def build_optimizer(name: str, hparams: dict[str, Any], param: torch.Tensor) -> torch.optim.Optimizer:

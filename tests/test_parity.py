@@ -37,6 +37,16 @@ OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda params: torch.optim.Adam(params, lr=0.01, betas=(0.8, 0.95), weight_decay=1e-4),
 }
+# Every element-wise optimizer the server offers, with one worker against torch itself.
+MORE = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.05, lr_decay=0.01),
+    "rmsprop": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.5, centered=True),
+    "adamax": lambda params: torch.optim.Adamax(params, lr=0.01),
+    "nadam": lambda params: torch.optim.NAdam(params, lr=0.01),
+    "radam": lambda params: torch.optim.RAdam(params, lr=0.01),
+    "adadelta": lambda params: torch.optim.Adadelta(params, lr=0.5),
+}
 
 
 def reference(optimizer: str, data, schedule: bool = False) -> nn.Module:
@@ -224,3 +234,17 @@ def test_gradients_on_the_gpu_give_the_same_result() -> None:
         finally:
             client.close()
     assert_same(expected, model.cpu())
+
+
+@pytest.mark.parametrize("optimizer", sorted(MORE))
+def test_every_server_optimizer_matches_torch(optimizer: str, monkeypatch) -> None:
+    monkeypatch.setitem(OPTIMIZERS, optimizer, MORE[optimizer])
+    data = batches(2)
+    expected = reference(optimizer, data)
+    with local_cluster(2, 2, "bsp") as cluster:
+        clients = cluster.clients(chunk_bytes=256)
+        try:
+            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, optimizer, data) for r in range(2)])
+        finally:
+            close_all(clients)
+    assert_same(expected, models[1])

@@ -1,0 +1,175 @@
+"""Unit tests: the sharding plan, message parsing, configuration, optimizer specs, output forwarding."""
+from __future__ import annotations
+
+import io
+import threading
+
+import msgpack
+import pytest
+import torch
+
+from launcher.procs import LineForwarder
+from protocol.config import Config, ConfigError
+from protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
+from protocol.optim_spec import build_from_spec, describe_optimizer, parse_optimizer_spec
+from protocol.plan import ParamSpec, make_plan
+from ps.optim import build_optimizer
+
+
+# -- plan -------------------------------------------------------------------------------------------------
+def specs():
+    return [ParamSpec("emb", (1000, 64)), ParamSpec("w1", (64, 256)), ParamSpec("b1", (256,)), ParamSpec("w2", (256, 10))]
+
+
+def test_plan_is_deterministic_and_covers_every_element() -> None:
+    a = make_plan(specs(), 3, chunk_bytes=16 * 1024)
+    b = make_plan(specs(), 3, chunk_bytes=16 * 1024)
+    assert a == b
+    for index, spec in enumerate(a.params):
+        chunks = a.chunks_of(index)
+        assert chunks[0].offset == 0
+        assert all(x.offset + x.numel == y.offset for x, y in zip(chunks, chunks[1:]))
+        assert chunks[-1].offset + chunks[-1].numel == spec.numel
+        assert all(c.numel * 4 <= 16 * 1024 for c in chunks)
+    assert [c.key for c in a.chunks] == list(range(len(a.chunks)))
+
+
+def test_plan_balances_bytes_within_one_chunk() -> None:
+    plan = make_plan(specs(), 3, chunk_bytes=16 * 1024)
+    load = plan.bytes_per_server()
+    assert max(load) - min(load) <= 16 * 1024
+    assert sum(load) == sum(s.numel * 4 for s in specs())
+
+
+def test_whole_parameters_are_never_cut() -> None:
+    plan = make_plan(specs(), 2, chunk_bytes=1024, whole=["emb"])
+    assert len(plan.chunks_of(0)) == 1 and plan.chunks_of(0)[0].numel == 64_000
+    assert len(plan.chunks_of(1)) > 1
+
+
+def test_plan_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        make_plan([ParamSpec("a", (2,)), ParamSpec("a", (3,))], 1)
+    with pytest.raises(ValueError, match="num_servers"):
+        make_plan(specs(), 0)
+
+
+def test_more_servers_than_chunks_leaves_some_empty() -> None:
+    plan = make_plan([ParamSpec("a", (4,))], 3)
+    assert sorted(len(plan.chunks_on(s)) for s in range(3)) == [0, 0, 1]
+
+
+# -- messages ---------------------------------------------------------------------------------------------
+def test_message_round_trip() -> None:
+    msg = Message(Kind.PUSH, id=5, src="worker:1", keys=[{"key": 3, "step": 2, "nf": 1}], body={"lr": [0.1]}, frames=[b"abcd"])
+    back = parse_frames(msg.to_frames())
+    assert (back.kind, back.id, back.src, back.keys, back.body, back.frames) == (Kind.PUSH, 5, "worker:1", msg.keys, msg.body, [b"abcd"])
+    assert "push" in msg.describe() and "keys=1" in msg.describe()
+
+
+@pytest.mark.parametrize(
+    "head, frames, code",
+    [
+        ({"v": PROTOCOL_VERSION, "kind": "push", "id": -1}, 0, ErrorCode.BAD_HEADER),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "id": True}, 0, ErrorCode.BAD_HEADER),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "src": 7}, 0, ErrorCode.BAD_HEADER),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "body": []}, 0, ErrorCode.BAD_HEADER),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "keys": {}}, 0, ErrorCode.BAD_HEADER),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "keys": [{"key": "a"}]}, 0, ErrorCode.BAD_HEADER),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "keys": [{"key": 1, "nf": 2}]}, 1, ErrorCode.FRAME_COUNT),
+        ({"v": PROTOCOL_VERSION, "kind": "push", "keys": [{"key": 1, "nf": 0}]}, 1, ErrorCode.FRAME_COUNT),
+        ({"v": 0, "kind": "push"}, 0, ErrorCode.BAD_VERSION),
+        ({"kind": "push"}, 0, ErrorCode.BAD_VERSION),
+        ({"v": PROTOCOL_VERSION, "kind": "nope"}, 0, ErrorCode.BAD_KIND),
+    ],
+)
+def test_parse_rejects(head, frames, code) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_frames([msgpack.packb(head), *([b"x"] * frames)])
+    assert info.value.code is code
+
+
+def test_parse_rejects_non_msgpack_and_empty() -> None:
+    for frames in ([], [b"\xc1"], [msgpack.packb("text")]):
+        with pytest.raises(ProtocolError) as info:
+            parse_frames(frames)
+        assert info.value.code is ErrorCode.BAD_HEADER
+
+
+# -- config -----------------------------------------------------------------------------------------------
+BASE = {"ZPS_ROLE": "worker", "ZPS_COORDINATOR": "127.0.0.1:5000", "ZPS_NUM_SERVERS": "2", "ZPS_NUM_WORKERS": "3"}
+
+
+def test_config_from_env_and_back() -> None:
+    config = Config.from_env({**BASE, "ZPS_RANK": "1", "ZPS_CODEC": "topk:ratio=0.01", "ZPS_ERROR_FEEDBACK": "yes"})
+    assert (config.role, config.rank, config.num_servers, config.num_workers) == ("worker", 1, 2, 3)
+    assert config.codec == "topk:ratio=0.01" and config.error_feedback
+    assert Config.from_env(config.to_env()) == config
+
+
+def test_dmlc_aliases() -> None:
+    env = {"DMLC_ROLE": "server", "ZPS_COORDINATOR": "h:1", "DMLC_NUM_SERVER": "4", "DMLC_NUM_WORKER": "8"}
+    config = Config.from_env(env)
+    assert (config.role, config.num_servers, config.num_workers) == ("server", 4, 8)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"ZPS_ROLE": None}, "ZPS_ROLE"),
+        ({"ZPS_ROLE": "boss"}, "ZPS_ROLE"),
+        ({"ZPS_COORDINATOR": "nohostport"}, "ZPS_COORDINATOR"),
+        ({"ZPS_NUM_WORKERS": "two"}, "ZPS_NUM_WORKERS"),
+        ({"ZPS_NUM_SERVERS": "0"}, "ZPS_NUM_SERVERS"),
+        ({"ZPS_TIMEOUT": "-1"}, "ZPS_TIMEOUT"),
+    ],
+)
+def test_config_errors_name_the_variable(change, needle) -> None:
+    env = {**BASE, **{k: v for k, v in change.items() if v is not None}}
+    for k, v in change.items():
+        if v is None:
+            env.pop(k)
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_env(env)
+
+
+# -- optimizer specs --------------------------------------------------------------------------------------
+def test_optimizer_spec_parsing() -> None:
+    assert parse_optimizer_spec("adam:lr=1e-3,betas=(0.8,0.9)") == ("Adam", {"lr": 1e-3, "betas": (0.8, 0.9)})
+    assert parse_optimizer_spec("SGD") == ("SGD", {})
+    opt = build_from_spec("sgd:lr=0.5,momentum=0.9,nesterov=True", [torch.zeros(2, requires_grad=True)])
+    assert describe_optimizer(opt)[0] == "SGD" and describe_optimizer(opt)[1][0]["momentum"] == 0.9
+    for bad in ("nosuch:lr=1", "sgd:lr", "sgd:lr=os.system"):
+        with pytest.raises(ValueError):
+            parse_optimizer_spec(bad)
+
+
+def test_server_optimizer_matches_described_worker_optimizer() -> None:
+    """What a worker describes, the server rebuilds with the same hyper-parameters."""
+    local = torch.optim.AdamW([torch.zeros(3, requires_grad=True)], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1)
+    name, groups = describe_optimizer(local)
+    server = build_optimizer(name, groups[0], torch.zeros(3, requires_grad=True))
+    assert isinstance(server, torch.optim.AdamW)
+    assert server.param_groups[0]["betas"] == (0.8, 0.95) and server.param_groups[0]["weight_decay"] == 0.1
+
+
+# -- output forwarding ------------------------------------------------------------------------------------
+def forward(chunks: list[bytes]) -> str:
+    out = io.StringIO()
+    fw = LineForwarder("[w 0] ", out, threading.Lock())
+    for c in chunks:
+        fw.feed(c)
+    fw.feed(b"", final=True)
+    return out.getvalue()
+
+
+def test_forwarder_survives_split_utf8_and_invalid_bytes() -> None:
+    text = "température ✓\n".encode()
+    split = text.index("✓".encode()) + 1
+    assert forward([text[:split], text[split:]]) == "[w 0] température ✓\n"
+    assert forward([b"bad \xff byte\n"]) == "[w 0] bad \ufffd byte\n"
+
+
+def test_forwarder_keeps_the_last_line_and_splits_carriage_returns() -> None:
+    assert forward([b"10%\r50%\r100%\ndone"]) == "[w 0] 10%\n[w 0] 50%\n[w 0] 100%\n[w 0] done\n"
+    assert forward([b"a\r\nb\n"]) == "[w 0] a\n[w 0] b\n"
