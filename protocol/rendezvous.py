@@ -115,7 +115,8 @@ class RendezvousClient:
         """Tell the coordinator this process finished; the coordinator ends the job when all workers have."""
         self._stop_heartbeats()
         try:
-            self._request(Kind.DONE, {"exit_code": exit_code}, "done", timeout=min(10.0, self.config.timeout))
+            # a live coordinator answers at once; one that is gone is not worth waiting for
+            self._request(Kind.DONE, {"exit_code": exit_code}, "done", timeout=min(3.0, self.config.timeout))
         except RendezvousError:
             pass  # the coordinator may already be gone at the end of a job; nothing is lost
 

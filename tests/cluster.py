@@ -19,7 +19,9 @@ T = TypeVar("T")
 
 
 class LocalCluster:
-    def __init__(self, coordinator: Coordinator, servers: list[Server], num_workers: int, timeout: float) -> None:
+    def __init__(self, coordinator: Coordinator, servers: list[Server], num_workers: int, timeout: float,
+                 heartbeat_timeout: float = 10.0) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
         self.coordinator = coordinator
         self.servers = servers
         self.num_workers = num_workers
@@ -33,7 +35,8 @@ class LocalCluster:
             num_workers=self.num_workers,
             rank=rank,
             timeout=self.timeout,
-            heartbeat_timeout=10.0,
+            heartbeat_timeout=self.heartbeat_timeout,
+            heartbeat_interval=0.2,
         )
         values.update(overrides)
         return Config(**values)
@@ -52,16 +55,17 @@ def run_parallel(calls: list[Callable[[], T]], timeout: float = 120) -> list[T]:
 
 @contextlib.contextmanager
 def local_cluster(
-    num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0, codec: str = ""
+    num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0, codec: str = "",
+    heartbeat_timeout: float = 10.0,
 ) -> Iterator[LocalCluster]:
     """Coordinator and servers in threads of this process; ``codec`` is the job's ZPS_CODEC as servers see it."""
-    coordinator = Coordinator(num_servers, num_workers, mode=mode, staleness=staleness, timeout=timeout, heartbeat_timeout=10.0)
+    coordinator = Coordinator(num_servers, num_workers, mode=mode, staleness=staleness, timeout=timeout, heartbeat_timeout=heartbeat_timeout)
     threads = [threading.Thread(target=coordinator.serve, daemon=True)]
     servers = []
     for rank in range(num_servers):
         config = Config(
             role="server", coordinator=coordinator.endpoint, num_servers=num_servers, num_workers=num_workers,
-            rank=rank, timeout=timeout, heartbeat_timeout=10.0, codec=codec,
+            rank=rank, timeout=timeout, heartbeat_timeout=heartbeat_timeout, heartbeat_interval=0.2, codec=codec,
         )
         server = Server(config)
         servers.append(server)
@@ -69,7 +73,7 @@ def local_cluster(
     for t in threads:
         t.start()
     try:
-        yield LocalCluster(coordinator, servers, num_workers, timeout)
+        yield LocalCluster(coordinator, servers, num_workers, timeout, heartbeat_timeout)
     finally:
         for s in servers:
             s.stop.set()

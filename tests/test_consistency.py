@@ -120,3 +120,24 @@ def _register_expecting_failure(config) -> RendezvousError:
     except RendezvousError as exc:
         return exc
     raise AssertionError("registration should have failed")
+
+
+def test_a_silent_worker_is_declared_dead_and_nobody_hangs() -> None:
+    """Worker 1 stops sending heartbeats (as a hung or unreachable node does): the coordinator names it, and
+    worker 0's pending BSP step fails with that reason instead of waiting for the full pull timeout."""
+    with local_cluster(1, 2, "bsp", timeout=60, heartbeat_timeout=1.0) as cluster:
+        clients = cluster.clients()
+        try:
+            tensors = {"w": torch.zeros(4)}
+            clients[0].declare(tensors, ("SGD", [{"lr": 0.1}]))
+            clients[1].declare({"w": torch.zeros(4)})
+            clients[1].rendezvous._stop_heartbeats()  # silent from now on, its process still alive
+            started = time.monotonic()
+            with pytest.raises(ProtocolError) as info:
+                clients[0].push_pull({"w": torch.ones(4)}, tensors, 0).result(timeout=30)
+            assert time.monotonic() - started < 15
+            assert info.value.code is ErrorCode.DEAD
+            assert "worker:1" in str(info.value) and "heartbeats" in str(info.value)
+            assert cluster.coordinator.error and "worker:1" in cluster.coordinator.error
+        finally:
+            close_all(clients)

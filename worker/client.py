@@ -224,10 +224,10 @@ class Client:
         replies = request.result()
         return [replies[s] for s in range(self.topology.num_servers)]
 
-    def leave(self) -> None:
+    def leave(self, timeout: float | None = None) -> None:
         """Tell every server this worker is done, so BSP and SSP stop waiting for it."""
         messages = {s: Message(Kind.LEAVE, src=self.name) for s in range(self.topology.num_servers)}
-        self._submit(messages, "leave", {}).result()
+        self._submit(messages, "leave", {}).result(timeout=timeout)
 
     # -- helpers ---------------------------------------------------------------------------------------
     @staticmethod
@@ -498,7 +498,7 @@ class Client:
         try:
             if leave and self.plan is not None and self.rendezvous.failure is None:
                 try:
-                    self.leave()
+                    self.leave(timeout=5.0)  # best effort: a server that is gone cannot be waited for
                 except Exception as exc:  # the servers may be gone already at the end of a failed job
                     log.warning("%s: leave failed: %s", self.name, exc)
         finally:
