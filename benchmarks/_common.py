@@ -228,7 +228,7 @@ def run_zps(
             if marker >= 0 and line.startswith("[worker 0]"):
                 result = json.loads(line[marker + len(RESULT_TAG):])
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except BaseException as exc:
+    except Exception as exc:
         _end(proc)
         tail = "\n".join(lines[-30:])
         raise RuntimeError(f"zps job {' '.join(argv[1:])} failed: {exc}\n--- last output ---\n{tail}") from exc

@@ -23,6 +23,7 @@ import argparse
 import inspect
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import sys
 import tempfile
@@ -69,7 +70,13 @@ def make_batches(kind: str, batch: int, seed: int, count: int = 4) -> list:
 
 
 def set_threads(n: int) -> None:
+    """Intra-op threads of this process (and one inter-op thread); also quiets torch's deprecation chatter."""
+    import warnings
+
     import torch
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*as a ProcessGroup.*")
 
     torch.set_num_threads(n)
     try:
@@ -265,18 +272,25 @@ def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
 
 # -- running the contenders ------------------------------------------------------------------------------------------
 def spawn_group(target: Callable, nprocs: int, args: tuple, timeout: float) -> None:
-    """Start ``nprocs`` spawned processes ``target(rank, *args)``; wait; end any left at the deadline; raise on failure."""
+    """Start ``nprocs`` spawned processes ``target(rank, *args)`` and wait for all of them.
+
+    The group fails as a unit: when one rank exits non-zero the others (stuck in a collective or an RPC) are ended
+    at once rather than at the deadline; at the deadline every rank still running is ended. Raises on failure.
+    """
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=target, args=(rank, *args), daemon=False) for rank in range(nprocs)]
     try:
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-        late = [i for i, p in enumerate(procs) if p.is_alive()]
-        if late:
-            raise RuntimeError(f"ranks {late} still running after {timeout:.0f}s")
+        while any(p.is_alive() for p in procs):
+            bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if bad:
+                raise RuntimeError(f"ranks exited with codes {bad}; ending the others")
+            if time.monotonic() > deadline:
+                late = [i for i, p in enumerate(procs) if p.is_alive()]
+                raise RuntimeError(f"ranks {late} still running after {timeout:.0f}s")
+            mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
         bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             raise RuntimeError(f"ranks exited with codes {bad}")

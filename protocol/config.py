@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Mapping
 
 ROLES = ("coordinator", "server", "worker")
-# consistency modes (the server implements them: ps.consistency.MODES is this tuple)
+# consistency modes, implemented by ps.consistency
 MODES = ("bsp", "asp", "ssp")
 # DMLC_ROLE values of ps-lite / BytePS that name a zps role differently
 DMLC_ROLE_NAMES = {"scheduler": "coordinator"}

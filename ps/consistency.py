@@ -14,11 +14,11 @@ from typing import Iterable
 
 import torch
 
+from protocol.config import MODES
 from protocol.messages import ErrorCode, ProtocolError
 
-from .store import KeyState
+from .store import KeyState, Update
 
-MODES = ("bsp", "asp", "ssp")
 
 
 class Consistency:
@@ -36,8 +36,8 @@ class Consistency:
         """Validate a push without changing anything; return False for a duplicate (to be acknowledged only)."""
         raise NotImplementedError
 
-    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
-        """Apply or aggregate one checked push; return True when the key's value changed."""
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
+        """Take one checked push; return the gradient to apply to the key now, or None (still aggregating)."""
         raise NotImplementedError
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
@@ -58,8 +58,8 @@ class Consistency:
         if self.live:
             self.max_served_gap = max(self.max_served_gap, step - self.slowest())
 
-    def leave(self, worker: int, states: Iterable[KeyState]) -> list[KeyState]:
-        """A worker finished: stop waiting for it. Returns keys whose value changed as a result."""
+    def leave(self, worker: int, states: Iterable[KeyState]) -> list[Update]:
+        """A worker finished: stop waiting for it. Returns the updates that became complete as a result."""
         self.live.discard(worker)
         self.clock.pop(worker, None)
         return []
@@ -79,17 +79,13 @@ class BSP(Consistency):
             )
         return True
 
-    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
         if worker not in self.live:
-            return False
+            return None
         if len(self.live) == 1 and not state.pushed:
-            state.apply(grad)  # nothing to sum: apply the received buffer itself, no accumulator
-            return True
+            return grad  # nothing to sum: apply the received buffer itself, no accumulator
         state.accumulate(worker, grad)
-        if self.live <= state.pushed:
-            state.apply_aggregate()
-            return True
-        return False
+        return state.take_aggregate() if self.live <= state.pushed else None
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         return state.initialized and state.version >= step
@@ -103,15 +99,14 @@ class BSP(Consistency):
             f"from workers {sorted(state.pushed)} and waits for workers {missing}"
         )
 
-    def leave(self, worker: int, states: Iterable[KeyState]) -> list[KeyState]:
+    def leave(self, worker: int, states: Iterable[KeyState]) -> list[Update]:
         super().leave(worker, states)
-        changed = []
+        updates = []
         for state in states:
             state.pushed.discard(worker)
             if state.pushed and self.live <= state.pushed:
-                state.apply_aggregate()
-                changed.append(state)
-        return changed
+                updates.append((state, state.take_aggregate()))
+        return updates
 
 
 class ASP(Consistency):
@@ -120,10 +115,9 @@ class ASP(Consistency):
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
         return step > state.last_step.get(worker, -1)
 
-    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> bool:
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
         state.last_step[worker] = step
-        state.apply(grad)
-        return True
+        return grad
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         return state.initialized

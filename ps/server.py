@@ -26,8 +26,8 @@ from protocol.shm import Segment, ShmUnavailable
 from protocol.tensors import DTYPES, Decoders, encode_entry, entry_encoded
 
 from .consistency import Consistency, make_consistency
-from .optim import build_optimizer, optimizer_class
-from .store import KeyState
+from .optim import build_optimizer, clean_hparams, optimizer_class
+from .store import KeyState, Optimizers
 
 log = logging.getLogger("zps.server")
 
@@ -56,6 +56,7 @@ class Server:
         self.context = context or zmq.Context.instance()
         self.stop = stop or threading.Event()
         self.keys: dict[int, KeyState] = {}
+        self.optimizers = Optimizers()
         self.pending: list[_Pending] = []
         self.consistency: Consistency | None = None
         self.topology: Topology | None = None
@@ -161,13 +162,14 @@ class Server:
         if msg.kind is Kind.LEAVE:
             worker = self._worker(msg)
             assert self.consistency is not None
-            changed = self.consistency.leave(worker, self.keys.values())
+            updates = self.consistency.leave(worker, self.keys.values())
+            self.optimizers.apply(updates)
+            self.counters["pushes_applied"] += len(updates)
             for key in [k for k in self._views if k[0] == worker]:
                 del self._views[key]
             segment = self._segments.pop(worker, None)
             if segment is not None:
                 segment.close()
-            self.counters["pushes_applied"] += len(changed)
             return Message(Kind.OK, id=msg.id, src=self.name)
         if msg.kind is Kind.STATS:
             return Message(Kind.OK, id=msg.id, src=self.name, body=self.stats())
@@ -204,7 +206,7 @@ class Server:
             if not isinstance(groups, list) or not groups:
                 raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "'groups' must be a non-empty list of hyper-parameter maps")
         declared: list[tuple[dict[str, Any], KeyState | None]] = []
-        values: list[tuple[torch.Tensor, torch.optim.Optimizer] | None] = []
+        values: list[torch.Tensor | None] = []
         offset = 0
         seen: set[int] = set()
         for entry in msg.keys:
@@ -234,8 +236,10 @@ class Server:
                 if not isinstance(group, int) or not 0 <= group < len(groups):
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the {len(groups)} groups")
                 decoded = self._decode(entry, frames, numel, entry.get("dtype", "float32"), f"INIT of key {key}")
-                param = decoded.to(torch.float32, copy=True)
-                tensor = (param, build_optimizer(opt_name, groups[group], param))
+                tensor = decoded.to(torch.float32, copy=True)
+                clean_hparams(optimizer_class(opt_name), groups[group])  # refuse unknown hyper-parameters now
+                if group not in self.optimizers.by_group:
+                    build_optimizer(opt_name, groups[group], tensor.clone())  # and values torch refuses
             declared.append((entry, existing))
             values.append(tensor)
         segment, shm_reply = self._attach(worker, body.get("shm"), msg.keys)
@@ -257,7 +261,8 @@ class Server:
             )
             self.keys[state.key] = state
             if tensor is not None and not state.initialized:
-                state.initialize(*tensor)
+                hparams = groups[state.group]
+                self.optimizers.add(state, tensor, lambda p, h=hparams: build_optimizer(opt_name, h, p))
         return Message(Kind.OK, id=msg.id, src=self.name, body=shm_reply)
 
     def _attach(self, worker: int, description: Any, entries: list[dict[str, Any]]) -> tuple[Segment | None, dict[str, Any]]:
@@ -333,13 +338,17 @@ class Server:
                 accepted.append((state, step, grad))
             else:
                 self.counters["duplicates"] += 1
+        updates = []
         for state, step, grad in accepted:
             if lrs is not None:
                 state.lr = float(lrs[state.group] if state.group < len(lrs) else lrs[0])
             if grad.dtype != torch.float32:
                 grad = grad.float()
-            if self.consistency.push(state, worker, step, grad):
-                self.counters["pushes_applied"] += 1
+            ready = self.consistency.push(state, worker, step, grad)
+            if ready is not None:
+                updates.append((state, ready))
+        self.optimizers.apply(updates)
+        self.counters["pushes_applied"] += len(updates)
 
     # -- PULL ------------------------------------------------------------------------------------------
     def _pull_request(self, identity: bytes, msg: Message, worker: int, steps: list[int]) -> _Pending:

@@ -1,8 +1,14 @@
-"""The shard store: one float32 tensor per chunk key, its optimizer, and the bookkeeping of who pushed what."""
+"""The shard store: one float32 tensor per chunk key, the bookkeeping of who pushed what, and the optimizers.
+
+One torch.optim optimizer per worker param group holds every key of that group. Keys that become ready together
+(all keys of a message, typically) are stepped by one ``step()`` call with their gradients set and every other
+key's gradient None, which torch skips: per-key optimizer state stays exact while the foreach implementation runs
+over all of them at once.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,7 +23,6 @@ class KeyState:
     offset: int = 0
     group: int = 0  # the worker optimizer's param group this key belongs to
     param: torch.Tensor | None = None  # None until rank 0 initialised it
-    optimizer: torch.optim.Optimizer | None = None
     version: int = 0  # number of updates applied (BSP: the step being aggregated)
     lr: float | None = None  # latest learning rate a worker sent for this key
     # BSP aggregation of the current step
@@ -34,21 +39,6 @@ class KeyState:
         where = f" [{self.offset}:{self.offset + self.numel}]" if self.name else ""
         return f"key {self.key} ({self.name!r}{where})" if self.name else f"key {self.key}"
 
-    def initialize(self, values: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        self.param = values
-        self.optimizer = optimizer
-
-    def apply(self, grad: torch.Tensor) -> None:
-        """One optimizer step with ``grad`` (float32, flat, same numel) as the gradient."""
-        assert self.param is not None and self.optimizer is not None
-        if self.lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
-        self.param.grad = grad
-        self.optimizer.step()
-        self.param.grad = None
-        self.version += 1
-
     def accumulate(self, worker: int, grad: torch.Tensor) -> None:
         """BSP: add one worker's gradient to this step's sum (in place; the first push is copied in)."""
         if self.acc is None:
@@ -59,12 +49,50 @@ class KeyState:
             self.acc.add_(grad)
         self.pushed.add(worker)
 
-    def apply_aggregate(self) -> None:
-        """BSP: average the step's pushes and apply them once."""
+    def take_aggregate(self) -> torch.Tensor:
+        """BSP: the average of the step's pushes, to apply once."""
         assert self.acc is not None and self.pushed
         self.acc.div_(len(self.pushed))
         self.pushed.clear()
-        self.apply(self.acc)
+        return self.acc
 
     def stats(self) -> dict[str, Any]:
         return {"key": self.key, "version": self.version, "initialized": self.initialized}
+
+
+Update = tuple[KeyState, torch.Tensor]  # a key and the gradient to apply to it
+
+
+class Optimizers:
+    """The server's torch.optim optimizers, one per worker param group, built from the workers' description."""
+
+    def __init__(self) -> None:
+        self.by_group: dict[int, torch.optim.Optimizer] = {}
+
+    def add(self, state: KeyState, param: torch.Tensor, build: Callable[[torch.Tensor], torch.optim.Optimizer]) -> None:
+        """Give ``state`` its values and put them under its group's optimizer (built by ``build`` the first time)."""
+        optimizer = self.by_group.get(state.group)
+        if optimizer is None:
+            self.by_group[state.group] = build(param)
+        else:
+            optimizer.param_groups[0]["params"].append(param)
+        state.param = param
+
+    def apply(self, updates: list[Update]) -> None:
+        """One optimizer step per (group, learning rate) over every key in ``updates``; bumps their versions."""
+        batches: dict[tuple[int, float | None], list[Update]] = {}
+        for state, grad in updates:
+            batches.setdefault((state.group, state.lr), []).append((state, grad))
+        for (group, lr), batch in batches.items():
+            optimizer = self.by_group[group]
+            if lr is not None:
+                optimizer.param_groups[0]["lr"] = lr
+            for state, grad in batch:
+                assert state.param is not None
+                state.param.grad = grad
+            try:
+                optimizer.step()
+            finally:
+                for state, _ in batch:
+                    state.param.grad = None  # type: ignore[union-attr]
+                    state.version += 1
