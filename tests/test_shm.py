@@ -1,7 +1,7 @@
 """The same-host fast path: shared memory when worker and server share a host, frames otherwise."""
 from __future__ import annotations
 
-import glob
+import os
 
 import pytest
 import torch
@@ -11,7 +11,17 @@ from protocol.shm import Segment, ShmUnavailable
 from .cluster import local_cluster
 
 
-def run_asp(shm: bool, monkeypatch=None, refuse_attach: bool = False):
+def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
+    """Train 3 ASP steps; return the servers' stats, the segments in use, and the paths of those created."""
+    created: list[str] = []
+    original = Segment.create.__func__
+
+    def recording_create(cls, data_bytes):
+        segment = original(cls, data_bytes)
+        created.append(segment.path)
+        return segment
+
+    monkeypatch.setattr(Segment, "create", classmethod(recording_create))
     if refuse_attach:
         def refuse(*args, **kwargs):
             raise ShmUnavailable("pretend the server is on another host")
@@ -33,16 +43,16 @@ def run_asp(shm: bool, monkeypatch=None, refuse_attach: bool = False):
     # lr 0.5 x (1 + 2 + 3)
     torch.testing.assert_close(held["w"], start - 3.0, atol=0, rtol=0)
     torch.testing.assert_close(held["b"], torch.full((3,), -1.5), atol=0, rtol=0)
+    assert bool(created) == shm and not any(os.path.exists(p) for p in created)  # nothing left in /dev/shm
     return stats, segments
 
 
-def test_same_host_moves_tensor_bytes_through_shared_memory() -> None:
-    stats, segments = run_asp(shm=True)
+def test_same_host_moves_tensor_bytes_through_shared_memory(monkeypatch) -> None:
+    stats, segments = run_asp(shm=True, monkeypatch=monkeypatch)
     assert segments == 2
     assert sum(s["shm_bytes_in"] for s in stats) == 3 * 5003 * 4
     assert sum(s["shm_bytes_out"] for s in stats) == 4 * 5003 * 4
     assert sum(s["bytes_in"] for s in stats) == 5003 * 4  # only rank 0's initial values went as frames
-    assert glob.glob("/dev/shm/zps-*") == []
 
 
 def test_falls_back_to_frames_when_the_server_cannot_map_it(monkeypatch) -> None:
@@ -50,11 +60,10 @@ def test_falls_back_to_frames_when_the_server_cannot_map_it(monkeypatch) -> None
     assert segments == 0
     assert sum(s["shm_bytes_in"] + s["shm_bytes_out"] for s in stats) == 0
     assert sum(s["bytes_in"] for s in stats) >= 4 * 5003 * 4
-    assert glob.glob("/dev/shm/zps-*") == []
 
 
-def test_switched_off() -> None:
-    stats, segments = run_asp(shm=False)
+def test_switched_off(monkeypatch) -> None:
+    stats, segments = run_asp(shm=False, monkeypatch=monkeypatch)
     assert segments == 0 and sum(s["shm_bytes_in"] for s in stats) == 0
 
 
