@@ -249,7 +249,6 @@ class Coordinator:
         for role, count in self.expected.items():
             missing = [r for r in range(count) if (role, r) not in self.members]
             if missing:
-                have = count - len(missing)
                 parts.append(f"{len(missing)} of {count} {role}s (ranks {', '.join(map(str, missing))})")
         return "; ".join(parts)
 

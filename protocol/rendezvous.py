@@ -18,7 +18,7 @@ import zmq
 
 from . import transport
 from .config import Config
-from .messages import ErrorCode, Kind, Message, ProtocolError, raise_if_error
+from .messages import ErrorCode, Kind, Message, ProtocolError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,3 +120,33 @@ def kill_tagged(tag: str) -> None:
     for pid in tagged_pids(tag):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+# -- watching a launcher's output -------------------------------------------------------------------------
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    """Read ``proc``'s output until a line contains ``needle``; return everything read."""
+    seen = []
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=deadline - time.monotonic()):
+            break
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}")
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for ``proc`` to end; its exit code and output. Kills it (and fails) past ``timeout``."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"the launcher did not end within {timeout}s:\n{out.decode(errors='replace')}")
+    return proc.returncode, out.decode(errors="replace")

@@ -6,7 +6,6 @@ import pytest
 import torch
 import zmq
 
-from protocol import transport
 from protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, parse_frames
 from protocol.tensors import as_buffer
 

@@ -3,57 +3,24 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from .cluster import kill_tagged, tagged_pids, wait_for_no_tagged
+from .cluster import finish, tagged_pids, wait_for_line, wait_for_no_tagged
 
 ROOT = Path(__file__).resolve().parents[1]
 ZPS = [sys.executable, "-m", "launcher.cli"]
 FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
 
 
-@pytest.fixture()
-def tag():
-    """A marker in the environment of every process of the job, to find them in the process table."""
-    value = uuid.uuid4().hex
-    yield value
-    kill_tagged(value)  # clean up even when the test failed
-
-
 def start(tag: str, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "ZPS_TEST_TAG": tag}
     return subprocess.Popen(ZPS + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """Read the launcher's output until a line contains ``needle``; return everything read."""
-    seen = []
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=deadline - time.monotonic()):
-            break
-        line = proc.stdout.readline().decode(errors="replace")
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}")
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out.decode(errors="replace")
 
 
 @pytest.mark.parametrize("mode", ["bsp", "asp", "ssp"])

@@ -13,7 +13,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 
 from launcher.node import node_env
 
-from .cluster import kill_tagged, wait_for_no_tagged
+from .cluster import wait_for_no_tagged
 from .sshd import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +42,6 @@ with open(os.path.join(sys.argv[1], f"worker-{client.rank}.json"), "w") as f:
     json.dump(facts, f)
 worker.shutdown()
 """
-
-
-@pytest.fixture()
-def tag():
-    value = uuid.uuid4().hex
-    yield value
-    kill_tagged(value)
 
 
 class Procs:

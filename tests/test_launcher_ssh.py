@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from launcher.preflight import Problem, compare, format_problems
 
-from .cluster import kill_tagged, tagged_pids, wait_for_no_tagged
+from .cluster import finish, tagged_pids, wait_for_line, wait_for_no_tagged
 from .sshd import Sshd, descendants, ensure_openssh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,45 +38,11 @@ def sshd(tmp_path_factory):
         yield daemon
 
 
-@pytest.fixture()
-def tag():
-    value = uuid.uuid4().hex
-    yield value
-    kill_tagged(value)
-
-
 def launch(sshd: Sshd, tag: str, *args: str) -> subprocess.Popen:
     options = [a for o in sshd.client_options() for a in ("--ssh-option", o)]
     argv = [*ZPS, "launch", "--ssh-port", str(sshd.port), *options, "--env", f"ZPS_TEST_TAG={tag}", *args]
     return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-
-
-def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    seen = []
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=deadline - time.monotonic()):
-            break
-        line = proc.stdout.readline().decode(errors="replace")
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}")
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"the launcher did not end within {timeout}s:\n{out.decode(errors='replace')}")
-    return proc.returncode, out.decode(errors="replace")
 
 
 def role_pid(tag: str, role: str, rank: int) -> int:
