@@ -208,7 +208,7 @@ def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
         (client,) = cluster.clients()
         try:
             model = make_model()
-            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client)
+            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client, bucket_bytes=64)
             x, y = batches(1)[0]
             nn.functional.mse_loss(model(x), y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)

@@ -121,19 +121,19 @@ class DistributedOptimizer:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            if self.overlap:
-                self._check_unchanged()
+            if self._futures:
+                self._check_unchanged()  # only what already left during backward can be stale  # some buckets left during backward: push the rest, then pull, front layers first
                 rest = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items() if n not in self._pushed}
                 self._bucket.update(rest)
                 self._flush()
-                pull = self.client.pull(self.params, self.steps + 1)  # in declaration order: front layers first
+                pull = self.client.pull(self.params, self.steps + 1)
                 for future in self._futures:
                     future.result()
                 pull.result()
-                self._futures, self._pushed, self._passes = [], {}, {}
-            else:
+            else:  # nothing left early (no overlap, or a model smaller than one bucket): one round trip
                 grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
                 self.client.push_pull(grads, self.params, self.steps, lr=self._lrs()).result()
+            self._futures, self._pushed, self._passes, self._bucket, self._bucket_size = [], {}, {}, {}, 0
         self.steps += 1
         # The wrapped optimizer's step() never runs; tell torch's LR schedulers that a step happened.
         self.optimizer._opt_called = True  # type: ignore[attr-defined]
