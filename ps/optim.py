@@ -71,8 +71,6 @@ def build_optimizer(name: str, hparams: dict[str, Any], param: torch.Tensor) -> 
     """A torch.optim optimizer over one shard tensor; construction errors become ``BAD_OPTIMIZER`` replies."""
     cls = optimizer_class(name)
     cleaned = clean_hparams(cls, hparams)
-    if "foreach" in inspect.signature(cls.__init__).parameters:
-        cleaned["foreach"] = True  # one kernel over all keys stepped together, on the CPU too
     try:
         return cls([param], **cleaned)
     except (ValueError, TypeError) as exc:

@@ -61,6 +61,7 @@ class KeyState:
 
 
 Update = tuple[KeyState, torch.Tensor]  # a key and the gradient to apply to it
+_FOREACH_MAX_ELEMENTS = 1 << 20
 
 
 class Optimizers:
@@ -85,8 +86,12 @@ class Optimizers:
             batches.setdefault((state.group, state.lr), []).append((state, grad))
         for (group, lr), batch in batches.items():
             optimizer = self.by_group[group]
+            settings = optimizer.param_groups[0]
             if lr is not None:
-                optimizer.param_groups[0]["lr"] = lr
+                settings["lr"] = lr
+            if "foreach" in settings:
+                # foreach saves per-tensor overhead on many small keys, but its temporaries span the whole batch
+                settings["foreach"] = len(batch) > 1 and sum(s.numel for s, _ in batch) < _FOREACH_MAX_ELEMENTS
             for state, grad in batch:
                 assert state.param is not None
                 state.param.grad = grad
