@@ -44,11 +44,11 @@ class _Request:
     future: Future
     what: str
     deadline: float
-    waiting: set[int]  # servers that have not answered yet
+    remaining: int  # messages not answered yet
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> flat destination view
     replies: dict[int, dict[str, Any]] = field(default_factory=dict)  # server -> reply body
     error: BaseException | None = None
-    shm_marks: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # server -> shared areas in use
+    shm_marks: set[tuple[int, str]] = field(default_factory=set)  # (key, area) shared areas in use
 
 
 class Client:
@@ -99,7 +99,7 @@ class Client:
         self._by_name: dict[str, tuple[int, list[Chunk]]] = {}
         self._codecs: dict[int, Codec] = {}
         self._ids = itertools.count(1)
-        self._inflight: dict[int, tuple[_Request, int]] = {}  # message id -> (request, server)
+        self._inflight: dict[int, tuple[_Request, int, set[int]]] = {}  # message id -> (request, server, keys)
         self._queue: collections.deque[tuple[int, Message, _Request]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -333,19 +333,39 @@ class Client:
             raise RuntimeError(f"{self.name}: the client is closed")
         check_failure(self.rendezvous)
         future: Future = Future()
-        request = _Request(
-            future, what, time.monotonic() + self.config.timeout + 15, set(messages), outs=outs
-        )
+        parts = [(server, part) for server, msg in messages.items() for part in self._split(msg)]
+        request = _Request(future, what, time.monotonic() + self.config.timeout + 15, len(parts), outs=outs)
         request.replies = {} if keep_replies else None  # type: ignore[assignment]
-        request.shm_marks = marks or {}
-        if not messages:
+        request.shm_marks = {m for server_marks in (marks or {}).values() for m in server_marks}
+        if not parts:
             future.set_result({})
             return future
         with self._lock:
-            for server, msg in messages.items():
-                self._queue.append((server, msg, request))
+            for server, part in parts:
+                self._queue.append((server, part, request))
             self._wake_tx.send(b"", zmq.NOBLOCK)
         return future
+
+    def _split(self, msg: Message) -> list[Message]:
+        """Cut a data message into parts of about one chunk's bytes: several are then in flight per server, so
+        the server applies one while the next still arrives, and many small keys still share one message."""
+        if msg.kind not in (Kind.PUSH, Kind.PULL, Kind.PUSH_PULL) or len(msg.keys) < 2:
+            return [msg]
+        parts: list[Message] = []
+        current = Message(msg.kind, src=msg.src, body=msg.body)
+        size, offset = 0, 0
+        for entry in msg.keys:
+            nf = entry.get("nf", 0)
+            numel = self.plan.chunks[entry["key"]].numel  # type: ignore[union-attr]
+            if current.keys and size + numel * 4 > self.chunk_bytes:
+                parts.append(current)
+                current, size = Message(msg.kind, src=msg.src, body=msg.body), 0
+            current.keys.append(entry)
+            current.frames.extend(msg.frames[offset : offset + nf])
+            offset += nf
+            size += numel * 4
+        parts.append(current)
+        return parts
 
     def _io_loop(self) -> None:
         sockets = []
@@ -390,7 +410,7 @@ class Client:
                     return
                 server, msg, request = self._queue.popleft()
             msg.id = next(self._ids)
-            self._inflight[msg.id] = (request, server)
+            self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
             transport.send(sockets[server], msg)
 
     def _on_reply(self, server: int, frames: list[Any]) -> None:
@@ -402,7 +422,7 @@ class Client:
         found = self._inflight.pop(msg.id, None)
         if found is None:
             return  # a late reply to a request that already failed
-        request, _ = found
+        request, _, keys = found
         try:
             raise_if_error(msg)
             if msg.kind is Kind.VALUES:
@@ -412,16 +432,18 @@ class Client:
         except Exception as exc:  # the first error fails the whole call
             if request.error is None:
                 request.error = exc
-        self._release(request, server)
-        request.waiting.discard(server)
-        if not request.waiting:
+        self._release(request, keys)
+        request.remaining -= 1
+        if not request.remaining:
             self._finish(request)
 
-    def _release(self, request: _Request, server: int) -> None:
-        marks = request.shm_marks.pop(server, None)
-        if marks:
+    def _release(self, request: _Request, keys: set[int]) -> None:
+        """The server answered for ``keys``: their shared areas may be written again."""
+        if request.shm_marks:
+            done = {m for m in request.shm_marks if m[0] in keys}
+            request.shm_marks -= done
             with self._lock:
-                self._shm_busy.difference_update(marks)
+                self._shm_busy -= done
 
     def _copy_values(self, msg: Message, request: _Request) -> None:
         offset = 0
@@ -463,7 +485,7 @@ class Client:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         failure = self.rendezvous.failure
-        for msg_id, (request, server) in list(self._inflight.items()):
+        for msg_id, (request, server, _) in list(self._inflight.items()):
             if failure is not None:
                 reason = ProtocolError(ErrorCode.DEAD, f"{self.name} {request.what}: {failure}")
             elif now > request.deadline:
@@ -477,15 +499,15 @@ class Client:
             del self._inflight[msg_id]
             if request.error is None:
                 request.error = reason
-            request.waiting.discard(server)
-            if not request.waiting:
+            request.remaining -= 1
+            if not request.remaining:
                 self._finish(request)
 
     def _chunk_server(self, key: int) -> int:
         return self.plan.chunks[key].server  # type: ignore[union-attr]
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request, _ in self._inflight.values():
+        for request, _, _ in self._inflight.values():
             if not request.future.done():
                 request.future.set_exception(exc)
         self._inflight.clear()
