@@ -123,10 +123,9 @@ class Server:
             if poller.poll(wait_ms):
                 # drain what is queued before checking deadlines again
                 for _ in range(256):
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     self._handle(sock, frames)
                     self._since_trim += sum(len(f) for f in frames[2:])
                     del frames  # the message's buffers are free from here on

@@ -380,24 +380,21 @@ class Client:
             poller.register(sock, zmq.POLLIN)
             index[sock] = server
         try:
+            next_check = 0.0
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
                 if self._wake_rx in events:
-                    while True:
-                        try:
-                            self._wake_rx.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                    while self._wake_rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._wake_rx.recv(zmq.NOBLOCK)
                     self._send_queued(sockets)
                 for sock, server in index.items():
                     if sock in events:
-                        while True:
-                            try:
-                                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                            except zmq.Again:
-                                break
-                            self._on_reply(server, frames)
-                self._check_deadlines()
+                        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            self._on_reply(server, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                now = time.monotonic()
+                if now >= next_check:  # deadlines and lost peers: a few times a second is plenty
+                    self._check_deadlines()
+                    next_check = now + 0.05
         finally:
             for sock in sockets:
                 sock.close(linger=0)

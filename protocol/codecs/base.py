@@ -58,12 +58,14 @@ class Codec(ABC):
         """
 
     def spec(self) -> str:
-        """The spec string that rebuilds this codec (``name:k=v,...``)."""
-        name = getattr(self, "_spec_name", None) or self.name  # set by make_codec for codecs loaded by path
-        params = {k: v for k, v in getattr(self, "params", {}).items() if v is not None}
-        if not params:
-            return name
-        return name + ":" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+        """The spec string that rebuilds this codec (``name:k=v,...``); computed once, it goes with every push."""
+        cached = self.__dict__.get("_spec")
+        if cached is None:
+            name = getattr(self, "_spec_name", None) or self.name  # set by make_codec for codecs loaded by path
+            params = {k: v for k, v in getattr(self, "params", {}).items() if v is not None}
+            cached = name if not params else name + ":" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+            self.__dict__["_spec"] = cached
+        return cached
 
 
 # ---- helpers for codec implementations ---------------------------------------------------------------------

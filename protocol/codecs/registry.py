@@ -127,6 +127,7 @@ def _build(cls: type[Codec], params: dict[str, Any], spec_name: str | None, spec
         raise CodecSpecError(f"codec spec {spec!r}: bad parameters: {exc}") from exc
     if spec_name is not None:
         codec._spec_name = spec_name  # so codec.spec() names the import path back
+        codec.__dict__.pop("_spec", None)
     return codec
 
 
