@@ -141,3 +141,19 @@ def test_a_silent_worker_is_declared_dead_and_nobody_hangs() -> None:
             assert cluster.coordinator.error and "worker:1" in cluster.coordinator.error
         finally:
             close_all(clients)
+
+
+def test_barrier_releases_everyone_and_names_who_is_missing() -> None:
+    with local_cluster(1, 3, "bsp", timeout=1.0) as cluster:
+        clients = cluster.clients()
+        try:
+            run_parallel([lambda c=c: c.rendezvous.barrier("all") for c in clients])  # returns for all three
+            clients[2].close()  # a worker that is done no longer counts
+            run_parallel([lambda c=c: c.rendezvous.barrier("two") for c in clients[:2]])
+            started = time.monotonic()
+            with pytest.raises(RendezvousError) as info:
+                clients[0].rendezvous.barrier("alone")  # worker 1 never comes
+            assert time.monotonic() - started < 10
+            assert "barrier 'alone'" in str(info.value) and "[1]" in str(info.value)
+        finally:
+            close_all(clients)

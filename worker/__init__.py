@@ -8,6 +8,6 @@
 from .client import Client
 from .data import shard_sampler
 from .optimizer import DistributedOptimizer
-from .session import default_client, init, num_workers, rank, shutdown
+from .session import barrier, default_client, init, num_workers, rank, shutdown
 
-__all__ = ["Client", "DistributedOptimizer", "default_client", "init", "num_workers", "rank", "shard_sampler", "shutdown"]
+__all__ = ["Client", "barrier", "DistributedOptimizer", "default_client", "init", "num_workers", "rank", "shard_sampler", "shutdown"]

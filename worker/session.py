@@ -41,3 +41,9 @@ def rank() -> int:
 
 def num_workers() -> int:
     return default_client().num_workers
+
+
+def barrier(name: str = "default") -> None:
+    """Wait until every live worker reached the barrier ``name`` (fails after the job's timeout, naming who is
+    missing)."""
+    default_client().rendezvous.barrier(name)
