@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -45,8 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--optimizer", default=os.environ.get("ZPS_OPTIMIZER") or "sgd:lr=0.05,momentum=0.9",
-                        help="torch.optim spec (default: zps run --optimizer, else sgd:lr=0.05,momentum=0.9)")
+    parser.add_argument("--optimizer", help="torch.optim spec (default: zps run --optimizer, else sgd:lr=0.05,momentum=0.9)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where gradients are computed (default: cuda when available)")
@@ -59,7 +57,8 @@ def main() -> None:
     torch.manual_seed(args.seed)  # every worker builds the same model; rank 0's values initialise the servers
     train, test = load_data(args.seed)
     model = make_model().to(args.device)
-    optimizer = worker.DistributedOptimizer(build_from_spec(args.optimizer, model.parameters()), model)
+    spec = args.optimizer or client.config.optimizer or "sgd:lr=0.05,momentum=0.9"
+    optimizer = worker.DistributedOptimizer(build_from_spec(spec, model.parameters()), model)
     sampler = worker.shard_sampler(train, shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
     loss_fn = nn.CrossEntropyLoss()

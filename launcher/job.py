@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -151,11 +150,7 @@ def _print_tail(group: ProcessGroup, child: Child) -> None:
 
 
 def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The launcher's environment for local children: unbuffered output, one BLAS thread per process by default."""
+    """The base environment of children started from this host: the launcher's own, with unbuffered output."""
     env = dict(os.environ if base is None else base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def python() -> str:
-    return sys.executable

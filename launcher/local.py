@@ -5,13 +5,12 @@ import os
 import sys
 from typing import IO, Sequence
 
-from .job import JobSpec, ProcSpec, run_job
+from .job import JobSpec, ProcSpec, local_env, run_job
 
 
 def local_processes(spec: JobSpec, script: Sequence[str], coordinator: str, base_env: dict[str, str] | None = None) -> list[ProcSpec]:
     """Servers run ``python -m ps``; workers run ``python SCRIPT ARGS...``; each gets its ``ZPS_*`` variables."""
-    base = dict(os.environ if base_env is None else base_env)
-    base.setdefault("PYTHONUNBUFFERED", "1")
+    base = local_env(base_env)
     # Share the cores instead of oversubscribing them: one intra-op thread per process unless the user chose.
     cores = os.cpu_count() or 1
     base.setdefault("OMP_NUM_THREADS", str(max(1, cores // (spec.num_servers + spec.num_workers))))
