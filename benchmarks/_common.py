@@ -71,6 +71,20 @@ def load_avg() -> str:
         return "?"
 
 
+def code_version() -> str:
+    """The checkout's commit, plus a mark when the core packages differ from it (read-only git commands)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "protocol", "ps", "worker", "launcher"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    if not head:
+        return "?"
+    return head + (f" + uncommitted changes in {len(changed)} core file(s)" if changed else "")
+
+
 def machine_facts() -> dict[str, Any]:
     import numpy
     import torch
@@ -86,6 +100,7 @@ def machine_facts() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "numpy": numpy.__version__,
         "load_avg": load_avg(),
+        "zps_code": code_version(),
         "mem_total_gib": round(_meminfo_kib("MemTotal") / 2**20, 1),
     }
 

@@ -56,9 +56,13 @@ def zps_worker(numel: int, steps: int) -> None:
     if len(pids) != 1:
         raise RuntimeError(f"expected one server process of coordinator {client.config.coordinator}, found {pids}")
     pid = pids[0]
-    stages = {"registered": C.proc_status_kib(pid)}
+    def settled() -> dict[str, int]:  # the server frees a message's buffers just after replying: let it finish
+        time.sleep(0.5)
+        return C.proc_status_kib(pid)
+
+    stages = {"registered": settled()}
     client.declare(values, ("Adam", [{"lr": 1e-3}]))
-    stages["after declare"] = C.proc_status_kib(pid)
+    stages["after declare"] = settled()
     grads = {name: torch.full_like(v, 1e-3) for name, v in values.items()}
     times = []
     for step in range(steps):
@@ -66,9 +70,8 @@ def zps_worker(numel: int, steps: int) -> None:
         client.push_pull(grads, values, step).result()
         times.append(time.perf_counter() - start)
         if step == 0:
-            stages["after 1 Adam step"] = C.proc_status_kib(pid)
-    time.sleep(0.5)
-    stages[f"after {steps} Adam steps"] = C.proc_status_kib(pid)
+            stages["after 1 Adam step"] = settled()
+    stages[f"after {steps} Adam steps"] = settled()
     C.emit_result({"numel": sum(sizes), "server_pid": pid, "stages": stages, "step_times": times})
     worker.shutdown()
 

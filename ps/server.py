@@ -33,7 +33,10 @@ from .store import KeyState, Optimizers
 log = logging.getLogger("zps.server")
 
 _WORKER_SRC = re.compile(r"^worker:(\d+)$")
-_TRIM_EVERY = 256 * 1024 * 1024  # bytes received between returns of freed heap memory to the OS
+# Freed message buffers and optimizer temporaries go back to the OS when the server has been idle this long, or
+# after this many bytes under continuous load (trimming more often makes the next messages fault pages in again).
+_TRIM_WHEN_IDLE = 0.2
+_TRIM_BACKSTOP = 1 << 30
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -45,7 +48,7 @@ def _malloc_trim() -> Callable[[], None]:
 
 
 # Message buffers are freed after each request, but glibc may keep the pages: give them back now and then, so the
-# server's resident memory stays close to parameters + optimizer state (a few ms per 256 MiB received).
+# server's resident memory stays close to parameters + optimizer state (a few ms per call).
 release_free_memory = _malloc_trim()
 
 
@@ -83,7 +86,8 @@ class Server:
         # same-host fast path: each worker's shared segment and, per (worker, key), its (push, pull) offsets
         self._segments: dict[int, Segment] = {}
         self._shm_offsets: dict[tuple[int, int], tuple[int, int]] = {}
-        self._since_trim = 0
+        self._since_trim = 0  # bytes received since freed memory was last given back
+        self._last_request = time.monotonic()
         self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0,
                          "shm_bytes_in": 0, "shm_bytes_out": 0}
 
@@ -112,6 +116,10 @@ class Server:
             rendezvous.close()
             sock.close(linger=0)
 
+    def _trim(self) -> None:
+        self._since_trim = 0
+        release_free_memory()
+
     def _serve(self, sock: zmq.Socket, rendezvous: RendezvousClient) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -127,11 +135,13 @@ class Server:
                         break
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     self._handle(sock, frames)
-                    self._since_trim += sum(len(f) for f in frames[2:])
+                    self._since_trim += 1 + sum(len(f) for f in frames[2:])
                     del frames  # the message's buffers are free from here on
-                    if self._since_trim >= _TRIM_EVERY:
-                        self._since_trim = 0
-                        release_free_memory()
+                    self._last_request = time.monotonic()
+                    if self._since_trim >= _TRIM_BACKSTOP:
+                        self._trim()
+            elif self._since_trim and time.monotonic() - self._last_request >= _TRIM_WHEN_IDLE:
+                self._trim()
             self._expire(sock)
         reason = rendezvous.failure or "the job is shutting down"
         for p in self.pending:
