@@ -192,7 +192,8 @@ def test_gradient_accumulation_pushes_once_per_step() -> None:
         (client,) = cluster.clients()
         try:
             model = make_model()
-            dist = DistributedOptimizer(OPTIMIZERS["sgd_momentum"](model.parameters()), model, client=client, backward_passes_per_step=2)
+            dist = DistributedOptimizer(OPTIMIZERS["sgd_momentum"](model.parameters()), model, client=client, overlap=True,
+                                        backward_passes_per_step=2, bucket_bytes=64)  # hooks count the passes
             for x, y in data:
                 dist.zero_grad()
                 for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
@@ -203,12 +204,22 @@ def test_gradient_accumulation_pushes_once_per_step() -> None:
     assert_same(ref, model)
 
 
+def test_overlap_is_on_by_default_only_for_gpu_models() -> None:
+    with local_cluster(1, 1, "bsp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            model = make_model()
+            assert DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client).overlap is False
+        finally:
+            client.close()
+
+
 def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
     with local_cluster(1, 1, "bsp") as cluster:
         (client,) = cluster.clients()
         try:
             model = make_model()
-            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client, bucket_bytes=64)
+            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client, overlap=True, bucket_bytes=64)
             x, y = batches(1)[0]
             nn.functional.mse_loss(model(x), y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
