@@ -248,12 +248,16 @@ class Server:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'numel' must be a non-negative integer")
             if entry.get("dtype", "float32") not in DTYPES or not isinstance(name, str):
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: bad 'dtype' or 'name'")
+            group = entry.get("group", 0)
+            if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' must be a non-negative integer, got {group!r}")
             existing = self.keys.get(key)
-            if existing is not None and (existing.numel != numel or existing.name != name):
+            if existing is not None and (existing.numel, existing.name, existing.group) != (numel, name, group):
                 raise ProtocolError(
                     ErrorCode.CONFLICT,
-                    f"worker {worker} declares key {key} as {name!r} with {numel} elements, but it was declared as "
-                    f"{existing.name!r} with {existing.numel}: do all workers build the same model?",
+                    f"worker {worker} declares key {key} as {name!r} with {numel} elements in group {group}, but it was "
+                    f"declared as {existing.name!r} with {existing.numel} in group {existing.group}: do all workers "
+                    "build the same model and optimizer?",
                 )
             nf = entry.get("nf", 0)
             frames = msg.frames[offset : offset + nf]
@@ -262,8 +266,7 @@ class Server:
             if nf:
                 if opt_name is None:
                     raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "INIT with values must name the server 'optimizer'")
-                group = entry.get("group", 0)
-                if not isinstance(group, int) or not 0 <= group < len(groups):
+                if group >= len(groups):
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the {len(groups)} groups")
                 decoded = self._decode(entry, frames, numel, entry.get("dtype", "float32"), f"INIT of key {key}")
                 tensor = decoded.to(torch.float32, copy=True)

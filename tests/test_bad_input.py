@@ -147,3 +147,13 @@ def test_unknown_server_optimizer_is_refused(served) -> None:
     assert "warp_speed" in reply.body["reason"]
     # nothing was declared by the refused requests
     assert ask(raw, [header(keys=[push_entry(77, numel=4)]), torch.ones(4).numpy().tobytes()]).body["code"] == ErrorCode.UNKNOWN_KEY.value
+
+
+def test_a_declaration_in_another_group_is_a_conflict(served) -> None:
+    client, raw, tensors = served
+    entry = {"key": key_of(client, "a"), "name": "a", "numel": NUMEL, "group": 3, "nf": 0}
+    reply = ask(raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 1, "src": "worker:0", "keys": [entry]})])
+    assert reply.body["code"] == ErrorCode.CONFLICT.value and "group 3" in reply.body["reason"]
+    entry = {"key": 500, "name": "z", "numel": 4, "group": "first", "nf": 0}
+    reply = ask(raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 2, "src": "worker:0", "keys": [entry]})])
+    assert reply.body["code"] == ErrorCode.BAD_HEADER.value and "'group'" in reply.body["reason"]
