@@ -125,9 +125,16 @@ def _supervise(spec: JobSpec, group: ProcessGroup, coordinator: Coordinator, res
         failed = [c for c in group.children if c.returncode not in (None, 0)]
         if failed:
             first = min(failed, key=lambda c: c.exited_at or 0.0)
-            group.say(f"{first.label} exited with code {first.returncode}: stopping the job (first failure)")
+            code = first.returncode
+            assert code is not None
+            if code < 0:  # killed by a signal: report it as a shell would, 128 + N
+                how = f"was killed by {signal.Signals(-code).name}"
+                code = 128 - code
+            else:
+                how = f"exited with code {code}"
+            group.say(f"{first.label} {how}: stopping the job (first failure)")
             _print_tail(group, first)
-            return first.returncode if first.returncode and first.returncode > 0 else 1
+            return code
         workers = [c for c in group.children if c.label.startswith("worker")]
         if all(c.returncode == 0 for c in workers):
             if not group.running():

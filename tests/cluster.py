@@ -106,6 +106,23 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
+def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"launcher.ssh", b"launcher.cli")) -> int:
+    """The pid of a role's own process among the tagged ones (not a guard or launcher: ``exclude`` names what
+    must not be in its command line)."""
+    for pid in tagged_pids(tag):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+        except OSError:
+            continue
+        if (f"ZPS_ROLE={role}".encode() in environ and f"ZPS_RANK={rank}".encode() in environ
+                and not any(x in cmdline for x in exclude)):
+            return pid
+    raise AssertionError(f"no {role} {rank} among the processes tagged {tag}")
+
+
 def wait_for_no_tagged(tag: str, within: float) -> list[int]:
     """Wait up to ``within`` seconds for every tagged process to be gone; return the survivors."""
     deadline = time.monotonic() + within

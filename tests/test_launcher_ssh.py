@@ -21,7 +21,7 @@ import pytest
 
 from launcher.preflight import Problem, compare, format_problems
 
-from .cluster import finish, tagged_pids, wait_for_line, wait_for_no_tagged
+from .cluster import finish, role_pid, tagged_pids, wait_for_line, wait_for_no_tagged
 from .sshd import Sshd, descendants, ensure_openssh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,20 +43,6 @@ def launch(sshd: Sshd, tag: str, *args: str) -> subprocess.Popen:
     argv = [*ZPS, "launch", "--ssh-port", str(sshd.port), *options, "--env", f"ZPS_TEST_TAG={tag}", *args]
     return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-
-
-def role_pid(tag: str, role: str, rank: int) -> int:
-    """The pid of the role's own process (not its guard) among the tagged ones, from the process table."""
-    for pid in tagged_pids(tag):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (f"ZPS_ROLE={role}".encode() in environ and f"ZPS_RANK={rank}".encode() in environ
-                and b"launcher.ssh" not in cmdline and b"launcher.cli" not in cmdline):
-            return pid
-    raise AssertionError(f"no {role} {rank} among the processes tagged {tag}")
 
 
 def assert_nothing_left(sshd: Sshd, tag: str, within: float = 15) -> None:

@@ -483,13 +483,12 @@ class Client:
         now = time.monotonic()
         failure = self.rendezvous.failure
         for msg_id, (request, server, _) in list(self._inflight.items()):
-            if failure is not None:
-                reason = ProtocolError(ErrorCode.DEAD, f"{self.name} {request.what}: {failure}")
+            if failure is not None:  # _finish puts "worker:N <what>:" in front
+                reason = ProtocolError(ErrorCode.DEAD, failure)
             elif now > request.deadline:
                 reason = ProtocolError(
                     ErrorCode.TIMEOUT,
-                    f"{self.name} {request.what}: no reply from server {server} ({self.topology.servers[server]}) "
-                    f"within {self.config.timeout + 15:.0f}s",
+                    f"no reply from server {server} ({self.topology.servers[server]}) within {self.config.timeout + 15:.0f}s",
                 )
             else:
                 continue
