@@ -85,7 +85,8 @@ class Server:
         self._views: dict[tuple[int, int], tuple[torch.Tensor, Codec]] = {}
         # same-host fast path: each worker's shared segment and, per (worker, key), its (push, pull) offsets
         self._segments: dict[int, Segment] = {}
-        self._shm_offsets: dict[tuple[int, int], tuple[int, int]] = {}
+        self._shm_areas: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (worker, key) -> (push, pull)
+        self._workers: dict[str, int] = {}  # src -> worker rank, once checked
         self._since_trim = 0  # bytes received since freed memory was last given back
         self._last_request = time.monotonic()
         self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0,
@@ -197,6 +198,8 @@ class Server:
             self.counters["pushes_applied"] += len(updates)
             for key in [k for k in self._views if k[0] == worker]:
                 del self._views[key]
+            for key in [k for k in self._shm_areas if k[0] == worker]:
+                del self._shm_areas[key]
             segment = self._segments.pop(worker, None)
             if segment is not None:
                 segment.close()
@@ -206,6 +209,9 @@ class Server:
         raise ProtocolError(ErrorCode.BAD_KIND, f"a server does not serve {msg.kind.value!r} requests")
 
     def _worker(self, msg: Message) -> int:
+        worker = self._workers.get(msg.src)
+        if worker is not None:
+            return worker
         match = _WORKER_SRC.match(msg.src)
         assert self.topology is not None
         if not match or int(match.group(1)) >= self.topology.num_workers:
@@ -213,7 +219,8 @@ class Server:
                 ErrorCode.BAD_HEADER,
                 f"'src' must be worker:N with N < {self.topology.num_workers}, got {msg.src!r}",
             )
-        return int(match.group(1))
+        worker = self._workers[msg.src] = int(match.group(1))
+        return worker
 
     def _state(self, entry: dict[str, Any], initialized: bool = True) -> KeyState:
         key = entry["key"]
@@ -283,7 +290,8 @@ class Server:
                 old.close()
             self._segments[worker] = segment
             for entry in msg.keys:
-                self._shm_offsets[(worker, entry["key"])] = tuple(entry["shm"])  # type: ignore[assignment]
+                push, pull = entry["shm"]
+                self._shm_areas[(worker, entry["key"])] = (segment.view(push, entry["numel"]), segment.view(pull, entry["numel"]))
         for (entry, existing), tensor in zip(declared, values):
             state = existing or KeyState(
                 key=entry["key"],
@@ -321,12 +329,12 @@ class Server:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"shared segment layout: {exc}") from None
         return segment, {"shm": True}
 
-    def _shm_view(self, worker: int, key: int, area: int, numel: int, what: str) -> torch.Tensor:
-        segment = self._segments.get(worker)
-        offsets = self._shm_offsets.get((worker, key))
-        if segment is None or offsets is None:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: worker {worker} has no shared segment for key {key}")
-        return segment.view(offsets[area], numel)
+    def _shm_view(self, worker: int, state: KeyState, area: int, what: str) -> torch.Tensor:
+        """The worker's shared push (``area`` 0) or pull (1) area of a key."""
+        areas = self._shm_areas.get((worker, state.key))
+        if areas is None:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what} {state.label()}: worker {worker} has no shared segment for it")
+        return areas[area]
 
     # -- PUSH ------------------------------------------------------------------------------------------
     def _decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: str, what: str) -> torch.Tensor:
@@ -359,14 +367,13 @@ class Server:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
             seen.add(state.key)
             step = entry.get("step", 0)
-            what = f"push of {state.label()}"
             if entry.get("shm"):
                 if nf or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
-                    raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: a shared-memory push is uncompressed float32, without frames")
-                grad = self._shm_view(worker, state.key, 0, state.numel, what)
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is uncompressed float32, without frames")
+                grad = self._shm_view(worker, state, 0, "push of")
                 self.counters["shm_bytes_in"] += state.numel * 4
             else:
-                grad = self._decode(entry, frames, state.numel, "float32", what)
+                grad = self._decode(entry, frames, state.numel, "float32", f"push of {state.label()}")
             if self.consistency.check_push(state, worker, step):
                 accepted.append((state, step, grad))
             else:
@@ -393,7 +400,7 @@ class Server:
             if spec is not None:
                 self._decoders.get(spec, f"pull codec of {state.label()}")
             if shared:
-                self._shm_view(worker, state.key, 1, state.numel, f"pull of {state.label()}")
+                self._shm_view(worker, state, 1, "pull of")
         step = max(steps, default=0)
         return _Pending(identity, msg.id, worker, states, step, time.monotonic() + self.config.timeout, pull_codecs, pull_shm)
 
@@ -420,7 +427,7 @@ class Server:
         for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm):
             assert s.param is not None
             if shared:
-                self._shm_view(p.worker, s.key, 1, s.numel, f"pull of {s.label()}").copy_(s.param)
+                self._shm_view(p.worker, s, 1, "pull of").copy_(s.param)
                 self.counters["shm_bytes_out"] += s.numel * 4
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
             elif spec is None:

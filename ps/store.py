@@ -36,8 +36,12 @@ class KeyState:
         return self.param is not None
 
     def label(self) -> str:
-        where = f" [{self.offset}:{self.offset + self.numel}]" if self.name else ""
-        return f"key {self.key} ({self.name!r}{where})" if self.name else f"key {self.key}"
+        """How messages name this key: ``key 3 ('fc.weight' [0:1024])`` (computed once)."""
+        label = self.__dict__.get("_label")
+        if label is None:
+            where = f" [{self.offset}:{self.offset + self.numel}]"
+            label = self.__dict__["_label"] = f"key {self.key} ({self.name!r}{where})" if self.name else f"key {self.key}"
+        return label
 
     def accumulate(self, worker: int, grad: torch.Tensor) -> None:
         """BSP: add one worker's gradient to this step's sum (in place; the first push is copied in)."""

@@ -77,7 +77,7 @@ class Client:
         self.compress_min = config.compress_min if compress_min is None else compress_min
         self.use_shm = config.shm if shm is None else shm
         self._segments: dict[int, Segment] = {}  # server -> segment it mapped
-        self._shm_offsets: dict[int, tuple[int, int]] = {}  # key -> (push offset, pull offset)
+        self._shm_areas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (push area, pull area)
         self._shm_busy: set[tuple[int, str]] = set()  # (key, "push" | "pull") areas with a request in flight
         self._none_codec = make_codec("none")
         self._push_factory = codec_factory(codec, error_feedback=error_feedback) if codec and codec != "none" else None
@@ -183,8 +183,8 @@ class Client:
         for server, segment in created.items():
             if replies.get(server, {}).get("shm"):
                 self._segments[server] = segment
-                for chunk, offs in zip(self.plan.chunks_on(server), shm_layout([c.numel for c in self.plan.chunks_on(server)])[0]):
-                    self._shm_offsets[chunk.key] = offs
+                for chunk, (push, pull) in zip(self.plan.chunks_on(server), shm_layout([c.numel for c in self.plan.chunks_on(server)])[0]):
+                    self._shm_areas[chunk.key] = (segment.view(push, chunk.numel), segment.view(pull, chunk.numel))
             else:
                 log.info("%s: server %d cannot map shared memory (%s); using TCP frames", self.name, server,
                          replies.get(server, {}).get("why", "another host"))
@@ -268,8 +268,7 @@ class Client:
                 return None
             self._shm_busy.add(mark)
         marks.setdefault(chunk.server, []).append(mark)
-        push, pull = self._shm_offsets[chunk.key]
-        return self._segments[chunk.server].view(push if area == "push" else pull, chunk.numel)
+        return self._shm_areas[chunk.key][0 if area == "push" else 1]
 
     def _pull_options(self, chunk: Chunk, entry: dict[str, Any], marks: dict[int, list[tuple[int, str]]]) -> None:
         """How the values of ``chunk`` should come back: a compressed delta, the shared pull area, or a frame."""
@@ -453,10 +452,10 @@ class Client:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
             what = f"values of key {entry['key']}"
             if entry.get("pshm"):
-                segment = self._segments.get(self._chunk_server(entry["key"]))
-                if segment is None:
+                areas = self._shm_areas.get(entry["key"])
+                if areas is None:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: shared-memory reply without a segment")
-                values = segment.view(self._shm_offsets[entry["key"]][1], dest.numel())
+                values = areas[1]
             elif entry.get("codec", "none") == "none":
                 values = entry_encoded(entry, frames, what).buffers[0]  # zero-copy view of the frame
                 if values.numel() != dest.numel():
@@ -499,9 +498,6 @@ class Client:
             if not request.remaining:
                 self._finish(request)
 
-    def _chunk_server(self, key: int) -> int:
-        return self.plan.chunks[key].server  # type: ignore[union-attr]
-
     def _fail_all(self, exc: BaseException) -> None:
         for request, _, _ in self._inflight.values():
             if not request.future.done():
@@ -525,6 +521,7 @@ class Client:
             self._thread.join(timeout=5)
             self._wake_tx.close(linger=0)
             self._wake_rx.close(linger=0)
+            self._shm_areas.clear()  # the views first, so the mappings can close
             for segment in self._segments.values():
                 segment.close()
             self._segments.clear()
