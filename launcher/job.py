@@ -101,7 +101,7 @@ def run_job(spec: JobSpec, starter: Starter, out: IO[str] | None = None) -> int:
     code = 0
     try:
         for proc in starter(coordinator.endpoint):
-            group.start(proc.label, proc.argv, proc.env)
+            group.start(proc.label, proc.role, proc.argv, proc.env)
         code = _supervise(spec, group, coordinator, result, signalled)
     finally:
         group.terminate()
@@ -135,7 +135,7 @@ def _supervise(spec: JobSpec, group: ProcessGroup, coordinator: Coordinator, res
             group.say(f"{first.label} {how}: stopping the job (first failure)")
             _print_tail(group, first)
             return code
-        workers = [c for c in group.children if c.label.startswith("worker")]
+        workers = [c for c in group.children if c.role == "worker"]
         if all(c.returncode == 0 for c in workers):
             if not group.running():
                 return 0

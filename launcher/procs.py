@@ -72,6 +72,7 @@ class LineForwarder:
 @dataclass
 class Child:
     label: str  # e.g. "worker 1"
+    role: str  # server | worker
     proc: subprocess.Popen
     tail: list[str] = field(default_factory=list)
     exited_at: float | None = None
@@ -91,7 +92,7 @@ class ProcessGroup:
         self.children: list[Child] = []
         self.changed = threading.Event()
 
-    def start(self, label: str, argv: Sequence[str], env: dict[str, str], cwd: str | None = None) -> Child:
+    def start(self, label: str, role: str, argv: Sequence[str], env: dict[str, str], cwd: str | None = None) -> Child:
         proc = subprocess.Popen(
             list(argv),
             env=env,
@@ -102,7 +103,7 @@ class ProcessGroup:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        child = Child(label, proc)
+        child = Child(label, role, proc)
         forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None
         reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{label}", daemon=True)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codecs.base import Codec, Encoded
+from .codecs import Codec, Encoded, make_codec, parse_codec_spec
 from .messages import ErrorCode, ProtocolError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -106,14 +106,10 @@ class Decoders:
     """
 
     def __init__(self, configured: tuple[str, ...] = ()) -> None:
-        from .codecs import parse_codec_spec
-
         self._allowed = {parse_codec_spec(s)[0] for s in configured if s}
         self._cache: dict[str, Codec] = {}
 
     def get(self, spec: Any, what: str) -> Codec:
-        from .codecs import make_codec, parse_codec_spec
-
         codec = self._cache.get(spec) if isinstance(spec, str) else None
         if codec is not None:
             return codec
@@ -128,9 +124,24 @@ class Decoders:
         return codec
 
     def decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
-        """Decode one key entry into a flat tensor of ``numel`` elements of ``dtype`` on the CPU."""
+        """One key entry as a flat CPU tensor of ``numel`` elements of ``dtype``.
+
+        An uncompressed entry must carry exactly ``[dtype, numel]`` and comes back as a zero-copy view of its frame;
+        any other codec decodes into a new tensor.
+        """
+        if entry.get("codec", "none") == "none":
+            want = [dtype_name(dtype), numel]
+            bufs = entry.get("bufs")
+            if bufs != [want]:
+                got = bufs[0] if isinstance(bufs, list) and len(bufs) == 1 else bufs
+                wrong_dtype = isinstance(got, list) and bool(got) and got[0] != want[0]
+                raise ProtocolError(
+                    ErrorCode.DTYPE_MISMATCH if wrong_dtype else ErrorCode.SHAPE_MISMATCH,
+                    f"{what}: got {got!r} but the key is declared as {want!r}",
+                )
+            return entry_encoded(entry, frames, what).buffers[0]
         encoded = entry_encoded(entry, frames, what)
-        codec = self.get(entry.get("codec", "none"), what)
+        codec = self.get(entry["codec"], what)
         try:
             out = codec.decode(encoded, numel, dtype, "cpu")
         except ProtocolError:

@@ -24,7 +24,7 @@ from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from protocol.shm import Segment, ShmUnavailable
-from protocol.tensors import DTYPES, Decoders, encode_entry, entry_encoded
+from protocol.tensors import DTYPES, Decoders, dtype_from_name, encode_entry, entry_encoded
 
 from .consistency import Consistency, make_consistency
 from .optim import build_optimizer, clean_hparams, optimizer_class
@@ -135,8 +135,10 @@ class Server:
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    received = sum(len(f) for f in frames[2:])
+                    self.counters["bytes_in"] += received
                     self._handle(sock, frames)
-                    self._since_trim += 1 + sum(len(f) for f in frames[2:])
+                    self._since_trim += 1 + received
                     del frames  # the message's buffers are free from here on
                     self._last_request = time.monotonic()
                     if self._since_trim >= _TRIM_BACKSTOP:
@@ -161,7 +163,6 @@ class Server:
         try:
             msg = parse_frames(frames[1:])
             request_id = msg.id
-            self.counters["bytes_in"] += sum(len(f) for f in frames[2:])
             reply = self.handle(identity, msg)
         except ProtocolError as exc:
             self.counters["errors"] += 1
@@ -275,11 +276,12 @@ class Server:
                     raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "INIT with values must name the server 'optimizer'")
                 if group >= len(groups):
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the {len(groups)} groups")
-                decoded = self._decode(entry, frames, numel, entry.get("dtype", "float32"), f"INIT of key {key}")
+                decoded = self._decoders.decode(entry, frames, numel, dtype_from_name(entry.get("dtype", "float32")), f"INIT of key {key}")
                 tensor = decoded.to(torch.float32, copy=True)
-                clean_hparams(optimizer_class(opt_name), groups[group])  # refuse unknown hyper-parameters now
-                if group not in self.optimizers.by_group:
-                    build_optimizer(opt_name, groups[group], tensor.clone())  # and values torch refuses
+                if group in self.optimizers.by_group:  # joins that optimizer: its hyper-parameters must still be sane
+                    clean_hparams(optimizer_class(opt_name), groups[group])
+                else:  # refuse now what torch would refuse when building it
+                    build_optimizer(opt_name, groups[group], torch.zeros(1, requires_grad=True))
             declared.append((entry, existing))
             values.append(tensor)
         segment, shm_reply = self._attach(worker, body.get("shm"), msg.keys)
@@ -337,16 +339,6 @@ class Server:
         return areas[area]
 
     # -- PUSH ------------------------------------------------------------------------------------------
-    def _decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: str, what: str) -> torch.Tensor:
-        if entry.get("codec", "none") == "none":
-            bufs = entry.get("bufs")
-            if bufs != [[dtype, numel]]:
-                got = bufs[0] if isinstance(bufs, list) and len(bufs) == 1 else bufs
-                code = ErrorCode.DTYPE_MISMATCH if isinstance(got, list) and got and got[0] != dtype else ErrorCode.SHAPE_MISMATCH
-                raise ProtocolError(code, f"{what}: got {got!r} but the key is declared as [{dtype!r}, {numel}]")
-            return entry_encoded(entry, frames, what).buffers[0]  # a zero-copy view of the frame
-        return self._decoders.decode(entry, frames, numel, torch.float32, what)
-
     def _push(self, msg: Message, worker: int) -> None:
         """Validate and decode every key first; then apply. A message with one bad key changes nothing."""
         assert self.consistency is not None
@@ -373,7 +365,7 @@ class Server:
                 grad = self._shm_view(worker, state, 0, "push of")
                 self.counters["shm_bytes_in"] += state.numel * 4
             else:
-                grad = self._decode(entry, frames, state.numel, "float32", f"push of {state.label()}")
+                grad = self._decoders.decode(entry, frames, state.numel, torch.float32, f"push of {state.label()}")
             if self.consistency.check_push(state, worker, step):
                 accepted.append((state, step, grad))
             else:
@@ -382,8 +374,6 @@ class Server:
         for state, step, grad in accepted:
             if lrs is not None:
                 state.lr = float(lrs[state.group] if state.group < len(lrs) else lrs[0])
-            if grad.dtype != torch.float32:
-                grad = grad.float()
             ready = self.consistency.push(state, worker, step, grad)
             if ready is not None:
                 updates.append((state, ready))

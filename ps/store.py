@@ -8,7 +8,7 @@ over all of them at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -60,8 +60,6 @@ class KeyState:
         self.pushed.clear()
         return self.acc
 
-    def stats(self) -> dict[str, Any]:
-        return {"key": self.key, "version": self.version, "initialized": self.initialized}
 
 
 Update = tuple[KeyState, torch.Tensor]  # a key and the gradient to apply to it

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
 
+from protocol import transport
 from protocol.messages import ErrorCode, ProtocolError
 from protocol.rendezvous import RendezvousError
 from worker.client import Client
@@ -157,3 +159,23 @@ def test_barrier_releases_everyone_and_names_who_is_missing() -> None:
             assert "barrier 'alone'" in str(info.value) and "[1]" in str(info.value)
         finally:
             close_all(clients)
+
+
+def test_a_failing_io_thread_fails_the_callers_instead_of_leaving_them_waiting(monkeypatch) -> None:
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            client.declare({"w": torch.zeros(4)}, ("SGD", [{"lr": 0.1}]))
+
+            def broken(*args, **kwargs):
+                raise OSError("simulated socket failure")
+
+            # only the client's view of the transport breaks; the server in this process keeps working
+            monkeypatch.setattr("worker.client.transport", types.SimpleNamespace(**{**vars(transport), "send": broken}))
+            with pytest.raises(RuntimeError, match="I/O thread failed"):
+                client.pull({"w": torch.zeros(4)}, 0).result(timeout=10)
+            client._thread.join(timeout=10)
+            with pytest.raises(RuntimeError, match="I/O thread ended"):
+                client.pull({"w": torch.zeros(4)}, 0)
+        finally:
+            client.close(leave=False)

@@ -2,7 +2,8 @@
 
 One I/O thread owns every ZeroMQ socket (sockets are not thread-safe); calls from the training thread encode
 their tensors, queue the messages and return a :class:`concurrent.futures.Future` at once. A tensor is cut into
-chunks by the sharding plan and each server gets one message per call holding all of its chunks.
+chunks by the sharding plan; each server gets its chunks in messages of about one chunk's bytes, so several are
+in flight and small tensors share a message.
 
 Delivery: a future resolves when every server involved answered. A push is applied once even if retried
 (the server de-duplicates on (worker, step, key)). Every request has a deadline; a server that stays silent, a
@@ -30,7 +31,7 @@ from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from protocol.rendezvous import RendezvousClient, Topology, check_failure
 from protocol.shm import Segment, ShmUnavailable
 from protocol.shm import layout as shm_layout
-from protocol.tensors import Decoders, encode_entry, entry_encoded
+from protocol.tensors import Decoders, encode_entry
 
 log = logging.getLogger("zps.worker")
 
@@ -46,7 +47,7 @@ class _Request:
     deadline: float
     remaining: int  # messages not answered yet
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> flat destination view
-    replies: dict[int, dict[str, Any]] = field(default_factory=dict)  # server -> reply body
+    replies: dict[int, dict[str, Any]] | None = None  # server -> reply body, when the caller wants them
     error: BaseException | None = None
     shm_marks: set[tuple[int, str]] = field(default_factory=set)  # (key, area) shared areas in use
 
@@ -96,7 +97,7 @@ class Client:
         self.num_workers = self.topology.num_workers
         self.name = f"worker:{self.rank}"
         self.plan: Plan | None = None
-        self._by_name: dict[str, tuple[int, list[Chunk]]] = {}
+        self._by_name: dict[str, list[Chunk]] = {}
         self._codecs: dict[int, Codec] = {}
         self._ids = itertools.count(1)
         self._inflight: dict[int, tuple[_Request, int, set[int]]] = {}  # message id -> (request, server, keys)
@@ -133,20 +134,19 @@ class Client:
         specs = [ParamSpec(name, tuple(t.shape), 4) for name, t in tensors.items()]
         self.plan = make_plan(specs, self.topology.num_servers, self.chunk_bytes)
         for index, spec in enumerate(self.plan.params):
-            self._by_name[spec.name] = (index, self.plan.chunks_of(index))
+            self._by_name[spec.name] = self.plan.chunks_of(index)
         self._group_of_param = [(groups or {}).get(spec.name, 0) for spec in self.plan.params]
         with_values = self.rank == 0
         if with_values and optimizer is None:
             raise ValueError("rank 0 must pass the server optimizer to declare()")
-        none = make_codec("none")
         messages: dict[int, Message] = {}
         created: dict[int, Segment] = {}
+        layouts: dict[int, list[tuple[int, int]]] = {}  # server -> (push, pull) offsets of its chunks
         for server in range(self.topology.num_servers):
             keys, frames = [], []
             chunks = self.plan.chunks_on(server)
-            offsets: list[tuple[int, int]] = []
             if self.use_shm and chunks:
-                offsets, data_bytes = shm_layout([c.numel for c in chunks])
+                layouts[server], data_bytes = shm_layout([c.numel for c in chunks])
                 try:
                     created[server] = Segment.create(data_bytes)
                 except ShmUnavailable as exc:
@@ -162,10 +162,10 @@ class Client:
                     "nf": 0,
                 }
                 if server in created:
-                    entry["shm"] = list(offsets[i])
+                    entry["shm"] = list(layouts[server][i])
                 if with_values:
                     flat = self._flat(tensors[chunk.name])
-                    enc, bufs = encode_entry(none, flat[chunk.offset : chunk.offset + chunk.numel])
+                    enc, bufs = encode_entry(self._none_codec, flat[chunk.offset : chunk.offset + chunk.numel])
                     entry.update(enc)
                     frames.extend(bufs)
                 keys.append(entry)
@@ -183,7 +183,7 @@ class Client:
         for server, segment in created.items():
             if replies.get(server, {}).get("shm"):
                 self._segments[server] = segment
-                for chunk, (push, pull) in zip(self.plan.chunks_on(server), shm_layout([c.numel for c in self.plan.chunks_on(server)])[0]):
+                for chunk, (push, pull) in zip(self.plan.chunks_on(server), layouts[server]):
                     self._shm_areas[chunk.key] = (segment.view(push, chunk.numel), segment.view(pull, chunk.numel))
             else:
                 log.info("%s: server %d cannot map shared memory (%s); using TCP frames", self.name, server,
@@ -193,14 +193,14 @@ class Client:
     # -- data calls ------------------------------------------------------------------------------------
     def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
         """Push gradients of ``step``; resolves when every server acknowledged."""
-        marks: dict[int, list[tuple[int, str]]] = {}
+        marks: set[tuple[int, str]] = set()
         messages = self._push_messages(Kind.PUSH, grads, step, lr, marks)
         return self._submit(messages, f"push of step {step}", {}, marks=marks)
 
     def pull(self, outs: Tensors, step: int) -> Future:
         """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates)."""
         messages: dict[int, Message] = {}
-        marks: dict[int, list[tuple[int, str]]] = {}
+        marks: set[tuple[int, str]] = set()
         for name in outs:
             for chunk in self._chunks(name):
                 msg = messages.setdefault(chunk.server, Message(Kind.PULL, src=self.name))
@@ -213,7 +213,7 @@ class Client:
         """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip."""
         if set(grads) != set(outs):
             raise ValueError("push_pull needs the same names in grads and outs")
-        marks: dict[int, list[tuple[int, str]]] = {}
+        marks: set[tuple[int, str]] = set()
         messages = self._push_messages(Kind.PUSH_PULL, grads, step, lr, marks)
         return self._submit(messages, f"push_pull of step {step}", self._destinations(outs), marks=marks)
 
@@ -239,7 +239,7 @@ class Client:
 
     def _chunks(self, name: str) -> list[Chunk]:
         try:
-            return self._by_name[name][1]
+            return self._by_name[name]
         except KeyError:
             if self.plan is None:
                 raise RuntimeError(f"{self.name}: call declare() before pushing or pulling") from None
@@ -257,7 +257,7 @@ class Client:
             codec = self._codecs[chunk.key] = self._push_factory() if use else self._none_codec  # type: ignore[misc]
         return codec
 
-    def _shm_area(self, chunk: Chunk, area: str, marks: dict[int, list[tuple[int, str]]]) -> torch.Tensor | None:
+    def _shm_area(self, chunk: Chunk, area: str, marks: set[tuple[int, str]]) -> torch.Tensor | None:
         """The shared area of ``chunk`` for ``area`` ("push" or "pull"), reserved until the reply, or None when
         this server has no segment or a request using that area is still in flight (then frames are used)."""
         if chunk.server not in self._segments:
@@ -267,10 +267,10 @@ class Client:
             if mark in self._shm_busy:
                 return None
             self._shm_busy.add(mark)
-        marks.setdefault(chunk.server, []).append(mark)
+        marks.add(mark)
         return self._shm_areas[chunk.key][0 if area == "push" else 1]
 
-    def _pull_options(self, chunk: Chunk, entry: dict[str, Any], marks: dict[int, list[tuple[int, str]]]) -> None:
+    def _pull_options(self, chunk: Chunk, entry: dict[str, Any], marks: set[tuple[int, str]]) -> None:
         """How the values of ``chunk`` should come back: a compressed delta, the shared pull area, or a frame."""
         if self.pull_codec and self._compressed(chunk):
             entry["pc"] = self.pull_codec
@@ -278,16 +278,18 @@ class Client:
             entry["pshm"] = 1
 
     def _push_messages(
-        self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None, marks: dict[int, list[tuple[int, str]]]
+        self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None, marks: set[tuple[int, str]]
     ) -> dict[int, Message]:
         """``lr``: the learning rate (one, or one per optimizer group) the servers apply this step with."""
         body = {} if lr is None else {"lr": [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)]}
         messages: dict[int, Message] = {}
         for name, grad in grads.items():
             flat = self._flat(grad)
-            for chunk in self._chunks(name):
-                if flat.numel() != self.plan.params[chunk.param].numel:  # type: ignore[union-attr]
-                    raise ValueError(f"{name!r} has {flat.numel()} elements but was declared with {self.plan.params[chunk.param].numel}")  # type: ignore[union-attr]
+            chunks = self._chunks(name)
+            declared = self.plan.params[chunks[0].param].numel  # type: ignore[union-attr]
+            if flat.numel() != declared:
+                raise ValueError(f"{name!r} has {flat.numel()} elements but was declared with {declared}")
+            for chunk in chunks:
                 msg = messages.setdefault(chunk.server, Message(kind, src=self.name, body=body))
                 codec = self._codec(chunk)
                 if isinstance(codec, ErrorFeedback) and body:
@@ -326,16 +328,16 @@ class Client:
         what: str,
         outs: dict[int, torch.Tensor],
         keep_replies: bool = False,
-        marks: dict[int, list[tuple[int, str]]] | None = None,
+        marks: set[tuple[int, str]] | None = None,
     ) -> Future:
-        if self._closed:
-            raise RuntimeError(f"{self.name}: the client is closed")
+        if self._closed or not self._thread.is_alive():
+            raise RuntimeError(f"{self.name}: the client is closed (or its I/O thread ended; see the log)")
         check_failure(self.rendezvous)
         future: Future = Future()
         parts = [(server, part) for server, msg in messages.items() for part in self._split(msg)]
         request = _Request(future, what, time.monotonic() + self.config.timeout + 15, len(parts), outs=outs)
-        request.replies = {} if keep_replies else None  # type: ignore[assignment]
-        request.shm_marks = {m for server_marks in (marks or {}).values() for m in server_marks}
+        request.replies = {} if keep_replies else None
+        request.shm_marks = marks or set()
         if not parts:
             future.set_result({})
             return future
@@ -378,6 +380,7 @@ class Client:
         for server, sock in enumerate(sockets):
             poller.register(sock, zmq.POLLIN)
             index[sock] = server
+        failure: BaseException = RuntimeError(f"{self.name}: the client was closed with this request outstanding")
         try:
             next_check = 0.0
             while not self._stop.is_set():
@@ -394,10 +397,13 @@ class Client:
                 if now >= next_check:  # deadlines and lost peers: a few times a second is plenty
                     self._check_deadlines()
                     next_check = now + 0.05
+        except BaseException as exc:  # a bug here must fail the callers' futures, never leave them waiting
+            log.exception("%s: the I/O thread failed", self.name)
+            failure = RuntimeError(f"{self.name}: the I/O thread failed: {exc!r}")
         finally:
             for sock in sockets:
                 sock.close(linger=0)
-            self._fail_all(RuntimeError(f"{self.name}: the client was closed with this request outstanding"))
+            self._fail_all(failure)
 
     def _send_queued(self, sockets: list[zmq.Socket]) -> None:
         while True:
@@ -456,10 +462,6 @@ class Client:
                 if areas is None:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: shared-memory reply without a segment")
                 values = areas[1]
-            elif entry.get("codec", "none") == "none":
-                values = entry_encoded(entry, frames, what).buffers[0]  # zero-copy view of the frame
-                if values.numel() != dest.numel():
-                    raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: {values.numel()} elements, expected {dest.numel()}")
             else:
                 values = self._decoders.decode(entry, frames, dest.numel(), torch.float32, what)
             if entry.get("delta"):
@@ -499,7 +501,11 @@ class Client:
                 self._finish(request)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request, _, _ in self._inflight.values():
+        """Fail every request in flight or still queued (the I/O thread is ending)."""
+        with self._lock:
+            queued = [request for _, _, request in self._queue]
+            self._queue.clear()
+        for request in [r for r, _, _ in self._inflight.values()] + queued:
             if not request.future.done():
                 request.future.set_exception(exc)
         self._inflight.clear()

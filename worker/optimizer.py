@@ -61,7 +61,7 @@ class DistributedOptimizer:
             raise ValueError(f"{missing} parameter(s) of the optimizer are not in the model's named_parameters()")
         if overlap is None:
             # On a GPU, backward runs on the device while the CPU sends; on a CPU-only host both compete for the
-            # same cores, and measured on 2 cores overlap was 0.90-1.01x of no overlap (benchmarks/RESULTS.md).
+            # same cores, and measured on 2 cores overlap was 0.90-1.05x of no overlap (benchmarks/RESULTS.md).
             overlap = any(p.is_cuda for p in self.params.values())
         self.overlap = overlap
         self.client.declare(self.params, describe_optimizer(optimizer), groups)
@@ -88,6 +88,10 @@ class DistributedOptimizer:
 
     def _lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _grads(self, skip: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient (zeros where it has none), except the names in ``skip``."""
+        return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items() if not skip or n not in skip}
 
     # -- overlap ---------------------------------------------------------------------------------------
     def _on_grad_ready(self, param: torch.Tensor) -> None:
@@ -125,18 +129,16 @@ class DistributedOptimizer:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            if self._futures:
-                self._check_unchanged()  # only what already left during backward can be stale  # some buckets left during backward: push the rest, then pull, front layers first
-                rest = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items() if n not in self._pushed}
-                self._bucket.update(rest)
+            if self._futures:  # buckets left during backward: push the rest, then pull, front layers first
+                self._check_unchanged()  # only what already left can be stale
+                self._bucket.update(self._grads(skip=self._pushed))
                 self._flush()
                 pull = self.client.pull(self.params, self.steps + 1)
                 for future in self._futures:
                     future.result()
                 pull.result()
             else:  # nothing left early (no overlap, or a model smaller than one bucket): one round trip
-                grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
-                self.client.push_pull(grads, self.params, self.steps, lr=self._lrs()).result()
+                self.client.push_pull(self._grads(), self.params, self.steps, lr=self._lrs()).result()
             self._futures, self._pushed, self._passes, self._bucket, self._bucket_size = [], {}, {}, {}, 0
         self.steps += 1
         # The wrapped optimizer's step() never runs; tell torch's LR schedulers that a step happened.
