@@ -1,7 +1,10 @@
 """The low-level worker client: declare tensors, then push / pull / push_pull them by name, non-blocking.
 
-One I/O thread owns every ZeroMQ socket (sockets are not thread-safe); calls from the training thread encode
-their tensors, queue the messages and return a :class:`concurrent.futures.Future` at once. A tensor is cut into
+Calls encode their tensors, send the messages and return a :class:`concurrent.futures.Future` at once. ZeroMQ
+sockets are not thread-safe, so one thread at a time holds them: the caller that sends, then the caller that waits
+on a future, which takes the replies itself (no hand-off between threads on the way back; a small round trip
+costs what the two processes do, not thread wake-ups). With no caller waiting, a pump thread keeps outstanding
+requests moving every few milliseconds (callbacks, ``concurrent.futures.wait``). A tensor is cut into
 chunks by the sharding plan; each server gets its chunks in messages of about one chunk's bytes, so several are
 in flight and small tensors share a message.
 
@@ -50,6 +53,26 @@ class _Request:
     replies: dict[int, dict[str, Any]] | None = None  # server -> reply body, when the caller wants them
     error: BaseException | None = None
     shm_marks: set[tuple[int, str]] = field(default_factory=set)  # (key, area) shared areas in use
+
+
+class _Future(Future):
+    """A request's future. Waiting on it (``result``/``exception``) does the socket work in the waiting thread."""
+
+    def __init__(self, client: "Client") -> None:
+        super().__init__()
+        self._client = client
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._client._wait(self, timeout)
+        return super().result(timeout=0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._client._wait(self, timeout)
+        return super().exception(timeout=0)
+
+
+# Without a waiting caller, outstanding requests still progress this often (callbacks, concurrent.futures.wait).
+_PUMP_TICK = 0.002
 
 
 class Client:
@@ -102,16 +125,32 @@ class Client:
         self._ids = itertools.count(1)
         self._inflight: dict[int, tuple[_Request, int, set[int]]] = {}  # message id -> (request, server, keys)
         self._queue: collections.deque[tuple[int, Message, _Request]] = collections.deque()
+        # The sockets belong to whichever thread holds them (_io_busy): a caller waiting on a future, a caller
+        # sending, or the pump. _lock guards that flag, the queue and the shared-area marks.
         self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)  # threads waiting for the sockets, or for a future another drives
+        self._io_busy = False
+        self._waiters = 0
+        self._broken: BaseException | None = None
         self._closed = False
-        self._wake_addr = f"inproc://zps-wake-{id(self)}"
+        self._next_check = 0.0
+        self._sockets: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
+        wake_addr = f"inproc://zps-wake-{id(self)}"
         self._wake_rx = self.context.socket(zmq.PAIR)
-        self._wake_rx.bind(self._wake_addr)
+        self._wake_rx.bind(wake_addr)
         self._wake_tx = self.context.socket(zmq.PAIR)
-        self._wake_tx.connect(self._wake_addr)
+        self._wake_tx.connect(wake_addr)
+        self._poller.register(self._wake_rx, zmq.POLLIN)
+        for address in self.topology.servers:
+            sock = transport.configure(self.context.socket(zmq.DEALER))
+            transport.connect(sock, address)
+            self._sockets.append(sock)
+            self._poller.register(sock, zmq.POLLIN)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._io_loop, name=f"zps-io-{self.rank}", daemon=True)
-        self._thread.start()
+        self._work = threading.Event()
+        self._pump_thread = threading.Thread(target=self._pump, name=f"zps-pump-{self.rank}", daemon=True)
+        self._pump_thread.start()
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Client":
@@ -321,7 +360,7 @@ class Client:
                 dest[chunk.key] = flat[chunk.offset : chunk.offset + chunk.numel]
         return dest
 
-    # -- the I/O thread --------------------------------------------------------------------------------
+    # -- the sockets: driven by whichever thread waits ---------------------------------------------------
     def _submit(
         self,
         messages: dict[int, Message],
@@ -330,22 +369,136 @@ class Client:
         keep_replies: bool = False,
         marks: set[tuple[int, str]] | None = None,
     ) -> Future:
-        if self._closed or not self._thread.is_alive():
-            raise RuntimeError(f"{self.name}: the client is closed (or its I/O thread ended; see the log)")
         check_failure(self.rendezvous)
-        future: Future = Future()
+        future = _Future(self)
         parts = [(server, part) for server, msg in messages.items() for part in self._split(msg)]
         request = _Request(future, what, time.monotonic() + self.config.timeout + 15, len(parts), outs=outs)
         request.replies = {} if keep_replies else None
         request.shm_marks = marks or set()
-        if not parts:
-            future.set_result({})
-            return future
         with self._lock:
-            for server, part in parts:
-                self._queue.append((server, part, request))
-            self._wake_tx.send(b"", zmq.NOBLOCK)
+            if self._broken is not None:
+                raise RuntimeError(f"{self.name}: the client is closed ({self._broken})")
+            if not parts:
+                future.set_result({})
+                return future
+            self._queue.extend((server, part, request) for server, part in parts)
+            mine = not self._io_busy
+            if mine:
+                self._io_busy = True
+            else:  # another thread holds the sockets: it sends these at once
+                try:
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+                except zmq.Again:  # wake-ups already pending
+                    pass
+            self._work.set()
+        if mine:
+            try:
+                self._send_queued()
+            except Exception as exc:
+                self._break(exc)
+            finally:
+                self._release_io()
         return future
+
+    def _wait(self, future: Future, timeout: float | None) -> None:
+        """Block until ``future`` resolves or ``timeout`` passes, doing the socket work in this thread when no other
+        thread is: no hand-off between threads on the way to the caller."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not future.done():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            with self._lock:
+                if future.done():
+                    return
+                if self._io_busy:  # another thread drives; it wakes us when it resolves a future or lets go
+                    self._waiters += 1
+                    try:
+                        self._turn.wait(0.05 if left is None else min(left, 0.05))
+                    finally:
+                        self._waiters -= 1
+                    continue
+                self._io_busy = True
+            try:
+                self._drive(future, end)
+            except Exception as exc:
+                self._break(exc)
+            finally:
+                self._release_io()
+
+    def _drive(self, future: Future, end: float | None) -> None:
+        while not future.done() and not self._stop.is_set():
+            wait_ms = 50
+            if end is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                wait_ms = max(0, min(wait_ms, int(left * 1000) + 1))
+            self._step_io(wait_ms)
+
+    def _step_io(self, wait_ms: int) -> None:
+        """One round of socket work (the caller holds the sockets): send what is queued, take what arrived."""
+        self._send_queued()
+        events = dict(self._poller.poll(wait_ms))
+        if self._wake_rx in events:
+            while self._wake_rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._wake_rx.recv(zmq.NOBLOCK)
+            self._send_queued()
+        for server, sock in enumerate(self._sockets):
+            if sock in events:
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._on_reply(server, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+        now = time.monotonic()
+        if now >= self._next_check:  # deadlines and lost peers: a few times a second is plenty
+            self._check_deadlines()
+            self._next_check = now + 0.05
+
+    def _release_io(self) -> None:
+        with self._lock:
+            self._io_busy = False
+            if self._waiters:
+                self._turn.notify_all()
+            if self._queue:  # queued while we were leaving: the pump sends it
+                self._work.set()
+
+    def _pump(self) -> None:
+        """Progress when no caller waits (callbacks, ``concurrent.futures.wait``, fire-and-forget pushes): every few
+        ms, if requests are outstanding and the sockets are free, send and take what is ready without blocking."""
+        while not self._stop.is_set():
+            if not (self._inflight or self._queue):
+                self._work.clear()
+                if not (self._inflight or self._queue):
+                    self._work.wait(0.1)
+                continue
+            self._stop.wait(_PUMP_TICK)
+            with self._lock:
+                if self._io_busy or self._broken is not None:
+                    continue
+                self._io_busy = True
+            try:
+                self._step_io(0)
+            except Exception as exc:
+                self._break(exc)
+            finally:
+                self._release_io()
+
+    def _break(self, exc: Exception) -> None:
+        """A transport failure (or a bug) in socket work: fail every request and refuse new ones, loudly."""
+        log.error("%s: the client's transport failed: %r", self.name, exc)
+        with self._lock:
+            if self._broken is None:
+                self._broken = RuntimeError(f"{self.name}: the client's transport failed: {exc!r}")
+        self._fail_all(self._broken)
+
+    def _send_queued(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                server, msg, request = self._queue.popleft()
+            msg.id = next(self._ids)
+            self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
+            transport.send(self._sockets[server], msg)
 
     def _split(self, msg: Message) -> list[Message]:
         """Cut a data message into parts of about one chunk's bytes: several are then in flight per server, so
@@ -367,53 +520,6 @@ class Client:
             size += numel * 4
         parts.append(current)
         return parts
-
-    def _io_loop(self) -> None:
-        sockets = []
-        for address in self.topology.servers:
-            sock = transport.configure(self.context.socket(zmq.DEALER))
-            transport.connect(sock, address)
-            sockets.append(sock)
-        poller = zmq.Poller()
-        poller.register(self._wake_rx, zmq.POLLIN)
-        index = {}
-        for server, sock in enumerate(sockets):
-            poller.register(sock, zmq.POLLIN)
-            index[sock] = server
-        failure: BaseException = RuntimeError(f"{self.name}: the client was closed with this request outstanding")
-        try:
-            next_check = 0.0
-            while not self._stop.is_set():
-                events = dict(poller.poll(100))
-                if self._wake_rx in events:
-                    while self._wake_rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        self._wake_rx.recv(zmq.NOBLOCK)
-                    self._send_queued(sockets)
-                for sock, server in index.items():
-                    if sock in events:
-                        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                            self._on_reply(server, sock.recv_multipart(zmq.NOBLOCK, copy=False))
-                now = time.monotonic()
-                if now >= next_check:  # deadlines and lost peers: a few times a second is plenty
-                    self._check_deadlines()
-                    next_check = now + 0.05
-        except BaseException as exc:  # a bug here must fail the callers' futures, never leave them waiting
-            log.exception("%s: the I/O thread failed", self.name)
-            failure = RuntimeError(f"{self.name}: the I/O thread failed: {exc!r}")
-        finally:
-            for sock in sockets:
-                sock.close(linger=0)
-            self._fail_all(failure)
-
-    def _send_queued(self, sockets: list[zmq.Socket]) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    return
-                server, msg, request = self._queue.popleft()
-            msg.id = next(self._ids)
-            self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
-            transport.send(sockets[server], msg)
 
     def _on_reply(self, server: int, frames: list[Any]) -> None:
         try:
@@ -479,6 +585,9 @@ class Client:
             request.future.set_exception(err)
         else:
             request.future.set_result(request.replies if request.replies is not None else {})
+        if self._waiters:  # a thread waiting for a future this thread resolved
+            with self._lock:
+                self._turn.notify_all()
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -501,7 +610,7 @@ class Client:
                 self._finish(request)
 
     def _fail_all(self, exc: BaseException) -> None:
-        """Fail every request in flight or still queued (the I/O thread is ending)."""
+        """Fail every request in flight or still queued (the caller holds the sockets)."""
         with self._lock:
             queued = [request for _, _, request in self._queue]
             self._queue.clear()
@@ -509,10 +618,12 @@ class Client:
             if not request.future.done():
                 request.future.set_exception(exc)
         self._inflight.clear()
+        with self._lock:
+            self._turn.notify_all()
 
     # -- shutdown --------------------------------------------------------------------------------------
     def close(self, leave: bool = True) -> None:
-        """Leave the servers (so nobody waits for this worker), tell the coordinator, stop the I/O thread."""
+        """Leave the servers (so nobody waits for this worker), tell the coordinator, close the sockets."""
         if self._closed:
             return
         try:
@@ -524,9 +635,17 @@ class Client:
         finally:
             self._closed = True
             self._stop.set()
-            self._thread.join(timeout=5)
-            self._wake_tx.close(linger=0)
-            self._wake_rx.close(linger=0)
+            self._work.set()
+            self._pump_thread.join(timeout=5)
+            with self._lock:  # take the sockets for good: whoever holds them lets go within one poll
+                while self._io_busy:
+                    self._turn.wait(0.1)
+                self._io_busy = True
+                if self._broken is None:
+                    self._broken = RuntimeError("closed")
+            self._fail_all(RuntimeError(f"{self.name}: the client was closed with this request outstanding"))
+            for sock in [*self._sockets, self._wake_tx, self._wake_rx]:
+                sock.close(linger=0)
             self._shm_areas.clear()  # the views first, so the mappings can close
             for segment in self._segments.values():
                 segment.close()
