@@ -128,23 +128,28 @@ def _bad(reason: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_HEADER, reason)
 
 
-def parse_frames(frames: Sequence[Any]) -> Message:
+def decode_header(frame: Any) -> Any:
+    """Unpack a header frame (msgpack, size-limited); the result is checked by :func:`parse_frames`."""
+    raw_bytes = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    if len(raw_bytes) > _MAX_HEADER_BYTES:
+        raise _bad(f"header of {len(raw_bytes)} bytes exceeds {_MAX_HEADER_BYTES}")
+    try:
+        return msgpack.unpackb(raw_bytes, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise _bad(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
     """Decode and structurally validate a multipart message; raise :class:`ProtocolError` on any defect.
 
     Checks the header is a msgpack map of the right version and kind with well-typed fields, and that the
     frame count equals the sum of the keys' ``nf``. Per-key semantic checks (known key, sizes) are the
-    receiver's, against its own declared state.
+    receiver's, against its own declared state. ``head``: the header already unpacked by :func:`decode_header`.
     """
     if not frames:
         raise _bad("empty message")
-    raw = frames[0]
-    raw_bytes = raw.bytes if hasattr(raw, "bytes") else bytes(raw)
-    if len(raw_bytes) > _MAX_HEADER_BYTES:
-        raise _bad(f"header of {len(raw_bytes)} bytes exceeds {_MAX_HEADER_BYTES}")
-    try:
-        head = msgpack.unpackb(raw_bytes, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types for malformed input
-        raise _bad(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if head is None:
+        head = decode_header(frames[0])
     if not isinstance(head, dict):
         raise _bad(f"header must be a msgpack map, got {type(head).__name__}")
     version = head.get("v")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .codecs import Codec, Encoded, make_codec, parse_codec_spec
+from .codecs.quantize import NoneCodec
 from .messages import ErrorCode, ProtocolError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -71,6 +72,8 @@ def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.
 
 def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], list[memoryview]]:
     """Encode ``tensor`` with ``codec``; return the header fields for its key entry and its frames."""
+    if type(codec) is NoneCodec:  # the common case, on every small key: the tensor's own bytes, nothing built around them
+        return {"codec": "none", "meta": {}, "bufs": [[dtype_name(tensor.dtype), tensor.numel()]], "nf": 1}, [as_buffer(tensor)]
     encoded = codec.encode(tensor)
     frames = [as_buffer(b) for b in encoded.buffers]
     entry = {
@@ -139,7 +142,9 @@ class Decoders:
                     ErrorCode.DTYPE_MISMATCH if wrong_dtype else ErrorCode.SHAPE_MISMATCH,
                     f"{what}: got {got!r} but the key is declared as {want!r}",
                 )
-            return entry_encoded(entry, frames, what).buffers[0]
+            if len(frames) != 1:
+                raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: an uncompressed key has one frame, {len(frames)} came")
+            return from_buffer(frames[0], dtype, numel, what)
         encoded = entry_encoded(entry, frames, what)
         codec = self.get(entry["codec"], what)
         try:

@@ -18,6 +18,14 @@ SNDHWM = 1000
 RCVHWM = 1000
 
 
+def readable(sock: zmq.Socket) -> bool:
+    """Whether ``sock`` has a message waiting (plain ints: pyzmq's flag enums cost microseconds per check)."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
 def tcp_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal

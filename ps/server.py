@@ -132,7 +132,7 @@ class Server:
             if poller.poll(wait_ms):
                 # drain what is queued before checking deadlines again
                 for _ in range(256):
-                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if not transport.readable(sock):
                         break
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     received = sum(len(f) for f in frames[2:])
@@ -145,7 +145,8 @@ class Server:
                         self._trim()
             elif self._since_trim and time.monotonic() - self._last_request >= _TRIM_WHEN_IDLE:
                 self._trim()
-            self._expire(sock)
+            if self.pending:
+                self._expire(sock)
         reason = rendezvous.failure or "the job is shutting down"
         for p in self.pending:
             self._send(sock, p.identity, error_reply(p.request_id, self.name, ErrorCode.DEAD, f"{self.name}: {reason}"))

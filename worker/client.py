@@ -29,7 +29,7 @@ import zmq
 from protocol import transport
 from protocol.codecs import Codec, ErrorFeedback, codec_factory, make_codec
 from protocol.config import Config
-from protocol.messages import ErrorCode, Kind, Message, ProtocolError, parse_frames, raise_if_error
+from protocol.messages import ErrorCode, Kind, Message, ProtocolError, decode_header, parse_frames, raise_if_error
 from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from protocol.rendezvous import RendezvousClient, Topology, check_failure
 from protocol.shm import Segment, ShmUnavailable
@@ -53,6 +53,14 @@ class _Request:
     replies: dict[int, dict[str, Any]] | None = None  # server -> reply body, when the caller wants them
     error: BaseException | None = None
     shm_marks: set[tuple[int, str]] = field(default_factory=set)  # (key, area) shared areas in use
+
+
+@dataclass(frozen=True)
+class _InPlace:
+    """A reply part received straight into its destination: how many bytes came, and how many were expected."""
+
+    received: int
+    expected: int
 
 
 class _Future(Future):
@@ -441,13 +449,13 @@ class Client:
         self._send_queued()
         events = dict(self._poller.poll(wait_ms))
         if self._wake_rx in events:
-            while self._wake_rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while transport.readable(self._wake_rx):
                 self._wake_rx.recv(zmq.NOBLOCK)
             self._send_queued()
         for server, sock in enumerate(self._sockets):
             if sock in events:
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._on_reply(server, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                while transport.readable(sock):
+                    self._on_reply(server, *self._receive(sock))
         now = time.monotonic()
         if now >= self._next_check:  # deadlines and lost peers: a few times a second is plenty
             self._check_deadlines()
@@ -521,9 +529,54 @@ class Client:
         parts.append(current)
         return parts
 
-    def _on_reply(self, server: int, frames: list[Any]) -> None:
+    def _receive(self, sock: zmq.Socket) -> tuple[list[Any], Any]:
+        """Take one reply off ``sock``. Uncompressed values for a CPU float32 destination are received straight into
+        it (``recv_into``: one copy, no intermediate frame); every other part comes as a zero-copy frame. A part
+        received in place is an :class:`_InPlace` record, checked with the rest of the message in ``_copy_values``.
+        Returns the parts and the unpacked header (None when it does not unpack; ``parse_frames`` then says why)."""
+        first = sock.recv(zmq.NOBLOCK, copy=False)
+        frames: list[Any] = [first]
         try:
-            msg = parse_frames(frames)
+            head = decode_header(first)
+        except ProtocolError:
+            head = None
+        if not sock.getsockopt(zmq.RCVMORE):
+            return frames, head
+        targets = self._targets(head)
+        while True:
+            target = targets[len(frames) - 1] if len(frames) - 1 < len(targets) else None
+            if target is None:
+                frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+            else:
+                frames.append(_InPlace(sock.recv_into(target, flags=zmq.NOBLOCK), target.nbytes))
+            if not sock.getsockopt(zmq.RCVMORE):
+                return frames, head
+
+    def _targets(self, header: Any) -> list[memoryview | None]:
+        """Per data part of a VALUES reply: the destination's bytes when it can be received in place, else None.
+        A malformed header gets no targets (``parse_frames`` then says what is wrong with it)."""
+        try:
+            found = self._inflight.get(header.get("id")) if header.get("kind") == Kind.VALUES.value else None
+            if found is None:
+                return []
+            outs = found[0].outs
+            targets: list[memoryview | None] = []
+            for entry in header.get("keys", []):
+                nf = entry.get("nf", 0)
+                dest = outs.get(entry.get("key"))
+                direct = (
+                    nf == 1 and not entry.get("delta") and entry.get("codec", "none") == "none" and dest is not None
+                    and dest.device.type == "cpu" and dest.dtype == torch.float32 and dest.is_contiguous()
+                    and entry.get("bufs") == [["float32", dest.numel()]]
+                )
+                targets.extend([memoryview(dest.numpy()).cast("B")] if direct else [None] * nf)  # type: ignore[union-attr]
+            return targets
+        except Exception:  # noqa: BLE001  anything malformed is parse_frames' to report
+            return []
+
+    def _on_reply(self, server: int, frames: list[Any], head: Any = None) -> None:
+        try:
+            msg = parse_frames(frames, head)
         except ProtocolError as exc:
             log.error("%s: unreadable reply from server %d: %s", self.name, server, exc)
             return
@@ -563,6 +616,10 @@ class Client:
             if dest is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
             what = f"values of key {entry['key']}"
+            if frames and isinstance(frames[0], _InPlace):  # already in ``dest``; only its size is left to check
+                if frames[0].received != frames[0].expected:
+                    raise ProtocolError(ErrorCode.FRAME_SIZE, f"{what}: frame has {frames[0].received} bytes, expected {frames[0].expected}")
+                continue
             if entry.get("pshm"):
                 areas = self._shm_areas.get(entry["key"])
                 if areas is None:

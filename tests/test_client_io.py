@@ -1,0 +1,117 @@
+"""The client's socket work: replies received straight into their destinations, and progress without a waiter."""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+import zmq
+
+from protocol import transport
+from protocol.messages import Kind, Message, ProtocolError, parse_frames
+from protocol.tensors import Decoders
+from worker.client import Client, _InPlace, _Request
+
+from .cluster import local_cluster
+
+
+def _values_reply(request_id: int, key: int, numel: int, payload: bytes) -> list[bytes]:
+    entry = {"key": key, "codec": "none", "meta": {}, "bufs": [["float32", numel]], "nf": 1}
+    return [bytes(f) for f in Message(Kind.VALUES, id=request_id, src="server:0", keys=[entry], frames=[payload]).to_frames()]
+
+
+def _receive(dest: torch.Tensor, frames: list[bytes]):
+    """Feed one reply through a real socket pair into a bare client that waits for key 7 into ``dest``."""
+    client = Client.__new__(Client)  # only the receive path: no cluster needed
+    client._decoders = Decoders()
+    request = _Request(Future(), "pull of step 0", 0.0, 1, outs={7: dest.view(-1)})
+    client._inflight = {5: (request, 0, {7})}
+    ctx = zmq.Context.instance()
+    rx, tx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        rx.bind("inproc://zps-test-receive")
+        tx.connect("inproc://zps-test-receive")
+        tx.send_multipart(frames)
+        assert rx.poll(5000)
+        parts, head = client._receive(rx)
+    finally:
+        rx.close(linger=0)
+        tx.close(linger=0)
+    return client, request, parts, parse_frames(parts, head)
+
+
+def test_uncompressed_values_land_in_the_destination_without_a_frame() -> None:
+    dest = torch.zeros(4)
+    where = dest.data_ptr()
+    values = torch.tensor([1.0, -2.0, 3.5, 4.0])
+    client, request, parts, msg = _receive(dest, _values_reply(5, 7, 4, values.numpy().tobytes()))
+    assert isinstance(parts[1], _InPlace)
+    client._copy_values(msg, request)
+    assert dest.data_ptr() == where
+    torch.testing.assert_close(dest, values, atol=0, rtol=0)
+
+
+def test_a_destination_of_another_dtype_goes_through_the_frame() -> None:
+    dest = torch.zeros(4, dtype=torch.float64)
+    values = torch.tensor([1.0, -2.0, 3.5, 4.0])
+    client, request, parts, msg = _receive(dest, _values_reply(5, 7, 4, values.numpy().tobytes()))
+    assert not isinstance(parts[1], _InPlace)
+    client._copy_values(msg, request)
+    torch.testing.assert_close(dest, values.double(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("nbytes", [8, 24])
+def test_a_values_frame_of_the_wrong_size_is_refused(nbytes: int) -> None:
+    client, request, parts, msg = _receive(torch.zeros(4), _values_reply(5, 7, 4, bytes(nbytes)))
+    with pytest.raises(ProtocolError, match=f"frame has {nbytes} bytes, expected 16"):
+        client._copy_values(msg, request)
+
+
+def test_a_reply_to_nothing_in_flight_is_taken_as_frames() -> None:
+    dest = torch.zeros(4)
+    _, _, parts, msg = _receive(dest, _values_reply(99, 7, 4, bytes(16)))
+    assert not isinstance(parts[1], _InPlace) and msg.id == 99 and transport.frame_bytes(parts[1]) == bytes(16)
+
+
+def test_requests_progress_for_callbacks_and_futures_wait_without_a_caller_driving() -> None:
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients(shm=False)
+        try:
+            client.declare({"w": torch.zeros(8)}, ("SGD", [{"lr": 1.0}]))
+            called = threading.Event()
+            push = client.push({"w": torch.ones(8)}, 0)
+            push.add_done_callback(lambda f: called.set())
+            done, _ = concurrent.futures.wait([push], timeout=30)  # never calls result(): the pump answers it
+            assert push in done and called.wait(30)
+            out = torch.zeros(8)
+            pulls = [client.pull({"w": out}, 1) for _ in range(3)]
+            done, _ = concurrent.futures.wait(pulls, timeout=30)
+            assert len(done) == 3
+            torch.testing.assert_close(out, torch.full((8,), -1.0), atol=0, rtol=0)
+        finally:
+            client.close()
+
+
+def test_several_threads_waiting_at_once_all_get_their_replies() -> None:
+    with local_cluster(2, 1, "asp") as cluster:
+        (client,) = cluster.clients(chunk_bytes=64)
+        try:
+            client.declare({f"t{i}": torch.full((40,), float(i)) for i in range(6)}, ("SGD", [{"lr": 0.0}]))
+            outs = {f"t{i}": torch.zeros(40) for i in range(6)}
+
+            def pull(name: str) -> None:
+                for step in range(20):
+                    client.pull({name: outs[name]}, step).result(timeout=30)
+
+            threads = [threading.Thread(target=pull, args=(name,)) for name in outs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            for i in range(6):
+                torch.testing.assert_close(outs[f"t{i}"], torch.full((40,), float(i)), atol=0, rtol=0)
+        finally:
+            client.close()
