@@ -9,8 +9,11 @@ Header fields (a msgpack map, validated before anything is touched):
 - ``keys``   per-key entries (data messages only): ``{"key": int, "step": int, "nf": frames, ...}`` plus
              codec fields (``codec``, ``meta``, ``bufs``: per-buffer ``[dtype, numel]``)
 - ``body``   kind-specific small map (optimizer config, error reason, topology, ...)
+- ``fz``     optional: float32 elements in the fused frame (see below)
 
-Frames 1..n are the raw buffers of the keys in order (``nf`` frames each). Nothing is ever unpickled.
+Frames 1..n are the raw buffers of the keys in order (``nf`` frames each). Small uncompressed float32 keys may
+instead share one fused frame, the last one: such a key has ``nf`` 0 and ``fz``, its element offset in that frame
+(tensor fusion: one frame, not one per bias or norm). Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Any, Sequence
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: fused frames of small keys
 
 
 class Kind(str, enum.Enum):
@@ -87,6 +90,7 @@ class Message:
     keys: list[dict[str, Any]] = field(default_factory=list)
     body: dict[str, Any] = field(default_factory=dict)
     frames: list[Any] = field(default_factory=list)
+    fused: int = 0  # float32 elements in the fused frame, which is then the last of ``frames``
 
     def header(self) -> dict[str, Any]:
         head: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": self.kind.value, "id": self.id, "src": self.src}
@@ -94,6 +98,8 @@ class Message:
             head["keys"] = self.keys
         if self.body:
             head["body"] = self.body
+        if self.fused:
+            head["fz"] = self.fused
         return head
 
     def to_frames(self) -> list[Any]:
@@ -173,7 +179,10 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
     keys = head.get("keys", [])
     if not isinstance(keys, list):
         raise _bad(f"'keys' must be a list, got {type(keys).__name__}")
-    expected_frames = 0
+    fused = head.get("fz", 0)
+    if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
+        raise _bad(f"'fz' must be a non-negative integer, got {fused!r}")
+    expected_frames = 1 if fused else 0
     for i, entry in enumerate(keys):
         if not isinstance(entry, dict):
             raise _bad(f"keys[{i}] must be a map")
@@ -185,9 +194,15 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise _bad(f"keys[{i}].{name} must be a non-negative integer, got {value!r}")
         expected_frames += entry.get("nf", 0)
+        if "fz" in entry:
+            offset = entry["fz"]
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                raise _bad(f"keys[{i}].fz must be a non-negative integer, got {offset!r}")
+            if entry.get("nf", 0) or not fused:
+                raise _bad(f"keys[{i}] is in the fused frame ('fz') but has frames of its own or the message has no fused frame")
     if len(frames) - 1 != expected_frames:
         raise ProtocolError(
             ErrorCode.FRAME_COUNT,
             f"header announces {expected_frames} data frames but the message carries {len(frames) - 1}",
         )
-    return Message(kind, id=request_id, src=src, keys=keys, body=body, frames=list(frames[1:]))
+    return Message(kind, id=request_id, src=src, keys=keys, body=body, frames=list(frames[1:]), fused=fused)

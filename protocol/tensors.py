@@ -85,6 +85,29 @@ def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], li
     return entry, frames
 
 
+# Keys up to this size travel in their message's fused frame rather than a frame each (when not compressed).
+FUSE_MAX_BYTES = 64 * 1024
+
+
+def fused_frame(tensors: list[torch.Tensor]) -> memoryview:
+    """One frame holding ``tensors`` (float32, CPU) back to back; offsets are the running sums of their sizes."""
+    return as_buffer(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+
+
+class FusedReader:
+    """The fused frame of a message, sliced per key with range checks (the frame is viewed, never copied)."""
+
+    def __init__(self, frames: list[Any], numel: int, what: str) -> None:
+        self.numel = numel
+        self.values = from_buffer(frames[-1], torch.float32, numel, f"{what}: fused frame") if numel else None
+
+    def get(self, entry: dict[str, Any], numel: int, what: str) -> torch.Tensor:
+        offset = entry["fz"]
+        if self.values is None or offset + numel > self.numel:
+            raise ProtocolError(ErrorCode.FRAME_SIZE, f"{what}: elements [{offset}:{offset + numel}] are outside the fused frame of {self.numel}")
+        return self.values[offset : offset + numel]
+
+
 def entry_encoded(entry: dict[str, Any], frames: list[Any], what: str) -> Encoded:
     """Rebuild the :class:`Encoded` of one key entry from its header fields and frames, validating sizes."""
     bufs = entry.get("bufs", [])

@@ -24,7 +24,7 @@ from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from protocol.shm import Segment, ShmUnavailable
-from protocol.tensors import DTYPES, Decoders, dtype_from_name, encode_entry, entry_encoded
+from protocol.tensors import DTYPES, FUSE_MAX_BYTES, Decoders, FusedReader, dtype_from_name, encode_entry, entry_encoded, fused_frame
 
 from .consistency import Consistency, make_consistency
 from .optim import build_optimizer, clean_hparams, optimizer_class
@@ -351,6 +351,7 @@ class Server:
         accepted: list[tuple[KeyState, int, torch.Tensor]] = []
         offset = 0
         seen: set[int] = set()
+        fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
         for entry in msg.keys:
             nf = entry.get("nf", 0)
             frames = msg.frames[offset : offset + nf]
@@ -360,7 +361,11 @@ class Server:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
             seen.add(state.key)
             step = entry.get("step", 0)
-            if entry.get("shm"):
+            if fused is not None and "fz" in entry:
+                if entry.get("shm") or entry.get("codec", "none") != "none":
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a fused key is uncompressed float32 and not in shared memory")
+                grad = fused.get(entry, state.numel, f"push of {state.label()}")
+            elif entry.get("shm"):
                 if nf or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is uncompressed float32, without frames")
                 grad = self._shm_view(worker, state, 0, "push of")
@@ -415,12 +420,18 @@ class Server:
         # ASP/SSP may update a key while ZeroMQ still sends it, so they send a snapshot.
         snapshot = self.topology.mode != "bsp"
         keys, frames = [], []
+        small: list[torch.Tensor] = []  # values for the fused frame
+        fused = 0
         for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm):
             assert s.param is not None
             if shared:
                 self._shm_view(p.worker, s, 1, "pull of").copy_(s.param)
                 self.counters["shm_bytes_out"] += s.numel * 4
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
+            elif spec is None and s.numel * 4 <= FUSE_MAX_BYTES:
+                entry, bufs = {"nf": 0, "fz": fused}, []
+                small.append(s.param)
+                fused += s.numel
             elif spec is None:
                 entry, bufs = encode_entry(self._none, s.param.clone() if snapshot else s.param)
             else:
@@ -428,7 +439,9 @@ class Server:
             entry.update(key=s.key, version=s.version)
             keys.append(entry)
             frames.extend(bufs)
-        return Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames)
+        if small:  # a copy (or, for one key, a frame ZeroMQ copies): a snapshot in every mode
+            frames.append(fused_frame(small))
+        return Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames, fused=fused)
 
     def _delta(self, worker: int, s: KeyState, spec: str) -> tuple[dict[str, Any], list[memoryview]]:
         """Compressed pull: the first time the full values; then the change since this worker's last pull,

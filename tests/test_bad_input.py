@@ -77,6 +77,12 @@ CASES = {
     "codec by import path": (lambda k: [header(keys=[dict(push_entry(k), codec="os.path:join")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
     "push_pull with a bad pull codec": (lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pc="nosuchcodec")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
     "push_pull into a shared area it has not got": (lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pshm=1)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
+    "fused key outside the fused frame": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 4}]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.FRAME_SIZE),
+    "fused frame of the wrong size": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}]), b"\0" * (NUMEL * 4 - 4)], ErrorCode.FRAME_SIZE),
+    "fused key without a fused frame": (lambda k: [header(keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}])], ErrorCode.BAD_HEADER),
+    "fused frame missing": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}])], ErrorCode.FRAME_COUNT),
+    "fused key also in shared memory": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0, "shm": 1}]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
+    "negative fused offset": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": -1}]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
     "bad lr": (lambda k: [header(keys=[push_entry(k)], body={"lr": ["fast"]}), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
 }
 
@@ -113,6 +119,18 @@ def test_one_bad_key_rejects_the_whole_message(served) -> None:
     assert f"key {bad}" in reply.body["reason"]
     after = current(client, tensors)
     torch.testing.assert_close(after["a"], before["a"], atol=0, rtol=0)
+
+
+def test_a_fused_push_applies_each_key_from_its_slice(served) -> None:
+    client, raw, tensors = served
+    before = current(client, tensors)
+    a, b = key_of(client, "a"), key_of(client, "b")
+    fused = torch.cat([torch.full((NUMEL,), 2.0), torch.full((NUMEL,), 3.0)])
+    entries = [{"key": b, "step": 0, "nf": 0, "fz": NUMEL}, {"key": a, "step": 0, "nf": 0, "fz": 0}]
+    assert ask(raw, [header(fz=2 * NUMEL, keys=entries), fused.numpy().tobytes()]).kind is Kind.OK
+    after = current(client, tensors)  # ASP, SGD lr=1
+    torch.testing.assert_close(after["a"], before["a"] - 2, atol=0, rtol=0)
+    torch.testing.assert_close(after["b"], before["b"] - 3, atol=0, rtol=0)
 
 
 def test_retried_push_is_applied_once(served) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 from concurrent.futures import Future
 
@@ -15,6 +16,9 @@ from protocol.tensors import Decoders
 from worker.client import Client, _InPlace, _Request
 
 from .cluster import local_cluster
+
+
+_ADDRESSES = itertools.count()
 
 
 def _values_reply(request_id: int, key: int, numel: int, payload: bytes) -> list[bytes]:
@@ -31,8 +35,9 @@ def _receive(dest: torch.Tensor, frames: list[bytes]):
     ctx = zmq.Context.instance()
     rx, tx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
     try:
-        rx.bind("inproc://zps-test-receive")
-        tx.connect("inproc://zps-test-receive")
+        address = f"inproc://zps-test-receive-{next(_ADDRESSES)}"
+        rx.bind(address)
+        tx.connect(address)
         tx.send_multipart(frames)
         assert rx.poll(5000)
         parts, head = client._receive(rx)

@@ -108,6 +108,23 @@ def test_bsp_matches_single_process(num_workers: int, num_servers: int, optimize
         assert not torch.allclose(models[0][0].weight, make_model()[0].weight)
 
 
+@pytest.mark.parametrize("chunk_bytes", [128, 1 << 20])
+def test_bsp_over_frames_matches_single_process(chunk_bytes: int) -> None:
+    """Without shared memory: small keys share a fused frame each way, larger values land by recv_into."""
+    data = batches(2)
+    expected = reference("adam", data)
+    with local_cluster(2, 2, "bsp") as cluster:
+        clients = cluster.clients(chunk_bytes=chunk_bytes, shm=False)
+        try:
+            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, "adam", data) for r in range(2)])
+            stats = clients[0].stats()
+        finally:
+            close_all(clients)
+    for model in models:
+        assert_same(expected, model)
+    assert sum(s["shm_bytes_in"] for s in stats) == 0 and sum(s["bytes_in"] for s in stats) > 0
+
+
 def test_lr_scheduler_on_the_worker_reaches_the_servers() -> None:
     data = batches(2)
     expected = reference("sgd_momentum", data, schedule=True)

@@ -34,7 +34,7 @@ from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from protocol.rendezvous import RendezvousClient, Topology, check_failure
 from protocol.shm import Segment, ShmUnavailable
 from protocol.shm import layout as shm_layout
-from protocol.tensors import Decoders, encode_entry
+from protocol.tensors import FUSE_MAX_BYTES, Decoders, FusedReader, encode_entry, fused_frame
 
 log = logging.getLogger("zps.worker")
 
@@ -349,6 +349,8 @@ class Client:
                 if area is not None:
                     area.copy_(part)  # the only copy: the server reads it in place
                     entry, frames = {"codec": "none", "meta": {}, "bufs": [["float32", chunk.numel]], "nf": 0, "shm": 1}, []
+                elif codec is self._none_codec and chunk.numel * 4 <= FUSE_MAX_BYTES:
+                    entry, frames = {"nf": 0, "_fz": part}, []  # into the message's fused frame (_fuse)
                 else:
                     entry, frames = encode_entry(codec, part)
                 entry.update(key=chunk.key, step=step)
@@ -379,7 +381,7 @@ class Client:
     ) -> Future:
         check_failure(self.rendezvous)
         future = _Future(self)
-        parts = [(server, part) for server, msg in messages.items() for part in self._split(msg)]
+        parts = [(server, self._fuse(part)) for server, msg in messages.items() for part in self._split(msg)]
         request = _Request(future, what, time.monotonic() + self.config.timeout + 15, len(parts), outs=outs)
         request.replies = {} if keep_replies else None
         request.shm_marks = marks or set()
@@ -508,6 +510,22 @@ class Client:
             self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
             transport.send(self._sockets[server], msg)
 
+    @staticmethod
+    def _fuse(msg: Message) -> Message:
+        """Put the message's small uncompressed keys into one frame, the last, each at its element offset."""
+        tensors: list[torch.Tensor] = []
+        offset = 0
+        for entry in msg.keys:
+            tensor = entry.pop("_fz", None)
+            if tensor is not None:
+                entry["fz"] = offset
+                offset += tensor.numel()
+                tensors.append(tensor)
+        if tensors:
+            msg.fused = offset
+            msg.frames.append(fused_frame(tensors))
+        return msg
+
     def _split(self, msg: Message) -> list[Message]:
         """Cut a data message into parts of about one chunk's bytes: several are then in flight per server, so
         the server applies one while the next still arrives, and many small keys still share one message."""
@@ -608,6 +626,7 @@ class Client:
 
     def _copy_values(self, msg: Message, request: _Request) -> None:
         offset = 0
+        fused = FusedReader(msg.frames, msg.fused, "values") if msg.fused else None
         for entry in msg.keys:
             nf = entry.get("nf", 0)
             frames = msg.frames[offset : offset + nf]
@@ -616,6 +635,9 @@ class Client:
             if dest is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
             what = f"values of key {entry['key']}"
+            if fused is not None and "fz" in entry:
+                dest.copy_(fused.get(entry, dest.numel(), what))
+                continue
             if frames and isinstance(frames[0], _InPlace):  # already in ``dest``; only its size is left to check
                 if frames[0].received != frames[0].expected:
                     raise ProtocolError(ErrorCode.FRAME_SIZE, f"{what}: frame has {frames[0].received} bytes, expected {frames[0].expected}")
