@@ -420,15 +420,16 @@ class Server:
         # ASP/SSP may update a key while ZeroMQ still sends it, so they send a snapshot.
         snapshot = self.topology.mode != "bsp"
         keys, frames = [], []
-        small: list[torch.Tensor] = []  # values for the fused frame
+        small: list[torch.Tensor] = []  # values for the fused frame (when two keys or more can share it)
         fused = 0
+        can_fuse = len(p.states) > 1
         for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm):
             assert s.param is not None
             if shared:
                 self._shm_view(p.worker, s, 1, "pull of").copy_(s.param)
                 self.counters["shm_bytes_out"] += s.numel * 4
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
-            elif spec is None and s.numel * 4 <= FUSE_MAX_BYTES:
+            elif can_fuse and spec is None and s.numel * 4 <= FUSE_MAX_BYTES:
                 entry, bufs = {"nf": 0, "fz": fused}, []
                 small.append(s.param)
                 fused += s.numel

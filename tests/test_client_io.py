@@ -120,3 +120,30 @@ def test_several_threads_waiting_at_once_all_get_their_replies() -> None:
                 torch.testing.assert_close(outs[f"t{i}"], torch.full((40,), float(i)), atol=0, rtol=0)
         finally:
             client.close()
+
+
+def test_waiting_inside_a_callback_fails_loudly_instead_of_hanging() -> None:
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            client.declare({"w": torch.zeros(8)}, ("SGD", [{"lr": 1.0}]))
+            seen: list[BaseException] = []
+
+            def callback(_: Future) -> None:  # runs in the thread holding the sockets
+                try:
+                    client.pull({"w": torch.zeros(8)}, 0).result(timeout=30)
+                except RuntimeError as exc:
+                    seen.append(exc)
+
+            with client._lock:  # this thread holds the sockets, as it does while it resolves futures
+                client._io_busy, client._io_owner = True, threading.get_ident()
+            try:
+                pending: Future = Future()
+                pending.add_done_callback(callback)
+                pending.set_result(None)  # the callback runs here, in the holder
+            finally:
+                client._release_io()
+            assert seen and "done-callback" in str(seen[0])
+            client.pull({"w": torch.zeros(8)}, 0).result(timeout=30)  # and the client still works
+        finally:
+            client.close()

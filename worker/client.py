@@ -138,6 +138,7 @@ class Client:
         self._lock = threading.Lock()
         self._turn = threading.Condition(self._lock)  # threads waiting for the sockets, or for a future another drives
         self._io_busy = False
+        self._io_owner: int | None = None  # the thread holding the sockets
         self._waiters = 0
         self._broken: BaseException | None = None
         self._closed = False
@@ -394,7 +395,7 @@ class Client:
             self._queue.extend((server, part, request) for server, part in parts)
             mine = not self._io_busy
             if mine:
-                self._io_busy = True
+                self._io_busy, self._io_owner = True, threading.get_ident()
             else:  # another thread holds the sockets: it sends these at once
                 try:
                     self._wake_tx.send(b"", zmq.NOBLOCK)
@@ -421,6 +422,11 @@ class Client:
             with self._lock:
                 if future.done():
                     return
+                if self._io_busy and self._io_owner == threading.get_ident():
+                    raise RuntimeError(
+                        f"{self.name}: waiting on a zps future inside a done-callback would wait forever (the callback "
+                        "runs in the thread that takes the replies); chain the work outside the callback"
+                    )
                 if self._io_busy:  # another thread drives; it wakes us when it resolves a future or lets go
                     self._waiters += 1
                     try:
@@ -428,7 +434,7 @@ class Client:
                     finally:
                         self._waiters -= 1
                     continue
-                self._io_busy = True
+                self._io_busy, self._io_owner = True, threading.get_ident()
             try:
                 self._drive(future, end)
             except Exception as exc:
@@ -465,7 +471,7 @@ class Client:
 
     def _release_io(self) -> None:
         with self._lock:
-            self._io_busy = False
+            self._io_busy, self._io_owner = False, None
             if self._waiters:
                 self._turn.notify_all()
             if self._queue:  # queued while we were leaving: the pump sends it
@@ -484,7 +490,7 @@ class Client:
             with self._lock:
                 if self._io_busy or self._broken is not None:
                     continue
-                self._io_busy = True
+                self._io_busy, self._io_owner = True, threading.get_ident()
             try:
                 self._step_io(0)
             except Exception as exc:
@@ -510,18 +516,25 @@ class Client:
             self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
             transport.send(self._sockets[server], msg)
 
-    @staticmethod
-    def _fuse(msg: Message) -> Message:
-        """Put the message's small uncompressed keys into one frame, the last, each at its element offset."""
-        tensors: list[torch.Tensor] = []
-        offset = 0
-        for entry in msg.keys:
-            tensor = entry.pop("_fz", None)
-            if tensor is not None:
+    def _fuse(self, msg: Message) -> Message:
+        """Put the message's small uncompressed keys into one frame, the last, each at its element offset; a lone
+        small key keeps a frame of its own (nothing to save)."""
+        small = [entry for entry in msg.keys if "_fz" in entry]
+        if len(small) == 1:
+            entry = small[0]
+            fields, frames = encode_entry(self._none_codec, entry.pop("_fz"))
+            entry.update(fields)
+            index = msg.keys.index(entry)
+            at = sum(e.get("nf", 0) for e in msg.keys[:index])
+            msg.frames[at:at] = frames
+        elif small:
+            offset = 0
+            tensors = []
+            for entry in small:
+                tensor = entry.pop("_fz")
                 entry["fz"] = offset
                 offset += tensor.numel()
                 tensors.append(tensor)
-        if tensors:
             msg.fused = offset
             msg.frames.append(fused_frame(tensors))
         return msg
@@ -561,14 +574,19 @@ class Client:
         if not sock.getsockopt(zmq.RCVMORE):
             return frames, head
         targets = self._targets(head)
-        while True:
-            target = targets[len(frames) - 1] if len(frames) - 1 < len(targets) else None
-            if target is None:
-                frames.append(sock.recv(zmq.NOBLOCK, copy=False))
-            else:
-                frames.append(_InPlace(sock.recv_into(target, flags=zmq.NOBLOCK), target.nbytes))
-            if not sock.getsockopt(zmq.RCVMORE):
-                return frames, head
+        try:
+            while True:
+                target = targets[len(frames) - 1] if len(frames) - 1 < len(targets) else None
+                if target is None:
+                    frames.append(sock.recv(zmq.NOBLOCK, copy=False))
+                else:
+                    frames.append(_InPlace(sock.recv_into(target, flags=zmq.NOBLOCK), target.nbytes))
+                if not sock.getsockopt(zmq.RCVMORE):
+                    return frames, head
+        except BaseException:  # interrupted mid-message (Ctrl-C): drop its other parts, or they would be read as
+            while sock.getsockopt(zmq.RCVMORE):  # the start of the next message
+                sock.recv(zmq.NOBLOCK)
+            raise
 
     def _targets(self, header: Any) -> list[memoryview | None]:
         """Per data part of a VALUES reply: the destination's bytes when it can be received in place, else None.
