@@ -183,22 +183,22 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
     if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
         raise _bad(f"'fz' must be a non-negative integer, got {fused!r}")
     expected_frames = 1 if fused else 0
-    for i, entry in enumerate(keys):
-        if not isinstance(entry, dict):
+    for i, entry in enumerate(keys):  # on every message: plain type() checks (bool is not int here)
+        if type(entry) is not dict:
             raise _bad(f"keys[{i}] must be a map")
-        key = entry.get("key")
-        if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+        key, step, nf = entry.get("key"), entry.get("step", 0), entry.get("nf", 0)
+        if type(key) is not int or key < 0:
             raise _bad(f"keys[{i}].key must be a non-negative integer, got {key!r}")
-        for name in ("step", "nf"):
-            value = entry.get(name, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise _bad(f"keys[{i}].{name} must be a non-negative integer, got {value!r}")
-        expected_frames += entry.get("nf", 0)
+        if type(step) is not int or step < 0:
+            raise _bad(f"keys[{i}].step must be a non-negative integer, got {step!r}")
+        if type(nf) is not int or nf < 0:
+            raise _bad(f"keys[{i}].nf must be a non-negative integer, got {nf!r}")
+        expected_frames += nf
         if "fz" in entry:
             offset = entry["fz"]
-            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            if type(offset) is not int or offset < 0:
                 raise _bad(f"keys[{i}].fz must be a non-negative integer, got {offset!r}")
-            if entry.get("nf", 0) or not fused:
+            if nf or not fused:
                 raise _bad(f"keys[{i}] is in the fused frame ('fz') but has frames of its own or the message has no fused frame")
     if len(frames) - 1 != expected_frames:
         raise ProtocolError(

@@ -102,9 +102,13 @@ class FusedReader:
         self.values = from_buffer(frames[-1], torch.float32, numel, f"{what}: fused frame") if numel else None
 
     def get(self, entry: dict[str, Any], numel: int, what: str) -> torch.Tensor:
+        """The ``numel`` elements of ``entry``'s key; ``what`` names the request in an error."""
         offset = entry["fz"]
         if self.values is None or offset + numel > self.numel:
-            raise ProtocolError(ErrorCode.FRAME_SIZE, f"{what}: elements [{offset}:{offset + numel}] are outside the fused frame of {self.numel}")
+            raise ProtocolError(
+                ErrorCode.FRAME_SIZE,
+                f"{what}: key {entry['key']} elements [{offset}:{offset + numel}] are outside the fused frame of {self.numel}",
+            )
         return self.values[offset : offset + numel]
 
 

@@ -354,7 +354,7 @@ class Server:
         fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
         for entry in msg.keys:
             nf = entry.get("nf", 0)
-            frames = msg.frames[offset : offset + nf]
+            frames = msg.frames[offset : offset + nf] if nf else []
             offset += nf
             state = self._state(entry)
             if state.key in seen:
@@ -364,7 +364,7 @@ class Server:
             if fused is not None and "fz" in entry:
                 if entry.get("shm") or entry.get("codec", "none") != "none":
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a fused key is uncompressed float32 and not in shared memory")
-                grad = fused.get(entry, state.numel, f"push of {state.label()}")
+                grad = fused.get(entry, state.numel, "push")
             elif entry.get("shm"):
                 if nf or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is uncompressed float32, without frames")

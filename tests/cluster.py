@@ -141,29 +141,45 @@ def kill_tagged(tag: str) -> None:
 
 # -- watching a launcher's output -------------------------------------------------------------------------
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """Read ``proc``'s output until a line contains ``needle``; return everything read."""
+    """Read ``proc``'s output until a line contains ``needle``; return everything read up to that line.
+
+    Reads whatever is available (``read1``) and splits lines itself: ``readline`` after ``select`` would leave a
+    second line that came in the same read in Python's buffer, unseen by the next ``select``. What is read past
+    the line is kept for the next call and for :func:`finish`.
+    """
     seen = []
+    pending: bytes = getattr(proc, "_zps_pending", b"")
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=deadline - time.monotonic()):
-            break
-        line = proc.stdout.readline().decode(errors="replace")
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}")
+    try:
+        while True:
+            while b"\n" in pending:
+                raw, pending = pending.split(b"\n", 1)
+                line = raw.decode(errors="replace") + "\n"
+                seen.append(line)
+                if needle in line:
+                    return "".join(seen)
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(timeout=left):
+                break
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            pending += chunk
+    finally:
+        proc._zps_pending = pending  # type: ignore[attr-defined]
+        sel.close()
+    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}{pending.decode(errors='replace')}")
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     """Wait for ``proc`` to end; its exit code and output. Kills it (and fails) past ``timeout``."""
+    earlier: bytes = getattr(proc, "_zps_pending", b"")  # read by wait_for_line past its line
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        raise AssertionError(f"the launcher did not end within {timeout}s:\n{out.decode(errors='replace')}")
-    return proc.returncode, out.decode(errors="replace")
+        raise AssertionError(f"the launcher did not end within {timeout}s:\n{(earlier + out).decode(errors='replace')}") from None
+    return proc.returncode, (earlier + out).decode(errors="replace")

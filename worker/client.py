@@ -55,6 +55,15 @@ class _Request:
     shm_marks: set[tuple[int, str]] = field(default_factory=set)  # (key, area) shared areas in use
 
 
+def _copy_all(dests: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """``dest.copy_(value)`` for each pair: one dispatch for many small CPU tensors, else one copy each."""
+    if len(dests) > 1 and hasattr(torch, "_foreach_copy_") and all(d.device.type == "cpu" for d in dests):
+        torch._foreach_copy_(dests, values)
+    else:
+        for dest, value in zip(dests, values):
+            dest.copy_(value)
+
+
 @dataclass(frozen=True)
 class _InPlace:
     """A reply part received straight into its destination: how many bytes came, and how many were expected."""
@@ -129,6 +138,7 @@ class Client:
         self.name = f"worker:{self.rank}"
         self.plan: Plan | None = None
         self._by_name: dict[str, list[Chunk]] = {}
+        self._views_of: dict[str, tuple[torch.Tensor, int, dict[int, torch.Tensor], int]] = {}  # see _destinations
         self._codecs: dict[int, Codec] = {}
         self._ids = itertools.count(1)
         self._inflight: dict[int, tuple[_Request, int, set[int]]] = {}  # message id -> (request, server, keys)
@@ -280,10 +290,10 @@ class Client:
     # -- helpers ---------------------------------------------------------------------------------------
     @staticmethod
     def _flat(tensor: torch.Tensor) -> torch.Tensor:
-        t = tensor.detach()
+        t = tensor.detach() if tensor.requires_grad else tensor
         if t.dtype != torch.float32:
             t = t.float()
-        return t.reshape(-1)
+        return t if t.dim() == 1 else t.reshape(-1)
 
     def _chunks(self, name: str) -> list[Chunk]:
         try:
@@ -337,15 +347,18 @@ class Client:
             declared = self.plan.params[chunks[0].param].numel  # type: ignore[union-attr]
             if flat.numel() != declared:
                 raise ValueError(f"{name!r} has {flat.numel()} elements but was declared with {declared}")
+            whole = len(chunks) == 1
             for chunk in chunks:
-                msg = messages.setdefault(chunk.server, Message(kind, src=self.name, body=body))
+                msg = messages.get(chunk.server)
+                if msg is None:
+                    msg = messages[chunk.server] = Message(kind, src=self.name, body=body)
                 codec = self._codec(chunk)
                 if isinstance(codec, ErrorFeedback) and body:
                     lrs = body["lr"]
                     group_lr = lrs[min(self._group_of_param[chunk.param], len(lrs) - 1)]
                     if group_lr > 0:
                         codec.set_lr(group_lr)
-                part = flat[chunk.offset : chunk.offset + chunk.numel]
+                part = flat if whole else flat[chunk.offset : chunk.offset + chunk.numel]
                 area = self._shm_area(chunk, "push", marks) if codec is self._none_codec else None
                 if area is not None:
                     area.copy_(part)  # the only copy: the server reads it in place
@@ -354,7 +367,7 @@ class Client:
                     entry, frames = {"nf": 0, "_fz": part}, []  # into the message's fused frame (_fuse)
                 else:
                     entry, frames = encode_entry(codec, part)
-                entry.update(key=chunk.key, step=step)
+                entry["key"], entry["step"] = chunk.key, step
                 if kind is Kind.PUSH_PULL:
                     self._pull_options(chunk, entry, marks)
                 msg.keys.append(entry)
@@ -362,13 +375,24 @@ class Client:
         return messages
 
     def _destinations(self, outs: Tensors) -> dict[int, torch.Tensor]:
+        """Key -> the flat view of ``outs`` it is written into. A model pulls into the same tensors every step, so
+        the views are kept per (name, tensor, storage address) and built again only when one of those changes."""
         dest: dict[int, torch.Tensor] = {}
         for name, out in outs.items():
+            cached = self._views_of.get(name)
+            if cached is not None and cached[0] is out and cached[1] == out.data_ptr() and out.numel() == cached[3]:
+                dest.update(cached[2])
+                continue
+            chunks = self._chunks(name)
+            declared = self.plan.params[chunks[0].param].numel  # type: ignore[union-attr]
+            if out.numel() != declared:
+                raise ValueError(f"pull destination {name!r} has {out.numel()} elements but was declared with {declared}")
             if not out.is_contiguous():
                 raise ValueError(f"pull destination {name!r} must be contiguous")
             flat = out.detach().view(-1)
-            for chunk in self._chunks(name):
-                dest[chunk.key] = flat[chunk.offset : chunk.offset + chunk.numel]
+            views = {chunk.key: flat[chunk.offset : chunk.offset + chunk.numel] for chunk in chunks}
+            self._views_of[name] = (out, out.data_ptr(), views, declared)
+            dest.update(views)
         return dest
 
     # -- the sockets: driven by whichever thread waits ---------------------------------------------------
@@ -645,6 +669,8 @@ class Client:
     def _copy_values(self, msg: Message, request: _Request) -> None:
         offset = 0
         fused = FusedReader(msg.frames, msg.fused, "values") if msg.fused else None
+        fused_dests: list[torch.Tensor] = []  # copied in one call at the end (many small keys)
+        fused_values: list[torch.Tensor] = []
         for entry in msg.keys:
             nf = entry.get("nf", 0)
             frames = msg.frames[offset : offset + nf]
@@ -652,10 +678,11 @@ class Client:
             dest = request.outs.get(entry["key"])
             if dest is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")
-            what = f"values of key {entry['key']}"
             if fused is not None and "fz" in entry:
-                dest.copy_(fused.get(entry, dest.numel(), what))
+                fused_values.append(fused.get(entry, dest.numel(), "values"))
+                fused_dests.append(dest)
                 continue
+            what = f"values of key {entry['key']}"
             if frames and isinstance(frames[0], _InPlace):  # already in ``dest``; only its size is left to check
                 if frames[0].received != frames[0].expected:
                     raise ProtocolError(ErrorCode.FRAME_SIZE, f"{what}: frame has {frames[0].received} bytes, expected {frames[0].expected}")
@@ -671,6 +698,8 @@ class Client:
                 dest.add_(values.to(dest.device))
             else:
                 dest.copy_(values)
+        if fused_dests:
+            _copy_all(fused_dests, fused_values)
 
     def _finish(self, request: _Request) -> None:
         if request.future.done():
