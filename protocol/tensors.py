@@ -90,8 +90,9 @@ FUSE_MAX_BYTES = 64 * 1024
 
 
 def fused_frame(tensors: list[torch.Tensor]) -> memoryview:
-    """One frame holding ``tensors`` (float32, CPU) back to back; offsets are the running sums of their sizes."""
-    return as_buffer(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+    """One new frame holding ``tensors`` (float32, any devices) back to back; offsets are the running sums of their
+    sizes. Always a copy, so the frame is a snapshot even if the tensors change while it is sent."""
+    return as_buffer(torch.cat([t if t.device.type == "cpu" else t.to("cpu") for t in tensors]))
 
 
 class FusedReader:

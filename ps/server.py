@@ -420,9 +420,10 @@ class Server:
         # ASP/SSP may update a key while ZeroMQ still sends it, so they send a snapshot.
         snapshot = self.topology.mode != "bsp"
         keys, frames = [], []
-        small: list[torch.Tensor] = []  # values for the fused frame (when two keys or more can share it)
+        small: list[torch.Tensor] = []  # values for the fused frame, when two small keys or more can share it
         fused = 0
-        can_fuse = len(p.states) > 1
+        can_fuse = sum(1 for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm)
+                       if not shared and spec is None and s.numel * 4 <= FUSE_MAX_BYTES) > 1
         for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm):
             assert s.param is not None
             if shared:
@@ -440,7 +441,7 @@ class Server:
             entry.update(key=s.key, version=s.version)
             keys.append(entry)
             frames.extend(bufs)
-        if small:  # a copy (or, for one key, a frame ZeroMQ copies): a snapshot in every mode
+        if small:  # torch.cat of two keys or more: a copy, so a snapshot in every mode
             frames.append(fused_frame(small))
         return Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames, fused=fused)
 

@@ -12,7 +12,7 @@ import zmq
 
 from protocol import transport
 from protocol.messages import Kind, Message, ProtocolError, parse_frames
-from protocol.tensors import Decoders
+from protocol.tensors import Decoders, fused_frame
 from worker.client import Client, _InPlace, _Request
 
 from .cluster import local_cluster
@@ -147,3 +147,48 @@ def test_waiting_inside_a_callback_fails_loudly_instead_of_hanging() -> None:
             client.pull({"w": torch.zeros(8)}, 0).result(timeout=30)  # and the client still works
         finally:
             client.close()
+
+
+def test_a_fused_frame_is_a_copy_even_of_one_tensor() -> None:
+    values = torch.arange(6, dtype=torch.float32)
+    frame = fused_frame([values])
+    values.add_(100)  # the parameter changes while the frame would still be on its way
+    assert torch.equal(torch.frombuffer(bytearray(frame), dtype=torch.float32), torch.arange(6, dtype=torch.float32))
+
+
+def test_requests_cannot_be_cancelled_and_a_failed_call_gives_back_its_shared_areas() -> None:
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients()  # same host: shared areas in use
+        try:
+            client.declare({"a": torch.zeros(8), "b": torch.zeros(8)}, ("SGD", [{"lr": 1.0}]))
+            assert client._segments, "this test needs the shared-memory path"
+            future = client.push({"a": torch.ones(8), "b": torch.ones(8)}, 0)
+            assert future.cancel() is False
+            future.result(timeout=30)
+            with pytest.raises(ValueError, match="'b' has 5 elements"):
+                client.push({"a": torch.ones(8), "b": torch.ones(5)}, 1)  # "a" reserved its area before "b" failed
+            assert client._shm_busy == set()
+            client.push({"a": torch.ones(8), "b": torch.ones(8)}, 1).result(timeout=30)
+            assert sum(s["shm_bytes_in"] for s in client.stats()) == 2 * 16 * 4  # both pushes went through it
+        finally:
+            client.close()
+
+
+def test_close_from_the_thread_that_holds_the_sockets_returns() -> None:
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients()
+        client.declare({"w": torch.zeros(4)}, ("SGD", [{"lr": 1.0}]))
+        done = threading.Event()
+
+        def close_as_holder() -> None:  # as a done-callback would: this thread holds the sockets
+            with client._lock:
+                client._io_busy, client._io_owner = True, threading.get_ident()
+            client.close()
+            done.set()
+
+        closer = threading.Thread(target=close_as_holder, daemon=True)
+        closer.start()
+        closer.join(30)
+        assert done.is_set(), "close() waited for itself"
+        with pytest.raises(RuntimeError, match="closed"):
+            client.pull({"w": torch.zeros(4)}, 0)

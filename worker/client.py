@@ -8,20 +8,21 @@ requests moving every few milliseconds (callbacks, ``concurrent.futures.wait``).
 chunks by the sharding plan; each server gets its chunks in messages of about one chunk's bytes, so several are
 in flight and small tensors share a message.
 
-Delivery: a future resolves when every server involved answered. A push is applied once even if retried
-(the server de-duplicates on (worker, step, key)). Every request has a deadline; a server that stays silent, a
+Delivery: a future resolves when every server involved answered. The server de-duplicates pushes on (worker,
+step, key), so a push that reaches it twice is applied once. Every request has a deadline; a server that stays silent, a
 reply naming an error, or a peer lost by the coordinator fails the future with a message saying which.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import zmq
@@ -86,6 +87,10 @@ class _Future(Future):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._client._wait(self, timeout)
         return super().exception(timeout=0)
+
+    def cancel(self) -> bool:
+        """A request already handed to the servers cannot be taken back (its reply still lands): never cancels."""
+        return False
 
 
 # Without a waiting caller, outstanding requests still progress this often (callbacks, concurrent.futures.wait).
@@ -252,28 +257,31 @@ class Client:
     def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
         """Push gradients of ``step``; resolves when every server acknowledged."""
         marks: set[tuple[int, str]] = set()
-        messages = self._push_messages(Kind.PUSH, grads, step, lr, marks)
-        return self._submit(messages, f"push of step {step}", {}, marks=marks)
+        with self._unmark_on_error(marks):
+            messages = self._push_messages(Kind.PUSH, grads, step, lr, marks)
+            return self._submit(messages, f"push of step {step}", {}, marks=marks)
 
     def pull(self, outs: Tensors, step: int) -> Future:
         """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates)."""
         messages: dict[int, Message] = {}
         marks: set[tuple[int, str]] = set()
-        for name in outs:
-            for chunk in self._chunks(name):
-                msg = messages.setdefault(chunk.server, Message(Kind.PULL, src=self.name))
-                entry = {"key": chunk.key, "step": step, "nf": 0}
-                self._pull_options(chunk, entry, marks)
-                msg.keys.append(entry)
-        return self._submit(messages, f"pull of step {step}", self._destinations(outs), marks=marks)
+        with self._unmark_on_error(marks):
+            for name in outs:
+                for chunk in self._chunks(name):
+                    msg = messages.setdefault(chunk.server, Message(Kind.PULL, src=self.name))
+                    entry = {"key": chunk.key, "step": step, "nf": 0}
+                    self._pull_options(chunk, entry, marks)
+                    msg.keys.append(entry)
+            return self._submit(messages, f"pull of step {step}", self._destinations(outs), marks=marks)
 
     def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
         """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip."""
         if set(grads) != set(outs):
             raise ValueError("push_pull needs the same names in grads and outs")
         marks: set[tuple[int, str]] = set()
-        messages = self._push_messages(Kind.PUSH_PULL, grads, step, lr, marks)
-        return self._submit(messages, f"push_pull of step {step}", self._destinations(outs), marks=marks)
+        with self._unmark_on_error(marks):
+            messages = self._push_messages(Kind.PUSH_PULL, grads, step, lr, marks)
+            return self._submit(messages, f"push_pull of step {step}", self._destinations(outs), marks=marks)
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and consistency record, by server rank."""
@@ -288,6 +296,16 @@ class Client:
         self._submit(messages, "leave", {}).result(timeout=timeout)
 
     # -- helpers ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _unmark_on_error(self, marks: set[tuple[int, str]]) -> Iterator[None]:
+        """A call that fails before its request is queued gives back the shared areas it reserved."""
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._shm_busy -= marks
+            raise
+
     @staticmethod
     def _flat(tensor: torch.Tensor) -> torch.Tensor:
         t = tensor.detach() if tensor.requires_grad else tensor
@@ -380,7 +398,8 @@ class Client:
         dest: dict[int, torch.Tensor] = {}
         for name, out in outs.items():
             cached = self._views_of.get(name)
-            if cached is not None and cached[0] is out and cached[1] == out.data_ptr() and out.numel() == cached[3]:
+            if (cached is not None and cached[0] is out and cached[1] == out.data_ptr() and out.numel() == cached[3]
+                    and out.is_contiguous()):
                 dest.update(cached[2])
                 continue
             chunks = self._chunks(name)
@@ -451,7 +470,8 @@ class Client:
                         f"{self.name}: waiting on a zps future inside a done-callback would wait forever (the callback "
                         "runs in the thread that takes the replies); chain the work outside the callback"
                     )
-                if self._io_busy:  # another thread drives; it wakes us when it resolves a future or lets go
+                if self._io_busy or self._stop.is_set():  # another thread drives (or close() is failing everything);
+                    # it wakes us when it resolves a future or lets go
                     self._waiters += 1
                     try:
                         self._turn.wait(0.05 if left is None else min(left, 0.05))
@@ -600,7 +620,7 @@ class Client:
         targets = self._targets(head)
         try:
             while True:
-                target = targets[len(frames) - 1] if len(frames) - 1 < len(targets) else None
+                target = targets.get(len(frames) - 1)
                 if target is None:
                     frames.append(sock.recv(zmq.NOBLOCK, copy=False))
                 else:
@@ -612,27 +632,29 @@ class Client:
                 sock.recv(zmq.NOBLOCK)
             raise
 
-    def _targets(self, header: Any) -> list[memoryview | None]:
-        """Per data part of a VALUES reply: the destination's bytes when it can be received in place, else None.
+    def _targets(self, header: Any) -> dict[int, memoryview]:
+        """Data part index -> the destination's bytes, for the parts of a VALUES reply that can be received in place.
         A malformed header gets no targets (``parse_frames`` then says what is wrong with it)."""
         try:
             found = self._inflight.get(header.get("id")) if header.get("kind") == Kind.VALUES.value else None
             if found is None:
-                return []
+                return {}
             outs = found[0].outs
-            targets: list[memoryview | None] = []
+            targets: dict[int, memoryview] = {}
+            index = 0
             for entry in header.get("keys", []):
                 nf = entry.get("nf", 0)
                 dest = outs.get(entry.get("key"))
-                direct = (
+                if (
                     nf == 1 and not entry.get("delta") and entry.get("codec", "none") == "none" and dest is not None
                     and dest.device.type == "cpu" and dest.dtype == torch.float32 and dest.is_contiguous()
                     and entry.get("bufs") == [["float32", dest.numel()]]
-                )
-                targets.extend([memoryview(dest.numpy()).cast("B")] if direct else [None] * nf)  # type: ignore[union-attr]
+                ):
+                    targets[index] = memoryview(dest.numpy()).cast("B")
+                index += nf if type(nf) is int and nf > 0 else 0
             return targets
         except Exception:  # noqa: BLE001  anything malformed is parse_frames' to report
-            return []
+            return {}
 
     def _on_reply(self, server: int, frames: list[Any], head: Any = None) -> None:
         try:
@@ -762,11 +784,13 @@ class Client:
             self._closed = True
             self._stop.set()
             self._work.set()
-            self._pump_thread.join(timeout=5)
+            me = threading.get_ident()
+            if threading.current_thread() is not self._pump_thread:
+                self._pump_thread.join(timeout=5)
             with self._lock:  # take the sockets for good: whoever holds them lets go within one poll
-                while self._io_busy:
+                while self._io_busy and self._io_owner != me:  # (a callback closing the client holds them itself)
                     self._turn.wait(0.1)
-                self._io_busy = True
+                self._io_busy, self._io_owner = True, me
                 if self._broken is None:
                     self._broken = RuntimeError("closed")
             self._fail_all(RuntimeError(f"{self.name}: the client was closed with this request outstanding"))
