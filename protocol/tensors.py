@@ -92,7 +92,11 @@ FUSE_MAX_BYTES = 64 * 1024
 def fused_frame(tensors: list[torch.Tensor]) -> memoryview:
     """One new frame holding ``tensors`` (float32, any devices) back to back; offsets are the running sums of their
     sizes. Always a copy, so the frame is a snapshot even if the tensors change while it is sent."""
-    return as_buffer(torch.cat([t if t.device.type == "cpu" else t.to("cpu") for t in tensors]))
+    try:
+        joined = torch.cat(tensors)
+    except RuntimeError:  # on several devices: through the host
+        joined = torch.cat([t.to("cpu") for t in tensors])
+    return as_buffer(joined)
 
 
 class FusedReader:

@@ -57,12 +57,16 @@ class _Request:
 
 
 def _copy_all(dests: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    """``dest.copy_(value)`` for each pair: one dispatch for many small CPU tensors, else one copy each."""
-    if len(dests) > 1 and hasattr(torch, "_foreach_copy_") and all(d.device.type == "cpu" for d in dests):
-        torch._foreach_copy_(dests, values)
-    else:
-        for dest, value in zip(dests, values):
-            dest.copy_(value)
+    """``dest.copy_(value)`` for each pair: one dispatch for many small tensors where torch can (foreach kernels
+    want one device per list), else one copy each (copies are idempotent, so a refused batch is simply redone)."""
+    if len(dests) > 1 and hasattr(torch, "_foreach_copy_"):
+        try:
+            torch._foreach_copy_(dests, values)
+            return
+        except RuntimeError:
+            pass
+    for dest, value in zip(dests, values):
+        dest.copy_(value)
 
 
 @dataclass(frozen=True)
@@ -377,7 +381,8 @@ class Client:
                     if group_lr > 0:
                         codec.set_lr(group_lr)
                 part = flat if whole else flat[chunk.offset : chunk.offset + chunk.numel]
-                area = self._shm_area(chunk, "push", marks) if codec is self._none_codec else None
+                shared = codec is self._none_codec and chunk.server in self._segments
+                area = self._shm_area(chunk, "push", marks) if shared else None
                 if area is not None:
                     area.copy_(part)  # the only copy: the server reads it in place
                     entry, frames = {"codec": "none", "meta": {}, "bufs": [["float32", chunk.numel]], "nf": 0, "shm": 1}, []
@@ -386,8 +391,8 @@ class Client:
                 else:
                     entry, frames = encode_entry(codec, part)
                 entry["key"], entry["step"] = chunk.key, step
-                if kind is Kind.PUSH_PULL:
-                    self._pull_options(chunk, entry, marks)
+                if kind is Kind.PUSH_PULL and (self.pull_codec or chunk.server in self._segments):
+                    self._pull_options(chunk, entry, marks)  # else: values come back as frames
                 msg.keys.append(entry)
                 msg.frames.extend(frames)
         return messages
