@@ -7,6 +7,7 @@ runs zps by re-launching itself as the worker script of ``zps run``. Worker rank
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -324,3 +325,23 @@ class Helper:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def zmq_peer(argv: Sequence[str], socket_type: int) -> Iterator[Any]:
+    """Start a helper that prints the loopback port it bound, and yield a pyzmq socket of ``socket_type``
+    connected to it; socket, context and helper are closed on the way out."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        with Helper(argv) as helper:
+            sock = ctx.socket(socket_type)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{int(helper.ready_line)}")
+            try:
+                yield sock
+            finally:
+                sock.close()
+    finally:
+        ctx.term()

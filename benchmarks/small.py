@@ -45,33 +45,24 @@ def bench_reqrep(windows: int, window: float, keys: int) -> dict[str, list[float
     """Round trips/s of one 4 KiB frame, and tensors/s of a header + ``keys`` frames of 4 KiB per round trip."""
     import zmq
 
-    ctx = zmq.Context()
-    try:
-        with C.Helper([sys.executable, __file__, "--role-rep"]) as helper:
-            sock = ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{int(helper.ready_line)}")
-            payload = b"\x01" * NBYTES
-            many = [b"\x02" * 64] + [payload] * keys
-            try:
-                def round_trip() -> None:
-                    sock.send(payload)
-                    sock.recv()
+    payload = b"\x01" * NBYTES
+    many = [b"\x02" * 64] + [payload] * keys
+    with C.zmq_peer([sys.executable, __file__, "--role-rep"], zmq.REQ) as sock:
 
-                def round_trip_many() -> None:
-                    sock.send_multipart(many)
-                    sock.recv_multipart()
+        def round_trip() -> None:
+            sock.send(payload)
+            sock.recv()
 
-                rates = {
-                    "one": C.rate_windows(round_trip, windows, window, warmup=0.5),
-                    "many": [r * keys for r in C.rate_windows(round_trip_many, windows, window, warmup=0.5)],
-                }
-                sock.send(b"")
-                sock.recv()
-            finally:
-                sock.close()
-    finally:
-        ctx.term()
+        def round_trip_many() -> None:
+            sock.send_multipart(many)
+            sock.recv_multipart()
+
+        rates = {
+            "one": C.rate_windows(round_trip, windows, window, warmup=0.5),
+            "many": [r * keys for r in C.rate_windows(round_trip_many, windows, window, warmup=0.5)],
+        }
+        sock.send(b"")
+        sock.recv()
     return rates
 
 

@@ -144,30 +144,20 @@ def bench_zmq(sizes: list[int], repeats: int, frame_bytes: int | None = None) ->
     import zmq
 
     out: dict[int, list[float]] = {}
-    ctx = zmq.Context()
-    try:
-        with C.Helper([sys.executable, __file__, "--role-zmq-echo"]) as helper:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{int(helper.ready_line)}")
-            try:
-                payload = memoryview(bytearray(b"\x01" * (max(sizes) * MIB)))
-                for mib in sizes:
-                    data = payload[: mib * MIB]
-                    step = frame_bytes or len(data)
-                    parts = [data[i : i + step] for i in range(0, len(data), step)]
+    with C.zmq_peer([sys.executable, __file__, "--role-zmq-echo"], zmq.DEALER) as sock:
+        payload = memoryview(bytearray(b"\x01" * (max(sizes) * MIB)))
+        for mib in sizes:
+            data = payload[: mib * MIB]
+            step = frame_bytes or len(data)
+            parts = [data[i : i + step] for i in range(0, len(data), step)]
 
-                    def round_trip(parts: list[memoryview] = parts) -> None:
-                        sock.send_multipart(parts, copy=False)
-                        sock.recv_multipart(copy=False)
+            def round_trip(parts: list[memoryview] = parts) -> None:
+                sock.send_multipart(parts, copy=False)
+                sock.recv_multipart(copy=False)
 
-                    out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
-                sock.send(b"")
-                time.sleep(0.1)
-            finally:
-                sock.close()
-    finally:
-        ctx.term()
+            out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
+        sock.send(b"")
+        time.sleep(0.1)
     return out
 
 
@@ -178,35 +168,25 @@ def bench_zmq_work(sizes: list[int], repeats: int) -> dict[int, list[float]]:
 
     torch.set_num_threads(1)
     out: dict[int, list[float]] = {}
-    ctx = zmq.Context()
-    try:
-        with C.Helper([sys.executable, __file__, "--role-zmq-work"]) as helper:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{int(helper.ready_line)}")
-            try:
-                for mib in sizes:
-                    grad = torch.full((mib * MIB // 4,), 0.5)
-                    dest = torch.zeros_like(grad)
-                    parts = [memoryview(p.numpy()) for p in grad.split(CHUNK // 4)]
-                    targets = [memoryview(p.numpy()).cast("B") for p in dest.split(CHUNK // 4)]
-                    indexes = [str(i).encode() for i in range(len(parts))]
+    with C.zmq_peer([sys.executable, __file__, "--role-zmq-work"], zmq.DEALER) as sock:
+        for mib in sizes:
+            grad = torch.full((mib * MIB // 4,), 0.5)
+            dest = torch.zeros_like(grad)
+            parts = [memoryview(p.numpy()) for p in grad.split(CHUNK // 4)]
+            targets = [memoryview(p.numpy()).cast("B") for p in dest.split(CHUNK // 4)]
+            indexes = [str(i).encode() for i in range(len(parts))]
 
-                    def round_trip(parts: list[memoryview] = parts, targets: list[memoryview] = targets,
-                                   indexes: list[bytes] = indexes) -> None:
-                        for index, part in zip(indexes, parts):
-                            sock.send_multipart([index, part], copy=False)
-                        for _ in parts:
-                            index = int(sock.recv())
-                            sock.recv_into(targets[index])
+            def round_trip(parts: list[memoryview] = parts, targets: list[memoryview] = targets,
+                           indexes: list[bytes] = indexes) -> None:
+                for index, part in zip(indexes, parts):
+                    sock.send_multipart([index, part], copy=False)
+                for _ in parts:
+                    index = int(sock.recv())
+                    sock.recv_into(targets[index])
 
-                    out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
-                sock.send_multipart([b"0", b""])
-                time.sleep(0.1)
-            finally:
-                sock.close()
-    finally:
-        ctx.term()
+            out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
+        sock.send_multipart([b"0", b""])
+        time.sleep(0.1)
     return out
 
 
