@@ -18,12 +18,12 @@ SNDHWM = 1000
 RCVHWM = 1000
 
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flag enums cost microseconds per test
+
+
 def readable(sock: zmq.Socket) -> bool:
-    """Whether ``sock`` has a message waiting (plain ints: pyzmq's flag enums cost microseconds per check)."""
+    """Whether ``sock`` has a message waiting."""
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)
-
-
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def tcp_address(host: str, port: int) -> str:

@@ -436,7 +436,7 @@ class Client:
         request.shm_marks = marks or set()
         with self._lock:
             if self._broken is not None:
-                raise RuntimeError(f"{self.name}: the client is closed ({self._broken})")
+                raise RuntimeError(f"{self._broken}; no new requests")
             if not parts:
                 future.set_result({})
                 return future
@@ -797,7 +797,7 @@ class Client:
                     self._turn.wait(0.1)
                 self._io_busy, self._io_owner = True, me
                 if self._broken is None:
-                    self._broken = RuntimeError("closed")
+                    self._broken = RuntimeError(f"{self.name}: the client was closed")
             self._fail_all(RuntimeError(f"{self.name}: the client was closed with this request outstanding"))
             for sock in [*self._sockets, self._wake_tx, self._wake_rx]:
                 sock.close(linger=0)
