@@ -89,6 +89,11 @@ def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], li
 FUSE_MAX_BYTES = 64 * 1024
 
 
+def fusable(numel: int) -> bool:
+    """Whether an uncompressed float32 key of ``numel`` elements may share its message's fused frame."""
+    return numel * 4 <= FUSE_MAX_BYTES
+
+
 def fused_frame(tensors: list[torch.Tensor]) -> memoryview:
     """One new frame holding ``tensors`` (float32, any devices) back to back; offsets are the running sums of their
     sizes. Always a copy, so the frame is a snapshot even if the tensors change while it is sent."""

@@ -24,7 +24,7 @@ from protocol.config import Config
 from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from protocol.shm import Segment, ShmUnavailable
-from protocol.tensors import DTYPES, FUSE_MAX_BYTES, Decoders, FusedReader, dtype_from_name, encode_entry, entry_encoded, fused_frame
+from protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name, encode_entry, entry_encoded, fusable, fused_frame
 
 from .consistency import Consistency, make_consistency
 from .optim import build_optimizer, clean_hparams, optimizer_class
@@ -422,15 +422,16 @@ class Server:
         keys, frames = [], []
         small: list[torch.Tensor] = []  # values for the fused frame, when two small keys or more can share it
         fused = 0
-        can_fuse = sum(1 for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm)
-                       if not shared and spec is None and s.numel * 4 <= FUSE_MAX_BYTES) > 1
-        for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm):
+        to_fuse = [not shared and spec is None and fusable(s.numel) for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm)]
+        if sum(to_fuse) < 2:
+            to_fuse = [False] * len(to_fuse)
+        for s, spec, shared, fuse in zip(p.states, p.pull_codecs, p.pull_shm, to_fuse):
             assert s.param is not None
             if shared:
                 self._shm_view(p.worker, s, 1, "pull of").copy_(s.param)
                 self.counters["shm_bytes_out"] += s.numel * 4
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
-            elif can_fuse and spec is None and s.numel * 4 <= FUSE_MAX_BYTES:
+            elif fuse:
                 entry, bufs = {"nf": 0, "fz": fused}, []
                 small.append(s.param)
                 fused += s.numel

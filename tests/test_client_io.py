@@ -192,3 +192,20 @@ def test_close_from_the_thread_that_holds_the_sockets_returns() -> None:
         assert done.is_set(), "close() waited for itself"
         with pytest.raises(RuntimeError, match="closed"):
             client.pull({"w": torch.zeros(4)}, 0)
+
+
+def test_close_gives_up_on_a_thread_that_never_lets_go_of_the_sockets(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("worker.client._CLOSE_WAIT", 0.3)
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients()
+        client.declare({"w": torch.zeros(4)}, ("SGD", [{"lr": 1.0}]))
+        with client._lock:  # as a done-callback blocked forever in another thread would
+            client._io_busy, client._io_owner = True, -1
+        done = threading.Event()
+        closer = threading.Thread(target=lambda: (client.close(leave=False), done.set()), daemon=True)
+        closer.start()
+        closer.join(30)
+        assert done.is_set(), "close() waited without end"
+        assert "held the sockets" in caplog.text
+        for sock in client._sockets:  # left open for the thread that still uses them; closed here for the test
+            sock.close(linger=0)

@@ -35,7 +35,7 @@ from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from protocol.rendezvous import RendezvousClient, Topology, check_failure
 from protocol.shm import Segment, ShmUnavailable
 from protocol.shm import layout as shm_layout
-from protocol.tensors import FUSE_MAX_BYTES, Decoders, FusedReader, encode_entry, fused_frame
+from protocol.tensors import Decoders, FusedReader, encode_entry, fusable, fused_frame
 
 log = logging.getLogger("zps.worker")
 
@@ -99,6 +99,8 @@ class _Future(Future):
 
 # Without a waiting caller, outstanding requests still progress this often (callbacks, concurrent.futures.wait).
 _PUMP_TICK = 0.002
+# close() waits this long for a thread holding the sockets (it lets go within one poll unless a callback blocks).
+_CLOSE_WAIT = 10.0
 
 
 class Client:
@@ -325,6 +327,11 @@ class Client:
                 raise RuntimeError(f"{self.name}: call declare() before pushing or pulling") from None
             raise KeyError(f"{name!r} was not declared; declared: {', '.join(self._by_name)}") from None
 
+    def _declared(self, name: str) -> tuple[list[Chunk], int]:
+        """The chunks of ``name`` and its declared number of elements."""
+        chunks = self._chunks(name)
+        return chunks, self.plan.params[chunks[0].param].numel  # type: ignore[union-attr]
+
     def _compressed(self, chunk: Chunk) -> bool:
         """Small tensors (biases, norms) go uncompressed: their bytes are few and their precision matters."""
         return self.plan.params[chunk.param].numel >= self.compress_min  # type: ignore[union-attr]
@@ -365,8 +372,7 @@ class Client:
         messages: dict[int, Message] = {}
         for name, grad in grads.items():
             flat = self._flat(grad)
-            chunks = self._chunks(name)
-            declared = self.plan.params[chunks[0].param].numel  # type: ignore[union-attr]
+            chunks, declared = self._declared(name)
             if flat.numel() != declared:
                 raise ValueError(f"{name!r} has {flat.numel()} elements but was declared with {declared}")
             whole = len(chunks) == 1
@@ -386,7 +392,7 @@ class Client:
                 if area is not None:
                     area.copy_(part)  # the only copy: the server reads it in place
                     entry, frames = {"codec": "none", "meta": {}, "bufs": [["float32", chunk.numel]], "nf": 0, "shm": 1}, []
-                elif codec is self._none_codec and chunk.numel * 4 <= FUSE_MAX_BYTES:
+                elif codec is self._none_codec and fusable(chunk.numel):
                     entry, frames = {"nf": 0, "_fz": part}, []  # into the message's fused frame (_fuse)
                 else:
                     entry, frames = encode_entry(codec, part)
@@ -407,8 +413,7 @@ class Client:
                     and out.is_contiguous()):
                 dest.update(cached[2])
                 continue
-            chunks = self._chunks(name)
-            declared = self.plan.params[chunks[0].param].numel  # type: ignore[union-attr]
+            chunks, declared = self._declared(name)
             if out.numel() != declared:
                 raise ValueError(f"pull destination {name!r} has {out.numel()} elements but was declared with {declared}")
             if not out.is_contiguous():
@@ -792,15 +797,21 @@ class Client:
             me = threading.get_ident()
             if threading.current_thread() is not self._pump_thread:
                 self._pump_thread.join(timeout=5)
+            give_up = time.monotonic() + _CLOSE_WAIT
             with self._lock:  # take the sockets for good: whoever holds them lets go within one poll
-                while self._io_busy and self._io_owner != me:  # (a callback closing the client holds them itself)
-                    self._turn.wait(0.1)
+                while self._io_busy and self._io_owner != me and time.monotonic() < give_up:
+                    self._turn.wait(0.1)  # (a callback closing the client holds them itself)
+                stuck = self._io_busy and self._io_owner != me
                 self._io_busy, self._io_owner = True, me
                 if self._broken is None:
                     self._broken = RuntimeError(f"{self.name}: the client was closed")
             self._fail_all(RuntimeError(f"{self.name}: the client was closed with this request outstanding"))
-            for sock in [*self._sockets, self._wake_tx, self._wake_rx]:
-                sock.close(linger=0)
+            if stuck:  # a thread still inside a done-callback uses them: closing under it would crash the process
+                log.warning("%s: another thread held the sockets for %.0fs (a blocking done-callback?); "
+                            "leaving them open", self.name, _CLOSE_WAIT)
+            else:
+                for sock in [*self._sockets, self._wake_tx, self._wake_rx]:
+                    sock.close(linger=0)
             self._shm_areas.clear()  # the views first, so the mappings can close
             for segment in self._segments.values():
                 segment.close()
