@@ -190,7 +190,7 @@ def emit_result(obj: Any) -> None:
 # -- zps jobs ------------------------------------------------------------------------------------------------
 def zps_command() -> list[str]:
     exe = Path(sys.executable).parent / "zps"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "launcher.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "zps.launcher.cli"]
 
 
 def run_zps(
@@ -278,7 +278,7 @@ def shm_option() -> tuple[dict[str, str] | None, dict[str, str], str]:
     try:
         from dataclasses import fields
 
-        from protocol.config import Config
+        from zps.protocol.config import Config
 
         found = {f.name: f.default for f in fields(Config)}
     except Exception as exc:  # the core is being edited; report rather than fail

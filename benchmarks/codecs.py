@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from protocol.codecs import available_codecs, make_codec  # noqa: E402
-from protocol.codecs.sparse import topk_indices  # noqa: E402
+from zps.protocol.codecs import available_codecs, make_codec  # noqa: E402
+from zps.protocol.codecs.sparse import topk_indices  # noqa: E402
 
 
 def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:

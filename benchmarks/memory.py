@@ -46,7 +46,7 @@ def find_servers(coordinator: str) -> list[int]:
 def zps_worker(numel: int, steps: int) -> None:
     import torch
 
-    import worker
+    from zps import worker
 
     torch.set_num_threads(1)
     client = worker.init()

@@ -69,7 +69,7 @@ def bench_reqrep(windows: int, window: float, keys: int) -> dict[str, list[float
 def zps_worker(windows: int, window: float, keys: int) -> None:
     import torch
 
-    import worker
+    from zps import worker
 
     torch.set_num_threads(1)
     client = worker.init()

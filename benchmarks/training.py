@@ -246,7 +246,7 @@ def rpc_main(rank: int, kind: str, sched: dict, out_dir: str, port: int) -> None
 
 # -- zps -----------------------------------------------------------------------------------------------------------
 def overlap_available() -> bool:
-    import worker
+    from zps import worker
 
     return "overlap" in inspect.signature(worker.DistributedOptimizer).parameters
 
@@ -254,7 +254,7 @@ def overlap_available() -> bool:
 def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
     import torch
 
-    import worker
+    from zps import worker
 
     set_threads(MULTI_THREADS)
     client = worker.init()

@@ -195,7 +195,7 @@ def zps_worker(sizes: list[int], repeats: int) -> None:
     """Runs inside ``zps run``: one tensor per size, declared together; ``push_pull`` of one tensor at a time."""
     import torch
 
-    import worker
+    from zps import worker
 
     torch.set_num_threads(1)
     client = worker.init()

@@ -17,8 +17,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import worker
-from protocol.optim_spec import build_from_spec
+from zps import worker
+from zps.protocol.optim_spec import build_from_spec
 
 
 def load_data(seed: int) -> tuple[TensorDataset, TensorDataset]:

@@ -2,7 +2,7 @@
 `PYTHONPATH=. zps run --codec examples.half_codec:ScaledHalf examples/digits.py`."""
 import torch
 
-from protocol.codecs import Codec, Encoded
+from zps.protocol.codecs import Codec, Encoded
 
 
 class ScaledHalf(Codec):

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Sequence
 
-from protocol.config import MODES
+from zps.protocol.config import MODES
 
 from .job import JobSpec
 from .local import run_local

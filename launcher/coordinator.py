@@ -16,8 +16,8 @@ from typing import Any
 
 import zmq
 
-from protocol import transport
-from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
+from zps.protocol import transport
+from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 
 log = logging.getLogger("zps.coordinator")
 

@@ -22,7 +22,7 @@ import re
 import shlex
 from typing import Any, Mapping, Sequence
 
-from launcher.env_roles import LaunchEnvError, parse_int, parse_port
+from zps.launcher.env_roles import LaunchEnvError, parse_int, parse_port
 
 DEFAULT_PORT = 29600
 RANK_SOURCES = ("hostname-ordinal", "job-completion-index")

@@ -9,7 +9,7 @@ from .job import JobSpec, ProcSpec, local_env, run_job
 
 
 def local_processes(spec: JobSpec, script: Sequence[str], coordinator: str, base_env: dict[str, str] | None = None) -> list[ProcSpec]:
-    """Servers run ``python -m ps``; workers run ``python SCRIPT ARGS...``; each gets its ``ZPS_*`` variables."""
+    """Servers run ``python -m zps.ps``; workers run ``python SCRIPT ARGS...``; each gets its ``ZPS_*`` variables."""
     base = local_env(base_env)
     # Share the cores instead of oversubscribing them: one intra-op thread per process unless the user chose.
     cores = os.cpu_count() or 1
@@ -17,7 +17,7 @@ def local_processes(spec: JobSpec, script: Sequence[str], coordinator: str, base
     procs = []
     for rank in range(spec.num_servers):
         env = {**base, **spec.role_env("server", rank, coordinator)}
-        procs.append(ProcSpec(f"server {rank}", "server", [sys.executable, "-m", "ps"], env))
+        procs.append(ProcSpec(f"server {rank}", "server", [sys.executable, "-m", "zps.ps"], env))
     for rank in range(spec.num_workers):
         env = {**base, **spec.role_env("worker", rank, coordinator)}
         procs.append(ProcSpec(f"worker {rank}", "worker", [sys.executable, "-u", *script], env))

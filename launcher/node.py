@@ -13,7 +13,7 @@ Then:
 
 * coordinator -- serves the rendezvous at the port of ``ZPS_COORDINATOR``, bound to ``ZPS_HOST`` (else to the
   host of ``ZPS_COORDINATOR``), with ``ZPS_MODE`` / ``ZPS_STALENESS``; exits 0 when every worker finished.
-* server -- ``python -m ps`` in this process.
+* server -- ``python -m zps.ps`` in this process.
 * worker -- runs ``SCRIPT ARGS...`` in this process, as ``python SCRIPT ARGS...`` would; where CUDA is
   available, first ``torch.cuda.set_device(cuda:<local rank>)`` (``ZPS_LOCAL_RANK``, ``LOCAL_RANK`` or
   ``SLURM_LOCALID``), so each worker of a host drives its own GPU.
@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import zmq
 
-from protocol.config import Config, ConfigError
+from zps.protocol.config import Config, ConfigError
 
 from .coordinator import Coordinator
 from .env_roles import LaunchEnvError, dmlc_to_zps, local_device, torchrun_roles
@@ -123,7 +123,7 @@ def run_role(config: Config, env: Mapping[str, str], script: Sequence[str]) -> i
     # the server and the worker library read their configuration from os.environ (Config.from_env)
     os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
     if config.role == "server":
-        from ps.server import main as server_main
+        from zps.ps.server import main as server_main
 
         return server_main()
     if not script:

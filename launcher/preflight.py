@@ -90,9 +90,9 @@ def probe(args: dict) -> dict:
             script = args.get("script")
             if script and not os.path.isfile(script):
                 problem("script", f"{script} is not a file in {workdir}")
-    import importlib.util  # from the workdir, as the roles will (python -m ps, python SCRIPT)
+    import importlib.util  # from the workdir, as the roles will (python -m zps.ps, python SCRIPT)
 
-    out["importable"] = all(importlib.util.find_spec(name) is not None for name in ("launcher", "ps", "worker"))
+    out["importable"] = all(importlib.util.find_spec(name) is not None for name in ("zps.launcher", "zps.ps", "zps.worker"))
     if args.get("address"):
         interface = args.get("interface")
         try:

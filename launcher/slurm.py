@@ -12,7 +12,7 @@ import itertools
 import re
 from typing import Mapping
 
-from launcher.env_roles import LaunchEnvError, join_host_port, parse_int, parse_port
+from zps.launcher.env_roles import LaunchEnvError, join_host_port, parse_int, parse_port
 
 DEFAULT_PORT = 29600
 # a node list that expands to more names than this is a typo (node[1-1000000]), not a cluster

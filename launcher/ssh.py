@@ -6,8 +6,8 @@ prompts; the user's ``~/.ssh/config``, keys and agent apply; host keys are check
 
 The remote command is an argv list, quoted with :func:`shlex.join` only for the remote shell::
 
-    cd WORKDIR && exec env K=V ... PYTHON -m launcher.ssh guard --label 'worker 1@node2' [--interface IF] \\
-        -- PYTHON -u SCRIPT ARGS...            (a server: -- PYTHON -m ps)
+    cd WORKDIR && exec env K=V ... PYTHON -m zps.launcher.ssh guard --label 'worker 1@node2' [--interface IF] \\
+        -- PYTHON -u SCRIPT ARGS...            (a server: -- PYTHON -m zps.ps)
 
 The *guard* is the remote half of the backend. It sets ``ZPS_HOST`` (the address the role binds on that host:
 the IPv4 address of ``--interface`` there, else the address ssh reached the host at, from ``SSH_CONNECTION``),
@@ -92,7 +92,7 @@ class Remote:
 
     def guarded(self, label: str, argv: Sequence[str], share: int = 1) -> list[str]:
         """``argv`` wrapped in the guard (see the module docstring); ``share``: the job's processes on the host."""
-        guard = [self.python, "-m", "launcher.ssh", "guard", "--label", label, "--share", str(share)]
+        guard = [self.python, "-m", "zps.launcher.ssh", "guard", "--label", label, "--share", str(share)]
         if self.interface:
             guard += ["--interface", self.interface]
         return [*guard, "--", *argv]
@@ -202,7 +202,7 @@ def ssh_processes(spec: JobSpec, placements: Sequence[Placement], script: Sequen
         del env["ZPS_HOST"]  # the guard sets it on the host (see host_address)
         env["ZPS_LOCAL_RANK"] = str(p.local_rank)
         label = f"{p.role} {p.rank}@{ssh_destination(p.host)}"
-        role_argv = [remote.python, "-m", "ps"] if p.role == "server" else [remote.python, "-u", *script]
+        role_argv = [remote.python, "-m", "zps.ps"] if p.role == "server" else [remote.python, "-u", *script]
         guarded = remote.guarded(label, role_argv, share=per_host[p.host])
         command = remote.command(guarded, {"PYTHONUNBUFFERED": "1", **env})
         procs.append(ProcSpec(label, p.role, ssh.argv(p.host, command), launcher_env))
@@ -330,7 +330,7 @@ def guard(label: str, argv: Sequence[str], interface: str | None = None, share: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.ssh",
+    parser = argparse.ArgumentParser(prog="python -m zps.launcher.ssh",
                                      description="the remote half of zps launch (see launcher/ssh.py)")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("guard", help="run one role; end it when the ssh session ends")

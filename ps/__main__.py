@@ -1,4 +1,4 @@
-"""``python -m ps``: run one parameter server configured by ``ZPS_*`` variables."""
+"""``python -m zps.ps``: run one parameter server configured by ``ZPS_*`` variables."""
 import sys
 
 from .server import main

@@ -14,8 +14,8 @@ from typing import Iterable
 
 import torch
 
-from protocol.config import MODES
-from protocol.messages import ErrorCode, ProtocolError
+from zps.protocol.config import MODES
+from zps.protocol.messages import ErrorCode, ProtocolError
 
 from .store import KeyState, Update
 

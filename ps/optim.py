@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from protocol.messages import ErrorCode, ProtocolError
-from protocol.optim_spec import IMPLEMENTATION_FLAGS as _IGNORED
+from zps.protocol.messages import ErrorCode, ProtocolError
+from zps.protocol.optim_spec import IMPLEMENTATION_FLAGS as _IGNORED
 
 # Element-wise optimizers give the same result on a chunk as on the whole tensor, so they may run on shards.
 ALLOWED: dict[str, type[torch.optim.Optimizer]] = {

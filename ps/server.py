@@ -18,13 +18,13 @@ from typing import Any, Callable
 import torch
 import zmq
 
-from protocol import transport
-from protocol.codecs import Codec, make_codec
-from protocol.config import Config
-from protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
-from protocol.rendezvous import RendezvousClient, RendezvousError, Topology
-from protocol.shm import Segment, ShmUnavailable
-from protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name, encode_entry, entry_encoded, fusable, fused_frame
+from zps.protocol import transport
+from zps.protocol.codecs import Codec, make_codec
+from zps.protocol.config import Config
+from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
+from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
+from zps.protocol.shm import Segment, ShmUnavailable
+from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name, encode_entry, entry_encoded, fusable, fused_frame
 
 from .consistency import Consistency, make_consistency
 from .optim import build_optimizer, clean_hparams, optimizer_class

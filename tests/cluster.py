@@ -12,10 +12,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, TypeVar
 
-from launcher.coordinator import Coordinator
-from protocol.config import Config
-from ps.server import Server
-from worker.client import Client
+from zps.launcher.coordinator import Coordinator
+from zps.protocol.config import Config
+from zps.ps.server import Server
+from zps.worker.client import Client
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
-def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"launcher.ssh", b"launcher.cli")) -> int:
+def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"zps.launcher.ssh", b"zps.launcher.cli")) -> int:
     """The pid of a role's own process among the tagged ones (not a guard or launcher: ``exclude`` names what
     must not be in its command line)."""
     for pid in tagged_pids(tag):

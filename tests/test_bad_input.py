@@ -6,8 +6,8 @@ import pytest
 import torch
 import zmq
 
-from protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, parse_frames
-from protocol.tensors import as_buffer
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, parse_frames
+from zps.protocol.tensors import as_buffer
 
 from .cluster import local_cluster
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import zmq
 
-from protocol import transport
-from protocol.messages import Kind, Message, ProtocolError, parse_frames
-from protocol.tensors import Decoders, fused_frame
-from worker.client import Client, _InPlace, _Request
+from zps.protocol import transport
+from zps.protocol.messages import Kind, Message, ProtocolError, parse_frames
+from zps.protocol.tensors import Decoders, fused_frame
+from zps.worker.client import Client, _InPlace, _Request
 
 from .cluster import local_cluster
 
@@ -195,7 +195,7 @@ def test_close_from_the_thread_that_holds_the_sockets_returns() -> None:
 
 
 def test_close_gives_up_on_a_thread_that_never_lets_go_of_the_sockets(monkeypatch, caplog) -> None:
-    monkeypatch.setattr("worker.client._CLOSE_WAIT", 0.3)
+    monkeypatch.setattr("zps.worker.client._CLOSE_WAIT", 0.3)
     with local_cluster(1, 1, "asp") as cluster:
         (client,) = cluster.clients()
         client.declare({"w": torch.zeros(4)}, ("SGD", [{"lr": 1.0}]))

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from protocol.codecs import (
+from zps.protocol.codecs import (
     Codec,
     CodecSpecError,
     Encoded,
@@ -21,10 +21,10 @@ from protocol.codecs import (
     parse_codec_spec,
     register_codec,
 )
-from protocol.codecs import registry, sparse
-from protocol.codecs.base import saturate_to
-from protocol.codecs.lowrank import matrix_shape
-from protocol.codecs.sparse import hashed_indices, topk_indices
+from zps.protocol.codecs import registry, sparse
+from zps.protocol.codecs.base import saturate_to
+from zps.protocol.codecs.lowrank import matrix_shape
+from zps.protocol.codecs.sparse import hashed_indices, topk_indices
 
 CODECS = available_codecs()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -491,7 +491,7 @@ def test_codec_factory_builds_fresh_instances():
 
 USER_CODEC = textwrap.dedent('''
     import torch
-    from protocol.codecs import Codec, Encoded
+    from zps.protocol.codecs import Codec, Encoded
 
     class Doubler(Codec):
         """Sends 2x; decodes /2 (exact for floats)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocol.messages import ErrorCode, ProtocolError
+from zps.protocol.messages import ErrorCode, ProtocolError
 
 from .cluster import local_cluster
 
@@ -114,7 +114,7 @@ def test_server_refuses_an_import_path_it_was_not_configured_with() -> None:
 
 def run_digits(tmp_path: Path, name: str, *options: str) -> float:
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "-m", "launcher.cli", "run", "--servers", "2", "--workers", "2", *options,
+    cmd = [sys.executable, "-m", "zps.launcher.cli", "run", "--servers", "2", "--workers", "2", *options,
            "examples/digits.py", "--epochs", "20", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ})
     assert done.returncode == 0, done.stdout + done.stderr

@@ -7,10 +7,10 @@ import types
 import pytest
 import torch
 
-from protocol import transport
-from protocol.messages import ErrorCode, ProtocolError
-from protocol.rendezvous import RendezvousError
-from worker.client import Client
+from zps.protocol import transport
+from zps.protocol.messages import ErrorCode, ProtocolError
+from zps.protocol.rendezvous import RendezvousError
+from zps.worker.client import Client
 
 from .cluster import close_all, local_cluster, run_parallel
 
@@ -171,7 +171,7 @@ def test_a_failing_transport_fails_the_callers_instead_of_leaving_them_waiting(m
                 raise OSError("simulated socket failure")
 
             # only the client's view of the transport breaks; the server in this process keeps working
-            monkeypatch.setattr("worker.client.transport", types.SimpleNamespace(**{**vars(transport), "send": broken}))
+            monkeypatch.setattr("zps.worker.client.transport", types.SimpleNamespace(**{**vars(transport), "send": broken}))
             with pytest.raises(RuntimeError, match="transport failed.*simulated socket failure"):
                 client.pull({"w": torch.zeros(4)}, 0).result(timeout=10)
             with pytest.raises(RuntimeError, match="transport failed.*no new requests"):

@@ -27,7 +27,7 @@ FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
 @pytest.mark.parametrize("servers, workers", [(1, 2), (2, 3)])
 def test_zps_run_ends_when_any_role_is_killed(tag: str, victim: str, servers: int, workers: int) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "run", "--servers", str(servers), "--workers", str(workers), FOREVER],
+        [sys.executable, "-m", "zps.launcher.cli", "run", "--servers", str(servers), "--workers", str(workers), FOREVER],
         cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for_line(proc, "TRAINING", timeout=90)
     rank = (servers if victim == "server" else workers) - 1
@@ -56,7 +56,7 @@ def test_without_a_launcher_heartbeats_end_the_job_naming_the_dead(tag: str, tmp
         assert procs.procs["worker0"].poll() is None, procs.logs()
         time.sleep(0.1)
     dead = f"{victim}{1}"
-    os.kill(role_pid(tag, victim, 1, exclude=(b"launcher.ssh",)), signal.SIGKILL)
+    os.kill(role_pid(tag, victim, 1, exclude=(b"zps.launcher.ssh",)), signal.SIGKILL)
     started = time.monotonic()
     codes = procs.wait(timeout=45)
     assert time.monotonic() - started < 30

@@ -14,7 +14,7 @@ import pytest
 from .cluster import finish, tagged_pids, wait_for_line, wait_for_no_tagged
 
 ROOT = Path(__file__).resolve().parents[1]
-ZPS = [sys.executable, "-m", "launcher.cli"]
+ZPS = [sys.executable, "-m", "zps.launcher.cli"]
 FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.node import node_env
+from zps.launcher.node import node_env
 
 from .cluster import wait_for_no_tagged
 from .sshd import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-ZPS = [sys.executable, "-m", "launcher.cli"]
+ZPS = [sys.executable, "-m", "zps.launcher.cli"]
 # a few training steps; each worker writes what it learned about itself to OUT_DIR/worker-<rank>.json
 STEPS = """
 import json, os, sys, torch, worker
@@ -134,7 +134,7 @@ def test_zps_node_joins_torchrun_workers(procs: Procs, tag: str, script: list[st
     procs.start("coordinator", {**zps, "ZPS_ROLE": "coordinator"}, ["node"])
     procs.start("server", {**zps, "ZPS_ROLE": "server"}, ["node"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(master_port), "-m", "launcher.cli"]
+                "--master-port", str(master_port), "-m", "zps.launcher.cli"]
     procs.start("torchrun", {"ZPS_TIMEOUT": "60"}, ["node", "--servers", "1", *script], command=torchrun)
     facts = check_job(procs, tag, script, workers=2)
     assert [(f["rank"], f["local_rank"], f["workers"], f["servers"]) for f in facts] == [(0, "0", 2, 1), (1, "1", 2, 1)]
@@ -237,7 +237,7 @@ def test_zps_launch_dry_run_shows_placement_and_commands(tmp_path: Path) -> None
     assert {"A=b c", "ZPS_ROLE=worker", "ZPS_RANK=1", "ZPS_LOCAL_RANK=1", "ZPS_COORDINATOR=127.0.0.1:29999",
             "ZPS_NUM_WORKERS=3"} <= set(remote)
     assert remote[-6:] == ["--", "/opt/venv/bin/python", "-u", "examples/digits.py", "--epochs", "1"]
-    assert "/opt/venv/bin/python -m ps" in shlex.join(shlex.split(commands["server 1@127.0.0.3"][-1]))
+    assert "/opt/venv/bin/python -m zps.ps" in shlex.join(shlex.split(commands["server 1@127.0.0.3"][-1]))
 
 
 @pytest.mark.parametrize("args, message", [

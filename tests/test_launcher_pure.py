@@ -5,12 +5,12 @@ import dataclasses
 
 import pytest
 
-from launcher.env_roles import LaunchEnvError, dmlc_to_zps, join_host_port, local_device, local_rank, torchrun_roles
-from launcher.hostfile import (Host, HostfileError, Placement, coordinator_host, format_placement,
+from zps.launcher.env_roles import LaunchEnvError, dmlc_to_zps, join_host_port, local_device, local_rank, torchrun_roles
+from zps.launcher.hostfile import (Host, HostfileError, Placement, coordinator_host, format_placement,
                                parse_host_list, parse_hostfile, place, read_hostfile)
-from launcher.k8s import k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
-from launcher.slurm import NodelistError, expand_nodelist, is_coordinator_task, slurm_roles
-from protocol.config import Config
+from zps.launcher.k8s import k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
+from zps.launcher.slurm import NodelistError, expand_nodelist, is_coordinator_task, slurm_roles
+from zps.protocol.config import Config
 
 
 @pytest.fixture

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher.preflight import Problem, compare, format_problems
+import zps
+from zps.launcher.preflight import Problem, compare, format_problems
 
 from .cluster import finish, role_pid, tagged_pids, wait_for_line, wait_for_no_tagged
 from .sshd import Sshd, descendants, ensure_openssh
 
 ROOT = Path(__file__).resolve().parents[1]
-ZPS = [sys.executable, "-m", "launcher.cli"]
+ZPS = [sys.executable, "-m", "zps.launcher.cli"]
 FOREVER = "tests/scripts/train_forever.py"
 
 
@@ -138,7 +139,7 @@ def test_preflight_names_a_zps_version_mismatch_and_a_missing_script(sshd: Sshd,
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zps\nVersion: 9.9\n")
     _, text = preflight(sshd, tag, "--hosts", "127.0.0.2:2", "--env", f"PYTHONPATH={dist.parent}",
                         script="examples/nosuch.py")
-    assert "zps 9.9 there, 0.1.0 on the launcher host" in text, text
+    assert f"zps 9.9 there, {zps.__version__} on the launcher host" in text, text
     assert "examples/nosuch.py is not a file in" in text, text
 
 

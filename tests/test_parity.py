@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from worker import DistributedOptimizer
+from zps.worker import DistributedOptimizer
 
 from .cluster import close_all, local_cluster, run_parallel
 

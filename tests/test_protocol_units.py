@@ -8,12 +8,12 @@ import msgpack
 import pytest
 import torch
 
-from launcher.procs import LineForwarder
-from protocol.config import Config, ConfigError
-from protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
-from protocol.optim_spec import build_from_spec, describe_optimizer, parse_optimizer_spec
-from protocol.plan import ParamSpec, make_plan
-from ps.optim import build_optimizer
+from zps.launcher.procs import LineForwarder
+from zps.protocol.config import Config, ConfigError
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
+from zps.protocol.optim_spec import build_from_spec, describe_optimizer, parse_optimizer_spec
+from zps.protocol.plan import ParamSpec, make_plan
+from zps.ps.optim import build_optimizer
 
 
 # -- plan -------------------------------------------------------------------------------------------------

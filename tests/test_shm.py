@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from protocol.shm import Segment, ShmUnavailable
+from zps.protocol.shm import Segment, ShmUnavailable
 
 from .cluster import local_cluster
 
@@ -25,7 +25,7 @@ def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
     if refuse_attach:
         def refuse(*args, **kwargs):
             raise ShmUnavailable("pretend the server is on another host")
-        monkeypatch.setattr("ps.server.Segment.attach", refuse)
+        monkeypatch.setattr("zps.ps.server.Segment.attach", refuse)
     with local_cluster(2, 1, "asp") as cluster:
         (client,) = cluster.clients(shm=shm, chunk_bytes=4096)
         try:

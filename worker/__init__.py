@@ -1,6 +1,6 @@
 """zps worker library: what a training script imports.
 
-    import worker
+    from zps import worker
     worker.init()
     opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     sampler = worker.shard_sampler(dataset)

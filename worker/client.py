@@ -27,15 +27,15 @@ from typing import Any, Iterator, Mapping
 import torch
 import zmq
 
-from protocol import transport
-from protocol.codecs import Codec, ErrorFeedback, codec_factory, make_codec
-from protocol.config import Config
-from protocol.messages import ErrorCode, Kind, Message, ProtocolError, decode_header, parse_frames, raise_if_error
-from protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
-from protocol.rendezvous import RendezvousClient, Topology, check_failure
-from protocol.shm import Segment, ShmUnavailable
-from protocol.shm import layout as shm_layout
-from protocol.tensors import Decoders, FusedReader, encode_entry, fusable, fused_frame
+from zps.protocol import transport
+from zps.protocol.codecs import Codec, ErrorFeedback, codec_factory, make_codec
+from zps.protocol.config import Config
+from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, decode_header, parse_frames, raise_if_error
+from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
+from zps.protocol.rendezvous import RendezvousClient, Topology, check_failure
+from zps.protocol.shm import Segment, ShmUnavailable
+from zps.protocol.shm import layout as shm_layout
+from zps.protocol.tensors import Decoders, FusedReader, encode_entry, fusable, fused_frame
 
 log = logging.getLogger("zps.worker")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from protocol.optim_spec import describe_optimizer
+from zps.protocol.optim_spec import describe_optimizer
 
 from .client import Client
 from .session import default_client

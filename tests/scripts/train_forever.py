@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-import worker
+from zps import worker
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--crash-rank", type=int, default=-1)
