@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from zps import worker
-from zps.protocol.optim_spec import build_from_spec
 
 
 def load_data(seed: int) -> tuple[TensorDataset, TensorDataset]:
@@ -44,7 +43,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--optimizer", help="torch.optim spec (default: zps run --optimizer, else sgd:lr=0.05,momentum=0.9)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where gradients are computed (default: cuda when available)")
@@ -57,8 +55,9 @@ def main() -> None:
     torch.manual_seed(args.seed)  # every worker builds the same model; rank 0's values initialise the servers
     train, test = load_data(args.seed)
     model = make_model().to(args.device)
-    spec = args.optimizer or client.config.optimizer or "sgd:lr=0.05,momentum=0.9"
-    optimizer = worker.DistributedOptimizer(build_from_spec(spec, model.parameters()), model)
+    # the job's --optimizer when it sets one, else SGD with momentum
+    optimizer = worker.DistributedOptimizer(worker.build_optimizer(model.parameters(), "sgd:lr=0.05,momentum=0.9"),
+                                            model)
     sampler = worker.shard_sampler(train, shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
     loss_fn = nn.CrossEntropyLoss()
@@ -76,12 +75,14 @@ def main() -> None:
             optimizer.step()
             total += loss.item()
             batches += 1
-        if client.rank == 0 and (epoch % 5 == 4 or epoch == args.epochs - 1):
-            print(f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} test accuracy {accuracy(model, test):.4f}", flush=True)
+        if client.rank == 0 and epoch % 5 == 4:  # this worker's copy (in ASP/SSP it trails the servers' model)
+            print(f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} "
+                  f"test accuracy {accuracy(model, test):.4f}", flush=True)
     wall = time.monotonic() - started
+    optimizer.synchronize()  # every worker now holds the servers' model (in ASP/SSP its own copy trailed it)
     stats = client.stats()
     if client.rank == 0:
-        acc = accuracy(model, test)
+        acc = accuracy(model, test)  # of the servers' model, after synchronize()
         summary = {
             "test_accuracy": acc,
             "steps": optimizer.steps,

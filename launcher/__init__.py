@@ -1,6 +1,6 @@
-"""zps launcher: the ``zps`` command, the coordinator, and the backends that start a job's processes."""
+"""zps launcher: the ``zps`` command, the coordinator, the job lifecycle and the backends that start processes."""
 from .coordinator import Coordinator
-from .job import JobSpec, run_job
-from .local import run_local
+from .job import Backend, LaunchError, ProcSpec, run_job
+from .local import LocalBackend, run_local
 
-__all__ = ["Coordinator", "JobSpec", "run_job", "run_local"]
+__all__ = ["Backend", "Coordinator", "LaunchError", "LocalBackend", "ProcSpec", "run_job", "run_local"]

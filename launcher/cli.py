@@ -1,20 +1,27 @@
-"""The ``zps`` command."""
+"""The ``zps`` command. Job options, their defaults and their help come from :class:`JobConfig`'s fields."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import fields
 
-from zps.protocol.config import MODES
-
-from .job import JobSpec
-from .local import run_local
+from zps.protocol.config import ConfigError, JobConfig, configure_logging, flag_of, option_of
 
 
-def _positive(kind):
-    def parse(text: str):
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a TCP port is a number 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {text}")
+    return value
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -24,52 +31,37 @@ def _positive(kind):
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--servers", "-s", type=_positive(int), default=1, help="number of parameter servers (default 1)")
-    p.add_argument("--workers", "-w", type=_positive(int), default=1, help="number of workers (default 1)")
-    p.add_argument("--mode", choices=MODES, default="bsp", help="consistency: bsp (default), asp or ssp")
-    p.add_argument("--staleness", type=int, default=0, help="SSP: how many clocks a worker may run ahead (default 0)")
-    p.add_argument("--optimizer", default="", help="server optimizer spec the example scripts use, e.g. sgd:lr=0.1,momentum=0.9")
-    p.add_argument("--codec", default="", help="gradient codec for pushes, e.g. topk:ratio=0.01")
-    p.add_argument("--pull-codec", default="", help="codec for compressed pulls (deltas with server-side error feedback)")
-    p.add_argument("--error-feedback", action="store_true", help="wrap the push codec in error feedback")
-    p.add_argument("--compress-min", type=int, default=1024, metavar="N",
-                   help="tensors with fewer elements go uncompressed (default 1024)")
-    p.add_argument("--timeout", type=_positive(float), default=120.0, help="seconds any wait may take before the job fails naming what is missing")
-    p.add_argument("--heartbeat-timeout", type=_positive(float), default=15.0, help="seconds of silence after which a process is declared dead")
+    """One option per :class:`JobConfig` field, with its type, default, choices and help (checks: JobConfig's)."""
+    group = p.add_argument_group("job options (every process of the job gets them as ZPS_* variables)")
+    for f in fields(JobConfig):
+        flag, opt = flag_of(f), option_of(f)
+        if flag is None or opt is None:
+            continue
+        names = [flag, opt.short] if opt.short else [flag]
+        help_text = f"{opt.help} (default {f.default!r})" if f.default not in ("", False) else opt.help
+        if f.type == "bool":
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(*names, dest=f.name, action=action, default=f.default, help=opt.help)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        group.add_argument(*names, dest=f.name, type=kind, default=f.default, choices=opt.choices,
+                           metavar=opt.metavar, help=help_text)
 
 
-def job_spec(args: argparse.Namespace, host: str = "127.0.0.1") -> JobSpec:
-    if args.staleness < 0:
-        raise SystemExit("zps: --staleness must be >= 0")
-    if args.mode != "ssp" and args.staleness:
-        raise SystemExit(f"zps: --staleness only applies to --mode ssp (got --mode {args.mode})")
-    return JobSpec(
-        num_servers=args.servers,
-        num_workers=args.workers,
-        mode=args.mode,
-        staleness=args.staleness,
-        host=host,
-        timeout=args.timeout,
-        heartbeat_timeout=args.heartbeat_timeout,
-        optimizer=args.optimizer,
-        codec=args.codec,
-        pull_codec=args.pull_codec,
-        error_feedback=args.error_feedback,
-        compress_min=args.compress_min,
-    )
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {text}")
-    return value
+def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
+    """The :class:`JobConfig` of the parsed options; a bad value or spec ends the command with one line."""
+    try:
+        job = JobConfig(**{f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)})
+        job.check_specs()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return job
 
 
 def add_launch_options(p: argparse.ArgumentParser) -> None:
     """The options of ``zps launch`` beyond the job's own (add_job_options)."""
     hosts = p.add_mutually_exclusive_group(required=True)
-    hosts.add_argument("--hostfile", help="the hosts, one a line: 'node1 slots=4' (see launcher/hostfile.py)")
+    hosts.add_argument("--hostfile", help="the hosts, one a line: 'node1 slots=4' (see zps/launcher/hostfile.py)")
     hosts.add_argument("--hosts", help="the hosts inline, Horovod style: node1:4,node2:4")
     p.add_argument("--port", type=_port, default=0, help="the coordinator's port (default: a free one)")
     p.add_argument("--interface", default=None,
@@ -92,32 +84,8 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print where each process goes and its command; start nothing")
 
 
-def launch(args: argparse.Namespace) -> int:
-    """``zps launch``: the job on the hosts of a hostfile, over ssh."""
-    from dataclasses import replace
-
-    from .env_roles import LaunchEnvError
-    from .hostfile import HostfileError, parse_host_list, read_hostfile
-    from .ssh import LaunchError, Remote, SshOptions, parse_env_options, run_ssh
-
-    try:
-        hosts = read_hostfile(args.hostfile) if args.hostfile else parse_host_list(args.hosts)
-        remote = Remote(python=args.python, workdir=args.workdir, env=parse_env_options(args.env),
-                        interface=args.interface)
-        ssh = SshOptions(port=args.ssh_port, user=args.user, options=tuple(args.ssh_option),
-                         connect_timeout=args.connect_timeout)
-        spec = replace(job_spec(args), port=args.port)
-        return run_ssh(spec, hosts, [args.script, *args.args], remote, ssh, dry_run=args.dry_run,
-                       preflight=not args.skip_preflight, preflight_timeout=args.preflight_timeout)
-    except (HostfileError, LaunchError, LaunchEnvError) as exc:
-        print(f"zps launch: {exc}", file=sys.stderr)
-        return 2
-
-
-def add_node_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--servers", "-s", type=_positive(int), default=None,
-                   help="number of servers, where the environment does not say (torchrun starts only workers)")
-    p.add_argument("script", nargs="?", help="the training script (the worker role runs it)")
+def add_script(p: argparse.ArgumentParser, required: bool = True, what: str = "the training script every worker runs") -> None:
+    p.add_argument("script", nargs=None if required else "?", help=what)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
 
 
@@ -126,22 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job on this host: coordinator, servers and workers as local processes")
     add_job_options(run)
-    run.add_argument("script", help="the training script every worker runs")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    add_script(run)
 
     launch_p = sub.add_parser("launch", help="run a job on the hosts of a hostfile, over ssh")
     add_job_options(launch_p)
     add_launch_options(launch_p)
-    launch_p.add_argument("script", help="the training script every worker runs (a path in --workdir)")
-    launch_p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    add_script(launch_p, what="the training script every worker runs (a path in --workdir)")
 
     node = sub.add_parser("node", help="run the one role this process's environment names (ZPS_ROLE, DMLC_ROLE, "
                                        "a Kubernetes pod, torchrun)")
-    add_node_options(node)
+    node.add_argument("--servers", "-s", type=_positive(int), default=None,
+                      help="number of servers, where the environment does not say (torchrun starts only workers)")
+    add_script(node, required=False, what="the training script (the worker role runs it)")
 
     slurm = sub.add_parser("slurm", help="run one task of an srun step: task 0 also runs the coordinator")
     slurm.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
-    add_node_options(slurm)
+    slurm.add_argument("--servers", "-s", type=_positive(int), default=None, help="number of servers (default 1)")
+    add_script(slurm, required=False, what="the training script (the worker role runs it)")
 
     k8s = sub.add_parser("k8s", help="print a Kubernetes manifest for a job (kubectl apply -f -)")
     k8s.add_argument("--image", required=True, help="the container image, with zps and the script in it")
@@ -151,19 +120,51 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("--name", default="zps", help="the prefix of every object's name (default zps)")
     k8s.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
     k8s.add_argument("--gpus-per-worker", type=int, default=0, help="nvidia.com/gpu per worker pod (default 0)")
-    k8s.add_argument("script", help="the training script, a path inside the image")
-    k8s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    add_script(k8s, what="the training script, a path inside the image")
     return parser
 
 
-def k8s_manifest(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .local import run_local
+
+    if not os.path.exists(args.script):
+        parser.error(f"script {args.script!r} not found")
+    return run_local(job_config(args, parser), [args.script, *args.args])
+
+
+def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``zps launch``: the job on the hosts of a hostfile, over ssh."""
+    from .hostfile import HostfileError, parse_host_list, read_hostfile
+    from .job import LaunchError, run_job
+    from .ssh import SshBackend
+    from .ssh_command import Remote, SshOptions, parse_env_options
+
+    job = job_config(args, parser)
+    try:
+        hosts = read_hostfile(args.hostfile) if args.hostfile else parse_host_list(args.hosts)
+        remote = Remote(python=args.python, workdir=args.workdir, env=parse_env_options(args.env),
+                        interface=args.interface)
+        ssh = SshOptions(port=args.ssh_port, user=args.user, options=tuple(args.ssh_option),
+                         connect_timeout=args.connect_timeout)
+        backend = SshBackend(hosts, [args.script, *args.args], remote, ssh, preflight=not args.skip_preflight,
+                             preflight_timeout=args.preflight_timeout, port=args.port)
+        if args.dry_run:
+            print(backend.describe(job))
+            return 0
+    except (HostfileError, LaunchError, ConfigError) as exc:
+        print(f"zps launch: {str(exc).removeprefix('zps launch: ')}", file=sys.stderr)
+        return 2
+    return run_job(job, backend, port=args.port)
+
+
+def _k8s(args: argparse.Namespace) -> int:
     from .k8s import DEFAULT_PORT, render_manifest
 
     try:
         text = render_manifest(args.image, args.servers, args.workers, [args.script, *args.args],
                                namespace=args.namespace, port=args.port or DEFAULT_PORT, name=args.name,
                                gpus_per_worker=args.gpus_per_worker)
-    except ValueError as exc:  # LaunchEnvError is one too
+    except ValueError as exc:  # ConfigError is one too
         print(f"zps k8s: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(text)
@@ -171,17 +172,8 @@ def k8s_manifest(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("ZPS_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.command == "run":
-        if not os.path.exists(args.script):
-            print(f"zps: script {args.script!r} not found", file=sys.stderr)
-            return 2
-        return run_local(job_spec(args), [args.script, *args.args])
-    if args.command == "launch":
-        return launch(args)
-    if args.command == "k8s":
-        return k8s_manifest(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command in ("node", "slurm"):
         from . import node
 
@@ -189,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "node":
             return node.main_node(script, num_servers=args.servers)
         return node.main_slurm(script, num_servers=args.servers, port=args.port)
+    configure_logging(getattr(args, "log_level", "WARNING"))
+    if args.command == "run":
+        return _run(args, parser)
+    if args.command == "launch":
+        return _launch(args, parser)
+    if args.command == "k8s":
+        return _k8s(args)
     return 2
 
 

@@ -12,12 +12,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from zps.protocol import transport
+from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
+from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
+from zps.protocol.rendezvous import Topology
 
 log = logging.getLogger("zps.coordinator")
 
@@ -41,10 +45,11 @@ class _Member:
     hb_identity: bytes | None = None
     last_seen: float = field(default_factory=time.monotonic)
     done: bool = False
+    answered: bool = False  # its registration got its topology
 
     @property
     def name(self) -> str:
-        return f"{self.role}:{self.rank}"
+        return peer_name(self.role, self.rank)
 
     def where(self) -> str:
         return f"{self.name} (host {self.host}, pid {self.pid})"
@@ -53,25 +58,11 @@ class _Member:
 class Coordinator:
     """Serves one job. ``serve()`` returns 0 when every worker finished and 1 on failure (see ``error``)."""
 
-    def __init__(
-        self,
-        num_servers: int,
-        num_workers: int,
-        mode: str = "bsp",
-        staleness: int = 0,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        timeout: float = 120.0,
-        heartbeat_timeout: float = 15.0,
-        job: dict[str, Any] | None = None,
-        context: zmq.Context | None = None,
-    ) -> None:
-        if num_servers < 1 or num_workers < 1:
-            raise ValueError(f"a job needs at least one server and one worker, got {num_servers} and {num_workers}")
-        self.expected = {"server": num_servers, "worker": num_workers}
-        self.mode, self.staleness = mode, staleness
-        self.timeout, self.heartbeat_timeout = timeout, heartbeat_timeout
-        self.job = job or {}
+    def __init__(self, job: JobConfig, host: str = "127.0.0.1", port: int = 0,
+                 context: zmq.Context | None = None) -> None:
+        self.job = job
+        self.expected = {"server": job.num_servers, "worker": job.num_workers}
+        self.timeout, self.heartbeat_timeout = job.timeout, job.heartbeat_timeout
         self.context = context or zmq.Context.instance()
         self.sock = transport.configure(self.context.socket(zmq.ROUTER))
         if port:
@@ -82,9 +73,12 @@ class Coordinator:
         self.endpoint = self.address.removeprefix("tcp://")  # host:port, the value of ZPS_COORDINATOR
         self.state = State.REGISTERING
         self.error: str | None = None
+        self.failed_by: tuple[str, int] | None = None  # the member whose reported failure failed the job
         self.members: dict[tuple[str, int], _Member] = {}
         self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
         self._stop = threading.Event()
+        self.servers_ready = threading.Event()  # every server registered (and serves): workers may start
+        self.on_change: Callable[[], None] | None = None  # called when servers_ready is set
         self._started = time.monotonic()
         self._finished_at: float | None = None
 
@@ -132,11 +126,11 @@ class Coordinator:
             else:
                 raise ProtocolError(ErrorCode.BAD_KIND, f"the coordinator does not serve {msg.kind.value!r}")
         except ProtocolError as exc:
-            self._reply(identity, error_reply(request_id, "coordinator", exc.code, exc.reason))
+            self._reply(identity, error_reply(request_id, COORDINATOR, exc.code, exc.reason))
 
     def _member(self, src: str) -> _Member | None:
-        role, _, rank = src.partition(":")
-        return self.members.get((role, int(rank))) if rank.isdigit() else None
+        peer = parse_peer(src)
+        return self.members.get(peer) if peer is not None else None
 
     def _register(self, identity: bytes, msg: Message) -> None:
         body = msg.body
@@ -166,25 +160,32 @@ class Coordinator:
             raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address'")
         member = _Member(role, rank, identity, msg.id, str(body.get("host", "?")), int(body.get("pid", 0) or 0), address)
         self.members[(role, rank)] = member
-        log.info("registered %s", member.where())
+        log.debug("registered %s", member.where())
+        if role == "server":  # a server serves at once: it needs no other process's address
+            self._answer(member, ())
+            if self._all_servers():
+                self.servers_ready.set()
+                if self.on_change is not None:
+                    self.on_change()
         if len(self.members) == sum(self.expected.values()):
             self._start()
 
+    def _all_servers(self) -> bool:
+        return all(("server", r) in self.members for r in range(self.expected["server"]))
+
+    def _answer(self, member: _Member, servers: tuple[str, ...]) -> None:
+        body = Topology(member.role, member.rank, self.job.num_servers, self.job.num_workers, servers,
+                        self.job.mode, self.job.staleness).to_body()
+        member.last_seen = time.monotonic()
+        member.answered = True
+        self._reply(member.identity, Message(Kind.TOPOLOGY, id=member.request_id, src=COORDINATOR, body=body))
+
     def _start(self) -> None:
-        servers = [self.members[("server", r)].address for r in range(self.expected["server"])]
+        """The cluster is complete: every worker gets the servers' addresses."""
+        servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
         for member in self.members.values():
-            body = {
-                "role": member.role,
-                "rank": member.rank,
-                "num_servers": self.expected["server"],
-                "num_workers": self.expected["worker"],
-                "servers": servers,
-                "mode": self.mode,
-                "staleness": self.staleness,
-                "job": self.job,
-            }
-            member.last_seen = time.monotonic()
-            self._reply(member.identity, Message(Kind.TOPOLOGY, id=member.request_id, src="coordinator", body=body))
+            if not member.answered:
+                self._answer(member, servers)
         self.state = State.RUNNING
         log.info("cluster complete: %d servers, %d workers", self.expected["server"], self.expected["worker"])
 
@@ -195,11 +196,11 @@ class Coordinator:
         member.hb_identity = identity
         member.last_seen = time.monotonic()
         if self.state is State.FAILED:
-            self._reply(identity, error_reply(0, "coordinator", ErrorCode.DEAD, self.error or "the job failed"))
+            self._reply(identity, error_reply(0, COORDINATOR, ErrorCode.DEAD, self.error or "the job failed"))
         elif self.state is State.FINISHED and member.role == "server":
-            self._reply(identity, Message(Kind.SHUTDOWN, src="coordinator"))
+            self._reply(identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
         else:
-            self._reply(identity, Message(Kind.OK, src="coordinator"))
+            self._reply(identity, Message(Kind.OK, src=COORDINATOR))
 
     def _barrier(self, identity: bytes, msg: Message) -> None:
         member = self._member(msg.src)
@@ -218,15 +219,23 @@ class Coordinator:
         for name, (started, arrived) in list(self.barriers.items()):
             if live <= set(arrived):
                 for identity, request_id in arrived.values():
-                    self._reply(identity, Message(Kind.OK, id=request_id, src="coordinator"))
+                    self._reply(identity, Message(Kind.OK, id=request_id, src=COORDINATOR))
                 del self.barriers[name]
 
     def _done(self, identity: bytes, msg: Message) -> None:
         member = self._member(msg.src)
-        if member is not None:
-            member.done = True
-            log.info("%s is done", member.name)
-        self._reply(identity, Message(Kind.OK, id=msg.id, src="coordinator"))
+        self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
+        if member is None or member.done:
+            return
+        member.done = True
+        failure = msg.body.get("failure")
+        if msg.body.get("exit_code", 0) != 0 or failure is not None:
+            reason = failure if isinstance(failure, str) else f"exit code {msg.body.get('exit_code')!r}"
+            if self.state is not State.FAILED:
+                self.failed_by = (member.role, member.rank)
+                self._fail(f"{member.where()} failed: {reason[:2000]}")
+            return
+        log.debug("%s is done", member.name)
         if self.state is State.RUNNING:
             self._release_barriers()
             if not self._live_workers():
@@ -234,7 +243,7 @@ class Coordinator:
                 self._finished_at = time.monotonic()
                 for m in self.members.values():
                     if m.role == "server" and m.hb_identity is not None:
-                        self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src="coordinator"))
+                        self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
 
     def _servers_gone(self) -> bool:
         servers = [m for m in self.members.values() if m.role == "server"]
@@ -257,16 +266,13 @@ class Coordinator:
         self.state = State.FAILED
         log.error("%s", reason)
         for m in self.members.values():
-            if self._registration_pending():
-                self._reply(m.identity, error_reply(m.request_id, "coordinator", ErrorCode.MISSING, reason))
+            if not m.answered:
+                self._reply(m.identity, error_reply(m.request_id, COORDINATOR, ErrorCode.MISSING, reason))
             elif m.hb_identity is not None:
-                self._reply(m.hb_identity, error_reply(0, "coordinator", ErrorCode.DEAD, reason))
+                self._reply(m.hb_identity, error_reply(0, COORDINATOR, ErrorCode.DEAD, reason))
         for _, arrived in self.barriers.values():
             for identity, request_id in arrived.values():
-                self._reply(identity, error_reply(request_id, "coordinator", ErrorCode.DEAD, reason))
-
-    def _registration_pending(self) -> bool:
-        return len(self.members) < sum(self.expected.values())
+                self._reply(identity, error_reply(request_id, COORDINATOR, ErrorCode.DEAD, reason))
 
     def _tick(self) -> None:
         now = time.monotonic()

@@ -1,9 +1,9 @@
-"""Turn the variables another launcher already set into ``ZPS_*`` variables.
+"""Turn the variables torchrun already set into ``ZPS_*`` variables, and pick a worker's device.
 
 Every function here is pure: it takes the environment as a mapping and returns a dict of ``ZPS_*`` strings
-meant to be laid over it (``{**env, **derived}``) before :meth:`protocol.config.Config.from_env` reads it.
+meant to be laid over it (``{**env, **derived}``) before :meth:`zps.protocol.config.Config.from_env` reads it
+(ps-lite / BytePS ``DMLC_*`` variables are read there, by :mod:`zps.protocol.dmlc`).
 
-* :func:`dmlc_to_zps` -- ps-lite / BytePS manifests (``DMLC_*``). A ``ZPS_*`` variable already set wins.
 * :func:`torchrun_roles` -- a process started by ``torchrun`` becomes a zps *worker*: ``ZPS_RANK=RANK``,
   ``ZPS_NUM_WORKERS=WORLD_SIZE``; the coordinator is ``ZPS_COORDINATOR`` when set, otherwise
   ``MASTER_ADDR:(MASTER_PORT + port_offset)`` (default offset 1: torch's own store keeps ``MASTER_PORT``).
@@ -11,21 +11,16 @@ meant to be laid over it (``{**env, **derived}``) before :meth:`protocol.config.
   by ``RANK == 0``, which torchrun's static rendezvous places on ``MASTER_ADDR``).
 * :func:`local_device` -- ``cuda:<local rank>`` where CUDA is available, else ``cpu``.
 
-``ZPS_LOCAL_RANK`` is set where the source knows it (torchrun, Slurm); ``protocol.config`` does not read it
-yet, :func:`local_device` does.
+``ZPS_LOCAL_RANK`` is set where the source knows it (torchrun, Slurm).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
-# the DMLC_ROLE values ps-lite / BytePS use, and the zps role each one becomes
-DMLC_ROLES = {"scheduler": "coordinator", "server": "server", "worker": "worker"}
+from zps.protocol.config import ConfigError
+from zps.protocol.dmlc import join_host_port, parse_int, parse_port
 
 DEFAULT_TORCHRUN_PORT_OFFSET = 1
-
-
-class LaunchEnvError(ValueError):
-    """A launcher-provided variable is missing or malformed; the message names it and what to do."""
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -36,76 +31,8 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 def _need(env: Mapping[str, str], name: str, why: str) -> str:
     value = _get(env, name)
     if value is None:
-        raise LaunchEnvError(f"{name} is not set; {why}")
+        raise ConfigError(f"{name} is not set; {why}")
     return value
-
-
-def parse_int(name: str, value: str, minimum: int) -> int:
-    """``int(value)`` or :class:`LaunchEnvError` naming ``name``; the result must be ``>= minimum``."""
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise LaunchEnvError(f"{name}={value!r} is not an integer") from None
-    if number < minimum:
-        raise LaunchEnvError(f"{name}={number} must be >= {minimum}")
-    return number
-
-
-def parse_port(name: str, value: str | int) -> int:
-    """A TCP port 1..65535, or :class:`LaunchEnvError` naming ``name``."""
-    port = parse_int(name, str(value), 1)
-    if port > 65535:
-        raise LaunchEnvError(f"{name}={port} is not a TCP port (1..65535)")
-    return port
-
-
-def join_host_port(host: str, port: int) -> str:
-    """``host:port``; an IPv6 literal is bracketed (``[::1]:29600``) so the port stays unambiguous."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
-
-
-def dmlc_to_zps(env: Mapping[str, str]) -> dict[str, str]:
-    """The ``ZPS_*`` variables implied by ps-lite / BytePS ``DMLC_*`` ones; a ``ZPS_*`` already set wins.
-
-    Maps ``DMLC_ROLE`` (``scheduler`` -> ``coordinator``), ``DMLC_PS_ROOT_URI`` + ``DMLC_PS_ROOT_PORT`` ->
-    ``ZPS_COORDINATOR``, ``DMLC_NUM_SERVER``, ``DMLC_NUM_WORKER``, ``DMLC_NODE_HOST`` -> ``ZPS_HOST`` and, for
-    workers, ``DMLC_WORKER_ID`` -> ``ZPS_RANK``. Only variables not already set are returned.
-    """
-    out: dict[str, str] = {}
-
-    role = _get(env, "ZPS_ROLE")
-    dmlc_role = _get(env, "DMLC_ROLE")
-    if dmlc_role is not None:
-        zps_role = DMLC_ROLES.get(dmlc_role.strip().lower())
-        if zps_role is None:
-            raise LaunchEnvError(
-                f"DMLC_ROLE={dmlc_role!r} is not one of {', '.join(DMLC_ROLES)}; set ZPS_ROLE instead")
-        if role is None:
-            out["ZPS_ROLE"] = role = zps_role
-
-    uri, port = _get(env, "DMLC_PS_ROOT_URI"), _get(env, "DMLC_PS_ROOT_PORT")
-    if (uri is None) != (port is None):
-        missing = "DMLC_PS_ROOT_PORT" if port is None else "DMLC_PS_ROOT_URI"
-        raise LaunchEnvError(f"{missing} is not set; DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT go together "
-                             f"(or set ZPS_COORDINATOR=host:port)")
-    if uri is not None and port is not None and _get(env, "ZPS_COORDINATOR") is None:
-        out["ZPS_COORDINATOR"] = join_host_port(uri.strip(), parse_port("DMLC_PS_ROOT_PORT", port))
-
-    for zps_name, dmlc_name in (("ZPS_NUM_SERVERS", "DMLC_NUM_SERVER"), ("ZPS_NUM_WORKERS", "DMLC_NUM_WORKER")):
-        value = _get(env, dmlc_name)
-        if value is not None and _get(env, zps_name) is None:
-            out[zps_name] = str(parse_int(dmlc_name, value, 1))
-
-    host = _get(env, "DMLC_NODE_HOST")
-    if host is not None and _get(env, "ZPS_HOST") is None:
-        out["ZPS_HOST"] = host.strip()
-
-    worker_id = _get(env, "DMLC_WORKER_ID")
-    if worker_id is not None and role == "worker" and _get(env, "ZPS_RANK") is None:
-        out["ZPS_RANK"] = str(parse_int("DMLC_WORKER_ID", worker_id, 0))
-    return out
 
 
 def torchrun_roles(env: Mapping[str, str], num_servers: int | None = None,
@@ -120,7 +47,7 @@ def torchrun_roles(env: Mapping[str, str], num_servers: int | None = None,
     world = parse_int("WORLD_SIZE", _need(env, "WORLD_SIZE", why), 1)
     rank = parse_int("RANK", _need(env, "RANK", why), 0)
     if rank >= world:
-        raise LaunchEnvError(f"RANK={rank} must be < WORLD_SIZE={world}")
+        raise ConfigError(f"RANK={rank} must be < WORLD_SIZE={world}")
     out = {"ZPS_ROLE": "worker", "ZPS_RANK": str(rank), "ZPS_NUM_WORKERS": str(world)}
     local = _get(env, "LOCAL_RANK")
     if local is not None:
@@ -133,7 +60,7 @@ def torchrun_roles(env: Mapping[str, str], num_servers: int | None = None,
             addr, parse_port(f"MASTER_PORT + port_offset ({port_offset})", port))
     if num_servers is not None and _get(env, "ZPS_NUM_SERVERS") is None:
         if num_servers < 1:
-            raise LaunchEnvError(f"num_servers={num_servers} must be >= 1")
+            raise ConfigError(f"num_servers={num_servers} must be >= 1")
         out["ZPS_NUM_SERVERS"] = str(num_servers)
     return out
 
@@ -150,7 +77,7 @@ def local_rank(env: Mapping[str, str]) -> int:
 def local_device(env: Mapping[str, str]) -> str:
     """``"cuda:<local rank>"`` when ``torch.cuda.is_available()``, else ``"cpu"`` (see :func:`local_rank`).
 
-    Raises :class:`LaunchEnvError` when the local rank names a GPU this host does not have.
+    Raises :class:`ConfigError` when the local rank names a GPU this host does not have.
     """
     import torch  # imported here: the rest of this module stays light
 
@@ -159,6 +86,6 @@ def local_device(env: Mapping[str, str]) -> str:
     index = local_rank(env)
     count = torch.cuda.device_count()
     if index >= count:
-        raise LaunchEnvError(f"local rank {index} has no GPU: this host has {count}; start at most {count} "
+        raise ConfigError(f"local rank {index} has no GPU: this host has {count}; start at most {count} "
                              f"workers per host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
     return f"cuda:{index}"

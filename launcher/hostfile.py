@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 ROLES = ("coordinator", "server", "worker")
 DEFAULT_ROLES = ("server", "worker")

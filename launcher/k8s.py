@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from zps.launcher.env_roles import LaunchEnvError, parse_int, parse_port
+from zps.protocol.config import ConfigError
+from zps.protocol.dmlc import parse_int, parse_port
 
 DEFAULT_PORT = 29600
 RANK_SOURCES = ("hostname-ordinal", "job-completion-index")
@@ -44,15 +46,15 @@ def rank_from_k8s(env: Mapping[str, str]) -> int | None:
         hostname = env.get("HOSTNAME", "")
         match = _ORDINAL.fullmatch(hostname)
         if match is None:
-            raise LaunchEnvError(f"ZPS_RANK_FROM=hostname-ordinal but HOSTNAME={hostname!r} does not end in "
+            raise ConfigError(f"ZPS_RANK_FROM=hostname-ordinal but HOSTNAME={hostname!r} does not end in "
                                  f"-N; this only works in a StatefulSet pod")
         return int(match.group(1))
     if source not in ("", "job-completion-index"):
-        raise LaunchEnvError(f"ZPS_RANK_FROM={source!r} is not one of {', '.join(RANK_SOURCES)}")
+        raise ConfigError(f"ZPS_RANK_FROM={source!r} is not one of {', '.join(RANK_SOURCES)}")
     index = env.get("JOB_COMPLETION_INDEX", "")
     if index == "":
         if source:
-            raise LaunchEnvError("ZPS_RANK_FROM=job-completion-index but JOB_COMPLETION_INDEX is not set; "
+            raise ConfigError("ZPS_RANK_FROM=job-completion-index but JOB_COMPLETION_INDEX is not set; "
                                  "this only works in an Indexed Job pod (completionMode: Indexed)")
         return None
     return parse_int("JOB_COMPLETION_INDEX", index, 0)

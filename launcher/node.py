@@ -13,29 +13,36 @@ Then:
 
 * coordinator -- serves the rendezvous at the port of ``ZPS_COORDINATOR``, bound to ``ZPS_HOST`` (else to the
   host of ``ZPS_COORDINATOR``), with ``ZPS_MODE`` / ``ZPS_STALENESS``; exits 0 when every worker finished.
-* server -- ``python -m zps.ps`` in this process.
+* server -- the parameter server (:func:`zps.ps.server.serve`) in this process.
 * worker -- runs ``SCRIPT ARGS...`` in this process, as ``python SCRIPT ARGS...`` would; where CUDA is
   available, first ``torch.cuda.set_device(cuda:<local rank>)`` (``ZPS_LOCAL_RANK``, ``LOCAL_RANK`` or
-  ``SLURM_LOCALID``), so each worker of a host drives its own GPU.
+  ``SLURM_LOCALID``), so each worker of a host drives its own GPU. A script that raises or exits non-zero is
+  reported to the coordinator as a failure (:func:`run_script`).
+
+Every launcher starts its roles this way (``zps run`` and ``zps launch`` too), so a role behaves the same
+whoever started it.
 
 ``zps slurm`` derives the role of each task of an ``srun`` step (:func:`launcher.slurm.slurm_roles`); task 0
 runs the coordinator in a thread next to its own role (server 0).
 """
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import signal
 import sys
 import threading
-from typing import Mapping, Sequence
+import traceback
+from collections.abc import Mapping, Sequence
 
 import zmq
 
-from zps.protocol.config import Config, ConfigError
+from zps.protocol.config import Config, ConfigError, configure_logging
+from zps.protocol.dmlc import dmlc_to_zps
 
 from .coordinator import Coordinator
-from .env_roles import LaunchEnvError, dmlc_to_zps, local_device, torchrun_roles
+from .env_roles import local_device, torchrun_roles
 from .k8s import k8s_roles
 from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
 
@@ -58,9 +65,7 @@ def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str
 def make_coordinator(config: Config, bind_host: str | None = None) -> Coordinator:
     """The coordinator ``config`` describes, bound to ``bind_host`` (default: the host of its address)."""
     host, _, port = config.coordinator.rpartition(":")
-    return Coordinator(config.num_servers, config.num_workers, mode=config.mode, staleness=config.staleness,
-                       host=bind_host or host.strip("[]"), port=int(port), timeout=config.timeout,
-                       heartbeat_timeout=config.heartbeat_timeout)
+    return Coordinator(config.job, host=bind_host or host.strip("[]"), port=int(port))
 
 
 def serve_coordinator(config: Config, bind_host: str | None = None) -> int:
@@ -70,8 +75,8 @@ def serve_coordinator(config: Config, bind_host: str | None = None) -> int:
     except zmq.ZMQError as exc:
         print(f"zps node: the coordinator cannot bind {bind_host or config.coordinator}: {exc}", file=sys.stderr)
         return 1
-    print(f"zps: coordinator at {coordinator.endpoint} for {config.num_servers} servers and "
-          f"{config.num_workers} workers ({config.mode})", flush=True)
+    print(f"zps: coordinator at {coordinator.endpoint} for {config.job.num_servers} servers and "
+          f"{config.job.num_workers} workers ({config.job.mode})", flush=True)
 
     def stop(signum: int, frame: object) -> None:
         coordinator.stop()
@@ -86,26 +91,42 @@ def serve_coordinator(config: Config, bind_host: str | None = None) -> int:
 
 
 def run_script(script: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run ``SCRIPT ARGS...`` in this process as ``python SCRIPT ARGS...`` would; return its exit code."""
+    """Run ``SCRIPT ARGS...`` in this process as ``python SCRIPT ARGS...`` would; return its exit code.
+
+    The worker's client then ends as the script did: after a clean end it leaves the servers; after an exception
+    or a non-zero exit it reports the failure, so the job never mistakes a crash for a worker that finished.
+    """
+    from zps.worker import session
+
     path = script[0]
     if not os.path.isfile(path):
         print(f"zps node: script {path!r} not found (in {os.getcwd()})", file=sys.stderr)
         return 2
     try:
         _pin_device(env)
-    except LaunchEnvError as exc:
+    except ConfigError as exc:
         print(f"zps node: {exc}", file=sys.stderr)
         return 2
     sys.argv = list(script)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    code, failure = 0, None
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(exc.code, file=sys.stderr)
-        return 1
-    return 0
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+        failure = f"{path} exited with code {code}" if code else None
+    except BaseException as exc:  # the script's own error: shown as Python would, then reported as a failure
+        traceback.print_exc()
+        code, failure = 1, f"{path} raised {type(exc).__name__}: {exc}"
+    if failure is None:
+        session.shutdown()
+    else:
+        session.abort(failure)
+    return code
 
 
 def _pin_device(env: Mapping[str, str]) -> None:
@@ -118,18 +139,24 @@ def _pin_device(env: Mapping[str, str]) -> None:
 
 def run_role(config: Config, env: Mapping[str, str], script: Sequence[str]) -> int:
     """Run ``config.role`` in this process; ``env`` (the resolved environment) becomes ``os.environ``."""
+    configure_logging(config.job.log_level)
     if config.role == "coordinator":
         return serve_coordinator(config, env.get("ZPS_HOST") or None)
-    # the server and the worker library read their configuration from os.environ (Config.from_env)
+    # the worker library reads its configuration from os.environ (Config.from_env)
     os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
     if config.role == "server":
-        from zps.ps.server import main as server_main
+        from zps.ps.server import serve
 
-        return server_main()
-    if not script:
+        code = serve(config)
+    elif not script:
         print("zps node: a worker runs a training script: zps node SCRIPT [ARGS...]", file=sys.stderr)
         return 2
-    return run_script(script, env)
+    else:
+        code = run_script(script, env)
+    # The role is over. What is left would only be walked by the collector at exit: with torch loaded that takes
+    # most of a second, and the job waits for it. (Python does not promise finalizers at exit; atexit still runs.)
+    gc.freeze()
+    return code
 
 
 def main_node(script: Sequence[str], num_servers: int | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -137,7 +164,7 @@ def main_node(script: Sequence[str], num_servers: int | None = None, environ: Ma
     try:
         env = node_env(os.environ if environ is None else environ, num_servers)
         config = Config.from_env(env)
-    except (ConfigError, LaunchEnvError) as exc:
+    except ConfigError as exc:
         print(f"zps node: {exc}", file=sys.stderr)
         return 2
     return run_role(config, env, script)
@@ -151,7 +178,7 @@ def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int 
         env = {**base, **slurm_roles(base, num_servers or 1, port or DEFAULT_PORT)}
         config = Config.from_env(env)
         first_task = is_coordinator_task(base)
-    except (ConfigError, LaunchEnvError) as exc:
+    except ConfigError as exc:
         print(f"zps slurm: {exc}", file=sys.stderr)
         return 2
     if not first_task:
@@ -173,7 +200,7 @@ def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int 
     if code:
         coordinator.stop()
     # the coordinator ends once the servers said goodbye, at most heartbeat_timeout after the last worker
-    thread.join(timeout=config.heartbeat_timeout + 10)
+    thread.join(timeout=config.job.heartbeat_timeout + 10)
     if thread.is_alive():
         coordinator.stop()
         thread.join(timeout=5)

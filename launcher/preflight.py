@@ -29,11 +29,13 @@ import inspect
 import json
 import socket
 import subprocess
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from .ssh import Remote, SshOptions, host_address
+from .remote import host_address
+from .ssh_command import Remote, SshOptions
 
 LAUNCHER = "launcher"
 _MARK = "ZPS_PROBE "

@@ -6,25 +6,24 @@ PR_SET_PDEATHSIG, so it dies even when the launcher itself is SIGKILLed.
 from __future__ import annotations
 
 import codecs
-import ctypes
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Callable, Sequence
+from typing import IO
 
-_PR_SET_PDEATHSIG = 1
+from .remote import die_with_parent
+
+log = logging.getLogger("zps.launcher")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    die_with_parent(signal.SIGKILL)
 
 
 class LineForwarder:
@@ -73,6 +72,7 @@ class LineForwarder:
 class Child:
     label: str  # e.g. "worker 1"
     role: str  # server | worker
+    rank: int
     proc: subprocess.Popen
     tail: list[str] = field(default_factory=list)
     exited_at: float | None = None
@@ -92,7 +92,8 @@ class ProcessGroup:
         self.children: list[Child] = []
         self.changed = threading.Event()
 
-    def start(self, label: str, role: str, argv: Sequence[str], env: dict[str, str], cwd: str | None = None) -> Child:
+    def start(self, label: str, role: str, rank: int, argv: Sequence[str], env: dict[str, str],
+              cwd: str | None = None) -> Child:
         proc = subprocess.Popen(
             list(argv),
             env=env,
@@ -103,7 +104,7 @@ class ProcessGroup:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        child = Child(label, role, proc)
+        child = Child(label, role, rank, proc)
         forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None
         reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{label}", daemon=True)
@@ -115,8 +116,9 @@ class ProcessGroup:
         return child
 
     def _wait(self, child: Child) -> None:
-        child.proc.wait()
+        code = child.proc.wait()
         child.exited_at = time.monotonic()
+        log.debug("%s exited with code %d", child.label, code)
         self.changed.set()
 
     def say(self, text: str) -> None:

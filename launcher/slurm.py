@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
-from zps.launcher.env_roles import LaunchEnvError, join_host_port, parse_int, parse_port
+from zps.protocol.config import ConfigError
+from zps.protocol.dmlc import join_host_port, parse_int, parse_port
 
 DEFAULT_PORT = 29600
 # a node list that expands to more names than this is a typo (node[1-1000000]), not a cluster
@@ -24,7 +25,7 @@ _RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 _LITERAL = re.compile(r"[A-Za-z0-9._-]*")
 
 
-class NodelistError(LaunchEnvError):
+class NodelistError(ConfigError):
     """A Slurm node list (``node[01-04,07],login``) is malformed; the message says where."""
 
 
@@ -112,14 +113,14 @@ def _nodelist(env: Mapping[str, str]) -> str:
     for name in NODELIST_VARS:
         if env.get(name, "").strip():
             return env[name]
-    raise LaunchEnvError(f"none of {', '.join(NODELIST_VARS)} is set; run this inside a Slurm allocation (srun)")
+    raise ConfigError(f"none of {', '.join(NODELIST_VARS)} is set; run this inside a Slurm allocation (srun)")
 
 
 def _need(env: Mapping[str, str], *names: str) -> tuple[str, str]:
     for name in names:
         if env.get(name, "").strip():
             return name, env[name]
-    raise LaunchEnvError(f"{' or '.join(names)} is not set; start each task with srun")
+    raise ConfigError(f"{' or '.join(names)} is not set; start each task with srun")
 
 
 def is_coordinator_task(env: Mapping[str, str]) -> bool:
@@ -136,15 +137,15 @@ def slurm_roles(env: Mapping[str, str], num_servers: int, port: int = DEFAULT_PO
     ``SLURMD_NODENAME``. A ``ZPS_COORDINATOR`` or ``ZPS_HOST`` already in ``env`` is kept as it is.
     """
     if num_servers < 1:
-        raise LaunchEnvError(f"num_servers={num_servers} must be >= 1")
+        raise ConfigError(f"num_servers={num_servers} must be >= 1")
     port = parse_port("port", port)
     procid = parse_int(*_need(env, "SLURM_PROCID"), 0)
     ntasks = parse_int(*_need(env, "SLURM_NTASKS", "SLURM_NPROCS"), 1)
     if procid >= ntasks:
-        raise LaunchEnvError(f"SLURM_PROCID={procid} must be < SLURM_NTASKS={ntasks}")
+        raise ConfigError(f"SLURM_PROCID={procid} must be < SLURM_NTASKS={ntasks}")
     num_workers = ntasks - num_servers
     if num_workers < 1:
-        raise LaunchEnvError(f"{ntasks} Slurm tasks leave no worker after {num_servers} servers; "
+        raise ConfigError(f"{ntasks} Slurm tasks leave no worker after {num_servers} servers; "
                              f"start at least {num_servers + 1} tasks (srun -n {num_servers + 1}) "
                              f"or use fewer servers")
     out = {
@@ -163,7 +164,7 @@ def slurm_roles(env: Mapping[str, str], num_servers: int, port: int = DEFAULT_PO
     else:
         first = expand_nodelist(_nodelist(env))[0]
         if procid == 0 and node and node != first:
-            raise LaunchEnvError(f"task 0 runs on {node}, not on the first node {first} where the others look "
+            raise ConfigError(f"task 0 runs on {node}, not on the first node {first} where the others look "
                                  f"for the coordinator; use the default block distribution or set "
                                  f"ZPS_COORDINATOR=host:port")
         out["ZPS_COORDINATOR"] = join_host_port(first, port)

@@ -1,157 +1,31 @@
 """The ssh backend of ``zps launch``: each server and worker is one ``ssh host -- <remote command>``.
 
-The coordinator runs inside the launcher (:func:`launcher.job.run_job`); every other process runs on the host
-:func:`launcher.hostfile.place` gives it, started with the system OpenSSH client (``BatchMode=yes``: no
+The coordinator runs inside the launcher (:func:`zps.launcher.job.run_job`); every other process runs on the host
+:func:`zps.launcher.hostfile.place` gives it, started with the system OpenSSH client (``BatchMode=yes``: no
 prompts; the user's ``~/.ssh/config``, keys and agent apply; host keys are checked as ssh always does).
 
 The remote command is an argv list, quoted with :func:`shlex.join` only for the remote shell::
 
-    cd WORKDIR && exec env K=V ... PYTHON -m zps.launcher.ssh guard --label 'worker 1@node2' [--interface IF] \\
-        -- PYTHON -u SCRIPT ARGS...            (a server: -- PYTHON -m zps.ps)
+    cd WORKDIR && exec env K=V ... PYTHON -m zps.launcher.remote guard --label 'worker 1@node2' \\
+        [--interface IF] -- PYTHON -u -m zps.launcher.cli node [SCRIPT ARGS...]
 
-The *guard* is the remote half of the backend. It sets ``ZPS_HOST`` (the address the role binds on that host:
-the IPv4 address of ``--interface`` there, else the address ssh reached the host at, from ``SSH_CONNECTION``),
-starts the role in its own process group and ends that group (SIGTERM, then SIGKILL after a grace period)
-
-* when the ssh session goes away -- the launcher's teardown, Ctrl-C, a crash, a lost network: sshd starts
-  the remote command without a terminal and does not signal it when the client disconnects, so the guard asks
-  the kernel for a signal when its parent, the sshd session process, exits (``PR_SET_PDEATHSIG``);
-* when the guard itself is told to stop (SIGTERM, SIGHUP, SIGINT).
-
-The guard exits with the role's exit code (``128 + N`` when signal N killed it, saying so), which ssh passes
-back, so the launcher's first-failure rule and exit code work as for local processes.
+The guard (:mod:`zps.launcher.remote`) ends the role when the ssh session ends and sets its bind address.
 """
 from __future__ import annotations
 
-import argparse
-import ctypes
-import os
-import re
 import shlex
-import signal
 import socket
-import subprocess
-import sys
-import threading
-from dataclasses import dataclass, field, replace
-from typing import IO, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
-from .hostfile import Host, Placement, format_placement, place
-from .job import JobSpec, ProcSpec, local_env, run_job
+from zps.protocol.config import JobConfig
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-# seconds the guard gives a role between SIGTERM and SIGKILL
-GUARD_GRACE = 3.0
-# variables zps launch sets for each process besides JobSpec.role_env's; --env may not set them
-LAUNCHER_VARS = ("ZPS_HOST", "ZPS_LOCAL_RANK", "ZPS_OPTIMIZER", "ZPS_CODEC", "ZPS_PULL_CODEC", "ZPS_MODE",
-                 "ZPS_STALENESS")
-
-
-class LaunchError(RuntimeError):
-    """zps launch cannot start the job as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class SshOptions:
-    """How to reach the hosts: ``ssh -p port -l user -o option ...``; ``None`` leaves it to ssh and its config."""
-
-    port: int | None = None
-    user: str | None = None
-    options: tuple[str, ...] = ()  # extra -o values, e.g. "IdentityFile=/path/key"
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-
-    def argv(self, host: str, remote: str, connect_timeout: float | None = None) -> list[str]:
-        """The local ssh command that runs the shell command ``remote`` on ``host``."""
-        timeout = self.connect_timeout if connect_timeout is None else connect_timeout
-        argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, round(timeout))}",
-                # a host that vanishes (power, network) ends its ssh client, so the launcher sees it as a failure
-                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
-        if self.port:
-            argv += ["-p", str(self.port)]
-        if self.user:
-            argv += ["-l", self.user]
-        for option in self.options:
-            argv += ["-o", option]
-        return [*argv, ssh_destination(host), "--", remote]
-
-
-@dataclass(frozen=True)
-class Remote:
-    """What the remote command looks like on every host: the interpreter, the directory, extra variables."""
-
-    python: str = sys.executable
-    workdir: str = field(default_factory=os.getcwd)
-    env: Mapping[str, str] = field(default_factory=dict)  # --env K=V, for every remote process
-    interface: str | None = None  # the interface whose address servers and workers bind
-
-    def command(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cd: bool = True) -> str:
-        """The shell command that runs ``argv`` (in :attr:`workdir` when ``cd``) with :attr:`env` plus ``env``."""
-        variables = {**self.env, **(env or {})}
-        run = "exec " + shlex.join(["env", *(f"{k}={v}" for k, v in variables.items()), *argv])
-        return f"cd {shlex.quote(self.workdir)} && {run}" if cd else run
-
-    def guarded(self, label: str, argv: Sequence[str], share: int = 1) -> list[str]:
-        """``argv`` wrapped in the guard (see the module docstring); ``share``: the job's processes on the host."""
-        guard = [self.python, "-m", "zps.launcher.ssh", "guard", "--label", label, "--share", str(share)]
-        if self.interface:
-            guard += ["--interface", self.interface]
-        return [*guard, "--", *argv]
-
-
-def ssh_destination(host: str) -> str:
-    """A hostfile name as ssh takes it: ``[fd00::1]`` -> ``fd00::1``."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def parse_env_options(items: Sequence[str]) -> dict[str, str]:
-    """``--env NAME=VALUE`` values as a dict; NAME must be a shell variable name."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise LaunchError(f"--env {item!r}: write NAME=VALUE, NAME made of letters, digits and '_'")
-        out[name] = value
-    return out
-
-
-def check_env(spec: JobSpec, env: Mapping[str, str]) -> None:
-    """Refuse ``--env`` variables that zps launch sets itself: the two values would disagree."""
-    owned = {*spec.role_env("worker", 0, "-"), *LAUNCHER_VARS}
-    clash = sorted(owned & set(env))
-    if clash:
-        hint = "; --interface chooses the bind address" if "ZPS_HOST" in clash else ""
-        raise LaunchError(f"--env {', '.join(clash)}: zps launch sets {'it' if len(clash) == 1 else 'them'} for "
-                          f"each process from its own options (--timeout, --optimizer, ...){hint}")
-
+from .hostfile import Host, HostfileError, Placement, format_placement, place
+from .job import LaunchError, ProcSpec, local_env, role_command, role_env
+from .remote import host_address
+from .ssh_command import Remote, SshOptions, ssh_destination
 
 # --- addresses -------------------------------------------------------------------------------------------------
-
-def host_address(interface: str | None, environ: Mapping[str, str]) -> str:
-    """The address this host's zps processes bind: ``interface``'s IPv4 address, else the address ssh reached
-    this host at (the third field of ``SSH_CONNECTION``). Raises LookupError saying what is missing.
-
-    Runs on the remote host (in the guard and, as source, in the preflight probe): standard library only.
-    """
-    import fcntl
-    import socket
-    import struct
-
-    if interface:
-        names = sorted(name for _, name in socket.if_nameindex())
-        if interface not in names:
-            raise LookupError(f"no network interface {interface!r} (this host has {', '.join(names) or 'none'})")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:  # SIOCGIFADDR: the interface's IPv4 address (Linux)
-                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", interface.encode()[:15]))
-            except OSError as exc:
-                raise LookupError(f"interface {interface!r} has no IPv4 address ({exc.strerror})") from None
-        return socket.inet_ntoa(packed[20:24])
-    fields = environ.get("SSH_CONNECTION", "").split()
-    if len(fields) != 4:
-        raise LookupError("SSH_CONNECTION is not set, so the address ssh reached this host at is unknown; "
-                          "pass --interface")
-    return fields[2]
-
 
 def coordinator_address(interface: str | None, first_host: str) -> str:
     """The launcher host's address the remote hosts reach the coordinator at.
@@ -179,171 +53,98 @@ def coordinator_address(interface: str | None, first_host: str) -> str:
         return s.getsockname()[0]
 
 
-# --- the processes ---------------------------------------------------------------------------------------------
+# --- the backend -----------------------------------------------------------------------------------------------
 
 def remote_hosts(placements: Sequence[Placement]) -> list[str]:
     """The hosts that run servers or workers, in placement order, each once."""
     return list(dict.fromkeys(p.host for p in placements if p.role != "coordinator"))
 
 
-def ssh_processes(spec: JobSpec, placements: Sequence[Placement], script: Sequence[str], coordinator: str,
-                  remote: Remote, ssh: SshOptions, base_env: Mapping[str, str] | None = None) -> list[ProcSpec]:
-    """One ssh client per server and worker of ``placements`` (servers first), each labelled ``role rank@host``."""
-    launcher_env = local_env(dict(base_env) if base_env is not None else None)
-    per_host: dict[str, int] = {}
-    for p in placements:
-        if p.role != "coordinator":
-            per_host[p.host] = per_host.get(p.host, 0) + 1
-    procs = []
-    for p in placements:
-        if p.role == "coordinator":
-            continue
-        env = spec.role_env(p.role, p.rank, coordinator)
-        del env["ZPS_HOST"]  # the guard sets it on the host (see host_address)
-        env["ZPS_LOCAL_RANK"] = str(p.local_rank)
-        label = f"{p.role} {p.rank}@{ssh_destination(p.host)}"
-        role_argv = [remote.python, "-m", "zps.ps"] if p.role == "server" else [remote.python, "-u", *script]
-        guarded = remote.guarded(label, role_argv, share=per_host[p.host])
-        command = remote.command(guarded, {"PYTHONUNBUFFERED": "1", **env})
-        procs.append(ProcSpec(label, p.role, ssh.argv(p.host, command), launcher_env))
-    return procs
+class SshBackend:
+    """Servers and workers on the hosts of a hostfile, each started by one ssh client of the launcher."""
 
+    def __init__(self, hosts: Sequence[Host], script: Sequence[str], remote: Remote, ssh: SshOptions,
+                 preflight: bool = True, preflight_timeout: float = 15.0, port: int = 0,
+                 base_env: Mapping[str, str] | None = None) -> None:
+        self.hosts, self.script, self.remote, self.ssh = list(hosts), list(script), remote, ssh
+        self.preflight, self.preflight_timeout, self.port = preflight, preflight_timeout, port
+        self.base_env = base_env
+        self.placements: list[Placement] = []
 
-def describe(spec: JobSpec, placements: Sequence[Placement], script: Sequence[str], coordinator_host: str,
-             remote: Remote, ssh: SshOptions) -> str:
-    """What ``zps launch --dry-run`` prints: the placement table and the exact command of every process."""
-    port = str(spec.port) if spec.port else "PORT"
-    shown = [replace(p, host=f"{coordinator_host} (in zps launch)") if p.role == "coordinator" else p
-             for p in placements]
-    lines = [f"zps launch: {spec.num_servers} servers, {spec.num_workers} workers on "
-             f"{len(remote_hosts(placements))} hosts; coordinator at {coordinator_host}:{port}", "",
-             format_placement(shown), ""]
-    if not spec.port:
-        lines += ["PORT: the coordinator binds a free port when the job starts (fix it with --port)", ""]
-    for proc in ssh_processes(spec, placements, script, f"{coordinator_host}:{port}", remote, ssh, {}):
-        lines.append(f"[{proc.label}] {shlex.join(proc.argv)}")
-    return "\n".join(lines)
-
-
-def run_ssh(spec: JobSpec, hosts: Sequence[Host], script: Sequence[str], remote: Remote, ssh: SshOptions,
-            dry_run: bool = False, preflight: bool = True, preflight_timeout: float = 15.0,
-            out: IO[str] | None = None) -> int:
-    """Place the job on ``hosts``, check them, start every process over ssh; return the job's exit code.
-
-    Returns 2 without starting anything when the job does not fit or the preflight finds a problem.
-    """
-    from . import preflight as checks
-
-    out = out or sys.stdout
-    check_env(spec, remote.env)
-    placements = place(hosts, spec.num_servers, spec.num_workers)
-    targets = remote_hosts(placements)
-    try:
-        coordinator_host: str | None = coordinator_address(remote.interface, targets[0])
-        local_problems = []
-    except LaunchError as exc:
-        if dry_run or not preflight:
-            raise
-        # report it with whatever the hosts have to say, in one table
-        coordinator_host, local_problems = None, [checks.Problem(checks.LAUNCHER, "interface", str(exc))]
-    if dry_run:
-        out.write(describe(spec, placements, script, coordinator_host, remote, ssh) + "\n")
-        return 0
-    if preflight:
-        problems = local_problems + checks.run_preflight(targets, ssh, remote, coordinator_host, spec.port,
-                                                         script[0], timeout=preflight_timeout)
-        if problems:
-            out.write(checks.format_problems(problems) + "\n")
-            out.flush()
-            return 2
-    assert coordinator_host is not None
-    spec = replace(spec, host=coordinator_host)
-    return run_job(spec, lambda coordinator: ssh_processes(spec, placements, script, coordinator, remote, ssh), out)
-
-
-# --- the guard (runs on the remote host) -----------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig(sig: int) -> None:
-    """Ask the kernel for ``sig`` when this process's parent exits (Linux; a no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
+    def _place(self, job: JobConfig) -> None:
+        self._check_env(job)
         try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
-        except OSError:
-            pass
+            self.placements = place(self.hosts, job.num_servers, job.num_workers)
+        except HostfileError as exc:
+            raise LaunchError(f"zps launch: {exc}") from None
 
+    def _check_env(self, job: JobConfig) -> None:
+        """Refuse ``--env`` variables that zps launch sets itself: the two values would disagree."""
+        clash = sorted(set(role_env(job, "worker", 0, "host:1")) & set(self.remote.env))
+        if clash:
+            hint = "; --interface chooses the bind address" if "ZPS_HOST" in clash else ""
+            raise LaunchError(f"zps launch: --env {', '.join(clash)}: zps launch sets "
+                              f"{'it' if len(clash) == 1 else 'them'} for each process from its own options "
+                              f"(--timeout, --optimizer, ...){hint}")
 
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def prepare(self, job: JobConfig) -> str:
+        """Place the job and run the preflight (:mod:`zps.launcher.preflight`); the coordinator's address."""
+        from . import preflight as checks
 
-
-def guard(label: str, argv: Sequence[str], interface: str | None = None, share: int = 1,
-          grace: float = GUARD_GRACE) -> int:
-    """Run ``argv`` as the role ``label`` until it exits or the ssh session ends; return its exit code.
-
-    ``share`` processes of the job run on this host: unless set, ``OMP_NUM_THREADS`` is cores // share, so they
-    share the cores instead of oversubscribing them (as the local backend does).
-    """
-    parent = os.getppid()
-    _pdeathsig(signal.SIGTERM)
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: object = None) -> None:
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, stop)
-    if parent == 1 or os.getppid() != parent or stopping.is_set():
-        return 128 + signal.SIGHUP  # the session ended before the role could start
-    try:
-        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, share))), **os.environ,
-               "ZPS_HOST": host_address(interface, os.environ)}
-    except LookupError as exc:
-        print(f"zps: {label} on {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    child = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                             preexec_fn=lambda: _pdeathsig(signal.SIGKILL))
-
-    def end_child() -> None:
-        stopping.wait()
-        _kill_group(child.pid, signal.SIGTERM)
+        self._place(job)
+        targets = remote_hosts(self.placements)
         try:
-            child.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        _kill_group(child.pid, signal.SIGKILL)
+            coordinator_host: str | None = coordinator_address(self.remote.interface, targets[0])
+            problems = []
+        except LaunchError as exc:
+            if not self.preflight:
+                raise LaunchError(f"zps launch: {exc}") from None
+            # reported with whatever the hosts have to say, in one table
+            coordinator_host, problems = None, [checks.Problem(checks.LAUNCHER, "interface", str(exc))]
+        if self.preflight:
+            problems += checks.run_preflight(targets, self.ssh, self.remote, coordinator_host, self.port,
+                                             self.script[0], timeout=self.preflight_timeout)
+            if problems:
+                raise LaunchError(checks.format_problems(problems))
+        assert coordinator_host is not None
+        return coordinator_host
 
-    threading.Thread(target=end_child, name="zps-guard", daemon=True).start()
-    code = child.wait()
-    _kill_group(child.pid, signal.SIGKILL)  # what the role left behind in its group (data loader workers)
-    if code < 0:
-        if not stopping.is_set():  # (when we stopped it, nobody is listening any more)
-            print(f"zps: {label} (pid {child.pid} on {socket.gethostname()}) was killed by "
-                  f"{signal.Signals(-code).name}", file=sys.stderr, flush=True)
-        return 128 - code
-    return code
+    def processes(self, job: JobConfig, coordinator: str) -> list[ProcSpec]:
+        """One ssh client per server and worker (servers first), each labelled ``role rank@host``."""
+        launcher_env = local_env(self.base_env)
+        per_host: dict[str, int] = {}
+        for p in self.placements:
+            if p.role != "coordinator":
+                per_host[p.host] = per_host.get(p.host, 0) + 1
+        procs = []
+        for p in self.placements:
+            if p.role == "coordinator":
+                continue
+            env = role_env(job, p.role, p.rank, coordinator, local_rank=p.local_rank)
+            del env["ZPS_HOST"]  # the guard sets it on the host (see zps.launcher.remote.host_address)
+            label = f"{p.role} {p.rank}@{ssh_destination(p.host)}"
+            script = self.script if p.role == "worker" else []
+            guarded = self.remote.guarded(label, role_command(self.remote.python, script), share=per_host[p.host])
+            command = self.remote.command(guarded, {"PYTHONUNBUFFERED": "1", **env})
+            procs.append(ProcSpec(label, p.role, p.rank, self.ssh.argv(p.host, command), launcher_env))
+        return procs
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zps.launcher.ssh",
-                                     description="the remote half of zps launch (see launcher/ssh.py)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("guard", help="run one role; end it when the ssh session ends")
-    g.add_argument("--label", required=True, help="the role's name in messages, e.g. 'worker 1@node2'")
-    g.add_argument("--interface", default=None, help="bind the role to this interface's IPv4 address")
-    g.add_argument("--share", type=int, default=1, help="processes of the job on this host (for OMP_NUM_THREADS)")
-    g.add_argument("role", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
-    args = parser.parse_args(argv)
-    role = args.role[1:] if args.role[:1] == ["--"] else args.role
-    if not role:
-        parser.error("guard: no command after --")
-    return guard(args.label, role, args.interface, args.share)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def describe(self, job: JobConfig) -> str:
+        """What ``zps launch --dry-run`` prints: the placement table and the exact command of every process."""
+        self._place(job)
+        coordinator_host = coordinator_address(self.remote.interface, remote_hosts(self.placements)[0])
+        port = str(self.port) if self.port else "PORT"
+        shown = [replace(p, host=f"{coordinator_host} (in zps launch)") if p.role == "coordinator" else p
+                 for p in self.placements]
+        lines = [f"zps launch: {job.num_servers} servers, {job.num_workers} workers on "
+                 f"{len(remote_hosts(self.placements))} hosts; coordinator at {coordinator_host}:{port}", "",
+                 format_placement(shown), ""]
+        if not self.port:
+            lines += ["PORT: the coordinator binds a free port when the job starts (fix it with --port)", ""]
+        base_env, self.base_env = self.base_env, {}
+        try:
+            for proc in self.processes(job, f"{coordinator_host}:{port}"):
+                lines.append(f"[{proc.label}] {shlex.join(proc.argv)}")
+        finally:
+            self.base_env = base_env
+        return "\n".join(lines)

@@ -1,147 +1,254 @@
-"""All process configuration in one place: one frozen dataclass filled once from ``ZPS_*`` variables.
+"""Every setting of a zps job, in one place: two frozen dataclasses filled once from ``ZPS_*`` variables.
 
-Nothing else in zps reads ``os.environ`` for its own settings. The ``DMLC_*`` names that ps-lite and BytePS
-manifests already carry are accepted as aliases (``ZPS_*`` wins when both are set). Tests pass a plain mapping.
+* :class:`JobConfig` -- what every process of a job shares (its size, consistency mode, codecs, timeouts, log
+  level). Each field declares its help text, its command-line flag and its checks; the ``zps`` command derives
+  its options, defaults and help from these fields, and the launcher hands the result to every process as
+  ``ZPS_<FIELD>`` variables (:meth:`JobConfig.to_env`).
+* :class:`Config` -- one process: its role, rank, the coordinator's address, the address it binds, plus the job's
+  :class:`JobConfig`.
+
+Each field's variable is ``ZPS_`` + its name in capitals (:func:`env_name`). The ``DMLC_*`` variables of ps-lite
+and BytePS manifests are read too (:mod:`zps.protocol.dmlc`; a ``ZPS_*`` variable wins). Nothing else in zps reads
+``os.environ`` for its settings; tests pass a plain mapping. Both classes check themselves on construction and
+raise :class:`ConfigError` naming the variable and the flag.
 """
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, fields
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
 ROLES = ("coordinator", "server", "worker")
-# consistency modes, implemented by ps.consistency
+# consistency modes, implemented by zps.ps.consistency
 MODES = ("bsp", "asp", "ssp")
-# DMLC_ROLE values of ps-lite / BytePS that name a zps role differently
-DMLC_ROLE_NAMES = {"scheduler": "coordinator"}
-
-# ZPS name -> the DMLC alias users of ps-lite / BytePS already have in their manifests.
-DMLC_ALIASES = {
-    "ZPS_ROLE": "DMLC_ROLE",
-    "ZPS_NUM_SERVERS": "DMLC_NUM_SERVER",
-    "ZPS_NUM_WORKERS": "DMLC_NUM_WORKER",
-    "ZPS_HOST": "DMLC_NODE_HOST",
-}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENV_PREFIX = "ZPS_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ConfigError(ValueError):
-    """A ``ZPS_*`` variable is missing or malformed; the message names it."""
+    """A setting is missing or malformed; the message names its variable (and flag)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one setting is described and checked (the metadata of a field, see :func:`setting`)."""
+
+    help: str
+    flag: str | None = None  # the command-line flag; None: --name-with-dashes; "": not on the command line
+    short: str | None = None
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    positive: bool = False
+    required: bool = False  # a process cannot start without its variable (the default is the CLI's)
+    metavar: str | None = None
+
+
+def setting(default: Any, help: str, **option: Any) -> Any:
+    """A dataclass field carrying its :class:`Option`."""
+    return field(default=default, metadata={"zps": Option(help, **option)})
+
+
+def env_name(name: str) -> str:
+    """The variable of the setting ``name``: ``ZPS_`` + its name in capitals."""
+    return ENV_PREFIX + name.upper()
+
+
+def option_of(f: Field) -> Option | None:
+    return f.metadata.get("zps")
+
+
+def flag_of(f: Field) -> str | None:
+    """The command-line flag of a field, or None when it has none."""
+    opt = option_of(f)
+    if opt is None or opt.flag == "":
+        return None
+    return opt.flag or "--" + f.name.replace("_", "-")
+
+
+def describe_setting(f: Field) -> str:
+    """How errors name a setting: its variable, and its flag where it has one."""
+    flag = flag_of(f)
+    return f"{env_name(f.name)} ({flag})" if flag else env_name(f.name)
+
+
+def _parse(f: Field, text: str) -> Any:
+    """A variable's text as the field's type (``int``, ``float``, ``bool`` or ``str``)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = env_name(f.name)
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered not in _TRUE + _FALSE:
+            raise ConfigError(f"{name}={text!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+        return lowered in _TRUE
+    if kind == "int":
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} is not an integer") from None
+    if kind == "float":
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} is not a number") from None
+    return text
+
+
+def _check_fields(obj: Any) -> None:
+    """Each field's own checks (choices, minimum, positive), naming the setting."""
+    for f in fields(obj):
+        opt = option_of(f)
+        if opt is None:
+            continue
+        value = getattr(obj, f.name)
+        what = describe_setting(f)
+        if opt.choices is not None and value not in opt.choices:
+            raise ConfigError(f"{what}={value!r} is not one of {', '.join(opt.choices)}")
+        if opt.minimum is not None and value < opt.minimum:
+            raise ConfigError(f"{what}={value} must be >= {opt.minimum:g}")
+        if opt.positive and not value > 0:
+            raise ConfigError(f"{what}={value} must be > 0")
+
+
+def _from_env(cls: Any, env: Mapping[str, str], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of ``cls`` that ``env`` sets (parsed), plus the required ones (or ConfigError naming them)."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        opt = option_of(f)
+        if opt is None or f.name in skip:
+            continue
+        text = env.get(env_name(f.name), "")
+        if text != "":
+            values[f.name] = _parse(f, text)
+        elif opt.required:
+            from .dmlc import ALIASES
+
+            alias = ALIASES.get(env_name(f.name))
+            hint = f" (or {alias})" if alias else ""
+            raise ConfigError(f"{env_name(f.name)}{hint} is not set; the launcher sets it, or set it yourself")
+    return values
+
+
+def _to_env(obj: Any) -> dict[str, str]:
+    out = {}
+    for f in fields(obj):
+        if option_of(f) is None:
+            continue
+        value = getattr(obj, f.name)
+        out[env_name(f.name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return out
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The settings every process of one job shares. ``zps run --help`` lists them with these texts."""
+
+    num_servers: int = setting(1, "number of parameter servers", flag="--servers", short="-s", minimum=1,
+                               required=True)
+    num_workers: int = setting(1, "number of workers", flag="--workers", short="-w", minimum=1, required=True)
+    mode: str = setting("bsp", "consistency: bsp (synchronous), asp (asynchronous) or ssp (bounded staleness)",
+                        choices=MODES)
+    staleness: int = setting(0, "ssp: how many clocks a worker may run ahead of the slowest", minimum=0)
+    optimizer: str = setting("", "the server optimizer, a torch.optim spec such as adam:lr=1e-3; the script "
+                                 "builds it with zps.worker.build_optimizer (refused when the script builds "
+                                 "another)", metavar="SPEC")
+    codec: str = setting("", "gradient codec for pushes, e.g. topk:ratio=0.01", metavar="SPEC")
+    pull_codec: str = setting("", "codec for compressed pulls (deltas, with the server's own error feedback)",
+                              metavar="SPEC")
+    error_feedback: bool = setting(False, "wrap the push codec in error feedback")
+    compress_min: int = setting(1024, "tensors with fewer elements (biases, norms) go uncompressed", minimum=0,
+                                metavar="N")
+    shm: bool = setting(True, "move tensor bytes through shared memory where a worker and a server share a host")
+    timeout: float = setting(120.0, "seconds any wait may take before the job fails naming what it waits for",
+                             positive=True, metavar="SECONDS")
+    heartbeat_interval: float = setting(1.0, "seconds between heartbeats", positive=True, metavar="SECONDS")
+    heartbeat_timeout: float = setting(15.0, "seconds of silence after which a process is declared dead",
+                                       positive=True, metavar="SECONDS")
+    log_level: str = setting("INFO", "log level of every process of the job", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.staleness and self.mode != "ssp":
+            raise ConfigError(f"ZPS_STALENESS (--staleness)={self.staleness} only applies to mode ssp "
+                              f"(the mode is {self.mode})")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JobConfig:
+        """From ``env`` (default ``os.environ``, with ``DMLC_*`` aliases); ConfigError names a bad variable."""
+        from .dmlc import with_dmlc
+
+        values = _from_env(cls, with_dmlc(os.environ if env is None else env))
+        if "mode" in values:
+            values["mode"] = values["mode"].lower()
+        if "log_level" in values:
+            values["log_level"] = values["log_level"].upper()
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The ``ZPS_*`` variables that reproduce these settings in another process."""
+        return _to_env(self)
+
+    def check_specs(self) -> None:
+        """Build the optimizer and codec specs once, as the processes will: ConfigError (one line) when one is
+        wrong. The launcher calls this before it starts anything (it imports torch only when a spec is set)."""
+        by_name = {f.name: f for f in fields(self)}
+        for name in ("optimizer", "codec", "pull_codec"):
+            spec = getattr(self, name)
+            if not spec:
+                continue
+            try:
+                if name == "optimizer":
+                    from .optim_spec import parse_optimizer_spec
+
+                    parse_optimizer_spec(spec)
+                else:
+                    from .codecs import codec_factory
+
+                    codec_factory(spec)
+            except Exception as exc:  # a spec names user code too (import paths): whatever it raises
+                raise ConfigError(f"{describe_setting(by_name[name])}={spec!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class Config:
-    """What a zps process needs to know about itself and its cluster.
+    """One process: its role and place in the cluster, and the job's settings.
 
     ``coordinator`` is ``host:port`` of the rendezvous process. ``rank`` is the requested rank within the role
-    (``-1``: let the coordinator assign one). ``host`` is the address this process binds to (loopback by
-    default, never every interface unless asked).
+    (``-1``: let the coordinator assign one). ``host`` is the address this process binds (loopback by default,
+    never every interface unless asked). ``local_rank`` is its index among its role's processes on its host
+    (a worker's GPU is ``cuda:<local_rank>``).
     """
 
-    role: str
-    coordinator: str
-    num_servers: int
-    num_workers: int
-    rank: int = -1
-    host: str = "127.0.0.1"
-    # every blocking wait gives up after this many seconds, naming what it waited for
-    timeout: float = 120.0
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 15.0
-    # free-form spec strings the worker library and example scripts read (see worker.build_optimizer)
-    optimizer: str = ""
-    codec: str = ""
-    pull_codec: str = ""
-    error_feedback: bool = False
-    # tensors with fewer elements (biases, norms) are sent uncompressed
-    compress_min: int = 1024
-    # move tensor bytes through shared memory when worker and server share a host (falls back by itself)
-    shm: bool = True
-    # this process's index among the processes of its role on its host (its GPU is cuda:<local_rank>)
-    local_rank: int = 0
-    # read by the coordinator role (``zps node`` with ZPS_ROLE=coordinator); launchers pass them directly
-    mode: str = "bsp"
-    staleness: int = 0
+    role: str = setting("", "coordinator, server or worker", flag="", choices=ROLES, required=True)
+    coordinator: str = setting("", "host:port of the coordinator", flag="", required=True)
+    rank: int = setting(-1, "rank within the role; -1: assigned by the coordinator", flag="", minimum=-1)
+    host: str = setting("127.0.0.1", "the address this process binds", flag="")
+    local_rank: int = setting(0, "index among the processes of its role on its host", flag="", minimum=0)
+    job: JobConfig = field(default_factory=JobConfig)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        host, sep, port = self.coordinator.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"ZPS_COORDINATOR={self.coordinator!r} must be host:port")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
-        """Build from ``env`` (default ``os.environ``); raise :class:`ConfigError` naming a bad variable."""
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """From ``env`` (default ``os.environ``, with ``DMLC_*`` aliases); ConfigError names a bad variable."""
+        from .dmlc import with_dmlc
 
-        def get(name: str, default: str | None = None) -> str | None:
-            if name in env and env[name] != "":
-                return env[name]
-            alias = DMLC_ALIASES.get(name)
-            if alias and env.get(alias, "") != "":
-                return env[alias]
-            return default
-
-        def need(name: str) -> str:
-            value = get(name)
-            if value is None:
-                alias = DMLC_ALIASES.get(name)
-                hint = f" (or {alias})" if alias else ""
-                raise ConfigError(f"{name}{hint} is not set; the launcher sets it, or set it yourself")
-            return value
-
-        def as_int(name: str, value: str, minimum: int) -> int:
-            try:
-                number = int(value)
-            except ValueError:
-                raise ConfigError(f"{name}={value!r} is not an integer") from None
-            if number < minimum:
-                raise ConfigError(f"{name}={number} must be >= {minimum}")
-            return number
-
-        def as_float(name: str, value: str) -> float:
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{name}={value!r} is not a number") from None
-            if not number > 0:
-                raise ConfigError(f"{name}={number} must be > 0")
-            return number
-
-        role = need("ZPS_ROLE").lower()
-        if get("ZPS_ROLE") != env.get("ZPS_ROLE"):  # the value came from DMLC_ROLE
-            role = DMLC_ROLE_NAMES.get(role, role)
-        if role not in ROLES:
-            raise ConfigError(f"ZPS_ROLE={role!r} is not one of {', '.join(ROLES)}")
-        coordinator = need("ZPS_COORDINATOR")
-        if coordinator.count(":") < 1 or not coordinator.rsplit(":", 1)[1].isdigit():
-            raise ConfigError(f"ZPS_COORDINATOR={coordinator!r} must be host:port")
-        mode = get("ZPS_MODE", "bsp").lower()
-        if mode not in MODES:
-            raise ConfigError(f"ZPS_MODE={mode!r} is not one of {', '.join(MODES)}")
-        staleness = as_int("ZPS_STALENESS", get("ZPS_STALENESS", "0"), 0)
-        if staleness and mode != "ssp":
-            raise ConfigError(f"ZPS_STALENESS={staleness} only applies to ZPS_MODE=ssp (got {mode})")
-        return cls(
-            role=role,
-            coordinator=coordinator,
-            num_servers=as_int("ZPS_NUM_SERVERS", need("ZPS_NUM_SERVERS"), 1),
-            num_workers=as_int("ZPS_NUM_WORKERS", need("ZPS_NUM_WORKERS"), 1),
-            rank=as_int("ZPS_RANK", get("ZPS_RANK", "-1"), -1),
-            host=get("ZPS_HOST", "127.0.0.1"),
-            timeout=as_float("ZPS_TIMEOUT", get("ZPS_TIMEOUT", "120")),
-            heartbeat_interval=as_float("ZPS_HEARTBEAT_INTERVAL", get("ZPS_HEARTBEAT_INTERVAL", "1")),
-            heartbeat_timeout=as_float("ZPS_HEARTBEAT_TIMEOUT", get("ZPS_HEARTBEAT_TIMEOUT", "15")),
-            optimizer=get("ZPS_OPTIMIZER", ""),
-            codec=get("ZPS_CODEC", ""),
-            pull_codec=get("ZPS_PULL_CODEC", ""),
-            error_feedback=get("ZPS_ERROR_FEEDBACK", "0").lower() in ("1", "true", "yes", "on"),
-            compress_min=as_int("ZPS_COMPRESS_MIN", get("ZPS_COMPRESS_MIN", "1024"), 0),
-            shm=get("ZPS_SHM", "1").lower() in ("1", "true", "yes", "on"),
-            local_rank=as_int("ZPS_LOCAL_RANK", get("ZPS_LOCAL_RANK", "0"), 0),
-            mode=mode,
-            staleness=staleness,
-        )
+        env = with_dmlc(os.environ if env is None else env)
+        values = _from_env(cls, env)
+        values["role"] = values["role"].lower()
+        return cls(**values, job=JobConfig.from_env(env))
 
     def to_env(self) -> dict[str, str]:
         """The ``ZPS_*`` variables that reproduce this configuration in a child process."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool):
-                value = "1" if value else "0"
-            out["ZPS_" + f.name.upper()] = str(value)
-        return out
+        return {**_to_env(self), **self.job.to_env()}
+
+
+def configure_logging(level: str) -> None:
+    """Log lines as ``LEVEL name: message`` at ``level`` (a :data:`LOG_LEVELS` name), for every role."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -5,21 +5,22 @@ Header fields (a msgpack map, validated before anything is touched):
 - ``v``      protocol version (int; must equal :data:`PROTOCOL_VERSION`)
 - ``kind``   one of :class:`Kind`
 - ``id``     request id chosen by the sender (int >= 0); replies carry the request's id
-- ``src``    sender, e.g. ``"worker:1"``
-- ``keys``   per-key entries (data messages only): ``{"key": int, "step": int, "nf": frames, ...}`` plus
-             codec fields (``codec``, ``meta``, ``bufs``: per-buffer ``[dtype, numel]``)
+- ``src``    sender, ``"<role>:<rank>"`` (:mod:`zps.protocol.peers`)
+- ``keys``   per-key entries of data messages, each a :class:`KeyEntry` (its fields are documented there)
 - ``body``   kind-specific small map (optimizer config, error reason, topology, ...)
 - ``fz``     optional: float32 elements in the fused frame (see below)
 
 Frames 1..n are the raw buffers of the keys in order (``nf`` frames each). Small uncompressed float32 keys may
 instead share one fused frame, the last one: such a key has ``nf`` 0 and ``fz``, its element offset in that frame
-(tensor fusion: one frame, not one per bias or norm). Nothing is ever unpickled.
+(tensor fusion: one frame, not one per bias or norm; written by :class:`zps.protocol.tensors.FusedWriter`, read by
+:class:`zps.protocol.tensors.FusedReader`). Nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, TypedDict
 
 import msgpack
 
@@ -47,6 +48,60 @@ class Kind(str, enum.Enum):
     OK = "ok"
     VALUES = "values"
     ERROR = "error"
+
+
+class KeyEntry(TypedDict, total=False):
+    """One key of a data message (``keys`` in the header): the one definition of every per-key field.
+
+    Every data message:
+
+    - ``key``: the chunk key, its index in the sharding plan (:mod:`zps.protocol.plan`)
+    - ``nf``: how many of the message's frames are this key's (0: none, or it is in the fused frame)
+    - ``fz``: its element offset in the message's fused frame (then ``nf`` is 0)
+
+    Frames that carry a tensor (INIT values, PUSH gradients, VALUES replies), as :func:`encode_entry` writes them:
+
+    - ``codec``: the canonical codec spec of the buffers (``"none"``: the raw tensor)
+    - ``meta``: the codec's small parameters for decoding (scales, seeds, shapes)
+    - ``bufs``: per frame, ``[dtype name, elements]``
+
+    PUSH / PUSH_PULL / PULL requests:
+
+    - ``step``: the worker's step: the gradient's (push) or the version wanted (pull: BSP waits for it)
+    - ``shm``: 1 -- the gradient is in the worker's shared push area of this key, not in a frame
+    - ``pshm``: 1 -- answer with the values in the worker's shared pull area (the VALUES entry says 1 back)
+    - ``pc``: answer with the change since this worker's last pull, encoded with this codec spec
+
+    VALUES replies:
+
+    - ``version``: how many updates the server has applied to the key
+    - ``delta``: True -- the buffers are the change to add to what the worker holds; False -- the full values
+      (only with ``pc``)
+
+    INIT requests (declare the key; rank 0 also sends its values):
+
+    - ``name``, ``offset``, ``numel``: the parameter, and the chunk's slice of it (in elements)
+    - ``dtype``: the parameter's dtype name; ``group``: the optimizer param group
+    - ``shm``: ``[push offset, pull offset]`` of the key's areas in the worker's shared segment (bytes)
+    """
+
+    key: int
+    nf: int
+    fz: int
+    codec: str
+    meta: dict[str, Any]
+    bufs: list[list[Any]]
+    step: int
+    shm: int | list[int]
+    pshm: int
+    pc: str
+    version: int
+    delta: bool
+    name: str
+    offset: int
+    numel: int
+    dtype: str
+    group: int
 
 
 class ErrorCode(str, enum.Enum):
@@ -87,7 +142,7 @@ class Message:
     kind: Kind
     id: int = 0
     src: str = ""
-    keys: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[KeyEntry] = field(default_factory=list)
     body: dict[str, Any] = field(default_factory=dict)
     frames: list[Any] = field(default_factory=list)
     fused: int = 0  # float32 elements in the fused frame, which is then the last of ``frames``

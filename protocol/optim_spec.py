@@ -69,6 +69,29 @@ def parse_optimizer_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return classes[name.lower()], params
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def check_job_optimizer(described: tuple[str, list[dict[str, Any]]], spec: str) -> None:
+    """Refuse an optimizer that is not the job's ``--optimizer`` ``spec``: the class must be the spec's and every
+    hyper-parameter the spec names must have the spec's value in every group (a scheduler may change them later).
+    Raises ValueError saying what differs and how to build the job's optimizer."""
+    name, hparams = parse_optimizer_spec(spec)
+    cls, groups = described
+    how = ("build it with zps.worker.build_optimizer(model.parameters()), which reads the job's setting, or "
+           "drop --optimizer")
+    if cls.lower() != name.lower():
+        raise ValueError(f"the job sets --optimizer {spec!r} (ZPS_OPTIMIZER) but this script builds {cls}; {how}")
+    for index, group in enumerate(groups):
+        for key, value in hparams.items():
+            if key in group and not _same(group[key], value):
+                raise ValueError(f"the job sets --optimizer {spec!r} (ZPS_OPTIMIZER) but param group {index} of "
+                                 f"this script's {cls} has {key}={group[key]!r}; {how}")
+
+
 def build_from_spec(spec: str, params: Any) -> torch.optim.Optimizer:
     """A torch optimizer over ``params`` from a spec string."""
     name, hparams = parse_optimizer_spec(spec)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 

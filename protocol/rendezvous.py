@@ -19,33 +19,36 @@ import zmq
 from . import transport
 from .config import Config
 from .messages import ErrorCode, Kind, Message, ProtocolError
+from .peers import peer_name
 
 
 @dataclass(frozen=True)
 class Topology:
-    """What the coordinator hands every process once the whole cluster has registered."""
+    """What the coordinator hands a process once the cluster is complete (the TOPOLOGY body; this class is its
+    one writer, :meth:`to_body`, and its one reader, :meth:`from_body`)."""
 
-    role: str
+    role: str  # the process's role, and its rank within it
     rank: int
     num_servers: int
     num_workers: int
-    servers: tuple[str, ...]  # server addresses by rank
-    mode: str  # bsp | asp | ssp
+    servers: tuple[str, ...]  # server addresses (tcp://host:port) by rank
+    mode: str  # bsp | asp | ssp: the coordinator's, which every process follows
     staleness: int
-    job: dict[str, Any]
+
+    def to_body(self) -> dict[str, Any]:
+        return {"role": self.role, "rank": self.rank, "num_servers": self.num_servers,
+                "num_workers": self.num_workers, "servers": list(self.servers), "mode": self.mode,
+                "staleness": self.staleness}
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> "Topology":
-        return cls(
-            role=body["role"],
-            rank=int(body["rank"]),
-            num_servers=int(body["num_servers"]),
-            num_workers=int(body["num_workers"]),
-            servers=tuple(body["servers"]),
-            mode=body["mode"],
-            staleness=int(body["staleness"]),
-            job=dict(body.get("job", {})),
-        )
+    def from_body(cls, body: dict[str, Any]) -> Topology:
+        try:
+            topology = cls(role=str(body["role"]), rank=int(body["rank"]), num_servers=int(body["num_servers"]),
+                           num_workers=int(body["num_workers"]), servers=tuple(str(s) for s in body["servers"]),
+                           mode=str(body["mode"]), staleness=int(body["staleness"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"malformed topology from the coordinator: {exc!r}") from None
+        return topology
 
 
 class RendezvousError(ProtocolError):
@@ -59,7 +62,7 @@ class RendezvousClient:
         self.config = config
         self.context = context or zmq.Context.instance()
         self.address = "tcp://" + config.coordinator
-        self.name = f"{config.role}:{config.rank if config.rank >= 0 else '?'}"
+        self.name = peer_name(config.role, config.rank)
         self._sock = transport.configure(self.context.socket(zmq.DEALER))
         transport.connect(self._sock, self.address)
         self._ids = itertools.count(1)
@@ -71,7 +74,7 @@ class RendezvousClient:
 
     # -- request / reply -------------------------------------------------------------------------------
     def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None) -> Message:
-        timeout = self.config.timeout if timeout is None else timeout
+        timeout = self.config.job.timeout if timeout is None else timeout
         request_id = next(self._ids)
         transport.send(self._sock, Message(kind, id=request_id, src=self.name, body=body))
         deadline = time.monotonic() + timeout
@@ -101,22 +104,26 @@ class RendezvousClient:
         if address is not None:
             body["address"] = address
         # The coordinator itself gives up (with the names of the missing) before our own deadline does.
-        reply = self._request(Kind.REGISTER, body, "registration", timeout=self.config.timeout + 10)
+        reply = self._request(Kind.REGISTER, body, "registration", timeout=self.config.job.timeout + 10)
         self.topology = Topology.from_body(reply.body)
-        self.name = f"{self.topology.role}:{self.topology.rank}"
+        self.name = peer_name(self.topology.role, self.topology.rank)
         self._start_heartbeats()
         return self.topology
 
     def barrier(self, name: str = "default") -> None:
         """Wait until every worker reached the barrier ``name``."""
-        self._request(Kind.BARRIER, {"name": name}, f"barrier {name!r}", timeout=self.config.timeout + 10)
+        self._request(Kind.BARRIER, {"name": name}, f"barrier {name!r}", timeout=self.config.job.timeout + 10)
 
-    def done(self, exit_code: int = 0) -> None:
-        """Tell the coordinator this process finished; the coordinator ends the job when all workers have."""
+    def done(self, failure: str | None = None) -> None:
+        """Tell the coordinator this process finished: cleanly, or with ``failure`` (a worker that failed is never
+        taken for one that finished; the coordinator fails the job naming it)."""
         self._stop_heartbeats()
+        body: dict[str, Any] = {"exit_code": 0 if failure is None else 1}
+        if failure is not None:
+            body["failure"] = failure
         try:
             # a live coordinator answers at once; one that is gone is not worth waiting for
-            self._request(Kind.DONE, {"exit_code": exit_code}, "done", timeout=min(3.0, self.config.timeout))
+            self._request(Kind.DONE, body, "done", timeout=min(3.0, self.config.job.timeout))
         except RendezvousError:
             pass  # the coordinator may already be gone at the end of a job; nothing is lost
 
@@ -133,7 +140,7 @@ class RendezvousClient:
     def _heartbeat_loop(self) -> None:
         sock = transport.configure(self.context.socket(zmq.DEALER))
         transport.connect(sock, self.address)
-        interval = self.config.heartbeat_interval
+        interval = self.config.job.heartbeat_interval
         last_answer = time.monotonic()
         try:
             while not self._hb_stop.is_set():
@@ -153,10 +160,10 @@ class RendezvousClient:
                     elif msg.kind is Kind.ERROR:
                         self.failure = str(msg.body.get("reason", "the coordinator reported a failure"))
                         self.shutdown_requested.set()
-                if time.monotonic() - last_answer > self.config.heartbeat_timeout and self.failure is None:
+                if time.monotonic() - last_answer > self.config.job.heartbeat_timeout and self.failure is None:
                     self.failure = (
                         f"{self.name}: the coordinator at {self.config.coordinator} has not answered heartbeats "
-                        f"for {self.config.heartbeat_timeout:.0f}s; assuming the job is gone"
+                        f"for {self.config.job.heartbeat_timeout:.0f}s; assuming the job is gone"
                     )
                     self.shutdown_requested.set()
         finally:
@@ -166,7 +173,7 @@ class RendezvousClient:
         self._stop_heartbeats()
         self._sock.close(linger=0)
 
-    def __enter__(self) -> "RendezvousClient":
+    def __enter__(self) -> RendezvousClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -43,7 +43,7 @@ class Segment:
         self._storage = torch.frombuffer(self._map, dtype=torch.uint8)
 
     @classmethod
-    def create(cls, data_bytes: int) -> "Segment":
+    def create(cls, data_bytes: int) -> Segment:
         """A new segment with room for ``data_bytes`` after the token header."""
         if not os.path.isdir(SHM_DIR):
             raise ShmUnavailable(f"{SHM_DIR} does not exist on this host")
@@ -60,7 +60,7 @@ class Segment:
         return segment
 
     @classmethod
-    def attach(cls, path: object, size: object, token_hex: object) -> "Segment":
+    def attach(cls, path: object, size: object, token_hex: object) -> Segment:
         """Map a segment a worker described; raise :class:`ShmUnavailable` unless it is exactly that file."""
         if not isinstance(path, str) or not _NAME.match(path):
             raise ShmUnavailable(f"{path!r} is not a zps shared-memory segment name")

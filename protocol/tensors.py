@@ -9,7 +9,7 @@ import torch
 
 from .codecs import Codec, Encoded, make_codec, parse_codec_spec
 from .codecs.quantize import NoneCodec
-from .messages import ErrorCode, ProtocolError
+from .messages import ErrorCode, KeyEntry, Message, ProtocolError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -70,13 +70,13 @@ def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.
     return torch.from_numpy(np.frombuffer(view, dtype=_NUMPY[dtype]))
 
 
-def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], list[memoryview]]:
+def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[KeyEntry, list[memoryview]]:
     """Encode ``tensor`` with ``codec``; return the header fields for its key entry and its frames."""
     if type(codec) is NoneCodec:  # the common case, on every small key: the tensor's own bytes, nothing built around them
         return {"codec": "none", "meta": {}, "bufs": [[dtype_name(tensor.dtype), tensor.numel()]], "nf": 1}, [as_buffer(tensor)]
     encoded = codec.encode(tensor)
     frames = [as_buffer(b) for b in encoded.buffers]
-    entry = {
+    entry: KeyEntry = {
         "codec": codec.spec(),
         "meta": encoded.meta,
         "bufs": [[dtype_name(b.dtype), b.numel()] for b in encoded.buffers],
@@ -85,8 +85,10 @@ def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[dict[str, Any], li
     return entry, frames
 
 
-# Keys up to this size travel in their message's fused frame rather than a frame each (when not compressed).
+# Keys up to this size travel in their message's fused frame rather than a frame each (when not compressed), once a
+# message has at least MIN_FUSED_KEYS of them (a lone small key keeps a frame of its own: nothing to save).
 FUSE_MAX_BYTES = 64 * 1024
+MIN_FUSED_KEYS = 2
 
 
 def fusable(numel: int) -> bool:
@@ -94,14 +96,29 @@ def fusable(numel: int) -> bool:
     return numel * 4 <= FUSE_MAX_BYTES
 
 
-def fused_frame(tensors: list[torch.Tensor]) -> memoryview:
-    """One new frame holding ``tensors`` (float32, any devices) back to back; offsets are the running sums of their
-    sizes. Always a copy, so the frame is a snapshot even if the tensors change while it is sent."""
-    try:
-        joined = torch.cat(tensors)
-    except RuntimeError:  # on several devices: through the host
-        joined = torch.cat([t.to("cpu") for t in tensors])
-    return as_buffer(joined)
+class FusedWriter:
+    """The fused frame of one message: :meth:`add` gives each small key its element offset (``fz``), and
+    :meth:`attach` puts the frame last in the message. The frame is always a new copy (``torch.cat``), so it is a
+    snapshot even if the tensors change while it is sent."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.numel = 0
+
+    def add(self, entry: KeyEntry, tensor: torch.Tensor) -> None:
+        entry["nf"], entry["fz"] = 0, self.numel
+        self.numel += tensor.numel()
+        self.tensors.append(tensor)
+
+    def attach(self, msg: Message) -> None:
+        if not self.tensors:
+            return
+        try:
+            joined = torch.cat(self.tensors)
+        except RuntimeError:  # on several devices: through the host
+            joined = torch.cat([t.to("cpu") for t in self.tensors])
+        msg.fused = self.numel
+        msg.frames.append(as_buffer(joined))
 
 
 class FusedReader:
@@ -111,7 +128,7 @@ class FusedReader:
         self.numel = numel
         self.values = from_buffer(frames[-1], torch.float32, numel, f"{what}: fused frame") if numel else None
 
-    def get(self, entry: dict[str, Any], numel: int, what: str) -> torch.Tensor:
+    def get(self, entry: KeyEntry, numel: int, what: str) -> torch.Tensor:
         """The ``numel`` elements of ``entry``'s key; ``what`` names the request in an error."""
         offset = entry["fz"]
         if self.values is None or offset + numel > self.numel:
@@ -122,7 +139,7 @@ class FusedReader:
         return self.values[offset : offset + numel]
 
 
-def entry_encoded(entry: dict[str, Any], frames: list[Any], what: str) -> Encoded:
+def entry_encoded(entry: KeyEntry, frames: list[Any], what: str) -> Encoded:
     """Rebuild the :class:`Encoded` of one key entry from its header fields and frames, validating sizes."""
     bufs = entry.get("bufs", [])
     meta = entry.get("meta", {})
@@ -163,7 +180,7 @@ class Decoders:
         self._cache[spec] = codec
         return codec
 
-    def decode(self, entry: dict[str, Any], frames: list[Any], numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    def decode(self, entry: KeyEntry, frames: list[Any], numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
         """One key entry as a flat CPU tensor of ``numel`` elements of ``dtype``.
 
         An uncompressed entry must carry exactly ``[dtype, numel]`` and comes back as a zero-copy view of its frame;

@@ -1,5 +1,4 @@
 """zps parameter server: the shard store, consistency modes (BSP/ASP/SSP), torch.optim on the server."""
-from .consistency import MODES
-from .server import Server, main
+from .server import Server, serve
 
-__all__ = ["MODES", "Server", "main"]
+__all__ = ["Server", "serve"]

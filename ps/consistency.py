@@ -10,7 +10,7 @@ Every mode applies a retried push once: pushes carry (worker, step, key).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -18,7 +18,6 @@ from zps.protocol.config import MODES
 from zps.protocol.messages import ErrorCode, ProtocolError
 
 from .store import KeyState, Update
-
 
 
 class Consistency:

@@ -60,7 +60,7 @@ def clean_hparams(cls: type[torch.optim.Optimizer], hparams: Any) -> dict[str, A
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _derived_defaults(cls: type[torch.optim.Optimizer], accepted: frozenset[str]) -> dict[str, Any]:
     """Group entries a class fills in without taking them as arguments, with the values it uses."""
     probe = cls([torch.zeros(1, requires_grad=True)])

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from .cluster import kill_tagged
+from .helpers import kill_tagged
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import zmq
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, parse_frames
 from zps.protocol.tensors import as_buffer
 
-from .cluster import local_cluster
+from .helpers import local_cluster
 
 NUMEL = 16
 
@@ -32,7 +32,7 @@ def served():
 
 
 def key_of(client, name: str) -> int:
-    return client._chunks(name)[0].key
+    return client.chunks(name)[0].key
 
 
 def ask(raw: zmq.Socket, frames: list) -> Message:

@@ -20,8 +20,9 @@ from zps.protocol.codecs import (
     make_codec,
     parse_codec_spec,
     register_codec,
+    registry,
+    sparse,
 )
-from zps.protocol.codecs import registry, sparse
 from zps.protocol.codecs.base import saturate_to
 from zps.protocol.codecs.lowrank import matrix_shape
 from zps.protocol.codecs.sparse import hashed_indices, topk_indices

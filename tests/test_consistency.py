@@ -1,6 +1,7 @@
 """SSP bounds staleness (asserted from what the servers record); BSP waits name who is missing; cluster size errors."""
 from __future__ import annotations
 
+import threading
 import time
 import types
 
@@ -12,7 +13,7 @@ from zps.protocol.messages import ErrorCode, ProtocolError
 from zps.protocol.rendezvous import RendezvousError
 from zps.worker.client import Client
 
-from .cluster import close_all, local_cluster, run_parallel
+from .helpers import close_all, local_cluster, run_parallel
 
 
 def run_steps(client: Client, steps: int, delay: float, tensors: dict[str, torch.Tensor]) -> None:
@@ -171,10 +172,75 @@ def test_a_failing_transport_fails_the_callers_instead_of_leaving_them_waiting(m
                 raise OSError("simulated socket failure")
 
             # only the client's view of the transport breaks; the server in this process keeps working
-            monkeypatch.setattr("zps.worker.client.transport", types.SimpleNamespace(**{**vars(transport), "send": broken}))
+            monkeypatch.setattr("zps.worker._engine.transport", types.SimpleNamespace(**{**vars(transport), "send": broken}))
             with pytest.raises(RuntimeError, match="transport failed.*simulated socket failure"):
                 client.pull({"w": torch.zeros(4)}, 0).result(timeout=10)
             with pytest.raises(RuntimeError, match="transport failed.*no new requests"):
                 client.pull({"w": torch.zeros(4)}, 0)
         finally:
-            client.close(leave=False)
+            client.close(failure="closed by the test")
+
+
+def test_a_worker_that_fails_is_never_taken_for_one_that_left() -> None:
+    """Worker 1 ends with an error (close with a failure: what an exception or a non-zero exit in the script leads
+    to). BSP must not go on averaging worker 0 alone: worker 0's next step fails naming worker 1 and why."""
+    with local_cluster(1, 2, "bsp") as cluster:
+        clients = cluster.clients()
+        try:
+            models = [{"w": torch.zeros(4)} for _ in clients]
+            clients[0].declare(models[0], ("SGD", [{"lr": 1.0}]))
+            clients[1].declare(models[1])
+            run_parallel([lambda c=c: c.push_pull({"w": torch.ones(4)}, models[c.rank], 0).result(timeout=30)
+                          for c in clients])
+            clients[1].close(failure="RuntimeError: CUDA out of memory")
+            with pytest.raises(ProtocolError) as info:
+                clients[0].push_pull({"w": torch.ones(4)}, models[0], 1).result(timeout=30)
+            assert info.value.code is ErrorCode.DEAD
+            assert "worker:1" in str(info.value) and "CUDA out of memory" in str(info.value)
+            assert cluster.servers[0].keys[0].version == 1  # step 1 was never applied with worker 0 alone
+            assert cluster.coordinator.error and "worker:1" in cluster.coordinator.error
+        finally:
+            close_all(clients)
+
+
+def test_declare_on_another_rank_returns_only_once_rank_0_set_the_values() -> None:
+    """Rank 1 declares first (the README's low-level example races so): its declare waits for rank 0's values
+    instead of returning at once, so its first push finds the keys initialised."""
+    with local_cluster(2, 2, "bsp") as cluster:
+        clients = cluster.clients()
+        try:
+            outcome: dict[str, object] = {}
+
+            def rank1() -> None:
+                try:
+                    clients[1].declare({"w": torch.zeros(8)})
+                    outcome["declared"] = True
+                    clients[1].push({"w": torch.ones(8)}, 0).result(timeout=30)
+                    outcome["pushed"] = True
+                except Exception as exc:
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=rank1)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not any(len(s.pending) for s in cluster.servers) and thread.is_alive():
+                assert time.monotonic() < deadline, "rank 1's declare never reached the servers"
+                time.sleep(0.01)  # polling another thread's progress, bounded by the deadline
+            assert not outcome, outcome  # rank 1 waits: its INIT is pending on the server of "w"
+            clients[0].declare({"w": torch.zeros(8)}, ("SGD", [{"lr": 1.0}]))
+            thread.join(30)
+            assert outcome == {"declared": True, "pushed": True}, outcome
+        finally:
+            close_all(clients)
+
+
+def test_declare_without_rank_0_fails_after_the_timeout_naming_it() -> None:
+    with local_cluster(1, 2, "bsp", timeout=1.5) as cluster:
+        clients = cluster.clients()
+        try:
+            with pytest.raises(ProtocolError) as info:
+                clients[1].declare({"w": torch.zeros(8)})
+            assert info.value.code is ErrorCode.TIMEOUT
+            assert "worker 0 has not sent the initial values" in str(info.value), info.value
+        finally:
+            close_all(clients)

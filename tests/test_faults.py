@@ -8,27 +8,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .cluster import finish, role_pid, wait_for_line, wait_for_no_tagged
-from .sshd import free_port
-from .test_launcher_node import Procs
-
-ROOT = Path(__file__).resolve().parents[1]
-FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
+from .helpers import FOREVER, Procs, finish, free_port, role_pid, start, wait_for_line, wait_for_no_tagged
 
 
 @pytest.mark.parametrize("victim", ["server", "worker"])
 @pytest.mark.parametrize("servers, workers", [(1, 2), (2, 3)])
 def test_zps_run_ends_when_any_role_is_killed(tag: str, victim: str, servers: int, workers: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zps.launcher.cli", "run", "--servers", str(servers), "--workers", str(workers), FOREVER],
-        cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = start(tag, ["run", "--servers", str(servers), "--workers", str(workers), FOREVER])
     wait_for_line(proc, "TRAINING", timeout=90)
     rank = (servers if victim == "server" else workers) - 1
     os.kill(role_pid(tag, victim, rank), signal.SIGKILL)
@@ -56,7 +48,7 @@ def test_without_a_launcher_heartbeats_end_the_job_naming_the_dead(tag: str, tmp
         assert procs.procs["worker0"].poll() is None, procs.logs()
         time.sleep(0.1)
     dead = f"{victim}{1}"
-    os.kill(role_pid(tag, victim, 1, exclude=(b"zps.launcher.ssh",)), signal.SIGKILL)
+    os.kill(role_pid(tag, victim, 1, exclude=(b"zps.launcher.remote",)), signal.SIGKILL)
     started = time.monotonic()
     codes = procs.wait(timeout=45)
     assert time.monotonic() - started < 30
@@ -65,4 +57,32 @@ def test_without_a_launcher_heartbeats_end_the_job_naming_the_dead(tag: str, tmp
     assert all(code != 0 for code in survivors.values()), f"{codes}\n{procs.logs()}"
     for name in survivors:
         assert f"{victim}:1" in procs.log(name), f"{name} does not name the dead {victim}:\n{procs.log(name)}"
+    assert wait_for_no_tagged(tag, within=10) == []
+
+
+@pytest.mark.parametrize("how, runner", [("raise", "zps node"), ("exit", "zps node"), ("raise", "python")])
+def test_a_failing_worker_fails_the_job_instead_of_leaving_it(tag: str, tmp_path: Path, how: str, runner: str) -> None:
+    """Scheduler mode, BSP: worker 1's script raises (or exits 3) mid-run, run by `zps node` or by plain `python`
+    (its exit handler reports it). The job must fail naming worker 1, never go on averaging worker 0 alone."""
+    procs = Procs(tag, tmp_path)
+    common = {"ZPS_COORDINATOR": f"127.0.0.1:{free_port()}", "ZPS_NUM_SERVERS": "1", "ZPS_NUM_WORKERS": "2",
+              "ZPS_TIMEOUT": "60", "ZPS_HEARTBEAT_TIMEOUT": "30"}  # no heartbeat may be what ends it
+    crash = [FOREVER, "--crash-rank", "1", "--crash-after", "4", "--crash-how", how]
+    procs.start("coordinator", {**common, "ZPS_ROLE": "coordinator"}, ["node"])
+    procs.start("server", {**common, "ZPS_ROLE": "server", "ZPS_RANK": "0"}, ["node"])
+    procs.start("worker0", {**common, "ZPS_ROLE": "worker", "ZPS_RANK": "0"}, ["node", *crash])
+    worker1 = {**common, "ZPS_ROLE": "worker", "ZPS_RANK": "1"}
+    if runner == "python":
+        procs.start("worker1", worker1, crash, command=[sys.executable, "-u"])
+    else:
+        procs.start("worker1", worker1, ["node", *crash])
+    started = time.monotonic()
+    codes = procs.wait(timeout=90)
+    assert time.monotonic() - started < 60, procs.logs()
+    assert codes["worker1"] == (3 if how == "exit" else 1), procs.logs()
+    assert codes["worker0"] != 0 and codes["coordinator"] != 0 and codes["server"] != 0, f"{codes}\n{procs.logs()}"
+    why = "RuntimeError: a bug in the training script" if how == "raise" else "exited with code 3"
+    for name in ("coordinator", "worker0"):
+        assert "worker:1" in procs.log(name) and "failed" in procs.log(name), procs.log(name)
+    assert why in procs.log("coordinator"), procs.log("coordinator")
     assert wait_for_no_tagged(tag, within=10) == []

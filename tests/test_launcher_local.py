@@ -2,25 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .cluster import finish, tagged_pids, wait_for_line, wait_for_no_tagged
-
-ROOT = Path(__file__).resolve().parents[1]
-ZPS = [sys.executable, "-m", "zps.launcher.cli"]
-FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
-
-
-def start(tag: str, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "ZPS_TEST_TAG": tag}
-    return subprocess.Popen(ZPS + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+from .helpers import FOREVER, ROOT, finish, start, tagged_pids, wait_for_line, wait_for_no_tagged
 
 
 @pytest.mark.parametrize("mode", ["bsp", "asp", "ssp"])
@@ -75,3 +63,42 @@ def test_missing_script_is_a_clear_error(tag: str) -> None:
     code, text = finish(start(tag, ["run", "nosuchscript.py"]), timeout=30)
     assert code == 2
     assert "nosuchscript.py" in text and "not found" in text
+
+
+def test_files_named_like_zps_packages_beside_the_script_do_not_shadow_them(tag: str, tmp_path: Path) -> None:
+    """A user's ps.py, protocol.py, worker.py and launcher.py beside the script (and in the directory the job
+    starts from): zps imports only zps.*, so the job still trains."""
+    for name in ("ps", "protocol", "worker", "launcher"):
+        (tmp_path / f"{name}.py").write_text(f"raise SystemExit('the user\\'s {name}.py was imported')\n")
+    script = tmp_path / "digits.py"
+    script.write_text((ROOT / "examples" / "digits.py").read_text())
+    out = tmp_path / "result.json"
+    proc = start(tag, ["run", "--servers", "1", "--workers", "2", str(script), "--epochs", "2", "--out", str(out)],
+                 cwd=tmp_path)
+    code, text = finish(proc, timeout=180)
+    assert code == 0, text
+    assert "was imported" not in text
+    assert json.loads(out.read_text())["steps"] > 10
+
+
+def test_a_job_optimizer_the_script_does_not_use_is_refused(tag: str) -> None:
+    """--optimizer reaches scripts through zps.worker.build_optimizer; a script that builds another optimizer is
+    refused, naming the setting, instead of silently training with its own."""
+    proc = start(tag, ["run", "--workers", "1", "--optimizer", "adam:lr=0.001", FOREVER])
+    code, text = finish(proc, timeout=120)
+    assert code != 0, text
+    assert "ZPS_OPTIMIZER" in text and "builds SGD" in text, text
+    assert wait_for_no_tagged(tag, within=5) == []
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--codec", "nosuch"], "unknown codec 'nosuch'"),
+    (["--pull-codec", "topk:ratio=x"], "ZPS_PULL_CODEC (--pull-codec)='topk:ratio=x'"),
+    (["--optimizer", "sgd:lr"], "is not key=value"),
+    (["--mode", "asp", "--staleness", "2"], "only applies to mode ssp"),
+])
+def test_bad_job_options_fail_before_anything_starts(tag: str, option: list[str], words: str) -> None:
+    code, text = finish(start(tag, ["run", *option, FOREVER]), timeout=60)
+    assert code == 2, text
+    assert words in text and "Traceback" not in text, text
+    assert tagged_pids(tag) == []  # (the launcher itself has exited) nothing was started

@@ -7,7 +7,6 @@ carries ZPS_TEST_TAG so the fixture ends whatever is left, even when a test fail
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -20,14 +19,12 @@ import yaml
 
 from zps.launcher.node import node_env
 
-from .cluster import wait_for_no_tagged
-from .sshd import free_port
+from .helpers import ROOT, ZPS, Procs, free_port, wait_for_no_tagged
 
-ROOT = Path(__file__).resolve().parents[1]
-ZPS = [sys.executable, "-m", "zps.launcher.cli"]
 # a few training steps; each worker writes what it learned about itself to OUT_DIR/worker-<rank>.json
 STEPS = """
-import json, os, sys, torch, worker
+import json, os, sys, torch
+from zps import worker
 client = worker.init()
 model = torch.nn.Linear(4, 2)
 opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -42,39 +39,6 @@ with open(os.path.join(sys.argv[1], f"worker-{client.rank}.json"), "w") as f:
     json.dump(facts, f)
 worker.shutdown()
 """
-
-
-class Procs:
-    """Processes started with their own environments; output to files (no pipe can fill up and stall one)."""
-
-    def __init__(self, tag: str, directory: Path) -> None:
-        self.tag, self.dir = tag, directory
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, env: dict[str, str], args: list[str], command: list[str] = ZPS) -> None:
-        # a clean environment: no ZPS_*/DMLC_*/torchrun variable of the test runner leaks into the roles
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("ZPS_", "DMLC_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        with open(self.dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(
-                command + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**base, "ZPS_TEST_TAG": self.tag, "OMP_NUM_THREADS": "1", **env})
-
-    def wait(self, timeout: float) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        codes = {}
-        for name, proc in self.procs.items():
-            try:
-                codes[name] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"{name} still runs after {timeout}s\n{self.logs()}") from None
-        return codes
-
-    def log(self, name: str) -> str:
-        return (self.dir / f"{name}.log").read_text(errors="replace")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.procs)
 
 
 @pytest.fixture()
@@ -236,8 +200,11 @@ def test_zps_launch_dry_run_shows_placement_and_commands(tmp_path: Path) -> None
     assert remote[:4] == ["cd", "/srv/job", "&&", "exec"]
     assert {"A=b c", "ZPS_ROLE=worker", "ZPS_RANK=1", "ZPS_LOCAL_RANK=1", "ZPS_COORDINATOR=127.0.0.1:29999",
             "ZPS_NUM_WORKERS=3"} <= set(remote)
-    assert remote[-6:] == ["--", "/opt/venv/bin/python", "-u", "examples/digits.py", "--epochs", "1"]
-    assert "/opt/venv/bin/python -m zps.ps" in shlex.join(shlex.split(commands["server 1@127.0.0.3"][-1]))
+    assert remote[-9:] == ["--", "/opt/venv/bin/python", "-u", "-m", "zps.launcher.cli", "node", "examples/digits.py",
+                           "--epochs", "1"]
+    server = shlex.split(commands["server 1@127.0.0.3"][-1])
+    assert "ZPS_ROLE=server" in server and server[-6:] == ["--", "/opt/venv/bin/python", "-u", "-m",
+                                                           "zps.launcher.cli", "node"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,12 +5,22 @@ import dataclasses
 
 import pytest
 
-from zps.launcher.env_roles import LaunchEnvError, dmlc_to_zps, join_host_port, local_device, local_rank, torchrun_roles
-from zps.launcher.hostfile import (Host, HostfileError, Placement, coordinator_host, format_placement,
-                               parse_host_list, parse_hostfile, place, read_hostfile)
+from zps.launcher.env_roles import local_device, local_rank, torchrun_roles
+from zps.launcher.hostfile import (
+    Host,
+    HostfileError,
+    Placement,
+    coordinator_host,
+    format_placement,
+    parse_host_list,
+    parse_hostfile,
+    place,
+    read_hostfile,
+)
 from zps.launcher.k8s import k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
 from zps.launcher.slurm import NodelistError, expand_nodelist, is_coordinator_task, slurm_roles
-from zps.protocol.config import Config
+from zps.protocol.config import Config, ConfigError
+from zps.protocol.dmlc import dmlc_to_zps, join_host_port
 
 
 @pytest.fixture
@@ -230,7 +240,7 @@ def test_slurm_roles_layout():
     assert [r["ZPS_LOCAL_RANK"] for r in roles] == ["0", "1", "0", "1"]
     assert [is_coordinator_task(slurm_env(p)) for p in range(4)] == [True, False, False, False]
     config = Config.from_env({**slurm_env(3), **roles[3]})
-    assert (config.role, config.rank, config.num_workers, config.coordinator) == ("worker", 2, 3, "gpu07:29600")
+    assert (config.role, config.rank, config.job.num_workers, config.coordinator) == ("worker", 2, 3, "gpu07:29600")
 
 
 def test_slurm_roles_sources_and_overrides():
@@ -245,23 +255,23 @@ def test_slurm_roles_sources_and_overrides():
 
 
 def test_slurm_roles_errors():
-    with pytest.raises(LaunchEnvError, match=r"leave no worker after 4 servers; start at least 5 tasks"):
+    with pytest.raises(ConfigError, match=r"leave no worker after 4 servers; start at least 5 tasks"):
         slurm_roles(slurm_env(0), num_servers=4)
-    with pytest.raises(LaunchEnvError, match="SLURM_PROCID is not set"):
+    with pytest.raises(ConfigError, match="SLURM_PROCID is not set"):
         slurm_roles({"SLURM_NTASKS": "2", "SLURM_NODELIST": "a"}, num_servers=1)
-    with pytest.raises(LaunchEnvError, match="SLURM_NTASKS or SLURM_NPROCS is not set"):
+    with pytest.raises(ConfigError, match="SLURM_NTASKS or SLURM_NPROCS is not set"):
         slurm_roles({"SLURM_PROCID": "0", "SLURM_NODELIST": "a"}, num_servers=1)
-    with pytest.raises(LaunchEnvError, match="SLURM_JOB_NODELIST"):
+    with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST"):
         slurm_roles({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, num_servers=1)
-    with pytest.raises(LaunchEnvError, match="SLURM_PROCID='x' is not an integer"):
+    with pytest.raises(ConfigError, match="SLURM_PROCID='x' is not an integer"):
         slurm_roles(slurm_env(0, SLURM_PROCID="x"), num_servers=1)
-    with pytest.raises(LaunchEnvError, match="must be < SLURM_NTASKS"):
+    with pytest.raises(ConfigError, match="must be < SLURM_NTASKS"):
         slurm_roles(slurm_env(4), num_servers=1)
-    with pytest.raises(LaunchEnvError, match="task 0 runs on gpu08, not on the first node gpu07"):
+    with pytest.raises(ConfigError, match="task 0 runs on gpu08, not on the first node gpu07"):
         slurm_roles(slurm_env(0, SLURMD_NODENAME="gpu08"), num_servers=1)
     with pytest.raises(NodelistError):
         slurm_roles(slurm_env(1, SLURM_JOB_NODELIST="gpu[07-"), num_servers=1)
-    with pytest.raises(LaunchEnvError, match="num_servers=0"):
+    with pytest.raises(ConfigError, match="num_servers=0"):
         slurm_roles(slurm_env(1), num_servers=0)
 
 
@@ -276,7 +286,7 @@ def test_dmlc_to_zps():
     derived = dmlc_to_zps(worker)
     assert (derived["ZPS_ROLE"], derived["ZPS_RANK"]) == ("worker", "3")
     config = Config.from_env({**worker, **derived})
-    assert (config.role, config.rank, config.coordinator, config.num_workers) == ("worker", 3, "10.0.0.1:9000", 4)
+    assert (config.role, config.rank, config.coordinator, config.job.num_workers) == ("worker", 3, "10.0.0.1:9000", 4)
     # a server ignores DMLC_WORKER_ID (BytePS sets it on every process of a machine)
     assert "ZPS_RANK" not in dmlc_to_zps({**worker, "DMLC_ROLE": "server"})
     assert dmlc_to_zps({"DMLC_PS_ROOT_URI": "fd00::1", "DMLC_PS_ROOT_PORT": "1"}) == {
@@ -305,7 +315,7 @@ def test_dmlc_zps_wins():
     ({"DMLC_ROLE": "worker", "DMLC_WORKER_ID": "-1"}, "DMLC_WORKER_ID=-1"),
 ])
 def test_dmlc_errors(env, words):
-    with pytest.raises(LaunchEnvError) as err:
+    with pytest.raises(ConfigError) as err:
         dmlc_to_zps(env)
     assert words in str(err.value)
 
@@ -321,7 +331,7 @@ def test_torchrun_roles():
     assert torchrun_roles(TORCHRUN, port_offset=100)["ZPS_COORDINATOR"] == "node0:29600"
     assert "ZPS_NUM_SERVERS" not in torchrun_roles({**TORCHRUN, "ZPS_NUM_SERVERS": "3"}, num_servers=2)
     config = Config.from_env({**TORCHRUN, **torchrun_roles(TORCHRUN, num_servers=2)})
-    assert (config.role, config.rank, config.num_workers, config.num_servers) == ("worker", 5, 8, 2)
+    assert (config.role, config.rank, config.job.num_workers, config.job.num_servers) == ("worker", 5, 8, 2)
 
 
 @pytest.mark.parametrize("env, words", [
@@ -332,7 +342,7 @@ def test_torchrun_roles():
     ({**TORCHRUN, "LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
 ])
 def test_torchrun_errors(env, words):
-    with pytest.raises(LaunchEnvError) as err:
+    with pytest.raises(ConfigError) as err:
         torchrun_roles(env)
     assert words in str(err.value)
 
@@ -348,7 +358,7 @@ def test_local_rank_and_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert local_device({"LOCAL_RANK": "3"}) == "cuda:3"
     assert local_device({}) == "cuda:0"
-    with pytest.raises(LaunchEnvError, match="local rank 4 has no GPU: this host has 4"):
+    with pytest.raises(ConfigError, match="local rank 4 has no GPU: this host has 4"):
         local_device({"LOCAL_RANK": "4"})
 
 
@@ -414,7 +424,7 @@ def test_render_manifest_defaults_string_command_and_gpus(yaml):
     pod_env = {k: v for k, v in env_of(worker).items() if isinstance(v, str)}
     pod_env.update(ZPS_HOST="10.2.3.4", JOB_COMPLETION_INDEX="1")
     config = Config.from_env({**pod_env, **k8s_roles(pod_env)})
-    assert (config.role, config.rank, config.num_servers, config.num_workers) == ("worker", 1, 1, 2)
+    assert (config.role, config.rank, config.job.num_servers, config.job.num_workers) == ("worker", 1, 1, 2)
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -456,11 +466,11 @@ def test_rank_from_k8s():
     assert k8s_roles({"ZPS_RANK_FROM": "hostname-ordinal", "HOSTNAME": "zps-server-2"}) == {"ZPS_RANK": "2"}
     assert k8s_roles({"ZPS_RANK": "0", "JOB_COMPLETION_INDEX": "4"}) == {}
     assert k8s_roles({}) == {}
-    with pytest.raises(LaunchEnvError, match="does not end in -N"):
+    with pytest.raises(ConfigError, match="does not end in -N"):
         rank_from_k8s({"ZPS_RANK_FROM": "hostname-ordinal", "HOSTNAME": "zps-server"})
-    with pytest.raises(LaunchEnvError, match="JOB_COMPLETION_INDEX is not set"):
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX is not set"):
         rank_from_k8s({"ZPS_RANK_FROM": "job-completion-index"})
-    with pytest.raises(LaunchEnvError, match="ZPS_RANK_FROM='pod-label'"):
+    with pytest.raises(ConfigError, match="ZPS_RANK_FROM='pod-label'"):
         rank_from_k8s({"ZPS_RANK_FROM": "pod-label"})
-    with pytest.raises(LaunchEnvError, match="JOB_COMPLETION_INDEX='x'"):
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX='x'"):
         rank_from_k8s({"JOB_COMPLETION_INDEX": "x"})

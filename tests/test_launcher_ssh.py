@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,17 +21,15 @@ import pytest
 import zps
 from zps.launcher.preflight import Problem, compare, format_problems
 
-from .cluster import finish, role_pid, tagged_pids, wait_for_line, wait_for_no_tagged
-from .sshd import Sshd, descendants, ensure_openssh
+from .helpers import ROOT, ZPS, finish, role_pid, tagged_pids, wait_for_line, wait_for_no_tagged
+from .sshd import Sshd, descendants, openssh_missing
 
-ROOT = Path(__file__).resolve().parents[1]
-ZPS = [sys.executable, "-m", "zps.launcher.cli"]
 FOREVER = "tests/scripts/train_forever.py"
 
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    reason = ensure_openssh()
+    reason = openssh_missing()
     if reason:
         pytest.skip(reason)
     with Sshd(tmp_path_factory.mktemp("sshd")) as daemon:  # stopped at teardown, also when a test failed

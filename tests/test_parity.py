@@ -9,7 +9,7 @@ from torch import nn
 
 from zps.worker import DistributedOptimizer
 
-from .cluster import close_all, local_cluster, run_parallel
+from .helpers import close_all, local_cluster, run_parallel
 
 STEPS = 20
 BATCH = 8  # per worker
@@ -63,7 +63,8 @@ def reference(optimizer: str, data, schedule: bool = False) -> nn.Module:
     return model
 
 
-def train_worker(client, rank: int, num_workers: int, optimizer: str, data, schedule: bool = False, overlap: bool = True) -> nn.Module:
+def train_worker(client, rank: int, num_workers: int, optimizer: str, data, schedule: bool = False, overlap: bool = True,
+                 schedule_on: str = "distributed") -> nn.Module:
     model = make_model()
     if rank > 0:  # prove that non-zero ranks start from what they pull, not from their own initial values
         with torch.no_grad():
@@ -71,7 +72,9 @@ def train_worker(client, rank: int, num_workers: int, optimizer: str, data, sche
                 p.add_(1.0)
     local = OPTIMIZERS[optimizer](model.parameters())
     opt = DistributedOptimizer(local, model, client=client, overlap=overlap, bucket_bytes=256)
-    sched = torch.optim.lr_scheduler.StepLR(local, step_size=5, gamma=0.5) if schedule else None
+    # a scheduler on the DistributedOptimizer itself (it is a torch.optim.Optimizer), or on the wrapped one
+    sched = torch.optim.lr_scheduler.StepLR(opt if schedule_on == "distributed" else local, step_size=5, gamma=0.5) \
+        if schedule else None
     for x, y in data:
         xs, ys = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
         opt.zero_grad()
@@ -125,14 +128,16 @@ def test_bsp_over_frames_matches_single_process(chunk_bytes: int) -> None:
     assert sum(s["shm_bytes_in"] for s in stats) == 0 and sum(s["bytes_in"] for s in stats) > 0
 
 
-def test_lr_scheduler_on_the_worker_reaches_the_servers() -> None:
+@pytest.mark.parametrize("schedule_on", ["distributed", "wrapped"])
+def test_lr_scheduler_on_the_worker_reaches_the_servers(schedule_on: str) -> None:
     data = batches(2)
     expected = reference("sgd_momentum", data, schedule=True)
     unscheduled = reference("sgd_momentum", data)
     with local_cluster(2, 2, "bsp") as cluster:
         clients = cluster.clients(chunk_bytes=256)
         try:
-            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, "sgd_momentum", data, schedule=True) for r in range(2)])
+            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, "sgd_momentum", data, schedule=True,
+                                                            schedule_on=schedule_on) for r in range(2)])
         finally:
             close_all(clients)
     assert_same(expected, models[0])

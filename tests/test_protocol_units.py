@@ -102,15 +102,15 @@ BASE = {"ZPS_ROLE": "worker", "ZPS_COORDINATOR": "127.0.0.1:5000", "ZPS_NUM_SERV
 
 def test_config_from_env_and_back() -> None:
     config = Config.from_env({**BASE, "ZPS_RANK": "1", "ZPS_CODEC": "topk:ratio=0.01", "ZPS_ERROR_FEEDBACK": "yes"})
-    assert (config.role, config.rank, config.num_servers, config.num_workers) == ("worker", 1, 2, 3)
-    assert config.codec == "topk:ratio=0.01" and config.error_feedback
+    assert (config.role, config.rank, config.job.num_servers, config.job.num_workers) == ("worker", 1, 2, 3)
+    assert config.job.codec == "topk:ratio=0.01" and config.job.error_feedback
     assert Config.from_env(config.to_env()) == config
 
 
 def test_dmlc_aliases() -> None:
     env = {"DMLC_ROLE": "server", "ZPS_COORDINATOR": "h:1", "DMLC_NUM_SERVER": "4", "DMLC_NUM_WORKER": "8"}
     config = Config.from_env(env)
-    assert (config.role, config.num_servers, config.num_workers) == ("server", 4, 8)
+    assert (config.role, config.job.num_servers, config.job.num_workers) == ("server", 4, 8)
 
 
 @pytest.mark.parametrize(

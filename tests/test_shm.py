@@ -8,7 +8,7 @@ import torch
 
 from zps.protocol.shm import Segment, ShmUnavailable
 
-from .cluster import local_cluster
+from .helpers import local_cluster
 
 
 def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
@@ -25,7 +25,7 @@ def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
     if refuse_attach:
         def refuse(*args, **kwargs):
             raise ShmUnavailable("pretend the server is on another host")
-        monkeypatch.setattr("zps.ps.server.Segment.attach", refuse)
+        monkeypatch.setattr("zps.ps._shm.Segment.attach", refuse)
     with local_cluster(2, 1, "asp") as cluster:
         (client,) = cluster.clients(shm=shm, chunk_bytes=4096)
         try:
@@ -37,7 +37,7 @@ def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
                 grads = {"w": torch.full((5000,), float(step + 1)), "b": torch.ones(3)}
                 client.push_pull(grads, held, step).result()
             stats = client.stats()
-            segments = len(client._segments)
+            segments = sum(client._areas.has(s) for s in range(len(cluster.servers)))
         finally:
             client.close()
     # lr 0.5 x (1 + 2 + 3)

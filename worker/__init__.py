@@ -2,12 +2,16 @@
 
     from zps import worker
     worker.init()
-    opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    opt = worker.DistributedOptimizer(worker.build_optimizer(model.parameters()), model)
     sampler = worker.shard_sampler(dataset)
+    ...
+    opt.synchronize()       # every worker now holds the servers' model
+    worker.shutdown()
 """
 from .client import Client
 from .data import shard_sampler
-from .optimizer import DistributedOptimizer
-from .session import barrier, default_client, init, num_workers, rank, shutdown
+from .optimizer import DistributedOptimizer, build_optimizer
+from .session import abort, barrier, default_client, init, num_workers, rank, shutdown
 
-__all__ = ["Client", "barrier", "DistributedOptimizer", "default_client", "init", "num_workers", "rank", "shard_sampler", "shutdown"]
+__all__ = ["Client", "DistributedOptimizer", "abort", "barrier", "build_optimizer", "default_client", "init",
+           "num_workers", "rank", "shard_sampler", "shutdown"]

@@ -1,33 +1,60 @@
 """The high-level wrapper: the user's own torch.optim optimizer, stepped on the parameter servers.
 
-    opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    opt = zps.worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
     loss.backward(); opt.step(); opt.zero_grad()
 
-The wrapped optimizer is never stepped locally: its class and per-group hyper-parameters configure the
-servers' torch.optim over the shards, and each group's learning rate is sent with every step, so a torch LR
-scheduler attached to the *wrapped* optimizer drives the servers. Rank 0's parameter values initialise the
-servers; every worker (rank 0 too) then starts from what it pulls, so all begin identical.
+The result is a :class:`torch.optim.Optimizer` -- an instance of a subclass of the wrapped optimizer's own class
+(``DistributedSGD`` here; Horovod's wrapper does the same) sharing its param groups -- so torch's LR schedulers,
+``isinstance`` checks and ``state_dict()`` work on it. It is never stepped locally: its class and per-group
+hyper-parameters configure the servers' torch.optim over the shards, and each group's learning rate is sent with
+every step, so a scheduler attached to it (or to the wrapped optimizer) drives the servers. Rank 0's parameter
+values initialise the servers; every worker (rank 0 too) then starts from what it pulls, so all begin identical.
 
-With ``overlap=True`` (the default for models on a GPU) each gradient is pushed during backward, as soon as it is accumulated
-(post-accumulate-grad hooks, gathered into buckets of ``bucket_bytes``), and :meth:`step` only pushes what is
-left and pulls the new values, front layers first. A gradient changed after it was pushed (e.g. clipped between
-backward and step) is detected and refused rather than silently ignored: use ``overlap=False`` for that.
+With ``overlap=True`` (the default for models on a GPU) each gradient is pushed during backward, as soon as it is
+accumulated (post-accumulate-grad hooks, gathered into buckets of ``bucket_bytes``), and :meth:`step` only pushes
+what is left and pulls the new values, front layers first. A gradient changed after it was pushed (e.g. clipped
+between backward and step) is detected and refused rather than silently ignored: use ``overlap=False`` for that.
+
+In ASP and SSP each worker's copy trails the servers' model; :meth:`DistributedOptimizer.synchronize` waits for
+every worker and pulls the servers' values, so what a script saves or evaluates at the end is the servers' model.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-from zps.protocol.optim_spec import describe_optimizer
+from zps.protocol.codecs import ErrorFeedback
+from zps.protocol.optim_spec import build_from_spec, describe_optimizer
 
 from .client import Client
 from .session import default_client
 
 
-class DistributedOptimizer:
-    """Wraps ``optimizer``; :meth:`step` pushes every gradient and pulls the updated parameters in place."""
+@functools.cache
+def _subclass(cls: type[torch.optim.Optimizer]) -> type[DistributedOptimizer]:
+    """``Distributed<Cls>``: DistributedOptimizer's methods first, then the wrapped optimizer's class."""
+    return type(f"Distributed{cls.__name__}", (DistributedOptimizer, cls), {"__module__": __name__})
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wraps ``optimizer``; :meth:`step` pushes every gradient and pulls the updated parameters in place.
+
+    ``model`` (or ``named_parameters``) names the parameters; ``client`` defaults to the process's
+    (:func:`zps.worker.init`). See the module docstring for ``overlap``.
+    """
+
+    def __new__(cls, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> DistributedOptimizer:
+        if cls is DistributedOptimizer:  # an instance of Distributed<Cls>, whose __init__ is the one below
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            if isinstance(optimizer, DistributedOptimizer):
+                raise TypeError("this optimizer is already a DistributedOptimizer")
+            cls = _subclass(type(optimizer))
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -41,15 +68,17 @@ class DistributedOptimizer:
     ) -> None:
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
-        self.optimizer = optimizer
+        # the same param group dicts as ``optimizer``: a scheduler on either drives both
+        torch.optim.Optimizer.__init__(self, optimizer.param_groups, optimizer.defaults)
+        self.inner = optimizer
         self.client = client or default_client()
         self.backward_passes_per_step = backward_passes_per_step
         self.bucket_bytes = bucket_bytes
-        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
         if named_parameters is None and model is not None:
             named_parameters = model.named_parameters()
         if named_parameters is None:
-            named_parameters = ((f"param.{i}", p) for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]))
+            named_parameters = ((f"param.{i}", p) for i, p in enumerate(p for g in self.param_groups for p in g["params"]))
         self.params: dict[str, torch.Tensor] = {}
         groups: dict[str, int] = {}
         for name, param in named_parameters:
@@ -67,6 +96,7 @@ class DistributedOptimizer:
         self.client.declare(self.params, describe_optimizer(optimizer), groups)
         self.client.pull(self.params, step=0).result()
         self.steps = 0
+        self._synchronized = 0
         # overlap bookkeeping, reset every step
         self._name_of = {id(p): n for n, p in self.params.items()}
         self._passes: dict[str, int] = {}
@@ -74,24 +104,18 @@ class DistributedOptimizer:
         self._bucket: dict[str, torch.Tensor] = {}
         self._bucket_size = 0
         self._futures: list[Future] = []
-        self._hooks = []
+        self._hooks: list[Any] = []
         if overlap:
             for param in self.params.values():
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
     def _lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+        return [float(g["lr"]) for g in self.param_groups]
 
     def _grads(self, skip: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """Each parameter's gradient (zeros where it has none), except the names in ``skip``."""
-        return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items() if not skip or n not in skip}
+        return {n: p.grad if p.grad is not None else torch.zeros_like(p)
+                for n, p in self.params.items() if not skip or n not in skip}
 
     # -- overlap ---------------------------------------------------------------------------------------
     def _on_grad_ready(self, param: torch.Tensor) -> None:
@@ -122,7 +146,7 @@ class DistributedOptimizer:
                 )
 
     # -- step ------------------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Push this step's gradients (zeros for parameters without one), pull the new values into the model."""
         loss = None
         if closure is not None:
@@ -141,12 +165,59 @@ class DistributedOptimizer:
                 self.client.push_pull(self._grads(), self.params, self.steps, lr=self._lrs()).result()
             self._futures, self._pushed, self._passes, self._bucket, self._bucket_size = [], {}, {}, {}, 0
         self.steps += 1
-        # The wrapped optimizer's step() never runs; tell torch's LR schedulers that a step happened.
-        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        # The wrapped optimizer's step() never runs; tell torch's LR schedulers attached to it that a step happened.
+        self.inner._opt_called = True  # type: ignore[attr-defined]
         return loss
+
+    def synchronize(self) -> None:
+        """Wait until every live worker got here, then pull the servers' current values into the model.
+
+        Afterwards every worker holds exactly the servers' model, in every mode (in ASP and SSP a worker's own copy
+        trails it until then). Every worker must call it the same number of times (it is a barrier).
+        """
+        for future in self._futures:
+            future.result()
+        self._synchronized += 1
+        self.client.barrier(f"zps-synchronize-{self._synchronized}")
+        self.client.pull(self.params, step=0).result()
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict (param groups: learning rates and the rest), plus what this worker holds
+        under ``"zps"``: its step count and the error-feedback residual of every compressed key."""
+        state = super().state_dict()
+        residuals = {key: codec.residual.clone() for key, codec in self.client.codecs().items()
+                     if isinstance(codec, ErrorFeedback) and codec.residual is not None}
+        state["zps"] = {"steps": self.steps, "synchronized": self._synchronized, "residuals": residuals}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The inverse of :meth:`state_dict` (the servers' own state is theirs to restore)."""
+        state_dict = dict(state_dict)
+        mine = state_dict.pop("zps", None)
+        super().load_state_dict(state_dict)
+        self.inner.param_groups = self.param_groups  # shared again: a scheduler on either still drives both
+        if mine is not None:
+            self.steps = int(mine["steps"])
+            self._synchronized = int(mine.get("synchronized", 0))
+            for key, residual in mine.get("residuals", {}).items():
+                try:
+                    codec = self.client.push_codec(int(key))
+                except KeyError:
+                    raise ValueError(f"state_dict has a residual for key {key}, which this model does not have") from None
+                if not isinstance(codec, ErrorFeedback):
+                    raise ValueError(f"state_dict has an error-feedback residual for key {key}, but this job does "
+                                     "not use error feedback")
+                codec.residual = residual.clone()
 
     def close(self) -> None:
         """Remove the gradient hooks (the servers keep the model)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def build_optimizer(params: Any, default: str = "sgd:lr=0.01") -> torch.optim.Optimizer:
+    """The torch optimizer the job asks for (``zps run --optimizer SPEC``, ``ZPS_OPTIMIZER``) over ``params``;
+    ``default`` (a spec) when the job sets none. Wrap it in :class:`DistributedOptimizer` as any other."""
+    return build_from_spec(default_client().config.job.optimizer or default, params)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .base import Codec
 from .feedback import ErrorFeedback
@@ -148,3 +149,9 @@ def make_codec(spec: str, *, error_feedback: bool = False, allow_import: bool = 
     cls, params, spec_name = _resolve(spec, allow_import)
     codec = _build(cls, params, spec_name, spec)
     return ErrorFeedback(codec) if error_feedback else codec
+
+
+def canonical_spec(spec: str, *, allow_import: bool = True) -> str:
+    """The one spelling of ``spec``: its name and every parameter, defaults included (``int8`` ->
+    ``int8:chunk=4096``). Specs are compared only in this form, wherever they come from."""
+    return make_codec(spec, allow_import=allow_import).spec()

@@ -1,4 +1,5 @@
-"""A worker that trains until it is killed (or, with --crash-rank R --crash-after N, rank R exits 3 after N steps)."""
+"""A worker that trains until it is killed (or, with --crash-rank R --crash-after N, rank R fails after N steps:
+``--crash-how exit`` exits with code 3, ``raise`` raises RuntimeError)."""
 import argparse
 import sys
 
@@ -9,6 +10,7 @@ from zps import worker
 parser = argparse.ArgumentParser()
 parser.add_argument("--crash-rank", type=int, default=-1)
 parser.add_argument("--crash-after", type=int, default=3)
+parser.add_argument("--crash-how", choices=["exit", "raise"], default="exit")
 args = parser.parse_args()
 
 client = worker.init()
@@ -24,4 +26,6 @@ while True:
         print("TRAINING", flush=True)
     if client.rank == args.crash_rank and step == args.crash_after:
         print("crashing on purpose", flush=True)
+        if args.crash_how == "raise":
+            raise RuntimeError("a bug in the training script")
         sys.exit(3)

@@ -1,19 +1,26 @@
-"""Test helpers: an in-process cluster (coordinator and servers in threads, real ZeroMQ on loopback), and a
-process-table check for multi-process tests."""
+"""The tests' shared helpers: an in-process cluster (coordinator and servers in threads, real ZeroMQ on loopback),
+real processes (``zps`` commands and roles started with their own environments), the process table, and reading a
+launcher's output."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import selectors
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from zps.launcher.coordinator import Coordinator
-from zps.protocol.config import Config
+from zps.launcher.remote import die_with_parent
+from zps.protocol.config import Config, JobConfig
 from zps.ps.server import Server
 from zps.worker.client import Client
 
@@ -21,29 +28,18 @@ T = TypeVar("T")
 
 
 class LocalCluster:
-    def __init__(self, coordinator: Coordinator, servers: list[Server], num_workers: int, timeout: float,
-                 heartbeat_timeout: float = 10.0) -> None:
-        self.heartbeat_timeout = heartbeat_timeout
+    def __init__(self, coordinator: Coordinator, servers: list[Server], job: JobConfig) -> None:
         self.coordinator = coordinator
         self.servers = servers
-        self.num_workers = num_workers
-        self.timeout = timeout
+        self.job = job
+        self.num_workers = job.num_workers
+        self.timeout = job.timeout
 
-    def worker_config(self, rank: int = -1, **overrides) -> Config:
-        values = dict(
-            role="worker",
-            coordinator=self.coordinator.endpoint,
-            num_servers=len(self.servers),
-            num_workers=self.num_workers,
-            rank=rank,
-            timeout=self.timeout,
-            heartbeat_timeout=self.heartbeat_timeout,
-            heartbeat_interval=0.2,
-        )
-        values.update(overrides)
-        return Config(**values)
+    def worker_config(self, rank: int = -1, **job_overrides: Any) -> Config:
+        return Config(role="worker", coordinator=self.coordinator.endpoint, rank=rank,
+                      job=dataclasses.replace(self.job, **job_overrides))
 
-    def clients(self, **kwargs) -> list[Client]:
+    def clients(self, **kwargs: Any) -> list[Client]:
         """One client per worker rank, registered concurrently (registration waits for the whole cluster)."""
         return run_parallel([lambda r=r: Client(self.worker_config(r), **kwargs) for r in range(self.num_workers)])
 
@@ -58,24 +54,23 @@ def run_parallel(calls: list[Callable[[], T]], timeout: float = 120) -> list[T]:
 @contextlib.contextmanager
 def local_cluster(
     num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0, codec: str = "",
-    heartbeat_timeout: float = 10.0,
+    heartbeat_timeout: float = 10.0, **job: Any,
 ) -> Iterator[LocalCluster]:
     """Coordinator and servers in threads of this process; ``codec`` is the job's ZPS_CODEC as servers see it."""
-    coordinator = Coordinator(num_servers, num_workers, mode=mode, staleness=staleness, timeout=timeout, heartbeat_timeout=heartbeat_timeout)
+    settings = JobConfig(num_servers=num_servers, num_workers=num_workers, mode=mode, staleness=staleness,
+                         timeout=timeout, heartbeat_timeout=heartbeat_timeout, heartbeat_interval=0.2, codec=codec,
+                         **job)
+    coordinator = Coordinator(settings)
     threads = [threading.Thread(target=coordinator.serve, daemon=True)]
     servers = []
     for rank in range(num_servers):
-        config = Config(
-            role="server", coordinator=coordinator.endpoint, num_servers=num_servers, num_workers=num_workers,
-            rank=rank, timeout=timeout, heartbeat_timeout=heartbeat_timeout, heartbeat_interval=0.2, codec=codec,
-        )
-        server = Server(config)
+        server = Server(Config(role="server", coordinator=coordinator.endpoint, rank=rank, job=settings))
         servers.append(server)
         threads.append(threading.Thread(target=server.run, daemon=True))
     for t in threads:
         t.start()
     try:
-        yield LocalCluster(coordinator, servers, num_workers, timeout, heartbeat_timeout)
+        yield LocalCluster(coordinator, servers, settings)
     finally:
         for s in servers:
             s.stop.set()
@@ -106,7 +101,7 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
-def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"zps.launcher.ssh", b"zps.launcher.cli")) -> int:
+def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"zps.launcher.remote",)) -> int:
     """The pid of a role's own process among the tagged ones (not a guard or launcher: ``exclude`` names what
     must not be in its command line)."""
     for pid in tagged_pids(tag):
@@ -183,3 +178,59 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
         out, _ = proc.communicate()
         raise AssertionError(f"the launcher did not end within {timeout}s:\n{(earlier + out).decode(errors='replace')}") from None
     return proc.returncode, (earlier + out).decode(errors="replace")
+
+
+# -- real processes ---------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+ZPS = [sys.executable, "-m", "zps.launcher.cli"]
+FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_the_tests() -> None:  # in the child, before exec: it dies if the test run is killed outright
+    die_with_parent(signal.SIGKILL)
+
+
+def start(tag: str, args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``zps ARGS...`` with its output piped (read it with :func:`wait_for_line` and :func:`finish`)."""
+    return subprocess.Popen(ZPS + args, cwd=cwd, env={**os.environ, **(env or {}), "ZPS_TEST_TAG": tag},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_the_tests)
+
+
+class Procs:
+    """Processes started with their own environments; output to files (no pipe can fill up and stall one)."""
+
+    def __init__(self, tag: str, directory: Path) -> None:
+        self.tag, self.dir = tag, directory
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, env: dict[str, str], args: list[str], command: list[str] = ZPS) -> None:
+        # a clean environment: no ZPS_*/DMLC_*/torchrun variable of the test runner leaks into the roles
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("ZPS_", "DMLC_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        with open(self.dir / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen(
+                command + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**base, "ZPS_TEST_TAG": self.tag, "OMP_NUM_THREADS": "1", **env},
+                preexec_fn=_die_with_the_tests)
+
+    def wait(self, timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{name} still runs after {timeout}s\n{self.logs()}") from None
+        return codes
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.procs)

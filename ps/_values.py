@@ -1,0 +1,99 @@
+"""A server's VALUES replies: a pull's keys as frames, a fused frame, the worker's shared pull area, or a
+compressed delta since that worker's last pull (with the server's own error feedback)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zps.protocol.codecs import Codec, make_codec
+from zps.protocol.messages import KeyEntry, Kind, Message
+from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, entry_encoded, fusable
+
+from ._shm import PULL, WorkerSegments
+from .store import KeyState
+
+
+@dataclass
+class PullRequest:
+    """A checked pull: whose, which keys, at which step, and how each key's values go back."""
+
+    identity: bytes
+    request_id: int
+    worker: int
+    states: list[KeyState]
+    step: int
+    pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so (canonical)
+    pull_shm: list[bool]  # per key: answer through the worker's shared pull area
+
+
+class Values:
+    """Builds VALUES replies. ``snapshot``: values may change while ZeroMQ still sends them (ASP/SSP), so every
+    frame is a copy; BSP never changes a value before every live worker received it, so it sends the store."""
+
+    def __init__(self, name: str, segments: WorkerSegments, counters: dict[str, int], snapshot: bool) -> None:
+        self.name = name
+        self.segments = segments
+        self.counters = counters
+        self.snapshot = snapshot
+        self._none = make_codec("none")
+        # compressed pull: what each worker holds of each key, and the encoder that sends it deltas
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, Codec]] = {}
+
+    def reply(self, p: PullRequest) -> Message:
+        keys: list[KeyEntry] = []
+        frames: list[Any] = []
+        fused = [not shared and spec is None and fusable(s.numel)
+                 for s, spec, shared in zip(p.states, p.pull_codecs, p.pull_shm, strict=True)]
+        if sum(fused) < MIN_FUSED_KEYS:
+            fused = [False] * len(fused)
+        writer = FusedWriter()  # a copy (torch.cat), so a snapshot in every mode
+        for s, spec, shared, fuse in zip(p.states, p.pull_codecs, p.pull_shm, fused, strict=True):
+            assert s.param is not None
+            entry: KeyEntry
+            if shared:
+                self.segments.view(p.worker, s, PULL, "pull of").copy_(s.param)
+                self.counters["shm_bytes_out"] += s.numel * 4
+                entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
+            elif fuse:
+                entry, bufs = {}, []
+                writer.add(entry, s.param)
+            elif spec is None:
+                entry, bufs = encode_entry(self._none, s.param.clone() if self.snapshot else s.param)
+            else:
+                entry, bufs = self._delta(p.worker, s, spec)
+            entry["key"], entry["version"] = s.key, s.version
+            keys.append(entry)
+            frames.extend(bufs)
+        msg = Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames)
+        writer.attach(msg)
+        return msg
+
+    def _delta(self, worker: int, s: KeyState, spec: str) -> tuple[KeyEntry, list[memoryview]]:
+        """Compressed pull: the first time the full values; then the change since this worker's last pull,
+        encoded with ``spec``. What the codec loses stays in (param - view) and is sent later: the server's own
+        error feedback. The view is advanced by exactly what the worker decodes, so both stay identical."""
+        assert s.param is not None
+        found = self._views.get((worker, s.key))
+        if found is None or found[1].spec() != spec:
+            view = s.param.clone()
+            self._views[(worker, s.key)] = (view, make_codec(spec, allow_import=True))  # spec checked by the caller
+            entry, bufs = encode_entry(self._none, view)
+            entry["delta"] = False
+            return entry, bufs
+        view, codec = found
+        entry, bufs = encode_entry(codec, s.param - view)
+        encoded = entry_encoded(entry, bufs, f"pull of {s.label()}")
+        view.add_(codec.decode(encoded, s.numel, torch.float32, "cpu"))
+        entry["delta"] = True
+        return entry, bufs
+
+    def view(self, worker: int, key: int) -> torch.Tensor | None:
+        """What ``worker`` holds of ``key`` as far as compressed pulls go (None before its first one)."""
+        found = self._views.get((worker, key))
+        return None if found is None else found[0]
+
+    def forget(self, worker: int) -> None:
+        for key in [k for k in self._views if k[0] == worker]:
+            del self._views[key]
