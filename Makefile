@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,11 +18,20 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/zps run --servers 2 --workers 2 --mode bsp examples/digits.py --epochs 20
 
+# every tier: unit, cluster (real sockets and processes on loopback), slow (accuracy over seeds)
 test: setup
 	$(PY) -m pytest -q
+
+# the unit tier alone: one process, no cluster (well under a minute)
+test-fast: setup
+	$(PY) -m pytest -q -m unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

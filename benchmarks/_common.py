@@ -4,6 +4,7 @@ A benchmark script measures its baselines in its own process (plus helper proces
 runs zps by re-launching itself as the worker script of ``zps run``. Worker rank 0 prints one line
 ``ZPS_BENCH_RESULT {json}``; the launcher prefixes it ``[worker 0] `` and :func:`run_zps` parses it back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,10 +77,16 @@ def load_avg() -> str:
 def code_version() -> str:
     """The checkout's commit, plus a mark when the core packages differ from it (read-only git commands)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "protocol", "ps", "worker", "launcher"],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.split()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", "--", "protocol", "ps", "worker", "launcher"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return "?"
     if not head:
@@ -165,7 +172,9 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def finish(name: str, markdown: str, data: dict[str, Any], json_path: Path | None, started: float, load_before: str) -> dict[str, Any]:
+def finish(
+    name: str, markdown: str, data: dict[str, Any], json_path: Path | None, started: float, load_before: str
+) -> dict[str, Any]:
     """Print the markdown, write the JSON (with the markdown and machine facts) and return it."""
     result = {
         "benchmark": name,
@@ -177,7 +186,9 @@ def finish(name: str, markdown: str, data: dict[str, Any], json_path: Path | Non
         **data,
     }
     print(markdown)
-    print(f"\n(load average before: {load_before}; after: {result['load_after']}; {result['seconds']:.0f} s)", flush=True)
+    print(
+        f"\n(load average before: {load_before}; after: {result['load_after']}; {result['seconds']:.0f} s)", flush=True
+    )
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))
     return result
@@ -210,13 +221,33 @@ def run_zps(
     The launcher runs in its own session; on timeout or error it gets SIGTERM (its own teardown ends the
     servers and workers), then SIGKILL of its group. Raises RuntimeError with the output's tail when no result came.
     """
-    argv = [*zps_command(), "run", "--servers", str(servers), "--workers", str(workers), "--mode", mode, *zps_args,
-            str(script), *script_args]
+    argv = [
+        *zps_command(),
+        "run",
+        "--servers",
+        str(servers),
+        "--workers",
+        str(workers),
+        "--mode",
+        mode,
+        *zps_args,
+        str(script),
+        *script_args,
+    ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     pythonpath = full_env.get("PYTHONPATH", "")
     full_env["PYTHONPATH"] = str(ROOT) + (os.pathsep + pythonpath if pythonpath else "")
-    proc = subprocess.Popen(argv, env=full_env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+    proc = subprocess.Popen(
+        argv,
+        env=full_env,
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        text=True,
+        errors="replace",
+    )
     lines: list[str] = []
     result: Any = None
     deadline = time.monotonic() + timeout
@@ -243,7 +274,7 @@ def run_zps(
                 print("    " + line, flush=True)
             marker = line.find(RESULT_TAG)
             if marker >= 0 and line.startswith("[worker 0]"):
-                result = json.loads(line[marker + len(RESULT_TAG):])
+                result = json.loads(line[marker + len(RESULT_TAG) :])
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except Exception as exc:
         _end(proc)
@@ -253,7 +284,9 @@ def run_zps(
         _end(proc)
     if result is None or code != 0:
         tail = "\n".join(lines[-30:])
-        raise RuntimeError(f"zps job {' '.join(argv[1:])} exited {code} (result: {result is not None})\n--- last output ---\n{tail}")
+        raise RuntimeError(
+            f"zps job {' '.join(argv[1:])} exited {code} (result: {result is not None})\n--- last output ---\n{tail}"
+        )
     return result
 
 
@@ -271,25 +304,9 @@ def _end(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def shm_option() -> tuple[dict[str, str] | None, dict[str, str], str]:
-    """(environment that turns zps's same-host shared-memory path on, environment that turns it off, note).
-
-    The first is None while the option does not exist; zps's default then is the ZeroMQ path.
-    """
-    try:
-        from dataclasses import fields
-
-        from zps.protocol.config import Config
-
-        found = {f.name: f.default for f in fields(Config)}
-    except Exception as exc:  # the core is being edited; report rather than fail
-        return None, {}, f"zps-shm: could not inspect protocol.config ({exc})"
-    names = [n for n in found if n.lower() == "shm" or "shared_mem" in n.lower()]
-    if not names:
-        return None, {}, "zps-shm: not available yet (protocol.config.Config has no shared-memory option)"
-    var = "ZPS_" + names[0].upper()
-    default = "on" if found[names[0]] else "off"
-    return {var: "1"}, {var: "0"}, f"zps's same-host shared-memory path: {var}=1 on, {var}=0 off (default: {default})"
+def shm_option() -> tuple[dict[str, str], dict[str, str], str]:
+    """(environment that turns zps's same-host shared-memory path on, environment that turns it off, note)."""
+    return {"ZPS_SHM": "1"}, {"ZPS_SHM": "0"}, "zps's same-host shared-memory path: ZPS_SHM=1 on (default), 0 off"
 
 
 class Helper:
@@ -299,8 +316,15 @@ class Helper:
         full_env = {**os.environ, **(env or {})}
         pythonpath = full_env.get("PYTHONPATH", "")
         full_env["PYTHONPATH"] = str(ROOT) + (os.pathsep + pythonpath if pythonpath else "")
-        self.proc = subprocess.Popen(list(argv), env=full_env, cwd=str(ROOT), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, text=True)
+        self.proc = subprocess.Popen(
+            list(argv),
+            env=full_env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
         assert self.proc.stdout is not None
         import selectors
 

@@ -7,6 +7,7 @@ tensor: ``torch.topk``, this library's sampled-threshold top-k, and a full sort.
 
     python benchmarks/codecs.py --numel 25000000 --repeats 3 [--codecs none topk:ratio=0.01] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from zps.protocol.codecs.sparse import topk_indices  # noqa: E402
 
 def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -102,29 +104,46 @@ def main(argv: list[str] | None = None) -> dict:
         r["encode_vs_copy"], r["decode_vs_copy"] = r["encode_gbps"] / copy_gbps, r["decode_gbps"] / copy_gbps
         r["size_vs_none"] = r["wire_bytes"] / none_bytes
 
-    print(f"{args.numel:,} float32 elements ({gb * 1e3:.0f} MB) on {device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}; copy_: {t_copy * 1e3:.1f} ms = {copy_gbps:.2f} GB/s\n")
+    print(
+        f"{args.numel:,} float32 elements ({gb * 1e3:.0f} MB) on {device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}; copy_: {t_copy * 1e3:.1f} ms = {copy_gbps:.2f} GB/s\n"
+    )
     print("| codec | encode GB/s | x copy | decode GB/s | x copy | wire bytes | vs none | rel. error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['codec']} | {r['encode_gbps']:.2f} | {r['encode_vs_copy']:.3f} | {r['decode_gbps']:.2f} | "
-              f"{r['decode_vs_copy']:.3f} | {r['wire_bytes']:,} | {r['size_vs_none']:.4f} | {r['rel_error']:.3f} |")
+        print(
+            f"| {r['codec']} | {r['encode_gbps']:.2f} | {r['encode_vs_copy']:.3f} | {r['decode_gbps']:.2f} | "
+            f"{r['decode_vs_copy']:.3f} | {r['wire_bytes']:,} | {r['size_vs_none']:.4f} | {r['rel_error']:.3f} |"
+        )
 
-    print("\n`none` encodes a contiguous tensor without copying it (the buffer is a view), so its encode is free; "
-          "decoders allocate their output, which `copy_` into a preallocated tensor does not.")
+    print(
+        "\n`none` encodes a contiguous tensor without copying it (the buffer is a view), so its encode is free; "
+        "decoders allocate their output, which `copy_` into a preallocated tensor does not."
+    )
 
     topk = bench_topk(x, args.topk_ratio, args.repeats)
     sort_s = topk["full_sort_s"]
     print(f"\ntop-k selection of k = {topk['k']:,} from |x| (ratio {args.topk_ratio}):\n")
     print("| method | ms | vs full sort |")
     print("|---|---:|---:|")
-    for label, key in (("full sort (torch.sort)", "full_sort_s"), ("torch.topk", "torch.topk_s"),
-                       ("sampled-threshold top-k (exact)", "sampled_topk_s"),
-                       ("topk codec encode (abs + select + gather)", "topk_encode_s")):
+    for label, key in (
+        ("full sort (torch.sort)", "full_sort_s"),
+        ("torch.topk", "torch.topk_s"),
+        ("sampled-threshold top-k (exact)", "sampled_topk_s"),
+        ("topk codec encode (abs + select + gather)", "topk_encode_s"),
+    ):
         print(f"| {label} | {topk[key] * 1e3:.1f} | {topk[key] / sort_s:.3f} |")
 
-    result = {"numel": args.numel, "device": str(device), "threads": torch.get_num_threads(),
-              "repeats": args.repeats, "copy_s": t_copy, "copy_gbps": copy_gbps, "codecs": rows, "topk": topk}
+    result = {
+        "numel": args.numel,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "copy_s": t_copy,
+        "copy_gbps": copy_gbps,
+        "codecs": rows,
+        "topk": topk,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

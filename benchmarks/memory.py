@@ -10,6 +10,7 @@ measured in the same run as the interpreter baseline, so the ratio can be read r
 
     python benchmarks/memory.py [--quick] [--params 100000000] [--steps 3] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-import _common as C  # noqa: E402
+from benchmarks import _common as C  # noqa: E402
 
 TENSOR_NUMEL = 4 * 1024 * 1024
 MIB = 1 << 20
@@ -56,6 +57,7 @@ def zps_worker(numel: int, steps: int) -> None:
     if len(pids) != 1:
         raise RuntimeError(f"expected one server process of coordinator {client.config.coordinator}, found {pids}")
     pid = pids[0]
+
     def settled() -> dict[str, int]:  # the server frees a message's buffers just after replying: let it finish
         time.sleep(0.5)
         return C.proc_status_kib(pid)
@@ -77,17 +79,26 @@ def zps_worker(numel: int, steps: int) -> None:
 
 
 def idle_rss_kib(code: str) -> dict[str, int]:
-    with C.Helper([sys.executable, "-c", code + "\nimport sys, time\nprint('ready', flush=True)\ntime.sleep(600)"]) as helper:
+    with C.Helper(
+        [sys.executable, "-c", code + "\nimport sys, time\nprint('ready', flush=True)\ntime.sleep(600)"]
+    ) as helper:
         time.sleep(0.3)
         return C.proc_status_kib(helper.pid)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = C.base_parser(__doc__)
-    parser.add_argument("--params", type=int, default=None, help="number of float32 parameters (default 100M; quick 10M)")
+    parser.add_argument(
+        "--params", type=int, default=None, help="number of float32 parameters (default 100M; quick 10M)"
+    )
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the zps job, e.g. MALLOC_MMAP_THRESHOLD_=1048576 (diagnosis)")
+    parser.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the zps job, e.g. MALLOC_MMAP_THRESHOLD_=1048576 (diagnosis)",
+    )
     parser.add_argument("--role-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     numel = args.params or (10_000_000 if args.quick else 100_000_000)
@@ -99,7 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     started, load_before = time.monotonic(), C.load_avg()
     torch_idle = idle_rss_kib("import torch")
     server_idle = idle_rss_kib("import torch, zmq, msgpack, numpy\nimport ps.server")
-    print(f"idle 'import torch': {torch_idle['VmRSS'] / 1024:.0f} MiB; idle server imports: {server_idle['VmRSS'] / 1024:.0f} MiB", flush=True)
+    print(
+        f"idle 'import torch': {torch_idle['VmRSS'] / 1024:.0f} MiB; idle server imports: "
+        f"{server_idle['VmRSS'] / 1024:.0f} MiB",
+        flush=True,
+    )
     extra_env = dict(item.split("=", 1) for item in args.env)
     shm_on, shm_off, shm_note = C.shm_option()
     paths = [("zeromq", shm_off)] + ([("shared memory", shm_on)] if shm_on is not None else [])
@@ -110,52 +125,110 @@ def main(argv: list[str] | None = None) -> dict:
     for path, path_env in paths:
         load = C.load_avg()
         print(f"measuring the server over {path} (load {load}) ...", flush=True)
-        result = C.run_zps(__file__, ["--role-worker", "--params", str(numel), "--steps", str(steps)], servers=1, workers=1,
-                           mode="bsp", env={"OMP_NUM_THREADS": "1", **path_env, **extra_env}, timeout=900)
+        result = C.run_zps(
+            __file__,
+            ["--role-worker", "--params", str(numel), "--steps", str(steps)],
+            servers=1,
+            workers=1,
+            mode="bsp",
+            env={"OMP_NUM_THREADS": "1", **path_env, **extra_env},
+            timeout=900,
+        )
         result["load"] = load
         runs[path] = result
         floor = 3 * 4 * result["numel"]
         for stage, st in result["stages"].items():
             rss, hwm = st["VmRSS"] * 1024, st["VmHWM"] * 1024
             anon = st.get("RssAnon", 0) * 1024
-            rows.append([path, stage, C.fmt(rss / MIB, 0), C.fmt(hwm / MIB, 0), C.fmt(anon / MIB, 0),
-                         C.fmt(st.get("RssShmem", 0) / 1024, 0), f"{rss / floor:.2f}x", f"{(rss - base) / floor:.2f}x",
-                         f"{hwm / floor:.2f}x", f"{(hwm - base) / floor:.2f}x", f"{anon / floor:.2f}x"])
+            rows.append(
+                [
+                    path,
+                    stage,
+                    C.fmt(rss / MIB, 0),
+                    C.fmt(hwm / MIB, 0),
+                    C.fmt(anon / MIB, 0),
+                    C.fmt(st.get("RssShmem", 0) / 1024, 0),
+                    f"{rss / floor:.2f}x",
+                    f"{(rss - base) / floor:.2f}x",
+                    f"{hwm / floor:.2f}x",
+                    f"{(hwm - base) / floor:.2f}x",
+                    f"{anon / floor:.2f}x",
+                ]
+            )
         last = list(result["stages"].values())[-1]
         raw, net = last["VmRSS"] * 1024 / floor, (last["VmRSS"] * 1024 - base) / floor
         peak_raw, peak_net = last["VmHWM"] * 1024 / floor, (last["VmHWM"] * 1024 - base) / floor
         private = last.get("RssAnon", 0) * 1024 / floor
-        result.update(steady_ratio_raw=raw, steady_ratio_net=net, peak_ratio_raw=peak_raw, peak_ratio_net=peak_net,
-                      private_ratio=private)
+        result.update(
+            steady_ratio_raw=raw,
+            steady_ratio_net=net,
+            peak_ratio_raw=peak_raw,
+            peak_ratio_net=peak_net,
+            private_ratio=private,
+        )
         verdicts.append(
             f"over {path}: steady RSS {raw:.2f}x raw, {net:.2f}x net "
             f"({'met' if raw <= TARGET else 'met net of the interpreter only' if net <= TARGET else 'MISSED'}); "
             f"peak (VmHWM) {peak_raw:.2f}x raw, {peak_net:.2f}x net "
             f"({'met' if peak_raw <= TARGET else 'met net' if peak_net <= TARGET else 'MISSED'}); "
             f"private (RssAnon, shared pages left out) {private:.2f}x ({'met' if private <= TARGET else 'MISSED'}); "
-            "step times " + ", ".join(f"{t:.2f}" for t in result["step_times"]) + f" s; load at start {load}")
+            "step times " + ", ".join(f"{t:.2f}" for t in result["step_times"]) + f" s; load at start {load}"
+        )
     numel_done = next(iter(runs.values()))["numel"]
-    md = "\n".join([
-        f"### memory: server RSS for {numel_done / 1e6:.0f}M float32 parameters with Adam (1 server, 1 worker, BSP)",
-        "",
-        f"Floor = parameters + Adam's exp_avg and exp_avg_sq = 3 x 4 B x {numel_done:,} = {floor / MIB:,.0f} MiB. "
-        f"Idle `python -c \"import torch\"`: {torch_idle['VmRSS'] / 1024:.0f} MiB RSS (the 'net' columns subtract it); "
-        f"idle process with the server's imports (torch, zmq, msgpack, numpy, ps.server): {server_idle['VmRSS'] / 1024:.0f} MiB. "
-        "RssShmem is shared-memory pages the server has touched (the worker's segment, mapped by both; VmRSS counts "
-        "them in full), RssAnon the server's private memory. With one worker, BSP applies the received gradient "
-        "directly (no accumulator).",
-        "",
-        C.md_table(["path", "server stage", "VmRSS MiB", "VmHWM MiB", "RssAnon MiB", "RssShmem MiB", "RSS / floor",
-                    "net RSS / floor", "HWM / floor", "net HWM / floor", "RssAnon / floor"], rows, align="ll" + "r" * 9),
-        "",
-        f"- target server memory <= {TARGET}x params + optimizer state:",
-        *[f"  - {v}" for v in verdicts],
-        f"- {shm_note}",
-        f"- load average before: {load_before}",
-        *([f"- extra environment of the zps jobs: {' '.join(args.env)}"] if args.env else []),
-    ])
-    return C.finish("memory", md, {"numel": numel_done, "floor_bytes": floor, "torch_idle_kib": torch_idle,
-                                   "server_imports_idle_kib": server_idle, "runs": runs}, args.json, started, load_before)
+    md = "\n".join(
+        [
+            f"### memory: server RSS for {numel_done / 1e6:.0f}M float32 parameters with Adam (1 server, 1 "
+            "worker, BSP)",
+            "",
+            f"Floor = parameters + Adam's exp_avg and exp_avg_sq = 3 x 4 B x {numel_done:,} = {floor / MIB:,.0f} MiB. "
+            f"Idle `python -c \"import torch\"`: {torch_idle['VmRSS'] / 1024:.0f} MiB RSS (the 'net' columns "
+            "subtract it); "
+            "idle process with the server's imports (torch, zmq, msgpack, numpy, ps.server): "
+            f"{server_idle['VmRSS'] / 1024:.0f} MiB. "
+            "RssShmem is shared-memory pages the server has touched (the worker's segment, mapped by both; "
+            "VmRSS counts "
+            "them in full), RssAnon the server's private memory. With one worker, BSP applies the received gradient "
+            "directly (no accumulator).",
+            "",
+            C.md_table(
+                [
+                    "path",
+                    "server stage",
+                    "VmRSS MiB",
+                    "VmHWM MiB",
+                    "RssAnon MiB",
+                    "RssShmem MiB",
+                    "RSS / floor",
+                    "net RSS / floor",
+                    "HWM / floor",
+                    "net HWM / floor",
+                    "RssAnon / floor",
+                ],
+                rows,
+                align="ll" + "r" * 9,
+            ),
+            "",
+            f"- target server memory <= {TARGET}x params + optimizer state:",
+            *[f"  - {v}" for v in verdicts],
+            f"- {shm_note}",
+            f"- load average before: {load_before}",
+            *([f"- extra environment of the zps jobs: {' '.join(args.env)}"] if args.env else []),
+        ]
+    )
+    return C.finish(
+        "memory",
+        md,
+        {
+            "numel": numel_done,
+            "floor_bytes": floor,
+            "torch_idle_kib": torch_idle,
+            "server_imports_idle_kib": server_idle,
+            "runs": runs,
+        },
+        args.json,
+        started,
+        load_before,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Rates are calls per second in back-to-back windows of about ``--window`` seconds
 
     python benchmarks/small.py [--quick] [--windows 5] [--window 1.0] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-import _common as C  # noqa: E402
+from benchmarks import _common as C  # noqa: E402
 
 NBYTES = 4096
 
@@ -141,26 +142,52 @@ def main(argv: list[str] | None = None) -> dict:
     if zps_shm:
         zs, zsm = C.median(zps_shm["one"]), C.median(zps_shm["many"])
         rows.append(["zps push_pull, shared memory", C.fmt(zs, 0), C.fmt(1e6 / zs, 1), C.ratio(zs, r)])
-        rows_many.append([f"zps push_pull of {args.keys} tensors, shared memory", C.fmt(zsm, 0),
-                          C.fmt(1e6 * args.keys / zsm, 1), C.ratio(zsm, rm)])
-    verdict = (f"target zps >= 0.70x pyzmq REQ/REP: one tensor per round trip {'met' if z / r >= 0.7 else 'MISSED'} ({z / r:.2f}x); "
-               f"{args.keys} per round trip {'met' if zm / rm >= 0.7 else 'MISSED'} ({zm / rm:.2f}x)")
-    md = "\n".join([
-        "### small: 4 KiB round trips per second, loopback",
-        "",
-        f"Median of {windows} windows of {window:g} s each (after 0.5 s of warm-up).",
-        "",
-        C.md_table(["one tensor per round trip", "round trips/s", "us / round trip", "vs pyzmq"], rows),
-        "",
-        C.md_table([f"{args.keys} tensors per round trip", "tensors/s", "us / round trip", "vs pyzmq"], rows_many),
-        "",
-        f"- {verdict}",
-        f"- {shm_note}; the plain zps rows run with it off (ZeroMQ over loopback TCP)" if shm_env else f"- {shm_note}",
-        "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
-    ])
-    return C.finish("small", md, {"pyzmq_rates": reqrep, "zps_rates": zps, "zps_shm_rates": zps_shm, "zps_over_pyzmq": z / r,
-                                  "zps_over_pyzmq_many": zm / rm, "keys": args.keys, "loads": loads},
-                    args.json, started, load_before)
+        rows_many.append(
+            [
+                f"zps push_pull of {args.keys} tensors, shared memory",
+                C.fmt(zsm, 0),
+                C.fmt(1e6 * args.keys / zsm, 1),
+                C.ratio(zsm, rm),
+            ]
+        )
+    verdict = (
+        f"target zps >= 0.70x pyzmq REQ/REP: one tensor per round trip {'met' if z / r >= 0.7 else 'MISSED'} "
+        f"({z / r:.2f}x); "
+        f"{args.keys} per round trip {'met' if zm / rm >= 0.7 else 'MISSED'} ({zm / rm:.2f}x)"
+    )
+    md = "\n".join(
+        [
+            "### small: 4 KiB round trips per second, loopback",
+            "",
+            f"Median of {windows} windows of {window:g} s each (after 0.5 s of warm-up).",
+            "",
+            C.md_table(["one tensor per round trip", "round trips/s", "us / round trip", "vs pyzmq"], rows),
+            "",
+            C.md_table([f"{args.keys} tensors per round trip", "tensors/s", "us / round trip", "vs pyzmq"], rows_many),
+            "",
+            f"- {verdict}",
+            f"- {shm_note}; the plain zps rows run with it off (ZeroMQ over loopback TCP)"
+            if shm_env
+            else f"- {shm_note}",
+            "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
+        ]
+    )
+    return C.finish(
+        "small",
+        md,
+        {
+            "pyzmq_rates": reqrep,
+            "zps_rates": zps,
+            "zps_shm_rates": zps_shm,
+            "zps_over_pyzmq": z / r,
+            "zps_over_pyzmq_many": zm / rm,
+            "keys": args.keys,
+            "loads": loads,
+        },
+        args.json,
+        started,
+        load_before,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ the launcher's own output, each line time-stamped as it arrives:
 
 Medians of the runs, with the load average beside them: absolute figures on a shared machine drift.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,21 @@ def import_torch() -> float:
 
 def one_job(servers: int, workers: int) -> dict[str, float]:
     """One job; the times (seconds from its start) of what its output says."""
-    cmd = [sys.executable, "-m", "zps.launcher.cli", "run", "--servers", str(servers), "--workers", str(workers),
-           "--log-level", "DEBUG", "examples/digits.py", "--epochs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zps.launcher.cli",
+        "run",
+        "--servers",
+        str(servers),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "DEBUG",
+        "examples/digits.py",
+        "--epochs",
+        "1",
+    ]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     served: dict[int, float] = {}

@@ -17,6 +17,7 @@ summed per window); the median window is reported.
 
     python benchmarks/training.py [--quick] [--models mlp cnn] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-import _common as C  # noqa: E402
+from benchmarks import _common as C  # noqa: E402
 
 LR = 0.01
 PER_WORKER = 64
@@ -55,9 +56,16 @@ def make_model(kind: str):
         return nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 1536), nn.ReLU(), nn.Linear(1536, 10))
     if kind == "cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
+            nn.Conv2d(1, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 5 * 5, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
         )
     raise ValueError(f"unknown model {kind!r}")
 
@@ -217,7 +225,9 @@ def rpc_main(rank: int, kind: str, sched: dict, out_dir: str, port: int) -> None
 
     os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port))
     set_threads(MULTI_THREADS)
-    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=8, rpc_timeout=300, init_method=f"tcp://127.0.0.1:{port}")
+    options = rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=8, rpc_timeout=300, init_method=f"tcp://127.0.0.1:{port}"
+    )
     name = "ps" if rank == 0 else f"trainer{rank}"
     rpc.init_rpc(name, rank=rank, world_size=WORKERS + 1, rpc_backend_options=options)
     try:
@@ -260,9 +270,7 @@ def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
     set_threads(MULTI_THREADS)
     client = worker.init()
     model = make_model(kind)
-    # overlap is on by default where the option exists: pass it explicitly both ways
-    kwargs = {"overlap": overlap} if "overlap" in inspect.signature(worker.DistributedOptimizer).parameters else {}
-    opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, **kwargs)
+    opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, overlap=overlap)
     step = local_step(model, opt, make_batches(kind, PER_WORKER, seed=1 + client.rank))
     client.rendezvous.barrier("bench-start")
     windows = timed_windows(step, **sched)
@@ -292,9 +300,9 @@ def spawn_group(target: Callable, nprocs: int, args: tuple, timeout: float) -> N
                 late = [i for i, p in enumerate(procs) if p.is_alive()]
                 raise RuntimeError(f"ranks {late} still running after {timeout:.0f}s")
             mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
-        bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"ranks exited with codes {bad}")
+        failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"ranks exited with codes {failed}")
     finally:
         for p in procs:
             if p.is_alive():
@@ -326,12 +334,20 @@ def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str
         if name == "rpc-ps":
             spawn_group(rpc_main, WORKERS + 1, (kind, sched, out_dir, C.free_port()), timeout)
             per_trainer = [json.loads(Path(out_dir, f"{r}.json").read_text())["windows"] for r in range(1, WORKERS + 1)]
-            return {"rates": [sum(PER_WORKER * steps / w for w in ws) for ws in zip(*per_trainer)]}
+            return {"rates": [sum(PER_WORKER * steps / w for w in ws) for ws in zip(*per_trainer, strict=False)]}
     if name.startswith("zps"):
         servers = int(name.split("S=")[1].split(",")[0].rstrip(")"))
         overlap = ", overlap" in name
-        args = ["--role-zps-worker", kind, "--warmup", str(sched["warmup"]), "--windows", str(sched["windows"]),
-                "--steps", str(steps)] + (["--overlap"] if overlap else [])
+        args = [
+            "--role-zps-worker",
+            kind,
+            "--warmup",
+            str(sched["warmup"]),
+            "--windows",
+            str(sched["windows"]),
+            "--steps",
+            str(steps),
+        ] + (["--overlap"] if overlap else [])
         env = {"OMP_NUM_THREADS": str(MULTI_THREADS)}
         if "no shm" in name:
             env.update(C.shm_option()[1])
@@ -346,14 +362,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--windows", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed window")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="times each contender is started, in turn (the windows of all rounds are pooled)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="times each contender is started, in turn (the windows of all rounds are pooled)",
+    )
     parser.add_argument("--contenders", nargs="+", default=None, help="run only these (names as in the table)")
     parser.add_argument("--role-zps-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sched = {"warmup": args.warmup or (3 if args.quick else 5), "windows": args.windows or (3 if args.quick else 4),
-             "steps": args.steps or (5 if args.quick else 8)}
+    sched = {
+        "warmup": args.warmup or (3 if args.quick else 5),
+        "windows": args.windows or (3 if args.quick else 4),
+        "steps": args.steps or (5 if args.quick else 8),
+    }
     rounds = args.rounds or (1 if args.quick else 2)
     if args.role_zps_worker:
         zps_worker(args.role_zps_worker, sched, args.overlap)
@@ -374,11 +397,14 @@ def main(argv: list[str] | None = None) -> dict:
     sections = [
         "### training: samples/s, same model and global batch (128) on this machine",
         "",
-        f"SGD lr {LR}; each contender started {rounds} time(s), in turn; each time {sched['warmup']} warm-up steps, then "
-        f"{sched['windows']} windows of {sched['steps']} steps; median of all windows. Threads: the single process {SINGLE_THREADS} intra-op threads ('single (1 thread)': 1); every process of the multi-process "
+        f"SGD lr {LR}; each contender started {rounds} time(s), in turn; each time {sched['warmup']} warm-up "
+        "steps, then "
+        f"{sched['windows']} windows of {sched['steps']} steps; median of all windows. Threads: the single "
+        f"process {SINGLE_THREADS} intra-op threads ('single (1 thread)': 1); every process of the multi-process "
         f"contenders (ddp, rpc-ps, zps workers and servers) {MULTI_THREADS}. 2 workers x 64 samples (single: 128).",
         "",
-        "rpc-ps runs the whole model on the PS (the tutorial's design); its trainers take turns holding the PS model from "
+        "rpc-ps runs the whole model on the PS (the tutorial's design); its trainers take turns holding the "
+        "PS model from "
         "forward to optimizer step, because concurrent steps fail with an in-place modification error "
         "(pytorch/tutorials#2095; serialisation as in pytorch/examples#842).",
         "",
@@ -416,25 +442,51 @@ def main(argv: list[str] | None = None) -> dict:
             spread = f"{min(r['rates']):,.0f}-{max(r['rates']):,.0f}" if r["rates"] else r.get("error", "failed")
             rows.append([name, C.fmt(m, 1), spread, C.ratio(m, single), C.ratio(m, ddp), C.ratio(m, rpcps), r["load"]])
         params = sum(p.numel() for p in make_model(kind).parameters())
-        sections += ["", f"#### {kind} ({params / 1e6:.2f}M parameters)", "",
-                     C.md_table(["contender", "samples/s", "window range", "vs single", "vs ddp/gloo", "vs rpc-ps", "1-min load at starts"], rows)]
+        sections += [
+            "",
+            f"#### {kind} ({params / 1e6:.2f}M parameters)",
+            "",
+            C.md_table(
+                [
+                    "contender",
+                    "samples/s",
+                    "window range",
+                    "vs single",
+                    "vs ddp/gloo",
+                    "vs rpc-ps",
+                    "1-min load at starts",
+                ],
+                rows,
+            ),
+        ]
         verdicts = []
         for name, r in rows_data.items():
             if name.startswith("zps") and r["median"]:
-                verdicts.append(f"{name}: {r['median'] / ddp:.2f}x ddp ({'met' if r['median'] >= ddp else 'MISSED'} >= 1.0x), "
-                                f"{r['median'] / rpcps:.2f}x rpc-ps ({'met' if r['median'] >= 3 * rpcps else 'MISSED'} >= 3x)"
-                                if ddp and rpcps else f"{name}: no baseline")
+                verdicts.append(
+                    f"{name}: {r['median'] / ddp:.2f}x ddp ({'met' if r['median'] >= ddp else 'MISSED'} >= 1.0x), "
+                    f"{r['median'] / rpcps:.2f}x rpc-ps ({'met' if r['median'] >= 3 * rpcps else 'MISSED'} >= 3x)"
+                    if ddp and rpcps
+                    else f"{name}: no baseline"
+                )
         for s in (1, 2):
             on = rows_data.get(f"zps (S={s}, overlap)", {}).get("median")
             off = rows_data.get(f"zps (S={s}, no overlap)", {}).get("median")
             if on and off:
-                verdicts.append(f"overlap vs no overlap, S={s}: {on / off:.2f}x ({'met' if on > off else 'MISSED'} > 1.0x)")
+                verdicts.append(
+                    f"overlap vs no overlap, S={s}: {on / off:.2f}x ({'met' if on > off else 'MISSED'} > 1.0x)"
+                )
         if not has_overlap:
             verdicts.append("overlap: not available yet (worker.DistributedOptimizer has no `overlap` option)")
         sections += [""] + [f"- {v}" for v in verdicts]
     md = "\n".join(sections)
-    return C.finish("training", md, {"schedule": sched, "rounds": rounds, "results": results, "overlap_available": has_overlap},
-                    args.json, started, load_before)
+    return C.finish(
+        "training",
+        md,
+        {"schedule": sched, "rounds": rounds, "results": results, "overlap_available": has_overlap},
+        args.json,
+        started,
+        load_before,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Every contender does the same round trip between two processes: send N bytes, re
 
     python benchmarks/transport.py [--quick] [--sizes-mib 1 16 64] [--repeats 10] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-import _common as C  # noqa: E402
+from benchmarks import _common as C  # noqa: E402
 
 MIB = 1 << 20
 FULL_SIZES = [1, 4, 16, 64, 256]
@@ -91,7 +92,8 @@ def zmq_echo_server() -> None:
 
 
 def zmq_work_server() -> None:
-    """The peer of "pyzmq + work": keeps one float32 tensor per part, adds each received part into it, replies with it."""
+    """The peer of "pyzmq + work": keeps one float32 tensor per part, adds each received part into it, "
+    "replies with it."""
     import numpy as np
     import torch
     import zmq
@@ -110,7 +112,7 @@ def zmq_work_server() -> None:
         grad = torch.from_numpy(np.frombuffer(data.buffer, dtype=np.float32))
         param = params.setdefault((len(data), int(index.bytes)), torch.zeros(grad.numel()))
         param.add_(grad, alpha=-0.0)
-        sock.send_multipart([identity, index, memoryview(param.numpy())], copy=False)
+        sock.send_multipart([identity, index, param.numpy().data], copy=False)
     sock.close()
     ctx.term()
 
@@ -176,13 +178,13 @@ def bench_zmq_work(sizes: list[int], repeats: int) -> dict[int, list[float]]:
             targets = [memoryview(p.numpy()).cast("B") for p in dest.split(CHUNK // 4)]
             indexes = [str(i).encode() for i in range(len(parts))]
 
-            def round_trip(parts: list[memoryview] = parts, targets: list[memoryview] = targets,
-                           indexes: list[bytes] = indexes) -> None:
-                for index, part in zip(indexes, parts):
+            def round_trip(
+                parts: list[memoryview] = parts, targets: list[memoryview] = targets, indexes: list[bytes] = indexes
+            ) -> None:
+                for index, part in zip(indexes, parts, strict=False):
                     sock.send_multipart([index, part], copy=False)
                 for _ in parts:
-                    index = int(sock.recv())
-                    sock.recv_into(targets[index])
+                    sock.recv_into(targets[int(sock.recv())])
 
             out[mib] = C.time_calls(round_trip, repeats_for(mib, repeats), warmup=2)
         sock.send_multipart([b"0", b""])
@@ -207,7 +209,7 @@ def zps_worker(sizes: list[int], repeats: int) -> None:
         grad = torch.full_like(values[name], 0.5)
         step = 0
 
-        def round_trip() -> None:
+        def round_trip(name: str = name, grad: torch.Tensor = grad) -> None:
             nonlocal step
             client.push_pull({name: grad}, {name: values[name]}, step).result()
             step += 1
@@ -229,8 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = C.base_parser(__doc__)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None, help="round trips timed per size (median reported)")
-    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the zps jobs only, e.g. MALLOC_TRIM_THRESHOLD_=2147483647 (diagnosis)")
+    parser.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the zps jobs only, e.g. MALLOC_TRIM_THRESHOLD_=2147483647 (diagnosis)",
+    )
     parser.add_argument("--role-worker", action="store_true", help=argparse.SUPPRESS)  # inside zps run
     parser.add_argument("--role-tcp-echo", type=int, default=None, help=argparse.SUPPRESS)  # the tcp peer
     parser.add_argument("--role-zmq-echo", action="store_true", help=argparse.SUPPRESS)  # the pyzmq peer
@@ -258,10 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
     extra_env = dict(item.split("=", 1) for item in args.env)
     no_shm_env = {**no_shm_env, **extra_env}
     shm_env = {**shm_env, **extra_env} if shm_env is not None else None
-    contenders = [("tcp", lambda: bench_tcp(sizes, repeats)), ("pyzmq", lambda: bench_zmq(sizes, repeats)),
-                  ("pyzmq-4MiB", lambda: bench_zmq(sizes, repeats, CHUNK)),
-                  ("pyzmq+work", lambda: bench_zmq_work(sizes, repeats)),
-                  ("zps", lambda: bench_zps(sizes, repeats, no_shm_env))]
+    contenders = [
+        ("tcp", lambda: bench_tcp(sizes, repeats)),
+        ("pyzmq", lambda: bench_zmq(sizes, repeats)),
+        ("pyzmq-4MiB", lambda: bench_zmq(sizes, repeats, CHUNK)),
+        ("pyzmq+work", lambda: bench_zmq_work(sizes, repeats)),
+        ("zps", lambda: bench_zps(sizes, repeats, no_shm_env)),
+    ]
     if shm_env is not None:
         contenders.append(("zps-shm", lambda: bench_zps(sizes, repeats, shm_env)))
     for name, fn in contenders:
@@ -286,42 +296,82 @@ def main(argv: list[str] | None = None) -> dict:
         row = [f"{mib} MiB", C.fmt(t), C.fmt(z), C.fmt(z4), C.fmt(w), C.fmt(p)]
         if "zps-shm" in results:
             row.append(C.fmt(gbps("zps-shm", mib)))
-        row += [C.ratio(p, best), C.ratio(p, w), C.ratio(p, t), C.ratio(z, t), C.fmt(C.median(results["zps"][mib]) * 1e3, 1)]
+        row += [
+            C.ratio(p, best),
+            C.ratio(p, w),
+            C.ratio(p, t),
+            C.ratio(z, t),
+            C.fmt(C.median(results["zps"][mib]) * 1e3, 1),
+        ]
         rows.append(row)
-        summary[mib] = {"tcp_gbps": t, "pyzmq_gbps": z, "pyzmq_4mib_gbps": z4, "zps_gbps": p,
-                        "zps_shm_gbps": gbps("zps-shm", mib), "zps_over_best_pyzmq": p / best if p and best else None,
-                        "pyzmq_work_gbps": w, "zps_over_pyzmq_work": p / w if p and w else None,
-                        "zps_over_pyzmq": p / z if p and z else None, "zps_over_tcp": p / t if p and t else None}
-    big = [summary[m]["zps_over_best_pyzmq"] for m in sizes if m >= 16 and summary[m]["zps_over_best_pyzmq"]]
-    verdict = (f"target zps >= 0.90x raw pyzmq at >= 16 MiB (against the better of the two pyzmq columns): "
-               f"{'met' if big and min(big) >= 0.9 else 'MISSED'} (lowest {min(big):.2f}x)" if big else "no size >= 16 MiB measured")
-    work = [summary[m]["zps_over_pyzmq_work"] for m in sizes if m >= 16 and summary[m]["zps_over_pyzmq_work"]]
+        summary[mib] = {
+            "tcp_gbps": t,
+            "pyzmq_gbps": z,
+            "pyzmq_4mib_gbps": z4,
+            "zps_gbps": p,
+            "zps_shm_gbps": gbps("zps-shm", mib),
+            "zps_over_best_pyzmq": p / best if p and best else None,
+            "pyzmq_work_gbps": w,
+            "zps_over_pyzmq_work": p / w if p and w else None,
+            "zps_over_pyzmq": p / z if p and z else None,
+            "zps_over_tcp": p / t if p and t else None,
+        }
+    big = [float(r) for m in sizes if m >= 16 and (r := summary[m]["zps_over_best_pyzmq"])]
+    verdict = (
+        f"target zps >= 0.90x raw pyzmq at >= 16 MiB (against the better of the two pyzmq columns): "
+        f"{'met' if big and min(big) >= 0.9 else 'MISSED'} (lowest {min(big):.2f}x)"
+        if big
+        else "no size >= 16 MiB measured"
+    )
+    work = [float(r) for m in sizes if m >= 16 and (r := summary[m]["zps_over_pyzmq_work"])]
     if work:
         verdict += f"; against pyzmq doing the same work (apply + copy into the destination): lowest {min(work):.2f}x"
-    shm_big = [(summary[m]["zps_shm_gbps"] or 0) / max(summary[m]["pyzmq_gbps"] or 0, summary[m]["pyzmq_4mib_gbps"] or 0)
-               for m in sizes if m >= 16 and summary[m]["zps_shm_gbps"]]
+    shm_big = [
+        (summary[m]["zps_shm_gbps"] or 0) / max(summary[m]["pyzmq_gbps"] or 0, summary[m]["pyzmq_4mib_gbps"] or 0)
+        for m in sizes
+        if m >= 16 and summary[m]["zps_shm_gbps"]
+    ]
     if shm_big:
         verdict += f"; zps-shm against the same: lowest {min(shm_big):.2f}x at >= 16 MiB"
-    md = "\n".join([
-        "### transport: push+pull round-trip goodput, 1 worker + 1 server, loopback",
-        "",
-        f"Goodput = (bytes sent + bytes received) / median round trip; {repeats} round trips per size "
-        f"(half of that above 64 MiB, at least 5) after 2 warm-up ones. zps: BSP, SGD lr=0, 4 MiB chunks. "
-        "pyzmq: one frame of N bytes; pyzmq 4 MiB frames: the same N bytes as one multipart message of 4 MiB frames "
-        "(zps's chunk size), both zero-copy; pyzmq + work: 4 MiB messages all in flight, the peer adds each into its "
-        "own tensor and replies with it, the client receives into its destination (what zps must do). Above 32 MiB glibc serves every fresh receive buffer with a new mmap, so "
-        "raw pyzmq's single-frame goodput there is dominated by page faults and varies a lot from run to run.",
-        "",
-        C.md_table(headers, rows),
-        "",
-        f"- {verdict}",
-        f"- {shm_note}; the plain zps row runs with it off (ZeroMQ over loopback TCP)" if shm_env else f"- {shm_note}",
-        "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
-        *([f"- extra environment of the zps jobs: {' '.join(args.env)}"] if args.env else []),
-    ])
-    return C.finish("transport", md, {"sizes_mib": sizes, "repeats": repeats, "times": {k: {str(m): v for m, v in r.items()} for k, r in results.items()},
-                                      "summary": {str(k): v for k, v in summary.items()}, "loads": loads, "shm": shm_note},
-                    args.json, started, load_before)
+    md = "\n".join(
+        [
+            "### transport: push+pull round-trip goodput, 1 worker + 1 server, loopback",
+            "",
+            f"Goodput = (bytes sent + bytes received) / median round trip; {repeats} round trips per size "
+            f"(half of that above 64 MiB, at least 5) after 2 warm-up ones. zps: BSP, SGD lr=0, 4 MiB chunks. "
+            "pyzmq: one frame of N bytes; pyzmq 4 MiB frames: the same N bytes as one multipart message of 4 "
+            "MiB frames "
+            "(zps's chunk size), both zero-copy; pyzmq + work: 4 MiB messages all in flight, the peer adds "
+            "each into its "
+            "own tensor and replies with it, the client receives into its destination (what zps must do). "
+            "Above 32 MiB glibc serves every fresh receive buffer with a new mmap, so "
+            "raw pyzmq's single-frame goodput there is dominated by page faults and varies a lot from run to run.",
+            "",
+            C.md_table(headers, rows),
+            "",
+            f"- {verdict}",
+            f"- {shm_note}; the plain zps row runs with it off (ZeroMQ over loopback TCP)"
+            if shm_env
+            else f"- {shm_note}",
+            "- load average at the start of each contender: " + "; ".join(f"{k} {v}" for k, v in loads.items()),
+            *([f"- extra environment of the zps jobs: {' '.join(args.env)}"] if args.env else []),
+        ]
+    )
+    return C.finish(
+        "transport",
+        md,
+        {
+            "sizes_mib": sizes,
+            "repeats": repeats,
+            "times": {k: {str(m): v for m, v in r.items()} for k, r in results.items()},
+            "summary": {str(k): v for k, v in summary.items()},
+            "loads": loads,
+            "shm": shm_note,
+        },
+        args.json,
+        started,
+        load_before,
+    )
 
 
 if __name__ == "__main__":

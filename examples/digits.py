@@ -5,6 +5,7 @@
 Each worker trains on its own shard of the training set; the servers hold the model and apply the optimizer.
 Rank 0 evaluates on the held-out test set and writes the JSON summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where gradients are computed (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where gradients are computed (default: cuda when available)",
+    )
     parser.add_argument("--out", help="write a JSON summary here (rank 0)")
-    parser.add_argument("--slow", type=float, default=0.0, help="seconds worker --slow-rank sleeps per step (straggler)")
+    parser.add_argument(
+        "--slow", type=float, default=0.0, help="seconds worker --slow-rank sleeps per step (straggler)"
+    )
     parser.add_argument("--slow-rank", type=int, default=-1)
     args = parser.parse_args()
 
@@ -56,8 +62,9 @@ def main() -> None:
     train, test = load_data(args.seed)
     model = make_model().to(args.device)
     # the job's --optimizer when it sets one, else SGD with momentum
-    optimizer = worker.DistributedOptimizer(worker.build_optimizer(model.parameters(), "sgd:lr=0.05,momentum=0.9"),
-                                            model)
+    optimizer = worker.DistributedOptimizer(
+        worker.build_optimizer(model.parameters(), "sgd:lr=0.05,momentum=0.9"), model
+    )
     sampler = worker.shard_sampler(train, shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
     loss_fn = nn.CrossEntropyLoss()
@@ -76,8 +83,11 @@ def main() -> None:
             total += loss.item()
             batches += 1
         if client.rank == 0 and epoch % 5 == 4:  # this worker's copy (in ASP/SSP it trails the servers' model)
-            print(f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} "
-                  f"test accuracy {accuracy(model, test):.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} "
+                f"test accuracy {accuracy(model, test):.4f}",
+                flush=True,
+            )
     wall = time.monotonic() - started
     optimizer.synchronize()  # every worker now holds the servers' model (in ASP/SSP its own copy trailed it)
     stats = client.stats()

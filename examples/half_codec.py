@@ -1,5 +1,6 @@
 """A user codec in ten lines: float16 with a per-tensor scale. Use it with
 `PYTHONPATH=. zps run --codec examples.half_codec:ScaledHalf examples/digits.py`."""
+
 import torch
 
 from zps.protocol.codecs import Codec, Encoded

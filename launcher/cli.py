@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
+from typing import Any
 
 from zps.protocol.config import ConfigError, JobConfig, configure_logging, flag_of, option_of
 
@@ -20,8 +21,8 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive(kind: type) -> object:
-    def parse(text: str) -> object:
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -81,10 +82,12 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preflight-timeout", type=_positive(float), default=20.0,
                    help="seconds the check of each host may take (default 20)")
     p.add_argument("--skip-preflight", action="store_true", help="start without checking the hosts first")
-    p.add_argument("--dry-run", action="store_true", help="print where each process goes and its command; start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print where each process goes and its command; start nothing")
 
 
-def add_script(p: argparse.ArgumentParser, required: bool = True, what: str = "the training script every worker runs") -> None:
+def add_script(p: argparse.ArgumentParser, required: bool = True,
+               what: str = "the training script every worker runs") -> None:
     p.add_argument("script", nargs=None if required else "?", help=what)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
 

@@ -11,8 +11,8 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -140,17 +140,20 @@ class Coordinator:
         if not isinstance(rank, int) or isinstance(rank, bool):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer, got {rank!r}")
         if self.state is not State.REGISTERING:
-            raise ProtocolError(ErrorCode.CONFLICT, f"{role} registered after the cluster was complete ({self.state.value})")
+            raise ProtocolError(ErrorCode.CONFLICT,
+                                f"{role} registered after the cluster was complete ({self.state.value})")
         count = self.expected[role]
         taken = {r for (ro, r) in self.members if ro == role}
         if rank < 0:
             free = [r for r in range(count) if r not in taken]
             if not free:
-                raise ProtocolError(ErrorCode.CONFLICT, f"all {count} {role} ranks are taken; the job expects {count} {role}s")
+                raise ProtocolError(ErrorCode.CONFLICT,
+                                    f"all {count} {role} ranks are taken; the job expects {count} {role}s")
             rank = free[0]
         elif rank >= count:
             raise ProtocolError(
-                ErrorCode.CONFLICT, f"{role} rank {rank} is out of range: the job has {count} {role}s (ranks 0-{count - 1})"
+                ErrorCode.CONFLICT,
+                f"{role} rank {rank} is out of range: the job has {count} {role}s (ranks 0-{count - 1})",
             )
         elif rank in taken:
             other = self.members[(role, rank)]
@@ -158,7 +161,8 @@ class Coordinator:
         address = body.get("address")
         if role == "server" and not isinstance(address, str):
             raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address'")
-        member = _Member(role, rank, identity, msg.id, str(body.get("host", "?")), int(body.get("pid", 0) or 0), address)
+        member = _Member(role, rank, identity, msg.id, str(body.get("host", "?")), int(body.get("pid", 0) or 0),
+                         address)
         self.members[(role, rank)] = member
         log.debug("registered %s", member.where())
         if role == "server":  # a server serves at once: it needs no other process's address
@@ -216,7 +220,7 @@ class Coordinator:
 
     def _release_barriers(self) -> None:
         live = self._live_workers()
-        for name, (started, arrived) in list(self.barriers.items()):
+        for name, (_, arrived) in list(self.barriers.items()):
             if live <= set(arrived):
                 for identity, request_id in arrived.values():
                     self._reply(identity, Message(Kind.OK, id=request_id, src=COORDINATOR))
@@ -285,7 +289,8 @@ class Coordinator:
         for m in self.members.values():
             if not m.done and now - m.last_seen > self.heartbeat_timeout:
                 self._fail(
-                    f"{m.where()} stopped sending heartbeats {now - m.last_seen:.0f}s ago; the job cannot go on without it"
+                    f"{m.where()} stopped sending heartbeats {now - m.last_seen:.0f}s ago; the job cannot go on "
+                    "without it"
                 )
                 return
         live = self._live_workers()

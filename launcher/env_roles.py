@@ -77,15 +77,11 @@ def local_rank(env: Mapping[str, str]) -> int:
 def local_device(env: Mapping[str, str]) -> str:
     """``"cuda:<local rank>"`` when ``torch.cuda.is_available()``, else ``"cpu"`` (see :func:`local_rank`).
 
-    Raises :class:`ConfigError` when the local rank names a GPU this host does not have.
+    With more workers on a host than GPUs (a local simulation of a larger cluster) they share the GPUs round-robin:
+    local rank ``i`` gets ``cuda:<i mod GPUs>``. Hide the GPUs (``CUDA_VISIBLE_DEVICES=``) to run on the CPU.
     """
     import torch  # imported here: the rest of this module stays light
 
     if not torch.cuda.is_available():
         return "cpu"
-    index = local_rank(env)
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise ConfigError(f"local rank {index} has no GPU: this host has {count}; start at most {count} "
-                             f"workers per host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
-    return f"cuda:{index}"
+    return f"cuda:{local_rank(env) % torch.cuda.device_count()}"

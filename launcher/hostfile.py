@@ -219,4 +219,4 @@ def format_placement(placements: Iterable[Placement]) -> str:
     rows = [("role", "rank", "host", "local_rank")]
     rows += [(p.role, str(p.rank), p.host, str(p.local_rank)) for p in placements]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows)

@@ -94,7 +94,8 @@ def probe(args: dict) -> dict:
                 problem("script", f"{script} is not a file in {workdir}")
     import importlib.util  # from the workdir, as the roles will (python -m zps.ps, python SCRIPT)
 
-    out["importable"] = all(importlib.util.find_spec(name) is not None for name in ("zps.launcher", "zps.ps", "zps.worker"))
+    out["importable"] = all(importlib.util.find_spec(name) is not None
+                            for name in ("zps.launcher", "zps.ps", "zps.worker"))
     if args.get("address"):
         interface = args.get("interface")
         try:
@@ -181,7 +182,7 @@ def check_host(host: str, ssh: SshOptions, remote: Remote, local: dict[str, Any]
     command = remote.command(argv, cd=False)  # the probe checks the workdir itself
     try:
         done = subprocess.run(ssh.argv(host, command, connect_timeout=min(timeout, ssh.connect_timeout)),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return [Problem(host, "ssh", f"no answer within {timeout:.0f}s (ssh or the probe hung)")]

@@ -216,7 +216,8 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
     version = head.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            ErrorCode.BAD_VERSION, f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+            ErrorCode.BAD_VERSION,
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
         )
     try:
         kind = Kind(head.get("kind"))
@@ -254,7 +255,8 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
             if type(offset) is not int or offset < 0:
                 raise _bad(f"keys[{i}].fz must be a non-negative integer, got {offset!r}")
             if nf or not fused:
-                raise _bad(f"keys[{i}] is in the fused frame ('fz') but has frames of its own or the message has no fused frame")
+                raise _bad(f"keys[{i}] is in the fused frame ('fz') but has frames of its own or the message has no "
+                           "fused frame")
     if len(frames) - 1 != expected_frames:
         raise ProtocolError(
             ErrorCode.FRAME_COUNT,

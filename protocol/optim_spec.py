@@ -34,7 +34,9 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> tuple[str, list[dict
 
 
 def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "([":
             depth += 1

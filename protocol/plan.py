@@ -101,6 +101,7 @@ def make_plan(
         owner[i] = server
         heapq.heappush(heap, (load + pieces[i][3] * params[pieces[i][0]].itemsize, server))
     chunks = tuple(
-        Chunk(key=i, param=p, name=name, offset=off, numel=n, server=owner[i]) for i, (p, name, off, n) in enumerate(pieces)
+        Chunk(key=i, param=p, name=name, offset=off, numel=n, server=owner[i])
+        for i, (p, name, off, n) in enumerate(pieces)
     )
     return Plan(params=tuple(params), chunks=chunks, num_servers=num_servers)

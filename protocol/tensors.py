@@ -51,7 +51,7 @@ def as_buffer(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.contiguous()
     if tensor.dtype is torch.bfloat16:  # numpy has no bfloat16: view the bits
         tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")
+    return tensor.numpy().data.cast("B")
 
 
 def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
@@ -72,11 +72,12 @@ def from_buffer(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.
 
 def encode_entry(codec: Codec, tensor: torch.Tensor) -> tuple[KeyEntry, list[memoryview]]:
     """Encode ``tensor`` with ``codec``; return the header fields for its key entry and its frames."""
-    if type(codec) is NoneCodec:  # the common case, on every small key: the tensor's own bytes, nothing built around them
-        return {"codec": "none", "meta": {}, "bufs": [[dtype_name(tensor.dtype), tensor.numel()]], "nf": 1}, [as_buffer(tensor)]
+    if type(codec) is NoneCodec:  # the common case, on every small key: the tensor's own bytes, nothing around them
+        entry: KeyEntry = {"codec": "none", "meta": {}, "bufs": [[dtype_name(tensor.dtype), tensor.numel()]], "nf": 1}
+        return entry, [as_buffer(tensor)]
     encoded = codec.encode(tensor)
     frames = [as_buffer(b) for b in encoded.buffers]
-    entry: KeyEntry = {
+    entry = {
         "codec": codec.spec(),
         "meta": encoded.meta,
         "bufs": [[dtype_name(b.dtype), b.numel()] for b in encoded.buffers],
@@ -134,7 +135,8 @@ class FusedReader:
         if self.values is None or offset + numel > self.numel:
             raise ProtocolError(
                 ErrorCode.FRAME_SIZE,
-                f"{what}: key {entry['key']} elements [{offset}:{offset + numel}] are outside the fused frame of {self.numel}",
+                f"{what}: key {entry['key']} elements [{offset}:{offset + numel}] are outside the fused frame of "
+                f"{self.numel}",
             )
         return self.values[offset : offset + numel]
 
@@ -144,11 +146,13 @@ def entry_encoded(entry: KeyEntry, frames: list[Any], what: str) -> Encoded:
     bufs = entry.get("bufs", [])
     meta = entry.get("meta", {})
     if not isinstance(bufs, list) or len(bufs) != len(frames):
-        raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: 'bufs' describes {len(bufs) if isinstance(bufs, list) else '?'} buffers but {len(frames)} frames came")
+        described = len(bufs) if isinstance(bufs, list) else "?"
+        raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: 'bufs' describes {described} buffers but {len(frames)} "
+                                                   "frames came")
     if not isinstance(meta, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'meta' must be a map")
     buffers = []
-    for i, (desc, frame) in enumerate(zip(bufs, frames)):
+    for i, (desc, frame) in enumerate(zip(bufs, frames, strict=False)):
         if not (isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], int) and desc[1] >= 0):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: bufs[{i}] must be [dtype, numel], got {desc!r}")
         buffers.append(from_buffer(frame, dtype_from_name(desc[0]), desc[1], f"{what} buffer {i}"))
@@ -197,7 +201,8 @@ class Decoders:
                     f"{what}: got {got!r} but the key is declared as {want!r}",
                 )
             if len(frames) != 1:
-                raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: an uncompressed key has one frame, {len(frames)} came")
+                raise ProtocolError(ErrorCode.FRAME_COUNT,
+                                    f"{what}: an uncompressed key has one frame, {len(frames)} came")
             return from_buffer(frames[0], dtype, numel, what)
         encoded = entry_encoded(entry, frames, what)
         codec = self.get(entry["codec"], what)
@@ -206,7 +211,9 @@ class Decoders:
         except ProtocolError:
             raise
         except Exception as exc:
-            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: codec {entry.get('codec')!r} could not decode: {exc}") from None
+            raise ProtocolError(ErrorCode.BAD_CODEC,
+                                f"{what}: codec {entry.get('codec')!r} could not decode: {exc}") from None
         if out.numel() != numel:
-            raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: decoded {out.numel()} elements, the key has {numel}")
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
+                                f"{what}: decoded {out.numel()} elements, the key has {numel}")
         return out

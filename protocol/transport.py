@@ -23,7 +23,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flag 
 
 def readable(sock: zmq.Socket) -> bool:
     """Whether ``sock`` has a message waiting."""
-    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+    return bool(int(sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def tcp_address(host: str, port: int) -> str:
@@ -43,7 +43,8 @@ def bind_free(sock: zmq.Socket, host: str) -> str:
     """Bind ``sock`` to a free TCP port on ``host`` (never all interfaces unless ``host`` says so)."""
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
-    port = sock.bind_to_random_port(tcp_address(host, 0).rsplit(":", 1)[0], min_port=20000, max_port=65000, max_tries=200)
+    base = tcp_address(host, 0).rsplit(":", 1)[0]
+    port = sock.bind_to_random_port(base, min_port=20000, max_port=65000, max_tries=200)
     return tcp_address(host, port)
 
 

@@ -50,7 +50,8 @@ class WorkerSegments:
         self._segments[worker] = segment
         for entry in entries:
             push, pull = entry["shm"]  # type: ignore[misc]  # checked by attach
-            self._areas[(worker, entry["key"])] = (segment.view(push, entry["numel"]), segment.view(pull, entry["numel"]))
+            numel = entry["numel"]
+            self._areas[(worker, entry["key"])] = (segment.view(push, numel), segment.view(pull, numel))
 
     def view(self, worker: int, state: KeyState, area: int, what: str) -> torch.Tensor:
         """The worker's shared push (``PUSH``) or pull (``PULL``) area of a key."""

@@ -49,6 +49,7 @@ class Values:
         if sum(fused) < MIN_FUSED_KEYS:
             fused = [False] * len(fused)
         writer = FusedWriter()  # a copy (torch.cat), so a snapshot in every mode
+        bufs: list[memoryview]
         for s, spec, shared, fuse in zip(p.states, p.pull_codecs, p.pull_shm, fused, strict=True):
             assert s.param is not None
             entry: KeyEntry

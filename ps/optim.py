@@ -1,7 +1,6 @@
 """Server-side optimizers: torch.optim's own classes, chosen by name and configured by validated hyper-parameters."""
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -49,7 +48,8 @@ def clean_hparams(cls: type[torch.optim.Optimizer], hparams: Any) -> dict[str, A
         if name in _IGNORED or (name in derived and value == derived[name]):
             continue  # set by the class itself (e.g. AdamW's decoupled_weight_decay), not by its caller
         if name not in accepted:
-            raise _bad(f"{cls.__name__} has no hyper-parameter {name!r}; it takes {', '.join(sorted(accepted - _IGNORED))}")
+            takes = ", ".join(sorted(accepted - _IGNORED))
+            raise _bad(f"{cls.__name__} has no hyper-parameter {name!r}; it takes {takes}")
         if isinstance(value, list):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 raise _bad(f"{cls.__name__}.{name} must be numbers, got {value!r}")
@@ -60,11 +60,16 @@ def clean_hparams(cls: type[torch.optim.Optimizer], hparams: Any) -> dict[str, A
     return out
 
 
-@functools.cache
+_DERIVED: dict[type[torch.optim.Optimizer], dict[str, Any]] = {}
+
+
 def _derived_defaults(cls: type[torch.optim.Optimizer], accepted: frozenset[str]) -> dict[str, Any]:
-    """Group entries a class fills in without taking them as arguments, with the values it uses."""
-    probe = cls([torch.zeros(1, requires_grad=True)])
-    return {k: v for k, v in probe.defaults.items() if k not in accepted}
+    """Group entries a class fills in without taking them as arguments, with the values it uses (probed once)."""
+    found = _DERIVED.get(cls)
+    if found is None:
+        probe = cls([torch.zeros(1, requires_grad=True)])  # type: ignore[call-arg]  # each class has defaults
+        found = _DERIVED[cls] = {k: v for k, v in probe.defaults.items() if k not in accepted}
+    return found
 
 
 def build_optimizer(name: str, hparams: dict[str, Any], param: torch.Tensor) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ by :mod:`._values`, the same-host shared areas are :mod:`._shm`'s.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -70,8 +71,8 @@ class Server:
         self.name = "server:?"
         self._decoders = Decoders((config.job.codec, config.job.pull_codec))
         self.segments = WorkerSegments()
-        self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0, "bytes_out": 0,
-                         "shm_bytes_in": 0, "shm_bytes_out": 0}
+        self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0,
+                         "bytes_out": 0, "shm_bytes_in": 0, "shm_bytes_out": 0}
         self.values = Values(self.name, self.segments, self.counters, snapshot=config.job.mode != "bsp")
         self._sock: zmq.Socket | None = None
         self.pending = Pending(self._send, self.name)
@@ -180,7 +181,8 @@ class Server:
             return self._pull(pull)
         if msg.kind is Kind.PULL:
             worker = self._worker(msg)
-            return self._pull(self._pull_request(identity, msg, worker, max((e.get("step", 0) for e in msg.keys), default=0)))
+            step = max((e.get("step", 0) for e in msg.keys), default=0)
+            return self._pull(self._pull_request(identity, msg, worker, step))
         if msg.kind is Kind.LEAVE:
             return self._leave(msg, self._worker(msg))
         if msg.kind is Kind.STATS:
@@ -219,7 +221,8 @@ class Server:
         if opt_name is not None:
             optimizer_class(opt_name)
             if not isinstance(groups, list) or not groups:
-                raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "'groups' must be a non-empty list of hyper-parameter maps")
+                raise ProtocolError(ErrorCode.BAD_OPTIMIZER,
+                                    "'groups' must be a non-empty list of hyper-parameter maps")
         declared: list[tuple[KeyEntry, KeyState | None]] = []
         values: list[torch.Tensor | None] = []
         offset = 0
@@ -275,8 +278,8 @@ class Server:
             self.keys[state.key] = state
             states.append(state)
             if tensor is not None and not state.initialized:
-                hparams = groups[state.group]
-                self.optimizers.add(state, tensor, lambda p, h=hparams: build_optimizer(opt_name, h, p))
+                assert isinstance(opt_name, str)  # checked with the values above
+                self.optimizers.add(state, tensor, functools.partial(build_optimizer, opt_name, groups[state.group]))
         reply = Message(Kind.OK, id=msg.id, src=self.name, body=shm_reply)
         if all(s.initialized for s in states):
             return reply
@@ -290,7 +293,8 @@ class Server:
     def _uninitialized(states: list[KeyState]) -> str:
         missing = [s.label() for s in states if not s.initialized]
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        return f"worker 0 has not sent the initial values of {shown} (is worker 0 running and declaring the same model?)"
+        return (f"worker 0 has not sent the initial values of {shown} (is worker 0 running and declaring the same "
+                "model?)")
 
     # -- PUSH ------------------------------------------------------------------------------------------
     def _push(self, msg: Message, worker: int) -> None:
@@ -351,7 +355,8 @@ class Server:
         pull_shm = []
         for entry, state in zip(msg.keys, states, strict=True):
             spec, shared = entry.get("pc"), bool(entry.get("pshm"))
-            pull_codecs.append(None if spec is None else self._decoders.get(spec, f"pull codec of {state.label()}").spec())
+            canonical = None if spec is None else self._decoders.get(spec, f"pull codec of {state.label()}").spec()
+            pull_codecs.append(canonical)
             if shared:
                 self.segments.view(worker, state, 1, "pull of")
             pull_shm.append(shared)

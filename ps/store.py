@@ -40,7 +40,8 @@ class KeyState:
         label = self.__dict__.get("_label")
         if label is None:
             where = f" [{self.offset}:{self.offset + self.numel}]"
-            label = self.__dict__["_label"] = f"key {self.key} ({self.name!r}{where})" if self.name else f"key {self.key}"
+            label = f"key {self.key} ({self.name!r}{where})" if self.name else f"key {self.key}"
+            self.__dict__["_label"] = label
         return label
 
     def accumulate(self, worker: int, grad: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """The tests' shared helpers: an in-process cluster (coordinator and servers in threads, real ZeroMQ on loopback),
 real processes (``zps`` commands and roles started with their own environments), the process table, and reading a
 launcher's output."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from zps.ps.server import Server
 from zps.worker.client import Client
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 class LocalCluster:
@@ -36,30 +38,49 @@ class LocalCluster:
         self.timeout = job.timeout
 
     def worker_config(self, rank: int = -1, **job_overrides: Any) -> Config:
-        return Config(role="worker", coordinator=self.coordinator.endpoint, rank=rank,
-                      job=dataclasses.replace(self.job, **job_overrides))
+        return Config(
+            role="worker",
+            coordinator=self.coordinator.endpoint,
+            rank=rank,
+            job=dataclasses.replace(self.job, **job_overrides),
+        )
 
     def clients(self, **kwargs: Any) -> list[Client]:
         """One client per worker rank, registered concurrently (registration waits for the whole cluster)."""
-        return run_parallel([lambda r=r: Client(self.worker_config(r), **kwargs) for r in range(self.num_workers)])
+        return run_parallel(lambda r: Client(self.worker_config(r), **kwargs), range(self.num_workers))
 
 
-def run_parallel(calls: list[Callable[[], T]], timeout: float = 120) -> list[T]:
-    """Run each call in its own thread; return the results in order, re-raising the first exception."""
-    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
-        futures = [pool.submit(c) for c in calls]
+def run_parallel(fn: Callable[[A], T], items: Iterable[A], timeout: float = 120) -> list[T]:
+    """``fn(item)`` for each item, each in its own thread; the results in order (the first exception re-raised)."""
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
         return [f.result(timeout=timeout) for f in futures]
 
 
 @contextlib.contextmanager
 def local_cluster(
-    num_servers: int, num_workers: int, mode: str = "bsp", staleness: int = 0, timeout: float = 30.0, codec: str = "",
-    heartbeat_timeout: float = 10.0, **job: Any,
+    num_servers: int,
+    num_workers: int,
+    mode: str = "bsp",
+    staleness: int = 0,
+    timeout: float = 30.0,
+    codec: str = "",
+    heartbeat_timeout: float = 10.0,
+    **job: Any,
 ) -> Iterator[LocalCluster]:
     """Coordinator and servers in threads of this process; ``codec`` is the job's ZPS_CODEC as servers see it."""
-    settings = JobConfig(num_servers=num_servers, num_workers=num_workers, mode=mode, staleness=staleness,
-                         timeout=timeout, heartbeat_timeout=heartbeat_timeout, heartbeat_interval=0.2, codec=codec,
-                         **job)
+    settings = JobConfig(
+        num_servers=num_servers,
+        num_workers=num_workers,
+        mode=mode,
+        staleness=staleness,
+        timeout=timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        heartbeat_interval=0.2,
+        codec=codec,
+        **job,
+    )
     coordinator = Coordinator(settings)
     threads = [threading.Thread(target=coordinator.serve, daemon=True)]
     servers = []
@@ -81,7 +102,7 @@ def local_cluster(
 
 
 def close_all(clients: list[Client]) -> None:
-    run_parallel([c.close for c in clients])
+    run_parallel(lambda c: c.close(), clients)
 
 
 # -- the process table -----------------------------------------------------------------------------------
@@ -112,8 +133,11 @@ def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"zps
                 cmdline = f.read().split(b"\0")
         except OSError:
             continue
-        if (f"ZPS_ROLE={role}".encode() in environ and f"ZPS_RANK={rank}".encode() in environ
-                and not any(x in cmdline for x in exclude)):
+        if (
+            f"ZPS_ROLE={role}".encode() in environ
+            and f"ZPS_RANK={rank}".encode() in environ
+            and not any(x in cmdline for x in exclude)
+        ):
             return pid
     raise AssertionError(f"no {role} {rank} among the processes tagged {tag}")
 
@@ -144,8 +168,10 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
     """
     seen = []
     pending: bytes = getattr(proc, "_zps_pending", b"")
+    stdout = proc.stdout
+    assert stdout is not None, "start the process with stdout=PIPE"
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -158,14 +184,16 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
             left = deadline - time.monotonic()
             if left <= 0 or not sel.select(timeout=left):
                 break
-            chunk = proc.stdout.read1(65536)
+            chunk = stdout.read1(65536)  # type: ignore[attr-defined]  # a BufferedReader
             if not chunk:
                 break
             pending += chunk
     finally:
         proc._zps_pending = pending  # type: ignore[attr-defined]
         sel.close()
-    raise AssertionError(f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}{pending.decode(errors='replace')}")
+    raise AssertionError(
+        f"{needle!r} not seen within {timeout}s; output:\n{''.join(seen)}{pending.decode(errors='replace')}"
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -176,7 +204,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        raise AssertionError(f"the launcher did not end within {timeout}s:\n{(earlier + out).decode(errors='replace')}") from None
+        raise AssertionError(
+            f"the launcher did not end within {timeout}s:\n{(earlier + out).decode(errors='replace')}"
+        ) from None
     return proc.returncode, (earlier + out).decode(errors="replace")
 
 
@@ -198,8 +228,14 @@ def _die_with_the_tests() -> None:  # in the child, before exec: it dies if the 
 
 def start(tag: str, args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``zps ARGS...`` with its output piped (read it with :func:`wait_for_line` and :func:`finish`)."""
-    return subprocess.Popen(ZPS + args, cwd=cwd, env={**os.environ, **(env or {}), "ZPS_TEST_TAG": tag},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_the_tests)
+    return subprocess.Popen(
+        ZPS + args,
+        cwd=cwd,
+        env={**os.environ, **(env or {}), "ZPS_TEST_TAG": tag},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_the_tests,
+    )
 
 
 class Procs:
@@ -211,13 +247,21 @@ class Procs:
 
     def start(self, name: str, env: dict[str, str], args: list[str], command: list[str] = ZPS) -> None:
         # a clean environment: no ZPS_*/DMLC_*/torchrun variable of the test runner leaks into the roles
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("ZPS_", "DMLC_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ZPS_", "DMLC_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        }
         with open(self.dir / f"{name}.log", "wb") as log:
             self.procs[name] = subprocess.Popen(
-                command + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command + args,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env={**base, "ZPS_TEST_TAG": self.tag, "OMP_NUM_THREADS": "1", **env},
-                preexec_fn=_die_with_the_tests)
+                preexec_fn=_die_with_the_tests,
+            )
 
     def wait(self, timeout: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout

@@ -7,6 +7,7 @@ directory; :meth:`Sshd.stop` ends the daemon and every session it forked (its pr
 ``ensure_openssh()`` installs ``openssh-server`` and ``openssh-client`` with apt-get when they are missing (as
 CI does on a fresh Debian machine, as root); it returns a reason to skip only when that is impossible.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,20 @@ HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 def openssh_missing() -> str | None:
     """Why the real-sshd tests cannot run here (a skip reason), or None. Nothing is installed from a test:
     .ci/run installs openssh-server on CI's fresh machine; elsewhere ``apt-get install openssh-server``."""
-    missing = [name for name, there in ((SSHD, os.path.exists(SSHD)), ("ssh", shutil.which("ssh")),
-                                        ("ssh-keygen", shutil.which("ssh-keygen"))) if not there]
+    missing = [
+        name
+        for name, there in (
+            (SSHD, os.path.exists(SSHD)),
+            ("ssh", shutil.which("ssh")),
+            ("ssh-keygen", shutil.which("ssh-keygen")),
+        )
+        if not there
+    ]
     if missing:
-        return (f"OpenSSH is not installed ({', '.join(missing)} missing): apt-get install openssh-server "
-                "openssh-client to run the real-sshd tests")
+        return (
+            f"OpenSSH is not installed ({', '.join(missing)} missing): apt-get install openssh-server "
+            "openssh-client to run the real-sshd tests"
+        )
     return None
 
 
@@ -46,7 +56,7 @@ def descendants(root: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # the command name may hold spaces and ')'
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # the command name may hold spaces and ')'
         children.setdefault(ppid, []).append(int(entry))
     out, queue = [], [root]
     while queue:
@@ -57,8 +67,12 @@ def descendants(root: int) -> list[int]:
 
 
 def _keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zps-test", "-f", str(path)],
-                   check=True, stdout=subprocess.DEVNULL, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zps-test", "-f", str(path)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=30,
+    )
     return path.with_suffix(".pub").read_text().strip()
 
 
@@ -79,15 +93,22 @@ class Sshd:
     # -- the client's side ---------------------------------------------------------------------------
     def client_options(self) -> list[str]:
         """``-o`` values for ``ssh`` (or ``zps launch --ssh-option``): our key, our known_hosts, strict checks."""
-        return [f"IdentityFile={self.client_key}", "IdentitiesOnly=yes", f"UserKnownHostsFile={self.known_hosts}",
-                "GlobalKnownHostsFile=/dev/null", "StrictHostKeyChecking=yes", "LogLevel=ERROR"]
+        return [
+            f"IdentityFile={self.client_key}",
+            "IdentitiesOnly=yes",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "GlobalKnownHostsFile=/dev/null",
+            "StrictHostKeyChecking=yes",
+            "LogLevel=ERROR",
+        ]
 
     def ssh(self, host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess:
         argv = ["ssh", "-T", "-p", str(self.port), "-o", "BatchMode=yes"]
         for option in self.client_options():
             argv += ["-o", option]
-        return subprocess.run([*argv, host, "--", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [*argv, host, "--", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self, deadline_s: float = 20.0) -> Sshd:
@@ -100,17 +121,34 @@ class Sshd:
         for _ in range(3):  # the free port may be taken between our probe and sshd's bind: try another
             self.port = free_port()
             self.known_hosts.write_text(",".join(f"[{h}]:{self.port}" for h in HOSTS) + f" {host_pub}\n")
-            lines = [f"Port {self.port}", *(f"ListenAddress {h}" for h in HOSTS), f"HostKey {self.host_key}",
-                     f"PidFile {self.dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
-                     "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
-                     "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "PrintMotd no",
-                     "X11Forwarding no", "AllowTcpForwarding no", "MaxStartups 64", "MaxSessions 64",
-                     "LogLevel ERROR"]
+            lines = [
+                f"Port {self.port}",
+                *(f"ListenAddress {h}" for h in HOSTS),
+                f"HostKey {self.host_key}",
+                f"PidFile {self.dir / 'sshd.pid'}",
+                f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+                "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "StrictModes no",
+                "UsePAM no",
+                "PrintMotd no",
+                "X11Forwarding no",
+                "AllowTcpForwarding no",
+                "MaxStartups 64",
+                "MaxSessions 64",
+                "LogLevel ERROR",
+            ]
             self.config.write_text("\n".join(lines) + "\n")
             with open(self.log, "wb") as log:
-                self.proc = subprocess.Popen([SSHD, "-f", str(self.config), "-D", "-e"], stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    [SSHD, "-f", str(self.config), "-D", "-e"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             last_error = self._wait_listening(deadline_s)
             if not last_error:
                 return self

@@ -6,6 +6,7 @@ digits' 360 test images is about five images, within one seed's noise. So the me
 the margin comes from the spread measured in the same run: three standard errors of the difference of the two
 means, and never less than 1.5 points (see :func:`margin`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,11 +53,13 @@ def train(seed: int, **client_options: object) -> float:
     with local_cluster(2, 2, "bsp") as cluster:
         clients = cluster.clients(**client_options)
         try:
+
             def run(rank: int) -> nn.Module:
                 model = digits.make_model()
                 model.load_state_dict(template.state_dict())
-                opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model,
-                                           client=clients[rank])
+                opt = DistributedOptimizer(
+                    torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, client=clients[rank]
+                )
                 sampler = shard_sampler(train_set, seed=seed, rank=rank, num_workers=2)
                 loader = DataLoader(train_set, batch_size=32, sampler=sampler)
                 for epoch in range(EPOCHS):
@@ -67,7 +70,7 @@ def train(seed: int, **client_options: object) -> float:
                         opt.step()
                 return model
 
-            models = run_parallel([lambda r=r: run(r) for r in range(2)], timeout=600)
+            models = run_parallel(lambda r: run(r), range(2), timeout=600)
         finally:
             close_all(clients)
     return float(digits.accuracy(models[0], test_set))
@@ -93,5 +96,6 @@ def test_compressed_training_stays_within_the_margin_of_uncompressed(name: str, 
     accuracies = [train(seed, **CODECS[name]) for seed in SEEDS]  # type: ignore[arg-type]
     mean, baseline = statistics.mean(accuracies), statistics.mean(uncompressed)
     allowed = margin(accuracies, uncompressed)
-    assert mean >= baseline - allowed, (f"{name}: mean {mean:.4f} {accuracies} against uncompressed {baseline:.4f} "
-                                        f"{uncompressed}; margin {allowed:.4f}")
+    assert mean >= baseline - allowed, (
+        f"{name}: mean {mean:.4f} {accuracies} against uncompressed {baseline:.4f} {uncompressed}; margin {allowed:.4f}"
+    )

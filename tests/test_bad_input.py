@@ -1,4 +1,5 @@
 """Bad input gets an error reply naming the problem; the server keeps serving and its parameters are unchanged."""
+
 from __future__ import annotations
 
 import msgpack
@@ -11,6 +12,8 @@ from zps.protocol.tensors import as_buffer
 
 from .helpers import local_cluster
 
+pytestmark = pytest.mark.cluster
+
 NUMEL = 16
 
 
@@ -21,7 +24,7 @@ def served():
         (client,) = cluster.clients(shm=False)  # frames only: the raw socket speaks as worker 0 too
         tensors = {"a": torch.arange(NUMEL, dtype=torch.float32), "b": torch.ones(NUMEL)}
         client.declare(tensors, ("SGD", [{"lr": 1.0}]))
-        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(client.topology.servers[0])
         try:
@@ -62,28 +65,103 @@ def good_push(key: int) -> list:
 
 
 CASES = {
-    "wrong shape": (lambda k: [header(keys=[push_entry(k, numel=NUMEL - 1)]), torch.ones(NUMEL - 1).numpy().tobytes()], ErrorCode.SHAPE_MISMATCH),
-    "wrong dtype": (lambda k: [header(keys=[push_entry(k, dtype="float16")]), torch.ones(NUMEL, dtype=torch.float16).numpy().tobytes()], ErrorCode.DTYPE_MISMATCH),
-    "bytes disagree with header": (lambda k: [header(keys=[push_entry(k)]), b"\0" * (NUMEL * 4 - 2)], ErrorCode.FRAME_SIZE),
-    "unknown key": (lambda k: [header(keys=[push_entry(9999)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.UNKNOWN_KEY),
-    "malformed msgpack": (lambda k: [b"\xc1\xff\x00garbage", torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
+    "wrong shape": (
+        lambda k: [header(keys=[push_entry(k, numel=NUMEL - 1)]), torch.ones(NUMEL - 1).numpy().tobytes()],
+        ErrorCode.SHAPE_MISMATCH,
+    ),
+    "wrong dtype": (
+        lambda k: [
+            header(keys=[push_entry(k, dtype="float16")]),
+            torch.ones(NUMEL, dtype=torch.float16).numpy().tobytes(),
+        ],
+        ErrorCode.DTYPE_MISMATCH,
+    ),
+    "bytes disagree with header": (
+        lambda k: [header(keys=[push_entry(k)]), b"\0" * (NUMEL * 4 - 2)],
+        ErrorCode.FRAME_SIZE,
+    ),
+    "unknown key": (
+        lambda k: [header(keys=[push_entry(9999)]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.UNKNOWN_KEY,
+    ),
+    "malformed msgpack": (
+        lambda k: [b"\xc1\xff\x00garbage", torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_HEADER,
+    ),
     "header not a map": (lambda k: [msgpack.packb([1, 2, 3])], ErrorCode.BAD_HEADER),
-    "truncated frame list": (lambda k: [header(keys=[push_entry(k), push_entry(k + 1)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.FRAME_COUNT),
-    "wrong protocol version": (lambda k: [header(v=PROTOCOL_VERSION + 1, keys=[push_entry(k)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_VERSION),
+    "truncated frame list": (
+        lambda k: [header(keys=[push_entry(k), push_entry(k + 1)]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.FRAME_COUNT,
+    ),
+    "wrong protocol version": (
+        lambda k: [header(v=PROTOCOL_VERSION + 1, keys=[push_entry(k)]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_VERSION,
+    ),
     "unknown kind": (lambda k: [header(kind="explode")], ErrorCode.BAD_KIND),
-    "bad src": (lambda k: [header(src="worker:99", keys=[push_entry(k)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
-    "negative step": (lambda k: [header(keys=[dict(push_entry(k), step=-1)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
-    "unknown codec": (lambda k: [header(keys=[dict(push_entry(k), codec="nosuchcodec")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
-    "codec by import path": (lambda k: [header(keys=[dict(push_entry(k), codec="os.path:join")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
-    "push_pull with a bad pull codec": (lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pc="nosuchcodec")]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_CODEC),
-    "push_pull into a shared area it has not got": (lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pshm=1)]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
-    "fused key outside the fused frame": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 4}]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.FRAME_SIZE),
-    "fused frame of the wrong size": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}]), b"\0" * (NUMEL * 4 - 4)], ErrorCode.FRAME_SIZE),
-    "fused key without a fused frame": (lambda k: [header(keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}])], ErrorCode.BAD_HEADER),
-    "fused frame missing": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}])], ErrorCode.FRAME_COUNT),
-    "fused key also in shared memory": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0, "shm": 1}]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
-    "negative fused offset": (lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": -1}]), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
-    "bad lr": (lambda k: [header(keys=[push_entry(k)], body={"lr": ["fast"]}), torch.ones(NUMEL).numpy().tobytes()], ErrorCode.BAD_HEADER),
+    "bad src": (
+        lambda k: [header(src="worker:99", keys=[push_entry(k)]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_HEADER,
+    ),
+    "negative step": (
+        lambda k: [header(keys=[dict(push_entry(k), step=-1)]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_HEADER,
+    ),
+    "unknown codec": (
+        lambda k: [header(keys=[dict(push_entry(k), codec="nosuchcodec")]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_CODEC,
+    ),
+    "codec by import path": (
+        lambda k: [header(keys=[dict(push_entry(k), codec="os.path:join")]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_CODEC,
+    ),
+    "push_pull with a bad pull codec": (
+        lambda k: [
+            header(kind="push_pull", keys=[dict(push_entry(k), pc="nosuchcodec")]),
+            torch.ones(NUMEL).numpy().tobytes(),
+        ],
+        ErrorCode.BAD_CODEC,
+    ),
+    "push_pull into a shared area it has not got": (
+        lambda k: [header(kind="push_pull", keys=[dict(push_entry(k), pshm=1)]), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_HEADER,
+    ),
+    "fused key outside the fused frame": (
+        lambda k: [
+            header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 4}]),
+            torch.ones(NUMEL).numpy().tobytes(),
+        ],
+        ErrorCode.FRAME_SIZE,
+    ),
+    "fused frame of the wrong size": (
+        lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}]), b"\0" * (NUMEL * 4 - 4)],
+        ErrorCode.FRAME_SIZE,
+    ),
+    "fused key without a fused frame": (
+        lambda k: [header(keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}])],
+        ErrorCode.BAD_HEADER,
+    ),
+    "fused frame missing": (
+        lambda k: [header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0}])],
+        ErrorCode.FRAME_COUNT,
+    ),
+    "fused key also in shared memory": (
+        lambda k: [
+            header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": 0, "shm": 1}]),
+            torch.ones(NUMEL).numpy().tobytes(),
+        ],
+        ErrorCode.BAD_HEADER,
+    ),
+    "negative fused offset": (
+        lambda k: [
+            header(fz=NUMEL, keys=[{"key": k, "step": 0, "nf": 0, "fz": -1}]),
+            torch.ones(NUMEL).numpy().tobytes(),
+        ],
+        ErrorCode.BAD_HEADER,
+    ),
+    "bad lr": (
+        lambda k: [header(keys=[push_entry(k)], body={"lr": ["fast"]}), torch.ones(NUMEL).numpy().tobytes()],
+        ErrorCode.BAD_HEADER,
+    ),
 }
 
 
@@ -147,7 +225,9 @@ def test_retried_push_is_applied_once(served) -> None:
 def test_conflicting_declaration_is_refused(served) -> None:
     client, raw, tensors = served
     entry = {"key": key_of(client, "a"), "name": "a", "numel": NUMEL + 5, "nf": 0}
-    reply = ask(raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 1, "src": "worker:0", "keys": [entry]})])
+    reply = ask(
+        raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 1, "src": "worker:0", "keys": [entry]})]
+    )
     assert reply.body["code"] == ErrorCode.CONFLICT.value
     assert "same model" in reply.body["reason"]
 
@@ -155,7 +235,14 @@ def test_conflicting_declaration_is_refused(served) -> None:
 def test_unknown_server_optimizer_is_refused(served) -> None:
     client, raw, tensors = served
     entry = {"key": 77, "name": "z", "numel": 4, "nf": 1, "codec": "none", "meta": {}, "bufs": [["float32", 4]]}
-    head = {"v": PROTOCOL_VERSION, "kind": "init", "id": 1, "src": "worker:0", "keys": [entry], "body": {"optimizer": "LBFGS", "groups": [{}]}}
+    head = {
+        "v": PROTOCOL_VERSION,
+        "kind": "init",
+        "id": 1,
+        "src": "worker:0",
+        "keys": [entry],
+        "body": {"optimizer": "LBFGS", "groups": [{}]},
+    }
     reply = ask(raw, [msgpack.packb(head), torch.zeros(4).numpy().tobytes()])
     assert reply.body["code"] == ErrorCode.BAD_OPTIMIZER.value
     assert "LBFGS" in reply.body["reason"]
@@ -164,14 +251,21 @@ def test_unknown_server_optimizer_is_refused(served) -> None:
     assert reply.body["code"] == ErrorCode.BAD_OPTIMIZER.value
     assert "warp_speed" in reply.body["reason"]
     # nothing was declared by the refused requests
-    assert ask(raw, [header(keys=[push_entry(77, numel=4)]), torch.ones(4).numpy().tobytes()]).body["code"] == ErrorCode.UNKNOWN_KEY.value
+    assert (
+        ask(raw, [header(keys=[push_entry(77, numel=4)]), torch.ones(4).numpy().tobytes()]).body["code"]
+        == ErrorCode.UNKNOWN_KEY.value
+    )
 
 
 def test_a_declaration_in_another_group_is_a_conflict(served) -> None:
     client, raw, tensors = served
     entry = {"key": key_of(client, "a"), "name": "a", "numel": NUMEL, "group": 3, "nf": 0}
-    reply = ask(raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 1, "src": "worker:0", "keys": [entry]})])
+    reply = ask(
+        raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 1, "src": "worker:0", "keys": [entry]})]
+    )
     assert reply.body["code"] == ErrorCode.CONFLICT.value and "group 3" in reply.body["reason"]
     entry = {"key": 500, "name": "z", "numel": 4, "group": "first", "nf": 0}
-    reply = ask(raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 2, "src": "worker:0", "keys": [entry]})])
+    reply = ask(
+        raw, [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "init", "id": 2, "src": "worker:0", "keys": [entry]})]
+    )
     assert reply.body["code"] == ErrorCode.BAD_HEADER.value and "'group'" in reply.body["reason"]

@@ -1,4 +1,5 @@
 """The client's socket work: replies received straight into their destinations, and progress without a waiter."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -11,7 +12,7 @@ import pytest
 import torch
 import zmq
 
-from zps.protocol.messages import Kind, Message, ProtocolError, parse_frames
+from zps.protocol.messages import KeyEntry, Kind, Message, ProtocolError, parse_frames
 from zps.protocol.tensors import Decoders, FusedWriter
 from zps.worker._engine import Engine, InPlace, Request
 from zps.worker._replies import Replies
@@ -19,12 +20,17 @@ from zps.worker._shm import SharedAreas
 
 from .helpers import local_cluster
 
+pytestmark = pytest.mark.cluster
+
 _ADDRESSES = itertools.count()
 
 
 def _values_reply(request_id: int, key: int, numel: int, payload: bytes) -> list[bytes]:
-    entry = {"key": key, "codec": "none", "meta": {}, "bufs": [["float32", numel]], "nf": 1}
-    return [bytes(f) for f in Message(Kind.VALUES, id=request_id, src="server:0", keys=[entry], frames=[payload]).to_frames()]
+    entry: KeyEntry = {"key": key, "codec": "none", "meta": {}, "bufs": [["float32", numel]], "nf": 1}
+    return [
+        bytes(f)
+        for f in Message(Kind.VALUES, id=request_id, src="server:0", keys=[entry], frames=[payload]).to_frames()
+    ]
 
 
 class _Recording(Replies):
@@ -37,19 +43,23 @@ class _Recording(Replies):
         super().apply(msg, request)
 
 
-def _pull_through_engine(dest: torch.Tensor, reply: Callable[[int], list[bytes]],
-                         stray: list[bytes] | None = None) -> tuple[Future, list]:
+def _pull_through_engine(
+    dest: torch.Tensor, reply: Callable[[int], list[bytes]], stray: list[bytes] | None = None
+) -> tuple[Future, list]:
     """The engine alone, against a fake server (a ROUTER on inproc, driven by this thread): a pull of key 7 into
     ``dest``, answered with ``reply(request id)``, after ``stray`` (a message answering nothing) when given."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     fake = ctx.socket(zmq.ROUTER)
     address = f"inproc://zps-test-engine-{next(_ADDRESSES)}"
     fake.bind(address)
     replies = _Recording(Decoders(), SharedAreas("worker:0"))
     engine = Engine("worker:0", ctx, [address], timeout=5.0, replies=replies, failure=lambda: None)
     try:
-        future = engine.submit([(0, Message(Kind.PULL, src="worker:0", keys=[{"key": 7, "step": 0, "nf": 0}]))],
-                               "pull of step 0", outs={7: dest.view(-1)})
+        future = engine.submit(
+            [(0, Message(Kind.PULL, src="worker:0", keys=[{"key": 7, "step": 0, "nf": 0}]))],
+            "pull of step 0",
+            outs={7: dest.view(-1)},
+        )
         assert fake.poll(5000)
         identity, *frames = fake.recv_multipart()
         request = parse_frames(frames)
@@ -224,7 +234,12 @@ def test_close_gives_up_on_a_thread_that_never_lets_go_of_the_sockets(monkeypatc
         with client._engine._lock:  # as a done-callback blocked forever in another thread would
             client._engine._io_busy, client._engine._io_owner = True, -1
         done = threading.Event()
-        closer = threading.Thread(target=lambda: (client.close(failure="closed by the test"), done.set()), daemon=True)
+
+        def close() -> None:
+            client.close(failure="closed by the test")
+            done.set()
+
+        closer = threading.Thread(target=close, daemon=True)
         closer.start()
         closer.join(30)
         assert done.is_set(), "close() waited without end"

@@ -1,6 +1,7 @@
 """Compressed push and pull through real sockets: bytes counted at the socket, each codec replayed against a
 reference, exact delta tracking, pull codecs by their default spec, user codecs. (Accuracy over seeds:
 tests/test_accuracy.py, the slow tier.)"""
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,11 @@ import torch
 
 from zps.protocol.codecs import available_codecs, canonical_spec, make_codec
 from zps.protocol.messages import ErrorCode, ProtocolError
+from zps.worker import Client
 
 from .helpers import close_all, local_cluster, run_parallel
+
+pytestmark = pytest.mark.cluster
 
 NUMEL = 1_000_000
 
@@ -68,8 +72,9 @@ def test_compressed_pull_tracks_the_workers_copy_exactly_and_converges() -> None
             for step in range(5):
                 client.push_pull({"w": torch.randn(400, generator=g)}, held, step).result()
                 view = server.values.view(0, key)
-                assert torch.equal(held["w"], view)
+                assert view is not None and torch.equal(held["w"], view)
             truth = server.keys[key].param
+            assert truth is not None
             assert (held["w"] - truth).abs().max() > 1e-3  # 10% top-k really is lossy
             errors = []
             for step in range(5, 40):
@@ -111,11 +116,20 @@ def test_server_refuses_an_import_path_it_was_not_configured_with() -> None:
 
 # Each codec with its parameters for the replay; a seed where the codec draws random numbers, so the reference
 # draws the same ones.
-REPLAYED = ["fp16", "bf16", "int8", "qsgd:seed=1", "terngrad:seed=2", "onebit", "topk:ratio=0.05,seed=3",
-            "randomk:ratio=0.05,seed=4", "dgc:ratio=0.05,seed=5", "powersgd:rank=2,seed=6"]
+REPLAYED = [
+    "fp16",
+    "bf16",
+    "int8",
+    "qsgd:seed=1",
+    "terngrad:seed=2",
+    "onebit",
+    "topk:ratio=0.05,seed=3",
+    "randomk:ratio=0.05,seed=4",
+    "dgc:ratio=0.05,seed=5",
+    "powersgd:rank=2,seed=6",
+]
 
 
-@pytest.mark.cluster
 @pytest.mark.parametrize("spec", REPLAYED)
 def test_each_codec_with_error_feedback_applies_exactly_what_a_reference_computes(spec: str) -> None:
     """BSP, 2 workers, SGD with momentum: after every step the servers hold what an in-process reference computes
@@ -129,8 +143,7 @@ def test_each_codec_with_error_feedback_applies_exactly_what_a_reference_compute
         clients = cluster.clients(codec=spec, error_feedback=True, compress_min=16, shm=False, chunk_bytes=8192)
         try:
             optimizer = ("SGD", [{"lr": lr, "momentum": 0.9}])
-            run_parallel([lambda c=c: c.declare({"w": start.clone()}, optimizer if c.rank == 0 else None)
-                          for c in clients])
+            run_parallel(lambda c: c.declare({"w": start.clone()}, optimizer if c.rank == 0 else None), clients)
             reference = start.clone().requires_grad_(True)
             ref_opt = torch.optim.SGD([reference], lr=lr, momentum=0.9)
             chunks = clients[0].chunks("w")
@@ -138,8 +151,11 @@ def test_each_codec_with_error_feedback_applies_exactly_what_a_reference_compute
             ref_codecs = [[make_codec(spec, error_feedback=True) for _ in chunks] for _ in clients]
             held = [torch.zeros(numel) for _ in clients]
             for step in range(steps):
-                run_parallel([lambda c=c: c.push_pull({"w": grads[step][c.rank]}, {"w": held[c.rank]}, step).result()
-                              for c in clients])
+
+                def push_pull(c: Client, step: int = step) -> None:
+                    c.push_pull({"w": grads[step][c.rank]}, {"w": held[c.rank]}, step).result()
+
+                run_parallel(push_pull, clients)
                 mean = torch.empty(numel)
                 for chunk, codecs in zip(chunks, zip(*ref_codecs, strict=True), strict=True):
                     part = slice(chunk.offset, chunk.offset + chunk.numel)
@@ -156,7 +172,6 @@ def test_each_codec_with_error_feedback_applies_exactly_what_a_reference_compute
             close_all(clients)
 
 
-@pytest.mark.cluster
 @pytest.mark.parametrize("codec", [c for c in available_codecs() if c != "none"])
 def test_pull_codec_written_without_parameters_compresses_pulls(codec: str) -> None:
     """``--pull-codec int8`` (the codec's defaults) sends deltas exactly as ``int8:chunk=4096`` does: the spec is
@@ -166,7 +181,9 @@ def test_pull_codec_written_without_parameters_compresses_pulls(codec: str) -> N
         (client,) = cluster.clients(pull_codec=codec, shm=False)
         try:
             assert client.pull_codec == canonical_spec(codec)
-            client.declare({"w": torch.randn(numel, generator=torch.Generator().manual_seed(0))}, ("SGD", [{"lr": 0.1}]))
+            client.declare(
+                {"w": torch.randn(numel, generator=torch.Generator().manual_seed(0))}, ("SGD", [{"lr": 0.1}])
+            )
             held = {"w": torch.zeros(numel)}
             server = cluster.servers[0]
             client.pull(held, 0).result()  # the first pull is full

@@ -1,4 +1,5 @@
 """SSP bounds staleness (asserted from what the servers record); BSP waits name who is missing; cluster size errors."""
+
 from __future__ import annotations
 
 import threading
@@ -14,6 +15,8 @@ from zps.protocol.rendezvous import RendezvousError
 from zps.worker.client import Client
 
 from .helpers import close_all, local_cluster, run_parallel
+
+pytestmark = pytest.mark.cluster
 
 
 def run_steps(client: Client, steps: int, delay: float, tensors: dict[str, torch.Tensor]) -> None:
@@ -32,10 +35,10 @@ def test_ssp_never_lets_a_worker_run_more_than_s_clocks_ahead(staleness: int) ->
         try:
             models = [{"w": torch.zeros(40), "b": torch.zeros(3)} for _ in clients]
             clients[0].declare(models[0], ("SGD", [{"lr": 0.1}]))
-            run_parallel([lambda c=c, m=m: c.declare(m) for c, m in zip(clients[1:], models[1:])])
-            run_parallel([lambda c=c, m=m: c.pull(m, 0).result() for c, m in zip(clients, models)])
+            run_parallel(lambda cm: cm[0].declare(cm[1]), zip(clients[1:], models[1:], strict=True))
+            run_parallel(lambda cm: cm[0].pull(cm[1], 0).result(), zip(clients, models, strict=True))
             # worker 2 is the straggler
-            run_parallel([lambda i=i: run_steps(clients[i], steps, 0.01 if i == 2 else 0.0, models[i]) for i in range(3)])
+            run_parallel(lambda i: run_steps(clients[i], steps, 0.01 if i == 2 else 0.0, models[i]), range(3))
             stats = clients[0].stats()
         finally:
             close_all(clients)
@@ -99,9 +102,7 @@ def test_missing_worker_fails_fast_naming_the_rank() -> None:
     """The job expects 3 workers; only 2 start. Registration fails within the timeout, naming rank 2."""
     with local_cluster(1, 3, "bsp", timeout=1.5) as cluster:
         started = time.monotonic()
-        results = run_parallel(
-            [lambda r=r: _register_expecting_failure(cluster.worker_config(r)) for r in range(2)], timeout=30
-        )
+        results = run_parallel(lambda r: _register_expecting_failure(cluster.worker_config(r)), range(2), timeout=30)
         elapsed = time.monotonic() - started
     assert elapsed < 8
     for err in results:
@@ -150,9 +151,9 @@ def test_barrier_releases_everyone_and_names_who_is_missing() -> None:
     with local_cluster(1, 3, "bsp", timeout=1.0) as cluster:
         clients = cluster.clients()
         try:
-            run_parallel([lambda c=c: c.rendezvous.barrier("all") for c in clients])  # returns for all three
+            run_parallel(lambda c: c.rendezvous.barrier("all"), clients)  # returns for all three
             clients[2].close()  # a worker that is done no longer counts
-            run_parallel([lambda c=c: c.rendezvous.barrier("two") for c in clients[:2]])
+            run_parallel(lambda c: c.rendezvous.barrier("two"), clients[:2])
             started = time.monotonic()
             with pytest.raises(RendezvousError) as info:
                 clients[0].rendezvous.barrier("alone")  # worker 1 never comes
@@ -172,7 +173,9 @@ def test_a_failing_transport_fails_the_callers_instead_of_leaving_them_waiting(m
                 raise OSError("simulated socket failure")
 
             # only the client's view of the transport breaks; the server in this process keeps working
-            monkeypatch.setattr("zps.worker._engine.transport", types.SimpleNamespace(**{**vars(transport), "send": broken}))
+            monkeypatch.setattr(
+                "zps.worker._engine.transport", types.SimpleNamespace(**{**vars(transport), "send": broken})
+            )
             with pytest.raises(RuntimeError, match="transport failed.*simulated socket failure"):
                 client.pull({"w": torch.zeros(4)}, 0).result(timeout=10)
             with pytest.raises(RuntimeError, match="transport failed.*no new requests"):
@@ -190,8 +193,7 @@ def test_a_worker_that_fails_is_never_taken_for_one_that_left() -> None:
             models = [{"w": torch.zeros(4)} for _ in clients]
             clients[0].declare(models[0], ("SGD", [{"lr": 1.0}]))
             clients[1].declare(models[1])
-            run_parallel([lambda c=c: c.push_pull({"w": torch.ones(4)}, models[c.rank], 0).result(timeout=30)
-                          for c in clients])
+            run_parallel(lambda c: c.push_pull({"w": torch.ones(4)}, models[c.rank], 0).result(timeout=30), clients)
             clients[1].close(failure="RuntimeError: CUDA out of memory")
             with pytest.raises(ProtocolError) as info:
                 clients[0].push_pull({"w": torch.ones(4)}, models[0], 1).result(timeout=30)

@@ -4,6 +4,7 @@ Under `zps run` the launcher sees the death and ends the job; under a scheduler 
 the coordinator's heartbeats notice it and every other process fails, naming the dead one. Either way the job ends
 within a bounded time and leaves no process behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from .helpers import FOREVER, Procs, finish, free_port, role_pid, start, wait_for_line, wait_for_no_tagged
+
+pytestmark = pytest.mark.cluster
 
 
 @pytest.mark.parametrize("victim", ["server", "worker"])
@@ -36,8 +39,13 @@ def test_zps_run_ends_when_any_role_is_killed(tag: str, victim: str, servers: in
 def test_without_a_launcher_heartbeats_end_the_job_naming_the_dead(tag: str, tmp_path: Path, victim: str) -> None:
     """Scheduler mode: every role is its own `zps node`; kill one and nobody may hang."""
     procs = Procs(tag, tmp_path)
-    common = {"ZPS_COORDINATOR": f"127.0.0.1:{free_port()}", "ZPS_NUM_SERVERS": "2", "ZPS_NUM_WORKERS": "2",
-              "ZPS_TIMEOUT": "60", "ZPS_HEARTBEAT_TIMEOUT": "2"}
+    common = {
+        "ZPS_COORDINATOR": f"127.0.0.1:{free_port()}",
+        "ZPS_NUM_SERVERS": "2",
+        "ZPS_NUM_WORKERS": "2",
+        "ZPS_TIMEOUT": "60",
+        "ZPS_HEARTBEAT_TIMEOUT": "2",
+    }
     procs.start("coordinator", {**common, "ZPS_ROLE": "coordinator"}, ["node"])
     for rank in range(2):
         procs.start(f"server{rank}", {**common, "ZPS_ROLE": "server", "ZPS_RANK": str(rank)}, ["node"])
@@ -65,8 +73,13 @@ def test_a_failing_worker_fails_the_job_instead_of_leaving_it(tag: str, tmp_path
     """Scheduler mode, BSP: worker 1's script raises (or exits 3) mid-run, run by `zps node` or by plain `python`
     (its exit handler reports it). The job must fail naming worker 1, never go on averaging worker 0 alone."""
     procs = Procs(tag, tmp_path)
-    common = {"ZPS_COORDINATOR": f"127.0.0.1:{free_port()}", "ZPS_NUM_SERVERS": "1", "ZPS_NUM_WORKERS": "2",
-              "ZPS_TIMEOUT": "60", "ZPS_HEARTBEAT_TIMEOUT": "30"}  # no heartbeat may be what ends it
+    common = {
+        "ZPS_COORDINATOR": f"127.0.0.1:{free_port()}",
+        "ZPS_NUM_SERVERS": "1",
+        "ZPS_NUM_WORKERS": "2",
+        "ZPS_TIMEOUT": "60",
+        "ZPS_HEARTBEAT_TIMEOUT": "30",
+    }  # no heartbeat may be what ends it
     crash = [FOREVER, "--crash-rank", "1", "--crash-after", "4", "--crash-how", how]
     procs.start("coordinator", {**common, "ZPS_ROLE": "coordinator"}, ["node"])
     procs.start("server", {**common, "ZPS_ROLE": "server", "ZPS_RANK": "0"}, ["node"])

@@ -1,4 +1,5 @@
 """`zps run` end to end: real processes on loopback; no process outlives the job, however it ends."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from .helpers import FOREVER, ROOT, finish, start, tagged_pids, wait_for_line, wait_for_no_tagged
+
+pytestmark = pytest.mark.cluster
 
 
 @pytest.mark.parametrize("mode", ["bsp", "asp", "ssp"])
@@ -73,8 +76,9 @@ def test_files_named_like_zps_packages_beside_the_script_do_not_shadow_them(tag:
     script = tmp_path / "digits.py"
     script.write_text((ROOT / "examples" / "digits.py").read_text())
     out = tmp_path / "result.json"
-    proc = start(tag, ["run", "--servers", "1", "--workers", "2", str(script), "--epochs", "2", "--out", str(out)],
-                 cwd=tmp_path)
+    proc = start(
+        tag, ["run", "--servers", "1", "--workers", "2", str(script), "--epochs", "2", "--out", str(out)], cwd=tmp_path
+    )
     code, text = finish(proc, timeout=180)
     assert code == 0, text
     assert "was imported" not in text
@@ -91,12 +95,15 @@ def test_a_job_optimizer_the_script_does_not_use_is_refused(tag: str) -> None:
     assert wait_for_no_tagged(tag, within=5) == []
 
 
-@pytest.mark.parametrize("option, words", [
-    (["--codec", "nosuch"], "unknown codec 'nosuch'"),
-    (["--pull-codec", "topk:ratio=x"], "ZPS_PULL_CODEC (--pull-codec)='topk:ratio=x'"),
-    (["--optimizer", "sgd:lr"], "is not key=value"),
-    (["--mode", "asp", "--staleness", "2"], "only applies to mode ssp"),
-])
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        (["--codec", "nosuch"], "unknown codec 'nosuch'"),
+        (["--pull-codec", "topk:ratio=x"], "ZPS_PULL_CODEC (--pull-codec)='topk:ratio=x'"),
+        (["--optimizer", "sgd:lr"], "is not key=value"),
+        (["--mode", "asp", "--staleness", "2"], "only applies to mode ssp"),
+    ],
+)
 def test_bad_job_options_fail_before_anything_starts(tag: str, option: list[str], words: str) -> None:
     code, text = finish(start(tag, ["run", *option, FOREVER]), timeout=60)
     assert code == 2, text

@@ -6,6 +6,7 @@ port, a wrong interface and a version mismatch within seconds, and starts nothin
 carries ZPS_TEST_TAG (in the launcher's environment and, through --env, the remote ones), so the process table
 shows what is left on any "host".
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,8 @@ from zps.launcher.preflight import Problem, compare, format_problems
 from .helpers import ROOT, ZPS, finish, role_pid, tagged_pids, wait_for_line, wait_for_no_tagged
 from .sshd import Sshd, descendants, openssh_missing
 
+pytestmark = pytest.mark.cluster
+
 FOREVER = "tests/scripts/train_forever.py"
 
 
@@ -39,13 +42,15 @@ def sshd(tmp_path_factory):
 def launch(sshd: Sshd, tag: str, *args: str) -> subprocess.Popen:
     options = [a for o in sshd.client_options() for a in ("--ssh-option", o)]
     argv = [*ZPS, "launch", "--ssh-port", str(sshd.port), *options, "--env", f"ZPS_TEST_TAG={tag}", *args]
-    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        argv, cwd=ROOT, env={**os.environ, "ZPS_TEST_TAG": tag}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def assert_nothing_left(sshd: Sshd, tag: str, within: float = 15) -> None:
     assert wait_for_no_tagged(tag, within=within) == []
     deadline = time.monotonic() + within
+    assert sshd.proc is not None
     while descendants(sshd.proc.pid) and time.monotonic() < deadline:  # sshd's sessions end with their clients
         time.sleep(0.05)  # polling the process table, bounded by the deadline
     assert descendants(sshd.proc.pid) == []
@@ -58,8 +63,21 @@ def write_hostfile(path: Path) -> str:
 
 def test_digits_over_ssh_on_two_hosts(sshd: Sshd, tag: str, tmp_path: Path) -> None:
     result = tmp_path / "result.json"
-    proc = launch(sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2",
-                  "examples/digits.py", "--epochs", "20", "--out", str(result))
+    proc = launch(
+        sshd,
+        tag,
+        "--hostfile",
+        write_hostfile(tmp_path / "hosts"),
+        "--servers",
+        "2",
+        "--workers",
+        "2",
+        "examples/digits.py",
+        "--epochs",
+        "20",
+        "--out",
+        str(result),
+    )
     code, text = finish(proc, timeout=120)
     assert code == 0, text
     summary = json.loads(result.read_text())
@@ -73,8 +91,9 @@ def test_digits_over_ssh_on_two_hosts(sshd: Sshd, tag: str, tmp_path: Path) -> N
 
 
 def test_a_killed_remote_worker_ends_the_job_and_leaves_nothing(sshd: Sshd, tag: str, tmp_path: Path) -> None:
-    proc = launch(sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2",
-                  FOREVER)
+    proc = launch(
+        sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2", FOREVER
+    )
     wait_for_line(proc, "[worker 1@127.0.0.3] TRAINING", timeout=60)  # its progress: training steps are done
     os.kill(role_pid(tag, "worker", 1), signal.SIGKILL)
     killed_at = time.monotonic()
@@ -96,6 +115,7 @@ def test_a_launcher_killed_outright_takes_the_remote_processes_along(sshd: Sshd,
 
 
 # --- preflight -------------------------------------------------------------------------------------------------
+
 
 def preflight(sshd: Sshd, tag: str, *args: str, script: str = "examples/digits.py") -> tuple[int, str]:
     started = time.monotonic()
@@ -134,8 +154,9 @@ def test_preflight_names_a_zps_version_mismatch_and_a_missing_script(sshd: Sshd,
     dist = tmp_path / "site" / "zps-9.9.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zps\nVersion: 9.9\n")
-    _, text = preflight(sshd, tag, "--hosts", "127.0.0.2:2", "--env", f"PYTHONPATH={dist.parent}",
-                        script="examples/nosuch.py")
+    _, text = preflight(
+        sshd, tag, "--hosts", "127.0.0.2:2", "--env", f"PYTHONPATH={dist.parent}", script="examples/nosuch.py"
+    )
     assert f"zps 9.9 there, {zps.__version__} on the launcher host" in text, text
     assert "examples/nosuch.py is not a file in" in text, text
 
@@ -145,8 +166,9 @@ def test_preflight_compares_python_versions() -> None:
     same = {"python": "3.11.2", "zps": "0.1.0", "importable": True, "problems": []}
     assert compare("h", "/py", local, same) == []
     assert compare("h", "/py", local, {**same, "zps": None}) == []  # a source checkout in the workdir
-    problems = compare("h", "/py", local, {"python": "3.12.1", "zps": None, "importable": False,
-                                           "problems": [["reach", "x"]]})
+    problems = compare(
+        "h", "/py", local, {"python": "3.12.1", "zps": None, "importable": False, "problems": [["reach", "x"]]}
+    )
     assert [(p.check, p.host) for p in problems] == [("reach", "h"), ("python", "h"), ("zps", "h")]
     assert "Python 3.12.1 there, the launcher runs 3.11.7" in problems[1].detail
     assert "/py cannot import zps there; install it there (pip install zps==0.1.0" in problems[2].detail

@@ -1,10 +1,12 @@
 """DistributedOptimizer as a torch.optim.Optimizer: schedulers, state_dict, synchronize(), the job's --optimizer."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+from zps.protocol.codecs import ErrorFeedback
 from zps.protocol.optim_spec import check_job_optimizer, describe_optimizer
 from zps.worker import DistributedOptimizer
 
@@ -64,7 +66,9 @@ def test_state_dict_round_trips_steps_learning_rates_and_error_feedback_residual
             opt.load_state_dict(state)  # ...and comes back
             assert opt.steps == 3 and opt.param_groups[0]["lr"] == 0.05 and opt.inner.param_groups[0]["lr"] == 0.05
             for key, residual in saved.items():
-                torch.testing.assert_close(client.push_codec(key).residual, residual, atol=0, rtol=0)
+                codec = client.push_codec(key)
+                assert isinstance(codec, ErrorFeedback)
+                torch.testing.assert_close(codec.residual, residual, atol=0, rtol=0)
         finally:
             client.close()
 
@@ -76,18 +80,22 @@ def test_synchronize_leaves_every_worker_holding_the_servers_model_in_asp() -> N
         clients = cluster.clients(chunk_bytes=64)
         try:
             models = [_model() for _ in clients]
-            opts = run_parallel([lambda c=c: DistributedOptimizer(torch.optim.SGD(models[c.rank].parameters(), lr=0.1),
-                                                                   models[c.rank], client=c) for c in clients])
+            opts = run_parallel(
+                lambda c: DistributedOptimizer(
+                    torch.optim.SGD(models[c.rank].parameters(), lr=0.1), models[c.rank], client=c
+                ),
+                clients,
+            )
 
             def train(rank: int) -> None:
                 for step in range(4 + 3 * rank):  # uneven: worker 1 runs on after worker 0 stopped
                     _step(opts[rank], models[rank], 100 * rank + step)
                 opts[rank].synchronize()
 
-            run_parallel([lambda r=r: train(r) for r in range(2)])
+            run_parallel(lambda r: train(r), range(2))
             for name, param in models[0].named_parameters():
                 chunks = clients[0].chunks(name)
-                served = torch.cat([cluster.servers[c.server].keys[c.key].param for c in chunks])
+                served = torch.cat([cluster.servers[c.server].keys[c.key].param for c in chunks])  # type: ignore[misc]
                 torch.testing.assert_close(param.detach().view(-1), served, atol=0, rtol=0, msg=name)
                 torch.testing.assert_close(dict(models[1].named_parameters())[name], param, atol=0, rtol=0)
         finally:

@@ -1,7 +1,9 @@
 """Parity with PyTorch itself: a BSP job equals single-process torch.optim on the same global batches."""
+
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from torch import nn
 from zps.worker import DistributedOptimizer
 
 from .helpers import close_all, local_cluster, run_parallel
+
+pytestmark = pytest.mark.cluster
 
 STEPS = 20
 BATCH = 8  # per worker
@@ -30,7 +34,10 @@ def make_model() -> nn.Module:
 
 def batches(num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(99)
-    return [(torch.randn(num_workers * BATCH, 10, generator=g), torch.randn(num_workers * BATCH, 3, generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(num_workers * BATCH, 10, generator=g), torch.randn(num_workers * BATCH, 3, generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 OPTIMIZERS = {
@@ -63,8 +70,16 @@ def reference(optimizer: str, data, schedule: bool = False) -> nn.Module:
     return model
 
 
-def train_worker(client, rank: int, num_workers: int, optimizer: str, data, schedule: bool = False, overlap: bool = True,
-                 schedule_on: str = "distributed") -> nn.Module:
+def train_worker(
+    client,
+    rank: int,
+    num_workers: int,
+    optimizer: str,
+    data,
+    schedule: bool = False,
+    overlap: bool = True,
+    schedule_on: str = "distributed",
+) -> nn.Module:
     model = make_model()
     if rank > 0:  # prove that non-zero ranks start from what they pull, not from their own initial values
         with torch.no_grad():
@@ -73,8 +88,11 @@ def train_worker(client, rank: int, num_workers: int, optimizer: str, data, sche
     local = OPTIMIZERS[optimizer](model.parameters())
     opt = DistributedOptimizer(local, model, client=client, overlap=overlap, bucket_bytes=256)
     # a scheduler on the DistributedOptimizer itself (it is a torch.optim.Optimizer), or on the wrapped one
-    sched = torch.optim.lr_scheduler.StepLR(opt if schedule_on == "distributed" else local, step_size=5, gamma=0.5) \
-        if schedule else None
+    sched = (
+        torch.optim.lr_scheduler.StepLR(opt if schedule_on == "distributed" else local, step_size=5, gamma=0.5)
+        if schedule
+        else None
+    )
     for x, y in data:
         xs, ys = x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH]
         opt.zero_grad()
@@ -86,8 +104,8 @@ def train_worker(client, rank: int, num_workers: int, optimizer: str, data, sche
 
 
 def assert_same(expected: nn.Module, got: nn.Module) -> None:
-    for (name, a), b in zip(expected.named_parameters(), got.parameters()):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+    for (name, a), b in zip(expected.named_parameters(), got.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=functools.partial("{}: {}".format, name))
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
@@ -101,14 +119,14 @@ def test_bsp_matches_single_process(num_workers: int, num_servers: int, optimize
         clients = cluster.clients(chunk_bytes=128)
         try:
             models = run_parallel(
-                [lambda r=r: train_worker(clients[r], r, num_workers, optimizer, data) for r in range(num_workers)]
+                lambda r: train_worker(clients[r], r, num_workers, optimizer, data), range(num_workers)
             )
         finally:
             close_all(clients)
     for model in models:
         assert_same(expected, model)
     if num_workers > 1:  # the test would pass trivially if no step was taken
-        assert not torch.allclose(models[0][0].weight, make_model()[0].weight)
+        assert not torch.allclose(models[0].get_parameter("0.weight"), make_model().get_parameter("0.weight"))
 
 
 @pytest.mark.parametrize("chunk_bytes", [128, 1 << 20])
@@ -119,7 +137,7 @@ def test_bsp_over_frames_matches_single_process(chunk_bytes: int) -> None:
     with local_cluster(2, 2, "bsp") as cluster:
         clients = cluster.clients(chunk_bytes=chunk_bytes, shm=False)
         try:
-            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, "adam", data) for r in range(2)])
+            models = run_parallel(lambda r: train_worker(clients[r], r, 2, "adam", data), range(2))
             stats = clients[0].stats()
         finally:
             close_all(clients)
@@ -136,12 +154,14 @@ def test_lr_scheduler_on_the_worker_reaches_the_servers(schedule_on: str) -> Non
     with local_cluster(2, 2, "bsp") as cluster:
         clients = cluster.clients(chunk_bytes=256)
         try:
-            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, "sgd_momentum", data, schedule=True,
-                                                            schedule_on=schedule_on) for r in range(2)])
+            models = run_parallel(
+                lambda r: train_worker(clients[r], r, 2, "sgd_momentum", data, schedule=True, schedule_on=schedule_on),
+                range(2),
+            )
         finally:
             close_all(clients)
     assert_same(expected, models[0])
-    assert not torch.allclose(expected[0].weight, unscheduled[0].weight, atol=1e-5)
+    assert not torch.allclose(expected.get_parameter("0.weight"), unscheduled.get_parameter("0.weight"), atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
@@ -162,7 +182,10 @@ def test_param_groups_keep_their_own_hyperparameters() -> None:
 
     def build(model):
         return torch.optim.SGD(
-            [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.01, "momentum": 0.5}],
+            [
+                {"params": model[0].parameters(), "lr": 0.1},
+                {"params": model[2].parameters(), "lr": 0.01, "momentum": 0.5},
+            ],
             lr=0.05,
         )
 
@@ -194,7 +217,9 @@ def test_without_overlap_the_result_is_the_same(mode: str) -> None:
     with local_cluster(2, workers, mode) as cluster:
         clients = cluster.clients(chunk_bytes=128)
         try:
-            models = run_parallel([lambda r=r: train_worker(clients[r], r, workers, "adam", data, overlap=False) for r in range(workers)])
+            models = run_parallel(
+                lambda r: train_worker(clients[r], r, workers, "adam", data, overlap=False), range(workers)
+            )
         finally:
             close_all(clients)
     assert_same(expected, models[0])
@@ -214,8 +239,14 @@ def test_gradient_accumulation_pushes_once_per_step() -> None:
         (client,) = cluster.clients()
         try:
             model = make_model()
-            dist = DistributedOptimizer(OPTIMIZERS["sgd_momentum"](model.parameters()), model, client=client, overlap=True,
-                                        backward_passes_per_step=2, bucket_bytes=64)  # hooks count the passes
+            dist = DistributedOptimizer(
+                OPTIMIZERS["sgd_momentum"](model.parameters()),
+                model,
+                client=client,
+                overlap=True,
+                backward_passes_per_step=2,
+                bucket_bytes=64,
+            )  # hooks count the passes
             for x, y in data:
                 dist.zero_grad()
                 for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
@@ -231,7 +262,9 @@ def test_overlap_is_on_by_default_only_for_gpu_models() -> None:
         (client,) = cluster.clients()
         try:
             model = make_model()
-            assert DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client).overlap is False
+            assert (
+                DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client).overlap is False
+            )
         finally:
             client.close()
 
@@ -241,7 +274,9 @@ def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
         (client,) = cluster.clients()
         try:
             model = make_model()
-            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client, overlap=True, bucket_bytes=64)
+            dist = DistributedOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.1), model, client=client, overlap=True, bucket_bytes=64
+            )
             x, y = batches(1)[0]
             nn.functional.mse_loss(model(x), y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
@@ -277,7 +312,7 @@ def test_every_server_optimizer_matches_torch(optimizer: str, monkeypatch) -> No
     with local_cluster(2, 2, "bsp") as cluster:
         clients = cluster.clients(chunk_bytes=256)
         try:
-            models = run_parallel([lambda r=r: train_worker(clients[r], r, 2, optimizer, data) for r in range(2)])
+            models = run_parallel(lambda r: train_worker(clients[r], r, 2, optimizer, data), range(2))
         finally:
             close_all(clients)
     assert_same(expected, models[1])

@@ -1,24 +1,38 @@
 """Unit tests: the sharding plan, message parsing, configuration, optimizer specs, output forwarding."""
+
 from __future__ import annotations
 
+import argparse
 import io
+import re
 import threading
+from dataclasses import fields
 
 import msgpack
 import pytest
 import torch
 
+from zps.launcher.cli import build_parser
 from zps.launcher.procs import LineForwarder
-from zps.protocol.config import Config, ConfigError
+from zps.protocol.codecs import canonical_spec
+from zps.protocol.config import Config, ConfigError, JobConfig, flag_of
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
 from zps.protocol.optim_spec import build_from_spec, describe_optimizer, parse_optimizer_spec
+from zps.protocol.peers import parse_peer
 from zps.protocol.plan import ParamSpec, make_plan
 from zps.ps.optim import build_optimizer
+
+pytestmark = pytest.mark.unit
 
 
 # -- plan -------------------------------------------------------------------------------------------------
 def specs():
-    return [ParamSpec("emb", (1000, 64)), ParamSpec("w1", (64, 256)), ParamSpec("b1", (256,)), ParamSpec("w2", (256, 10))]
+    return [
+        ParamSpec("emb", (1000, 64)),
+        ParamSpec("w1", (64, 256)),
+        ParamSpec("b1", (256,)),
+        ParamSpec("w2", (256, 10)),
+    ]
 
 
 def test_plan_is_deterministic_and_covers_every_element() -> None:
@@ -28,7 +42,7 @@ def test_plan_is_deterministic_and_covers_every_element() -> None:
     for index, spec in enumerate(a.params):
         chunks = a.chunks_of(index)
         assert chunks[0].offset == 0
-        assert all(x.offset + x.numel == y.offset for x, y in zip(chunks, chunks[1:]))
+        assert all(x.offset + x.numel == y.offset for x, y in zip(chunks, chunks[1:], strict=False))
         assert chunks[-1].offset + chunks[-1].numel == spec.numel
         assert all(c.numel * 4 <= 16 * 1024 for c in chunks)
     assert [c.key for c in a.chunks] == list(range(len(a.chunks)))
@@ -61,9 +75,18 @@ def test_more_servers_than_chunks_leaves_some_empty() -> None:
 
 # -- messages ---------------------------------------------------------------------------------------------
 def test_message_round_trip() -> None:
-    msg = Message(Kind.PUSH, id=5, src="worker:1", keys=[{"key": 3, "step": 2, "nf": 1}], body={"lr": [0.1]}, frames=[b"abcd"])
+    msg = Message(
+        Kind.PUSH, id=5, src="worker:1", keys=[{"key": 3, "step": 2, "nf": 1}], body={"lr": [0.1]}, frames=[b"abcd"]
+    )
     back = parse_frames(msg.to_frames())
-    assert (back.kind, back.id, back.src, back.keys, back.body, back.frames) == (Kind.PUSH, 5, "worker:1", msg.keys, msg.body, [b"abcd"])
+    assert (back.kind, back.id, back.src, back.keys, back.body, back.frames) == (
+        Kind.PUSH,
+        5,
+        "worker:1",
+        msg.keys,
+        msg.body,
+        [b"abcd"],
+    )
     assert "push" in msg.describe() and "keys=1" in msg.describe()
 
 
@@ -131,6 +154,61 @@ def test_config_errors_name_the_variable(change, needle) -> None:
             env.pop(k)
     with pytest.raises(ConfigError, match=needle):
         Config.from_env(env)
+
+
+def test_every_job_setting_is_a_command_line_option_with_its_default_and_help() -> None:
+    """One source: the zps command's job options are JobConfig's fields (flag, default, help), nothing else."""
+    parser = build_parser()
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    options = {a.dest: a for a in run._actions if a.option_strings}
+    for f in fields(JobConfig):
+        action = options.pop(f.name)
+        assert action.default == f.default and action.help, f.name
+        assert flag_of(f) in action.option_strings, f.name
+    assert set(options) == {"help"}, f"options that are not JobConfig fields: {sorted(options)}"
+    args = parser.parse_args(["run", "--workers", "3", "--mode", "ssp", "--staleness", "2", "--no-shm", "x.py"])
+    job = JobConfig(**{f.name: getattr(args, f.name) for f in fields(JobConfig)})
+    assert (job.num_workers, job.mode, job.staleness, job.shm) == (3, "ssp", 2, False)
+    assert JobConfig.from_env(job.to_env()) == job
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"staleness": 2}, "ZPS_STALENESS (--staleness)=2 only applies to mode ssp"),
+        ({"mode": "fast"}, "ZPS_MODE (--mode)='fast' is not one of bsp, asp, ssp"),
+        ({"heartbeat_timeout": 0.0}, "ZPS_HEARTBEAT_TIMEOUT (--heartbeat-timeout)=0.0 must be > 0"),
+        ({"num_workers": 0}, "ZPS_NUM_WORKERS (--workers)=0 must be >= 1"),
+        ({"log_level": "LOUD"}, "ZPS_LOG_LEVEL (--log-level)='LOUD' is not one of"),
+    ],
+)
+def test_job_settings_check_themselves_naming_variable_and_flag(settings: dict, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        JobConfig(**settings)
+    assert words in str(info.value)
+
+
+def test_specs_are_checked_before_anything_starts_and_only_then_import_torch() -> None:
+    JobConfig().check_specs()  # nothing set: nothing to build
+    JobConfig(codec="topk:ratio=0.1", pull_codec="int8", optimizer="adam:lr=1e-3").check_specs()
+    for settings, words in [({"codec": "topk:ratio=x"}, "ZPS_CODEC (--codec)='topk:ratio=x'"),
+                            ({"optimizer": "nosuch:lr=1"}, "torch.optim has no optimizer 'nosuch'")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            JobConfig(**settings).check_specs()
+
+
+def test_canonical_codec_specs() -> None:
+    assert canonical_spec("int8") == "int8:chunk=4096" == canonical_spec("int8:chunk=4096")
+    assert canonical_spec(" topk:ratio=0.01 ") == "topk:ratio=0.01"
+
+
+@pytest.mark.parametrize(
+    "src, expected",
+    [("worker:3", ("worker", 3)), ("server:0", ("server", 0)), ("worker:\u00b2", None), ("worker:" + "9" * 4300, None),
+     ("worker:-1", None), ("boss:1", None), ("worker:", None), (["worker", 1], None), ("worker:1:2", None)],
+)
+def test_peer_names_are_read_strictly(src: object, expected: tuple[str, int] | None) -> None:
+    assert parse_peer(src) == expected
 
 
 # -- optimizer specs --------------------------------------------------------------------------------------

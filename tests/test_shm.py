@@ -1,7 +1,9 @@
 """The same-host fast path: shared memory when worker and server share a host, frames otherwise."""
+
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -10,11 +12,13 @@ from zps.protocol.shm import Segment, ShmUnavailable
 
 from .helpers import local_cluster
 
+pytestmark = pytest.mark.cluster
+
 
 def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
     """Train 3 ASP steps; return the servers' stats, the segments in use, and the paths of those created."""
     created: list[str] = []
-    original = Segment.create.__func__
+    original = Segment.create.__func__  # type: ignore[attr-defined]  # the function under the classmethod
 
     def recording_create(cls, data_bytes):
         segment = original(cls, data_bytes)
@@ -23,8 +27,10 @@ def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
 
     monkeypatch.setattr(Segment, "create", classmethod(recording_create))
     if refuse_attach:
+
         def refuse(*args, **kwargs):
             raise ShmUnavailable("pretend the server is on another host")
+
         monkeypatch.setattr("zps.ps._shm.Segment.attach", refuse)
     with local_cluster(2, 1, "asp") as cluster:
         (client,) = cluster.clients(shm=shm, chunk_bytes=4096)
@@ -70,7 +76,7 @@ def test_switched_off(monkeypatch) -> None:
 def test_attach_refuses_anything_but_the_workers_own_segment() -> None:
     seg = Segment.create(1024)
     try:
-        desc = seg.describe()
+        desc: dict[str, Any] = seg.describe()
         with pytest.raises(ShmUnavailable, match="not a zps shared-memory segment"):
             Segment.attach("/etc/passwd", desc["size"], desc["token"])
         with pytest.raises(ShmUnavailable, match="token"):

@@ -288,7 +288,7 @@ class Engine:
             head = None
         if not sock.getsockopt(zmq.RCVMORE):
             return frames, head
-        found = self._inflight.get(head.get("id")) if isinstance(head, dict) else None
+        found = self._inflight.get(head["id"]) if isinstance(head, dict) and type(head.get("id")) is int else None
         targets = self.replies.targets(head, found[0]) if found is not None else {}
         try:
             while True:

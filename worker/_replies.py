@@ -54,7 +54,7 @@ class Replies:
                     and dest.device.type == "cpu" and dest.dtype == torch.float32 and dest.is_contiguous()
                     and entry.get("bufs") == [["float32", dest.numel()]]
                 ):
-                    targets[index] = memoryview(dest.numpy()).cast("B")
+                    targets[index] = dest.numpy().data.cast("B")
                 index += nf if type(nf) is int and nf > 0 else 0
             return targets
         except Exception:  # noqa: BLE001  anything malformed is parse_frames' to report

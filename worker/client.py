@@ -64,7 +64,8 @@ class Client:
         self.compress_min = job.compress_min if compress_min is None else compress_min
         self.use_shm = job.shm if shm is None else shm
         try:  # a bad spec fails here, before the cluster is joined, not at the first push or pull
-            self.push_factory = codec_factory(codec, error_feedback=error_feedback) if codec and codec != "none" else None
+            self.push_factory = (codec_factory(codec, error_feedback=error_feedback)
+                                 if codec and codec != "none" else None)
             self.pull_codec = canonical_spec(pull) if pull else None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -16,4 +16,5 @@ def shard_sampler(dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_la
         client = default_client()
         rank = client.rank if rank is None else rank
         num_workers = client.num_workers if num_workers is None else num_workers
-    return DistributedSampler(dataset, num_replicas=num_workers, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DistributedSampler(dataset, num_replicas=num_workers, rank=rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)

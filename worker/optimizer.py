@@ -20,7 +20,6 @@ every worker and pulls the servers' values, so what a script saves or evaluates 
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
@@ -33,11 +32,17 @@ from zps.protocol.optim_spec import build_from_spec, describe_optimizer
 from .client import Client
 from .session import default_client
 
+_SUBCLASSES: dict[type[torch.optim.Optimizer], type[DistributedOptimizer]] = {}
 
-@functools.cache
+
 def _subclass(cls: type[torch.optim.Optimizer]) -> type[DistributedOptimizer]:
-    """``Distributed<Cls>``: DistributedOptimizer's methods first, then the wrapped optimizer's class."""
-    return type(f"Distributed{cls.__name__}", (DistributedOptimizer, cls), {"__module__": __name__})
+    """``Distributed<Cls>``: DistributedOptimizer's methods first, then the wrapped optimizer's class (one per class,
+    made on first use)."""
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Distributed{cls.__name__}", (DistributedOptimizer, cls), {"__module__": __name__})
+        _SUBCLASSES[cls] = sub
+    return sub
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -60,7 +65,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         model: torch.nn.Module | None = None,
-        named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         client: Client | None = None,
         overlap: bool | None = None,
         backward_passes_per_step: int = 1,
@@ -78,7 +83,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if named_parameters is None and model is not None:
             named_parameters = model.named_parameters()
         if named_parameters is None:
-            named_parameters = ((f"param.{i}", p) for i, p in enumerate(p for g in self.param_groups for p in g["params"]))
+            everything = (p for g in self.param_groups for p in g["params"])
+            named_parameters = ((f"param.{i}", p) for i, p in enumerate(everything))
         self.params: dict[str, torch.Tensor] = {}
         groups: dict[str, int] = {}
         for name, param in named_parameters:
@@ -204,7 +210,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 try:
                     codec = self.client.push_codec(int(key))
                 except KeyError:
-                    raise ValueError(f"state_dict has a residual for key {key}, which this model does not have") from None
+                    raise ValueError(f"state_dict has a residual for key {key}, which this model does not "
+                                     "have") from None
                 if not isinstance(codec, ErrorFeedback):
                     raise ValueError(f"state_dict has an error-feedback residual for key {key}, but this job does "
                                      "not use error feedback")

@@ -84,6 +84,7 @@ class PowerSgdCodec(Codec):
         p = torch.linalg.qr(m @ self._warm_q(cols, x.device), mode="reduced").Q
         q = (p.t() @ m).t()  # = M^T P; this order reads M row-major, several times faster than m.t() @ p
         alive = torch.linalg.vector_norm(q, dim=0) > 0  # a zero column would stay zero forever: restart it
+        assert self.q0 is not None  # set by _warm_q
         self.q = torch.where(alive, q, self.q0)
         meta = {"raw": False, "rows": rows, "cols": cols, "rank": self.rank}
         return Encoded(meta, [p.contiguous().view(-1), q.contiguous().view(-1)])
@@ -94,7 +95,9 @@ class PowerSgdCodec(Codec):
             check(len(encoded.buffers) == 1 and encoded.buffers[0].numel() == numel,
                   f"codec 'powersgd': a raw tensor needs one buffer of {numel} elements")
             return fresh(encoded.buffers[0], encoded.buffers[0], dtype, device)
-        rows, cols, rank = meta.get("rows"), meta.get("cols"), meta.get("rank")
+        rows: Any = meta.get("rows")
+        cols: Any = meta.get("cols")
+        rank: Any = meta.get("rank")
         check(all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (rows, cols, rank)),
               f"codec 'powersgd': meta rows, cols, rank must be positive ints, got {rows!r}, {cols!r}, {rank!r}")
         check(numel <= rows * cols < numel + max(rows, cols),

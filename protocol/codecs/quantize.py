@@ -94,7 +94,7 @@ def _expect_numel(buf: torch.Tensor, numel: int, what: str) -> None:
 
 
 def _meta_int(meta: dict[str, Any], key: str, codec: str, low: int = 1) -> int:
-    value = meta.get(key)
+    value: Any = meta.get(key)
     check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
           f"codec {codec!r}: meta {key!r} must be an int >= {low}, got {value!r}")
     return value

@@ -127,7 +127,7 @@ def _build(cls: type[Codec], params: dict[str, Any], spec_name: str | None, spec
     except (TypeError, ValueError) as exc:
         raise CodecSpecError(f"codec spec {spec!r}: bad parameters: {exc}") from exc
     if spec_name is not None:
-        codec._spec_name = spec_name  # so codec.spec() names the import path back
+        codec._spec_name = spec_name  # type: ignore[attr-defined]  # so codec.spec() names the path back
         codec.__dict__.pop("_spec", None)
     return codec
 

@@ -168,7 +168,8 @@ class RandomKCodec(Codec):
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         check(len(encoded.buffers) == 1, f"codec 'randomk': expected 1 buffer, got {len(encoded.buffers)}")
         (values,) = encoded.buffers
-        seed, scale = encoded.meta.get("seed"), encoded.meta.get("scale", True)
+        seed: Any = encoded.meta.get("seed")
+        scale: Any = encoded.meta.get("scale", True)
         check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63,
               f"codec 'randomk': meta 'seed' must be a non-negative int, got {seed!r}")
         check(isinstance(scale, bool), f"codec 'randomk': meta 'scale' must be a bool, got {scale!r}")
@@ -252,7 +253,7 @@ class DgcCodec(Codec):
         return Encoded(meta, [values, idx.to(_index_dtype(v.numel()))])
 
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        density = encoded.meta.get("density")
+        density: Any = encoded.meta.get("density")
         check(isinstance(density, float) and 0.0 < density <= 1.0,
               f"codec 'dgc': meta 'density' must be a float in (0, 1], got {density!r}")
         return _sparse_decode(self.name, encoded, _count(density, numel), numel, dtype, device)

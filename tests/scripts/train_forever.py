@@ -1,5 +1,6 @@
 """A worker that trains until it is killed (or, with --crash-rank R --crash-after N, rank R fails after N steps:
 ``--crash-how exit`` exits with code 3, ``raise`` raises RuntimeError)."""
+
 import argparse
 import sys
 
