@@ -1,5 +1,5 @@
 """zps wire protocol: messages, validation, sharding plan, configuration, rendezvous client, codecs."""
-from .config import Config, ConfigError
+from .config import Config, ConfigError, JobConfig
 from .messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError
 from .plan import Chunk, ParamSpec, Plan, make_plan
 from .rendezvous import RendezvousClient, RendezvousError, Topology
@@ -9,6 +9,7 @@ __all__ = [
     "Chunk",
     "Config",
     "ConfigError",
+    "JobConfig",
     "ErrorCode",
     "Kind",
     "Message",

@@ -112,12 +112,12 @@ def _check_fields(obj: Any) -> None:
             raise ConfigError(f"{what}={value} must be > 0")
 
 
-def _from_env(cls: Any, env: Mapping[str, str], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def _from_env(cls: Any, env: Mapping[str, str]) -> dict[str, Any]:
     """The fields of ``cls`` that ``env`` sets (parsed), plus the required ones (or ConfigError naming them)."""
     values: dict[str, Any] = {}
     for f in fields(cls):
         opt = option_of(f)
-        if opt is None or f.name in skip:
+        if opt is None:
             continue
         text = env.get(env_name(f.name), "")
         if text != "":

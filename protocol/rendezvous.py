@@ -179,8 +179,3 @@ class RendezvousClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def check_failure(client: RendezvousClient) -> None:
-    """Raise if the coordinator reported a lost peer or vanished."""
-    if client.failure is not None:
-        raise RendezvousError(ErrorCode.DEAD, client.failure)

@@ -28,12 +28,11 @@ SEEDS = (0, 1, 2)
 EPOCHS = 20
 # Measured here (2 cores, torch 2.13 CPU): uncompressed 0.972, 0.972, 0.978 (mean 0.974, std 0.003); topk 1% + EF
 # 0.953, 0.964, 0.969 (mean 0.962, std 0.008): a real loss of 1.2 points, which the margin (1.57) covers;
-# onebit + EF 0.974 and qsgd 0.974 on average, no loss.
+# onebit + EF 0.974 on average, no loss (qsgd too: 0.974; left out to keep the suite within CI's time).
 MIN_MARGIN = 0.015
 CODECS = {
     "topk:ratio=0.01 + EF": dict(codec="topk:ratio=0.01", error_feedback=True),
     "onebit + EF": dict(codec="onebit", error_feedback=True),
-    "qsgd": dict(codec="qsgd"),
 }
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import re
 import threading
 from dataclasses import fields
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -191,10 +193,10 @@ def test_job_settings_check_themselves_naming_variable_and_flag(settings: dict, 
 def test_specs_are_checked_before_anything_starts_and_only_then_import_torch() -> None:
     JobConfig().check_specs()  # nothing set: nothing to build
     JobConfig(codec="topk:ratio=0.1", pull_codec="int8", optimizer="adam:lr=1e-3").check_specs()
-    for settings, words in [({"codec": "topk:ratio=x"}, "ZPS_CODEC (--codec)='topk:ratio=x'"),
-                            ({"optimizer": "nosuch:lr=1"}, "torch.optim has no optimizer 'nosuch'")]:
-        with pytest.raises(ConfigError, match=re.escape(words)):
-            JobConfig(**settings).check_specs()
+    with pytest.raises(ConfigError, match=re.escape("ZPS_CODEC (--codec)='topk:ratio=x'")):
+        JobConfig(codec="topk:ratio=x").check_specs()
+    with pytest.raises(ConfigError, match="torch.optim has no optimizer 'nosuch'"):
+        JobConfig(optimizer="nosuch:lr=1").check_specs()
 
 
 def test_canonical_codec_specs() -> None:
@@ -251,3 +253,20 @@ def test_forwarder_survives_split_utf8_and_invalid_bytes() -> None:
 def test_forwarder_keeps_the_last_line_and_splits_carriage_returns() -> None:
     assert forward([b"10%\r50%\r100%\ndone"]) == "[w 0] 10%\n[w 0] 50%\n[w 0] 100%\n[w 0] done\n"
     assert forward([b"a\r\nb\n"]) == "[w 0] a\n[w 0] b\n"
+
+
+def test_no_module_imports_a_zps_package_by_its_bare_name() -> None:
+    """`import worker` or `from ps import ...` would pick up a user's worker.py or ps.py: only zps.* names."""
+    root = Path(__file__).resolve().parents[1]
+    bare = {"protocol", "ps", "worker", "launcher"}
+    found = []
+    for folder in ("protocol", "ps", "worker", "launcher", "tests", "examples", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names if n.split(".")[0] in bare]
+    assert found == [], found
