@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ EPOCHS = 20
 # 0.953, 0.964, 0.969 (mean 0.962, std 0.008): a real loss of 1.2 points, which the margin (1.57) covers;
 # onebit + EF 0.974 on average, no loss (qsgd too: 0.974; left out to keep the suite within CI's time).
 MIN_MARGIN = 0.015
-CODECS = {
+CODECS: dict[str, dict[str, Any]] = {
     "topk:ratio=0.01 + EF": dict(codec="topk:ratio=0.01", error_feedback=True),
     "onebit + EF": dict(codec="onebit", error_feedback=True),
 }
@@ -92,7 +93,7 @@ def test_uncompressed_digits_reaches_95_percent_on_average(uncompressed: list[fl
 
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_compressed_training_stays_within_the_margin_of_uncompressed(name: str, uncompressed: list[float]) -> None:
-    accuracies = [train(seed, **CODECS[name]) for seed in SEEDS]  # type: ignore[arg-type]
+    accuracies = [train(seed, **CODECS[name]) for seed in SEEDS]
     mean, baseline = statistics.mean(accuracies), statistics.mean(uncompressed)
     allowed = margin(accuracies, uncompressed)
     assert mean >= baseline - allowed, (

@@ -263,10 +263,11 @@ def test_no_module_imports_a_zps_package_by_its_bare_name() -> None:
     for folder in ("protocol", "ps", "worker", "launcher", "tests", "examples", "benchmarks"):
         for path in (root / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = []
                 if isinstance(node, ast.Import):
                     names = [alias.name for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = [node.module]
+                else:
+                    continue
                 found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names if n.split(".")[0] in bare]
     assert found == [], found
