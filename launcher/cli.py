@@ -116,13 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_script(slurm, required=False, what="the training script (the worker role runs it)")
 
     k8s = sub.add_parser("k8s", help="print a Kubernetes manifest for a job (kubectl apply -f -)")
+    add_job_options(k8s)
     k8s.add_argument("--image", required=True, help="the container image, with zps and the script in it")
-    k8s.add_argument("--servers", "-s", type=_positive(int), default=1, help="number of servers (default 1)")
-    k8s.add_argument("--workers", "-w", type=_positive(int), default=1, help="number of workers (default 1)")
     k8s.add_argument("--namespace", default=None, help="the namespace of every object")
     k8s.add_argument("--name", default="zps", help="the prefix of every object's name (default zps)")
     k8s.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
     k8s.add_argument("--gpus-per-worker", type=int, default=0, help="nvidia.com/gpu per worker pod (default 0)")
+    k8s.add_argument("--checkpoint-claim", default=None, metavar="PVC",
+                     help="a PersistentVolumeClaim every pod mounts at --checkpoint-dir")
     add_script(k8s, what="the training script, a path inside the image")
     return parser
 
@@ -160,13 +161,14 @@ def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run_job(job, backend, port=args.port)
 
 
-def _k8s(args: argparse.Namespace) -> int:
+def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .k8s import DEFAULT_PORT, render_manifest
 
+    job = job_config(args, parser)
     try:
-        text = render_manifest(args.image, args.servers, args.workers, [args.script, *args.args],
-                               namespace=args.namespace, port=args.port or DEFAULT_PORT, name=args.name,
-                               gpus_per_worker=args.gpus_per_worker)
+        text = render_manifest(args.image, job, [args.script, *args.args], namespace=args.namespace,
+                               port=args.port or DEFAULT_PORT, name=args.name, gpus_per_worker=args.gpus_per_worker,
+                               checkpoint_claim=args.checkpoint_claim)
     except ValueError as exc:  # ConfigError is one too
         print(f"zps k8s: {exc}", file=sys.stderr)
         return 2
@@ -190,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "launch":
         return _launch(args, parser)
     if args.command == "k8s":
-        return _k8s(args)
+        return _k8s(args, parser)
     return 2
 
 

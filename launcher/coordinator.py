@@ -7,6 +7,7 @@ when every worker is done, the servers are told to shut down.
 """
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from zps.protocol import checkpoint as ckpt
 from zps.protocol import transport
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
@@ -24,6 +26,8 @@ from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
 from zps.protocol.rendezvous import Topology
 
 log = logging.getLogger("zps.coordinator")
+# checkpoints whose parts are still being reported; an older one that never completed is forgotten
+MAX_CHECKPOINTS_IN_FLIGHT = 4
 
 
 class State(enum.Enum):
@@ -45,6 +49,7 @@ class _Member:
     hb_identity: bytes | None = None
     last_seen: float = field(default_factory=time.monotonic)
     done: bool = False
+    failed: bool = False
     answered: bool = False  # its registration got its topology
 
     @property
@@ -74,6 +79,9 @@ class Coordinator:
         self.state = State.REGISTERING
         self.error: str | None = None
         self.failed_by: tuple[str, int] | None = None  # the member whose reported failure failed the job
+        self.checkpoints: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}  # parts reported, by checkpoint
+        self._lost: collections.deque[tuple[str, int, str]] = collections.deque()  # from the launcher
+        self.last_checkpoint = 0
         self.members: dict[tuple[str, int], _Member] = {}
         self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
         self._stop = threading.Event()
@@ -123,6 +131,8 @@ class Coordinator:
                 self._barrier(identity, msg)
             elif msg.kind is Kind.DONE:
                 self._done(identity, msg)
+            elif msg.kind is Kind.SAVED:
+                self._saved(identity, msg)
             else:
                 raise ProtocolError(ErrorCode.BAD_KIND, f"the coordinator does not serve {msg.kind.value!r}")
         except ProtocolError as exc:
@@ -139,6 +149,11 @@ class Coordinator:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"cannot register role {role!r}: expected server or worker")
         if not isinstance(rank, int) or isinstance(rank, bool):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer, got {rank!r}")
+        replaced = self.members.get((role, rank)) if isinstance(rank, int) else None
+        if (self.state is State.RUNNING and role == "worker" and replaced is not None and replaced.failed
+                and self.job.on_worker_failure == "restart"):
+            self._replace(identity, msg, replaced)
+            return
         if self.state is not State.REGISTERING:
             raise ProtocolError(ErrorCode.CONFLICT,
                                 f"{role} registered after the cluster was complete ({self.state.value})")
@@ -173,6 +188,49 @@ class Coordinator:
                     self.on_change()
         if len(self.members) == sum(self.expected.values()):
             self._start()
+
+    def _replace(self, identity: bytes, msg: Message, old: _Member) -> None:
+        """--on-worker-failure restart: a replacement takes a failed worker's rank, and the servers hear of it."""
+        member = _Member("worker", old.rank, identity, msg.id, str(msg.body.get("host", "?")),
+                         int(msg.body.get("pid", 0) or 0), None)
+        self.members[("worker", old.rank)] = member
+        servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
+        self._answer(member, servers)
+        self._notify_servers({"replaced": old.rank})
+        log.warning("%s replaces the failed %s", member.where(), old.where())
+
+    def lost(self, role: str, rank: int, why: str) -> None:
+        """The launcher saw a process of the job fail (any thread may call this): acted on like a reported failure."""
+        self._lost.append((role, rank, why))
+
+    def _member_failed(self, member: _Member, why: str) -> None:
+        """A member failed. A server, or a worker under --on-worker-failure abort: the job fails. Under shrink the
+        servers stop waiting for the worker; under restart they wait for its replacement."""
+        if member.failed or self.state in (State.FAILED, State.FINISHED):
+            return
+        member.failed = True
+        policy = self.job.on_worker_failure
+        if member.role == "server" or policy == "abort":
+            self.failed_by = (member.role, member.rank)
+            self._fail(f"{member.where()} failed: {why[:2000]}")
+            return
+        if policy == "shrink":
+            member.done = True
+            live = sorted(self._live_workers())
+            log.warning("%s failed (%s); the job goes on with workers %s (--on-worker-failure shrink)",
+                        member.where(), why[:500], live)
+            self._notify_servers({"gone": member.rank, "why": why[:500]})
+            self._release_barriers()
+            if not live:
+                self._fail(f"every worker failed; the last was {member.where()}: {why[:2000]}")
+        else:
+            log.warning("%s failed (%s); waiting for its replacement (--on-worker-failure restart)", member.where(),
+                        why[:500])
+
+    def _notify_servers(self, body: dict[str, Any]) -> None:
+        for m in self.members.values():
+            if m.role == "server" and m.hb_identity is not None:
+                self._reply(m.hb_identity, Message(Kind.NOTICE, src=COORDINATOR, body=body))
 
     def _all_servers(self) -> bool:
         return all(("server", r) in self.members for r in range(self.expected["server"]))
@@ -231,14 +289,12 @@ class Coordinator:
         self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
         if member is None or member.done:
             return
-        member.done = True
         failure = msg.body.get("failure")
         if msg.body.get("exit_code", 0) != 0 or failure is not None:
-            reason = failure if isinstance(failure, str) else f"exit code {msg.body.get('exit_code')!r}"
-            if self.state is not State.FAILED:
-                self.failed_by = (member.role, member.rank)
-                self._fail(f"{member.where()} failed: {reason[:2000]}")
+            self._member_failed(member, failure if isinstance(failure, str) else f"exit code "
+                                                                                  f"{msg.body.get('exit_code')!r}")
             return
+        member.done = True
         log.debug("%s is done", member.name)
         if self.state is State.RUNNING:
             self._release_barriers()
@@ -248,6 +304,47 @@ class Coordinator:
                 for m in self.members.values():
                     if m.role == "server" and m.hb_identity is not None:
                         self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _saved(self, identity: bytes, msg: Message) -> None:
+        """A member wrote its part of a checkpoint; once every part is on disk, write the manifest."""
+        member = self._member(msg.src)
+        body = msg.body
+        checkpoint, size, info = body.get("checkpoint"), body.get("size"), body.get("info")
+        if member is None or not self.job.checkpoint_dir:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{msg.src!r} cannot report a checkpoint here")
+        if type(checkpoint) is not int or checkpoint <= 0 or type(size) is not int or not isinstance(info, dict):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "a checkpoint report needs 'checkpoint' (int > 0), 'size' (int) "
+                                                      "and 'info' (map)")
+        file = ckpt.part_name(member.role, member.rank)  # the name is the coordinator's, not the reporter's
+        self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
+        parts = self.checkpoints.setdefault(checkpoint, {})
+        parts[(member.role, member.rank)] = {"rank": member.rank, "file": file, "size": size, **info}
+        for old in sorted(self.checkpoints)[:-MAX_CHECKPOINTS_IN_FLIGHT]:  # never completed: forget them
+            del self.checkpoints[old]
+        workers = {r for (role, r), m in self.members.items() if role == "worker" and not m.failed}
+        holders = parts.get(("worker", 0), {}).get("servers")  # worker 0 says which servers hold keys
+        if holders is None or not workers <= {r for role, r in parts if role == "worker"}:
+            return
+        if not set(holders) <= {r for role, r in parts if role == "server"}:
+            return
+        settings = {"mode": self.job.mode, "num_servers": self.job.num_servers, "num_workers": self.job.num_workers,
+                    "codec": self.job.codec, "pull_codec": self.job.pull_codec,
+                    "error_feedback": self.job.error_feedback, "compress_min": self.job.compress_min}
+        body = ckpt.manifest_body(checkpoint, settings,
+                                  [p for (role, _), p in parts.items() if role == "server"],
+                                  [p for (role, _), p in parts.items() if role == "worker"])
+        try:
+            ckpt.write_json(ckpt.directory(self.job.checkpoint_dir, checkpoint) / ckpt.MANIFEST, body)
+            ckpt.prune(self.job.checkpoint_dir, self.job.keep, checkpoint)
+        except OSError as exc:
+            log.error("checkpoint %d: the manifest could not be written (%s); the previous checkpoint stays the "
+                      "newest", checkpoint, exc)
+            return
+        for done in [c for c in self.checkpoints if c <= checkpoint]:
+            del self.checkpoints[done]
+        self.last_checkpoint = checkpoint
+        log.info("checkpoint %d complete in %s", checkpoint, ckpt.directory(self.job.checkpoint_dir, checkpoint))
 
     def _servers_gone(self) -> bool:
         servers = [m for m in self.members.values() if m.role == "server"]
@@ -286,13 +383,16 @@ class Coordinator:
             return
         if self.state is not State.RUNNING:
             return
-        for m in self.members.values():
-            if not m.done and now - m.last_seen > self.heartbeat_timeout:
-                self._fail(
-                    f"{m.where()} stopped sending heartbeats {now - m.last_seen:.0f}s ago; the job cannot go on "
-                    "without it"
-                )
-                return
+        while self._lost:
+            role, rank, why = self._lost.popleft()
+            lost = self.members.get((role, rank))
+            if lost is not None:
+                self._member_failed(lost, why)
+        for m in list(self.members.values()):
+            if not m.done and not m.failed and now - m.last_seen > self.heartbeat_timeout:
+                self._member_failed(m, f"it stopped sending heartbeats {now - m.last_seen:.0f}s ago")
+                if self.state is State.FAILED:
+                    return
         live = self._live_workers()
         for name, (started, arrived) in list(self.barriers.items()):
             if now - started > self.timeout:

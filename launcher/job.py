@@ -10,9 +10,11 @@
    its own session, its output prefixed by its label;
 4. supervision: the job ends as a unit. The first child to fail, a failure the coordinator detects (a missing
    role at start-up, a lost heartbeat, a worker reporting an error) or a signal to the launcher ends every
-   process, and the launcher returns the first failure's exit code. When every worker exits 0 the servers are
-   told to shut down and the job returns 0;
-5. teardown: SIGTERM to every process group, a bounded wait, SIGKILL.
+   process, and the launcher returns the first failure's exit code -- unless ``--on-worker-failure`` says
+   otherwise for a worker: ``shrink`` goes on without it, ``restart`` starts a replacement with its rank. When
+   every worker exits 0 the servers are told to shut down and the job returns 0;
+5. teardown: SIGTERM to every process group, a bounded wait, SIGKILL;
+6. with ``--max-restarts N``, a failed job is started again from its newest checkpoint, up to N times.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Protocol
 
+from zps.protocol import checkpoint as ckpt
 from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
@@ -80,90 +83,189 @@ def local_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt at a job ended: its exit code, why (for a restart's log line), and whether a signal to the
+    launcher ended it (then nothing is restarted)."""
+
+    code: int
+    cause: str = ""
+    signalled: bool = False
+
+
 def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None = None) -> int:
     """Run ``job`` on ``backend``; return its exit code (0, the first failure's, or 128 + signal).
 
-    A problem found before anything starts is printed and returns 2.
+    A problem found before anything starts is printed and returns 2. With ``--max-restarts N`` a failed job is torn
+    down and started again from its newest checkpoint, up to N times (worker restarts under
+    ``--on-worker-failure restart`` draw on the same N), each restart logged with its cause.
     """
     out = out or sys.stdout
-    try:
-        host = backend.prepare(job)
-    except LaunchError as exc:
-        out.write(f"{exc}\n")
-        out.flush()
-        return 2
-    coordinator = Coordinator(job, host=host, port=port)
-    result: list[int] = []
-    group = ProcessGroup(out)
-    coordinator.on_change = group.changed.set
-
-    def serve() -> None:
-        result.append(coordinator.serve())
-        group.changed.set()
-
-    coord_thread = threading.Thread(target=serve, name="zps-coordinator", daemon=True)
-    coord_thread.start()
-    signalled: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        signalled.append(signum)
-        group.changed.set()
-
-    in_main = threading.current_thread() is threading.main_thread()
-    restore = install_signal_handlers(on_signal) if in_main else (lambda: None)
-    try:
-        procs = backend.processes(job, coordinator.endpoint)
-        for proc in procs:  # servers first, alone: they serve sooner without the workers' start-up beside them
-            if proc.role == "server":
-                group.start(proc.label, proc.role, proc.rank, proc.argv, proc.env)
-        workers = [proc for proc in procs if proc.role != "server"]
-        return _supervise(group, coordinator, result, signalled, workers)
-    finally:
-        group.terminate()
-        coordinator.stop()
-        coord_thread.join(timeout=5)
-        restore()
-
-
-def _supervise(group: ProcessGroup, coordinator: Coordinator, result: list[int], signalled: list[int],
-               workers: list[ProcSpec]) -> int:
-    """Watch the job until it ends; start ``workers`` once every server serves. Its exit code."""
-    deadline: float | None = None  # once every worker finished: when the servers must be gone
+    restarts = _Budget(job.max_restarts)
     while True:
-        group.changed.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        group.changed.clear()
-        if workers and coordinator.servers_ready.is_set():
-            for proc in workers:
-                group.start(proc.label, proc.role, proc.rank, proc.argv, proc.env)
-            workers = []
-        if signalled:
-            group.say(f"received {signal.Signals(signalled[0]).name}; stopping every process of the job")
-            return 128 + signalled[0]
-        if result and result[0] != 0:
-            group.say(f"coordinator: {coordinator.error}")
-            # a process that failed said so to the coordinator before it exited: its exit code is the job's
-            culprit = next((c for c in group.children if (c.role, c.rank) == coordinator.failed_by), None)
-            if culprit is not None and _exited(group, culprit, within=CHILD_EXIT_WAIT):
-                return _report(group, culprit)
-            return 1
-        child = _first_failure(group)
-        if child is not None:
-            return _report(group, child)
-        if not workers and all(c.returncode == 0 for c in group.children if c.role == "worker"):
-            if not group.running():
-                return 0
-            if deadline is None:
-                deadline = time.monotonic() + SHUTDOWN_GRACE
-            elif time.monotonic() >= deadline:
-                running = ", ".join(c.label for c in group.running())
-                group.say(f"every worker finished but {running} did not exit within {SHUTDOWN_GRACE:.0f}s; ending it")
-                return 0
+        try:
+            job = resolve_resume(job)
+            host = backend.prepare(job)
+        except LaunchError as exc:
+            out.write(f"{exc}\n")
+            out.flush()
+            return 2
+        outcome = _Attempt(job, backend, host, port, out, restarts).run()
+        if outcome.code == 0 or outcome.signalled or not restarts.take():
+            return outcome.code
+        newest = ckpt.complete(job.checkpoint_dir)[-1] if job.checkpoint_dir and ckpt.complete(job.checkpoint_dir) \
+            else None
+        where = f"from {newest}" if newest else "from the start (no checkpoint yet)"
+        _say(out, f"restart {restarts.used} of {restarts.total} after: {outcome.cause}; resuming {where}")
+        job = replace(job, resume=str(newest) if newest else "")
 
 
-def _first_failure(group: ProcessGroup) -> Child | None:
-    """The child that failed first, if one did."""
-    failed = [c for c in group.children if c.returncode not in (None, 0)]
-    return min(failed, key=lambda c: c.exited_at or 0.0) if failed else None
+def resolve_resume(job: JobConfig) -> JobConfig:
+    """``job`` with ``--resume`` made the one checkpoint directory every process will load (``latest``: the newest
+    in ``--checkpoint-dir``); LaunchError naming the file when it is incomplete or damaged."""
+    if not job.resume:
+        return job
+    where = job.checkpoint_dir if job.resume == "latest" else job.resume
+    try:
+        return replace(job, resume=str(ckpt.resolve(where).path))
+    except ckpt.CheckpointError as exc:
+        raise LaunchError(f"zps: --resume {job.resume}: {exc}; nothing was started") from None
+
+
+class _Budget:
+    """Restarts left (job restarts and worker replacements draw on one budget)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+
+    def take(self) -> bool:
+        if self.used >= self.total:
+            return False
+        self.used += 1
+        return True
+
+
+def _say(out: IO[str], text: str) -> None:
+    out.write(f"[zps] {text}\n")
+    out.flush()
+
+
+class _Attempt:
+    """One run of the job: the coordinator in a thread, the processes, their supervision, the teardown."""
+
+    def __init__(self, job: JobConfig, backend: Backend, host: str, port: int, out: IO[str], restarts: _Budget) -> None:
+        self.job, self.backend, self.host, self.port, self.out = job, backend, host, port, out
+        self.restarts = restarts
+        self.coordinator = Coordinator(job, host=host, port=port)
+        self.group = ProcessGroup(out)
+        self.coordinator.on_change = self.group.changed.set
+        self.result: list[int] = []
+        self.signalled: list[int] = []
+        self.handled: set[int] = set()  # ids of failed workers the policy dealt with (shrink, restart)
+
+    def run(self) -> Outcome:
+        def serve() -> None:
+            self.result.append(self.coordinator.serve())
+            self.group.changed.set()
+
+        coord_thread = threading.Thread(target=serve, name="zps-coordinator", daemon=True)
+        coord_thread.start()
+
+        def on_signal(signum: int) -> None:
+            self.signalled.append(signum)
+            self.group.changed.set()
+
+        in_main = threading.current_thread() is threading.main_thread()
+        restore = install_signal_handlers(on_signal) if in_main else (lambda: None)
+        try:
+            procs = self.backend.processes(self.job, self.coordinator.endpoint)
+            for proc in procs:  # servers first, alone: they serve sooner without the workers' start-up beside them
+                if proc.role == "server":
+                    self._start(proc)
+            return self._supervise([proc for proc in procs if proc.role != "server"])
+        finally:
+            self.group.terminate()
+            self.coordinator.stop()
+            coord_thread.join(timeout=5)
+            restore()
+
+    def _start(self, proc: ProcSpec) -> None:
+        self.group.start(proc.label, proc.role, proc.rank, proc.argv, proc.env, spec=proc)
+
+    def _supervise(self, workers: list[ProcSpec]) -> Outcome:
+        """Watch the job until it ends; start ``workers`` once every server serves."""
+        group, coordinator = self.group, self.coordinator
+        deadline: float | None = None  # once every worker finished: when the servers must be gone
+        while True:
+            group.changed.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            group.changed.clear()
+            if workers and coordinator.servers_ready.is_set():
+                for proc in workers:
+                    self._start(proc)
+                workers = []
+            if self.signalled:
+                name = signal.Signals(self.signalled[0]).name
+                group.say(f"received {name}; stopping every process of the job")
+                return Outcome(128 + self.signalled[0], f"received {name}", signalled=True)
+            if self.result and self.result[0] != 0:
+                group.say(f"coordinator: {coordinator.error}")
+                # a process that failed said so to the coordinator before it exited: its exit code is the job's
+                culprit = next((c for c in group.children if (c.role, c.rank) == coordinator.failed_by), None)
+                if culprit is not None and _exited(group, culprit, within=CHILD_EXIT_WAIT):
+                    return self._stop(culprit)
+                return Outcome(1, f"the coordinator: {coordinator.error}")
+            for child in self._failures():
+                if child.role != "worker" or self.job.on_worker_failure == "abort" or not self._cope(child):
+                    return self._stop(child)
+            latest = {c.rank: c for c in group.children if c.role == "worker"}  # a replacement replaces
+            if not workers and all(c.returncode == 0 or id(c) in self.handled for c in latest.values()):
+                if not group.running():
+                    return Outcome(0)
+                if deadline is None:
+                    deadline = time.monotonic() + SHUTDOWN_GRACE
+                elif time.monotonic() >= deadline:
+                    running = ", ".join(c.label for c in group.running())
+                    group.say(f"every worker finished but {running} did not exit within {SHUTDOWN_GRACE:.0f}s; "
+                              "ending it")
+                    return Outcome(0)
+
+    def _failures(self) -> list[Child]:
+        """Children that failed and that no policy dealt with yet, first failure first."""
+        failed = [c for c in self.group.children if c.returncode not in (None, 0) and id(c) not in self.handled]
+        return sorted(failed, key=lambda c: c.exited_at or 0.0)
+
+    def _cope(self, child: Child) -> bool:
+        """--on-worker-failure shrink or restart for a failed worker; False when the job must end after all."""
+        how = _how(child)
+        if self.job.on_worker_failure == "restart":
+            if not self.restarts.take():
+                self.group.say(f"{child.label} {how}; no restart left (--max-restarts {self.restarts.total})")
+                return False
+            self.group.say(f"{child.label} {how}: starting a replacement ({self.restarts.used} of "
+                           f"{self.restarts.total} restarts; --on-worker-failure restart)")
+        else:
+            self.group.say(f"{child.label} {how}: the job goes on without it (--on-worker-failure shrink)")
+        self.handled.add(id(child))
+        self.coordinator.lost("worker", child.rank, f"{child.label} {how}")
+        if self.job.on_worker_failure == "restart":
+            assert child.spec is not None
+            self._start(child.spec)
+        return True
+
+    def _stop(self, child: Child) -> Outcome:
+        """The first failure ends the job: say how, with its last lines; its exit code is the job's."""
+        how = _how(child)
+        self.group.say(f"{child.label} {how}: stopping the job (first failure)")
+        _print_tail(self.group, child)
+        code = child.returncode
+        assert code is not None
+        return Outcome(128 - code if code < 0 else code, f"{child.label} {how}")
+
+
+def _how(child: Child) -> str:
+    code = child.returncode
+    assert code is not None
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 def _exited(group: ProcessGroup, child: Child, within: float) -> bool:
@@ -176,19 +278,6 @@ def _exited(group: ProcessGroup, child: Child, within: float) -> bool:
         group.changed.wait(left)
         group.changed.clear()
     return True
-
-
-def _report(group: ProcessGroup, child: Child) -> int:
-    """Say how ``child`` failed; its exit code as a shell gives it (128 + N for signal N)."""
-    code = child.returncode
-    assert code is not None
-    if code < 0:
-        how, code = f"was killed by {signal.Signals(-code).name}", 128 - code
-    else:
-        how = f"exited with code {code}"
-    group.say(f"{child.label} {how}: stopping the job (first failure)")
-    _print_tail(group, child)
-    return code
 
 
 def _print_tail(group: ProcessGroup, child: Child) -> None:

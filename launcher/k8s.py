@@ -1,19 +1,24 @@
 """A Kubernetes manifest for one zps cluster, written as YAML text (no YAML library needed), and ranks from pods.
 
-:func:`render_manifest` gives five objects, for ``kubectl apply -f``:
+:func:`render_manifest` gives four objects, for ``kubectl apply -f``:
 
 * ``Service <name>-coordinator`` -- headless; its DNS name is the coordinator address every pod gets.
-* ``Deployment <name>-coordinator`` -- one pod running ``zps node`` with ``ZPS_ROLE=coordinator``.
-* ``Service <name>-server`` -- headless, the governing service the server StatefulSet requires.
-* ``StatefulSet <name>-server`` -- ``num_servers`` pods running ``zps node``; rank = pod ordinal.
-* ``Job <name>-worker`` -- Indexed, ``completions = parallelism = num_workers``, running
-  ``zps node SCRIPT ARGS...``; rank = ``JOB_COMPLETION_INDEX``. A worker that fails fails the Job
-  (``backoffLimit: 0``); servers and coordinator run until ``kubectl delete -f`` the manifest.
+* ``Job <name>-coordinator`` -- one pod running ``zps node`` with ``ZPS_ROLE=coordinator``.
+* ``Job <name>-server`` -- Indexed, ``num_servers`` pods running ``zps node``; rank = ``JOB_COMPLETION_INDEX``.
+* ``Job <name>-worker`` -- Indexed, ``num_workers`` pods running ``zps node SCRIPT ARGS...``; rank likewise.
 
-Every container gets ``ZPS_ROLE``, ``ZPS_COORDINATOR`` (service DNS name:port), ``ZPS_NUM_SERVERS``,
-``ZPS_NUM_WORKERS``, ``ZPS_HOST`` (the pod IP, from the downward API) and ``ZPS_RANK_FROM``, which tells
-``zps node`` how to find its rank: :func:`rank_from_k8s` (``hostname-ordinal``: the ``-N`` suffix of
-``HOSTNAME``, which is the pod name in a StatefulSet; ``job-completion-index``: ``JOB_COMPLETION_INDEX``).
+Every role is a Job, so a finished job's pods stay finished (``Completed``) instead of being restarted, and a
+failure fails the job as a unit (``backoffLimit: 0``): servers and the coordinator end with the workers. The one
+exception is ``--on-worker-failure restart``: a failed worker's container is restarted in place
+(``restartPolicy: OnFailure``, ``backoffLimit`` = ``--max-restarts``) and takes its rank back. To restart the
+whole job from its newest checkpoint, apply the manifest again with ``--resume latest``: give
+``--checkpoint-dir`` and a PersistentVolumeClaim (``--checkpoint-claim``) that every pod mounts there.
+
+Every container gets ``ZPS_ROLE``, ``ZPS_COORDINATOR`` (service DNS name:port), ``ZPS_HOST`` (the pod IP, from
+the downward API), the job's settings (``ZPS_NUM_SERVERS``, ``ZPS_NUM_WORKERS`` and every option given) and
+``ZPS_RANK_FROM``, which tells ``zps node`` how to find its rank: :func:`rank_from_k8s` (``job-completion-index``:
+``JOB_COMPLETION_INDEX``; ``hostname-ordinal``, the ``-N`` suffix of a StatefulSet pod's ``HOSTNAME``, is read
+too, for manifests of your own).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from zps.protocol.config import ConfigError
+from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.dmlc import parse_int, parse_port
 
 DEFAULT_PORT = 29600
@@ -137,24 +142,26 @@ def _check_name(what: str, value: str, max_len: int) -> None:
                          f"starting and ending with a letter or digit, at most {max_len} characters")
 
 
-def render_manifest(image: str, num_servers: int, num_workers: int, command: Sequence[str] | str,
-                    namespace: str | None = None, port: int = DEFAULT_PORT, name: str = "zps",
-                    gpus_per_worker: int = 0) -> str:
-    """The Kubernetes objects of one zps cluster (see the module docstring) as a YAML document stream.
+def render_manifest(image: str, job: JobConfig, command: Sequence[str] | str, namespace: str | None = None,
+                    port: int = DEFAULT_PORT, name: str = "zps", gpus_per_worker: int = 0,
+                    checkpoint_claim: str | None = None) -> str:
+    """The Kubernetes objects of one zps job (see the module docstring) as a YAML document stream.
 
     ``command`` is the worker's script and arguments, run as ``zps node SCRIPT ARGS...``: a list of strings,
     or one string split like a shell would (``"train.py --lr 0.1"``). ``name`` prefixes every object (one
     cluster per name and namespace). ``gpus_per_worker`` > 0 asks for ``nvidia.com/gpu`` per worker pod.
+    ``checkpoint_claim`` names a PersistentVolumeClaim mounted at ``job.checkpoint_dir`` in every pod.
     """
     if not isinstance(image, str) or not image.strip() or any(c.isspace() for c in image):
         raise ValueError(f"image={image!r} must be an image reference without spaces, e.g. 'registry/zps:1.0'")
-    for what, count in (("num_servers", num_servers), ("num_workers", num_workers)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"{what}={count!r} must be an integer >= 1")
     if isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, int) or gpus_per_worker < 0:
         raise ValueError(f"gpus_per_worker={gpus_per_worker!r} must be an integer >= 0")
+    if checkpoint_claim is not None:
+        _check_name("checkpoint_claim", checkpoint_claim, 63)
+        if not job.checkpoint_dir.startswith("/"):
+            raise ValueError("checkpoint_claim needs an absolute --checkpoint-dir to mount it at")
     port = parse_port("port", port)
-    # pod names: <name>-server-<ordinal> and <name>-worker-<index>-<5 chars> must stay within 63 characters
+    # pod names: <name>-worker-<index>-<5 chars> must stay within 63 characters
     _check_name("name", name, 40)
     if namespace is not None:
         _check_name("namespace", namespace, 63)
@@ -163,9 +170,11 @@ def render_manifest(image: str, num_servers: int, num_workers: int, command: Seq
         raise ValueError(f"command={command!r} must name the worker script, e.g. ['train.py', '--lr', '0.1']")
 
     coordinator_svc = f"{name}-coordinator"
-    server_svc = f"{name}-server"
     host = coordinator_svc if namespace is None else f"{coordinator_svc}.{namespace}.svc"
     coordinator = f"{host}:{port}"
+    defaults = JobConfig().to_env()
+    settings = {k: v for k, v in job.to_env().items()
+                if v != defaults[k] or k in ("ZPS_NUM_SERVERS", "ZPS_NUM_WORKERS")}
 
     def meta(obj_name: str, component: str) -> dict[str, Any]:
         out: dict[str, Any] = {"name": obj_name}
@@ -183,8 +192,7 @@ def render_manifest(image: str, num_servers: int, num_workers: int, command: Seq
         env: list[dict[str, Any]] = [
             {"name": "ZPS_ROLE", "value": role},
             {"name": "ZPS_COORDINATOR", "value": coordinator},
-            {"name": "ZPS_NUM_SERVERS", "value": str(num_servers)},
-            {"name": "ZPS_NUM_WORKERS", "value": str(num_workers)},
+            *({"name": k, "value": v} for k, v in settings.items()),
             {"name": "ZPS_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ]
         if rank_from is not None:
@@ -194,37 +202,36 @@ def render_manifest(image: str, num_servers: int, num_workers: int, command: Seq
             out["ports"] = [{"name": "coordinator", "containerPort": port, "protocol": "TCP"}]
         if resources:
             out["resources"] = resources
+        if checkpoint_claim is not None:
+            out["volumeMounts"] = [{"name": "checkpoints", "mountPath": job.checkpoint_dir}]
         return out
 
     def pod(component: str, spec_container: dict[str, Any], restart: str) -> dict[str, Any]:
-        return {"metadata": {"labels": labels(component)},
-                "spec": {"restartPolicy": restart, "containers": [spec_container]}}
+        spec: dict[str, Any] = {"restartPolicy": restart, "containers": [spec_container]}
+        if checkpoint_claim is not None:
+            spec["volumes"] = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim}}]
+        return {"metadata": {"labels": labels(component)}, "spec": spec}
 
-    def headless(svc_name: str, component: str, ports: list[dict[str, Any]] | None) -> dict[str, Any]:
-        spec: dict[str, Any] = {"clusterIP": "None", "publishNotReadyAddresses": True,
-                                "selector": labels(component)}
-        if ports:
-            spec["ports"] = ports
-        return {"apiVersion": "v1", "kind": "Service", "metadata": meta(svc_name, component), "spec": spec}
+    def indexed_job(component: str, count: int, argv: list[str], restart: str, backoff: int,
+                    resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(f"{name}-{component}", component),
+                "spec": {"completionMode": "Indexed", "completions": count, "parallelism": count,
+                         "backoffLimit": backoff,
+                         "template": pod(component, container(component, argv, "job-completion-index", resources),
+                                         restart)}}
 
+    restart_workers = job.on_worker_failure == "restart"
     worker_resources = ({"limits": {"nvidia.com/gpu": gpus_per_worker}} if gpus_per_worker else None)
     documents = [
-        headless(coordinator_svc, "coordinator",
-                 [{"name": "coordinator", "port": port, "targetPort": port, "protocol": "TCP"}]),
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(coordinator_svc, "coordinator"),
-         "spec": {"replicas": 1, "selector": {"matchLabels": labels("coordinator")},
-                  "template": pod("coordinator", container("coordinator", ["zps", "node"], None), "Always")}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta(coordinator_svc, "coordinator"),
+         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels("coordinator"),
+                  "ports": [{"name": "coordinator", "port": port, "targetPort": port, "protocol": "TCP"}]}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(coordinator_svc, "coordinator"),
+         "spec": {"completions": 1, "parallelism": 1, "backoffLimit": 0,
+                  "template": pod("coordinator", container("coordinator", ["zps", "node"], None), "Never")}},
         # no ports: servers pick free ones and report them to the coordinator
-        headless(server_svc, "server", None),
-        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta(server_svc, "server"),
-         "spec": {"serviceName": server_svc, "replicas": num_servers, "podManagementPolicy": "Parallel",
-                  "selector": {"matchLabels": labels("server")},
-                  "template": pod("server", container("server", ["zps", "node"], "hostname-ordinal"),
-                                  "Always")}},
-        {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(f"{name}-worker", "worker"),
-         "spec": {"completionMode": "Indexed", "completions": num_workers, "parallelism": num_workers,
-                  "backoffLimit": 0,
-                  "template": pod("worker", container("worker", ["zps", "node", *args], "job-completion-index",
-                                                      worker_resources), "Never")}},
+        indexed_job("server", job.num_servers, ["zps", "node"], "Never", 0),
+        indexed_job("worker", job.num_workers, ["zps", "node", *args], "OnFailure" if restart_workers else "Never",
+                    job.max_restarts if restart_workers else 0, worker_resources),
     ]
     return to_yaml_stream(documents)

@@ -14,6 +14,8 @@ it runs whatever zps the host has, or none):
 * ``workdir`` / ``script`` -- ``--workdir`` exists there and holds the script;
 * ``interface`` / ``address`` -- the address the host's processes will bind (``--interface``'s IPv4 address, or
   the address ssh reached the host at) exists there: the probe binds it;
+* ``checkpoint`` -- with ``--checkpoint-dir``, the host can write there (every process writes its part of each
+  checkpoint there, so across hosts it must be a file system they share);
 * ``reach`` -- the host can open a TCP connection to the coordinator's address: during the preflight the
   launcher listens there (on the fixed port if one is given, so a firewall rule for it is tested too).
 
@@ -109,6 +111,17 @@ def probe(args: dict) -> dict:
                     s.bind((out["address"], 0))
             except OSError as exc:
                 problem("address", f"cannot bind {out['address']} here ({exc.strerror}), so servers could not")
+    checkpoints = args.get("checkpoint_dir")
+    if checkpoints:  # every host writes its part of each checkpoint there: a shared file system
+        try:
+            os.makedirs(checkpoints, exist_ok=True)
+            probe_file = os.path.join(checkpoints, f".zps-preflight-{socket.gethostname()}-{os.getpid()}")
+            with open(probe_file, "w") as f:
+                f.write("zps")
+            os.remove(probe_file)
+        except OSError as exc:
+            problem("checkpoint", f"cannot write in --checkpoint-dir {checkpoints} ({exc.strerror or exc}); every "
+                                  "host needs it, on a file system they share")
     target = args.get("coordinator")
     if target:
         try:
@@ -200,7 +213,7 @@ def check_host(host: str, ssh: SshOptions, remote: Remote, local: dict[str, Any]
 
 
 def run_preflight(hosts: Sequence[str], ssh: SshOptions, remote: Remote, coordinator_host: str | None, port: int,
-                  script: str, timeout: float = 15.0) -> list[Problem]:
+                  script: str, timeout: float = 15.0, checkpoint_dir: str = "") -> list[Problem]:
     """Check the launcher host and every host in ``hosts`` (see the module docstring); the problems found.
 
     ``coordinator_host`` None: the launcher side already failed (its problem is reported by the caller), so
@@ -214,7 +227,8 @@ def run_preflight(hosts: Sequence[str], ssh: SshOptions, remote: Remote, coordin
             problems.append(problem)
     try:
         args: dict[str, Any] = {"workdir": remote.workdir, "script": script, "interface": remote.interface,
-                                "address": True, "connect_timeout": min(5.0, timeout)}
+                                "address": True, "connect_timeout": min(5.0, timeout),
+                                "checkpoint_dir": checkpoint_dir}
         if listener is not None:
             args["coordinator"] = [coordinator_host, listener.getsockname()[1]]
         local = local_facts()

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from .remote import die_with_parent
 
@@ -77,6 +77,7 @@ class Child:
     tail: list[str] = field(default_factory=list)
     exited_at: float | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    spec: Any = None
 
     @property
     def returncode(self) -> int | None:
@@ -93,7 +94,8 @@ class ProcessGroup:
         self.changed = threading.Event()
 
     def start(self, label: str, role: str, rank: int, argv: Sequence[str], env: dict[str, str],
-              cwd: str | None = None) -> Child:
+              cwd: str | None = None, spec: Any = None) -> Child:
+        """Start one child; ``spec`` is kept with it (what it was started from, to start it again)."""
         proc = subprocess.Popen(
             list(argv),
             env=env,
@@ -104,7 +106,7 @@ class ProcessGroup:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        child = Child(label, role, rank, proc)
+        child = Child(label, role, rank, proc, spec=spec)
         forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None
         reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{label}", daemon=True)

@@ -103,7 +103,8 @@ class SshBackend:
             coordinator_host, problems = None, [checks.Problem(checks.LAUNCHER, "interface", str(exc))]
         if self.preflight:
             problems += checks.run_preflight(targets, self.ssh, self.remote, coordinator_host, self.port,
-                                             self.script[0], timeout=self.preflight_timeout)
+                                             self.script[0], timeout=self.preflight_timeout,
+                                             checkpoint_dir=job.checkpoint_dir)
             if problems:
                 raise LaunchError(checks.format_problems(problems))
         assert coordinator_host is not None

@@ -25,6 +25,8 @@ ROLES = ("coordinator", "server", "worker")
 MODES = ("bsp", "asp", "ssp")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_PREFIX = "ZPS_"
+WORKER_POLICIES = ("abort", "shrink", "restart")
+DEFAULT_CHECKPOINT_EVERY = "300s"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -167,12 +169,42 @@ class JobConfig:
     heartbeat_timeout: float = setting(15.0, "seconds of silence after which a process is declared dead",
                                        positive=True, metavar="SECONDS")
     log_level: str = setting("INFO", "log level of every process of the job", choices=LOG_LEVELS)
+    checkpoint_dir: str = setting("", "write checkpoints here (across hosts: a file system every host shares)",
+                                  metavar="DIR")
+    checkpoint_every: str = setting("", f"a checkpoint every N steps (100) or seconds (30s); with --checkpoint-dir "
+                                        f"the default is {DEFAULT_CHECKPOINT_EVERY}", metavar="N|Ns")
+    keep: int = setting(3, "how many of the newest checkpoints to keep", minimum=1, metavar="K")
+    resume: str = setting("", "start from this checkpoint, or the newest one in this directory ('latest': the newest "
+                              "in --checkpoint-dir)", metavar="DIR")
+    max_restarts: int = setting(0, "restart a failed job from its newest checkpoint up to N times", minimum=0,
+                                metavar="N")
+    on_worker_failure: str = setting("abort", "when a worker fails: abort the job, shrink (go on without it) or "
+                                              "restart it (a replacement with the same rank)", choices=WORKER_POLICIES)
 
     def __post_init__(self) -> None:
         _check_fields(self)
         if self.staleness and self.mode != "ssp":
             raise ConfigError(f"ZPS_STALENESS (--staleness)={self.staleness} only applies to mode ssp "
                               f"(the mode is {self.mode})")
+        if self.checkpoint_every:
+            if not self.checkpoint_dir:
+                raise ConfigError("ZPS_CHECKPOINT_EVERY (--checkpoint-every) needs ZPS_CHECKPOINT_DIR "
+                                  "(--checkpoint-dir)")
+            try:
+                parse_every(self.checkpoint_every)
+            except ValueError as exc:
+                raise ConfigError(f"ZPS_CHECKPOINT_EVERY (--checkpoint-every)={exc}") from None
+        if self.resume == "latest" and not self.checkpoint_dir:
+            raise ConfigError("ZPS_RESUME (--resume)=latest needs ZPS_CHECKPOINT_DIR (--checkpoint-dir)")
+        if self.on_worker_failure == "restart" and not self.max_restarts:
+            raise ConfigError("ZPS_ON_WORKER_FAILURE (--on-worker-failure)=restart needs ZPS_MAX_RESTARTS "
+                              "(--max-restarts) > 0: the replacements draw on it")
+
+    def checkpoint_interval(self) -> tuple[str, float] | None:
+        """``("steps", N)`` or ``("seconds", S)`` between checkpoints; None without ``--checkpoint-dir``."""
+        if not self.checkpoint_dir:
+            return None
+        return parse_every(self.checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> JobConfig:
@@ -247,6 +279,23 @@ class Config:
     def to_env(self) -> dict[str, str]:
         """The ``ZPS_*`` variables that reproduce this configuration in a child process."""
         return {**_to_env(self), **self.job.to_env()}
+
+
+def parse_every(text: str) -> tuple[str, float]:
+    """``--checkpoint-every``: ``"100"`` (steps) or ``"30s"`` (seconds): ``("steps", 100)`` or ``("seconds", 30)``."""
+    text = text.strip()
+    try:
+        if text.endswith("s"):
+            seconds = float(text[:-1])
+            if seconds > 0:
+                return "seconds", seconds
+        else:
+            steps = int(text)
+            if steps > 0:
+                return "steps", steps
+    except ValueError:
+        pass
+    raise ValueError(f"{text!r} is neither a number of steps (100) nor of seconds (30s), > 0")
 
 
 def configure_logging(level: str) -> None:

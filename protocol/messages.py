@@ -37,6 +37,8 @@ class Kind(str, enum.Enum):
     HEARTBEAT = "heartbeat"
     DONE = "done"
     SHUTDOWN = "shutdown"
+    SAVED = "saved"  # a server or worker wrote its part of a checkpoint
+    NOTICE = "notice"  # the coordinator tells a member about the job (a worker gone, replaced)
     # data (worker <-> server)
     INIT = "init"
     PUSH = "push"

@@ -6,7 +6,9 @@ lost); :attr:`RendezvousClient.failure` then holds the reason, for the process t
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -20,6 +22,8 @@ from . import transport
 from .config import Config
 from .messages import ErrorCode, Kind, Message, ProtocolError
 from .peers import peer_name
+
+log = logging.getLogger("zps.rendezvous")
 
 
 @dataclass(frozen=True)
@@ -71,22 +75,26 @@ class RendezvousClient:
         self.shutdown_requested = threading.Event()
         self.failure: str | None = None
         self.topology: Topology | None = None
+        self.notices: collections.deque[dict[str, Any]] = collections.deque()  # membership news, for the server
 
     # -- request / reply -------------------------------------------------------------------------------
-    def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None) -> Message:
+    def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None,
+                 sock: zmq.Socket | None = None) -> Message:
+        """One request and its reply, on the main socket (the owning thread's) or on ``sock``."""
+        sock = sock or self._sock
         timeout = self.config.job.timeout if timeout is None else timeout
         request_id = next(self._ids)
-        transport.send(self._sock, Message(kind, id=request_id, src=self.name, body=body))
+        transport.send(sock, Message(kind, id=request_id, src=self.name, body=body))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 raise RendezvousError(
                     ErrorCode.TIMEOUT,
                     f"{self.name}: no answer from the coordinator at {self.config.coordinator} to {what} within "
                     f"{timeout:.0f}s (is it running, and is ZPS_COORDINATOR right?)",
                 )
-            reply = transport.recv(self._sock)
+            reply = transport.recv(sock)
             if reply.id == request_id:
                 if reply.kind is Kind.ERROR:
                     body = reply.body
@@ -109,6 +117,19 @@ class RendezvousClient:
         self.name = peer_name(self.topology.role, self.topology.rank)
         self._start_heartbeats()
         return self.topology
+
+    def report_saved(self, checkpoint: int, file: str, size: int, info: dict[str, Any]) -> None:
+        """Tell the coordinator this process's part of checkpoint ``checkpoint`` is on disk (any thread may call it);
+        it writes the manifest once every part is."""
+        body = {"checkpoint": checkpoint, "file": file, "size": size, "info": info}
+        sock = transport.configure(self.context.socket(zmq.DEALER))  # its own: the caller may be any thread
+        try:
+            transport.connect(sock, self.address)
+            self._request(Kind.SAVED, body, f"the report of checkpoint {checkpoint}", sock=sock)
+        except RendezvousError as exc:  # the checkpoint stays incomplete; the previous one stays the newest
+            log.error("%s: checkpoint %d was written but not recorded: %s", self.name, checkpoint, exc.reason)
+        finally:
+            sock.close(linger=0)
 
     def barrier(self, name: str = "default") -> None:
         """Wait until every worker reached the barrier ``name``."""
@@ -157,6 +178,8 @@ class RendezvousClient:
                     last_answer = time.monotonic()
                     if msg.kind is Kind.SHUTDOWN:
                         self.shutdown_requested.set()
+                    elif msg.kind is Kind.NOTICE:
+                        self.notices.append(msg.body)
                     elif msg.kind is Kind.ERROR:
                         self.failure = str(msg.body.get("reason", "the coordinator reported a failure"))
                         self.shutdown_requested.set()

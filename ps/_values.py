@@ -41,7 +41,9 @@ class Values:
         # compressed pull: what each worker holds of each key, and the encoder that sends it deltas
         self._views: dict[tuple[int, int], tuple[torch.Tensor, Codec]] = {}
 
-    def reply(self, p: PullRequest) -> Message:
+    def reply(self, p: PullRequest, checkpoint: int = 0) -> Message:
+        """The VALUES of ``p``; ``checkpoint``: the newest checkpoint worker 0 asked for (every worker saves its
+        part once it sees it)."""
         keys: list[KeyEntry] = []
         frames: list[Any] = []
         fused = [not shared and spec is None and fusable(s.numel)
@@ -67,7 +69,8 @@ class Values:
             entry["key"], entry["version"] = s.key, s.version
             keys.append(entry)
             frames.extend(bufs)
-        msg = Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, frames=frames)
+        body = {"ckpt": checkpoint} if checkpoint else {}
+        msg = Message(Kind.VALUES, id=p.request_id, src=self.name, keys=keys, body=body, frames=frames)
         writer.attach(msg)
         return msg
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import zmq
 
+from zps.protocol import checkpoint as ckpt
 from zps.protocol import transport
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
@@ -25,6 +26,7 @@ from zps.protocol.peers import parse_peer, peer_name
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
 
+from ._checkpoint import Checkpoints, Restore
 from ._pending import Pending, Waiting
 from ._shm import PUSH, WorkerSegments
 from ._values import PullRequest, Values
@@ -75,6 +77,8 @@ class Server:
                          "bytes_out": 0, "shm_bytes_in": 0, "shm_bytes_out": 0}
         self.values = Values(self.name, self.segments, self.counters, snapshot=config.job.mode != "bsp")
         self._sock: zmq.Socket | None = None
+        self.checkpoints: Checkpoints | None = None  # with --checkpoint-dir, once the rank is known
+        self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
         self.pending = Pending(self._send, self.name)
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
         self._since_trim = 0  # bytes received since freed memory was last given back
@@ -94,6 +98,9 @@ class Server:
                 return 1
             self.name = self.pending.name = self.values.name = peer_name("server", self.topology.rank)
             self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness)
+            if self.config.job.checkpoint_dir:
+                self.checkpoints = Checkpoints(self.config.job.checkpoint_dir, self.topology.rank, self.topology.mode,
+                                               rendezvous.report_saved)
             log.info("%s serving at %s (%s)", self.name, address, self.topology.mode)
             # torch builds its first optimizer slowly (it imports its compiler then): do that now, beside the
             # loop, not when the first INIT is waiting for it
@@ -104,6 +111,8 @@ class Server:
                 return 1
             return 0
         finally:
+            if self.checkpoints is not None:
+                self.checkpoints.wait(self.config.job.timeout)  # a checkpoint being written is not thrown away
             rendezvous.done()
             rendezvous.close()
             sock.close(linger=0)
@@ -136,6 +145,8 @@ class Server:
                         self._trim()
             elif self._since_trim and time.monotonic() - self._last_request >= _TRIM_WHEN_IDLE:
                 self._trim()
+            while rendezvous.notices:
+                self._notice(rendezvous.notices.popleft())
             if len(self.pending):
                 self.pending.expire(self.config.job.timeout)
         self.pending.fail_all(rendezvous.failure or "the job is shutting down")
@@ -267,10 +278,13 @@ class Server:
                     build_optimizer(opt_name, groups[group], torch.zeros(1, requires_grad=True))
             declared.append((entry, existing))
             values.append(tensor)
+        restored = self._restored(opt_name, declared, values) if self.config.job.resume else {}
         segment, shm_reply = self.segments.attach(body.get("shm"), msg.keys)
         # every check passed: now change state
         if segment is not None:
             self.segments.adopt(worker, segment, msg.keys)
+        if opt_name is not None and self.checkpoints is not None:
+            self.checkpoints.optimizer = (opt_name, groups)
         states = []
         for (entry, existing), tensor in zip(declared, values, strict=True):
             state = existing or KeyState(key=entry["key"], numel=entry["numel"], name=entry.get("name", ""),
@@ -279,15 +293,50 @@ class Server:
             states.append(state)
             if tensor is not None and not state.initialized:
                 assert isinstance(opt_name, str)  # checked with the values above
-                self.optimizers.add(state, tensor, functools.partial(build_optimizer, opt_name, groups[state.group]))
-        reply = Message(Kind.OK, id=msg.id, src=self.name, body=shm_reply)
+                build = functools.partial(build_optimizer, opt_name, groups[state.group])
+                found = restored.get(state.key)
+                if found is None:
+                    self.optimizers.add(state, tensor, build)
+                else:  # the checkpoint's values, optimizer state and bookkeeping, not rank 0's fresh model
+                    value, optimizer_state, saved = found
+                    self.optimizers.add(state, value, build)
+                    self.optimizers.by_group[state.group].state[value] = optimizer_state
+                    state.version, state.lr = int(saved["version"]), saved["lr"]
+                    state.last_step = dict(saved.get("last_step", {}))
+        def reply() -> Message:  # with the step the worker is at: 0, or a replacement's or a resumed job's
+            assert self.consistency is not None
+            at = (min((s.version for s in states), default=0) if self.consistency.name == "bsp"
+                  else self.consistency.clock.get(worker, 0))
+            return Message(Kind.OK, id=msg.id, src=self.name, body={**shm_reply, "step": at})
+
         if all(s.initialized for s in states):
-            return reply
+            return reply()
         self.pending.add(Waiting(
             identity, msg.id, worker, states, time.monotonic() + self.config.job.timeout,
-            ready=lambda: all(s.initialized for s in states), answer=lambda: reply,
+            ready=lambda: all(s.initialized for s in states), answer=reply,
             why=lambda: self._uninitialized(states), what=f"declare of worker {worker}"))
         return None
+
+    def _restored(self, opt_name: Any, declared: list[tuple[KeyEntry, KeyState | None]],
+                  values: list[torch.Tensor | None]) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                   dict[str, Any]]]:
+        """Resuming: the checkpoint's state of each key rank 0 sets now (read before anything changes; a checkpoint
+        that does not fit is refused naming its file and what differs)."""
+        if opt_name is None:
+            return {}
+        try:
+            if self._restore is None:
+                self._restore = Restore(ckpt.resolve(self.config.job.resume))
+                assert self.consistency is not None
+                for w, clock in self._restore.clocks.items():
+                    self.consistency.note_clock(w, clock)
+            restore = self._restore
+            restore.check_optimizer(opt_name)
+            return {entry["key"]: restore.load(entry.get("name", ""), entry.get("offset", 0), entry["numel"])
+                    for (entry, existing), value in zip(declared, values, strict=True)
+                    if value is not None and (existing is None or not existing.initialized)}
+        except ckpt.CheckpointError as exc:
+            raise ProtocolError(ErrorCode.CONFLICT, str(exc)) from None
 
     @staticmethod
     def _uninitialized(states: list[KeyState]) -> str:
@@ -337,6 +386,9 @@ class Server:
                 accepted.append((state, step, grad))
             else:
                 self.counters["duplicates"] += 1
+        hint = msg.body.get("ckpt")
+        if self.checkpoints is not None and worker == 0 and type(hint) is int and hint > 0:
+            self.checkpoints.request(hint)  # worker 0 asks for a checkpoint at step ``hint``
         updates = []
         for state, step, grad in accepted:
             if lrs is not None:
@@ -344,8 +396,14 @@ class Server:
             ready = self.consistency.push(state, worker, step, grad)
             if ready is not None:
                 updates.append((state, ready))
+        self._apply(updates)
+
+    def _apply(self, updates: list[tuple[KeyState, torch.Tensor]]) -> None:
+        assert self.consistency is not None
         self.optimizers.apply(updates)
         self.counters["pushes_applied"] += len(updates)
+        if self.checkpoints is not None:
+            self.checkpoints.after_apply([s for s, _ in updates], self.keys, self.optimizers, self.consistency.clock)
 
     # -- PULL ------------------------------------------------------------------------------------------
     def _pull_request(self, identity: bytes, msg: Message, worker: int, step: int) -> PullRequest:
@@ -380,7 +438,7 @@ class Server:
     def _answer(self, p: PullRequest) -> Message:
         assert self.consistency is not None
         self.consistency.served(p.worker, p.step)
-        return self.values.reply(p)
+        return self.values.reply(p, self.checkpoints.latest if self.checkpoints is not None else 0)
 
     def _blocked(self, p: PullRequest) -> str:
         assert self.consistency is not None
@@ -391,12 +449,26 @@ class Server:
     def _leave(self, msg: Message, worker: int) -> Message:
         """A worker finished cleanly: stop waiting for it; apply what its leaving completes."""
         assert self.consistency is not None
-        updates = self.consistency.leave(worker, self.keys.values())
-        self.optimizers.apply(updates)
-        self.counters["pushes_applied"] += len(updates)
+        self._apply(self.consistency.leave(worker, self.keys.values()))
         self.values.forget(worker)
         self.segments.forget(worker)
         return Message(Kind.OK, id=msg.id, src=self.name)
+
+    def _notice(self, body: dict[str, Any]) -> None:
+        """The coordinator's news of a worker: ``gone`` (it failed; --on-worker-failure shrink goes on without it)
+        or ``replaced`` (a new process took its rank: what the old one held here is forgotten)."""
+        assert self.consistency is not None
+        gone, replaced = body.get("gone"), body.get("replaced")
+        if type(gone) is int and gone in self.consistency.live:
+            step = min((s.version for s in self.keys.values()), default=0)
+            self._apply(self.consistency.leave(gone, self.keys.values()))
+            log.warning("%s: worker %d failed (%s); from step %d the updates average workers %s", self.name, gone,
+                        body.get("why", "no reason given"), step, sorted(self.consistency.live))
+        for worker in (gone, replaced):
+            if type(worker) is int:
+                self.values.forget(worker)
+                self.segments.forget(worker)
+        self.pending.flush()
 
     def stats(self) -> dict[str, Any]:
         assert self.consistency is not None

@@ -20,7 +20,7 @@ from zps.launcher.hostfile import (
 )
 from zps.launcher.k8s import k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
 from zps.launcher.slurm import NodelistError, expand_nodelist, is_coordinator_task, slurm_roles
-from zps.protocol.config import Config, ConfigError
+from zps.protocol.config import Config, ConfigError, JobConfig
 from zps.protocol.dmlc import dmlc_to_zps, join_host_port
 
 pytestmark = pytest.mark.unit
@@ -442,34 +442,37 @@ def env_of(container: dict) -> dict:
 
 
 def test_render_manifest(yaml):
+    job = JobConfig(num_servers=3, num_workers=5, mode="ssp", staleness=2)
     text = render_manifest(
-        "registry.example/zps:1.0", 3, 5, ["train.py", "--lr", "0.1", 'it\'s "quoted"'], namespace="ml", port=31000
+        "registry.example/zps:1.0", job, ["train.py", "--lr", "0.1", 'it\'s "quoted"'], namespace="ml", port=31000
     )
     docs = list(yaml.safe_load_all(text))
-    assert [d["kind"] for d in docs] == ["Service", "Deployment", "Service", "StatefulSet", "Job"]
-    svc, coord, server_svc, servers, workers = docs
+    assert [d["kind"] for d in docs] == ["Service", "Job", "Job", "Job"]
+    svc, coord, servers, workers = docs
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["ports"][0]["port"] == 31000
     assert svc["spec"]["selector"] == coord["spec"]["template"]["metadata"]["labels"]
-    assert coord["spec"]["selector"]["matchLabels"] == coord["spec"]["template"]["metadata"]["labels"]
-    assert servers["spec"]["selector"]["matchLabels"] == servers["spec"]["template"]["metadata"]["labels"]
-    assert servers["spec"]["serviceName"] == server_svc["metadata"]["name"] == "zps-server"
     assert all(d["metadata"]["namespace"] == "ml" for d in docs)
 
-    assert coord["spec"]["replicas"] == 1
-    assert servers["spec"]["replicas"] == 3
-    assert workers["spec"]["completionMode"] == "Indexed"
-    assert workers["spec"]["completions"] == workers["spec"]["parallelism"] == 5
+    # every role a Job that runs once: a finished job's pods stay finished, a failure fails it as a unit
+    assert coord["spec"]["completions"] == 1
+    for doc, count in ((servers, 3), (workers, 5)):
+        assert doc["spec"]["completionMode"] == "Indexed"
+        assert doc["spec"]["completions"] == doc["spec"]["parallelism"] == count
+    for doc in (coord, servers, workers):
+        assert doc["spec"]["backoffLimit"] == 0 and doc["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
     expected_common = {
         "ZPS_COORDINATOR": "zps-coordinator.ml.svc:31000",
         "ZPS_NUM_SERVERS": "3",
         "ZPS_NUM_WORKERS": "5",
+        "ZPS_MODE": "ssp",
+        "ZPS_STALENESS": "2",
         "ZPS_HOST": {"fieldRef": {"fieldPath": "status.podIP"}},
     }
     for doc, role, rank_from, command in (
         (coord, "coordinator", None, ["zps", "node"]),
-        (servers, "server", "hostname-ordinal", ["zps", "node"]),
+        (servers, "server", "job-completion-index", ["zps", "node"]),
         (workers, "worker", "job-completion-index", ["zps", "node", "train.py", "--lr", "0.1", 'it\'s "quoted"']),
     ):
         (container,) = doc["spec"]["template"]["spec"]["containers"]
@@ -485,11 +488,14 @@ def test_render_manifest(yaml):
 
 def test_render_manifest_defaults_string_command_and_gpus(yaml):
     docs = list(
-        yaml.safe_load_all(render_manifest("zps", 1, 2, "train.py --flag 'a b' yes", name="job-7", gpus_per_worker=2))
+        yaml.safe_load_all(
+            render_manifest("zps", JobConfig(num_workers=2), "train.py --flag 'a b' yes", name="job-7",
+                            gpus_per_worker=2)
+        )
     )
     assert all("namespace" not in d["metadata"] for d in docs)
     assert docs[0]["metadata"]["name"] == "job-7-coordinator"
-    (worker,) = docs[4]["spec"]["template"]["spec"]["containers"]
+    (worker,) = docs[3]["spec"]["template"]["spec"]["containers"]
     assert worker["command"] == ["zps", "node", "train.py", "--flag", "a b", "yes"]
     assert env_of(worker)["ZPS_COORDINATOR"] == "job-7-coordinator:29600"
     assert worker["resources"] == {"limits": {"nvidia.com/gpu": 2}}
@@ -505,8 +511,8 @@ def test_render_manifest_defaults_string_command_and_gpus(yaml):
     [
         ({"image": ""}, "image=''"),
         ({"image": "a b"}, "image='a b'"),
-        ({"num_servers": 0}, "num_servers=0"),
-        ({"num_workers": "2"}, "num_workers='2'"),
+        ({"checkpoint_claim": "pvc"}, "needs an absolute --checkpoint-dir"),
+        ({"checkpoint_claim": "Bad_Claim", "job": JobConfig(checkpoint_dir="/c")}, "checkpoint_claim='Bad_Claim'"),
         ({"command": []}, "command=[]"),
         ({"namespace": "ML"}, "namespace='ML'"),
         ({"name": "zps_job"}, "name='zps_job'"),
@@ -516,10 +522,24 @@ def test_render_manifest_defaults_string_command_and_gpus(yaml):
     ],
 )
 def test_render_manifest_errors(kwargs, words):
-    args = {"image": "zps", "num_servers": 1, "num_workers": 1, "command": ["t.py"], **kwargs}
+    args = {"image": "zps", "job": JobConfig(), "command": ["t.py"], **kwargs}
     with pytest.raises(ValueError) as err:
         render_manifest(**args)
     assert words in str(err.value)
+
+
+def test_render_manifest_restarts_workers_in_place_and_mounts_the_checkpoints(yaml):
+    job = JobConfig(num_workers=2, checkpoint_dir="/ckpt", on_worker_failure="restart", max_restarts=3)
+    docs = list(yaml.safe_load_all(render_manifest("zps", job, ["t.py"], checkpoint_claim="zps-ckpt")))
+    workers = docs[3]["spec"]
+    assert workers["backoffLimit"] == 3 and workers["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert docs[2]["spec"]["backoffLimit"] == 0  # a server's failure still fails the job
+    for doc in docs[1:]:
+        spec = doc["spec"]["template"]["spec"]
+        assert spec["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": "zps-ckpt"}}]
+        (container,) = spec["containers"]
+        assert container["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/ckpt"}]
+        assert env_of(container)["ZPS_CHECKPOINT_DIR"] == "/ckpt"
 
 
 def test_yaml_quoting_round_trips(yaml):

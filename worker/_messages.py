@@ -91,12 +91,15 @@ class Messages:
             entry["pshm"] = 1
 
     def push(self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None,
-             marks: set[Mark]) -> list[tuple[int, Message]]:
+             marks: set[Mark], checkpoint: int | None = None) -> list[tuple[int, Message]]:
         """PUSH or PUSH_PULL messages of ``grads`` for ``step``; ``lr``: the learning rate (one, or one per group)
-        the servers apply it with. Shared areas used are reserved into ``marks``."""
+        the servers apply it with; ``checkpoint``: a checkpoint asked for. Shared areas used are reserved into
+        ``marks``."""
         body: dict[str, Any] = {}
         if lr is not None:
             body["lr"] = [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)]
+        if checkpoint is not None:
+            body["ckpt"] = int(checkpoint)
         items: dict[int, list[_Item]] = {}
         for name, grad in grads.items():
             values = flat(grad)

@@ -36,6 +36,7 @@ class Replies:
     def __init__(self, decoders: Decoders, areas: SharedAreas) -> None:
         self.decoders = decoders
         self.areas = areas
+        self.checkpoint = 0  # the newest checkpoint the servers said worker 0 asked for
 
     def targets(self, header: Any, request: Request) -> dict[int, memoryview]:
         """The data parts of a VALUES reply that can be received straight into their destination. A malformed
@@ -63,6 +64,9 @@ class Replies:
     def apply(self, msg: Message, request: Request) -> None:
         if msg.kind is not Kind.VALUES:
             return
+        asked = msg.body.get("ckpt")
+        if type(asked) is int and asked > self.checkpoint:
+            self.checkpoint = asked
         offset = 0
         fused = FusedReader(msg.frames, msg.fused, "values") if msg.fused else None
         fused_dests: list[torch.Tensor] = []  # copied in one call at the end (many small keys)

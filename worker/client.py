@@ -82,11 +82,13 @@ class Client:
         self.num_workers = self.topology.num_workers
         self.name = peer_name("worker", self.rank)
         self.plan: Plan | None = None
+        self.start_step = 0  # set by declare()
         self._messages: Messages | None = None
         self._areas = SharedAreas(self.name)
         self._closed = False
-        self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout,
-                              Replies(self._decoders, self._areas), lambda: self.rendezvous.failure)
+        self._replies = Replies(self._decoders, self._areas)
+        self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
+                              lambda: self.rendezvous.failure)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
@@ -148,6 +150,9 @@ class Client:
         finally:
             for segment, _ in created.values():
                 segment.unlink()  # mapped by both sides now (or not wanted): the name is no longer needed
+        # the step the job is at: 0; a replacement's (--on-worker-failure restart) or a resumed job's is later
+        self.start_step = min((int(replies[s].get("step", 0)) for s in range(self.topology.num_servers)
+                               if plan.chunks_on(s)), default=0)
         for server, (segment, offsets) in created.items():
             if replies.get(server, {}).get("shm"):
                 self._areas.adopt(server, segment, plan.chunks_on(server), offsets)
@@ -159,6 +164,11 @@ class Client:
         self._messages = Messages(self.name, plan, group_of_param, self.chunk_bytes, self.push_factory,
                                   self.pull_codec, self.compress_min, self._areas)
 
+    @property
+    def checkpoint_requested(self) -> int:
+        """The newest checkpoint worker 0 asked for, as the servers' replies said (0: none yet)."""
+        return self._replies.checkpoint
+
     def chunks(self, name: str) -> list[Chunk]:
         """The chunks (keys, servers, slices) the declared tensor ``name`` is cut into."""
         return self._built().chunks(name)
@@ -169,11 +179,13 @@ class Client:
         return self._messages
 
     # -- data calls ------------------------------------------------------------------------------------
-    def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
-        """Push gradients of ``step``; resolves when every server acknowledged."""
+    def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None,
+             checkpoint: int | None = None) -> Future:
+        """Push gradients of ``step``; resolves when every server acknowledged. ``checkpoint`` (worker 0): ask for
+        a checkpoint at that step (see :mod:`zps.protocol.checkpoint`)."""
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
-            parts = self._built().push(Kind.PUSH, grads, step, lr, marks)
+            parts = self._built().push(Kind.PUSH, grads, step, lr, marks, checkpoint)
             return self._engine.submit(parts, f"push of step {step}", marks=marks)
 
     def pull(self, outs: Tensors, step: int) -> Future:
@@ -184,14 +196,15 @@ class Client:
             parts = messages.pull(outs, step, marks)
             return self._engine.submit(parts, f"pull of step {step}", messages.destinations(outs), marks=marks)
 
-    def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None) -> Future:
+    def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None,
+                  checkpoint: int | None = None) -> Future:
         """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip."""
         if set(grads) != set(outs):
             raise ValueError("push_pull needs the same names in grads and outs")
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
             messages = self._built()
-            parts = messages.push(Kind.PUSH_PULL, grads, step, lr, marks)
+            parts = messages.push(Kind.PUSH_PULL, grads, step, lr, marks, checkpoint)
             return self._engine.submit(parts, f"push_pull of step {step}", messages.destinations(outs), marks=marks)
 
     def stats(self) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ import torch
 from zps.protocol.codecs import ErrorFeedback
 from zps.protocol.optim_spec import build_from_spec, describe_optimizer
 
+from ._checkpoint import WorkerCheckpoints, load_part
 from .client import Client
 from .session import default_client
 
@@ -101,8 +102,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.overlap = overlap
         self.client.declare(self.params, describe_optimizer(optimizer), groups)
         self.client.pull(self.params, step=0).result()
-        self.steps = 0
+        self.steps = self.client.start_step  # 0, unless this worker replaces one that failed
         self._synchronized = 0
+        self.checkpoints = WorkerCheckpoints(self.client, self.client.config)
+        self.resumed: dict[str, Any] | None = None  # the script's state from the checkpoint this job resumed from
+        if self.client.config.job.resume:
+            self._resume(self.client.config.job.resume)
+        self._checkpoint_at = self.checkpoints.due(self.steps)  # asked for with the pushes of the coming step
         # overlap bookkeeping, reset every step
         self._name_of = {id(p): n for n, p in self.params.items()}
         self._passes: dict[str, int] = {}
@@ -138,7 +144,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _flush(self) -> None:
         if self._bucket:
-            self._futures.append(self.client.push(self._bucket, self.steps, lr=self._lrs()))
+            self._futures.append(self.client.push(self._bucket, self.steps, lr=self._lrs(),
+                                                  checkpoint=self._checkpoint_at))
             self._bucket, self._bucket_size = {}, 0
 
     def _check_unchanged(self) -> None:
@@ -168,9 +175,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     future.result()
                 pull.result()
             else:  # nothing left early (no overlap, or a model smaller than one bucket): one round trip
-                self.client.push_pull(self._grads(), self.params, self.steps, lr=self._lrs()).result()
+                self.client.push_pull(self._grads(), self.params, self.steps, lr=self._lrs(),
+                                      checkpoint=self._checkpoint_at).result()
             self._futures, self._pushed, self._passes, self._bucket, self._bucket_size = [], {}, {}, {}, 0
         self.steps += 1
+        self.checkpoints.after_step(self.steps, self._synchronized)
+        self._checkpoint_at = self.checkpoints.due(self.steps)
         # The wrapped optimizer's step() never runs; tell torch's LR schedulers attached to it that a step happened.
         self.inner._opt_called = True  # type: ignore[attr-defined]
         return loss
@@ -186,6 +196,34 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized += 1
         self.client.barrier(f"zps-synchronize-{self._synchronized}")
         self.client.pull(self.params, step=0).result()
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def on_checkpoint(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Save what ``state()`` returns -- JSON values (epoch, position in the data) and tensors (RNG states) --
+        with this worker's part of every checkpoint; a job resumed from one finds it in :attr:`resumed`."""
+        self.checkpoints.script = state
+
+    def _resume(self, resume: str) -> None:
+        meta, residuals, script = load_part(resume, self.client.rank)
+        if self.client.start_step > int(meta["checkpoint"]):  # a replacement joining the resumed job later on
+            return
+        self.steps = int(meta["steps"])
+        self._synchronized = int(meta.get("synchronized", 0))
+        self.checkpoints.saved = int(meta["checkpoint"])
+        self._set_residuals(residuals)
+        self.resumed = script
+
+    def _set_residuals(self, residuals: dict[int, torch.Tensor]) -> None:
+        for key, residual in residuals.items():
+            try:
+                codec = self.client.push_codec(int(key))
+            except KeyError:
+                raise ValueError(f"the saved state has a residual for key {key}, which this model does not "
+                                 "have") from None
+            if not isinstance(codec, ErrorFeedback):
+                raise ValueError(f"the saved state has an error-feedback residual for key {key}, but this job does "
+                                 "not use error feedback")
+            codec.residual = residual.clone()
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -206,16 +244,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if mine is not None:
             self.steps = int(mine["steps"])
             self._synchronized = int(mine.get("synchronized", 0))
-            for key, residual in mine.get("residuals", {}).items():
-                try:
-                    codec = self.client.push_codec(int(key))
-                except KeyError:
-                    raise ValueError(f"state_dict has a residual for key {key}, which this model does not "
-                                     "have") from None
-                if not isinstance(codec, ErrorFeedback):
-                    raise ValueError(f"state_dict has an error-feedback residual for key {key}, but this job does "
-                                     "not use error feedback")
-                codec.residual = residual.clone()
+            self._set_residuals(mine.get("residuals", {}))
 
     def close(self) -> None:
         """Remove the gradient hooks (the servers keep the model)."""
