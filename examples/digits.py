@@ -69,10 +69,15 @@ def main() -> None:
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
     loss_fn = nn.CrossEntropyLoss()
     started = time.monotonic()
-    for epoch in range(args.epochs):
+    # 0 on a fresh start; resumed from a checkpoint (--resume), or replacing a worker that failed
+    # (--on-worker-failure restart), the job is further along: carry on from that step's place in the data
+    first_epoch, skip = divmod(optimizer.steps, len(loader))
+    for epoch in range(first_epoch, args.epochs):
         sampler.set_epoch(epoch)
         total, batches = 0.0, 0
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
+            if epoch == first_epoch and i < skip:
+                continue
             if client.rank == args.slow_rank and args.slow:
                 time.sleep(args.slow)  # an emulated straggler, not synchronisation
             x, y = x.to(args.device), y.to(args.device)

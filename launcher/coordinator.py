@@ -221,6 +221,7 @@ class Coordinator:
                         member.where(), why[:500], live)
             self._notify_servers({"gone": member.rank, "why": why[:500]})
             self._release_barriers()
+            self._complete_checkpoints()
             if not live:
                 self._fail(f"every worker failed; the last was {member.where()}: {why[:2000]}")
         else:
@@ -298,6 +299,7 @@ class Coordinator:
         log.debug("%s is done", member.name)
         if self.state is State.RUNNING:
             self._release_barriers()
+            self._complete_checkpoints()
             if not self._live_workers():
                 self.state = State.FINISHED
                 self._finished_at = time.monotonic()
@@ -322,12 +324,23 @@ class Coordinator:
         parts[(member.role, member.rank)] = {"rank": member.rank, "file": file, "size": size, **info}
         for old in sorted(self.checkpoints)[:-MAX_CHECKPOINTS_IN_FLIGHT]:  # never completed: forget them
             del self.checkpoints[old]
-        workers = {r for (role, r), m in self.members.items() if role == "worker" and not m.failed}
-        holders = parts.get(("worker", 0), {}).get("servers")  # worker 0 says which servers hold keys
-        if holders is None or not workers <= {r for role, r in parts if role == "worker"}:
-            return
-        if not set(holders) <= {r for role, r in parts if role == "server"}:
-            return
+        self._complete_checkpoints()
+
+    def _complete_checkpoints(self) -> None:
+        """Write the manifest of every checkpoint whose parts are all on disk: those of the servers that hold keys
+        (worker 0 names them) and of every worker still training (in ASP and SSP a worker that finished before it
+        saw the request has no part; resuming, it starts where the servers' clocks say)."""
+        for checkpoint in sorted(self.checkpoints):
+            parts = self.checkpoints[checkpoint]
+            workers = {r for (role, r), m in self.members.items() if role == "worker" and not m.done}
+            holders = parts.get(("worker", 0), {}).get("servers")  # worker 0 says which servers hold keys
+            if holders is None or not workers <= {r for role, r in parts if role == "worker"}:
+                continue
+            if not set(holders) <= {r for role, r in parts if role == "server"}:
+                continue
+            self._write_manifest(checkpoint, parts)
+
+    def _write_manifest(self, checkpoint: int, parts: dict[tuple[str, int], dict[str, Any]]) -> None:
         settings = {"mode": self.job.mode, "num_servers": self.job.num_servers, "num_workers": self.job.num_workers,
                     "codec": self.job.codec, "pull_codec": self.job.pull_codec,
                     "error_feedback": self.job.error_feedback, "compress_min": self.job.compress_min}

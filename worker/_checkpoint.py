@@ -7,6 +7,7 @@ script gave :meth:`zps.worker.DistributedOptimizer.on_checkpoint` (JSON values a
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from zps.protocol.config import Config
 from .client import Client
 
 ScriptState = Callable[[], dict[str, Any]]
+log = logging.getLogger("zps.worker")
 
 
 class WorkerCheckpoints:
@@ -65,7 +67,12 @@ class WorkerCheckpoints:
         meta = {"checkpoint": asked, "worker": self.client.rank, "steps": steps, "synchronized": synchronized,
                 "script": script}
         path = ckpt.directory(self.root, asked) / ckpt.part_name("worker", self.client.rank)
-        size = ckpt.save_part(path, tensors, meta)
+        try:
+            size = ckpt.save_part(path, tensors, meta)
+        except OSError as exc:  # a full disk: this checkpoint stays incomplete, the previous one stays the newest
+            log.error("%s: checkpoint %d could not be written to %s: %s; training goes on", self.client.name, asked,
+                      path, exc)
+            return
         info: dict[str, Any] = {"step": steps}
         plan = self.client.plan
         if self.client.rank == 0 and plan is not None:  # what the manifest needs to know of the model
@@ -74,9 +81,12 @@ class WorkerCheckpoints:
         self.client.rendezvous.report_saved(asked, path.name, size, info)
 
 
-def load_part(resume: str, rank: int) -> tuple[dict[str, Any], dict[int, torch.Tensor], dict[str, Any]]:
-    """This worker's part of the checkpoint at ``resume``: (meta, residuals by key, the script's state)."""
+def load_part(resume: str, rank: int) -> tuple[dict[str, Any], dict[int, torch.Tensor], dict[str, Any]] | None:
+    """This worker's part of the checkpoint at ``resume``: (meta, residuals by key, the script's state); None when
+    the checkpoint has no part of this worker (ASP/SSP: it had finished before the checkpoint was asked for)."""
     manifest = ckpt.resolve(resume)
+    if manifest.body["settings"].get("mode") != "bsp" and rank not in {w["rank"] for w in manifest.body["workers"]}:
+        return None
     part = manifest.part("worker", rank)
     residuals = {int(n.split(".", 1)[1]): part.tensor(n) for n in part.names if n.startswith("residual.")}
     script: dict[str, Any] = dict(part.meta.get("script", {}))

@@ -204,7 +204,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.checkpoints.script = state
 
     def _resume(self, resume: str) -> None:
-        meta, residuals, script = load_part(resume, self.client.rank)
+        found = load_part(resume, self.client.rank)
+        if found is None:  # ASP/SSP, this worker had finished: it starts where the servers' clocks say
+            return
+        meta, residuals, script = found
         if self.client.start_step > int(meta["checkpoint"]):  # a replacement joining the resumed job later on
             return
         self.steps = int(meta["steps"])

@@ -1,0 +1,47 @@
+"""Deterministic training for the durability tests: each step's batch is a function of (step, rank) only, so a
+resumed job sees exactly the data the uninterrupted one did.
+
+    zps run ... tests/scripts/train_steps.py --steps 60 --out final.safetensors [--pause-after 25] [--wide 4]
+
+Prints "STEP n" after each step. ``--pause-after N``: worker 0 stops after N steps and waits to be killed.
+``--out``: worker 0 writes the final parameters (after synchronize) there. The script's own state (a marker and
+an RNG state) goes with every checkpoint; a resumed job prints what it got back.
+"""
+import argparse
+import threading
+
+import torch
+from safetensors.torch import save_file
+
+from zps import worker
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=40)
+parser.add_argument("--pause-after", type=int, default=0)
+parser.add_argument("--wide", type=int, default=1, help="multiplies the hidden width (a bigger model)")
+parser.add_argument("--out", default="")
+args = parser.parse_args()
+
+client = worker.init()
+torch.manual_seed(0)
+hidden = 32 * args.wide
+model = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
+                            torch.nn.Tanh(), torch.nn.Linear(hidden, 4))
+opt = worker.DistributedOptimizer(worker.build_optimizer(model.parameters(), "adam:lr=0.01"), model)
+opt.on_checkpoint(lambda: {"marker": f"rank {client.rank} at step {opt.steps}", "rng": torch.get_rng_state()})
+if opt.resumed is not None:
+    print(f"RESUMED at step {opt.steps}: {opt.resumed['marker']}", flush=True)
+while opt.steps < args.steps:
+    g = torch.Generator().manual_seed(1000 * opt.steps + client.rank)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    print(f"STEP {opt.steps}", flush=True)
+    if client.rank == 0 and opt.steps == args.pause_after:
+        print("PAUSED", flush=True)
+        threading.Event().wait()  # until the test kills the job
+opt.synchronize()
+if client.rank == 0 and args.out:
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, args.out)
+worker.shutdown()
