@@ -195,8 +195,8 @@ class Coordinator:
                          int(msg.body.get("pid", 0) or 0), None)
         self.members[("worker", old.rank)] = member
         servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
+        self._notify_servers({"replaced": old.rank, "workers": {str(old.rank): member.pid}})
         self._answer(member, servers)
-        self._notify_servers({"replaced": old.rank})
         log.warning("%s replaces the failed %s", member.where(), old.where())
 
     def lost(self, role: str, rank: int, why: str) -> None:
@@ -246,6 +246,9 @@ class Coordinator:
     def _start(self) -> None:
         """The cluster is complete: every worker gets the servers' addresses."""
         servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
+        # the servers learn each worker's pid first: a shared segment is mapped only from the worker that registered
+        self._notify_servers({"workers": {str(m.rank): m.pid for (role, _), m in self.members.items()
+                                          if role == "worker"}})
         for member in self.members.values():
             if not member.answered:
                 self._answer(member, servers)

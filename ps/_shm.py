@@ -19,19 +19,20 @@ class WorkerSegments:
     def __init__(self) -> None:
         self._segments: dict[int, Segment] = {}
         self._areas: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pids: dict[int, int] = {}  # worker -> the pid it registered with (the coordinator's notices)
 
-    def attach(self, description: Any, entries: list[KeyEntry]) -> tuple[Segment | None, dict[str, Any]]:
-        """Map the segment an INIT describes if it is on this host and every key's areas fit in it; the segment
-        (None: frames are used) and what the INIT reply says about it. Changes nothing here yet (see :meth:`adopt`)."""
+    def attach(self, worker: int, description: Any, entries: list[KeyEntry]) -> tuple[Segment | None, dict[str, Any]]:
+        """Map the segment an INIT describes if it is this host's, passes every check of
+        :meth:`zps.protocol.shm.Segment.attach` and every key's areas fit in it; the segment (None: frames are used)
+        and what the INIT reply says about it. Changes nothing here yet (see :meth:`adopt`)."""
         if description is None:
             return None, {}
         if not isinstance(description, dict):
             raise ProtocolError(ErrorCode.BAD_HEADER, "'shm' must be a map")
         try:
-            segment = Segment.attach(description.get("path"), description.get("size"), description.get("token"))
+            segment = Segment.attach(description, self.pids.get(worker, description.get("pid")))
         except ShmUnavailable as exc:
             return None, {"shm": False, "why": str(exc)}
-        segment.unlink()  # both sides hold a mapping: a crash from here on leaves nothing in /dev/shm
         try:
             for entry in entries:
                 offsets = entry.get("shm")

@@ -7,6 +7,7 @@ by :mod:`._values`, the same-host shared areas are :mod:`._shm`'s.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import logging
@@ -78,6 +79,7 @@ class Server:
         self.values = Values(self.name, self.segments, self.counters, snapshot=config.job.mode != "bsp")
         self._sock: zmq.Socket | None = None
         self.checkpoints: Checkpoints | None = None  # with --checkpoint-dir, once the rank is known
+        self._notices: collections.deque[dict[str, Any]] = collections.deque()  # the coordinator's, once registered
         self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
         self.pending = Pending(self._send, self.name)
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
@@ -90,6 +92,7 @@ class Server:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         address = transport.bind_free(sock, self.config.host)
         rendezvous = RendezvousClient(self.config, self.context)
+        self._notices = rendezvous.notices
         try:
             try:
                 self.topology = rendezvous.register(address)
@@ -145,8 +148,7 @@ class Server:
                         self._trim()
             elif self._since_trim and time.monotonic() - self._last_request >= _TRIM_WHEN_IDLE:
                 self._trim()
-            while rendezvous.notices:
-                self._notice(rendezvous.notices.popleft())
+            self._drain_notices()
             if len(self.pending):
                 self.pending.expire(self.config.job.timeout)
         self.pending.fail_all(rendezvous.failure or "the job is shutting down")
@@ -157,9 +159,15 @@ class Server:
         self.counters["bytes_out"] += sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
         transport.send(self._sock, msg, identity=identity)
 
+    def _drain_notices(self) -> None:
+        while self._notices:
+            self._notice(self._notices.popleft())
+
     def _handle(self, frames: list[Any]) -> None:
         """Serve one message; whatever it holds, the loop goes on (an exception becomes an ERROR reply)."""
         self.counters["requests"] += 1
+        if self._notices:  # the coordinator's news first (a worker's pid before its INIT)
+            self._drain_notices()
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
@@ -279,7 +287,7 @@ class Server:
             declared.append((entry, existing))
             values.append(tensor)
         restored = self._restored(opt_name, declared, values) if self.config.job.resume else {}
-        segment, shm_reply = self.segments.attach(body.get("shm"), msg.keys)
+        segment, shm_reply = self.segments.attach(worker, body.get("shm"), msg.keys)
         # every check passed: now change state
         if segment is not None:
             self.segments.adopt(worker, segment, msg.keys)
@@ -459,15 +467,18 @@ class Server:
         or ``replaced`` (a new process took its rank: what the old one held here is forgotten)."""
         assert self.consistency is not None
         gone, replaced = body.get("gone"), body.get("replaced")
+        for worker in (gone, replaced):
+            if type(worker) is int:
+                self.values.forget(worker)
+                self.segments.forget(worker)
+        pids = body.get("workers")
+        if isinstance(pids, dict):
+            self.segments.pids.update({int(w): p for w, p in pids.items() if w.isdigit() and type(p) is int})
         if type(gone) is int and gone in self.consistency.live:
             step = min((s.version for s in self.keys.values()), default=0)
             self._apply(self.consistency.leave(gone, self.keys.values()))
             log.warning("%s: worker %d failed (%s); from step %d the updates average workers %s", self.name, gone,
                         body.get("why", "no reason given"), step, sorted(self.consistency.live))
-        for worker in (gone, replaced):
-            if type(worker) is int:
-                self.values.forget(worker)
-                self.segments.forget(worker)
         self.pending.flush()
 
     def stats(self) -> dict[str, Any]:

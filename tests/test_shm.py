@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import time
 from typing import Any
 
 import pytest
@@ -16,13 +19,13 @@ pytestmark = pytest.mark.cluster
 
 
 def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
-    """Train 3 ASP steps; return the servers' stats, the segments in use, and the paths of those created."""
-    created: list[str] = []
+    """Train 3 ASP steps; return the servers' stats and the segments in use."""
+    created: list[Segment] = []
     original = Segment.create.__func__  # type: ignore[attr-defined]  # the function under the classmethod
 
     def recording_create(cls, data_bytes):
         segment = original(cls, data_bytes)
-        created.append(segment.path)
+        created.append(segment)
         return segment
 
     monkeypatch.setattr(Segment, "create", classmethod(recording_create))
@@ -49,7 +52,8 @@ def run_asp(shm: bool, monkeypatch, refuse_attach: bool = False):
     # lr 0.5 x (1 + 2 + 3)
     torch.testing.assert_close(held["w"], start - 3.0, atol=0, rtol=0)
     torch.testing.assert_close(held["b"], torch.full((3,), -1.5), atol=0, rtol=0)
-    assert bool(created) == shm and not any(os.path.exists(p) for p in created)  # nothing left in /dev/shm
+    # memfds: no name anywhere; the worker's descriptors were given up once the servers mapped (or refused) them
+    assert bool(created) == shm and all(s.fd is None for s in created)
     return stats, segments
 
 
@@ -73,17 +77,20 @@ def test_switched_off(monkeypatch) -> None:
     assert segments == 0 and sum(s["shm_bytes_in"] for s in stats) == 0
 
 
-def test_attach_refuses_anything_but_the_workers_own_segment() -> None:
+def test_attach_takes_only_the_workers_own_sealed_segment() -> None:
     seg = Segment.create(1024)
     try:
         desc: dict[str, Any] = seg.describe()
-        with pytest.raises(ShmUnavailable, match="not a zps shared-memory segment"):
-            Segment.attach("/etc/passwd", desc["size"], desc["token"])
+        assert desc["pid"] == os.getpid()
+        with pytest.raises(ShmUnavailable, match="not the pid the worker registered with"):
+            Segment.attach(desc, os.getpid() + 1)
         with pytest.raises(ShmUnavailable, match="token"):
-            Segment.attach(desc["path"], desc["size"], "00" * 16)
+            Segment.attach({**desc, "token": "00" * 16}, os.getpid())
         with pytest.raises(ShmUnavailable, match="bytes"):
-            Segment.attach(desc["path"], desc["size"] + 64, desc["token"])
-        other = Segment.attach(desc["path"], desc["size"], desc["token"])
+            Segment.attach({**desc, "size": desc["size"] + 64}, os.getpid())
+        with pytest.raises(OSError):  # sealed: nobody can shrink it under a server's mapping (no SIGBUS)
+            os.ftruncate(desc["fd"], 16)
+        other = Segment.attach(desc, os.getpid())
         other.view(Segment.data_start(), 4).copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
         assert seg.view(Segment.data_start(), 4).tolist() == [1.0, 2.0, 3.0, 4.0]
         with pytest.raises(ValueError):
@@ -92,5 +99,43 @@ def test_attach_refuses_anything_but_the_workers_own_segment() -> None:
             other.view(Segment.data_start(), 10_000)
         other.close()
     finally:
-        seg.unlink()
         seg.close()
+
+
+def test_attach_refuses_a_file_that_is_not_a_sealed_memfd(tmp_path) -> None:
+    """A named file (what an attacker could point at, or truncate under the server) is never mapped."""
+    path = tmp_path / "plain"
+    path.write_bytes(bytes(4096))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        desc = {"pid": os.getpid(), "fd": fd, "size": 4096, "token": "00" * 16}
+        with pytest.raises(ShmUnavailable, match="not sealed"):
+            Segment.attach(desc, os.getpid())
+        with pytest.raises(ShmUnavailable, match="cannot open"):
+            Segment.attach({**desc, "fd": 100_000}, os.getpid())
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a segment of another user")
+def test_attach_refuses_another_users_segment() -> None:
+    """Another user's sealed memfd, even one root can open: the server maps only its own user's."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other user: make a segment, say where it is, wait to be killed
+        try:
+            os.setuid(65534)
+            seg = Segment.create(1024)
+            os.write(write, json.dumps(seg.describe()).encode())
+            time.sleep(60)  # the parent kills this process as soon as it has read the description
+        finally:
+            os._exit(0)
+    try:
+        os.close(write)
+        desc = json.loads(os.read(read, 4096))
+        with pytest.raises(ShmUnavailable, match="belongs to uid 65534"):
+            Segment.attach(desc, pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)

@@ -149,7 +149,7 @@ class Client:
             replies = self._engine.submit(parts, "declare", keep_replies=True).result()
         finally:
             for segment, _ in created.values():
-                segment.unlink()  # mapped by both sides now (or not wanted): the name is no longer needed
+                segment.release()  # mapped by the server now (or not wanted): its descriptor is no longer needed
         # the step the job is at: 0; a replacement's (--on-worker-failure restart) or a resumed job's is later
         self.start_step = min((int(replies[s].get("step", 0)) for s in range(self.topology.num_servers)
                                if plan.chunks_on(s)), default=0)
