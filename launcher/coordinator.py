@@ -28,6 +28,10 @@ from zps.protocol.rendezvous import Topology
 log = logging.getLogger("zps.coordinator")
 # checkpoints whose parts are still being reported; an older one that never completed is forgotten
 MAX_CHECKPOINTS_IN_FLIGHT = 4
+# barriers: a name's length, and how many may be open at once (each holds its arrivals until released)
+MAX_BARRIER_NAME = 256
+MAX_BARRIERS = 64
+COMPLAINT_INTERVAL = 60.0  # seconds between two log lines about one peer's refused messages
 
 
 class State(enum.Enum):
@@ -81,6 +85,7 @@ class Coordinator:
         self.failed_by: tuple[str, int] | None = None  # the member whose reported failure failed the job
         self.checkpoints: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}  # parts reported, by checkpoint
         self._lost: collections.deque[tuple[str, int, str]] = collections.deque()  # from the launcher
+        self._complaints: dict[bytes, float] = {}  # peer -> when a refusal of its messages was last logged
         self.last_checkpoint = 0
         self.members: dict[tuple[str, int], _Member] = {}
         self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
@@ -136,7 +141,21 @@ class Coordinator:
             else:
                 raise ProtocolError(ErrorCode.BAD_KIND, f"the coordinator does not serve {msg.kind.value!r}")
         except ProtocolError as exc:
+            self._complaint(identity, exc.reason)
             self._reply(identity, error_reply(request_id, COORDINATOR, exc.code, exc.reason))
+        except Exception as exc:  # whatever a peer sent, the coordinator goes on (a bug must not end the job)
+            log.exception("coordinator: internal error on a message from %s", identity.hex()[:16])
+            self._reply(identity, error_reply(request_id, COORDINATOR, ErrorCode.INTERNAL,
+                                              f"coordinator: internal error ({type(exc).__name__})"))
+
+    def _complaint(self, identity: bytes, reason: str) -> None:
+        """Log a refused message once per peer per minute (a peer that floods is not logged at its rate)."""
+        now = time.monotonic()
+        if now - self._complaints.get(identity, -COMPLAINT_INTERVAL) >= COMPLAINT_INTERVAL:
+            if len(self._complaints) > 4096:
+                self._complaints.clear()
+            self._complaints[identity] = now
+            log.warning("coordinator refused a message: %s", reason[:500])
 
     def _member(self, src: str) -> _Member | None:
         peer = parse_peer(src)
@@ -144,11 +163,14 @@ class Coordinator:
 
     def _register(self, identity: bytes, msg: Message) -> None:
         body = msg.body
-        role, rank = body.get("role"), body.get("rank", -1)
-        if role not in self.expected:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"cannot register role {role!r}: expected server or worker")
-        if not isinstance(rank, int) or isinstance(rank, bool):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer, got {rank!r}")
+        role, rank, pid, host = body.get("role"), body.get("rank", -1), body.get("pid", 0), body.get("host", "?")
+        if not isinstance(role, str) or role not in self.expected:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"cannot register role {str(role)[:40]!r}: expected server or "
+                                                      "worker")
+        if type(rank) is not int or not -1 <= rank < 1 << 31:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer >= -1, got {str(rank)[:40]}")
+        if type(pid) is not int or not 0 <= pid < 1 << 31 or not isinstance(host, str) or len(host) > 255:
+            raise ProtocolError(ErrorCode.BAD_HEADER, "'pid' must be a process id and 'host' a host name")
         replaced = self.members.get((role, rank)) if isinstance(rank, int) else None
         if (self.state is State.RUNNING and role == "worker" and replaced is not None and replaced.failed
                 and self.job.on_worker_failure == "restart"):
@@ -170,14 +192,13 @@ class Coordinator:
                 ErrorCode.CONFLICT,
                 f"{role} rank {rank} is out of range: the job has {count} {role}s (ranks 0-{count - 1})",
             )
-        elif rank in taken:
-            other = self.members[(role, rank)]
-            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is already registered by {other.where()}")
+        elif rank in taken:  # (who holds it is for the coordinator's log, not for whoever asks)
+            log.warning("%s rank %d asked for again (held by %s)", role, rank, self.members[(role, rank)].where())
+            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is already registered")
         address = body.get("address")
-        if role == "server" and not isinstance(address, str):
-            raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address'")
-        member = _Member(role, rank, identity, msg.id, str(body.get("host", "?")), int(body.get("pid", 0) or 0),
-                         address)
+        if role == "server" and not (isinstance(address, str) and address.startswith("tcp://") and len(address) < 300):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address' (tcp://host:port)")
+        member = _Member(role, rank, identity, msg.id, host, pid, address if role == "server" else None)
         self.members[(role, rank)] = member
         log.debug("registered %s", member.where())
         if role == "server":  # a server serves at once: it needs no other process's address
@@ -192,7 +213,7 @@ class Coordinator:
     def _replace(self, identity: bytes, msg: Message, old: _Member) -> None:
         """--on-worker-failure restart: a replacement takes a failed worker's rank, and the servers hear of it."""
         member = _Member("worker", old.rank, identity, msg.id, str(msg.body.get("host", "?")),
-                         int(msg.body.get("pid", 0) or 0), None)
+                         int(msg.body.get("pid", 0)), None)
         self.members[("worker", old.rank)] = member
         servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
         self._notify_servers({"replaced": old.rank, "workers": {str(old.rank): member.pid}})
@@ -271,8 +292,15 @@ class Coordinator:
     def _barrier(self, identity: bytes, msg: Message) -> None:
         member = self._member(msg.src)
         if member is None or member.role != "worker":
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"only registered workers take part in barriers, not {msg.src!r}")
-        name = str(msg.body.get("name", "default"))
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"only registered workers take part in barriers, not "
+                                                      f"{str(msg.src)[:40]!r}")
+        name = msg.body.get("name", "default")
+        if not isinstance(name, str) or len(name) > MAX_BARRIER_NAME:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"a barrier's name is a string of at most {MAX_BARRIER_NAME} "
+                                                      "characters")
+        if name not in self.barriers and len(self.barriers) >= MAX_BARRIERS:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{MAX_BARRIERS} barriers are open already; a job waits at one "
+                                                    "or two at a time")
         started, arrived = self.barriers.setdefault(name, (time.monotonic(), {}))
         arrived[member.rank] = (identity, msg.id)
         self._release_barriers()

@@ -185,6 +185,7 @@ def raise_if_error(msg: Message) -> Message:
 
 
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_STEP = 1 << 53  # steps are counts of updates: beyond this a step is not one a worker took
 
 
 def _bad(reason: str) -> ProtocolError:
@@ -247,8 +248,8 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
         key, step, nf = entry.get("key"), entry.get("step", 0), entry.get("nf", 0)
         if type(key) is not int or key < 0:
             raise _bad(f"keys[{i}].key must be a non-negative integer, got {key!r}")
-        if type(step) is not int or step < 0:
-            raise _bad(f"keys[{i}].step must be a non-negative integer, got {step!r}")
+        if type(step) is not int or not 0 <= step <= MAX_STEP:
+            raise _bad(f"keys[{i}].step must be an integer in [0, {MAX_STEP}], got {str(step)[:40]}")
         if type(nf) is not int or nf < 0:
             raise _bad(f"keys[{i}].nf must be a non-negative integer, got {nf!r}")
         expected_frames += nf

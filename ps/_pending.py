@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from zps.protocol.messages import ErrorCode, Message, error_reply
+from zps.protocol.messages import ErrorCode, Message, ProtocolError, error_reply
 
 from .store import KeyState
 
@@ -44,6 +44,15 @@ class Pending:
     def soonest(self) -> float | None:
         return min((w.deadline for w in self.items), default=None)
 
+    def _answer(self, w: Waiting) -> None:
+        """Send ``w``'s reply; one that cannot be built (its worker left meanwhile, say) becomes an ERROR reply."""
+        try:
+            reply = w.answer()
+        except Exception as exc:
+            code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.INTERNAL
+            reply = error_reply(w.request_id, self.name, code, f"{self.name}: {w.what} could not be answered: {exc}")
+        self.send(w.identity, reply)
+
     def flush(self) -> None:
         """Answer every request that became ready."""
         if not self.items:
@@ -51,7 +60,7 @@ class Pending:
         still = []
         for w in self.items:
             if w.ready():
-                self.send(w.identity, w.answer())
+                self._answer(w)
             else:
                 still.append(w)
         self.items = still
@@ -66,7 +75,7 @@ class Pending:
             if w.deadline > now:
                 still.append(w)
             elif w.ready():
-                self.send(w.identity, w.answer())
+                self._answer(w)
             else:
                 reason = f"{self.name}: {w.what} gave up after {timeout:.0f}s: {w.why()}"
                 self.send(w.identity, error_reply(w.request_id, self.name, ErrorCode.TIMEOUT, reason))

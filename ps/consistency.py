@@ -19,6 +19,9 @@ from zps.protocol.messages import ErrorCode, ProtocolError
 
 from .store import KeyState, Update
 
+# ASP/SSP: how far one push may move a worker's step past its last push (or its clock)
+MAX_STEP_JUMP = 1 << 20
+
 
 class Consistency:
     """Shared state: the live workers and their clocks. Subclasses decide push and pull semantics."""
@@ -112,7 +115,16 @@ class ASP(Consistency):
     name = "asp"
 
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
-        return step > state.last_step.get(worker, -1)
+        last = state.last_step.get(worker, -1)
+        if step <= last:
+            return False
+        if step > max(last, self.clock.get(worker, 0)) + MAX_STEP_JUMP:  # one push must not poison every later one
+            raise ProtocolError(
+                ErrorCode.STEP_AHEAD,
+                f"push of {state.label()} for step {step} from worker {worker}, whose last push was step {last}: a "
+                f"step moves forward by at most {MAX_STEP_JUMP} at a time",
+            )
+        return True
 
     def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
         state.last_step[worker] = step

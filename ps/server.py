@@ -36,6 +36,9 @@ from .optim import build_optimizer, clean_hparams, optimizer_class
 from .store import KeyState, Optimizers
 
 log = logging.getLogger("zps.server")
+# a learning rate above float32's range cannot be applied (torch refuses it mid-step); optimizer groups per job
+MAX_LR = 3.0e38
+MAX_GROUPS = 1024
 
 # Freed message buffers and optimizer temporaries go back to the OS when the server has been idle this long, or
 # after this many bytes under continuous load (trimming more often makes the next messages fault pages in again).
@@ -155,9 +158,15 @@ class Server:
 
     # -- dispatch --------------------------------------------------------------------------------------
     def _send(self, identity: bytes, msg: Message) -> None:
+        """Send a reply; one that cannot be built or sent is logged and dropped, never the end of the loop."""
         assert self._sock is not None
+        try:
+            transport.send(self._sock, msg, identity=identity)
+        except Exception as exc:  # e.g. a value msgpack cannot pack; the peer's request then times out, naming us
+            self.counters["errors"] += 1
+            log.error("%s: a reply (%s) could not be sent: %s: %s", self.name, msg.describe(), type(exc).__name__, exc)
+            return
         self.counters["bytes_out"] += sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
-        transport.send(self._sock, msg, identity=identity)
 
     def _drain_notices(self) -> None:
         while self._notices:
@@ -205,6 +214,7 @@ class Server:
         if msg.kind is Kind.LEAVE:
             return self._leave(msg, self._worker(msg))
         if msg.kind is Kind.STATS:
+            self._worker(msg)  # the job's workers, nobody else
             return Message(Kind.OK, id=msg.id, src=self.name, body=self.stats())
         raise ProtocolError(ErrorCode.BAD_KIND, f"a server does not serve {msg.kind.value!r} requests")
 
@@ -261,11 +271,13 @@ class Server:
                                                           f"got {group!r}")
             existing = self.keys.get(key)
             if existing is not None and (existing.numel, existing.name, existing.group) != (numel, name, group):
+                # (what the key was declared as is logged here, not told to whoever asks)
+                log.warning("%s: worker %d declares key %d as %r with %d elements in group %d; it is %s in group %d",
+                            self.name, worker, key, name[:100], numel, group, existing.label(), existing.group)
                 raise ProtocolError(
                     ErrorCode.CONFLICT,
-                    f"worker {worker} declares key {key} as {name!r} with {numel} elements in group {group}, but it "
-                    f"was declared as {existing.name!r} with {existing.numel} in group {existing.group}: do all "
-                    "workers build the same model and optimizer?",
+                    f"worker {worker} declares key {key} differently from how it was declared (name, size or "
+                    "optimizer group): do all workers build the same model and optimizer?",
                 )
             nf = entry.get("nf", 0)
             frames = msg.frames[offset : offset + nf]
@@ -359,11 +371,11 @@ class Server:
         assert self.consistency is not None
         lrs = msg.body.get("lr")
         if lrs is not None and not (
-            isinstance(lrs, list) and lrs
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in lrs)
+            isinstance(lrs, list) and 0 < len(lrs) <= MAX_GROUPS
+            and all(type(x) in (int, float) and 0 <= x <= MAX_LR for x in lrs)  # (NaN fails the comparison)
         ):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"'lr' must be a list of non-negative numbers (one per group), "
-                                                      f"got {lrs!r}")
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"'lr' must be a list of finite non-negative numbers up to "
+                                                      f"{MAX_LR:g} (one per group), got {str(lrs)[:80]}")
         accepted: list[tuple[KeyState, int, torch.Tensor]] = []
         offset = 0
         seen: set[int] = set()
@@ -482,11 +494,13 @@ class Server:
         self.pending.flush()
 
     def stats(self) -> dict[str, Any]:
+        """Counters and the consistency record (a summary of the keys' versions: a reply of fixed size)."""
         assert self.consistency is not None
+        versions = [s.version for s in self.keys.values()]
         return {
             "mode": self.consistency.name,
             "keys": len(self.keys),
-            "versions": {str(k): s.version for k, s in sorted(self.keys.items())},
+            "versions": [min(versions, default=0), max(versions, default=0)],
             "live_workers": sorted(self.consistency.live),
             "clocks": {str(w): c for w, c in sorted(self.consistency.clock.items())},
             "max_served_gap": self.consistency.max_served_gap,

@@ -103,4 +103,5 @@ class Optimizers:
             finally:
                 for state, _ in batch:
                     state.param.grad = None  # type: ignore[union-attr]
-                    state.version += 1
+            for state, _ in batch:  # only an update that was applied counts (a retry of one that failed is not a
+                state.version += 1  # duplicate)
