@@ -159,6 +159,7 @@ class Zygote:
             raise self._fail(f"cannot start it: {exc}") from None
         finally:
             theirs.close()
+        ours.settimeout(self.timeout)  # a request waits at most this long for room in the socket's buffer
         self.pid, self._sock, self._started = self._proc.pid, ours, time.monotonic()
         self._reader = threading.Thread(target=self._read, name="zps-zygote", daemon=True)
         self._reader.start()
@@ -224,6 +225,8 @@ class Zygote:
         while True:
             try:
                 data = self._sock.recv(65536)
+            except TimeoutError:  # (the socket's timeout is for sending) nothing to read yet
+                continue
             except OSError:
                 data = b""
             if not data:
@@ -273,8 +276,11 @@ class Zygote:
         try:
             self._proc.wait(timeout=CLOSE_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+            self._proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
+            try:
+                self._proc.wait(timeout=CLOSE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
         self._sock.close()
 
 
@@ -462,11 +468,15 @@ class _Server:
 
 
 def _fresh_state() -> None:
-    """What differs between a forked child and a fresh process, where it can be undone: numpy's global random
-    state was seeded once, in the zygote (Python's ``random`` reseeds itself after a fork)."""
-    numpy = sys.modules.get("numpy")
+    """What differs between a forked child and a fresh process, where it can be undone: torch's CPU generator and
+    numpy's global random state were seeded once, in the zygote, so every child would draw the same numbers (a fresh
+    process seeds both from the OS; Python's ``random`` reseeds itself after a fork). The hash seed cannot be redone:
+    the children share the zygote's."""
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
     if numpy is not None:
         numpy.random.seed()
+    if torch is not None:
+        torch.default_generator.seed()  # the CPU generator only: CUDA's are seeded when CUDA starts, as in any process
 
 
 def _run(main: Callable[[list[str]], int], argv: list[str]) -> int:
@@ -540,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = socket.socket(fileno=int(args[0]))
     preload()
     gc.freeze()  # what the imports made stays put: the collector never writes to the children's shared pages
-    return _Server(sock, dispositions, own_env).serve()
+    # nothing to finalize: tearing torch down would only keep the launcher waiting
+    _exit(_Server(sock, dispositions, own_env).serve())
 
 
 if __name__ == "__main__":

@@ -54,6 +54,42 @@ def test_a_job_through_the_zygote_trains_and_leaves_no_process(tag: str, tmp_pat
     assert wait_for_no_tagged(tag, within=10) == []
 
 
+LIKE_FRESH = """
+import json, os, random, signal, sys, threading
+import numpy, torch
+from zps import worker
+
+client = worker.init()
+print("STATE", json.dumps({
+    "draws": [torch.rand(1).item(), numpy.random.rand(), random.random()],
+    "threads": torch.get_num_threads(), "omp": os.environ["OMP_NUM_THREADS"], "argv": sys.argv, "cwd": os.getcwd(),
+    "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+    "sigpipe": signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN, "sigchld": signal.getsignal(signal.SIGCHLD) == 0,
+    "leader": os.getsid(0) == os.getpid() == os.getpgid(0), "stdin": os.readlink("/proc/self/fd/0"),
+}), flush=True)
+threading.Thread(target=lambda: threading.Event().wait(0.2) or print("THREAD joined", flush=True)).start()
+"""
+
+
+def test_forked_workers_start_as_fresh_interpreters_would(tag: str, tmp_path: Path) -> None:
+    """Each child draws its own random numbers, has the job's thread count, its argv and directory, a fresh
+    interpreter's signal dispositions and its own session; non-daemon threads are joined before it exits."""
+    (tmp_path / "fresh.py").write_text(LIKE_FRESH)
+    code, text = finish(start(tag, ["run", "--workers", "2", "fresh.py", "x"], cwd=tmp_path), timeout=120)
+    assert code == 0, text
+    states = [json.loads(line.split(" STATE ", 1)[1]) for line in text.splitlines() if " STATE " in line]
+    assert len(states) == 2, text
+    for state in states:
+        assert state["threads"] == int(state["omp"]), state  # what libgomp read in the zygote is the job's
+        assert state["argv"] == ["fresh.py", "x"] and state["cwd"] == str(tmp_path), state
+        assert state["sigint"] and state["sigpipe"] and state["sigchld"] and state["leader"], state
+        assert state["stdin"] == "/dev/null", state
+    first, second = (state["draws"] for state in states)
+    assert all(a != b for a, b in zip(first, second, strict=True)), states
+    assert text.count("THREAD joined") == 2, text
+    assert wait_for_no_tagged(tag, within=10) == []
+
+
 def test_a_forked_child_killed_by_sigkill_is_reported_so(tag: str) -> None:
     proc = start(tag, ["run", "--servers", "1", "--workers", "2", FOREVER])
     wait_for_line(proc, "TRAINING", timeout=90)
