@@ -26,6 +26,7 @@ the standard library only: the launcher never imports torch.
 from __future__ import annotations
 
 import atexit
+import errno
 import gc
 import json
 import logging
@@ -183,7 +184,7 @@ class Zygote:
                 try:
                     socket.send_fds(self._sock, [header], [write_end])
                 except OSError as exc:
-                    if len(header) > MAX_MESSAGE or exc.errno == 90:  # EMSGSIZE: this request, not the zygote
+                    if len(header) > MAX_MESSAGE or exc.errno == errno.EMSGSIZE:  # this request, not the zygote
                         raise ZygoteError(f"the request is too large ({len(header)} bytes)") from None
                     raise self._fail(f"cannot send it a request: {exc}") from None
                 finally:
@@ -330,8 +331,10 @@ def _parse(data: bytes, fds: list[int], flags: int, own_env: Mapping[str, str]) 
 class _Server:
     """The zygote's loop: requests from the launcher, forks, exit codes back. Single-threaded, so forking is safe."""
 
-    def __init__(self, sock: socket.socket, dispositions: dict[int, Any], own_env: dict[str, str]) -> None:
+    def __init__(self, sock: socket.socket, dispositions: dict[int, Any], own_env: dict[str, str],
+                 set_by_imports: dict[str, str]) -> None:
         self.sock, self.dispositions, self.own_env = sock, dispositions, own_env
+        self.set_by_imports = set_by_imports  # variables the preload set (a child's own imports would set them)
         self.children: set[int] = set()
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()  # SIGCHLD wakes the loop through this pipe
@@ -410,6 +413,7 @@ class _Server:
         data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
         if not data and not fds and events & (select.POLLHUP | select.POLLRDHUP):
             return False
+        rid = None
         try:
             rid, request = _parse(data, fds, flags, self.own_env)
             out = fds[0]
@@ -421,8 +425,8 @@ class _Server:
             self.send({"id": rid, "pid": pid})
         except _Refused as exc:
             self.send({"id": exc.rid, "error": str(exc)})
-        except Exception as exc:  # whatever else went wrong with this request: say so, serve the next one
-            self.send({"id": None, "error": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # whatever else went wrong with this request (a fork): say so, serve the next one
+            self.send({"id": rid, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             for fd in fds:
                 os.close(fd)
@@ -448,6 +452,7 @@ class _Server:
             os.close(self.wake_r)
             os.close(self.wake_w)
             os.setsid()
+            set_process_name(os.path.basename(sys.executable))  # a fresh one's name, until its role names it
             die_with_parent(signal.SIGKILL)
             if os.getppid() != self.pid:  # the zygote died before the kernel could be asked
                 os._exit(128 + signal.SIGKILL)
@@ -456,6 +461,8 @@ class _Server:
             os.close(out)
             os.environ.clear()
             os.environ.update(request["env"])
+            for name, value in self.set_by_imports.items():  # as its own imports would (torch: the inductor cache)
+                os.environ.setdefault(name, value)
             os.chdir(request["cwd"])
             _fresh_state()
             from . import cli
@@ -549,9 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     own_env = dict(os.environ)
     sock = socket.socket(fileno=int(args[0]))
     preload()
+    set_by_imports = {k: v for k, v in os.environ.items() if own_env.get(k) != v}
     gc.freeze()  # what the imports made stays put: the collector never writes to the children's shared pages
     # nothing to finalize: tearing torch down would only keep the launcher waiting
-    _exit(_Server(sock, dispositions, own_env).serve())
+    _exit(_Server(sock, dispositions, own_env, set_by_imports).serve())
 
 
 if __name__ == "__main__":
