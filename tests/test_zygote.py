@@ -16,7 +16,7 @@ import pytest
 
 from zps.launcher.job import role_command
 from zps.launcher.procs import ProcessGroup
-from zps.launcher.zygote import START_TIMEOUT, Zygote
+from zps.launcher.zygote import START_TIMEOUT, Zygote, ZygoteChild
 
 from .helpers import FOREVER, ROOT, finish, role_pid, start, tagged_pids, wait_for_line, wait_for_no_tagged
 
@@ -183,5 +183,27 @@ def test_a_zygote_that_cannot_start_means_plain_processes_said_once(tag: str) ->
         group.terminate()
     text = out.getvalue()
     assert text.count("the zygote (--preload) failed: it exited (code 3); starting processes without it") == 1, text
+    assert text.count("ZPS_ROLE") == 2, text
+    assert wait_for_no_tagged(tag, within=10) == []
+
+
+def test_a_request_the_zygote_refuses_starts_as_a_plain_process(tag: str) -> None:
+    """Per child: an environment too large for one message (or differing in what a process reads at start-up)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZPS_")}
+    env = {**env, "ZPS_TEST_TAG": tag, "PYTHONUNBUFFERED": "1"}
+    huge = {**env, **{f"ZPS_TEST_BULK_{i}": "x" * 60_000 for i in range(4)}}  # 240 kB: more than a socket holds
+    out = io.StringIO()
+    group = ProcessGroup(out)
+    zygote = Zygote(env)
+    try:
+        forked = group.start("server 0", "server", 0, role_command(sys.executable, []), env, zygote=zygote)
+        plain = group.start("server 1", "server", 1, role_command(sys.executable, []), huge, zygote=zygote)
+        assert isinstance(forked.proc, ZygoteChild) and isinstance(plain.proc, subprocess.Popen)
+        assert [forked.proc.wait(timeout=60), plain.proc.wait(timeout=60)] == [2, 2]  # `zps node` without a role
+    finally:
+        group.terminate()
+    text = out.getvalue()
+    assert "server 1: the zygote cannot fork it (the request is too large" in text, text
+    assert "starting it as a plain process" in text and "server 0: the zygote" not in text, text
     assert text.count("ZPS_ROLE") == 2, text
     assert wait_for_no_tagged(tag, within=10) == []
