@@ -1,6 +1,7 @@
 """Start-up and teardown of a local job, beside the cost of importing torch measured in the same run.
 
-    .venv/bin/python benchmarks/startup.py            # 5 runs of each (about 2 minutes on 2 cores)
+    .venv/bin/python benchmarks/startup.py            # 5 runs of each, with and without the zygote
+    .venv/bin/python benchmarks/startup.py --runs 3 --preload off
 
 For a 2-server x 2-worker ``zps run`` of examples/digits.py (one epoch, a fraction of a second of training), from
 the launcher's own output, each line time-stamped as it arrives:
@@ -10,6 +11,9 @@ the launcher's own output, each line time-stamped as it arrives:
 * exit lag: seconds from the last worker process's exit until ``zps run`` exited (the launcher logs each child's
   exit at DEBUG);
 * total: the whole job, wall clock.
+
+Each with ``--preload`` (the default: the processes are forked by a zygote that imported torch once) and with
+``--no-preload`` (each process a fresh interpreter).
 
 Medians of the runs, with the load average beside them: absolute figures on a shared machine drift.
 """
@@ -37,7 +41,7 @@ def import_torch() -> float:
     return time.monotonic() - started
 
 
-def one_job(servers: int, workers: int) -> dict[str, float]:
+def one_job(servers: int, workers: int, preload: bool = True) -> dict[str, float]:
     """One job; the times (seconds from its start) of what its output says."""
     cmd = [
         sys.executable,
@@ -50,6 +54,7 @@ def one_job(servers: int, workers: int) -> dict[str, float]:
         str(workers),
         "--log-level",
         "DEBUG",
+        "--preload" if preload else "--no-preload",
         "examples/digits.py",
         "--epochs",
         "1",
@@ -87,20 +92,30 @@ def one_job(servers: int, workers: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--preload", choices=["both", "on", "off"], default="both",
+                        help="measure jobs with the zygote (on), without it (off), or both, alternating")
     args = parser.parse_args()
+    variants = {"both": [True, False], "on": [True], "off": [False]}[args.preload]
     baseline = [import_torch() for _ in range(args.runs)]
-    jobs = [one_job(2, 2) for _ in range(args.runs)]
+    jobs: dict[bool, list[dict[str, float]]] = {v: [] for v in variants}
+    for _ in range(args.runs):  # alternating, so a change in the machine's load touches both alike
+        for preload in variants:
+            jobs[preload].append(one_job(2, 2, preload))
     load = os.getloadavg()[0]
     torch_s = statistics.median(baseline)
-    serve = statistics.median(j["serve"] for j in jobs)
-    lag = statistics.median(j["exit_lag"] for j in jobs)
-    total = statistics.median(j["total"] for j in jobs)
     print(f"# startup: 2 servers x 2 workers, digits 1 epoch; medians of {args.runs} runs; load average {load:.2f}")
     print(f"python -c 'import torch'            {torch_s:6.2f} s")
-    print(f"every server serving                {serve:6.2f} s   {serve / torch_s:.2f}x import torch  (target <= 1.5x)")
-    print(f"exit lag after the last worker      {lag:6.2f} s   (target <= 0.5 s)")
-    print(f"whole job                           {total:6.2f} s")
-    print("runs:", ", ".join(f"serve {j['serve']:.2f} lag {j['exit_lag']:.2f} total {j['total']:.2f}" for j in jobs))
+    for preload, runs in jobs.items():
+        serve = statistics.median(j["serve"] for j in runs)
+        lag = statistics.median(j["exit_lag"] for j in runs)
+        total = statistics.median(j["total"] for j in runs)
+        print(f"## {'--preload (zygote)' if preload else '--no-preload'}")
+        print(f"every server serving                {serve:6.2f} s   {serve / torch_s:.2f}x import torch  "
+              "(target <= 1.5x)")
+        print(f"exit lag after the last worker      {lag:6.2f} s   (target <= 0.5 s)")
+        print(f"whole job                           {total:6.2f} s")
+        print("runs:", ", ".join(f"serve {j['serve']:.2f} lag {j['exit_lag']:.2f} total {j['total']:.2f}"
+                                 for j in runs))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from zps.protocol.config import ConfigError, JobConfig, configure_logging, flag_of, option_of
+from zps.protocol.config import ConfigError, JobConfig, configure_logging, flag_of, option_default, option_of
 
 
 def _port(text: str) -> int:
@@ -32,26 +32,34 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    """One option per :class:`JobConfig` field, with its type, default, choices and help (checks: JobConfig's)."""
+    """One option per :class:`JobConfig` field, with its type, default, choices and help (checks: JobConfig's).
+
+    A field marked ``launcher_env`` takes its default from the launcher's own ``ZPS_<NAME>`` where set."""
     group = p.add_argument_group("job options (every process of the job gets them as ZPS_* variables)")
     for f in fields(JobConfig):
         flag, opt = flag_of(f), option_of(f)
         if flag is None or opt is None:
             continue
+        try:
+            default = option_default(f, os.environ)
+        except ConfigError:  # job_config says so, for the commands that start a job
+            default = f.default
         names = [flag, opt.short] if opt.short else [flag]
-        help_text = f"{opt.help} (default {f.default!r})" if f.default not in ("", False) else opt.help
+        help_text = f"{opt.help} (default {default!r})" if default not in ("", False) else opt.help
         if f.type == "bool":
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            group.add_argument(*names, dest=f.name, action=action, default=f.default, help=opt.help)
+            group.add_argument(*names, dest=f.name, action=action, default=default, help=opt.help)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        group.add_argument(*names, dest=f.name, type=kind, default=f.default, choices=opt.choices,
+        group.add_argument(*names, dest=f.name, type=kind, default=default, choices=opt.choices,
                            metavar=opt.metavar, help=help_text)
 
 
 def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
     """The :class:`JobConfig` of the parsed options; a bad value or spec ends the command with one line."""
     try:
+        for f in fields(JobConfig):
+            option_default(f, os.environ)  # a bad default from the launcher's environment (ZPS_PRELOAD=maybe)
         job = JobConfig(**{f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)})
         job.check_specs()
     except ConfigError as exc:

@@ -24,14 +24,17 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import IO, Protocol
+from dataclasses import dataclass, field, replace
+from typing import IO, TYPE_CHECKING, Protocol
 
 from zps.protocol import checkpoint as ckpt
 from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
 from .procs import Child, ProcessGroup, install_signal_handlers
+
+if TYPE_CHECKING:
+    from .zygote import Zygote
 
 # seconds the servers get to exit by themselves after the last worker finished
 SHUTDOWN_GRACE = 20.0
@@ -45,13 +48,15 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class ProcSpec:
-    """One process to start: ``label`` prefixes its output (``worker 1``), ``env`` is its whole environment."""
+    """One process to start: ``label`` prefixes its output (``worker 1``), ``env`` is its whole environment;
+    ``zygote``, where set, forks it instead of a new interpreter running ``argv`` (the local backend's --preload)."""
 
     label: str
     role: str
     rank: int
     argv: list[str]
     env: dict[str, str]
+    zygote: Zygote | None = field(default=None, compare=False, repr=False)
 
 
 class Backend(Protocol):
@@ -190,7 +195,7 @@ class _Attempt:
             restore()
 
     def _start(self, proc: ProcSpec) -> None:
-        self.group.start(proc.label, proc.role, proc.rank, proc.argv, proc.env, spec=proc)
+        self.group.start(proc.label, proc.role, proc.rank, proc.argv, proc.env, spec=proc, zygote=proc.zygote)
 
     def _supervise(self, workers: list[ProcSpec]) -> Outcome:
         """Watch the job until it ends; start ``workers`` once every server serves."""

@@ -1,14 +1,22 @@
-"""The local backend: servers and workers as processes on this host, bound to loopback."""
+"""The local backend: servers and workers as processes on this host, bound to loopback.
+
+With ``--preload`` (the default; ``--no-preload`` or ``ZPS_PRELOAD=0`` turn it off) each attempt at the job starts
+one zygote (:mod:`.zygote`): a process that imports torch and zps once and forks every server and worker, which
+then start in milliseconds instead of seconds. Where it cannot, the processes start as plain ones (said once).
+"""
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from zps.protocol.config import JobConfig
 
 from .job import ProcSpec, local_env, role_command, role_env, run_job
+
+if TYPE_CHECKING:  # (zygote.py is imported only where used: `python -m zps.launcher.zygote` runs it afresh)
+    from .zygote import Zygote
 
 LOOPBACK = "127.0.0.1"
 
@@ -21,6 +29,7 @@ class LocalBackend:
             raise ValueError("no script to run")
         self.script = list(script)
         self.base_env = base_env
+        self.zygote: Zygote | None = None  # the latest attempt's
 
     def prepare(self, job: JobConfig) -> str:
         return LOOPBACK
@@ -30,13 +39,27 @@ class LocalBackend:
         # Share the cores instead of oversubscribing them: one intra-op thread per process unless the user chose.
         cores = os.cpu_count() or 1
         base.setdefault("OMP_NUM_THREADS", str(max(1, cores // (job.num_servers + job.num_workers))))
+        zygote = self._zygote(job, base)
         procs = []
         for role, count in (("server", job.num_servers), ("worker", job.num_workers)):
             for rank in range(count):
                 env = {**base, **role_env(job, role, rank, coordinator, LOOPBACK, local_rank=rank)}
                 script = self.script if role == "worker" else []
-                procs.append(ProcSpec(f"{role} {rank}", role, rank, role_command(sys.executable, script), env))
+                procs.append(ProcSpec(f"{role} {rank}", role, rank, role_command(sys.executable, script), env,
+                                      zygote=zygote))
         return procs
+
+    def _zygote(self, job: JobConfig, base: dict[str, str]) -> Zygote | None:
+        """This attempt's zygote (it starts at the first fork), with the children's environment less their roles;
+        none without --preload, off Linux, or once one failed (the launcher said so then)."""
+        if not job.preload or not sys.platform.startswith("linux"):
+            return None
+        if self.zygote is not None and self.zygote.failure is not None:
+            return None
+        from .zygote import Zygote
+
+        self.zygote = Zygote(base)
+        return self.zygote
 
 
 def run_local(job: JobConfig, script: Sequence[str], out: IO[str] | None = None) -> int:

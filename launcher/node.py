@@ -44,6 +44,7 @@ from zps.protocol.dmlc import dmlc_to_zps
 from .coordinator import Coordinator
 from .env_roles import local_device, torchrun_roles
 from .k8s import k8s_roles
+from .remote import set_process_name
 from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
 
 
@@ -137,9 +138,20 @@ def _pin_device(env: Mapping[str, str]) -> None:
         torch.cuda.set_device(local_device(env))
 
 
+def process_name(config: Config) -> str:
+    """What ps shows for a role's process: ``zps-<role>-<rank>`` (no rank while the coordinator assigns it)."""
+    if config.role == "coordinator" or config.rank < 0:
+        return f"zps-{config.role}"
+    return f"zps-{config.role}-{config.rank}"
+
+
 def run_role(config: Config, env: Mapping[str, str], script: Sequence[str]) -> int:
-    """Run ``config.role`` in this process; ``env`` (the resolved environment) becomes ``os.environ``."""
+    """Run ``config.role`` in this process; ``env`` (the resolved environment) becomes ``os.environ``.
+
+    The process is named for ps and top: ``zps-server-0``, ``zps-worker-3``, ``zps-coordinator``.
+    """
     configure_logging(config.job.log_level)
+    set_process_name(process_name(config))
     if config.role == "coordinator":
         return serve_coordinator(config, env.get("ZPS_HOST") or None)
     # the worker library reads its configuration from os.environ (Config.from_env)

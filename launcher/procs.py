@@ -1,7 +1,9 @@
 """Child processes of a job: started in their own sessions, output prefixed by role and rank, torn down as a unit.
 
-Teardown is SIGTERM to each child's process group, a bounded wait, then SIGKILL. On Linux each child also gets
-PR_SET_PDEATHSIG, so it dies even when the launcher itself is SIGKILLed.
+A child is a plain process (``subprocess.Popen``) or, given a :class:`~.zygote.Zygote`, forked by that fork server;
+where the zygote cannot start it, it falls back to a plain process (saying so once). Teardown is SIGTERM to each
+child's process group, a bounded wait, then SIGKILL. On Linux each child also gets PR_SET_PDEATHSIG, so it dies
+even when the launcher itself is SIGKILLed (a forked child: when the zygote dies, which dies with the launcher).
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from .remote import die_with_parent
+
+if TYPE_CHECKING:  # (zygote.py is imported only where used: `python -m zps.launcher.zygote` runs it afresh)
+    from .zygote import Zygote
 
 log = logging.getLogger("zps.launcher")
 
@@ -68,12 +73,26 @@ class LineForwarder:
             self.feed(data)
 
 
+class Proc(Protocol):
+    """What the group uses of a child process: a ``subprocess.Popen`` or a :class:`~.zygote.ZygoteChild`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def stdout(self) -> IO[bytes] | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 @dataclass
 class Child:
     label: str  # e.g. "worker 1"
     role: str  # server | worker
     rank: int
-    proc: subprocess.Popen
+    proc: Proc
     tail: list[str] = field(default_factory=list)
     exited_at: float | None = None
     threads: list[threading.Thread] = field(default_factory=list)
@@ -92,20 +111,24 @@ class ProcessGroup:
         self.lock = threading.Lock()
         self.children: list[Child] = []
         self.changed = threading.Event()
+        self.zygotes: list[Zygote] = []  # the fork servers children were started from, closed with the group
 
     def start(self, label: str, role: str, rank: int, argv: Sequence[str], env: dict[str, str],
-              cwd: str | None = None, spec: Any = None) -> Child:
-        """Start one child; ``spec`` is kept with it (what it was started from, to start it again)."""
-        proc = subprocess.Popen(
-            list(argv),
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+              cwd: str | None = None, spec: Any = None, zygote: Zygote | None = None) -> Child:
+        """Start one child (forked by ``zygote`` where given and able); ``spec`` is kept with it (what it was
+        started from, to start it again)."""
+        proc = self._fork(label, argv, env, cwd, zygote) if zygote is not None else None
+        if proc is None:
+            proc = subprocess.Popen(
+                list(argv),
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         child = Child(label, role, rank, proc, spec=spec)
         forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None
@@ -116,6 +139,26 @@ class ProcessGroup:
         waiter.start()
         self.children.append(child)
         return child
+
+    def _fork(self, label: str, argv: Sequence[str], env: dict[str, str], cwd: str | None,
+              zygote: Zygote) -> Proc | None:
+        """``argv`` forked by ``zygote``; None where it cannot (then the caller starts a plain process)."""
+        from .zygote import ZygoteError
+
+        args = zygote.cli_args(argv)
+        if args is None or zygote.failure is not None:
+            return None
+        if zygote not in self.zygotes:
+            self.zygotes.append(zygote)
+        try:
+            return zygote.spawn(args, env, cwd)
+        except ZygoteError as exc:
+            if zygote.failure is None:  # it refused this one
+                self.say(f"{label}: the zygote cannot fork it ({exc}); starting it as a plain process")
+            elif not zygote.said:
+                zygote.said = True
+                self.say(f"the zygote (--preload) failed: {exc}; starting processes without it")
+            return None
 
     def _wait(self, child: Child) -> None:
         code = child.proc.wait()
@@ -149,12 +192,14 @@ class ProcessGroup:
                 child.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        for zygote in self.zygotes:
+            zygote.close()
         for child in self.children:
             for thread in child.threads:
                 thread.join(timeout=2)
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(proc: Proc, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # start_new_session: the child's pid is its process group id
     except (ProcessLookupError, PermissionError):

@@ -60,6 +60,7 @@ def host_address(interface: str | None, environ: Mapping[str, str]) -> str:
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def die_with_parent(sig: int) -> None:
@@ -67,6 +68,15 @@ def die_with_parent(sig: int) -> None:
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+        except OSError:
+            pass
+
+
+def set_process_name(name: str) -> None:
+    """Name this process for ps and top (``/proc/PID/comm``; Linux keeps 15 bytes; a no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
         except OSError:
             pass
 

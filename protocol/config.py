@@ -46,6 +46,7 @@ class Option:
     positive: bool = False
     required: bool = False  # a process cannot start without its variable (the default is the CLI's)
     metavar: str | None = None
+    launcher_env: bool = False  # the launcher's own variable, where set, is the command line's default
 
 
 def setting(default: Any, help: str, **option: Any) -> Any:
@@ -96,6 +97,14 @@ def _parse(f: Field, text: str) -> Any:
         except ValueError:
             raise ConfigError(f"{name}={text!r} is not a number") from None
     return text
+
+
+def option_default(f: Field, env: Mapping[str, str]) -> Any:
+    """The command line's default for a field: its variable in ``env`` (the launcher's environment) where the
+    field allows that (``launcher_env``) and it is set, else the field's default. ConfigError on a bad value."""
+    opt = option_of(f)
+    text = env.get(env_name(f.name), "") if opt is not None and opt.launcher_env else ""
+    return _parse(f, text) if text else f.default
 
 
 def _check_fields(obj: Any) -> None:
@@ -180,6 +189,9 @@ class JobConfig:
                                 metavar="N")
     on_worker_failure: str = setting("abort", "when a worker fails: abort the job, shrink (go on without it) or "
                                               "restart it (a replacement with the same rank)", choices=WORKER_POLICIES)
+    preload: bool = setting(True, "zps run: start the local processes by forking one process that imported torch "
+                                  "once (ZPS_PRELOAD in the launcher's environment sets the default)",
+                            launcher_env=True)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -124,20 +124,24 @@ def tagged_pids(tag: str) -> list[int]:
 
 def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"zps.launcher.remote",)) -> int:
     """The pid of a role's own process among the tagged ones (not a guard or launcher: ``exclude`` names what
-    must not be in its command line)."""
+    must not be in its command line): its name (``zps-worker-1``, /proc/PID/comm) or, for a process that has not
+    named itself yet, ``ZPS_ROLE``/``ZPS_RANK`` in the environment it was started with. (/proc/PID/environ is the
+    environment a process was exec'ed with: a child the zygote forked shows the zygote's, without its role, but
+    with the launcher's ZPS_TEST_TAG, which the zygote inherited.)"""
+    name = f"zps-{role}-{rank}"[:15]
     for pid in tagged_pids(tag):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = f.read().split(b"\0")
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().split(b"\0")
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
         except OSError:
             continue
-        if (
-            f"ZPS_ROLE={role}".encode() in environ
-            and f"ZPS_RANK={rank}".encode() in environ
-            and not any(x in cmdline for x in exclude)
-        ):
+        named = comm == name
+        started_as = f"ZPS_ROLE={role}".encode() in environ and f"ZPS_RANK={rank}".encode() in environ
+        if (named or started_as) and not any(x in cmdline for x in exclude):
             return pid
     raise AssertionError(f"no {role} {rank} among the processes tagged {tag}")
 

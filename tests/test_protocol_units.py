@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import os
 import re
 import threading
 from dataclasses import fields
@@ -17,7 +18,7 @@ import torch
 from zps.launcher.cli import build_parser
 from zps.launcher.procs import LineForwarder
 from zps.protocol.codecs import canonical_spec
-from zps.protocol.config import Config, ConfigError, JobConfig, flag_of
+from zps.protocol.config import Config, ConfigError, JobConfig, flag_of, option_default
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
 from zps.protocol.optim_spec import build_from_spec, describe_optimizer, parse_optimizer_spec
 from zps.protocol.peers import parse_peer
@@ -165,7 +166,7 @@ def test_every_job_setting_is_a_command_line_option_with_its_default_and_help() 
     options = {a.dest: a for a in run._actions if a.option_strings}
     for f in fields(JobConfig):
         action = options.pop(f.name)
-        assert action.default == f.default and action.help, f.name
+        assert action.default == option_default(f, os.environ) and action.help, f.name  # (ZPS_PRELOAD may set one)
         assert flag_of(f) in action.option_strings, f.name
     assert set(options) == {"help"}, f"options that are not JobConfig fields: {sorted(options)}"
     args = parser.parse_args(["run", "--workers", "3", "--mode", "ssp", "--staleness", "2", "--no-shm", "x.py"])
@@ -271,3 +272,14 @@ def test_no_module_imports_a_zps_package_by_its_bare_name() -> None:
                     continue
                 found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names if n.split(".")[0] in bare]
     assert found == [], found
+
+
+def test_preload_takes_its_default_from_the_launchers_environment_only() -> None:
+    """ZPS_PRELOAD=0 in the launcher's environment turns the zygote off for `zps run` (the flag still wins); no
+    other job option reads the launcher's environment."""
+    by_name = {f.name: f for f in fields(JobConfig)}
+    assert option_default(by_name["preload"], {}) is True
+    assert option_default(by_name["preload"], {"ZPS_PRELOAD": "0"}) is False
+    assert option_default(by_name["num_workers"], {"ZPS_NUM_WORKERS": "5"}) == 1
+    with pytest.raises(ConfigError, match="ZPS_PRELOAD='maybe' is not a boolean"):
+        option_default(by_name["preload"], {"ZPS_PRELOAD": "maybe"})
