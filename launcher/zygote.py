@@ -1,9 +1,10 @@
 """The local backend's fork server (a "zygote"): one process imports torch and zps once, then forks every server
 and worker of a job attempt, so that none of them pays for those imports again.
 
-``python -u -m zps.launcher.zygote FD`` imports torch, ``torch._dynamo`` (torch imports it at the first optimizer
-step), numpy, zmq, msgpack and zps's server, worker and node modules -- imports only: no torch computation, no
-ZeroMQ context, no CUDA, nothing that does not survive a fork -- then serves spawn requests on the Unix socket
+``python -u -m zps.launcher.zygote FD`` imports torch, numpy, zmq, msgpack and zps's server, worker and node modules
+(and ``torch._dynamo``, which torch imports at the first optimizer step, before it forks the first worker) --
+imports only: no torch computation, no ZeroMQ context, no CUDA, nothing that does not survive a fork -- then
+serves spawn requests on the Unix socket
 ``FD`` (SOCK_SEQPACKET: one message per request or reply, each a JSON object; file descriptors as SCM_RIGHTS):
 
 * launcher -> zygote: ``{"id": N, "argv": ["node", SCRIPT, ...], "env": {...}, "cwd": DIR}`` with one descriptor,
@@ -58,8 +59,11 @@ MAX_MESSAGE = 1 << 20
 # import): a child whose values differ from the zygote's would not be what a fresh process is, so it is refused
 STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_", "TORCH", "PYTORCH_")
 # what the zygote imports before it forks anything
-PRELOAD = ("numpy", "torch", "torch._dynamo", "zmq", "msgpack", "zps.ps.server", "zps.worker", "zps.launcher.node",
+PRELOAD = ("numpy", "torch", "zmq", "msgpack", "zps.ps.server", "zps.worker", "zps.launcher.node",
            "zps.launcher.cli")
+# what it imports before it forks the first worker: servers come first and serve sooner without waiting for it
+# (each imports it beside its loop, see zps.ps.server); the workers' optimizers need it at once
+WORKER_PRELOAD = ("torch._dynamo",)
 
 
 class ZygoteError(RuntimeError):
@@ -336,6 +340,7 @@ class _Server:
         self.sock, self.dispositions, self.own_env = sock, dispositions, own_env
         self.set_by_imports = set_by_imports  # variables the preload set (a child's own imports would set them)
         self.children: set[int] = set()
+        self.workers_preloaded = False
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()  # SIGCHLD wakes the loop through this pipe
         os.set_blocking(self.wake_w, False)
@@ -433,6 +438,12 @@ class _Server:
         return True
 
     def _fork(self, request: dict[str, Any], out: int) -> int:
+        if request["env"].get("ZPS_ROLE") != "server" and not self.workers_preloaded:
+            before = dict(os.environ)
+            preload(WORKER_PRELOAD)
+            self.workers_preloaded = True
+            self.set_by_imports.update({k: v for k, v in os.environ.items() if before.get(k) != v})
+            gc.freeze()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         pid = os.fork()
@@ -532,11 +543,12 @@ def _exit(code: int) -> NoReturn:
     os._exit(code & 0xFF)
 
 
-def preload() -> None:
-    """Import what every role imports (:data:`PRELOAD`), and nothing more: no computation, no context, no CUDA."""
+def preload(names: Sequence[str] = PRELOAD) -> None:
+    """Import what the roles import (:data:`PRELOAD`, :data:`WORKER_PRELOAD`), and nothing more: no computation, no
+    context, no CUDA."""
     import importlib
 
-    for name in PRELOAD:
+    for name in names:
         importlib.import_module(name)
 
 

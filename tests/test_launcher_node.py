@@ -216,12 +216,11 @@ def test_zps_k8s_prints_a_manifest_yaml_can_read() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out)}
     assert set(docs) == {
         ("Service", "zps-coordinator"),
-        ("Deployment", "zps-coordinator"),
-        ("Service", "zps-server"),
-        ("StatefulSet", "zps-server"),
+        ("Job", "zps-coordinator"),
+        ("Job", "zps-server"),
         ("Job", "zps-worker"),
     }
-    assert docs[("StatefulSet", "zps-server")]["spec"]["replicas"] == 2
+    assert docs[("Job", "zps-server")]["spec"]["completions"] == 2
     job = docs[("Job", "zps-worker")]["spec"]
     assert (job["completions"], job["completionMode"]) == (3, "Indexed")
     container = job["template"]["spec"]["containers"][0]
