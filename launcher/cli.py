@@ -94,6 +94,20 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
                    help="print where each process goes and its command; start nothing")
 
 
+def add_insecure(p: argparse.ArgumentParser, what: str) -> None:
+    """``--secure`` on by default (``zps launch``, ``zps k8s``: ports reachable from a network); ``--insecure``
+    turns it off."""
+    p.set_defaults(secure=True)
+    p.add_argument("--insecure", dest="secure", action="store_false",
+                   help=f"no CurveZMQ: anyone who reaches {what} can join, read and change the model (warns)")
+
+
+def _warn_insecure(job: JobConfig, command: str) -> None:
+    if not job.secure:
+        print(f"zps {command}: warning: --insecure: any process that can reach the job's ports can read and change "
+              "the model, or end the job (see docs/security.md)", file=sys.stderr)
+
+
 def add_script(p: argparse.ArgumentParser, required: bool = True,
                what: str = "the training script every worker runs") -> None:
     p.add_argument("script", nargs=None if required else "?", help=what)
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch_p = sub.add_parser("launch", help="run a job on the hosts of a hostfile, over ssh")
     add_job_options(launch_p)
     add_launch_options(launch_p)
+    add_insecure(launch_p, "a port of the job")
     add_script(launch_p, what="the training script every worker runs (a path in --workdir)")
 
     node = sub.add_parser("node", help="run the one role this process's environment names (ZPS_ROLE, DMLC_ROLE, "
@@ -125,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k8s = sub.add_parser("k8s", help="print a Kubernetes manifest for a job (kubectl apply -f -)")
     add_job_options(k8s)
+    add_insecure(k8s, "the job's pods")
     k8s.add_argument("--image", required=True, help="the container image, with zps and the script in it")
     k8s.add_argument("--namespace", default=None, help="the namespace of every object")
     k8s.add_argument("--name", default="zps", help="the prefix of every object's name (default zps)")
@@ -133,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("--checkpoint-claim", default=None, metavar="PVC",
                      help="a PersistentVolumeClaim every pod mounts at --checkpoint-dir")
     add_script(k8s, what="the training script, a path inside the image")
+
+    keys = sub.add_parser("secrets", help="write a job's keys for --secure, one 0600 file per process, for "
+                                          "schedulers that start the processes themselves (ZPS_SECRETS_DIR)")
+    keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
+    keys.add_argument("--servers", "-s", type=_positive(int), required=True, help="number of servers")
+    keys.add_argument("--workers", "-w", type=_positive(int), required=True, help="number of workers")
     return parser
 
 
@@ -152,6 +174,7 @@ def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .ssh_command import Remote, SshOptions, parse_env_options
 
     job = job_config(args, parser)
+    _warn_insecure(job, "launch")
     try:
         hosts = read_hostfile(args.hostfile) if args.hostfile else parse_host_list(args.hosts)
         remote = Remote(python=args.python, workdir=args.workdir, env=parse_env_options(args.env),
@@ -173,6 +196,7 @@ def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .k8s import DEFAULT_PORT, render_manifest
 
     job = job_config(args, parser)
+    _warn_insecure(job, "k8s")
     try:
         text = render_manifest(args.image, job, [args.script, *args.args], namespace=args.namespace,
                                port=args.port or DEFAULT_PORT, name=args.name, gpus_per_worker=args.gpus_per_worker,
@@ -181,6 +205,20 @@ def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"zps k8s: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(text)
+    return 0
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    """``zps secrets DIR``: fresh keys for a job, for ``ZPS_SECURE=1 ZPS_SECRETS_DIR=DIR`` (Slurm, your own)."""
+    from zps.protocol.security import make_secrets, write_secrets
+
+    try:
+        where = write_secrets(args.directory, make_secrets(args.servers, args.workers))
+    except OSError as exc:
+        print(f"zps secrets: cannot write {args.directory}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"zps secrets: keys for {args.servers} servers and {args.workers} workers in {where}; give every "
+          f"process ZPS_SECURE=1 ZPS_SECRETS_DIR={where}")
     return 0
 
 
@@ -201,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args, parser)
     if args.command == "k8s":
         return _k8s(args, parser)
+    if args.command == "secrets":
+        return _secrets(args)
     return 2
 
 

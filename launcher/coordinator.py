@@ -19,11 +19,12 @@ from typing import Any
 import zmq
 
 from zps.protocol import checkpoint as ckpt
-from zps.protocol import transport
-from zps.protocol.config import JobConfig
+from zps.protocol import security, transport
+from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
 from zps.protocol.rendezvous import Topology
+from zps.protocol.security import Secrets
 
 log = logging.getLogger("zps.coordinator")
 # checkpoints whose parts are still being reported; an older one that never completed is forgotten
@@ -68,12 +69,16 @@ class Coordinator:
     """Serves one job. ``serve()`` returns 0 when every worker finished and 1 on failure (see ``error``)."""
 
     def __init__(self, job: JobConfig, host: str = "127.0.0.1", port: int = 0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, secrets: Secrets | None = None) -> None:
         self.job = job
+        if job.secure and secrets is None:
+            raise ConfigError("ZPS_SECURE (--secure) is set but the coordinator was given no keys")
+        self.secrets = secrets
         self.expected = {"server": job.num_servers, "worker": job.num_workers}
         self.timeout, self.heartbeat_timeout = job.timeout, job.heartbeat_timeout
         self.context = context or zmq.Context.instance()
-        self.sock = transport.configure(self.context.socket(zmq.ROUTER))
+        self.sock = security.router(self.context, secrets)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, job.max_header_bytes)  # its messages are headers only
         if port:
             self.sock.bind(transport.tcp_address(host, port))
             self.address = transport.tcp_address(host, port)
@@ -105,9 +110,12 @@ class Coordinator:
                 if self.sock.poll(100):
                     for _ in range(256):
                         try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = transport.recv_bounded(self.sock, 8, self.job.max_header_bytes)
                         except zmq.Again:
                             break
+                        except transport.TooLarge as exc:
+                            self._complaint(exc.identity, str(exc))
+                            continue
                         self._handle(frames)
                 self._tick()
                 if self.state is State.FAILED:
@@ -126,8 +134,12 @@ class Coordinator:
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
-            msg = parse_frames(frames[1:])
+            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes)
             request_id = msg.id
+            if self.secrets is not None:  # a key speaks only as its own process (and registers only as it)
+                body = msg.body
+                claimed = f"{body.get('role')}:{body.get('rank')}" if msg.kind is Kind.REGISTER else msg.src
+                security.check_sender(frames[0], claimed)
             if msg.kind is Kind.REGISTER:
                 self._register(identity, msg)
             elif msg.kind is Kind.HEARTBEAT:

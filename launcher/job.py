@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Protocol
 
 from zps.protocol import checkpoint as ckpt
+from zps.protocol import security
 from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
@@ -57,6 +58,9 @@ class ProcSpec:
     argv: list[str]
     env: dict[str, str]
     zygote: Zygote | None = field(default=None, compare=False, repr=False)
+    # --secure: how the process gets its keys: in its environment (ZPS_SECRETS), or on its standard input (the ssh
+    # backend: an ssh command line is visible to every user of both hosts)
+    secrets_on_stdin: bool = False
 
 
 class Backend(Protocol):
@@ -107,6 +111,8 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
     """
     out = out or sys.stdout
     restarts = _Budget(job.max_restarts)
+    # --secure: the job's keys, made here, held in memory, handed to each process as it starts
+    secrets = security.make_secrets(job.num_servers, job.num_workers) if job.secure else None
     while True:
         try:
             job = resolve_resume(job)
@@ -115,7 +121,7 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
             out.write(f"{exc}\n")
             out.flush()
             return 2
-        outcome = _Attempt(job, backend, host, port, out, restarts).run()
+        outcome = _Attempt(job, backend, host, port, out, restarts, secrets).run()
         if outcome.code == 0 or outcome.signalled or not restarts.take():
             return outcome.code
         newest = ckpt.complete(job.checkpoint_dir)[-1] if job.checkpoint_dir and ckpt.complete(job.checkpoint_dir) \
@@ -158,10 +164,12 @@ def _say(out: IO[str], text: str) -> None:
 class _Attempt:
     """One run of the job: the coordinator in a thread, the processes, their supervision, the teardown."""
 
-    def __init__(self, job: JobConfig, backend: Backend, host: str, port: int, out: IO[str], restarts: _Budget) -> None:
+    def __init__(self, job: JobConfig, backend: Backend, host: str, port: int, out: IO[str], restarts: _Budget,
+                 secrets: Mapping[str, security.Secrets] | None = None) -> None:
         self.job, self.backend, self.host, self.port, self.out = job, backend, host, port, out
-        self.restarts = restarts
-        self.coordinator = Coordinator(job, host=host, port=port)
+        self.restarts, self.secrets = restarts, secrets
+        self.coordinator = Coordinator(job, host=host, port=port,
+                                       secrets=secrets["coordinator"] if secrets is not None else None)
         self.group = ProcessGroup(out)
         self.coordinator.on_change = self.group.changed.set
         self.result: list[int] = []
@@ -195,7 +203,15 @@ class _Attempt:
             restore()
 
     def _start(self, proc: ProcSpec) -> None:
-        self.group.start(proc.label, proc.role, proc.rank, proc.argv, proc.env, spec=proc, zygote=proc.zygote)
+        env, stdin = proc.env, None
+        if self.secrets is not None:
+            own = self.secrets[security.secrets_label(proc.role, proc.rank)].to_json()
+            if proc.secrets_on_stdin:
+                stdin = own.encode() + b"\n"
+            else:
+                env = {**env, security.ENV_SECRETS: own}
+        self.group.start(proc.label, proc.role, proc.rank, proc.argv, env, spec=proc, zygote=proc.zygote,
+                         stdin=stdin)
 
     def _supervise(self, workers: list[ProcSpec]) -> Outcome:
         """Watch the job until it ends; start ``workers`` once every server serves."""

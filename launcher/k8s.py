@@ -14,6 +14,12 @@ exception is ``--on-worker-failure restart``: a failed worker's container is res
 whole job from its newest checkpoint, apply the manifest again with ``--resume latest``: give
 ``--checkpoint-dir`` and a PersistentVolumeClaim (``--checkpoint-claim``) that every pod mounts there.
 
+With ``--secure`` (the default of ``zps k8s``) three Secrets come first, ``<name>-keys-coordinator``,
+``-server`` and ``-worker``: the job's fresh keys, each mounted (mode 0400) only in its role's pods at
+``/etc/zps/keys`` (``ZPS_SECRETS_DIR``). A pod of one role cannot read another role's keys; the worker pods share
+one Secret, so a worker's pod could read its fellow workers' keys. The manifest holds the keys: pipe it to
+``kubectl apply -f -``, do not keep it.
+
 Every container gets ``ZPS_ROLE``, ``ZPS_COORDINATOR`` (service DNS name:port), ``ZPS_HOST`` (the pod IP, from
 the downward API), the job's settings (``ZPS_NUM_SERVERS``, ``ZPS_NUM_WORKERS`` and every option given) and
 ``ZPS_RANK_FROM``, which tells ``zps node`` how to find its rank: :func:`rank_from_k8s` (``job-completion-index``:
@@ -30,8 +36,10 @@ from typing import Any
 
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.dmlc import parse_int, parse_port
+from zps.protocol.security import make_secrets
 
 DEFAULT_PORT = 29600
+KEYS_PATH = "/etc/zps/keys"  # where a pod's Secret of keys is mounted (--secure)
 RANK_SOURCES = ("hostname-ordinal", "job-completion-index")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -197,19 +205,31 @@ def render_manifest(image: str, job: JobConfig, command: Sequence[str] | str, na
         ]
         if rank_from is not None:
             env.append({"name": "ZPS_RANK_FROM", "value": rank_from})
+        mounts = []
+        if job.secure:
+            env.append({"name": "ZPS_SECRETS_DIR", "value": KEYS_PATH})
+            mounts.append({"name": "keys", "mountPath": KEYS_PATH, "readOnly": True})
         out: dict[str, Any] = {"name": role, "image": image, "command": argv, "env": env}
         if role == "coordinator":
             out["ports"] = [{"name": "coordinator", "containerPort": port, "protocol": "TCP"}]
         if resources:
             out["resources"] = resources
         if checkpoint_claim is not None:
-            out["volumeMounts"] = [{"name": "checkpoints", "mountPath": job.checkpoint_dir}]
+            mounts.append({"name": "checkpoints", "mountPath": job.checkpoint_dir})
+        if mounts:
+            out["volumeMounts"] = mounts
         return out
 
     def pod(component: str, spec_container: dict[str, Any], restart: str) -> dict[str, Any]:
         spec: dict[str, Any] = {"restartPolicy": restart, "containers": [spec_container]}
+        volumes: list[dict[str, Any]] = []
+        if job.secure:
+            volumes.append({"name": "keys", "secret": {"secretName": f"{name}-keys-{component}",
+                                                       "defaultMode": 0o400}})
         if checkpoint_claim is not None:
-            spec["volumes"] = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim}}]
+            volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim}})
+        if volumes:
+            spec["volumes"] = volumes
         return {"metadata": {"labels": labels(component)}, "spec": spec}
 
     def indexed_job(component: str, count: int, argv: list[str], restart: str, backoff: int,
@@ -234,4 +254,18 @@ def render_manifest(image: str, job: JobConfig, command: Sequence[str] | str, na
         indexed_job("worker", job.num_workers, ["zps", "node", *args], "OnFailure" if restart_workers else "Never",
                     job.max_restarts if restart_workers else 0, worker_resources),
     ]
+    if job.secure:
+        documents = [*_secrets(job, name, meta), *documents]
     return to_yaml_stream(documents)
+
+
+def _secrets(job: JobConfig, name: str, meta: Any) -> list[dict[str, Any]]:
+    """``--secure``: fresh keys for the job, one Secret per role, each mounted only by that role's pods."""
+    keys = make_secrets(job.num_servers, job.num_workers)
+    out = []
+    for component in ("coordinator", "server", "worker"):
+        files = {f"{label}.json": value.to_json() for label, value in keys.items()
+                 if label.partition("-")[0] == component}
+        out.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(f"{name}-keys-{component}", component),
+                    "type": "Opaque", "stringData": files})
+    return out

@@ -40,6 +40,7 @@ import zmq
 
 from zps.protocol.config import Config, ConfigError, configure_logging
 from zps.protocol.dmlc import dmlc_to_zps
+from zps.protocol.security import load_secrets
 
 from .coordinator import Coordinator
 from .env_roles import local_device, torchrun_roles
@@ -63,10 +64,15 @@ def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str
     return out
 
 
-def make_coordinator(config: Config, bind_host: str | None = None) -> Coordinator:
-    """The coordinator ``config`` describes, bound to ``bind_host`` (default: the host of its address)."""
+def make_coordinator(config: Config, bind_host: str | None = None, env: Mapping[str, str] | None = None) -> Coordinator:
+    """The coordinator ``config`` describes, bound to ``bind_host`` (default: the host of its address). With
+    ``--secure`` it takes the coordinator's keys: ``config``'s, or (beside another role, ``zps slurm``'s task 0)
+    those ``env`` holds for it."""
     host, _, port = config.coordinator.rpartition(":")
-    return Coordinator(config.job, host=bind_host or host.strip("[]"), port=int(port))
+    secrets = config.secrets
+    if config.job.secure and config.role != "coordinator":
+        secrets = load_secrets(os.environ if env is None else env, "coordinator", -1)
+    return Coordinator(config.job, host=bind_host or host.strip("[]"), port=int(port), secrets=secrets)
 
 
 def serve_coordinator(config: Config, bind_host: str | None = None) -> int:
@@ -190,16 +196,15 @@ def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int 
         env = {**base, **slurm_roles(base, num_servers or 1, port or DEFAULT_PORT)}
         config = Config.from_env(env)
         first_task = is_coordinator_task(base)
+        coordinator = make_coordinator(config, env=env) if first_task else None
     except ConfigError as exc:
         print(f"zps slurm: {exc}", file=sys.stderr)
         return 2
-    if not first_task:
-        return run_role(config, env, script)
-    try:
-        coordinator = make_coordinator(config)
     except zmq.ZMQError as exc:
         print(f"zps slurm: the coordinator cannot bind {config.coordinator}: {exc}", file=sys.stderr)
         return 1
+    if coordinator is None:
+        return run_role(config, env, script)
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(coordinator.serve()), name="zps-coordinator",
                               daemon=True)

@@ -114,21 +114,30 @@ class ProcessGroup:
         self.zygotes: list[Zygote] = []  # the fork servers children were started from, closed with the group
 
     def start(self, label: str, role: str, rank: int, argv: Sequence[str], env: dict[str, str],
-              cwd: str | None = None, spec: Any = None, zygote: Zygote | None = None) -> Child:
+              cwd: str | None = None, spec: Any = None, zygote: Zygote | None = None,
+              stdin: bytes | None = None) -> Child:
         """Start one child (forked by ``zygote`` where given and able); ``spec`` is kept with it (what it was
-        started from, to start it again)."""
-        proc = self._fork(label, argv, env, cwd, zygote) if zygote is not None else None
+        started from, to start it again). ``stdin``, where given, is written to its standard input (a plain
+        process's), which is then closed."""
+        proc = self._fork(label, argv, env, cwd, zygote) if zygote is not None and stdin is None else None
         if proc is None:
             proc = subprocess.Popen(
                 list(argv),
                 env=env,
                 cwd=cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
+            if stdin is not None:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write(stdin)
+                    proc.stdin.close()
+                except BrokenPipeError:  # it exited at once; its exit code says why
+                    pass
         child = Child(label, role, rank, proc, spec=spec)
         forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None

@@ -12,6 +12,10 @@
     kernel for a signal when its parent, the sshd session process, exits (``PR_SET_PDEATHSIG``);
   - when the guard itself is told to stop (SIGTERM, SIGHUP, SIGINT).
 
+  With ``--secrets-stdin`` (``zps launch --secure``) the guard reads the role's keys, one line, from its standard
+  input -- what ssh forwards from the launcher -- and hands them on in the role's environment (``ZPS_SECRETS``),
+  so they never appear on a command line.
+
   The guard exits with the role's exit code (``128 + N`` when signal N killed it, saying so), which ssh passes
   back, so the launcher's first-failure rule and exit code work as for local processes.
 """
@@ -88,8 +92,12 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+# the most bytes of keys the guard reads from its standard input (a job's keys are a few KiB per 100 processes)
+MAX_SECRETS_LINE = 8 << 20
+
+
 def guard(label: str, argv: Sequence[str], interface: str | None = None, share: int = 1,
-          grace: float = GUARD_GRACE) -> int:
+          grace: float = GUARD_GRACE, secrets_stdin: bool = False) -> int:
     """Run ``argv`` as the role ``label`` until it exits or the ssh session ends; return its exit code.
 
     ``share`` processes of the job run on this host: unless set, ``OMP_NUM_THREADS`` is cores // share, so they
@@ -109,6 +117,11 @@ def guard(label: str, argv: Sequence[str], interface: str | None = None, share: 
     try:
         env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, share))), **os.environ,
                "ZPS_HOST": host_address(interface, os.environ)}
+        if secrets_stdin:
+            line = sys.stdin.buffer.readline(MAX_SECRETS_LINE).strip()
+            if not line.startswith(b"{"):
+                raise LookupError("--secrets-stdin: no keys arrived on standard input")
+            env["ZPS_SECRETS"] = line.decode("utf-8", "replace")
     except LookupError as exc:
         print(f"zps: {label} on {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -143,12 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--label", required=True, help="the role's name in messages, e.g. 'worker 1@node2'")
     g.add_argument("--interface", default=None, help="bind the role to this interface's IPv4 address")
     g.add_argument("--share", type=int, default=1, help="processes of the job on this host (for OMP_NUM_THREADS)")
+    g.add_argument("--secrets-stdin", action="store_true", help="read the role's keys from standard input")
     g.add_argument("role", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     args = parser.parse_args(argv)
     role = args.role[1:] if args.role[:1] == ["--"] else args.role
     if not role:
         parser.error("guard: no command after --")
-    return guard(args.label, role, args.interface, args.share)
+    return guard(args.label, role, args.interface, args.share, secrets_stdin=args.secrets_stdin)
 
 
 if __name__ == "__main__":

@@ -125,9 +125,11 @@ class SshBackend:
             del env["ZPS_HOST"]  # the guard sets it on the host (see zps.launcher.remote.host_address)
             label = f"{p.role} {p.rank}@{ssh_destination(p.host)}"
             script = self.script if p.role == "worker" else []
-            guarded = self.remote.guarded(label, role_command(self.remote.python, script), share=per_host[p.host])
+            guarded = self.remote.guarded(label, role_command(self.remote.python, script), share=per_host[p.host],
+                                          secrets_stdin=job.secure)
             command = self.remote.command(guarded, {"PYTHONUNBUFFERED": "1", **env})
-            procs.append(ProcSpec(label, p.role, p.rank, self.ssh.argv(p.host, command), launcher_env))
+            procs.append(ProcSpec(label, p.role, p.rank, self.ssh.argv(p.host, command), launcher_env,
+                                  secrets_on_stdin=job.secure))
         return procs
 
     def describe(self, job: JobConfig) -> str:

@@ -55,9 +55,12 @@ class Remote:
         run = "exec " + shlex.join(["env", *(f"{k}={v}" for k, v in variables.items()), *argv])
         return f"cd {shlex.quote(self.workdir)} && {run}" if cd else run
 
-    def guarded(self, label: str, argv: Sequence[str], share: int = 1) -> list[str]:
-        """``argv`` wrapped in the guard (see the module docstring); ``share``: the job's processes on the host."""
+    def guarded(self, label: str, argv: Sequence[str], share: int = 1, secrets_stdin: bool = False) -> list[str]:
+        """``argv`` wrapped in the guard (see :mod:`zps.launcher.remote`); ``share``: the job's processes on the
+        host; ``secrets_stdin``: the guard reads the role's keys from its standard input (``--secure``)."""
         guard = [self.python, "-m", "zps.launcher.remote", "guard", "--label", label, "--share", str(share)]
+        if secrets_stdin:
+            guard.append("--secrets-stdin")
         if self.interface:
             guard += ["--interface", self.interface]
         return [*guard, "--", *argv]

@@ -192,6 +192,20 @@ class JobConfig:
     preload: bool = setting(True, "zps run: start the local processes by forking one process that imported torch "
                                   "once (ZPS_PRELOAD in the launcher's environment sets the default)",
                             launcher_env=True)
+    secure: bool = setting(False, "CurveZMQ on every socket: only processes holding the job's keys are answered, "
+                                  "each bound to its role and rank (zps launch and zps k8s: on unless --insecure)")
+    # caps on what a peer can make a server or the coordinator hold (docs/security.md); a request over one is
+    # refused with an error naming it and this setting
+    max_message_bytes: int = setting(1 << 30, "cap: the largest message a server or the coordinator receives "
+                                              "(ZeroMQ drops a peer that sends more)", minimum=1 << 16,
+                                     metavar="BYTES")
+    max_header_bytes: int = setting(4 << 20, "cap: the largest message header", minimum=1 << 12, metavar="BYTES")
+    max_key_elements: int = setting(1 << 28, "cap: elements in one key (a chunk of a parameter)", minimum=1,
+                                    metavar="N")
+    max_keys: int = setting(1 << 20, "cap: keys one server holds", minimum=1, metavar="N")
+    max_server_bytes: int = setting(1 << 36, "cap: bytes of parameters one server holds (their optimizer state "
+                                             "comes on top)", minimum=1 << 20, metavar="BYTES")
+    max_pending: int = setting(256, "cap: requests of one worker a server keeps waiting", minimum=1, metavar="N")
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -271,6 +285,8 @@ class Config:
     host: str = setting("127.0.0.1", "the address this process binds", flag="")
     local_rank: int = setting(0, "index among the processes of its role on its host", flag="", minimum=0)
     job: JobConfig = field(default_factory=JobConfig)
+    # with --secure: this process's keys (zps.protocol.security.Secrets), from its environment, never printed
+    secrets: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -286,7 +302,19 @@ class Config:
         env = with_dmlc(os.environ if env is None else env)
         values = _from_env(cls, env)
         values["role"] = values["role"].lower()
-        return cls(**values, job=JobConfig.from_env(env))
+        job = JobConfig.from_env(env)
+        if job.secure:
+            from .peers import parse_peer
+            from .security import load_secrets
+
+            values["secrets"] = secrets = load_secrets(env, values["role"], values.get("rank", -1))
+            own = parse_peer(secrets.name)
+            if values["role"] != "coordinator":
+                if own is None or own[0] != values["role"] or values.get("rank", -1) not in (-1, own[1]):
+                    raise ConfigError(f"the keys given are {secrets.name}'s, not this {values['role']}'s "
+                                      f"(rank {values.get('rank', -1)})")
+                values["rank"] = own[1]
+        return cls(**values, job=job)
 
     def to_env(self) -> dict[str, str]:
         """The ``ZPS_*`` variables that reproduce this configuration in a child process."""

@@ -123,6 +123,7 @@ class ErrorCode(str, enum.Enum):
     BAD_OPTIMIZER = "bad_optimizer"
     BAD_CODEC = "bad_codec"
     TIMEOUT = "timeout"
+    TOO_LARGE = "too_large"  # over a cap (the reason names it and the setting that raises it)
     MISSING = "missing"
     DEAD = "dead"
     INTERNAL = "internal"
@@ -184,26 +185,32 @@ def raise_if_error(msg: Message) -> Message:
     return msg
 
 
-_MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 4 << 20  # the default; servers and the coordinator take theirs from --max-header-bytes
 MAX_STEP = 1 << 53  # steps are counts of updates: beyond this a step is not one a worker took
+# msgpack's own limits while a header is unpacked: no header of a real message comes near them, and a small header
+# cannot expand into millions of objects (a "msgpack bomb")
+_UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len": 1 << 18, "max_map_len": 1 << 16,
+                  "max_ext_len": 0}
 
 
 def _bad(reason: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_HEADER, reason)
 
 
-def decode_header(frame: Any) -> Any:
-    """Unpack a header frame (msgpack, size-limited); the result is checked by :func:`parse_frames`."""
+def decode_header(frame: Any, limit: int = MAX_HEADER_BYTES) -> Any:
+    """Unpack a header frame (msgpack, size- and shape-limited); the result is checked by :func:`parse_frames`."""
+    size = len(frame)
+    if size > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"a header of {size} bytes is over the cap of {limit} "
+                                                 "(--max-header-bytes)")
     raw_bytes = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-    if len(raw_bytes) > _MAX_HEADER_BYTES:
-        raise _bad(f"header of {len(raw_bytes)} bytes exceeds {_MAX_HEADER_BYTES}")
     try:
-        return msgpack.unpackb(raw_bytes, raw=False, strict_map_key=True)
+        return msgpack.unpackb(raw_bytes, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several types for malformed input
         raise _bad(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
+def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MAX_HEADER_BYTES) -> Message:
     """Decode and structurally validate a multipart message; raise :class:`ProtocolError` on any defect.
 
     Checks the header is a msgpack map of the right version and kind with well-typed fields, and that the
@@ -213,7 +220,7 @@ def parse_frames(frames: Sequence[Any], head: Any = None) -> Message:
     if not frames:
         raise _bad("empty message")
     if head is None:
-        head = decode_header(frames[0])
+        head = decode_header(frames[0], header_limit)
     if not isinstance(head, dict):
         raise _bad(f"header must be a msgpack map, got {type(head).__name__}")
     version = head.get("v")

@@ -18,8 +18,8 @@ from typing import Any
 
 import zmq
 
-from . import transport
-from .config import Config
+from . import security, transport
+from .config import Config, ConfigError
 from .messages import ErrorCode, Kind, Message, ProtocolError
 from .peers import peer_name
 
@@ -63,11 +63,13 @@ class RendezvousClient:
     """Talks to the coordinator at ``config.coordinator``. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, config: Config, context: zmq.Context | None = None) -> None:
+        if config.job.secure and config.secrets is None:  # never quietly in the clear
+            raise ConfigError(f"ZPS_SECURE (--secure) is set but this {config.role} was given no keys")
         self.config = config
         self.context = context or zmq.Context.instance()
         self.address = "tcp://" + config.coordinator
         self.name = peer_name(config.role, config.rank)
-        self._sock = transport.configure(self.context.socket(zmq.DEALER))
+        self._sock = security.dealer(self.context, self.config.secrets)
         transport.connect(self._sock, self.address)
         self._ids = itertools.count(1)
         self._hb_thread: threading.Thread | None = None
@@ -122,7 +124,7 @@ class RendezvousClient:
         """Tell the coordinator this process's part of checkpoint ``checkpoint`` is on disk (any thread may call it);
         it writes the manifest once every part is."""
         body = {"checkpoint": checkpoint, "file": file, "size": size, "info": info}
-        sock = transport.configure(self.context.socket(zmq.DEALER))  # its own: the caller may be any thread
+        sock = security.dealer(self.context, self.config.secrets)  # its own: the caller may be any thread
         try:
             transport.connect(sock, self.address)
             self._request(Kind.SAVED, body, f"the report of checkpoint {checkpoint}", sock=sock)
@@ -159,7 +161,7 @@ class RendezvousClient:
             self._hb_thread.join(timeout=5)
 
     def _heartbeat_loop(self) -> None:
-        sock = transport.configure(self.context.socket(zmq.DEALER))
+        sock = security.dealer(self.context, self.config.secrets)
         transport.connect(sock, self.address)
         interval = self.config.job.heartbeat_interval
         last_answer = time.monotonic()

@@ -32,6 +32,10 @@ def tcp_address(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+# the most parts a message may have (a part per key at most, and a header caps the keys long before this)
+MAX_FRAMES = 1 << 16
+
+
 def configure(sock: zmq.Socket) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -69,6 +73,36 @@ def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
 def recv_frames(sock: zmq.Socket) -> list[Any]:
     """Receive one multipart message; large parts stay zero-copy ``zmq.Frame`` s."""
     return sock.recv_multipart(copy=False)
+
+
+class TooLarge(Exception):
+    """A message had more parts or bytes than the receiver takes; it was received and dropped (``identity``: its
+    first part, a ROUTER's peer, to answer)."""
+
+    def __init__(self, reason: str, identity: bytes) -> None:
+        super().__init__(reason)
+        self.identity = identity
+
+
+def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int) -> list[Any]:
+    """Receive one multipart message (without waiting) of at most ``max_frames`` parts and ``max_bytes`` bytes; a
+    larger one is drained part by part (nothing of it is kept) and :class:`TooLarge` says how large it was."""
+    frames: list[Any] = []
+    total = 0
+    while True:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        total += len(frame)
+        frames.append(frame)
+        if not sock.getsockopt(zmq.RCVMORE):
+            return frames
+        if len(frames) >= max_frames or total > max_bytes:
+            count, identity = len(frames), frame_bytes(frames[0])
+            frames.clear()
+            while sock.getsockopt(zmq.RCVMORE):
+                total += len(sock.recv(zmq.NOBLOCK, copy=False))
+                count += 1
+            raise TooLarge(f"a message of {count} parts and {total} bytes is over the cap of {max_frames} parts "
+                           f"or {max_bytes} bytes (--max-message-bytes)", identity)
 
 
 def frame_bytes(frame: Any) -> bytes:

@@ -1,10 +1,16 @@
 """Requests a server cannot answer yet: pulls waiting for a BSP version or an SSP clock, and INITs waiting for rank
-0's values. Each waits with a deadline; past it the worker gets an ERROR naming exactly what held it up."""
+0's values. Each waits with a deadline; past it the worker gets an ERROR naming exactly what held it up.
+
+Waiting requests are indexed by the keys they wait on, so a message that changed some keys re-checks only the
+requests on those keys (linear in what changed, not in what waits); a change that can release anything (a worker
+left, SSP's slowest clock moved) re-checks them all. One worker keeps at most ``max_per_worker`` requests waiting.
+"""
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from zps.protocol.messages import ErrorCode, Message, ProtocolError, error_reply
 
@@ -27,22 +33,46 @@ class Waiting:
     what: str = "request"
 
 
-@dataclass
 class Pending:
     """The waiting requests of one server; ``send(identity, message)`` delivers replies."""
 
-    send: Callable[[bytes, Message], None]
-    name: str
-    items: list[Waiting] = field(default_factory=list)
+    def __init__(self, send: Callable[[bytes, Message], None], name: str, max_per_worker: int = 256) -> None:
+        self.send = send
+        self.name = name
+        self.max_per_worker = max_per_worker
+        self.items: dict[int, Waiting] = {}  # in arrival order
+        self._by_key: dict[int, set[int]] = {}
+        self._per_worker: dict[int, int] = {}
+        self._ids = itertools.count()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def add(self, waiting: Waiting) -> None:
-        self.items.append(waiting)
+        """Keep ``waiting`` until it is ready or past its deadline; ProtocolError when its worker has too many."""
+        held = self._per_worker.get(waiting.worker, 0)
+        if held >= self.max_per_worker:
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker {waiting.worker} has {held} requests waiting here "
+                                                    f"already (the cap: --max-pending {self.max_per_worker})")
+        wid = next(self._ids)
+        self.items[wid] = waiting
+        self._per_worker[waiting.worker] = held + 1
+        for state in waiting.states:
+            self._by_key.setdefault(state.key, set()).add(wid)
+
+    def _remove(self, wid: int) -> Waiting:
+        waiting = self.items.pop(wid)
+        self._per_worker[waiting.worker] -= 1
+        for state in waiting.states:
+            found = self._by_key.get(state.key)
+            if found is not None:
+                found.discard(wid)
+                if not found:
+                    del self._by_key[state.key]
+        return waiting
 
     def soonest(self) -> float | None:
-        return min((w.deadline for w in self.items), default=None)
+        return min((w.deadline for w in self.items.values()), default=None)
 
     def _answer(self, w: Waiting) -> None:
         """Send ``w``'s reply; one that cannot be built (its worker left meanwhile, say) becomes an ERROR reply."""
@@ -53,35 +83,35 @@ class Pending:
             reply = error_reply(w.request_id, self.name, code, f"{self.name}: {w.what} could not be answered: {exc}")
         self.send(w.identity, reply)
 
-    def flush(self) -> None:
-        """Answer every request that became ready."""
+    def flush(self, keys: Iterable[int] | None = None) -> None:
+        """Answer the requests that became ready: those waiting on ``keys``, or every one (``None``)."""
         if not self.items:
             return
-        still = []
-        for w in self.items:
-            if w.ready():
+        if keys is None:
+            candidates: Iterable[int] = list(self.items)
+        else:
+            found: set[int] = set()
+            for key in keys:
+                found |= self._by_key.get(key, set())
+            candidates = sorted(found)  # in arrival order
+        for wid in candidates:
+            w = self.items.get(wid)
+            if w is not None and w.ready():
+                self._remove(wid)
                 self._answer(w)
-            else:
-                still.append(w)
-        self.items = still
 
     def expire(self, timeout: float) -> None:
         """Fail the requests past their deadline, naming what each waited for (one ready after all is answered)."""
         now = time.monotonic()
-        if not any(w.deadline <= now for w in self.items):
-            return
-        still = []
-        for w in self.items:
-            if w.deadline > now:
-                still.append(w)
-            elif w.ready():
+        for wid in [wid for wid, w in self.items.items() if w.deadline <= now]:
+            w = self._remove(wid)
+            if w.ready():
                 self._answer(w)
             else:
                 reason = f"{self.name}: {w.what} gave up after {timeout:.0f}s: {w.why()}"
                 self.send(w.identity, error_reply(w.request_id, self.name, ErrorCode.TIMEOUT, reason))
-        self.items = still
 
     def fail_all(self, reason: str) -> None:
-        for w in self.items:
+        for wid in list(self.items):
+            w = self._remove(wid)
             self.send(w.identity, error_reply(w.request_id, self.name, ErrorCode.DEAD, f"{self.name}: {reason}"))
-        self.items = []

@@ -20,7 +20,7 @@ import torch
 import zmq
 
 from zps.protocol import checkpoint as ckpt
-from zps.protocol import transport
+from zps.protocol import security, transport
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import parse_peer, peer_name
@@ -84,15 +84,20 @@ class Server:
         self.checkpoints: Checkpoints | None = None  # with --checkpoint-dir, once the rank is known
         self._notices: collections.deque[dict[str, Any]] = collections.deque()  # the coordinator's, once registered
         self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
-        self.pending = Pending(self._send, self.name)
+        self.pending = Pending(self._send, self.name, config.job.max_pending)
+        # what the message being handled changed: the keys it updated or set, or everything (None: a worker left,
+        # SSP's slowest clock moved); the requests waiting on it are re-checked after the message
+        self._changed: set[int] | None = set()
+        self._bytes = 0  # of the parameters declared here (the cap --max-server-bytes)
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
         self._since_trim = 0  # bytes received since freed memory was last given back
         self._last_request = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def run(self) -> int:
-        sock = self._sock = transport.configure(self.context.socket(zmq.ROUTER))
+        sock = self._sock = security.router(self.context, self.config.secrets)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.job.max_message_bytes)  # ZeroMQ drops a peer that sends more
         address = transport.bind_free(sock, self.config.host)
         rendezvous = RendezvousClient(self.config, self.context)
         self._notices = rendezvous.notices
@@ -140,7 +145,12 @@ class Server:
                 for _ in range(256):
                     if not transport.readable(sock):
                         break
-                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    try:
+                        frames = transport.recv_bounded(sock, transport.MAX_FRAMES, self.config.job.max_message_bytes)
+                    except transport.TooLarge as exc:
+                        self.counters["errors"] += 1
+                        self._send(exc.identity, error_reply(0, self.name, ErrorCode.TOO_LARGE, str(exc)))
+                        continue
                     received = sum(len(f) for f in frames[2:])
                     self.counters["bytes_in"] += received
                     self._handle(frames)
@@ -180,8 +190,10 @@ class Server:
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
-            msg = parse_frames(frames[1:])
+            msg = parse_frames(frames[1:], header_limit=self.config.job.max_header_bytes)
             request_id = msg.id
+            if self.config.secrets is not None:
+                security.check_sender(frames[0], msg.src)
             reply = self.handle(identity, msg)
         except ProtocolError as exc:
             self.counters["errors"] += 1
@@ -193,7 +205,9 @@ class Server:
             reply = error_reply(request_id, self.name, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}")
         if reply is not None:
             self._send(identity, reply)
-        self.pending.flush()
+        changed, self._changed = self._changed, set()
+        if changed is None or changed:
+            self.pending.flush(changed)
 
     def handle(self, identity: bytes, msg: Message) -> Message | None:
         """Serve one parsed request; return the reply, or None when it waits in ``pending``."""
@@ -256,6 +270,8 @@ class Server:
         values: list[torch.Tensor | None] = []
         offset = 0
         seen: set[int] = set()
+        job = self.config.job
+        new_keys, new_bytes = 0, 0
         for entry in msg.keys:
             key, numel, name = entry["key"], entry.get("numel"), entry.get("name", "")
             if key in seen:
@@ -263,8 +279,19 @@ class Server:
             seen.add(key)
             if type(numel) is not int or numel < 0:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'numel' must be a non-negative integer")
-            if entry.get("dtype", "float32") not in DTYPES or not isinstance(name, str):
+            if numel > job.max_key_elements:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"key {key}: {numel} elements is over the cap of "
+                                                         f"{job.max_key_elements} (--max-key-elements)")
+            if entry.get("dtype", "float32") not in DTYPES or not isinstance(name, str) or len(name) > 1024:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: bad 'dtype' or 'name'")
+            if key not in self.keys:
+                new_keys, new_bytes = new_keys + 1, new_bytes + 4 * numel
+            if len(self.keys) + new_keys > job.max_keys:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"this server would hold more than {job.max_keys} keys (the "
+                                                         "cap: --max-keys)")
+            if self._bytes + new_bytes > job.max_server_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"this server would hold more than {job.max_server_bytes} "
+                                                         "bytes of parameters (the cap: --max-server-bytes)")
             group = entry.get("group", 0)
             if type(group) is not int or group < 0:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' must be a non-negative integer, "
@@ -286,6 +313,8 @@ class Server:
             if nf:
                 if opt_name is None:
                     raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "INIT with values must name the server 'optimizer'")
+                if entry.get("codec", "none") != "none":
+                    raise ProtocolError(ErrorCode.BAD_CODEC, f"key {key}: initial values travel uncompressed")
                 if group >= len(groups):
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the "
                                                               f"{len(groups)} groups")
@@ -309,6 +338,8 @@ class Server:
         for (entry, existing), tensor in zip(declared, values, strict=True):
             state = existing or KeyState(key=entry["key"], numel=entry["numel"], name=entry.get("name", ""),
                                          offset=entry.get("offset", 0), group=entry.get("group", 0))
+            if state.key not in self.keys:
+                self._bytes += 4 * state.numel
             self.keys[state.key] = state
             states.append(state)
             if tensor is not None and not state.initialized:
@@ -323,6 +354,9 @@ class Server:
                     self.optimizers.by_group[state.group].state[value] = optimizer_state
                     state.version, state.lr = int(saved["version"]), saved["lr"]
                     state.last_step = dict(saved.get("last_step", {}))
+                if self._changed is not None:
+                    self._changed.add(state.key)  # declares waiting for its values may go on
+
         def reply() -> Message:  # with the step the worker is at: 0, or a replacement's or a resumed job's
             assert self.consistency is not None
             at = (min((s.version for s in states), default=0) if self.consistency.name == "bsp"
@@ -421,6 +455,8 @@ class Server:
     def _apply(self, updates: list[tuple[KeyState, torch.Tensor]]) -> None:
         assert self.consistency is not None
         self.optimizers.apply(updates)
+        if self._changed is not None:
+            self._changed.update(s.key for s, _ in updates)
         self.counters["pushes_applied"] += len(updates)
         if self.checkpoints is not None:
             self.checkpoints.after_apply([s for s, _ in updates], self.keys, self.optimizers, self.consistency.clock)
@@ -443,7 +479,10 @@ class Server:
     def _pull(self, p: PullRequest) -> Message | None:
         """Answer now if the consistency mode allows, else wait in ``pending`` (with a deadline)."""
         assert self.consistency is not None
+        slowest = self.consistency.slowest()
         self.consistency.note_clock(p.worker, p.step)
+        if self.consistency.slowest() != slowest:
+            self._changed = None  # SSP pulls of every worker may go on now
         if self._ready(p):
             return self._answer(p)
         self.pending.add(Waiting(p.identity, p.request_id, p.worker, p.states,
@@ -470,6 +509,7 @@ class Server:
         """A worker finished cleanly: stop waiting for it; apply what its leaving completes."""
         assert self.consistency is not None
         self._apply(self.consistency.leave(worker, self.keys.values()))
+        self._changed = None
         self.values.forget(worker)
         self.segments.forget(worker)
         return Message(Kind.OK, id=msg.id, src=self.name)
@@ -491,7 +531,7 @@ class Server:
             self._apply(self.consistency.leave(gone, self.keys.values()))
             log.warning("%s: worker %d failed (%s); from step %d the updates average workers %s", self.name, gone,
                         body.get("why", "no reason given"), step, sorted(self.consistency.live))
-        self.pending.flush()
+        self.pending.flush(None)
 
     def stats(self) -> dict[str, Any]:
         """Counters and the consistency record (a summary of the keys' versions: a reply of fixed size)."""

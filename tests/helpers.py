@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from zps.launcher.coordinator import Coordinator
 from zps.launcher.remote import die_with_parent
 from zps.protocol.config import Config, JobConfig
+from zps.protocol.security import Secrets, make_secrets
 from zps.ps.server import Server
 from zps.worker.client import Client
 
@@ -30,12 +31,14 @@ A = TypeVar("A")
 
 
 class LocalCluster:
-    def __init__(self, coordinator: Coordinator, servers: list[Server], job: JobConfig) -> None:
+    def __init__(self, coordinator: Coordinator, servers: list[Server], job: JobConfig,
+                 secrets: dict[str, Secrets] | None = None) -> None:
         self.coordinator = coordinator
         self.servers = servers
         self.job = job
         self.num_workers = job.num_workers
         self.timeout = job.timeout
+        self.secrets = secrets  # the job's keys, with secure=True
 
     def worker_config(self, rank: int = -1, **job_overrides: Any) -> Config:
         return Config(
@@ -43,6 +46,7 @@ class LocalCluster:
             coordinator=self.coordinator.endpoint,
             rank=rank,
             job=dataclasses.replace(self.job, **job_overrides),
+            secrets=self.secrets[f"worker-{rank}"] if self.secrets is not None else None,
         )
 
     def clients(self, **kwargs: Any) -> list[Client]:
@@ -81,17 +85,19 @@ def local_cluster(
         codec=codec,
         **job,
     )
-    coordinator = Coordinator(settings)
+    secrets = make_secrets(num_servers, num_workers) if settings.secure else None
+    coordinator = Coordinator(settings, secrets=secrets["coordinator"] if secrets is not None else None)
     threads = [threading.Thread(target=coordinator.serve, daemon=True)]
     servers = []
     for rank in range(num_servers):
-        server = Server(Config(role="server", coordinator=coordinator.endpoint, rank=rank, job=settings))
+        server = Server(Config(role="server", coordinator=coordinator.endpoint, rank=rank, job=settings,
+                               secrets=secrets[f"server-{rank}"] if secrets is not None else None))
         servers.append(server)
         threads.append(threading.Thread(target=server.run, daemon=True))
     for t in threads:
         t.start()
     try:
-        yield LocalCluster(coordinator, servers, settings)
+        yield LocalCluster(coordinator, servers, settings, secrets)
     finally:
         for s in servers:
             s.stop.set()

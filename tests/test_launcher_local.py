@@ -17,7 +17,7 @@ pytestmark = pytest.mark.cluster
 @pytest.mark.parametrize("mode", ["bsp", "asp", "ssp"])
 def test_digits_reaches_95_percent_and_leaves_no_process(tag: str, mode: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    extra = ["--staleness", "2"] if mode == "ssp" else []
+    extra = {"bsp": ["--secure"], "asp": [], "ssp": ["--staleness", "2"]}[mode]  # bsp: with CurveZMQ too
     script = ["examples/digits.py", "--epochs", "20", "--out", str(out)]
     if mode == "ssp":
         script += ["--slow", "0.002", "--slow-rank", "1"]  # a straggler, so staleness is exercised

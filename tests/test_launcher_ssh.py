@@ -95,6 +95,11 @@ def test_a_killed_remote_worker_ends_the_job_and_leaves_nothing(sshd: Sshd, tag:
         sshd, tag, "--hostfile", write_hostfile(tmp_path / "hosts"), "--servers", "2", "--workers", "2", FOREVER
     )
     wait_for_line(proc, "[worker 1@127.0.0.3] TRAINING", timeout=60)  # its progress: training steps are done
+    # --secure is zps launch's default: the keys reached every role, and no command line shows them
+    for pid in tagged_pids(tag):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+        assert b'"secret"' not in command and b"ZPS_SECRETS" not in command, command
     os.kill(role_pid(tag, "worker", 1), signal.SIGKILL)
     killed_at = time.monotonic()
     code, text = finish(proc, timeout=60)

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import torch
 import zmq
 
-from zps.protocol import transport
+from zps.protocol import security, transport
 from zps.protocol.messages import ErrorCode, Message, ProtocolError, decode_header, parse_frames, raise_if_error
+from zps.protocol.security import Secrets
 
 log = logging.getLogger("zps.worker")
 
@@ -99,11 +100,11 @@ class Engine:
 
     ``failure()`` returns why the job failed (a peer lost, the coordinator gone), or None; a request then fails
     with that reason. ``timeout`` is the job's: a server that stays silent past it (plus a margin) fails the request
-    naming that server.
+    naming that server. With ``secrets`` (``--secure``) every socket speaks CURVE with this worker's key.
     """
 
     def __init__(self, name: str, context: zmq.Context, addresses: Sequence[str], timeout: float,
-                 replies: ReplyPath, failure: Callable[[], str | None]) -> None:
+                 replies: ReplyPath, failure: Callable[[], str | None], secrets: Secrets | None = None) -> None:
         self.name = name
         self.addresses = list(addresses)
         self.timeout = timeout
@@ -130,7 +131,7 @@ class Engine:
         self._wake_tx.connect(wake_addr)
         self._poller.register(self._wake_rx, zmq.POLLIN)
         for address in self.addresses:
-            sock = transport.configure(context.socket(zmq.DEALER))
+            sock = security.dealer(context, secrets)
             transport.connect(sock, address)
             self._sockets.append(sock)
             self._poller.register(sock, zmq.POLLIN)

@@ -88,7 +88,7 @@ class Client:
         self._closed = False
         self._replies = Replies(self._decoders, self._areas)
         self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
-                              lambda: self.rendezvous.failure)
+                              lambda: self.rendezvous.failure, config.secrets)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
