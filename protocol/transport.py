@@ -93,16 +93,18 @@ def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int) -> list[Any]
         frame = sock.recv(zmq.NOBLOCK, copy=False)
         total += len(frame)
         frames.append(frame)
-        if not sock.getsockopt(zmq.RCVMORE):
-            return frames
-        if len(frames) >= max_frames or total > max_bytes:
+        more = sock.getsockopt(zmq.RCVMORE)
+        if len(frames) > max_frames or total > max_bytes:
             count, identity = len(frames), frame_bytes(frames[0])
             frames.clear()
-            while sock.getsockopt(zmq.RCVMORE):
+            while more:
                 total += len(sock.recv(zmq.NOBLOCK, copy=False))
                 count += 1
+                more = sock.getsockopt(zmq.RCVMORE)
             raise TooLarge(f"a message of {count} parts and {total} bytes is over the cap of {max_frames} parts "
                            f"or {max_bytes} bytes (--max-message-bytes)", identity)
+        if not more:
+            return frames
 
 
 def frame_bytes(frame: Any) -> bytes:

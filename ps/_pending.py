@@ -52,8 +52,8 @@ class Pending:
         """Keep ``waiting`` until it is ready or past its deadline; ProtocolError when its worker has too many."""
         held = self._per_worker.get(waiting.worker, 0)
         if held >= self.max_per_worker:
-            raise ProtocolError(ErrorCode.CONFLICT, f"worker {waiting.worker} has {held} requests waiting here "
-                                                    f"already (the cap: --max-pending {self.max_per_worker})")
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"worker {waiting.worker} has {held} requests waiting here "
+                                                     f"already (the cap: --max-pending {self.max_per_worker})")
         wid = next(self._ids)
         self.items[wid] = waiting
         self._per_worker[waiting.worker] = held + 1

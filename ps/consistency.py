@@ -42,6 +42,10 @@ class Consistency:
         """Take one checked push; return the gradient to apply to the key now, or None (still aggregating)."""
         raise NotImplementedError
 
+    def applied(self, state: KeyState, worker: int, step: int) -> None:
+        """The update of ``worker``'s push for ``step`` was applied (called only after the optimizer step
+        succeeded: a push whose update failed is not a duplicate when it is sent again)."""
+
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         raise NotImplementedError
 
@@ -127,8 +131,10 @@ class ASP(Consistency):
         return True
 
     def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
-        state.last_step[worker] = step
         return grad
+
+    def applied(self, state: KeyState, worker: int, step: int) -> None:
+        state.last_step[worker] = step
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         return state.initialized

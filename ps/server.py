@@ -451,6 +451,8 @@ class Server:
             if ready is not None:
                 updates.append((state, ready))
         self._apply(updates)
+        for state, step, _ in accepted:
+            self.consistency.applied(state, worker, step)
 
     def _apply(self, updates: list[tuple[KeyState, torch.Tensor]]) -> None:
         assert self.consistency is not None
