@@ -8,6 +8,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
@@ -107,7 +108,7 @@ def test_no_message_ends_the_coordinator() -> None:
             for frames in poison:
                 coord.send_multipart([frames])
             # the refusals that can be answered are; then a well-formed request is served as ever
-            answered = []
+            answered: list[Message] = []
             while coord.poll(2000) and len(answered) < 9:
                 answered.append(parse_frames(coord.recv_multipart()))
             # (heartbeats of strangers are ignored; a stranger's DONE is acknowledged and changes nothing)
@@ -166,7 +167,7 @@ def test_a_forged_leave_with_a_shared_memory_pull_waiting_does_not_end_the_serve
 
 
 # -- 4. unbounded resources from tiny messages -------------------------------------------------------------
-CAPS = {"max_key_elements": 1000, "max_keys": 4, "max_header_bytes": 1 << 16, "max_message_bytes": 1 << 20,
+CAPS: dict[str, Any] = {"max_key_elements": 1000, "max_keys": 4, "max_header_bytes": 1 << 16, "max_message_bytes": 1 << 20,
         "max_pending": 4}
 
 
@@ -261,7 +262,8 @@ def test_an_update_that_failed_is_not_taken_for_a_duplicate_when_retried() -> No
     with served() as (cluster, clients, raw, tensors):
         k = key(clients[0], "a")
         optimizer = cluster.servers[0].optimizers.by_group[0]
-        real_step, failures = optimizer.step, []
+        real_step = optimizer.step
+        failures: list[int] = []
 
         def failing_once(*args, **kwargs):
             if not failures:
@@ -269,7 +271,7 @@ def test_an_update_that_failed_is_not_taken_for_a_duplicate_when_retried() -> No
                 raise RuntimeError("injected: the optimizer step failed")
             return real_step(*args, **kwargs)
 
-        optimizer.step = failing_once  # type: ignore[method-assign]
+        optimizer.step = failing_once
         reply = ask(raw, push_frames(k, step=1))
         assert reply.body["code"] == ErrorCode.INTERNAL.value
         assert ask(raw, push_frames(k, step=1)).kind is Kind.OK
