@@ -8,8 +8,8 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import msgpack
 import pytest
