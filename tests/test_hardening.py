@@ -167,8 +167,8 @@ def test_a_forged_leave_with_a_shared_memory_pull_waiting_does_not_end_the_serve
 
 
 # -- 4. unbounded resources from tiny messages -------------------------------------------------------------
-CAPS: dict[str, Any] = {"max_key_elements": 1000, "max_keys": 4, "max_header_bytes": 1 << 16, "max_message_bytes": 1 << 20,
-        "max_pending": 4}
+CAPS: dict[str, Any] = {"max_key_elements": 1000, "max_keys": 4, "max_header_bytes": 1 << 16,
+                        "max_message_bytes": 1 << 20, "max_pending": 4}
 
 
 def test_every_size_a_peer_claims_is_capped_and_the_error_names_the_setting() -> None:
