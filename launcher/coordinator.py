@@ -20,6 +20,7 @@ import zmq
 
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import security, transport
+from zps.protocol.complaints import Complaints
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
@@ -32,7 +33,6 @@ MAX_CHECKPOINTS_IN_FLIGHT = 4
 # barriers: a name's length, and how many may be open at once (each holds its arrivals until released)
 MAX_BARRIER_NAME = 256
 MAX_BARRIERS = 64
-COMPLAINT_INTERVAL = 60.0  # seconds between two log lines about one peer's refused messages
 
 
 class State(enum.Enum):
@@ -90,7 +90,7 @@ class Coordinator:
         self.failed_by: tuple[str, int] | None = None  # the member whose reported failure failed the job
         self.checkpoints: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}  # parts reported, by checkpoint
         self._lost: collections.deque[tuple[str, int, str]] = collections.deque()  # from the launcher
-        self._complaints: dict[bytes, float] = {}  # peer -> when a refusal of its messages was last logged
+        self._complaint = Complaints(log, "coordinator")  # refusals, logged once per peer per minute
         self.last_checkpoint = 0
         self.members: dict[tuple[str, int], _Member] = {}
         self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
@@ -156,18 +156,9 @@ class Coordinator:
             self._complaint(identity, exc.reason)
             self._reply(identity, error_reply(request_id, COORDINATOR, exc.code, exc.reason))
         except Exception as exc:  # whatever a peer sent, the coordinator goes on (a bug must not end the job)
-            log.exception("coordinator: internal error on a message from %s", identity.hex()[:16])
+            self._complaint(identity, f"internal error: {type(exc).__name__}: {exc}", logging.ERROR, exc_info=True)
             self._reply(identity, error_reply(request_id, COORDINATOR, ErrorCode.INTERNAL,
                                               f"coordinator: internal error ({type(exc).__name__})"))
-
-    def _complaint(self, identity: bytes, reason: str) -> None:
-        """Log a refused message once per peer per minute (a peer that floods is not logged at its rate)."""
-        now = time.monotonic()
-        if now - self._complaints.get(identity, -COMPLAINT_INTERVAL) >= COMPLAINT_INTERVAL:
-            if len(self._complaints) > 4096:
-                self._complaints.clear()
-            self._complaints[identity] = now
-            log.warning("coordinator refused a message: %s", reason[:500])
 
     def _member(self, src: str) -> _Member | None:
         peer = parse_peer(src)
@@ -452,6 +443,11 @@ class Coordinator:
         live = self._live_workers()
         for name, (started, arrived) in list(self.barriers.items()):
             if now - started > self.timeout:
+                # the workers that wait hear why (and fail, naming it); the job itself is not the barrier's to end:
+                # a barrier anyone opened must not end it
                 missing = sorted(live - set(arrived))
-                self._fail(f"barrier {name!r} timed out after {self.timeout:.0f}s waiting for workers {missing}")
-                return
+                reason = f"barrier {name[:100]!r} timed out after {self.timeout:.0f}s waiting for workers {missing}"
+                log.error("%s", reason)
+                for identity, request_id in arrived.values():
+                    self._reply(identity, error_reply(request_id, COORDINATOR, ErrorCode.TIMEOUT, reason))
+                del self.barriers[name]

@@ -170,8 +170,11 @@ class Message:
         return f"<{self.kind.value} id={self.id} src={self.src}{keys} frames={len(self.frames)}>"
 
 
+MAX_REASON = 2000  # characters of an error reply's reason (it may quote what a peer sent)
+
+
 def error_reply(request_id: int, src: str, code: ErrorCode, reason: str) -> Message:
-    return Message(Kind.ERROR, id=request_id, src=src, body={"code": code.value, "reason": reason})
+    return Message(Kind.ERROR, id=request_id, src=src, body={"code": code.value, "reason": reason[:MAX_REASON]})
 
 
 def raise_if_error(msg: Message) -> Message:
@@ -191,6 +194,12 @@ MAX_STEP = 1 << 53  # steps are counts of updates: beyond this a step is not one
 # cannot expand into millions of objects (a "msgpack bomb")
 _UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len": 1 << 18, "max_map_len": 1 << 16,
                   "max_ext_len": 0}
+
+
+def _show(value: Any) -> str:
+    """A peer's value as an error message quotes it: its repr, cut short (a message must not echo megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bad(reason: str) -> ProtocolError:
@@ -227,15 +236,15 @@ def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MA
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.BAD_VERSION,
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
+            f"protocol version {_show(version)} is not supported (this side speaks {PROTOCOL_VERSION})",
         )
     try:
         kind = Kind(head.get("kind"))
     except ValueError:
-        raise ProtocolError(ErrorCode.BAD_KIND, f"unknown message kind {head.get('kind')!r}") from None
+        raise ProtocolError(ErrorCode.BAD_KIND, f"unknown message kind {_show(head.get('kind'))}") from None
     request_id = head.get("id", 0)
     if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
-        raise _bad(f"'id' must be a non-negative integer, got {request_id!r}")
+        raise _bad(f"'id' must be a non-negative integer, got {_show(request_id)}")
     src = head.get("src", "")
     if not isinstance(src, str):
         raise _bad(f"'src' must be a string, got {type(src).__name__}")
@@ -247,23 +256,23 @@ def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MA
         raise _bad(f"'keys' must be a list, got {type(keys).__name__}")
     fused = head.get("fz", 0)
     if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
-        raise _bad(f"'fz' must be a non-negative integer, got {fused!r}")
+        raise _bad(f"'fz' must be a non-negative integer, got {_show(fused)}")
     expected_frames = 1 if fused else 0
     for i, entry in enumerate(keys):  # on every message: plain type() checks (bool is not int here)
         if type(entry) is not dict:
             raise _bad(f"keys[{i}] must be a map")
         key, step, nf = entry.get("key"), entry.get("step", 0), entry.get("nf", 0)
         if type(key) is not int or key < 0:
-            raise _bad(f"keys[{i}].key must be a non-negative integer, got {key!r}")
+            raise _bad(f"keys[{i}].key must be a non-negative integer, got {_show(key)}")
         if type(step) is not int or not 0 <= step <= MAX_STEP:
-            raise _bad(f"keys[{i}].step must be an integer in [0, {MAX_STEP}], got {str(step)[:40]}")
+            raise _bad(f"keys[{i}].step must be an integer in [0, {MAX_STEP}], got {_show(step)}")
         if type(nf) is not int or nf < 0:
-            raise _bad(f"keys[{i}].nf must be a non-negative integer, got {nf!r}")
+            raise _bad(f"keys[{i}].nf must be a non-negative integer, got {_show(nf)}")
         expected_frames += nf
         if "fz" in entry:
             offset = entry["fz"]
             if type(offset) is not int or offset < 0:
-                raise _bad(f"keys[{i}].fz must be a non-negative integer, got {offset!r}")
+                raise _bad(f"keys[{i}].fz must be a non-negative integer, got {_show(offset)}")
             if nf or not fused:
                 raise _bad(f"keys[{i}] is in the fused frame ('fz') but has frames of its own or the message has no "
                            "fused frame")

@@ -21,6 +21,7 @@ import zmq
 
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import security, transport
+from zps.protocol.complaints import Complaints
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import parse_peer, peer_name
@@ -85,6 +86,7 @@ class Server:
         self._notices: collections.deque[dict[str, Any]] = collections.deque()  # the coordinator's, once registered
         self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
         self.pending = Pending(self._send, self.name, config.job.max_pending)
+        self.complain = Complaints(log, self.name)  # refusals, logged once per peer per minute
         # what the message being handled changed: the keys it updated or set, or everything (None: a worker left,
         # SSP's slowest clock moved); the requests waiting on it are re-checked after the message
         self._changed: set[int] | None = set()
@@ -107,7 +109,8 @@ class Server:
             except RendezvousError as exc:
                 log.error("%s could not join the cluster: %s", self.name, exc.reason)
                 return 1
-            self.name = self.pending.name = self.values.name = peer_name("server", self.topology.rank)
+            self.name = self.pending.name = self.values.name = self.complain.who = peer_name("server",
+                                                                                              self.topology.rank)
             self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness)
             if self.config.job.checkpoint_dir:
                 self.checkpoints = Checkpoints(self.config.job.checkpoint_dir, self.topology.rank, self.topology.mode,
@@ -197,11 +200,11 @@ class Server:
             reply = self.handle(identity, msg)
         except ProtocolError as exc:
             self.counters["errors"] += 1
-            log.warning("%s rejected a request: %s", self.name, exc)
+            self.complain(identity, str(exc))
             reply = error_reply(request_id, self.name, exc.code, f"{self.name}: {exc.reason}")
         except Exception as exc:  # a bug must not take the server down; the worker hears about it
             self.counters["errors"] += 1
-            log.exception("%s: internal error", self.name)
+            self.complain(identity, f"internal error: {type(exc).__name__}: {exc}", logging.ERROR, exc_info=True)
             reply = error_reply(request_id, self.name, ErrorCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}")
         if reply is not None:
             self._send(identity, reply)
@@ -299,8 +302,8 @@ class Server:
             existing = self.keys.get(key)
             if existing is not None and (existing.numel, existing.name, existing.group) != (numel, name, group):
                 # (what the key was declared as is logged here, not told to whoever asks)
-                log.warning("%s: worker %d declares key %d as %r with %d elements in group %d; it is %s in group %d",
-                            self.name, worker, key, name[:100], numel, group, existing.label(), existing.group)
+                self.complain(identity, f"worker {worker} declares key {key} as {name[:100]!r} with {numel} elements "
+                                        f"in group {group}; it is {existing.label()} in group {existing.group}")
                 raise ProtocolError(
                     ErrorCode.CONFLICT,
                     f"worker {worker} declares key {key} differently from how it was declared (name, size or "

@@ -39,6 +39,7 @@ class LocalCluster:
         self.num_workers = job.num_workers
         self.timeout = job.timeout
         self.secrets = secrets  # the job's keys, with secure=True
+        self.threads: list[threading.Thread] = []  # the coordinator's, then each server's
 
     def worker_config(self, rank: int = -1, **job_overrides: Any) -> Config:
         return Config(
@@ -97,7 +98,9 @@ def local_cluster(
     for t in threads:
         t.start()
     try:
-        yield LocalCluster(coordinator, servers, settings, secrets)
+        cluster = LocalCluster(coordinator, servers, settings, secrets)
+        cluster.threads = threads
+        yield cluster
     finally:
         for s in servers:
             s.stop.set()
