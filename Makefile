@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-slow lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,9 +18,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/zps run --servers 2 --workers 2 --mode bsp examples/digits.py --epochs 20
 
-# every tier: unit, cluster (real sockets and processes on loopback), slow (accuracy over seeds)
+# the suite CI runs: unit and cluster (real sockets and processes on loopback); about 10 minutes on 2 cores
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# the slow tier: accuracy over several seeds, 100k fuzzed messages per role (tens of minutes)
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # the unit tier alone: one process, no cluster (well under a minute)
 test-fast: setup
