@@ -1,5 +1,7 @@
-"""What ``--secure`` (CurveZMQ on every socket) costs: the same zps jobs with and without it, in the same run, beside
-pyzmq alone moving the same bytes plain and with CURVE.
+"""What --secure (CurveZMQ on every socket) costs zps: the same jobs plain and secure, beside pyzmq with and without.
+
+The same zps jobs with and without ``--secure``, in the same run, beside pyzmq alone moving the same bytes plain and
+with CURVE.
 
     .venv/bin/python benchmarks/secure.py [--quick] [--reps 3] [--json out.json]
 

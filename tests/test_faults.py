@@ -20,8 +20,7 @@ from .helpers import FOREVER, Procs, finish, free_port, role_pid, start, wait_fo
 pytestmark = pytest.mark.cluster
 
 
-@pytest.mark.parametrize("victim", ["server", "worker"])
-@pytest.mark.parametrize("servers, workers", [(1, 2), (2, 3)])
+@pytest.mark.parametrize("victim, servers, workers", [("server", 1, 2), ("worker", 2, 3), ("server", 2, 3)])
 def test_zps_run_ends_when_any_role_is_killed(tag: str, victim: str, servers: int, workers: int) -> None:
     proc = start(tag, ["run", "--servers", str(servers), "--workers", str(workers), FOREVER])
     wait_for_line(proc, "TRAINING", timeout=90)
@@ -68,7 +67,7 @@ def test_without_a_launcher_heartbeats_end_the_job_naming_the_dead(tag: str, tmp
     assert wait_for_no_tagged(tag, within=10) == []
 
 
-@pytest.mark.parametrize("how, runner", [("raise", "zps node"), ("exit", "zps node"), ("raise", "python")])
+@pytest.mark.parametrize("how, runner", [("exit", "zps node"), ("raise", "python")])
 def test_a_failing_worker_fails_the_job_instead_of_leaving_it(tag: str, tmp_path: Path, how: str, runner: str) -> None:
     """Scheduler mode, BSP: worker 1's script raises (or exits 3) mid-run, run by `zps node` or by plain `python`
     (its exit handler reports it). The job must fail naming worker 1, never go on averaging worker 0 alone."""

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.cluster
 @pytest.mark.parametrize("mode", ["bsp", "asp", "ssp"])
 def test_digits_reaches_95_percent_and_leaves_no_process(tag: str, mode: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    extra = {"bsp": ["--secure"], "asp": [], "ssp": ["--staleness", "2"]}[mode]  # bsp: with CurveZMQ too
+    # bsp: with CurveZMQ too; asp: fresh interpreters instead of the zygote's forks
+    extra = {"bsp": ["--secure"], "asp": ["--no-preload", "--log-level", "DEBUG"], "ssp": ["--staleness", "2"]}[mode]
     script = ["examples/digits.py", "--epochs", "20", "--out", str(out)]
     if mode == "ssp":
         script += ["--slow", "0.002", "--slow-rank", "1"]  # a straggler, so staleness is exercised
@@ -31,6 +32,8 @@ def test_digits_reaches_95_percent_and_leaves_no_process(tag: str, mode: str, tm
     if mode == "ssp":
         assert 0 <= result["max_served_gap"] <= 2
     assert "[worker 0]" in text and "[server 1]" in text
+    if mode == "asp":
+        assert "zps.launcher: zygote" not in text, text
     assert wait_for_no_tagged(tag, within=5) == []
 
 
