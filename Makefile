@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/zps run --servers 2 --workers 2 --mode bsp examples/digits.py --epochs 20
 
-# the suite CI runs: unit and cluster (real sockets and processes on loopback); about 10 minutes on 2 cores
+# the suite CI runs: unit and cluster (real sockets and processes on loopback), two tests at a time; about 8 minutes on 2 cores
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 # the slow tier: accuracy over several seeds, 100k fuzzed messages per role (tens of minutes)
 test-slow: setup

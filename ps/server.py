@@ -173,13 +173,15 @@ class Server:
     def _send(self, identity: bytes, msg: Message) -> None:
         """Send a reply; one that cannot be built or sent is logged and dropped, never the end of the loop."""
         assert self._sock is not None
+        # counted before the send: a peer that got the reply reads counters that include it
+        size = sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
+        self.counters["bytes_out"] += size
         try:
             transport.send(self._sock, msg, identity=identity)
         except Exception as exc:  # e.g. a value msgpack cannot pack; the peer's request then times out, naming us
+            self.counters["bytes_out"] -= size
             self.counters["errors"] += 1
             log.error("%s: a reply (%s) could not be sent: %s: %s", self.name, msg.describe(), type(exc).__name__, exc)
-            return
-        self.counters["bytes_out"] += sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
 
     def _drain_notices(self) -> None:
         while self._notices:
