@@ -30,8 +30,12 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "training": ([], ["--quick"]),
     "memory": ([], ["--quick"]),
     "codecs": (["--numel", "4000000", "--repeats", "3"], ["--numel", "1000000", "--repeats", "3"]),
+    "checkpoint": ([], ["--quick"]),
+    "secure": ([], ["--quick"]),
+    "observability": ([], ["--quick"]),
+    "soak": ([], ["--quick"]),
 }
-JSON_REPORT = {"transport", "small", "training", "memory"}
+JSON_REPORT = {"transport", "small", "training", "memory", "checkpoint", "secure", "observability", "soak"}
 
 
 def run_one(name: str, quick: bool, timeout: float) -> dict:

@@ -87,6 +87,7 @@ def main() -> None:
             optimizer.step()
             total += loss.item()
             batches += 1
+            worker.report(loss=loss.item(), samples=len(y))  # the launcher's live view, zps top, the metrics
         if client.rank == 0 and epoch % 5 == 4:  # this worker's copy (in ASP/SSP it trails the servers' model)
             print(
                 f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} "

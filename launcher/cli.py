@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a PersistentVolumeClaim every pod mounts at --checkpoint-dir")
     add_script(k8s, what="the training script, a path inside the image")
 
+    top = sub.add_parser("top", help="a live view of a running job: every role's step, rates, memory, stragglers")
+    top.add_argument("--coordinator", "-c", required=True, metavar="HOST:PORT",
+                     help="the job's coordinator (zps run and zps launch print it at start)")
+    top.add_argument("--interval", type=_positive(float), default=1.0, help="seconds between updates (default 1)")
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument("--secrets", default=None, metavar="FILE",
+                     help="a --secure job's key file (one written by zps secrets, e.g. DIR/worker-0.json)")
+
     keys = sub.add_parser("secrets", help="write a job's keys for --secure, one 0600 file per process, for "
                                           "schedulers that start the processes themselves (ZPS_SECRETS_DIR)")
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
@@ -241,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _k8s(args, parser)
     if args.command == "secrets":
         return _secrets(args)
+    if args.command == "top":
+        from .top import main_top
+
+        return main_top(args.coordinator, args.interval, args.once, args.secrets)
     return 2
 
 

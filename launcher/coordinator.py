@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from prometheus_client import CollectorRegistry
 
 from zps.protocol import checkpoint as ckpt
+from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import ConfigError, JobConfig
@@ -26,6 +28,8 @@ from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error
 from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
 from zps.protocol.rendezvous import Topology
 from zps.protocol.security import Secrets
+
+from .monitor import Monitor, WorkerMetrics
 
 log = logging.getLogger("zps.coordinator")
 # checkpoints whose parts are still being reported; an older one that never completed is forgotten
@@ -99,12 +103,18 @@ class Coordinator:
         self.on_change: Callable[[], None] | None = None  # called when servers_ready is set
         self._started = time.monotonic()
         self._finished_at: float | None = None
+        self.monitor = Monitor(job.straggler_factor)
+        self.registry = CollectorRegistry()
+        self.registry.register(WorkerMetrics(self.monitor))
+        self._metrics_host = host
 
     # -- public ----------------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
 
     def serve(self) -> int:
+        metrics = prom.serve(self.registry, self._metrics_host, prom.metrics_port(self.job.metrics_port,
+                                                                                  "coordinator", 0), "coordinator")
         try:
             while not self._stop.is_set():
                 if self.sock.poll(100):
@@ -125,6 +135,8 @@ class Coordinator:
             return 0 if self.state is State.FINISHED else 1
         finally:
             self.sock.close(linger=200)
+            if metrics is not None:
+                metrics.close()
 
     # -- handling --------------------------------------------------------------------------------------
     def _reply(self, identity: bytes, msg: Message) -> None:
@@ -142,6 +154,8 @@ class Coordinator:
                 security.check_sender(frames[0], claimed)
             if msg.kind is Kind.REGISTER:
                 self._register(identity, msg)
+            elif msg.kind is Kind.STATUS:
+                self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR, body=self.status()))
             elif msg.kind is Kind.HEARTBEAT:
                 self._heartbeat(identity, msg)
             elif msg.kind is Kind.BARRIER:
@@ -203,6 +217,7 @@ class Coordinator:
             raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address' (tcp://host:port)")
         member = _Member(role, rank, identity, msg.id, host, pid, address if role == "server" else None)
         self.members[(role, rank)] = member
+        self.monitor.joined(role, rank, host, pid)
         log.debug("registered %s", member.where())
         if role == "server":  # a server serves at once: it needs no other process's address
             self._answer(member, ())
@@ -218,6 +233,7 @@ class Coordinator:
         member = _Member("worker", old.rank, identity, msg.id, str(msg.body.get("host", "?")),
                          int(msg.body.get("pid", 0)), None)
         self.members[("worker", old.rank)] = member
+        self.monitor.joined("worker", old.rank, member.host, member.pid)
         servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
         self._notify_servers({"replaced": old.rank, "workers": {str(old.rank): member.pid}})
         self._answer(member, servers)
@@ -233,6 +249,7 @@ class Coordinator:
         if member.failed or self.state in (State.FAILED, State.FINISHED):
             return
         member.failed = True
+        self.monitor.ended(member.role, member.rank, failed=True)
         policy = self.job.on_worker_failure
         if member.role == "server" or policy == "abort":
             self.failed_by = (member.role, member.rank)
@@ -285,6 +302,8 @@ class Coordinator:
             return
         member.hb_identity = identity
         member.last_seen = time.monotonic()
+        if not member.done and not member.failed:
+            self.monitor.report(member.role, member.rank, msg.body.get("stats"))
         if self.state is State.FAILED:
             self._reply(identity, error_reply(0, COORDINATOR, ErrorCode.DEAD, self.error or "the job failed"))
         elif self.state is State.FINISHED and member.role == "server":
@@ -324,12 +343,15 @@ class Coordinator:
         self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
         if member is None or member.done:
             return
+        if not member.failed:
+            self.monitor.report(member.role, member.rank, msg.body.get("stats"))
         failure = msg.body.get("failure")
         if msg.body.get("exit_code", 0) != 0 or failure is not None:
             self._member_failed(member, failure if isinstance(failure, str) else f"exit code "
                                                                                   f"{msg.body.get('exit_code')!r}")
             return
         member.done = True
+        self.monitor.ended(member.role, member.rank, failed=False)
         log.debug("%s is done", member.name)
         if self.state is State.RUNNING:
             self._release_barriers()
@@ -340,6 +362,12 @@ class Coordinator:
                 for m in self.members.values():
                     if m.role == "server" and m.hb_identity is not None:
                         self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
+
+    def status(self) -> dict[str, Any]:
+        """The job's live view (the STATUS reply; ``zps top`` shows it)."""
+        return {"state": self.state.value, "mode": self.job.mode, "num_servers": self.job.num_servers,
+                "num_workers": self.job.num_workers, "error": self.error, "checkpoint": self.last_checkpoint,
+                **self.monitor.snapshot()}
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _saved(self, identity: bytes, msg: Message) -> None:

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Protocol
 
 from zps.protocol import checkpoint as ckpt
-from zps.protocol import security
+from zps.protocol import security, trace
 from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
+from .live import Progress
 from .procs import Child, ProcessGroup, install_signal_handlers
 
 if TYPE_CHECKING:
@@ -122,6 +123,10 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
             out.flush()
             return 2
         outcome = _Attempt(job, backend, host, port, out, restarts, secrets).run()
+        if job.trace:
+            merged = trace.merge(job.trace)
+            if merged is not None:
+                _say(out, f"trace: {merged} (open it in https://ui.perfetto.dev or chrome://tracing)")
         if outcome.code == 0 or outcome.signalled or not restarts.take():
             return outcome.code
         newest = ckpt.complete(job.checkpoint_dir)[-1] if job.checkpoint_dir and ckpt.complete(job.checkpoint_dir) \
@@ -171,6 +176,7 @@ class _Attempt:
         self.coordinator = Coordinator(job, host=host, port=port,
                                        secrets=secrets["coordinator"] if secrets is not None else None)
         self.group = ProcessGroup(out)
+        self.progress = Progress(self.coordinator.status, job.progress, out)
         self.coordinator.on_change = self.group.changed.set
         self.result: list[int] = []
         self.signalled: list[int] = []
@@ -190,6 +196,9 @@ class _Attempt:
 
         in_main = threading.current_thread() is threading.main_thread()
         restore = install_signal_handlers(on_signal) if in_main else (lambda: None)
+        self.group.out = self.progress.start()
+        self.group.say(f"coordinator at {self.coordinator.endpoint} (watch the job with: zps top --coordinator "
+                       f"{self.coordinator.endpoint})")
         try:
             procs = self.backend.processes(self.job, self.coordinator.endpoint)
             for proc in procs:  # servers first, alone: they serve sooner without the workers' start-up beside them
@@ -198,6 +207,8 @@ class _Attempt:
             return self._supervise([proc for proc in procs if proc.role != "server"])
         finally:
             self.group.terminate()
+            self.progress.close(summary=True)
+            self.group.out = self.out
             self.coordinator.stop()
             coord_thread.join(timeout=5)
             restore()

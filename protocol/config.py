@@ -174,7 +174,8 @@ class JobConfig:
     shm: bool = setting(True, "move tensor bytes through shared memory where a worker and a server share a host")
     timeout: float = setting(120.0, "seconds any wait may take before the job fails naming what it waits for",
                              positive=True, metavar="SECONDS")
-    heartbeat_interval: float = setting(1.0, "seconds between heartbeats", positive=True, metavar="SECONDS")
+    heartbeat_interval: float = setting(0.5, "seconds between heartbeats (each carries the process's progress to "
+                                             "the coordinator)", positive=True, metavar="SECONDS")
     heartbeat_timeout: float = setting(15.0, "seconds of silence after which a process is declared dead",
                                        positive=True, metavar="SECONDS")
     log_level: str = setting("INFO", "log level of every process of the job", choices=LOG_LEVELS)
@@ -192,6 +193,17 @@ class JobConfig:
     preload: bool = setting(True, "zps run: start the local processes by forking one process that imported torch "
                                   "once (ZPS_PRELOAD in the launcher's environment sets the default)",
                             launcher_env=True)
+    # observability (docs/metrics.md)
+    metrics_port: int = setting(0, "serve Prometheus metrics over HTTP: the coordinator (its own and every "
+                                   "worker's) on PORT, server r on PORT+1+r, bound to each role's address (0: off)",
+                                minimum=0, metavar="PORT")
+    trace: str = setting("", "write Chrome-trace spans of every worker and server into DIR; the launcher merges "
+                             "them into DIR/trace.json at the end (Perfetto, chrome://tracing)", metavar="DIR")
+    straggler_factor: float = setting(1.5, "flag a worker whose step time (without waiting for the servers) is this "
+                                           "many times the median of the others'", positive=True, metavar="X")
+    progress: str = setting("auto", "zps run/launch: a live view per role (live), one line per role every 10 s "
+                                    "(lines), or nothing (off); auto: live on a terminal, else lines",
+                            choices=("auto", "live", "lines", "off"), launcher_env=True)
     secure: bool = setting(False, "CurveZMQ on every socket: only processes holding the job's keys are answered, "
                                   "each bound to its role and rank (zps launch and zps k8s: on unless --insecure)")
     # caps on what a peer can make a server or the coordinator hold (docs/security.md); a request over one is
@@ -222,6 +234,9 @@ class JobConfig:
                 raise ConfigError(f"ZPS_CHECKPOINT_EVERY (--checkpoint-every)={exc}") from None
         if self.resume == "latest" and not self.checkpoint_dir:
             raise ConfigError("ZPS_RESUME (--resume)=latest needs ZPS_CHECKPOINT_DIR (--checkpoint-dir)")
+        if self.metrics_port and self.metrics_port + 1 + self.num_servers > 65535:
+            raise ConfigError(f"ZPS_METRICS_PORT (--metrics-port)={self.metrics_port}: the servers' ports "
+                              f"(up to {self.metrics_port + self.num_servers}) must stay below 65536")
         if self.on_worker_failure == "restart" and not self.max_restarts:
             raise ConfigError("ZPS_ON_WORKER_FAILURE (--on-worker-failure)=restart needs ZPS_MAX_RESTARTS "
                               "(--max-restarts) > 0: the replacements draw on it")

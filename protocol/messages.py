@@ -39,6 +39,7 @@ class Kind(str, enum.Enum):
     SHUTDOWN = "shutdown"
     SAVED = "saved"  # a server or worker wrote its part of a checkpoint
     NOTICE = "notice"  # the coordinator tells a member about the job (a worker gone, replaced)
+    STATUS = "status"  # anyone with access asks the coordinator for the job's live view (zps top)
     # data (worker <-> server)
     INIT = "init"
     PUSH = "push"

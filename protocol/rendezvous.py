@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,8 @@ class RendezvousClient:
         self.failure: str | None = None
         self.topology: Topology | None = None
         self.notices: collections.deque[dict[str, Any]] = collections.deque()  # membership news, for the server
+        # what each heartbeat reports (zps.protocol.progress): the process sets it once it has something to say
+        self.reporter: Callable[[], dict[str, Any]] | None = None
 
     # -- request / reply -------------------------------------------------------------------------------
     def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None,
@@ -141,7 +144,7 @@ class RendezvousClient:
         """Tell the coordinator this process finished: cleanly, or with ``failure`` (a worker that failed is never
         taken for one that finished; the coordinator fails the job naming it)."""
         self._stop_heartbeats()
-        body: dict[str, Any] = {"exit_code": 0 if failure is None else 1}
+        body: dict[str, Any] = {"exit_code": 0 if failure is None else 1, **self._report()}  # its final figures
         if failure is not None:
             body["failure"] = failure
         try:
@@ -167,7 +170,7 @@ class RendezvousClient:
         last_answer = time.monotonic()
         try:
             while not self._hb_stop.is_set():
-                transport.send(sock, Message(Kind.HEARTBEAT, src=self.name))
+                transport.send(sock, Message(Kind.HEARTBEAT, src=self.name, body=self._report()))
                 deadline = time.monotonic() + interval
                 while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
                     # short slices, so a stop request is seen within 50 ms
@@ -193,6 +196,15 @@ class RendezvousClient:
                     self.shutdown_requested.set()
         finally:
             sock.close(linger=0)
+
+    def _report(self) -> dict[str, Any]:
+        if self.reporter is None:
+            return {}
+        try:
+            return {"stats": self.reporter()}
+        except Exception as exc:  # progress is never worth a heartbeat
+            log.debug("%s: no progress report: %r", self.name, exc)
+            return {}
 
     def close(self) -> None:
         self._stop_heartbeats()

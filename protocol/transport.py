@@ -5,6 +5,7 @@ frames above the threshold come back as zero-copy ``zmq.Frame`` objects.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -58,16 +59,29 @@ def connect(sock: zmq.Socket, address: str) -> None:
     sock.connect(address)
 
 
-def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
-    """Send ``msg`` (prefixed by a ROUTER ``identity`` when given); large frames go zero-copy."""
-    frames = msg.to_frames()
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> int:
+    """Send ``msg`` (prefixed by a ROUTER ``identity`` when given); large frames go zero-copy. Returns the bytes of
+    its header and frames (what crossed the socket, less ZeroMQ's framing and the identity)."""
+    return send_frames(sock, msg.to_frames(), identity)
+
+
+def size_of(frames: Sequence[Any]) -> int:
+    """The bytes of ``frames`` (bytes, memoryviews, zmq.Frames)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any], identity: bytes | None = None) -> int:
+    """Send ``frames`` (a message's :meth:`~Message.to_frames`) as one multipart message; returns their bytes."""
     if identity is not None:
-        frames.insert(0, identity)
+        frames = [identity, *frames]
     last = len(frames) - 1
+    total = 0
     for i, frame in enumerate(frames):
         flags = zmq.SNDMORE if i < last else 0
         nbytes = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+        total += nbytes
         sock.send(frame, flags, copy=nbytes < COPY_THRESHOLD)
+    return total - (len(identity) if identity is not None else 0)
 
 
 def recv_frames(sock: zmq.Socket) -> list[Any]:

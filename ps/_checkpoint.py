@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +44,11 @@ class _Pending:
 class Checkpoints:
     """The checkpoints of one server. ``report`` tells the coordinator a part is on disk."""
 
-    def __init__(self, root: str, rank: int, mode: str, report: Report) -> None:
+    def __init__(self, root: str, rank: int, mode: str, report: Report,
+                 observe: Callable[[float], None] | None = None) -> None:
+        """``observe(seconds)``: how long each part took to write (the server's metrics)."""
         self.root = root
+        self.observe = observe
         self.rank = rank
         self.mode = mode
         self.report = report
@@ -107,8 +111,11 @@ class Checkpoints:
 
     def _write(self, pending: _Pending, meta: dict[str, Any]) -> None:
         path = ckpt.directory(self.root, pending.checkpoint) / ckpt.part_name("server", self.rank)
+        started = time.monotonic()
         try:
             size = ckpt.save_part(path, pending.tensors, meta)
+            if self.observe is not None:
+                self.observe(time.monotonic() - started)
         except OSError as exc:  # a full disk: this checkpoint stays incomplete, the previous one stays loadable
             log.error("server:%d: checkpoint %d could not be written to %s: %s", self.rank, pending.checkpoint, path,
                       exc)

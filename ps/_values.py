@@ -11,6 +11,7 @@ from zps.protocol.codecs import Codec, make_codec
 from zps.protocol.messages import KeyEntry, Kind, Message
 from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, entry_encoded, fusable
 
+from ._metrics import ServerMetrics
 from ._shm import PULL, WorkerSegments
 from .store import KeyState
 
@@ -32,10 +33,12 @@ class Values:
     """Builds VALUES replies. ``snapshot``: values may change while ZeroMQ still sends them (ASP/SSP), so every
     frame is a copy; BSP never changes a value before every live worker received it, so it sends the store."""
 
-    def __init__(self, name: str, segments: WorkerSegments, counters: dict[str, int], snapshot: bool) -> None:
+    def __init__(self, name: str, segments: WorkerSegments, counters: dict[str, int], metrics: ServerMetrics,
+                 snapshot: bool) -> None:
         self.name = name
         self.segments = segments
         self.counters = counters
+        self.metrics = metrics
         self.snapshot = snapshot
         self._none = make_codec("none")
         # compressed pull: what each worker holds of each key, and the encoder that sends it deltas
@@ -58,14 +61,21 @@ class Values:
             if shared:
                 self.segments.view(p.worker, s, PULL, "pull of").copy_(s.param)
                 self.counters["shm_bytes_out"] += s.numel * 4
+                self.metrics.wire[("out", "shm")] += s.numel * 4
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
+                encoded = s.numel * 4
             elif fuse:
                 entry, bufs = {}, []
                 writer.add(entry, s.param)
+                encoded = s.numel * 4
             elif spec is None:
                 entry, bufs = encode_entry(self._none, s.param.clone() if self.snapshot else s.param)
+                encoded = s.numel * 4
             else:
                 entry, bufs = self._delta(p.worker, s, spec)
+                encoded = sum(b.nbytes for b in bufs)
+            self.metrics.tensor("out", s.name, spec if spec is not None and entry.get("delta") else "none",
+                                s.numel * 4, encoded)
             entry["key"], entry["version"] = s.key, s.version
             keys.append(entry)
             frames.extend(bufs)

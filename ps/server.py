@@ -20,15 +20,19 @@ import torch
 import zmq
 
 from zps.protocol import checkpoint as ckpt
+from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import parse_peer, peer_name
+from zps.protocol.progress import rss_bytes
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
+from zps.protocol.trace import Tracer, now_us
 
 from ._checkpoint import Checkpoints, Restore
+from ._metrics import GAUGES, ServerMetrics
 from ._pending import Pending, Waiting
 from ._shm import PUSH, WorkerSegments
 from ._values import PullRequest, Values
@@ -80,7 +84,9 @@ class Server:
         self.segments = WorkerSegments()
         self.counters = {"requests": 0, "errors": 0, "pushes_applied": 0, "duplicates": 0, "bytes_in": 0,
                          "bytes_out": 0, "shm_bytes_in": 0, "shm_bytes_out": 0}
-        self.values = Values(self.name, self.segments, self.counters, snapshot=config.job.mode != "bsp")
+        self.metrics = ServerMetrics(self.name, self._gauges)
+        self.tracer = Tracer()  # --trace: enabled once the rank is known
+        self.values = Values(self.name, self.segments, self.counters, self.metrics, snapshot=config.job.mode != "bsp")
         self._sock: zmq.Socket | None = None
         self.checkpoints: Checkpoints | None = None  # with --checkpoint-dir, once the rank is known
         self._notices: collections.deque[dict[str, Any]] = collections.deque()  # the coordinator's, once registered
@@ -94,6 +100,10 @@ class Server:
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
         self._since_trim = 0  # bytes received since freed memory was last given back
         self._last_request = time.monotonic()
+        self._started: dict[tuple[bytes, int], tuple[str, float]] = {}  # request -> (kind, arrival): its latency
+        self._first_push: dict[int, float] = {}  # BSP: key -> when the first push of its current step came
+        self._optimizer_bytes = 0  # of the torch.optim state, measured by the loop now and then
+        self._measured = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -103,6 +113,7 @@ class Server:
         address = transport.bind_free(sock, self.config.host)
         rendezvous = RendezvousClient(self.config, self.context)
         self._notices = rendezvous.notices
+        metrics_server: prom.MetricsServer | None = None
         try:
             try:
                 self.topology = rendezvous.register(address)
@@ -111,10 +122,16 @@ class Server:
                 return 1
             self.name = self.pending.name = self.values.name = self.complain.who = peer_name("server",
                                                                                               self.topology.rank)
+            self.metrics.server = self.name
+            self.tracer = Tracer(self.config.job.trace, "server", self.topology.rank)
+            rendezvous.reporter = self._report
+            metrics_server = prom.serve(self.metrics.registry, self.config.host,
+                                        prom.metrics_port(self.config.job.metrics_port, "server", self.topology.rank),
+                                        self.name)
             self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness)
             if self.config.job.checkpoint_dir:
                 self.checkpoints = Checkpoints(self.config.job.checkpoint_dir, self.topology.rank, self.topology.mode,
-                                               rendezvous.report_saved)
+                                               rendezvous.report_saved, self.metrics.checkpoint.observe)
             log.info("%s serving at %s (%s)", self.name, address, self.topology.mode)
             # torch builds its first optimizer slowly (it imports its compiler then): do that now, beside the
             # loop, not when the first INIT is waiting for it
@@ -130,6 +147,9 @@ class Server:
             rendezvous.done()
             rendezvous.close()
             sock.close(linger=0)
+            if metrics_server is not None:
+                metrics_server.close()
+            self._write_trace()
 
     def _trim(self) -> None:
         self._since_trim = 0
@@ -156,6 +176,7 @@ class Server:
                         continue
                     received = sum(len(f) for f in frames[2:])
                     self.counters["bytes_in"] += received
+                    self.metrics.wire[("in", "tcp")] += received + len(frames[1])
                     self._handle(frames)
                     self._since_trim += 1 + received
                     del frames  # the message's buffers are free from here on
@@ -167,21 +188,74 @@ class Server:
             self._drain_notices()
             if len(self.pending):
                 self.pending.expire(self.config.job.timeout)
+            if time.monotonic() >= self._measured:
+                self._measure()
         self.pending.fail_all(rendezvous.failure or "the job is shutting down")
 
     # -- dispatch --------------------------------------------------------------------------------------
     def _send(self, identity: bytes, msg: Message) -> None:
         """Send a reply; one that cannot be built or sent is logged and dropped, never the end of the loop."""
         assert self._sock is not None
-        # counted before the send: a peer that got the reply reads counters that include it
-        size = sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
-        self.counters["bytes_out"] += size
         try:
-            transport.send(self._sock, msg, identity=identity)
+            frames = msg.to_frames()
         except Exception as exc:  # e.g. a value msgpack cannot pack; the peer's request then times out, naming us
-            self.counters["bytes_out"] -= size
             self.counters["errors"] += 1
-            log.error("%s: a reply (%s) could not be sent: %s: %s", self.name, msg.describe(), type(exc).__name__, exc)
+            log.error("%s: a reply (%s) could not be built: %s: %s", self.name, msg.describe(), type(exc).__name__,
+                      exc)
+            return
+        # counted before the send: a peer that got the reply reads counters that include it
+        self.counters["bytes_out"] += transport.size_of(frames[1:])
+        self.metrics.wire[("out", "tcp")] += transport.size_of(frames)
+        if msg.kind is Kind.ERROR:
+            self.metrics.errors[str(msg.body.get("code", "internal"))] += 1
+        started = self._started.pop((identity, msg.id), None)
+        if started is not None:
+            self.metrics.observe_latency(started[0], time.monotonic() - started[1])
+        try:
+            transport.send_frames(self._sock, frames, identity)
+        except zmq.ZMQError as exc:
+            self.counters["errors"] += 1
+            log.error("%s: a reply (%s) could not be sent: %s", self.name, msg.describe(), exc)
+
+    def _arrived(self, identity: bytes, msg: Message) -> None:
+        """Count a parsed request and note when it came (its reply observes the latency)."""
+        kind = msg.kind.value
+        self.metrics.requests[kind] += 1
+        if len(self._started) >= 4 * self.config.job.max_pending + 1024:  # replies that never came: forget them
+            self._started.pop(next(iter(self._started)))
+        self._started[(identity, msg.id)] = (kind, time.monotonic())
+
+    # -- what the server reports -----------------------------------------------------------------------
+    def _measure(self) -> None:
+        """Measure what is costly to count (the optimizer state's bytes), in the loop, once per heartbeat."""
+        self._measured = time.monotonic() + self.config.job.heartbeat_interval
+        total = 0
+        for optimizer in list(self.optimizers.by_group.values()):
+            for state in optimizer.state.values():
+                total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        self._optimizer_bytes = total
+
+    def _gauges(self) -> dict[str, float]:
+        values: dict[str, float] = {"resident_memory_bytes": rss_bytes(), "parameter_bytes": self._bytes,
+                  "optimizer_state_bytes": self._optimizer_bytes, "keys": len(self.keys),
+                  "pending_requests": len(self.pending)}
+        assert set(values) == {name for name, _ in GAUGES}
+        return values
+
+    def _report(self) -> dict[str, Any]:
+        """What each heartbeat tells the coordinator (zps.protocol.progress)."""
+        wire, logical = self.metrics.wire, self.metrics.tensors
+        return {"keys": len(self.keys), "param_bytes": self._bytes, "optimizer_bytes": self._optimizer_bytes,
+                "requests": self.counters["requests"], "updates": self.metrics.counts["updates"], "rss": rss_bytes(),
+                "recv": wire[("in", "tcp")] + wire[("in", "shm")], "sent": wire[("out", "tcp")] + wire[("out", "shm")],
+                "logical_recv": sum(v[0] for k, v in list(logical.items()) if k[0] == "in"),
+                "logical_sent": sum(v[0] for k, v in list(logical.items()) if k[0] == "out")}
+
+    def _write_trace(self) -> None:
+        try:
+            self.tracer.write()
+        except OSError as exc:
+            log.error("%s: the trace could not be written: %s", self.name, exc)
 
     def _drain_notices(self) -> None:
         while self._notices:
@@ -199,6 +273,7 @@ class Server:
             request_id = msg.id
             if self.config.secrets is not None:
                 security.check_sender(frames[0], msg.src)
+            self._arrived(identity, msg)
             reply = self.handle(identity, msg)
         except ProtocolError as exc:
             self.counters["errors"] += 1
@@ -419,6 +494,8 @@ class Server:
         offset = 0
         seen: set[int] = set()
         fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
+        started = now_us()
+        counted: list[tuple[KeyState, str, int]] = []  # (key, codec, encoded bytes): counted once all is checked
         for entry in msg.keys:
             nf = entry.get("nf", 0)
             frames = msg.frames[offset : offset + nf] if nf else []
@@ -433,35 +510,61 @@ class Server:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a fused key is uncompressed "
                                                               "float32 and not in shared memory")
                 grad = fused.get(entry, state.numel, "push")
+                counted.append((state, "none", state.numel * 4))
             elif entry.get("shm"):
                 if nf or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is "
                                                               "uncompressed float32, without frames")
                 grad = self.segments.view(worker, state, PUSH, "push of")
-                self.counters["shm_bytes_in"] += state.numel * 4
+                counted.append((state, "shm", state.numel * 4))
             else:
                 grad = self._decoders.decode(entry, frames, state.numel, torch.float32, f"push of {state.label()}")
+                counted.append((state, str(entry.get("codec", "none")), transport.size_of(frames)))
             if self.consistency.check_push(state, worker, step):
                 accepted.append((state, step, grad))
             else:
                 self.counters["duplicates"] += 1
+                self.metrics.counts["duplicates"] += 1
         hint = msg.body.get("ckpt")
         if self.checkpoints is not None and worker == 0 and type(hint) is int and hint > 0:
             self.checkpoints.request(hint)  # worker 0 asks for a checkpoint at step ``hint``
+        for state, codec, encoded in counted:
+            if codec == "shm":
+                self.counters["shm_bytes_in"] += encoded
+                self.metrics.wire[("in", "shm")] += encoded
+                codec = "none"
+            self.metrics.tensor("in", state.name, codec, state.numel * 4, encoded)
+        bsp = self.consistency.name == "bsp"
+        if not bsp and self.consistency.clock:
+            self.metrics.staleness.observe(max(self.consistency.clock.values()) - self.consistency.clock.get(worker, 0))
         updates = []
+        now = time.monotonic()
         for state, step, grad in accepted:
             if lrs is not None:
                 state.lr = float(lrs[state.group] if state.group < len(lrs) else lrs[0])
             ready = self.consistency.push(state, worker, step, grad)
             if ready is not None:
                 updates.append((state, ready))
+                first = self._first_push.pop(state.key, None) if bsp else None
+                if first is not None:
+                    self.metrics.bsp_wait.observe(now - first)
+            elif bsp:
+                self._first_push.setdefault(state.key, now)
         self._apply(updates)
         for state, step, _ in accepted:
             self.consistency.applied(state, worker, step)
+        if accepted:
+            self.tracer.span("push", started, worker=worker, step=accepted[0][1], keys=len(accepted))
 
     def _apply(self, updates: list[tuple[KeyState, torch.Tensor]]) -> None:
         assert self.consistency is not None
+        if not updates:
+            return
+        started, start_us = time.perf_counter(), now_us()
         self.optimizers.apply(updates)
+        self.metrics.apply.observe(time.perf_counter() - started)
+        self.metrics.counts["updates"] += len(updates)
+        self.tracer.span("apply", start_us, version=updates[0][0].version, keys=len(updates))
         if self._changed is not None:
             self._changed.update(s.key for s, _ in updates)
         self.counters["pushes_applied"] += len(updates)
@@ -504,7 +607,8 @@ class Server:
     def _answer(self, p: PullRequest) -> Message:
         assert self.consistency is not None
         self.consistency.served(p.worker, p.step)
-        return self.values.reply(p, self.checkpoints.latest if self.checkpoints is not None else 0)
+        with self.tracer("pull", worker=p.worker, step=p.step, keys=len(p.states)):
+            return self.values.reply(p, self.checkpoints.latest if self.checkpoints is not None else 0)
 
     def _blocked(self, p: PullRequest) -> str:
         assert self.consistency is not None

@@ -111,6 +111,7 @@ class Engine:
         self.replies = replies
         self.failure = failure
         self._ids = itertools.count(1)
+        self.sent_bytes = self.recv_bytes = 0  # what crossed the sockets (headers and frames)
         self._inflight: dict[int, tuple[Request, int, set[int]]] = {}  # message id -> (request, server, keys)
         self._queue: collections.deque[tuple[int, Message, Request]] = collections.deque()
         # The sockets belong to whichever thread holds them (_io_busy): a caller waiting on a future, a caller
@@ -184,7 +185,7 @@ class Engine:
                 server, msg, request = self._queue.popleft()
             msg.id = next(self._ids)
             self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
-            transport.send(self._sockets[server], msg)
+            self.sent_bytes += transport.send(self._sockets[server], msg)
 
     # -- waiting ---------------------------------------------------------------------------------------
     def wait(self, future: Future, timeout: float | None) -> None:
@@ -306,6 +307,7 @@ class Engine:
             raise
 
     def _on_reply(self, server: int, frames: list[Any], head: Any = None) -> None:
+        self.recv_bytes += sum(f.received if isinstance(f, InPlace) else len(f) for f in frames)
         try:
             msg = parse_frames(frames, head)
         except ProtocolError as exc:

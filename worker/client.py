@@ -28,9 +28,11 @@ from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_
 from zps.protocol.rendezvous import RendezvousClient, Topology
 from zps.protocol.shm import Segment
 from zps.protocol.tensors import Decoders, encode_entry
+from zps.protocol.trace import Tracer
 
 from ._engine import Engine
 from ._messages import Messages, Tensors, flat
+from ._progress import Progress
 from ._replies import Replies
 from ._shm import Mark, SharedAreas
 
@@ -89,6 +91,9 @@ class Client:
         self._replies = Replies(self._decoders, self._areas)
         self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
                               lambda: self.rendezvous.failure, config.secrets)
+        self.progress = Progress(Tracer(config.job.trace, "worker", self.rank))
+        self.progress.engine_bytes = lambda: (self._engine.sent_bytes, self._engine.recv_bytes)
+        self.rendezvous.reporter = self.progress.report
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
@@ -185,7 +190,9 @@ class Client:
         a checkpoint at that step (see :mod:`zps.protocol.checkpoint`)."""
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
-            parts = self._built().push(Kind.PUSH, grads, step, lr, marks, checkpoint)
+            with self.progress.tracer("encode", step=step):
+                parts = self._built().push(Kind.PUSH, grads, step, lr, marks, checkpoint)
+            self._count(parts, grads, None)
             return self._engine.submit(parts, f"push of step {step}", marks=marks)
 
     def pull(self, outs: Tensors, step: int) -> Future:
@@ -194,6 +201,7 @@ class Client:
         with self._unreserve_on_error(marks):
             messages = self._built()
             parts = messages.pull(outs, step, marks)
+            self._count(parts, None, outs)
             return self._engine.submit(parts, f"pull of step {step}", messages.destinations(outs), marks=marks)
 
     def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None,
@@ -204,8 +212,25 @@ class Client:
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
             messages = self._built()
-            parts = messages.push(Kind.PUSH_PULL, grads, step, lr, marks, checkpoint)
+            with self.progress.tracer("encode", step=step):
+                parts = messages.push(Kind.PUSH_PULL, grads, step, lr, marks, checkpoint)
+            self._count(parts, grads, outs)
             return self._engine.submit(parts, f"push_pull of step {step}", messages.destinations(outs), marks=marks)
+
+    def _count(self, parts: list[tuple[int, Message]], grads: Tensors | None, outs: Tensors | None) -> None:
+        """Account a call's bytes: uncompressed (logical) and through the shared areas (the engine counts the
+        sockets' bytes)."""
+        progress, plan = self.progress, self._built().plan
+        if grads is not None:
+            progress.logical_sent += sum(4 * t.numel() for t in grads.values())
+        if outs is not None:
+            progress.logical_recv += sum(4 * t.numel() for t in outs.values())
+        for _, msg in parts:
+            for entry in msg.keys:
+                if entry.get("shm"):
+                    progress.sent += 4 * plan.chunks[entry["key"]].numel
+                if entry.get("pshm"):
+                    progress.recv += 4 * plan.chunks[entry["key"]].numel
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and consistency record, by server rank."""
@@ -260,6 +285,10 @@ class Client:
             self._closed = True
             self._engine.close()
             self._areas.close()
+            try:
+                self.progress.tracer.write()
+            except OSError as exc:
+                log.error("%s: the trace could not be written: %s", self.name, exc)
             self.rendezvous.done(failure)
             self.rendezvous.close()
 

@@ -120,6 +120,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if overlap:
             for param in self.params.values():
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
+        self.client.progress.ready()
 
     def _lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.param_groups]
@@ -165,19 +166,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        progress = self.client.progress
+        progress.step_begin(self.steps)
         with torch.no_grad():
             if self._futures:  # buckets left during backward: push the rest, then pull, front layers first
                 self._check_unchanged()  # only what already left can be stale
                 self._bucket.update(self._grads(skip=self._pushed))
                 self._flush()
-                pull = self.client.pull(self.params, self.steps + 1)
-                for future in self._futures:
-                    future.result()
-                pull.result()
+                with progress.tracer("pull", step=self.steps):
+                    pull = self.client.pull(self.params, self.steps + 1)
+                    for future in self._futures:
+                        future.result()
+                    pull.result()
             else:  # nothing left early (no overlap, or a model smaller than one bucket): one round trip
-                self.client.push_pull(self._grads(), self.params, self.steps, lr=self._lrs(),
-                                      checkpoint=self._checkpoint_at).result()
+                with progress.tracer("push_pull", step=self.steps):
+                    self.client.push_pull(self._grads(), self.params, self.steps, lr=self._lrs(),
+                                          checkpoint=self._checkpoint_at).result()
             self._futures, self._pushed, self._passes, self._bucket, self._bucket_size = [], {}, {}, {}, 0
+        progress.step_end(self.steps)
         self.steps += 1
         self.checkpoints.after_step(self.steps, self._synchronized)
         self._checkpoint_at = self.checkpoints.due(self.steps)

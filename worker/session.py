@@ -94,3 +94,9 @@ def barrier(name: str = "default") -> None:
     """Wait until every live worker reached the barrier ``name`` (fails after the job's timeout, naming who is
     missing)."""
     default_client().barrier(name)
+
+
+def report(loss: float | None = None, samples: int | None = None) -> None:
+    """Tell the job how training goes: the newest ``loss``, and ``samples`` processed since the previous call.
+    The launcher's live view, ``zps top`` and the metrics show them (samples/s from ``samples``)."""
+    default_client().progress.reported(loss, samples)

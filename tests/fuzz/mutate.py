@@ -39,10 +39,10 @@ def capturing() -> Iterator[list[Frames]]:
     seen: list[Frames] = []
     real = transport.send
 
-    def send(sock: Any, msg: Message, identity: bytes | None = None) -> None:
+    def send(sock: Any, msg: Message, identity: bytes | None = None) -> int:
         if identity is None:
             seen.append([bytes(memoryview(f)) if not isinstance(f, bytes) else f for f in msg.to_frames()])
-        real(sock, msg, identity)
+        return real(sock, msg, identity)
 
     transport.send = send
     try:

@@ -4,11 +4,13 @@ resumed job sees exactly the data the uninterrupted one did.
     zps run ... tests/scripts/train_steps.py --steps 60 --out final.safetensors [--pause-after 25] [--wide 4]
 
 Prints "STEP n" after each step. ``--pause-after N``: worker 0 stops after N steps and waits to be killed.
-``--out``: worker 0 writes the final parameters (after synchronize) there. The script's own state (a marker and
-an RNG state) goes with every checkpoint; a resumed job prints what it got back.
+``--step-time S``: each step emulates S seconds of compute (``--slow-rank R --slow-factor F``: rank R takes F
+times that: a straggler). ``--out``: worker 0 writes the final parameters (after synchronize) there. The script's
+own state (a marker and an RNG state) goes with every checkpoint; a resumed job prints what it got back.
 """
 import argparse
 import threading
+import time
 
 import torch
 from safetensors.torch import save_file
@@ -20,6 +22,9 @@ parser.add_argument("--steps", type=int, default=40)
 parser.add_argument("--pause-after", type=int, default=0)
 parser.add_argument("--wide", type=int, default=1, help="multiplies the hidden width (a bigger model)")
 parser.add_argument("--out", default="")
+parser.add_argument("--step-time", type=float, default=0.0, help="emulated compute per step, in seconds")
+parser.add_argument("--slow-rank", type=int, default=-1, help="this rank's compute takes --slow-factor x longer")
+parser.add_argument("--slow-factor", type=float, default=2.0)
 args = parser.parse_args()
 
 client = worker.init()
@@ -35,7 +40,11 @@ while opt.steps < args.steps:
     g = torch.Generator().manual_seed(1000 * opt.steps + client.rank)
     x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
     opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    if args.step_time:  # emulated work (a bigger model's compute), not synchronisation
+        time.sleep(args.step_time * (args.slow_factor if client.rank == args.slow_rank else 1.0))
+    worker.report(loss=loss.item(), samples=len(x))
     opt.step()
     print(f"STEP {opt.steps}", flush=True)
     if client.rank == 0 and opt.steps == args.pause_after:

@@ -1,0 +1,77 @@
+"""A worker's own accounting: its steps, their compute time, its bytes, the loss it reports.
+
+The heartbeats carry :meth:`Progress.report` to the coordinator (fields: :mod:`zps.protocol.progress`), which
+feeds the launcher's live view, ``zps top``, the workers' Prometheus metrics and the straggler check. The
+:class:`~zps.protocol.trace.Tracer` records the same steps as spans under ``--trace``.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from zps.protocol.progress import MAX_TIMES, rss_bytes
+from zps.protocol.trace import Tracer, now_us
+
+
+class Progress:
+    """Counters a worker keeps; :meth:`report` is called from the heartbeat thread."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+        self.step = 0
+        self.samples = 0
+        self.loss: float | None = None
+        self.wait = 0.0  # seconds inside zps step calls
+        self.sent = self.recv = 0  # shared-memory bytes (the engine counts the sockets' own)
+        self.logical_sent = self.logical_recv = 0
+        self.engine_bytes: Any = None  # () -> (sent, received) socket bytes
+        self._times: collections.deque[float] = collections.deque(maxlen=MAX_TIMES)
+        self._lock = threading.Lock()
+        self._step_end: float | None = None  # perf_counter at the end of the previous step
+        self._step_end_us = 0.0
+        self._step_start = 0.0
+
+    # -- steps (DistributedOptimizer.step) -------------------------------------------------------------
+    def ready(self) -> None:
+        """The model holds its first values: the first step's compute starts now."""
+        self._step_end, self._step_end_us = time.perf_counter(), now_us()
+
+    def step_begin(self, step: int) -> None:
+        """``step``'s compute is over (forward, backward); zps's part of the step begins."""
+        now = time.perf_counter()
+        if self._step_end is not None:
+            with self._lock:
+                self._times.append(now - self._step_end)
+            self.tracer.span("compute", self._step_end_us, step=step)
+        self._step_start = now
+
+    def step_end(self, step: int) -> None:
+        """``step`` is over: its values are in the model (``step`` + 1 steps are done)."""
+        now = time.perf_counter()
+        self.wait += now - self._step_start
+        self.step = max(self.step, step + 1)
+        self._step_end, self._step_end_us = now, now_us()
+
+    def reported(self, loss: float | None, samples: int | None) -> None:
+        """What the script said (``zps.worker.report``)."""
+        if loss is not None:
+            self.loss = float(loss)
+        if samples is not None:
+            if samples < 0:
+                raise ValueError(f"samples must be >= 0, got {samples}")
+            self.samples += int(samples)
+
+    # -- the heartbeat's report ------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            times = list(self._times)
+            self._times.clear()
+        sent, recv = self.engine_bytes() if self.engine_bytes is not None else (0, 0)
+        out: dict[str, Any] = {"step": self.step, "samples": self.samples, "times": times, "wait": self.wait,
+                               "sent": sent + self.sent, "recv": recv + self.recv, "rss": rss_bytes(),
+                               "logical_sent": self.logical_sent, "logical_recv": self.logical_recv}
+        if self.loss is not None:
+            out["loss"] = self.loss
+        return out
