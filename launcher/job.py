@@ -32,7 +32,7 @@ from zps.protocol import security, trace
 from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
-from .live import Progress
+from .live import LiveView
 from .procs import Child, ProcessGroup, install_signal_handlers
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class _Attempt:
         self.coordinator = Coordinator(job, host=host, port=port,
                                        secrets=secrets["coordinator"] if secrets is not None else None)
         self.group = ProcessGroup(out)
-        self.progress = Progress(self.coordinator.status, job.progress, out)
+        self.progress = LiveView(self.coordinator.status, job.progress, out)
         self.coordinator.on_change = self.group.changed.set
         self.result: list[int] = []
         self.signalled: list[int] = []

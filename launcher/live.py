@@ -81,7 +81,7 @@ def line(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-class Progress:
+class LiveView:
     """Shows ``status()`` while a job runs (``mode``: live, lines or off); :meth:`close` prints the summary."""
 
     def __init__(self, status: Callable[[], dict[str, Any]], mode: str, out: IO[str] | None = None) -> None:

@@ -73,16 +73,45 @@ def write_json(path: Path, value: Any) -> None:
     _commit(Path(tmp), path)
 
 
+# torch dtype name -> the safetensors dtype of a part's tensors
+_SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
 def save_part(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
     """Write one part of a checkpoint (tensors, plus ``meta`` as JSON in the file's metadata) atomically; its size.
-    A crash mid-write leaves a ``.tmp`` file that nothing reads."""
-    from safetensors.torch import save_file
+    A crash mid-write leaves a ``.tmp`` file that nothing reads.
 
+    The file is the safetensors format (read back by ``safetensors.safe_open``), written here by streaming each
+    CPU tensor's own memory to the file: no serialised copy of the whole part in memory (``save_file`` makes
+    one), and the interpreter lock is free while the bytes go to disk, so a server writing a part in a thread
+    keeps serving."""
+    import torch
+
+    header: dict[str, Any] = {}
+    offset = 0
+    flat = {}
+    for name, tensor in tensors.items():
+        dtype = _SAFETENSORS_DTYPES.get(str(tensor.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"checkpoint tensor {name!r} has dtype {tensor.dtype}, which a part cannot hold")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        flat[name] = data
+        size = data.numel() * data.element_size()
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"zps": json.dumps(meta)}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"zps": json.dumps(meta)})
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for data in flat.values():
+                if data.numel():
+                    f.write(data.view(torch.uint8).numpy().data)
         _commit(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

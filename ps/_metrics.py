@@ -25,7 +25,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         # (direction, tensor, codec) -> [logical bytes, encoded bytes, keys]
         self.tensors: dict[tuple[str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
-        self.wire: dict[tuple[str, str], int] = collections.defaultdict(int)  # (direction, path) -> bytes
+        # (direction, path) -> bytes; every key present from the start (other threads only read them)
+        self.wire: dict[tuple[str, str], int] = {(d, p): 0 for d in ("in", "out") for p in ("tcp", "shm")}
         self.requests: dict[str, int] = collections.defaultdict(int)  # kind -> requests
         self.errors: dict[str, int] = collections.defaultdict(int)  # code -> error replies
         self.counts = {"updates": 0, "duplicates": 0, "checkpoints": 0}

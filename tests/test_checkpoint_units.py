@@ -41,6 +41,29 @@ def test_a_part_round_trips_its_tensors_and_meta_and_reads_slices(tmp_path: Path
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary file left behind
 
 
+def test_a_part_is_a_file_safetensors_itself_reads_as_it_writes_them(tmp_path: Path) -> None:
+    """save_part streams the safetensors format itself; safetensors' own reader must see exactly the tensors, and
+    its own writer's file of the same tensors must hold the same ones."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "scalar": torch.tensor(7.0), "empty": torch.zeros(0),
+               "bf16": torch.randn(9, generator=g).to(torch.bfloat16), "f16": torch.randn(4, generator=g).half(),
+               "i64": torch.arange(6).reshape(2, 3), "u8": torch.arange(5, dtype=torch.uint8),
+               "flags": torch.tensor([True, False, True]), "f64": torch.randn(2, generator=g).double(),
+               "strided": torch.randn(4, 6, generator=g)[:, ::2]}
+    ckpt.save_part(tmp_path / "mine.safetensors", tensors, {"x": 1})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "theirs.safetensors"))
+    for name in ("mine", "theirs"):
+        loaded = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert loaded.keys() == tensors.keys()
+        for key, tensor in tensors.items():
+            assert loaded[key].dtype == tensor.dtype and loaded[key].shape == tensor.shape, key
+            assert torch.equal(loaded[key], tensor), key
+    with pytest.raises(ValueError, match="complex64"):
+        ckpt.save_part(tmp_path / "bad.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)}, {})
+
+
 def test_the_newest_complete_checkpoint_is_found_and_an_incomplete_one_never_is(tmp_path: Path) -> None:
     write_checkpoint(tmp_path, 10)
     write_checkpoint(tmp_path, 20)

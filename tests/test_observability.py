@@ -173,7 +173,7 @@ def test_progress_lines_and_the_summary_table(monkeypatch: pytest.MonkeyPatch, t
     out_path = tmp_path / "out.txt"
     with open(out_path, "w") as out:
         monkeypatch.setattr(live, "LINE_INTERVAL", 0.05)
-        progress = live.Progress(lambda: status, "auto", out)  # a file: lines
+        progress = live.LiveView(lambda: status, "auto", out)  # a file: lines
         assert progress.mode == "lines"
         progress.start()
         deadline = time.monotonic() + 10

@@ -6,9 +6,21 @@ installed under this one namespace, so a user's ``worker.py`` or ``ps.py`` can n
     from zps import worker          # the client library a training script imports
     from zps.protocol import Config
 """
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-try:
-    __version__ = version("zps")
-except PackageNotFoundError:  # a source checkout that was never installed
-    __version__ = "0+unknown"
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    """``zps.__version__``, read from the installed metadata on first use (importing that costs ~80 ms, which
+    every process of a job would pay at start)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'zps' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("zps")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        found = "0+unknown"
+    globals()["__version__"] = found
+    return found
