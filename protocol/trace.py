@@ -6,10 +6,10 @@ which Perfetto (ui.perfetto.dev) and chrome://tracing open. Times are the host's
 processes of one host line up exactly; across hosts they line up as well as the hosts' clocks do (NTP: well under
 a millisecond on a LAN). A process records at most :data:`MAX_EVENTS` spans and says so once past that.
 
-Span names: a worker's ``compute`` (the step outside zps: forward and backward), ``push``, ``pull``,
-``push_pull`` (sending, and waiting for the servers' answers), ``encode`` and ``decode`` where a codec runs; a
-server's ``push`` (decoding and applying one push message), ``apply`` (the optimizer step over its keys),
-``pull`` (building a reply) and ``wait`` (BSP: a key's first push of a step until its last).
+Span names (docs/metrics.md): a worker's ``compute`` (the step outside zps), ``forward`` and ``backward``,
+``encode`` (building the messages), ``push_pull`` or ``pull`` (the round trip) and ``decode`` (a reply into the
+model); a server's ``push`` (decoding and applying one push message), ``apply`` (the optimizer step over the keys
+it completed) and ``pull`` (building a reply).
 """
 from __future__ import annotations
 

@@ -210,8 +210,9 @@ def test_a_trace_holds_every_step_of_every_worker_and_server_and_a_balanced_run_
     names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
     assert names == {"server 0", "server 1", "worker 0", "worker 1"}
     for pid in (1001, 1002):  # workers
-        for span in ("compute", "push_pull", "encode"):
+        for span in ("compute", "forward", "backward", "push_pull", "encode"):
             assert _steps_of(events, pid, span) == set(range(20)), (pid, span)
+        assert sum(e["pid"] == pid and e["name"] == "decode" for e in events) >= 20  # a reply of each server a step
     for pid in (1, 2):  # servers: each applied a push of every step
         assert _steps_of(events, pid, "push") == set(range(20)), pid
         assert any(e["pid"] == pid and e["name"] == "apply" for e in events)

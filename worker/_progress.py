@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from zps.protocol.progress import MAX_TIMES, rss_bytes
@@ -32,8 +33,25 @@ class Progress:
         self._step_end: float | None = None  # perf_counter at the end of the previous step
         self._step_end_us = 0.0
         self._step_start = 0.0
+        self._forward_end: float | None = None  # under --trace, when the model's forward pass ended
 
     # -- steps (DistributedOptimizer.step) -------------------------------------------------------------
+    def watch(self, model: Any, step: Callable[[], int]) -> list[Any]:
+        """Under ``--trace``: hooks on ``model`` that record each step's ``forward`` span (the model's forward
+        pass) and ``backward`` span (from its end to the optimizer's step: the loss, backward); their handles."""
+        if not self.tracer.enabled:
+            return []
+        began = [0.0]
+
+        def before(*_: Any) -> None:
+            began[0] = now_us()
+
+        def after(*_: Any) -> None:
+            self.tracer.span("forward", began[0], step=step())
+            self._forward_end = now_us()
+
+        return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+
     def ready(self) -> None:
         """The model holds its first values: the first step's compute starts now."""
         self._step_end, self._step_end_us = time.perf_counter(), now_us()
@@ -45,6 +63,9 @@ class Progress:
             with self._lock:
                 self._times.append(now - self._step_end)
             self.tracer.span("compute", self._step_end_us, step=step)
+            if self._forward_end is not None:
+                self.tracer.span("backward", self._forward_end, step=step)
+                self._forward_end = None
         self._step_start = now
 
     def step_end(self, step: int) -> None:

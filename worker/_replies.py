@@ -12,6 +12,7 @@ import torch
 
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.tensors import Decoders, FusedReader
+from zps.protocol.trace import Tracer
 
 from ._engine import InPlace, Request
 from ._shm import PULL, SharedAreas
@@ -37,6 +38,7 @@ class Replies:
         self.decoders = decoders
         self.areas = areas
         self.checkpoint = 0  # the newest checkpoint the servers said worker 0 asked for
+        self.tracer = Tracer()  # --trace: the client's, recording a "decode" span per reply
 
     def targets(self, header: Any, request: Request) -> dict[int, memoryview]:
         """The data parts of a VALUES reply that can be received straight into their destination. A malformed
@@ -64,6 +66,13 @@ class Replies:
     def apply(self, msg: Message, request: Request) -> None:
         if msg.kind is not Kind.VALUES:
             return
+        if self.tracer.enabled:
+            with self.tracer("decode", server=msg.src, keys=len(msg.keys)):
+                self._apply(msg, request)
+        else:
+            self._apply(msg, request)
+
+    def _apply(self, msg: Message, request: Request) -> None:
         asked = msg.body.get("ckpt")
         if type(asked) is int and asked > self.checkpoint:
             self.checkpoint = asked

@@ -93,6 +93,7 @@ class Client:
                               lambda: self.rendezvous.failure, config.secrets)
         self.progress = Progress(Tracer(config.job.trace, "worker", self.rank))
         self.progress.engine_bytes = lambda: (self._engine.sent_bytes, self._engine.recv_bytes)
+        self._replies.tracer = self.progress.tracer
         self.rendezvous.reporter = self.progress.report
 
     @classmethod

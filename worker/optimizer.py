@@ -120,6 +120,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if overlap:
             for param in self.params.values():
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
+        if model is not None:  # under --trace: forward and backward spans
+            self._hooks.extend(self.client.progress.watch(model, lambda: self.steps))
         self.client.progress.ready()
 
     def _lrs(self) -> list[float]:
