@@ -38,16 +38,18 @@ def test_zps_run_ends_when_any_role_is_killed(tag: str, victim: str, servers: in
 def test_without_a_launcher_heartbeats_end_the_job_naming_the_dead(tag: str, tmp_path: Path, victim: str) -> None:
     """Scheduler mode: every role is its own `zps node`; kill one and nobody may hang."""
     procs = Procs(tag, tmp_path)
+    servers, workers = (2, 1) if victim == "server" else (1, 2)  # two of the victim's role: it is rank 1
     common = {
         "ZPS_COORDINATOR": f"127.0.0.1:{free_port()}",
-        "ZPS_NUM_SERVERS": "2",
-        "ZPS_NUM_WORKERS": "2",
+        "ZPS_NUM_SERVERS": str(servers),
+        "ZPS_NUM_WORKERS": str(workers),
         "ZPS_TIMEOUT": "60",
         "ZPS_HEARTBEAT_TIMEOUT": "2",
     }
     procs.start("coordinator", {**common, "ZPS_ROLE": "coordinator"}, ["node"])
-    for rank in range(2):
+    for rank in range(servers):
         procs.start(f"server{rank}", {**common, "ZPS_ROLE": "server", "ZPS_RANK": str(rank)}, ["node"])
+    for rank in range(workers):
         procs.start(f"worker{rank}", {**common, "ZPS_ROLE": "worker", "ZPS_RANK": str(rank)}, ["node", FOREVER])
     deadline = time.monotonic() + 90
     while "TRAINING" not in procs.log("worker0"):  # the training loop is running (reading a file it writes)
