@@ -18,6 +18,7 @@ is on disk, then keeps the newest ``keep`` checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -117,6 +118,82 @@ def save_part(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+class PartWriter:
+    """A part written while its tensors are still being taken: ``layout`` (every tensor's name, dtype and shape, in
+    file order) fixes each tensor's place up front, :meth:`write` puts one there as soon as it exists (the copying
+    and the writing overlap), :meth:`finish` writes the header with ``meta`` (known only at the end, so
+    ``meta_reserve`` bytes are kept for it), fsyncs and renames. The file is the same safetensors file
+    :func:`save_part` writes."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], meta_reserve: int) -> None:
+        self.path = path
+        self._places: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        self._entries: dict[str, Any] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            kind = _SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+            if kind is None:
+                raise ValueError(f"checkpoint tensor {name!r} has dtype {dtype}, which a part cannot hold")
+            size = math.prod(shape) * dtype.itemsize
+            self._places[name] = (offset, size, dtype, shape)
+            self._entries[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        self.data_size = offset
+        self._head_size = len(self._header("x" * meta_reserve)) + 8
+        self._head_size += -self._head_size % 8
+        self._written: set[str] = set()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self._fd, self._tmp = fd, Path(tmp)
+
+    def _header(self, meta: str) -> bytes:
+        return json.dumps({**self._entries, "__metadata__": {"zps": meta}}, separators=(",", ":")).encode()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (a CPU tensor of the layout's dtype and shape) at its place; the lock of the
+        interpreter is free while the bytes go to the file."""
+        import torch
+
+        offset, size, dtype, shape = self._places[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"checkpoint tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the layout said "
+                             f"{dtype} {shape}")
+        data: memoryview = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+        position = 8 + self._head_size + offset
+        while data:
+            done = os.pwrite(self._fd, data, position)
+            data, position = data[done:], position + done
+        self._written.add(name)
+
+    def finish(self, meta: Mapping[str, Any]) -> int:
+        """Write the header with ``meta``, fsync, rename into place; the file's size. ValueError when a tensor of
+        the layout was never written or ``meta`` does not fit the space kept for it."""
+        try:
+            missing = set(self._places) - self._written
+            if missing:
+                raise ValueError(f"checkpoint part {self.path.name}: {len(missing)} tensors never written")
+            head = self._header(json.dumps(meta))
+            if len(head) > self._head_size:
+                raise ValueError(f"checkpoint part {self.path.name}: its metadata outgrew the {self._head_size} "
+                                 "bytes kept for it")
+            head += b" " * (self._head_size - len(head))
+            os.pwrite(self._fd, self._head_size.to_bytes(8, "little") + head, 0)
+            os.close(self._fd)
+            self._fd = -1
+            _commit(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        """Throw the unfinished file away."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
 
 
 class Part:

@@ -13,11 +13,14 @@ applied once.
 """
 from __future__ import annotations
 
+import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,17 +35,27 @@ log = logging.getLogger("zps.server")
 Report = Callable[[int, str, int, dict[str, Any]], None]  # (checkpoint, file, size, info) -> the coordinator
 
 
+_DONE = object()  # the end of a streamed part's tensors
+
+
 @dataclass
 class _Pending:
-    """A checkpoint being taken: the copies so far, by key."""
+    """A checkpoint being taken: the copies so far (or, streamed, a writer that has them), by key."""
 
     checkpoint: int
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, dict[str, Any]] = field(default_factory=dict)
+    stream: queue.Queue[Any] | None = None  # streamed: (name, tensor) items for the writer thread, then _DONE, meta
+    writer: threading.Thread | None = None
 
 
 class Checkpoints:
-    """The checkpoints of one server. ``report`` tells the coordinator a part is on disk."""
+    """The checkpoints of one server. ``report`` tells the coordinator a part is on disk.
+
+    Once every key has its optimizer state (after the first step), a part is streamed: its layout is fixed when the
+    first key is copied, and a thread writes each copy into the file as soon as it is taken, so the copying (at the
+    step) and the writing overlap, and each copy is freed once written. Before that (checkpoint 1 of a fresh job) the
+    copies are gathered and written at the end."""
 
     def __init__(self, root: str, rank: int, mode: str, report: Report,
                  observe: Callable[[float], None] | None = None) -> None:
@@ -64,6 +77,8 @@ class Checkpoints:
         if self._pending is not None:
             log.warning("server:%d: checkpoint %d was not complete when %d was asked for; dropping it",
                         self.rank, self._pending.checkpoint, checkpoint)
+            if self._pending.stream is not None:
+                self._pending.stream.put(None)  # the writer throws its file away
         self.latest = checkpoint
         self._pending = _Pending(checkpoint)
 
@@ -74,6 +89,8 @@ class Checkpoints:
         pending = self._pending
         if pending is None:
             return
+        if pending.stream is None and not pending.keys:
+            self._start_stream(pending, keys, optimizers)
         if self.mode == "bsp":
             self._copy([s for s in updated if s.version == pending.checkpoint and s.key not in pending.keys],
                        optimizers)
@@ -82,18 +99,52 @@ class Checkpoints:
         if len(pending.keys) == len(keys):
             self._finish(keys, clocks)
 
+    def _path(self, checkpoint: int) -> Path:
+        return ckpt.directory(self.root, checkpoint) / ckpt.part_name("server", self.rank)
+
+    def _start_stream(self, pending: _Pending, keys: dict[int, KeyState], optimizers: Optimizers) -> None:
+        """Fix the part's layout from every key's current state and start its writer (when every key has its
+        optimizer state; the shapes and dtypes of torch.optim's state do not change from step to step)."""
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for s in sorted(keys.values(), key=lambda s: s.key):
+            state = optimizers.by_group[s.group].state.get(s.param, {}) if s.param is not None else {}
+            if s.param is None or not state:
+                return
+            layout.append((f"{s.key}.param", s.param.dtype, tuple(s.param.shape)))
+            layout += [(f"{s.key}.state.{name}", v.dtype, tuple(v.shape)) for name, v in state.items()
+                       if isinstance(v, torch.Tensor)]
+        # the metadata is known at the end: keep room for it (per key: its record, and a step per worker)
+        workers = max((len(s.last_step) for s in keys.values()), default=0)
+        reserve = 4096 + len(keys) * (400 + 40 * workers) + sum(len(json.dumps(s.name)) for s in keys.values())
+        try:
+            writer = ckpt.PartWriter(self._path(pending.checkpoint), layout, reserve)
+        except (OSError, ValueError) as exc:
+            log.error("server:%d: checkpoint %d cannot be written (%s); it is skipped", self.rank,
+                      pending.checkpoint, exc)
+            return
+        pending.stream = queue.Queue()
+        pending.writer = threading.Thread(target=self._stream, args=(pending.checkpoint, writer, pending.stream),
+                                          name=f"zps-ckpt-{pending.checkpoint}", daemon=True)
+        self._writers = [t for t in self._writers if t.is_alive()] + [pending.writer]
+        pending.writer.start()
+
     def _copy(self, states: list[KeyState], optimizers: Optimizers) -> None:
         pending = self._pending
         assert pending is not None
         for s in states:
             assert s.param is not None
-            pending.tensors[f"{s.key}.param"] = s.param.detach().clone()
+            copies = {f"{s.key}.param": s.param.detach().clone()}
             state = optimizers.by_group[s.group].state.get(s.param, {})
             names = []
             for name, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    pending.tensors[f"{s.key}.state.{name}"] = value.detach().clone()
+                    copies[f"{s.key}.state.{name}"] = value.detach().clone()
                     names.append(name)
+            if pending.stream is not None:
+                for item in copies.items():
+                    pending.stream.put(item)
+            else:
+                pending.tensors.update(copies)
             pending.keys[s.key] = {"key": s.key, "name": s.name, "offset": s.offset, "numel": s.numel,
                                    "group": s.group, "version": s.version, "lr": s.lr, "state": names,
                                    "last_step": {str(w): step for w, step in s.last_step.items()}}
@@ -105,28 +156,59 @@ class Checkpoints:
                 "optimizer": list(self.optimizer) if self.optimizer else None,
                 "keys": [pending.keys[k] for k in sorted(pending.keys)],
                 "clocks": {str(w): c for w, c in clocks.items()}}
+        if pending.stream is not None:
+            pending.stream.put(_DONE)
+            pending.stream.put(meta)
+            return
         thread = threading.Thread(target=self._write, args=(pending, meta), name=f"zps-ckpt-{pending.checkpoint}")
         self._writers = [t for t in self._writers if t.is_alive()] + [thread]
         thread.start()
 
+    def _stream(self, checkpoint: int, writer: ckpt.PartWriter, items: queue.Queue[Any]) -> None:
+        """The writer thread of a streamed part: each copy into its place as it comes, then the header."""
+        started = time.monotonic()
+        try:
+            while (item := items.get()) is not _DONE:
+                if item is None:  # dropped: a newer checkpoint was asked for first
+                    writer.abort()
+                    return
+                writer.write(*item)
+            meta = items.get()
+            size = writer.finish(meta)
+        except (OSError, ValueError) as exc:  # a full disk: this checkpoint stays incomplete, the previous one
+            writer.abort()  # stays loadable
+            log.error("server:%d: checkpoint %d could not be written to %s: %s", self.rank, checkpoint, writer.path,
+                      exc)
+            return
+        if self.observe is not None:
+            self.observe(time.monotonic() - started)
+        self.report(checkpoint, writer.path.name, size, self._info(meta))
+
+    @staticmethod
+    def _info(meta: dict[str, Any]) -> dict[str, Any]:
+        versions = [k["version"] for k in meta["keys"]]
+        return {"keys": [[k["name"], k["offset"], k["numel"]] for k in meta["keys"]], "optimizer": meta["optimizer"],
+                "versions": [min(versions, default=0), max(versions, default=0)]}
+
     def _write(self, pending: _Pending, meta: dict[str, Any]) -> None:
-        path = ckpt.directory(self.root, pending.checkpoint) / ckpt.part_name("server", self.rank)
+        path = self._path(pending.checkpoint)
         started = time.monotonic()
         try:
             size = ckpt.save_part(path, pending.tensors, meta)
             if self.observe is not None:
                 self.observe(time.monotonic() - started)
-        except OSError as exc:  # a full disk: this checkpoint stays incomplete, the previous one stays loadable
-            log.error("server:%d: checkpoint %d could not be written to %s: %s", self.rank, pending.checkpoint, path,
-                      exc)
+        except (OSError, ValueError) as exc:  # a full disk: this checkpoint stays incomplete, the previous one stays
+            log.error("server:%d: checkpoint %d could not be written to %s: %s", self.rank,  # loadable
+                      pending.checkpoint, path, exc)
             return
-        versions = [k["version"] for k in meta["keys"]]
-        info = {"keys": [[k["name"], k["offset"], k["numel"]] for k in meta["keys"]], "optimizer": meta["optimizer"],
-                "versions": [min(versions, default=0), max(versions, default=0)]}
-        self.report(pending.checkpoint, path.name, size, info)
+        self.report(pending.checkpoint, path.name, size, self._info(meta))
 
     def wait(self, timeout: float) -> None:
-        """Let the writes in progress finish (at exit: a checkpoint being written is not thrown away)."""
+        """Let the writes in progress finish (at exit: a checkpoint being written is not thrown away; one still
+        being taken is, since its cut will never be complete)."""
+        if self._pending is not None and self._pending.stream is not None:
+            self._pending.stream.put(None)
+        self._pending = None
         for thread in self._writers:
             thread.join(timeout)
 

@@ -64,6 +64,34 @@ def test_a_part_is_a_file_safetensors_itself_reads_as_it_writes_them(tmp_path: P
         ckpt.save_part(tmp_path / "bad.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)}, {})
 
 
+def test_a_streamed_part_is_the_same_file_whatever_order_its_tensors_come_in(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {"0.param": torch.randn(7), "0.state.step": torch.tensor(3.0), "1.param": torch.randn(2, 3).half()}
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = ckpt.PartWriter(tmp_path / "s.safetensors", layout, meta_reserve=200)
+    for name in reversed(list(tensors)):
+        writer.write(name, tensors[name])
+    size = writer.finish({"checkpoint": 3, "keys": ["x" * 50]})
+    part = ckpt.Part(tmp_path / "s.safetensors", size)
+    assert part.meta == {"checkpoint": 3, "keys": ["x" * 50]}
+    loaded = load_file(str(tmp_path / "s.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items()) and loaded.keys() == tensors.keys()
+    wrong = ckpt.PartWriter(tmp_path / "t.safetensors", layout, 10)
+    with pytest.raises(ValueError, match="layout said"):
+        wrong.write("0.param", torch.zeros(8))
+    wrong.abort()
+    short = ckpt.PartWriter(tmp_path / "u.safetensors", layout, 10)
+    for name, tensor in tensors.items():
+        short.write(name, tensor)
+    with pytest.raises(ValueError, match="outgrew"):
+        short.finish({"much": "y" * 500})
+    missing = ckpt.PartWriter(tmp_path / "v.safetensors", layout, 100)
+    with pytest.raises(ValueError, match="never written"):
+        missing.finish({})
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # the failed ones left nothing behind
+
+
 def test_the_newest_complete_checkpoint_is_found_and_an_incomplete_one_never_is(tmp_path: Path) -> None:
     write_checkpoint(tmp_path, 10)
     write_checkpoint(tmp_path, 20)

@@ -76,7 +76,16 @@ def test_a_full_disk_loses_only_the_checkpoint_being_written(tmp_path: Path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, tensors, meta)
 
+    real_finish = ckpt.PartWriter.finish
+
+    def finish(self: ckpt.PartWriter, meta: dict) -> int:  # the servers' streamed parts
+        calls["n"] += 1
+        if meta.get("checkpoint") == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_finish(self, meta)
+
     monkeypatch.setattr(ckpt, "save_part", save_part)
+    monkeypatch.setattr(ckpt.PartWriter, "finish", finish)
     assert train(tmp_path, "bsp", 6) == [6, 6]  # training went on
     assert [p.name for p in ckpt.complete(tmp_path)] == ["ckpt-000000002", "ckpt-000000006"]
     assert not (ckpt.directory(tmp_path, 4) / ckpt.MANIFEST).exists() and calls["n"] >= 12
