@@ -14,7 +14,8 @@ from .helpers import FOREVER, ROOT, finish, start, tagged_pids, wait_for_line, w
 pytestmark = pytest.mark.cluster
 
 
-@pytest.mark.parametrize("mode", ["bsp", "asp", "ssp"])
+@pytest.mark.parametrize("mode", ["bsp", "asp", pytest.param("ssp", marks=pytest.mark.slow)])  # ssp: digits in
+# the slow tier (CI's budget); test_consistency checks SSP's bound on a live cluster in the cluster tier
 def test_digits_reaches_95_percent_and_leaves_no_process(tag: str, mode: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     # bsp: with CurveZMQ too; asp: fresh interpreters instead of the zygote's forks
