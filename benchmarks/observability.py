@@ -14,7 +14,6 @@ plain, and the 1-minute load average at the starts of the runs. The target: >= 0
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from benchmarks import _common as C  # noqa: E402
+from tests.helpers import free_ports  # noqa: E402
 
 LR = 0.01
 SERVERS = 2
@@ -47,26 +47,6 @@ def train_worker(model_kind: str, warmup: int, windows: int, steps: int) -> None
         job = client.config.job
         C.emit_result({"rates": [steps / t for t in times], "observed": bool(job.metrics_port and job.trace)})
     worker.shutdown()
-
-
-def free_base(count: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no run of free ports")
 
 
 class Scraper:
@@ -101,7 +81,7 @@ def measure(model_kind: str, observed: bool, sched: dict[str, int]) -> tuple[flo
     with tempfile.TemporaryDirectory(prefix="zps-trace-") as trace:
         zps_args = ["--progress", "off"]
         if observed:
-            base = free_base(1 + SERVERS)
+            base = free_ports(1 + SERVERS)
             zps_args += ["--metrics-port", str(base), "--trace", trace]
             scraper = Scraper(list(range(base, base + 1 + SERVERS)))
         try:

@@ -155,19 +155,18 @@ class WorkerMetrics(Collector):
         workers = [r for r in rows if r["role"] == "worker"]
         labels = ["rank", "host"]
 
-        def gauge(name: str, text: str, key: str) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, text, labels=labels)
+        def family(kind: type[Any], name: str, text: str, key: str) -> Any:
+            out = kind(name, text, labels=labels)
             for r in workers:
                 if r.get(key) is not None:
-                    family.add_metric([str(r["rank"]), r["host"]], float(r[key]))
-            return family
+                    out.add_metric([str(r["rank"]), r["host"]], float(r[key]))
+            return out
+
+        def gauge(name: str, text: str, key: str) -> GaugeMetricFamily:
+            return family(GaugeMetricFamily, name, text, key)
 
         def counter(name: str, text: str, key: str) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, text, labels=labels)
-            for r in workers:
-                if r.get(key) is not None:
-                    family.add_metric([str(r["rank"]), r["host"]], float(r[key]))
-            return family
+            return family(CounterMetricFamily, name, text, key)
 
         yield gauge("zps_worker_step", "steps the worker completed", "step")
         yield counter("zps_worker_samples", "samples the worker reported (zps.worker.report)", "samples")

@@ -235,6 +235,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """A base port with ``count`` free ports from it (metrics: the coordinator's, then one per server)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            socks = []
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError("no run of free ports")
+
+
 def _die_with_the_tests() -> None:  # in the child, before exec: it dies if the test run is killed outright
     die_with_parent(signal.SIGKILL)
 

@@ -8,7 +8,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,33 +24,10 @@ from zps.protocol.codecs import make_codec
 from zps.protocol.progress import clean_report
 from zps.protocol.tensors import encode_entry
 
-from .helpers import ROOT, ZPS, finish, local_cluster, start, wait_for_line, wait_for_no_tagged
+from .helpers import ROOT, ZPS, finish, free_ports, local_cluster, start, wait_for_line, wait_for_no_tagged
 
 STEPS = ROOT / "tests" / "scripts" / "train_steps.py"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_ports(count: int) -> int:
-    """A base port with ``count`` free ports from it (metrics: the coordinator's, then one per server)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            socks = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise AssertionError("no run of free ports")
 
 
 def scrape(port: int) -> Samples:
