@@ -136,6 +136,18 @@ def proc_status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def echo_until_empty(sock: Any) -> None:
+    """Echo every message back to its sender (a ROUTER), until a message with an empty body; then close
+    ``sock``'s context. The pyzmq peer of the transport and secure benchmarks."""
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 2 and len(frames[1]) == 0:
+            break
+        sock.send_multipart(frames, copy=False)
+    sock.close()
+    sock.context.term()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -99,13 +99,7 @@ def zmq_echo_server() -> None:
         sock.curve_publickey = os.environ[ENV_CURVE_PUBLIC].encode()
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     print(port, flush=True)
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) == 2 and len(frames[1]) == 0:
-            break
-        sock.send_multipart(frames, copy=False)
-    sock.close()
-    ctx.term()
+    C.echo_until_empty(sock)
 
 
 def bench_pyzmq(secure: bool, repeats: int) -> list[float]:

@@ -82,13 +82,7 @@ def zmq_echo_server() -> None:
     sock.setsockopt(zmq.LINGER, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     print(port, flush=True)
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) == 2 and len(frames[1]) == 0:
-            break
-        sock.send_multipart(frames, copy=False)
-    sock.close()
-    ctx.term()
+    C.echo_until_empty(sock)
 
 
 def zmq_work_server() -> None:

@@ -72,9 +72,9 @@ def test_metrics_count_exactly_what_the_worker_sent(shm: bool, codec: str) -> No
             engine = client._engine
             assert value(after, "zps_server_wire_bytes_total", direction="in", path="tcp") == engine.sent_bytes
             assert value(after, "zps_server_wire_bytes_total", direction="out", path="tcp") == engine.recv_bytes
-            assert value(after, "zps_server_wire_bytes_total", direction="in", path="shm") == client.progress.sent
-            assert value(after, "zps_server_wire_bytes_total", direction="out", path="shm") == client.progress.recv
-            assert (client.progress.sent > 0) == shm
+            assert value(after, "zps_server_wire_bytes_total", direction="in", path="shm") == client.progress.shm_sent
+            assert value(after, "zps_server_wire_bytes_total", direction="out", path="shm") == client.progress.shm_recv
+            assert (client.progress.shm_sent > 0) == shm
             # logical bytes: the float32 size of each push; encoded: what the codec made of it
             pushed = 8 * 4 * 2010
             logical_in = value(after, "zps_server_logical_bytes_total", direction="in") - value(
@@ -94,7 +94,7 @@ def test_metrics_count_exactly_what_the_worker_sent(shm: bool, codec: str) -> No
                 coordinator = scrape(base)
                 got = (value(coordinator, "zps_worker_wire_bytes_total", direction="out"),
                        value(coordinator, "zps_worker_logical_bytes_total", direction="out"))
-                want = (engine.sent_bytes + client.progress.sent, client.progress.logical_sent)
+                want = (engine.sent_bytes + client.progress.shm_sent, client.progress.logical_sent)
                 if got == want:
                     break
                 assert time.monotonic() < deadline, (got, want)

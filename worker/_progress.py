@@ -25,7 +25,7 @@ class Progress:
         self.samples = 0
         self.loss: float | None = None
         self.wait = 0.0  # seconds inside zps step calls
-        self.sent = self.recv = 0  # shared-memory bytes (the engine counts the sockets' own)
+        self.shm_sent = self.shm_recv = 0  # bytes through the shared areas (the engine counts the sockets')
         self.logical_sent = self.logical_recv = 0
         self.engine_bytes: Any = None  # () -> (sent, received) socket bytes
         self._times: collections.deque[float] = collections.deque(maxlen=MAX_TIMES)
@@ -91,7 +91,7 @@ class Progress:
             self._times.clear()
         sent, recv = self.engine_bytes() if self.engine_bytes is not None else (0, 0)
         out: dict[str, Any] = {"step": self.step, "samples": self.samples, "times": times, "wait": self.wait,
-                               "sent": sent + self.sent, "recv": recv + self.recv, "rss": rss_bytes(),
+                               "sent": sent + self.shm_sent, "recv": recv + self.shm_recv, "rss": rss_bytes(),
                                "logical_sent": self.logical_sent, "logical_recv": self.logical_recv}
         if self.loss is not None:
             out["loss"] = self.loss

@@ -229,9 +229,9 @@ class Client:
         for _, msg in parts:
             for entry in msg.keys:
                 if entry.get("shm"):
-                    progress.sent += 4 * plan.chunks[entry["key"]].numel
+                    progress.shm_sent += 4 * plan.chunks[entry["key"]].numel
                 if entry.get("pshm"):
-                    progress.recv += 4 * plan.chunks[entry["key"]].numel
+                    progress.shm_recv += 4 * plan.chunks[entry["key"]].numel
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and consistency record, by server rank."""
