@@ -114,6 +114,7 @@ class Server:
         rendezvous = RendezvousClient(self.config, self.context)
         self._notices = rendezvous.notices
         metrics_server: prom.MetricsServer | None = None
+        failure: str | None = None
         try:
             try:
                 self.topology = rendezvous.register(address)
@@ -136,7 +137,12 @@ class Server:
             # torch builds its first optimizer slowly (it imports its compiler then): do that now, beside the
             # loop, not when the first INIT is waiting for it
             threading.Thread(target=_warm_up, name="zps-warm-up", daemon=True).start()
-            self._serve(sock, rendezvous)
+            try:
+                self._serve(sock, rendezvous)
+            except Exception as exc:  # a bug in the loop: the job fails naming it, never takes this for an end
+                log.exception("%s: its loop failed", self.name)
+                failure = f"{self.name}: internal error: {type(exc).__name__}: {exc}"
+                return 1
             if rendezvous.failure:
                 log.error("%s: %s", self.name, rendezvous.failure)
                 return 1
@@ -144,7 +150,7 @@ class Server:
         finally:
             if self.checkpoints is not None:
                 self.checkpoints.wait(self.config.job.timeout)  # a checkpoint being written is not thrown away
-            rendezvous.done()
+            rendezvous.done(failure)
             rendezvous.close()
             sock.close(linger=0)
             if metrics_server is not None:
@@ -359,6 +365,9 @@ class Server:
             seen.add(key)
             if type(numel) is not int or numel < 0:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'numel' must be a non-negative integer")
+            chunk_offset = entry.get("offset", 0)
+            if type(chunk_offset) is not int or not 0 <= chunk_offset < 1 << 62:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'offset' must be a non-negative integer")
             if numel > job.max_key_elements:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"key {key}: {numel} elements is over the cap of "
                                                          f"{job.max_key_elements} (--max-key-elements)")

@@ -291,3 +291,15 @@ def test_stats_and_conflicts_tell_strangers_nothing() -> None:
         assert "'a'" not in reply.body["reason"] and str(NUMEL) not in reply.body["reason"]
         stats = clients[0].stats()[0]
         assert stats["keys"] == 2 and stats["versions"] == [0, 0]  # a summary, the same size for any model
+
+
+def test_a_declaration_with_a_non_integer_offset_is_refused_not_left_to_crash_the_loop() -> None:
+    # found by the fuzz test: a waiting declaration whose 'offset' was a string crashed the server's loop when its
+    # wait ran out (naming the key it waited for)
+    with served(workers=2) as (cluster, clients, raw, tensors):
+        entry = {"key": 99, "numel": NUMEL, "name": "c", "offset": "x", "nf": 0}
+        reply = ask(raw, [head("init", "worker:1", keys=[entry])])
+        assert reply.kind is Kind.ERROR and reply.body["code"] == ErrorCode.BAD_HEADER.value
+        assert "'offset'" in reply.body["reason"]
+        assert 99 not in cluster.servers[0].keys
+        assert_serves(raw)
