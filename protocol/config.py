@@ -204,6 +204,18 @@ class JobConfig:
     progress: str = setting("auto", "zps run/launch: a live view per role (live), one line per role every 10 s "
                                     "(lines), or nothing (off); auto: live on a terminal, else lines",
                             choices=("auto", "live", "lines", "off"), launcher_env=True)
+    metrics_out: str = setting("", "write per-step metrics of every worker and server as JSON lines into FILE "
+                                   "(format: docs/experiments.md)", metavar="FILE")
+    # simulation (docs/experiments.md; specs: zps.protocol.simulation)
+    net: str = setting("", "zps run: emulate a network on this host; each role's link gets a bandwidth, one-way "
+                           "latency and jitter, e.g. 'bw=100mbit,latency=2ms,jitter=0.5ms'; overrides after ';' "
+                           "for a role or one process: ';worker:3=bw=10mbit' (turns --shm off)", metavar="SPEC")
+    straggler: str = setting("", "slow worker RANK's compute by FACTOR (2: each step takes twice as long); "
+                                 "comma-separated for several", metavar="RANK:FACTOR")
+    jitter: str = setting("", "every worker pauses SECONDS in a step with probability P (random stalls)",
+                          metavar="P:SECONDS")
+    kill: str = setting("", "kill a process (SIGKILL) once it reaches STEP, e.g. worker:1@50 or server:0@80; "
+                            "comma-separated for several", metavar="ROLE:RANK@STEP")
     secure: bool = setting(False, "CurveZMQ on every socket: only processes holding the job's keys are answered, "
                                   "each bound to its role and rank (zps launch and zps k8s: on unless --insecure)")
     # caps on what a peer can make a server or the coordinator hold (docs/security.md); a request over one is
@@ -237,6 +249,16 @@ class JobConfig:
         if self.metrics_port and self.metrics_port + 1 + self.num_servers > 65535:
             raise ConfigError(f"ZPS_METRICS_PORT (--metrics-port)={self.metrics_port}: the servers' ports "
                               f"(up to {self.metrics_port + self.num_servers}) must stay below 65536")
+        from . import simulation
+
+        for name, parse in (("net", simulation.NetSpec.parse), ("straggler", simulation.parse_stragglers),
+                            ("jitter", simulation.parse_jitter), ("kill", simulation.parse_kills)):
+            spec = getattr(self, name)
+            if spec:
+                try:
+                    parse(spec)
+                except simulation.SpecError as exc:
+                    raise ConfigError(f"{env_name(name)} (--{name})={exc}") from None
         if self.on_worker_failure == "restart" and not self.max_restarts:
             raise ConfigError("ZPS_ON_WORKER_FAILURE (--on-worker-failure)=restart needs ZPS_MAX_RESTARTS "
                               "(--max-restarts) > 0: the replacements draw on it")

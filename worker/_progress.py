@@ -24,6 +24,7 @@ class Progress:
         self.step = 0
         self.samples = 0
         self.loss: float | None = None
+        self.accuracy: float | None = None  # the newest held-out accuracy the script reported
         self.wait = 0.0  # seconds inside zps step calls
         self.shm_sent = self.shm_recv = 0  # bytes through the shared areas (the engine counts the sockets')
         self.logical_sent = self.logical_recv = 0
@@ -75,10 +76,14 @@ class Progress:
         self.step = max(self.step, step + 1)
         self._step_end, self._step_end_us = now, now_us()
 
-    def reported(self, loss: float | None, samples: int | None) -> None:
+    def reported(self, loss: float | None, samples: int | None, accuracy: float | None = None) -> None:
         """What the script said (``zps.worker.report``)."""
         if loss is not None:
             self.loss = float(loss)
+        if accuracy is not None:
+            if not 0.0 <= accuracy <= 1.0:
+                raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+            self.accuracy = float(accuracy)
         if samples is not None:
             if samples < 0:
                 raise ValueError(f"samples must be >= 0, got {samples}")

@@ -64,7 +64,8 @@ class Client:
         pull = job.pull_codec if pull_codec is None else pull_codec
         error_feedback = job.error_feedback if error_feedback is None else error_feedback
         self.compress_min = job.compress_min if compress_min is None else compress_min
-        self.use_shm = job.shm if shm is None else shm
+        # under --net every byte crosses the emulated links: the same-host shortcut would bypass them
+        self.use_shm = (job.shm if shm is None else shm) and not job.net
         try:  # a bad spec fails here, before the cluster is joined, not at the first push or pull
             self.push_factory = (codec_factory(codec, error_feedback=error_feedback)
                                  if codec and codec != "none" else None)

@@ -96,7 +96,9 @@ def barrier(name: str = "default") -> None:
     default_client().barrier(name)
 
 
-def report(loss: float | None = None, samples: int | None = None) -> None:
-    """Tell the job how training goes: the newest ``loss``, and ``samples`` processed since the previous call.
-    The launcher's live view, ``zps top`` and the metrics show them (samples/s from ``samples``)."""
-    default_client().progress.reported(loss, samples)
+def report(loss: float | None = None, samples: int | None = None, accuracy: float | None = None) -> None:
+    """Tell the job how training goes: the newest ``loss``, ``samples`` processed since the previous call, and
+    (where the script evaluates) the newest held-out ``accuracy`` in [0, 1]. The launcher's live view, ``zps top``,
+    the metrics and ``--metrics-out`` show them (samples/s from ``samples``; ``zps experiment``'s time to target
+    accuracy from ``accuracy``)."""
+    default_client().progress.reported(loss, samples, accuracy)
