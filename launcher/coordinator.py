@@ -101,6 +101,8 @@ class Coordinator:
         self._stop = threading.Event()
         self.servers_ready = threading.Event()  # every server registered (and serves): workers may start
         self.on_change: Callable[[], None] | None = None  # called when servers_ready is set
+        # the servers' addresses as a member is to see them (--net: a worker's, through its emulated links)
+        self.route: Callable[[str, int, tuple[str, ...]], tuple[str, ...]] | None = None
         self._started = time.monotonic()
         self._finished_at: float | None = None
         self.monitor = Monitor(job.straggler_factor)
@@ -278,6 +280,8 @@ class Coordinator:
         return all(("server", r) in self.members for r in range(self.expected["server"]))
 
     def _answer(self, member: _Member, servers: tuple[str, ...]) -> None:
+        if servers and self.route is not None:
+            servers = self.route(member.role, member.rank, servers)
         body = Topology(member.role, member.rank, self.job.num_servers, self.job.num_workers, servers,
                         self.job.mode, self.job.staleness).to_body()
         member.last_seen = time.monotonic()

@@ -33,6 +33,7 @@ from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
 from .live import LiveView
+from .network import Emulator
 from .procs import Child, ProcessGroup, install_signal_handlers
 
 if TYPE_CHECKING:
@@ -111,6 +112,10 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
     ``--on-worker-failure restart`` draw on the same N), each restart logged with its cause.
     """
     out = out or sys.stdout
+    if job.net and not getattr(backend, "local", False):
+        out.write("--net emulates a network between processes on this host: use it with zps run\n")
+        out.flush()
+        return 2
     restarts = _Budget(job.max_restarts)
     # --secure: the job's keys, made here, held in memory, handed to each process as it starts
     secrets = security.make_secrets(job.num_servers, job.num_workers) if job.secure else None
@@ -178,6 +183,10 @@ class _Attempt:
         self.group = ProcessGroup(out)
         self.progress = LiveView(self.coordinator.status, job.progress, out)
         self.coordinator.on_change = self.group.changed.set
+        self.network: Emulator | None = None
+        if job.net:  # (refused by the launcher for jobs across hosts: the relays run here)
+            self.network = Emulator(job.net)
+            self.coordinator.route = self.network.route
         self.result: list[int] = []
         self.signalled: list[int] = []
         self.handled: set[int] = set()  # ids of failed workers the policy dealt with (shrink, restart)
@@ -211,6 +220,8 @@ class _Attempt:
             self.group.out = self.out
             self.coordinator.stop()
             coord_thread.join(timeout=5)
+            if self.network is not None:
+                self.network.close()
             restore()
 
     def _start(self, proc: ProcSpec) -> None:

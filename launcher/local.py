@@ -24,6 +24,8 @@ LOOPBACK = "127.0.0.1"
 class LocalBackend:
     """Every role a child process of the launcher; each runs ``zps node`` (a worker: the script)."""
 
+    local = True  # every process on this host (what --net needs)
+
     def __init__(self, script: Sequence[str], base_env: Mapping[str, str] | None = None) -> None:
         if not script:
             raise ValueError("no script to run")

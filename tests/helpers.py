@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from zps.launcher.coordinator import Coordinator
+from zps.launcher.network import Emulator
 from zps.launcher.remote import die_with_parent
 from zps.protocol.config import Config, JobConfig
 from zps.protocol.security import Secrets, make_secrets
@@ -88,6 +89,9 @@ def local_cluster(
     )
     secrets = make_secrets(num_servers, num_workers) if settings.secure else None
     coordinator = Coordinator(settings, secrets=secrets["coordinator"] if secrets is not None else None)
+    network = Emulator(settings.net) if settings.net else None  # as zps run does
+    if network is not None:
+        coordinator.route = network.route
     threads = [threading.Thread(target=coordinator.serve, daemon=True)]
     servers = []
     for rank in range(num_servers):
@@ -108,6 +112,8 @@ def local_cluster(
             t.join(timeout=10)
         coordinator.stop()
         threads[0].join(timeout=10)
+        if network is not None:
+            network.close()
 
 
 def close_all(clients: list[Client]) -> None:
