@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     started, load_before = time.monotonic(), C.load_avg()
-    rows, data = [], {"goodput": {}, "rtt": {}}
+    rows: list[list[str]] = []
+    data: dict[str, dict[str, float]] = {"goodput": {}, "rtt": {}}
     for bw, rate in RATES:
         got = C.median(goodput(f"bw={bw}", int(rate * 0.3)) for _ in range(args.reps))
         data["goodput"][bw] = got
@@ -37,7 +38,7 @@ def main() -> None:
     for ms in LATENCIES_MS:
         setting = 4 * ms / 1000
         got = C.median(round_trip(f"latency={ms}ms") for _ in range(args.reps))
-        data["rtt"][ms] = got
+        data["rtt"][f"{ms}ms"] = got
         rows.append([f"latency={ms}ms", f"{setting * 1e3:.2f} ms RTT", f"{got * 1e3:.3f} ms", C.ratio(got, setting)])
     table = C.md_table(["--net", "setting", f"measured (median of {args.reps})", "measured / setting"], rows)
     C.finish("network", table, data, args.json, started, load_before)
