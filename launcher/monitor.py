@@ -177,6 +177,7 @@ class WorkerMetrics(Collector):
                     "(without the wait for the servers)", "step_time")
         yield counter("zps_worker_zps_seconds", "seconds inside zps step calls (sending, waiting, receiving)", "wait")
         yield gauge("zps_worker_resident_memory_bytes", "the worker's resident memory", "rss")
+        yield counter("zps_worker_cpu_seconds", "CPU seconds the worker process used", "cpu")
         yield gauge("zps_worker_straggler", "1 while the worker's step time is >= --straggler-factor x the others' "
                     "median", "straggler")
         wire = CounterMetricFamily("zps_worker_wire_bytes", "bytes the worker sent and received over sockets and "

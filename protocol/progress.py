@@ -21,6 +21,7 @@ Server fields:
 Both:
 
 - ``rss``: resident memory in bytes
+- ``cpu``: CPU seconds the process used so far (all its threads)
 - ``sent``, ``recv``: bytes that crossed a socket or the shared-memory path (wire bytes), so far
 - ``logical_sent``, ``logical_recv``: uncompressed float32 bytes of the tensors moved, so far
 """
@@ -28,12 +29,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 MAX_TIMES = 64  # step times per report; a worker faster than this per heartbeat reports its newest
 _INT_FIELDS = ("step", "samples", "keys", "param_bytes", "optimizer_bytes", "requests", "updates", "rss", "sent",
                "recv", "logical_sent", "logical_recv")
-_FLOAT_FIELDS = ("loss", "wait")
+_FLOAT_FIELDS = ("loss", "wait", "cpu")
 _MAX_INT = 1 << 62
 
 
@@ -44,6 +46,11 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def cpu_seconds() -> float:
+    """CPU seconds this process used so far, every thread's."""
+    return time.process_time()
 
 
 def clean_report(stats: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from zps.protocol.complaints import Complaints
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import parse_peer, peer_name
-from zps.protocol.progress import rss_bytes
+from zps.protocol.progress import cpu_seconds, rss_bytes
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
 from zps.protocol.trace import Tracer, now_us
@@ -253,6 +253,7 @@ class Server:
         wire, logical = self.metrics.wire, self.metrics.tensors
         return {"keys": len(self.keys), "param_bytes": self._bytes, "optimizer_bytes": self._optimizer_bytes,
                 "requests": self.counters["requests"], "updates": self.metrics.counts["updates"], "rss": rss_bytes(),
+                "cpu": cpu_seconds(),
                 "recv": wire[("in", "tcp")] + wire[("in", "shm")], "sent": wire[("out", "tcp")] + wire[("out", "shm")],
                 "logical_recv": sum(v[0] for k, v in list(logical.items()) if k[0] == "in"),
                 "logical_sent": sum(v[0] for k, v in list(logical.items()) if k[0] == "out")}

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from zps.protocol.progress import MAX_TIMES, rss_bytes
+from zps.protocol.progress import MAX_TIMES, cpu_seconds, rss_bytes
 from zps.protocol.trace import Tracer, now_us
 
 
@@ -97,7 +97,8 @@ class Progress:
         sent, recv = self.engine_bytes() if self.engine_bytes is not None else (0, 0)
         out: dict[str, Any] = {"step": self.step, "samples": self.samples, "times": times, "wait": self.wait,
                                "sent": sent + self.shm_sent, "recv": recv + self.shm_recv, "rss": rss_bytes(),
-                               "logical_sent": self.logical_sent, "logical_recv": self.logical_recv}
+                               "cpu": cpu_seconds(), "logical_sent": self.logical_sent,
+                               "logical_recv": self.logical_recv}
         if self.loss is not None:
             out["loss"] = self.loss
         return out
