@@ -88,17 +88,18 @@ def main() -> None:
             total += loss.item()
             batches += 1
             worker.report(loss=loss.item(), samples=len(y))  # the launcher's live view, zps top, the metrics
-        if client.rank == 0 and epoch % 5 == 4:  # this worker's copy (in ASP/SSP it trails the servers' model)
-            print(
-                f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} "
-                f"test accuracy {accuracy(model, test):.4f}",
-                flush=True,
-            )
+        if client.rank == 0:  # this worker's copy (in ASP/SSP it trails the servers' model)
+            acc = accuracy(model, test)
+            worker.report(accuracy=acc)  # zps experiment's time to target accuracy, --metrics-out, zps top
+            if epoch % 5 == 4:
+                print(f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} test accuracy {acc:.4f}",
+                      flush=True)
     wall = time.monotonic() - started
     optimizer.synchronize()  # every worker now holds the servers' model (in ASP/SSP its own copy trailed it)
     stats = client.stats()
     if client.rank == 0:
         acc = accuracy(model, test)  # of the servers' model, after synchronize()
+        worker.report(accuracy=acc)
         summary = {
             "test_accuracy": acc,
             "steps": optimizer.steps,

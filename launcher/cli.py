@@ -158,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--secrets", default=None, metavar="FILE",
                      help="a --secure job's key file (one written by zps secrets, e.g. DIR/worker-0.json)")
 
+    exp = sub.add_parser("experiment", help="run every configuration of a spec's matrix (codecs, modes, networks, "
+                                            "seeds...) as a fresh local job; a table, CSV/JSON and plots "
+                                            "(docs/experiments.md)")
+    exp.add_argument("spec", help="the spec, a TOML file (or YAML with PyYAML installed)")
+    exp.add_argument("--out", default=None, metavar="DIR", help="where the runs and results go (default: the "
+                                                                  "spec's out, else <spec name>.out)")
+    exp.add_argument("--dry-run", action="store_true", help="print each run's id and command; run nothing")
+    exp.add_argument("--retry-failed", action="store_true", help="run the runs that failed before again "
+                                                                 "(those that succeeded are always kept)")
+    exp.add_argument("--summary-only", action="store_true",
+                     help="run nothing: write the results of the runs done so far")
+
     keys = sub.add_parser("secrets", help="write a job's keys for --secure, one 0600 file per process, for "
                                           "schedulers that start the processes themselves (ZPS_SECRETS_DIR)")
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
@@ -216,6 +228,24 @@ def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    """``zps experiment SPEC``: the sweep (:mod:`.experiment`)."""
+    from .experiment import run_experiment
+    from .experiment_spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, out=args.out)
+        return run_experiment(spec, args.spec, dry_run=args.dry_run, retry_failed=args.retry_failed,
+                              summary_only=args.summary_only)
+    except SpecError as exc:
+        print(f"zps experiment: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zps experiment: stopped; the finished runs are kept, run the command again to go on",
+              file=sys.stderr)
+        return 130
+
+
 def _secrets(args: argparse.Namespace) -> int:
     """``zps secrets DIR``: fresh keys for a job, for ``ZPS_SECURE=1 ZPS_SECRETS_DIR=DIR`` (Slurm, your own)."""
     from zps.protocol.security import make_secrets, write_secrets
@@ -249,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _k8s(args, parser)
     if args.command == "secrets":
         return _secrets(args)
+    if args.command == "experiment":
+        return _experiment(args)
     if args.command == "top":
         from .top import main_top
 
