@@ -24,11 +24,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import IO, TYPE_CHECKING, Protocol
 
 from zps.protocol import checkpoint as ckpt
-from zps.protocol import security, trace
+from zps.protocol import security, stepmetrics, trace
 from zps.protocol.config import Config, JobConfig
 
 from .coordinator import Coordinator
@@ -117,6 +117,9 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
         out.flush()
         return 2
     restarts = _Budget(job.max_restarts)
+    if job.metrics_out:  # every process writes its part beside it, wherever it runs from
+        job = replace(job, metrics_out=os.path.abspath(job.metrics_out))
+        stepmetrics.start(job.metrics_out, {f.name: getattr(job, f.name) for f in fields(job)})
     # --secure: the job's keys, made here, held in memory, handed to each process as it starts
     secrets = security.make_secrets(job.num_servers, job.num_workers) if job.secure else None
     while True:
@@ -128,6 +131,9 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
             out.flush()
             return 2
         outcome = _Attempt(job, backend, host, port, out, restarts, secrets).run()
+        if job.metrics_out:
+            count = stepmetrics.merge(job.metrics_out)
+            _say(out, f"metrics: {count} records in {job.metrics_out}")
         if job.trace:
             merged = trace.merge(job.trace)
             if merged is not None:

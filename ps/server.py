@@ -11,6 +11,8 @@ import collections
 import ctypes
 import functools
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,8 @@ from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolEr
 from zps.protocol.peers import parse_peer, peer_name
 from zps.protocol.progress import cpu_seconds, rss_bytes
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
+from zps.protocol.simulation import parse_kills
+from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
 from zps.protocol.trace import Tracer, now_us
 
@@ -104,6 +108,13 @@ class Server:
         self._first_push: dict[int, float] = {}  # BSP: key -> when the first push of its current step came
         self._optimizer_bytes = 0  # of the torch.optim state, measured by the loop now and then
         self._measured = 0.0
+        # --metrics-out: seconds of work since the job began, a record per second; --kill
+        self.out = MetricsFile("", "server", -1)
+        self.timing = {"apply": 0.0, "decode": 0.0, "encode": 0.0}
+        self._recorded: dict[str, float] = {}
+        self._record_at = 0.0
+        self._kill_at: int | None = None
+        self.kill: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -124,6 +135,9 @@ class Server:
             self.name = self.pending.name = self.values.name = self.complain.who = peer_name("server",
                                                                                               self.topology.rank)
             self.metrics.server = self.name
+            self.out = MetricsFile(self.config.job.metrics_out, "server", self.topology.rank)
+            if self.config.job.kill:
+                self._kill_at = parse_kills(self.config.job.kill).get(("server", self.topology.rank))
             self.tracer = Tracer(self.config.job.trace, "server", self.topology.rank)
             rendezvous.reporter = self._report
             metrics_server = prom.serve(self.metrics.registry, self.config.host,
@@ -150,6 +164,8 @@ class Server:
         finally:
             if self.checkpoints is not None:
                 self.checkpoints.wait(self.config.job.timeout)  # a checkpoint being written is not thrown away
+            if self.out.enabled:
+                self._record("end")
             rendezvous.done(failure)
             rendezvous.close()
             sock.close(linger=0)
@@ -196,6 +212,12 @@ class Server:
                 self.pending.expire(self.config.job.timeout)
             if time.monotonic() >= self._measured:
                 self._measure()
+            if self.out.enabled and time.monotonic() >= self._record_at:
+                self._record("server")
+            if self._kill_at is not None and self._step() >= self._kill_at:
+                log.warning("%s: killed at step %d (--kill)", self.name, self._step())
+                self.kill()
+                self._kill_at = None
         self.pending.fail_all(rendezvous.failure or "the job is shutting down")
 
     # -- dispatch --------------------------------------------------------------------------------------
@@ -240,6 +262,32 @@ class Server:
             for state in optimizer.state.values():
                 total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
         self._optimizer_bytes = total
+
+    def _step(self) -> int:
+        """The newest step applied: BSP's version of its keys; ASP/SSP's furthest worker clock."""
+        if self.consistency is None:
+            return 0
+        if self.consistency.name == "bsp":
+            return max((s.version for s in self.keys.values()), default=0)
+        return max(self.consistency.clock.values(), default=0)
+
+    def _totals(self) -> dict[str, float]:
+        wire = self.metrics.wire
+        return {**self.timing, "requests": self.counters["requests"], "updates": self.metrics.counts["updates"],
+                "recv": wire[("in", "tcp")] + wire[("in", "shm")], "sent": wire[("out", "tcp")] + wire[("out", "shm")]}
+
+    def _record(self, kind: str) -> None:
+        """--metrics-out: a ``server`` record (what changed since the previous one), or the ``end`` (totals)."""
+        self._record_at = time.monotonic() + 1.0
+        now = self._totals()
+        if kind == "end":
+            self.out.write("end", step=self._step(), rss=rss_bytes(), cpu=cpu_seconds(), **now)
+            self.out.close()
+            return
+        delta = {k: v - self._recorded.get(k, 0) for k, v in now.items()}
+        self._recorded = now
+        self.out.write("server", step=self._step(), cpu=cpu_seconds(),
+                       **{k: v if k in self.timing else int(v) for k, v in delta.items()})
 
     def _gauges(self) -> dict[str, float]:
         values: dict[str, float] = {"resident_memory_bytes": rss_bytes(), "parameter_bytes": self._bytes,
@@ -528,7 +576,9 @@ class Server:
                 grad = self.segments.view(worker, state, PUSH, "push of")
                 counted.append((state, "shm", state.numel * 4))
             else:
+                began = time.perf_counter()
                 grad = self._decoders.decode(entry, frames, state.numel, torch.float32, f"push of {state.label()}")
+                self.timing["decode"] += time.perf_counter() - began
                 counted.append((state, str(entry.get("codec", "none")), transport.size_of(frames)))
             if self.consistency.check_push(state, worker, step):
                 accepted.append((state, step, grad))
@@ -572,7 +622,9 @@ class Server:
             return
         started, start_us = time.perf_counter(), now_us()
         self.optimizers.apply(updates)
-        self.metrics.apply.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.metrics.apply.observe(took)
+        self.timing["apply"] += took
         self.metrics.counts["updates"] += len(updates)
         self.tracer.span("apply", start_us, version=updates[0][0].version, keys=len(updates))
         if self._changed is not None:
@@ -618,7 +670,10 @@ class Server:
         assert self.consistency is not None
         self.consistency.served(p.worker, p.step)
         with self.tracer("pull", worker=p.worker, step=p.step, keys=len(p.states)):
-            return self.values.reply(p, self.checkpoints.latest if self.checkpoints is not None else 0)
+            began = time.perf_counter()
+            reply = self.values.reply(p, self.checkpoints.latest if self.checkpoints is not None else 0)
+            self.timing["encode"] += time.perf_counter() - began
+            return reply
 
     def _blocked(self, p: PullRequest) -> str:
         assert self.consistency is not None

@@ -251,7 +251,6 @@ def test_dry_run_prints_each_runs_command(tmp_path: Path, capsys: pytest.Capture
 
 # -- end to end -----------------------------------------------------------------------------------------------
 @pytest.mark.cluster
-@pytest.mark.skip(reason="needs --metrics-out (branch faults)")
 def test_an_experiment_runs_two_configurations_end_to_end(tag: str, tmp_path: Path) -> None:
     spec_file = tmp_path / "two.toml"
     spec_file.write_text(f'script = "{STEPS_SCRIPT}"\nargs = ["--steps", "20"]\nservers = 1\nworkers = 2\n'
@@ -263,8 +262,9 @@ def test_an_experiment_runs_two_configurations_end_to_end(tag: str, tmp_path: Pa
         rows = list(csv.DictReader(f))
     assert [(r["codec"], r["error_feedback"], r["status"], r["steps"]) for r in rows] == [
         ("", "False", "ok", "40"), ("topk:ratio=0.1", "True", "ok", "40")]  # 2 workers x 20 steps
-    assert float(rows[1]["push_bytes_per_step"]) < float(rows[0]["push_bytes_per_step"]) / 2
-    assert float(rows[1]["push_ratio"]) > 2 > float(rows[0]["push_ratio"]) > 0.5
+    # (tensors under --compress-min, 1024 elements, go uncompressed: about half of this model's bytes)
+    assert float(rows[1]["push_bytes_per_step"]) < 0.7 * float(rows[0]["push_bytes_per_step"])
+    assert float(rows[1]["push_ratio"]) > 1.4 > 1.0 > float(rows[0]["push_ratio"]) > 0.5
     assert (tmp_path / "out" / "loss_vs_time.png").exists()  # the script reports a loss, no accuracy
     code, text = finish(start(tag, ["experiment", str(spec_file)]), timeout=60)
     assert code == 0 and "2 of 2 runs already done" in text, text

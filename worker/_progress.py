@@ -7,20 +7,69 @@ feeds the launcher's live view, ``zps top``, the workers' Prometheus metrics and
 from __future__ import annotations
 
 import collections
+import logging
+import os
+import random
+import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from zps.protocol.config import JobConfig
 from zps.protocol.progress import MAX_TIMES, cpu_seconds, rss_bytes
+from zps.protocol.simulation import parse_jitter, parse_kills, parse_stragglers
+from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.trace import Tracer, now_us
+
+log = logging.getLogger("zps.worker")
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Disturbance:
+    """What ``--straggler``, ``--jitter`` and ``--kill`` do to one worker: a pause before each step's zps part (the
+    straggler's (FACTOR - 1) x its compute time; a jitter pause with probability P, drawn from a generator seeded
+    by the rank, so a run repeats), and a SIGKILL at a step. ``sleep`` and ``kill`` are replaceable (tests)."""
+
+    def __init__(self, job: JobConfig, rank: int) -> None:
+        self.factor = parse_stragglers(job.straggler).get(rank, 1.0) if job.straggler else 1.0
+        self.chance, self.stall = parse_jitter(job.jitter) if job.jitter else (0.0, 0.0)
+        self.kill_at = parse_kills(job.kill).get(("worker", rank)) if job.kill else None
+        self._random = random.Random(0x5EED + rank)
+        self.sleep: Callable[[float], None] = time.sleep
+        self.kill: Callable[[], None] = _kill_self
+
+    def pause(self, compute: float) -> float:
+        """Seconds to pause after a step's ``compute`` seconds (slept here)."""
+        pause = (self.factor - 1.0) * compute
+        if self.chance and self._random.random() < self.chance:
+            pause += self.stall
+        if pause > 0:
+            self.sleep(pause)
+        return pause
+
+    def reached(self, steps: int) -> None:
+        """``steps`` steps are done."""
+        if self.kill_at is not None and steps >= self.kill_at:
+            log.warning("killed at step %d (--kill)", steps)
+            self.kill()
 
 
 class Progress:
     """Counters a worker keeps; :meth:`report` is called from the heartbeat thread."""
 
-    def __init__(self, tracer: Tracer) -> None:
+    def __init__(self, tracer: Tracer, out: MetricsFile | None = None, disturbance: Disturbance | None = None) -> None:
         self.tracer = tracer
+        self.out = out or MetricsFile("", "worker", -1)  # --metrics-out
+        self.disturbance = disturbance
+        # seconds and bytes of the current step, for --metrics-out (encode: the caller's thread; decode: replies')
+        self.encode_s = self.decode_s = 0.0
+        self.payload_sent = self.payload_recv = 0  # what the codecs produced (the data frames), so far
+        self._compute = self._pause = 0.0
+        self._last: dict[str, float] = {}
         self.step = 0
         self.samples = 0
         self.loss: float | None = None
@@ -54,15 +103,22 @@ class Progress:
         return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
 
     def ready(self) -> None:
-        """The model holds its first values: the first step's compute starts now."""
+        """The model holds its first values: the first step's compute starts now (and its bytes count from here:
+        the declaration's are not the first step's)."""
         self._step_end, self._step_end_us = time.perf_counter(), now_us()
+        self._last = self.totals()
 
     def step_begin(self, step: int) -> None:
         """``step``'s compute is over (forward, backward); zps's part of the step begins."""
         now = time.perf_counter()
         if self._step_end is not None:
+            compute = now - self._step_end
+            self._pause = self.disturbance.pause(compute) if self.disturbance is not None else 0.0
+            if self._pause:
+                now = time.perf_counter()
+            self._compute = now - self._step_end
             with self._lock:
-                self._times.append(now - self._step_end)
+                self._times.append(self._compute)
             self.tracer.span("compute", self._step_end_us, step=step)
             if self._forward_end is not None:
                 self.tracer.span("backward", self._forward_end, step=step)
@@ -72,9 +128,37 @@ class Progress:
     def step_end(self, step: int) -> None:
         """``step`` is over: its values are in the model (``step`` + 1 steps are done)."""
         now = time.perf_counter()
-        self.wait += now - self._step_start
+        took = now - self._step_start
+        self.wait += took
         self.step = max(self.step, step + 1)
         self._step_end, self._step_end_us = now, now_us()
+        if self.out.enabled:
+            self._record(step, took)
+        if self.disturbance is not None:
+            self.disturbance.reached(self.step)
+
+    def totals(self) -> dict[str, float]:
+        """The counters --metrics-out records per step (so far)."""
+        sent, recv = self.engine_bytes() if self.engine_bytes is not None else (0, 0)
+        return {"encode": self.encode_s, "decode": self.decode_s, "raw_sent": self.logical_sent,
+                "raw_recv": self.logical_recv, "logical_sent": self.payload_sent, "logical_recv": self.payload_recv,
+                "sent": sent + self.shm_sent, "recv": recv + self.shm_recv, "samples": self.samples}
+
+    def _record(self, step: int, took: float) -> None:
+        now = self.totals()
+        delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
+        self._last = now
+        inside = delta["encode"] + delta["decode"]
+        self.out.write("step", step=step, compute=self._compute, pause=self._pause,
+                       wait=max(0.0, took - inside), loss=self.loss,
+                       **{k: (int(v) if k not in ("encode", "decode") else v) for k, v in delta.items()})
+
+    def end(self) -> None:
+        """The worker's part is over: its ``end`` record (totals), and the file is closed."""
+        if self.out.enabled:
+            self.out.write("end", step=self.step, wait=self.wait, rss=rss_bytes(), cpu=cpu_seconds(),
+                           **self.totals())
+            self.out.close()
 
     def reported(self, loss: float | None, samples: int | None, accuracy: float | None = None) -> None:
         """What the script said (``zps.worker.report``)."""
@@ -84,6 +168,7 @@ class Progress:
             if not 0.0 <= accuracy <= 1.0:
                 raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
             self.accuracy = float(accuracy)
+            self.out.write("eval", step=self.step, accuracy=self.accuracy, loss=self.loss)
         if samples is not None:
             if samples < 0:
                 raise ValueError(f"samples must be >= 0, got {samples}")

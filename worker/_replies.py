@@ -6,6 +6,7 @@ pull area (same host), or as a codec's buffers (full values or a delta to add, w
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from zps.protocol.tensors import Decoders, FusedReader
 from zps.protocol.trace import Tracer
 
 from ._engine import InPlace, Request
+from ._progress import Progress
 from ._shm import PULL, SharedAreas
 
 
@@ -39,6 +41,7 @@ class Replies:
         self.areas = areas
         self.checkpoint = 0  # the newest checkpoint the servers said worker 0 asked for
         self.tracer = Tracer()  # --trace: the client's, recording a "decode" span per reply
+        self.progress: Progress | None = None  # the client's: decode time and bytes, for --metrics-out
 
     def targets(self, header: Any, request: Request) -> dict[int, memoryview]:
         """The data parts of a VALUES reply that can be received straight into their destination. A malformed
@@ -66,11 +69,16 @@ class Replies:
     def apply(self, msg: Message, request: Request) -> None:
         if msg.kind is not Kind.VALUES:
             return
+        began = time.perf_counter()
         if self.tracer.enabled:
             with self.tracer("decode", server=msg.src, keys=len(msg.keys)):
                 self._apply(msg, request)
         else:
             self._apply(msg, request)
+        if self.progress is not None:
+            self.progress.decode_s += time.perf_counter() - began
+            self.progress.payload_recv += sum(f.received if isinstance(f, InPlace) else
+                                              f.nbytes if isinstance(f, memoryview) else len(f) for f in msg.frames)
 
     def _apply(self, msg: Message, request: Request) -> None:
         asked = msg.body.get("ckpt")

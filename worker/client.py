@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 import zmq
 
+from zps.protocol import transport
 from zps.protocol.codecs import Codec, canonical_spec, codec_factory, make_codec
 from zps.protocol.config import Config, ConfigError
 from zps.protocol.messages import KeyEntry, Kind, Message
@@ -27,12 +29,13 @@ from zps.protocol.peers import peer_name
 from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from zps.protocol.rendezvous import RendezvousClient, Topology
 from zps.protocol.shm import Segment
+from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.tensors import Decoders, encode_entry
 from zps.protocol.trace import Tracer
 
 from ._engine import Engine
 from ._messages import Messages, Tensors, flat
-from ._progress import Progress
+from ._progress import Disturbance, Progress
 from ._replies import Replies
 from ._shm import Mark, SharedAreas
 
@@ -92,9 +95,12 @@ class Client:
         self._replies = Replies(self._decoders, self._areas)
         self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
                               lambda: self.rendezvous.failure, config.secrets)
-        self.progress = Progress(Tracer(config.job.trace, "worker", self.rank))
+        self.progress = Progress(Tracer(config.job.trace, "worker", self.rank),
+                                 MetricsFile(config.job.metrics_out, "worker", self.rank),
+                                 Disturbance(config.job, self.rank))
         self.progress.engine_bytes = lambda: (self._engine.sent_bytes, self._engine.recv_bytes)
         self._replies.tracer = self.progress.tracer
+        self._replies.progress = self.progress
         self.rendezvous.reporter = self.progress.report
 
     @classmethod
@@ -192,8 +198,10 @@ class Client:
         a checkpoint at that step (see :mod:`zps.protocol.checkpoint`)."""
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
+            began = time.perf_counter()
             with self.progress.tracer("encode", step=step):
                 parts = self._built().push(Kind.PUSH, grads, step, lr, marks, checkpoint)
+            self.progress.encode_s += time.perf_counter() - began
             self._count(parts, grads, None)
             return self._engine.submit(parts, f"push of step {step}", marks=marks)
 
@@ -214,8 +222,10 @@ class Client:
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
             messages = self._built()
+            began = time.perf_counter()
             with self.progress.tracer("encode", step=step):
                 parts = messages.push(Kind.PUSH_PULL, grads, step, lr, marks, checkpoint)
+            self.progress.encode_s += time.perf_counter() - began
             self._count(parts, grads, outs)
             return self._engine.submit(parts, f"push_pull of step {step}", messages.destinations(outs), marks=marks)
 
@@ -228,11 +238,14 @@ class Client:
         if outs is not None:
             progress.logical_recv += sum(4 * t.numel() for t in outs.values())
         for _, msg in parts:
+            progress.payload_sent += transport.size_of(msg.frames)
             for entry in msg.keys:
-                if entry.get("shm"):
+                if entry.get("shm"):  # (uncompressed: the codec's output is the tensor's bytes)
                     progress.shm_sent += 4 * plan.chunks[entry["key"]].numel
+                    progress.payload_sent += 4 * plan.chunks[entry["key"]].numel
                 if entry.get("pshm"):
                     progress.shm_recv += 4 * plan.chunks[entry["key"]].numel
+                    progress.payload_recv += 4 * plan.chunks[entry["key"]].numel
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and consistency record, by server rank."""
@@ -291,6 +304,7 @@ class Client:
                 self.progress.tracer.write()
             except OSError as exc:
                 log.error("%s: the trace could not be written: %s", self.name, exc)
+            self.progress.end()
             self.rendezvous.done(failure)
             self.rendezvous.close()
 
