@@ -13,6 +13,8 @@
     codec = ["", "topk:ratio=0.01"]    # "" is none
     error_feedback = [true]
     seed = [0, 1, 2]                   # given to the script as --seed N
+    # an axis of tables: each value sets several settings together (a name of your choice)
+    compression = [{codec = ""}, {codec = "topk:ratio=0.01", error_feedback = true, pull_codec = "int8"}]
 
 A matrix key is ``seed`` or any :class:`JobConfig` field with a flag (``codec``, ``pull_codec``,
 ``error_feedback``, ``mode``, ``staleness``, ``net``, ``straggler``, ``jitter``, ``optimizer``...; ``servers`` and
@@ -179,6 +181,13 @@ def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.ou
             matrix[_ALIASES[key]] = [data[key]]
     for key, values in matrix_in.items():
         name = _ALIASES.get(key, key)
+        if isinstance(values, list) and values and all(isinstance(v, dict) for v in values):
+            for bundle in values:  # an axis of its own name whose values each set several settings
+                for setting in bundle:
+                    if _ALIASES.get(setting, setting) not in _FIELDS or setting in _RESERVED:
+                        raise SpecError(f"[matrix] {key}: {setting!r} is not a setting of zps run")
+            matrix[key] = [{_ALIASES.get(k, k): v for k, v in bundle.items()} for bundle in values]
+            continue
         if name != SEED and (name not in _FIELDS or name in _RESERVED):
             allowed = sorted({SEED, *_ALIASES, *_FIELDS} - _RESERVED - set(_ALIASES.values()))
             raise SpecError(f"[matrix] {key!r} is not a setting of zps run; expected one of {', '.join(allowed)}")
@@ -223,7 +232,9 @@ def expand(spec: Spec) -> list[Run]:
     runs: dict[str, Run] = {}
     for seed in seeds:
         for values in itertools.product(*(spec.matrix[name] for name in axes)):
-            combo = dict(zip(axes, values, strict=True))
+            combo: dict[str, Any] = {}
+            for name, value in zip(axes, values, strict=True):
+                combo.update(value if isinstance(value, dict) else {name: value})  # a bundle sets several
             try:
                 settings = _settings(combo)
             except (ConfigError, TypeError) as exc:

@@ -152,6 +152,18 @@ def test_the_matrix_expands_to_its_distinct_runs_seeds_outermost() -> None:
 
 
 @pytest.mark.unit
+def test_an_axis_of_tables_sets_several_settings_together() -> None:
+    runs = expand(parse_spec({"matrix": {"compression": [
+        {"codec": ""}, {"codec": "topk:ratio=0.01", "error_feedback": True, "pull_codec": "int8"}],
+        "mode": ["bsp", "asp"]}}))
+    assert [(r.config["codec"], r.config["pull_codec"], r.config["error_feedback"], r.config["mode"]) for r in runs] == [
+        ("", "", False, "bsp"), ("", "", False, "asp"), ("topk:ratio=0.01", "int8", True, "bsp"),
+        ("topk:ratio=0.01", "int8", True, "asp")]
+    with pytest.raises(SpecError, match="'speed' is not a setting"):
+        parse_spec({"matrix": {"compression": [{"speed": 1}]}})
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("data, says", [
     ({"matrix": {"codecs": ["topk"]}}, "'codecs' is not a setting"),
     ({"matrix": {"metrics_out": ["x"]}}, "'metrics_out' is not a setting"),
