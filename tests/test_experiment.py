@@ -156,7 +156,8 @@ def test_an_axis_of_tables_sets_several_settings_together() -> None:
     runs = expand(parse_spec({"matrix": {"compression": [
         {"codec": ""}, {"codec": "topk:ratio=0.01", "error_feedback": True, "pull_codec": "int8"}],
         "mode": ["bsp", "asp"]}}))
-    assert [(r.config["codec"], r.config["pull_codec"], r.config["error_feedback"], r.config["mode"]) for r in runs] == [
+    got = [(r.config["codec"], r.config["pull_codec"], r.config["error_feedback"], r.config["mode"]) for r in runs]
+    assert got == [
         ("", "", False, "bsp"), ("", "", False, "asp"), ("topk:ratio=0.01", "int8", True, "bsp"),
         ("topk:ratio=0.01", "int8", True, "asp")]
     with pytest.raises(SpecError, match="'speed' is not a setting"):
