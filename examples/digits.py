@@ -33,6 +33,11 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
+def example_batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """One step's inputs, targets and loss (``zps plan`` times the model on it)."""
+    return torch.rand(n, 64), torch.randint(0, 10, (n,)), nn.CrossEntropyLoss()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: TensorDataset) -> float:
     device = next(model.parameters()).device

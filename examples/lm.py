@@ -9,7 +9,8 @@ A byte-level GPT (vocabulary 256): 8 pre-norm blocks of width 160 with 4 heads, 
 order, the first ``--text-bytes`` of them; the last 5% is held out. Each worker draws windows from its own slice of
 the rest. Rank 0 measures next-byte accuracy on a fixed held-out set every ``--eval-every`` steps and reports it
 (``zps.worker.report(accuracy=...)``: the live view, ``--metrics-out`` and ``zps experiment``'s time to target).
-``make_model()`` and ``load_text()`` build the same model and text anywhere (benchmarks, ``zps plan``).
+``make_model()``, ``load_text()`` and ``example_batch()`` build the same model, text and a step's batch anywhere
+(benchmarks, ``zps plan``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def make_model() -> nn.Module:
     model = ByteGPT()
     nn.init.normal_(model.position, std=0.02)
     return model
+
+
+def example_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """One step's inputs, targets and loss of ``n`` random windows (``zps plan`` times the model on it)."""
+    text = torch.randint(0, VOCAB, (n * (CONTEXT + 1) + 1,), dtype=torch.uint8)
+    x, y = windows(text, torch.arange(n) * (CONTEXT + 1))
+    return x, y, lambda logits, target: F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 def windows(text: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

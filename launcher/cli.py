@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--summary-only", action="store_true",
                      help="run nothing: write the results of the runs done so far")
 
+    plan = sub.add_parser("plan", help="predict a job's step time and its bottleneck (compute, codecs, links with "
+                                       "incast, servers) from a short calibration on this host")
+    from .planner import add_arguments
+
+    add_arguments(plan)
+
     keys = sub.add_parser("secrets", help="write a job's keys for --secure, one 0600 file per process, for "
                                           "schedulers that start the processes themselves (ZPS_SECRETS_DIR)")
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
@@ -281,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _secrets(args)
     if args.command == "experiment":
         return _experiment(args)
+    if args.command == "plan":
+        from .planner import main as plan_main
+
+        return plan_main(args)
     if args.command == "top":
         from .top import main_top
 

@@ -1,0 +1,351 @@
+"""``zps plan``: a step time predicted before anything runs, with its breakdown and the bottleneck named.
+
+The model (docs/experiments.md, "zps plan"), per BSP step of a worker:
+
+    compute + encode + push + apply + pull + decode
+
+- **push**: every worker sends its compressed gradients (``bytes_w``, keys spread over the servers by zps's own
+  sharding plan, :mod:`zps.protocol.plan`) over its link, then each server receives W shards over its one link
+  (incast): ``max(bytes_w / rate_w, max_s W * bytes_s / rate_s)`` plus the one-way latency of both links and a
+  fixed cost per message;
+- **apply**: each server, one thread, decodes W pushes and steps its optimizer over its shard; the busiest server;
+- **pull**: the same links the other way, with the pull codec's bytes (the servers encode W replies);
+- **encode / decode**: the codecs' own time on the worker, measured per key on this host (many small keys cost
+  more than their size says).
+
+ASP and SSP do not wait for the slowest worker: a worker's step is its own compute, codecs and transfer unless the
+servers or their links, busy with every worker's requests, are slower (``max(own path, W x the server's work per
+request)``). Calibration is short and local (:func:`calibrate`): the model's forward and backward on this CPU, the
+codec on the model's key sizes, the server optimizer's step, a message round trip over loopback. ``--local``
+predicts a cluster simulated on this host, where W workers share its cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from zps.protocol.plan import ParamSpec, make_plan
+from zps.protocol.simulation import Link, NetSpec
+
+_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the plan needs of a model: its parameters' sizes, and one step's forward and backward time."""
+
+    name: str
+    sizes: tuple[int, ...]
+    compute: float  # seconds, one process alone on this host
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-key and per-element costs measured on this host (seconds)."""
+
+    encode_key: float
+    encode_elem: float
+    decode_key: float
+    decode_elem: float
+    pull_encode_key: float
+    pull_encode_elem: float
+    pull_decode_key: float
+    pull_decode_elem: float
+    apply_elem: float
+    message: float  # one request and reply through ZeroMQ, beside their bytes
+    wire_ratio: float  # push bytes / float32 bytes for compressed keys
+    pull_wire_ratio: float
+    copy_key: float = 2e-6  # an uncompressed key: its bytes as they are
+    copy_elem: float = 0.25e-9
+
+
+@dataclass(frozen=True)
+class Setup:
+    workers: int
+    servers: int
+    net: str = ""
+    codec: str = ""
+    pull_codec: str = ""
+    mode: str = "bsp"
+    compress_min: int = 1024
+    local_cores: int = 0  # >0: a cluster simulated on a host with this many cores
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step: float
+    parts: dict[str, float]
+    bottleneck: str
+    servers_busy: float = 0.0  # the busiest server's links and loop per step (what more servers shrink)
+
+
+def _timed(fn: Callable[[], object], rounds: int = _ROUNDS) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def load_model(script: str, batch: int | None = None) -> Model:
+    """The model of a zps example script (its ``make_model()`` and ``example_batch(n)``), compute timed here."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location(Path(script).stem, script)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{script}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "make_model") or not hasattr(module, "example_batch"):
+        raise ValueError(f"{script} has no make_model() and example_batch(n): give --params and --compute-ms")
+    model = module.make_model()
+    x, y, loss_fn = module.example_batch(batch) if batch else module.example_batch()
+    torch.set_num_threads(1)
+
+    def step() -> None:
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+
+    sizes = tuple(p.numel() for p in model.parameters())
+    return Model(Path(script).stem, sizes, _timed(step))
+
+
+def synthetic_model(params: int, tensors: int, compute: float) -> Model:
+    """``params`` elements in ``tensors`` tensors (equal sizes)."""
+    base, extra = divmod(params, tensors)
+    return Model(f"{params:,} params", tuple(base + (i < extra) for i in range(tensors)), compute)
+
+
+def _codec_costs(spec: str, error_feedback: bool) -> tuple[float, float, float, float, float]:
+    """(encode per key, per element, decode per key, per element, bytes ratio) of ``spec`` on keys of ``sizes``."""
+    import torch
+
+    from zps.protocol.codecs import codec_factory
+    from zps.protocol.tensors import encode_entry, entry_encoded
+
+    small, large = 4096, 1 << 20
+    out = []
+    ratio = 1.0
+    for n in (small, large):
+        make = codec_factory(spec or "none", error_feedback=error_feedback)
+        codec, grad = make(), torch.randn(n)
+        entry, bufs = encode_entry(codec, grad)
+        encoded = entry_encoded(entry, list(bufs), "plan")
+        enc = _timed(lambda c=codec, g=grad: encode_entry(c, g))  # type: ignore[misc]
+        dec = _timed(lambda c=codec, e=encoded, n=n: c.decode(e, n, torch.float32, "cpu"))  # type: ignore[misc]
+        out.append((enc, dec))
+        if n == large:
+            ratio = sum(b.nbytes for b in bufs) / (4 * n)
+    (e1, d1), (e2, d2) = out
+    e_elem, d_elem = max(0.0, (e2 - e1) / (large - small)), max(0.0, (d2 - d1) / (large - small))
+    return max(0.0, e1 - e_elem * small), e_elem, max(0.0, d1 - d_elem * small), d_elem, ratio
+
+
+def _apply_cost(optimizer: str) -> float:
+    import torch
+
+    from zps.protocol.optim_spec import parse_optimizer_spec
+    from zps.ps.optim import build_optimizer
+
+    n = 1 << 20
+    param = torch.zeros(n)
+    opt = build_optimizer(*parse_optimizer_spec(optimizer), param)
+    grad = torch.randn(n)
+
+    def step() -> None:
+        param.grad = grad
+        opt.step()
+
+    return _timed(step) / n
+
+
+def _message_cost() -> float:
+    """A small request and reply over ZeroMQ on loopback, headers packed and parsed as zps does."""
+    import zmq
+
+    from zps.protocol.messages import Kind, Message, parse_frames
+
+    ctx: zmq.Context = zmq.Context.instance()
+    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.ROUTER)
+    try:
+        port = b.bind_to_random_port("tcp://127.0.0.1")
+        a.connect(f"tcp://127.0.0.1:{port}")
+        msg = Message(Kind.PUSH_PULL, id=1, src="worker:0")
+
+        def round_trip() -> None:
+            a.send_multipart(msg.to_frames())
+            frames = b.recv_multipart()
+            parse_frames(frames[1:])
+            b.send_multipart([frames[0], *msg.to_frames()])
+            parse_frames(a.recv_multipart())
+
+        for _ in range(50):
+            round_trip()
+        return _timed(lambda: [round_trip() for _ in range(100)]) / 100  # type: ignore[func-returns-value]
+    finally:
+        a.close(0)
+        b.close(0)
+
+
+def calibrate(codec: str = "", pull_codec: str = "", optimizer: str = "sgd:lr=0.01") -> Costs:
+    """Measure this host's costs for ``codec`` (with error feedback), ``pull_codec`` and ``optimizer``."""
+    enc_k, enc_e, dec_k, dec_e, ratio = _codec_costs(codec, error_feedback=bool(codec))
+    p_enc_k, p_enc_e, p_dec_k, p_dec_e, p_ratio = _codec_costs(pull_codec, error_feedback=False)
+    return Costs(enc_k, enc_e, dec_k, dec_e, p_enc_k, p_enc_e, p_dec_k, p_dec_e, _apply_cost(optimizer),
+                 _message_cost(), ratio, p_ratio)
+
+
+def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
+    """The step time of ``model`` under ``setup`` with ``costs`` (module docstring)."""
+    net = NetSpec.parse(setup.net)
+    w, s = setup.workers, setup.servers
+    plan = make_plan([ParamSpec(f"p{i}", (n,)) for i, n in enumerate(model.sizes)], s)
+    compressed = [bool(setup.codec) and c.numel >= setup.compress_min for c in plan.chunks]
+    pulled = [bool(setup.pull_codec) and c.numel >= setup.compress_min for c in plan.chunks]
+
+    def cost(chunks: Sequence[Any], which: Sequence[bool], per_key: float, per_elem: float, base_key: float,
+             base_elem: float) -> float:
+        return sum((per_key + per_elem * c.numel) if z else (base_key + base_elem * c.numel)
+                   for c, z in zip(chunks, which, strict=True))
+
+    def wire(chunks: Sequence[Any], which: Sequence[bool], ratio: float) -> float:
+        return sum(4 * c.numel * (ratio if z else 1.0) + 64 for c, z in zip(chunks, which, strict=True))
+
+    copy_key, copy_elem = costs.copy_key, costs.copy_elem
+    encode = cost(plan.chunks, compressed, costs.encode_key, costs.encode_elem, copy_key, copy_elem)
+    decode = cost(plan.chunks, pulled, costs.pull_decode_key, costs.pull_decode_elem, copy_key, copy_elem)
+    push_w = wire(plan.chunks, compressed, costs.wire_ratio)
+    pull_w = wire(plan.chunks, pulled, costs.pull_wire_ratio)
+    on = [[i for i, c in enumerate(plan.chunks) if c.server == r] for r in range(s)]
+    push_s = [wire([plan.chunks[i] for i in ids], [compressed[i] for i in ids], costs.wire_ratio) for ids in on]
+    pull_s = [wire([plan.chunks[i] for i in ids], [pulled[i] for i in ids], costs.pull_wire_ratio) for ids in on]
+    server_work = []
+    for ids in on:
+        chunks = [plan.chunks[i] for i in ids]
+        dec = cost(chunks, [compressed[i] for i in ids], costs.decode_key, costs.decode_elem, copy_key, copy_elem)
+        enc = cost(chunks, [pulled[i] for i in ids], costs.pull_encode_key, costs.pull_encode_elem, copy_key,
+                   copy_elem)
+        server_work.append(w * (dec + enc) + costs.apply_elem * sum(c.numel for c in chunks) + 2 * w * costs.message)
+    wl = net.link("worker", 0)
+    links = [net.link("server", r) for r in range(s)]
+
+    def seconds(size: float, link: Link) -> float:
+        return size / link.rate if link.rate else 0.0
+
+    latency = max(wl.latency + sl.latency for sl in links) if links else 0.0
+    push = max([seconds(push_w, wl), *(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True))]) + latency
+    pull = max([seconds(pull_w, wl), *(seconds(w * b, sl) for b, sl in zip(pull_s, links, strict=True))]) + latency
+    compute = model.compute
+    apply = max(server_work)
+    if setup.local_cores:  # every process on one host: computing workers share its cores, and the servers' too
+        compute *= max(1.0, w / setup.local_cores)
+        apply *= max(1.0, (s + 1) / setup.local_cores)
+    parts = {"compute": compute, "encode": encode, "push": push + costs.message, "apply": apply,
+             "pull": pull, "decode": decode}
+    if setup.mode == "bsp":
+        step = sum(parts.values())
+    else:  # no barrier: a worker's own path, unless the servers or their links serve the others slower
+        own = compute + encode + decode + max(seconds(push_w, wl), seconds(pull_w, wl)) + 2 * latency \
+            + apply / w + costs.message
+        shared = max([apply, *(seconds(w * (a + b), sl) for a, b, sl in zip(push_s, pull_s, links, strict=True))])
+        step = max(own, shared)
+        parts = {**parts, "apply": max(apply / w, shared - own + apply / w) if shared > own else apply / w}
+    name = max(parts, key=lambda k: parts[k])
+    where = {"compute": "the workers' compute", "encode": "the workers' codec (encode)", "push": "the links on the "
+             "way to the servers", "pull": "the links on the way back", "apply": "the servers (decode + optimizer)",
+             "decode": "the workers' codec (decode)"}[name]
+    busy = max([apply, *(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True)),
+                *(seconds(w * b, sl) for b, sl in zip(pull_s, links, strict=True))])
+    return Prediction(step, parts, where, busy)
+
+
+def suggestions(model: Model, setup: Setup, costs: Costs, topk: Costs) -> list[tuple[str, float]]:
+    """What would move the step: (change, predicted step time)."""
+    out = [(f"{setup.servers * 2} servers", predict(model, replace(setup, servers=setup.servers * 2), costs).step)]
+    if not setup.codec:
+        out.append(("--codec topk:ratio=0.01 --error-feedback --pull-codec int8",
+                    predict(model, replace(setup, codec="topk:ratio=0.01", pull_codec="int8"), topk).step))
+    if setup.mode == "bsp":
+        out.append(("--mode ssp", predict(model, replace(setup, mode="ssp"), costs).step))
+    return out
+
+
+def servers_needed(model: Model, setup: Setup, costs: Costs, most: int = 1024) -> int | None:
+    """The fewest servers whose links and loops take no longer per step than the workers' compute (from there on,
+    more servers buy nothing)."""
+    for s in range(1, most + 1):
+        p = predict(model, replace(setup, servers=s), costs)
+        if p.servers_busy <= p.parts["compute"]:
+            return s
+    return None
+
+
+def main(args: Any) -> int:
+    """``zps plan`` (see :func:`add_arguments`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    if args.model:
+        model = load_model(args.model, args.batch_size)
+    else:
+        model = synthetic_model(args.params, args.tensors, args.compute_ms / 1000)
+    if args.compute_ms:
+        model = replace(model, compute=args.compute_ms / 1000)
+    costs = calibrate(args.codec, args.pull_codec, args.optimizer)
+    topk = calibrate("topk:ratio=0.01", "int8", args.optimizer)
+    cores = (os.cpu_count() or 1) if args.local else 0
+    console.print(f"model: {model.name}: {sum(model.sizes):,} parameters in {len(model.sizes)} tensors, compute "
+                  f"{model.compute * 1e3:.1f} ms per step (one process on this host)")
+    table = Table("workers", "servers", "step ms", "compute", "encode", "push", "apply", "pull", "decode",
+                  "bottleneck", "samples/s" if args.batch_size else "steps/s", title="predicted")
+    for w in args.workers:
+        for s in args.servers:
+            setup = Setup(w, s, args.net, args.codec, args.pull_codec, args.mode, args.compress_min, cores)
+            p = predict(model, setup, costs)
+            rate = w * (args.batch_size or 1) / p.step
+            table.add_row(str(w), str(s), f"{p.step * 1e3:.1f}", *(f"{p.parts[k] * 1e3:.1f}" for k in
+                          ("compute", "encode", "push", "apply", "pull", "decode")), p.bottleneck, f"{rate:,.1f}")
+    console.print(table)
+    first = Setup(args.workers[-1], args.servers[-1], args.net, args.codec, args.pull_codec, args.mode,
+                  args.compress_min, cores)
+    base = predict(model, first, costs)
+    console.print(f"W={first.workers}, S={first.servers}: {base.step * 1e3:.1f} ms per step; the bottleneck is "
+                  f"{base.bottleneck}.")
+    for change, step in suggestions(model, first, costs, topk):
+        console.print(f"  {change}: {step * 1e3:.1f} ms ({base.step / step:.2f}x)")
+    needed = servers_needed(model, first, costs)
+    console.print(f"  servers this model needs at W={first.workers} (their links and loops within the compute "
+                  f"time): {needed if needed else 'more than 1024'}")
+    return 0
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--model", help="a script with make_model() and example_batch(n) (examples/lm.py, "
+                                   "examples/digits.py)")
+    p.add_argument("--params", type=int, default=1_000_000, help="without --model: this many parameters")
+    p.add_argument("--tensors", type=int, default=10, help="without --model: in this many tensors")
+    p.add_argument("--compute-ms", type=float, default=0.0, help="one step's forward and backward (default: "
+                                                                 "measured with --model)")
+    p.add_argument("--batch-size", type=int, default=0, help="per worker (default: the script's)")
+    p.add_argument("--workers", "-w", type=int, nargs="+", default=[4])
+    p.add_argument("--servers", "-s", type=int, nargs="+", default=[2])
+    p.add_argument("--net", default="", help="a --net spec: each role's link (default: unlimited)")
+    p.add_argument("--codec", default="")
+    p.add_argument("--pull-codec", default="")
+    p.add_argument("--mode", default="bsp", choices=("bsp", "asp", "ssp"))
+    p.add_argument("--optimizer", default="adam:lr=1e-3", help="the servers' optimizer")
+    p.add_argument("--compress-min", type=int, default=1024)
+    p.add_argument("--local", action="store_true", help="a cluster simulated on this host (zps run): the workers "
+                                                        "share its cores")
+
