@@ -114,6 +114,7 @@ class Server:
         self._recorded: dict[str, float] = {}
         self._record_at = 0.0
         self._kill_at: int | None = None
+        self._kill_seen: int | None = None  # the applied step when the loop last looked
         self.kill: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -214,10 +215,8 @@ class Server:
                 self._measure()
             if self.out.enabled and time.monotonic() >= self._record_at:
                 self._record("server")
-            if self._kill_at is not None and self._step() >= self._kill_at:
-                log.warning("%s: killed at step %d (--kill)", self.name, self._step())
-                self.kill()
-                self._kill_at = None
+            if self._kill_at is not None:
+                self._maybe_kill()
         self.pending.fail_all(rendezvous.failure or "the job is shutting down")
 
     # -- dispatch --------------------------------------------------------------------------------------
@@ -262,6 +261,16 @@ class Server:
             for state in optimizer.state.values():
                 total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
         self._optimizer_bytes = total
+
+    def _maybe_kill(self) -> None:
+        """--kill server:R@S: SIGKILL as the applied step reaches S (a server that starts past it, resumed from a
+        checkpoint, is not killed again)."""
+        now = self._step()
+        if self._kill_seen is not None and self._kill_seen < self._kill_at <= now:  # type: ignore[operator]
+            log.warning("%s: killed at step %d (--kill)", self.name, now)
+            self._kill_at = None
+            self.kill()
+        self._kill_seen = now
 
     def _step(self) -> int:
         """The newest step applied: BSP's version of its keys; ASP/SSP's furthest worker clock."""

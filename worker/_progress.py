@@ -53,7 +53,7 @@ class Disturbance:
 
     def reached(self, steps: int) -> None:
         """``steps`` steps are done."""
-        if self.kill_at is not None and steps >= self.kill_at:
+        if steps == self.kill_at:  # (a replacement or a resumed worker that starts past it is not killed again)
             log.warning("killed at step %d (--kill)", steps)
             self.kill()
 
