@@ -44,6 +44,7 @@ class Model:
     name: str
     sizes: tuple[int, ...]
     compute: float  # seconds, one process alone on this host
+    batch: int = 0  # samples per step (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ class Prediction:
     parts: dict[str, float]
     bottleneck: str
     servers_busy: float = 0.0  # the busiest server's links and loop per step (what more servers shrink)
+    workers_busy: float = 0.0  # a worker's compute, codecs and own link per step (what no server count shrinks)
+
+    @property
+    def servers_bound(self) -> bool:
+        """The servers' links or loops take longer per step than a worker's own work."""
+        return self.servers_busy > self.workers_busy
 
 
 def _timed(fn: Callable[[], object], rounds: int = _ROUNDS) -> float:
@@ -117,7 +124,7 @@ def load_model(script: str, batch: int | None = None) -> Model:
         loss_fn(model(x), y).backward()
 
     sizes = tuple(p.numel() for p in model.parameters())
-    return Model(Path(script).stem, sizes, _timed(step))
+    return Model(Path(script).stem, sizes, _timed(step), len(y))
 
 
 def synthetic_model(params: int, tensors: int, compute: float) -> Model:
@@ -236,15 +243,22 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
         enc = cost(chunks, [pulled[i] for i in ids], costs.pull_encode_key, costs.pull_encode_elem, copy_key,
                    copy_elem)
         server_work.append(w * (dec + enc) + costs.apply_elem * sum(c.numel for c in chunks) + 2 * w * costs.message)
-    wl = net.link("worker", 0)
+    worker_links = [net.link("worker", r) for r in range(w)]
     links = [net.link("server", r) for r in range(s)]
 
     def seconds(size: float, link: Link) -> float:
         return size / link.rate if link.rate else 0.0
 
-    latency = max(wl.latency + sl.latency for sl in links) if links else 0.0
-    push = max([seconds(push_w, wl), *(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True))]) + latency
-    pull = max([seconds(pull_w, wl), *(seconds(w * b, sl) for b, sl in zip(pull_s, links, strict=True))]) + latency
+    def delay(a: Link, b: Link) -> float:  # one way: both links' latency and, for the slowest chunk, their jitter
+        return a.latency + a.jitter + b.latency + b.jitter
+
+    latency = max(delay(wl, sl) for wl in worker_links for sl in links)
+    push_workers = max(seconds(push_w, wl) for wl in worker_links)
+    pull_workers = max(seconds(pull_w, wl) for wl in worker_links)
+    push_servers = max(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True))
+    pull_servers = max(seconds(w * b, sl) for b, sl in zip(pull_s, links, strict=True))
+    push = max(push_workers, push_servers) + latency
+    pull = max(pull_workers, pull_servers) + latency
     compute = model.compute
     apply = max(server_work)
     if setup.local_cores:  # every process on one host: computing workers share its cores, and the servers' too
@@ -255,18 +269,25 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     if setup.mode == "bsp":
         step = sum(parts.values())
     else:  # no barrier: a worker's own path, unless the servers or their links serve the others slower
-        own = compute + encode + decode + max(seconds(push_w, wl), seconds(pull_w, wl)) + 2 * latency \
-            + apply / w + costs.message
+        owns = [compute + encode + decode + max(seconds(push_w, wl), seconds(pull_w, wl))
+                + 2 * max(delay(wl, sl) for sl in links) + apply / w + costs.message for wl in worker_links]
+        own = w / sum(1 / o for o in owns)  # the workers' mean rate: each goes at its own pace
         shared = max([apply, *(seconds(w * (a + b), sl) for a, b, sl in zip(push_s, pull_s, links, strict=True))])
         step = max(own, shared)
         parts = {**parts, "apply": max(apply / w, shared - own + apply / w) if shared > own else apply / w}
     name = max(parts, key=lambda k: parts[k])
-    where = {"compute": "the workers' compute", "encode": "the workers' codec (encode)", "push": "the links on the "
-             "way to the servers", "pull": "the links on the way back", "apply": "the servers (decode + optimizer)",
-             "decode": "the workers' codec (decode)"}[name]
-    busy = max([apply, *(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True)),
-                *(seconds(w * b, sl) for b, sl in zip(pull_s, links, strict=True))])
-    return Prediction(step, parts, where, busy)
+
+    def links_of(way: str, at_servers: float, at_workers: float) -> str:
+        if at_servers == at_workers:
+            return f"the links ({way})"
+        return f"the servers' links ({way}, incast)" if at_servers > at_workers else f"the workers' links ({way})"
+
+    where = {"compute": "the workers' compute", "encode": "the workers' codec (encode)",
+             "push": links_of("push", push_servers, push_workers), "pull": links_of("pull", pull_servers, pull_workers),
+             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)"}[name]
+    servers_busy = max(apply, push_servers, pull_servers)
+    workers_busy = compute + encode + decode + max(push_workers, pull_workers)
+    return Prediction(step, parts, where, servers_busy, workers_busy)
 
 
 def suggestions(model: Model, setup: Setup, costs: Costs, topk: Costs) -> list[tuple[str, float]]:
@@ -280,14 +301,50 @@ def suggestions(model: Model, setup: Setup, costs: Costs, topk: Costs) -> list[t
     return out
 
 
-def servers_needed(model: Model, setup: Setup, costs: Costs, most: int = 1024) -> int | None:
-    """The fewest servers whose links and loops take no longer per step than the workers' compute (from there on,
-    more servers buy nothing)."""
-    for s in range(1, most + 1):
+@dataclass(frozen=True)
+class Need:
+    """How many servers a configuration needs."""
+
+    servers: int
+    enough: bool  # True: from ``servers`` on the servers no longer dominate; False: they still do, but more servers
+    # stop helping there (the busiest server holds one key that cannot be cut further)
+    step: float  # the predicted step at ``servers``
+
+
+def servers_needed(model: Model, setup: Setup, costs: Costs, most: int = 1024) -> Need:
+    """The fewest servers whose links and loops take no longer per step than a worker's own compute, codecs and
+    link (:attr:`Prediction.servers_bound` false). When no count up to ``most`` (or the number of keys: past it a
+    server holds one key and more servers change nothing) gets there, the fewest servers within 1% of the best
+    step."""
+    keys = len(make_plan([ParamSpec(f"p{i}", (n,)) for i, n in enumerate(model.sizes)], 1).chunks)
+    tried: list[Prediction] = []
+    for s in range(1, min(most, keys) + 1):
         p = predict(model, replace(setup, servers=s), costs)
-        if p.servers_busy <= p.parts["compute"]:
-            return s
-    return None
+        if not p.servers_bound:
+            return Need(s, True, p.step)
+        tried.append(p)
+    best = min(p.step for p in tried)
+    s = next(i for i, p in enumerate(tried, 1) if p.step <= best * 1.01)
+    return Need(s, False, tried[s - 1].step)
+
+
+def parse_counts(values: Sequence[str]) -> list[int]:
+    """``["64,128", "256"]`` -> [64, 128, 256]; ``"64..1024"`` doubles from 64 to 1024."""
+    out: list[int] = []
+    for part in (p.strip() for v in values for p in v.split(",")):
+        first, dots, last = part.partition("..")
+        if dots:
+            n, end = int(first), int(last)
+            if n < 1 or end < n:
+                raise ValueError(f"{part!r}: expected A..B with 1 <= A <= B")
+            while n <= end:
+                out.append(n)
+                n *= 2
+        elif part:
+            out.append(int(part))
+    if not out or min(out) < 1:
+        raise ValueError(f"{' '.join(values)!r}: expected counts >= 1 (e.g. 64,128,256 or 64..1024)")
+    return out
 
 
 def main(args: Any) -> int:
@@ -295,38 +352,60 @@ def main(args: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    try:
+        workers, servers = parse_counts(args.workers), parse_counts(args.servers)
+        NetSpec.parse(args.net)
+    except ValueError as e:
+        console.print(f"zps plan: {e}")
+        return 2
     if args.model:
-        model = load_model(args.model, args.batch_size)
+        model = load_model(args.model, args.batch_size or None)
     else:
         model = synthetic_model(args.params, args.tensors, args.compute_ms / 1000)
     if args.compute_ms:
         model = replace(model, compute=args.compute_ms / 1000)
+    batch = args.batch_size or model.batch
     costs = calibrate(args.codec, args.pull_codec, args.optimizer)
     topk = calibrate("topk:ratio=0.01", "int8", args.optimizer)
     cores = (os.cpu_count() or 1) if args.local else 0
+
+    def setup(w: int, s: int) -> Setup:
+        return Setup(w, s, args.net, args.codec, args.pull_codec, args.mode, args.compress_min, cores)
+
     console.print(f"model: {model.name}: {sum(model.sizes):,} parameters in {len(model.sizes)} tensors, compute "
-                  f"{model.compute * 1e3:.1f} ms per step (one process on this host)")
+                  f"{model.compute * 1e3:.1f} ms per step{f' (batch {batch})' if batch else ''} (one process on this "
+                  f"host); {args.mode}, net {args.net or 'unlimited'}, codec {args.codec or 'none'} / pull "
+                  f"{args.pull_codec or 'none'}")
     table = Table("workers", "servers", "step ms", "compute", "encode", "push", "apply", "pull", "decode",
-                  "bottleneck", "samples/s" if args.batch_size else "steps/s", title="predicted")
-    for w in args.workers:
-        for s in args.servers:
-            setup = Setup(w, s, args.net, args.codec, args.pull_codec, args.mode, args.compress_min, cores)
-            p = predict(model, setup, costs)
-            rate = w * (args.batch_size or 1) / p.step
+                  "bottleneck", "samples/s" if batch else "steps/s", title="predicted, ms per step")
+    for w in workers:
+        for s in servers:
+            p = predict(model, setup(w, s), costs)
             table.add_row(str(w), str(s), f"{p.step * 1e3:.1f}", *(f"{p.parts[k] * 1e3:.1f}" for k in
-                          ("compute", "encode", "push", "apply", "pull", "decode")), p.bottleneck, f"{rate:,.1f}")
+                          ("compute", "encode", "push", "apply", "pull", "decode")), p.bottleneck,
+                          f"{w * (batch or 1) / p.step:,.1f}")
     console.print(table)
-    first = Setup(args.workers[-1], args.servers[-1], args.net, args.codec, args.pull_codec, args.mode,
-                  args.compress_min, cores)
-    base = predict(model, first, costs)
-    console.print(f"W={first.workers}, S={first.servers}: {base.step * 1e3:.1f} ms per step; the bottleneck is "
-                  f"{base.bottleneck}.")
-    for change, step in suggestions(model, first, costs, topk):
+    if len(workers) > 1 or len(servers) > 1:
+        needs = Table("workers", "servers are the bottleneck at", "servers needed", "step ms there",
+                      title="servers needed (their busiest link or loop within a worker's own compute, codecs, link)")
+        for w in workers:
+            bound = [s for s in servers if predict(model, setup(w, s), costs).servers_bound]
+            need = servers_needed(model, setup(w, servers[0]), costs)
+            needs.add_row(str(w), f"S <= {max(bound)}" if bound else "none of these",
+                          str(need.servers) if need.enough else f"{need.servers} (still the bottleneck: more do "
+                          "not help)", f"{need.step * 1e3:.1f}")
+        console.print(needs)
+    last = setup(workers[-1], servers[-1])
+    base = predict(model, last, costs)
+    console.print(f"W={last.workers}, S={last.servers}: {base.step * 1e3:.1f} ms per step; the bottleneck is "
+                  f"{base.bottleneck}. What would move it:")
+    for change, step in suggestions(model, last, costs, topk):
         console.print(f"  {change}: {step * 1e3:.1f} ms ({base.step / step:.2f}x)")
-    needed = servers_needed(model, first, costs)
-    console.print(f"  servers this model needs at W={first.workers} (their links and loops within the compute "
-                  f"time): {needed if needed else 'more than 1024'}")
+    need = servers_needed(model, last, costs)
+    console.print(f"  servers needed at W={last.workers}: {need.servers} ({need.step * 1e3:.1f} ms)" if need.enough
+                  else f"  at W={last.workers} the servers stay the bottleneck; more than {need.servers} do not "
+                  f"help ({need.step * 1e3:.1f} ms)")
     return 0
 
 
@@ -338,8 +417,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--compute-ms", type=float, default=0.0, help="one step's forward and backward (default: "
                                                                  "measured with --model)")
     p.add_argument("--batch-size", type=int, default=0, help="per worker (default: the script's)")
-    p.add_argument("--workers", "-w", type=int, nargs="+", default=[4])
-    p.add_argument("--servers", "-s", type=int, nargs="+", default=[2])
+    p.add_argument("--workers", "-w", nargs="+", default=["4"], help="counts to predict: 4, 64,128,256 or 64..1024 "
+                                                                      "(doubling)")
+    p.add_argument("--servers", "-s", nargs="+", default=["2"], help="counts to predict, as --workers")
     p.add_argument("--net", default="", help="a --net spec: each role's link (default: unlimited)")
     p.add_argument("--codec", default="")
     p.add_argument("--pull-codec", default="")
