@@ -6,8 +6,8 @@ The model (docs/experiments.md, "zps plan"), per BSP step of a worker:
 
 - **push**: every worker sends its compressed gradients (``bytes_w``, keys spread over the servers by zps's own
   sharding plan, :mod:`zps.protocol.plan`) over its link, then each server receives W shards over its one link
-  (incast): ``max(bytes_w / rate_w, max_s W * bytes_s / rate_s)`` plus the one-way latency of both links and a
-  fixed cost per message;
+  (incast): ``max(max_w bytes_w / rate_w, max_s W * bytes_s / rate_s)`` plus the one-way latency and jitter of both
+  links and a fixed cost per message;
 - **apply**: each server, one thread, decodes W pushes and steps its optimizer over its shard; the busiest server;
 - **pull**: the same links the other way, with the pull codec's bytes (the servers encode W replies);
 - **encode / decode**: the codecs' own time on the worker, measured per key on this host (many small keys cost
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -94,13 +93,14 @@ class Prediction:
 
 
 def _timed(fn: Callable[[], object], rounds: int = _ROUNDS) -> float:
+    """The fastest of ``rounds`` calls after a warm-up: the least disturbed by the host's other processes."""
     fn()
     times = []
     for _ in range(rounds):
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    return min(times)
 
 
 def load_model(script: str, batch: int | None = None) -> Model:
@@ -133,14 +133,17 @@ def synthetic_model(params: int, tensors: int, compute: float) -> Model:
     return Model(f"{params:,} params", tuple(base + (i < extra) for i in range(tensors)), compute)
 
 
-def _codec_costs(spec: str, error_feedback: bool) -> tuple[float, float, float, float, float]:
-    """(encode per key, per element, decode per key, per element, bytes ratio) of ``spec`` on keys of ``sizes``."""
+def _codec_costs(spec: str, error_feedback: bool, small: int, large: int) -> tuple[float, float, float, float, float]:
+    """(encode per key, per element, decode per key, per element, bytes ratio) of ``spec``: a line through its
+    times on a ``small`` and a ``large`` key (no codec: nothing to measure, zeros)."""
     import torch
 
     from zps.protocol.codecs import codec_factory
     from zps.protocol.tensors import encode_entry, entry_encoded
 
-    small, large = 4096, 1 << 20
+    if not spec:
+        return 0.0, 0.0, 0.0, 0.0, 1.0
+    large = max(large, small + 1)
     out = []
     ratio = 1.0
     for n in (small, large):
@@ -204,12 +207,21 @@ def _message_cost() -> float:
         b.close(0)
 
 
-def calibrate(codec: str = "", pull_codec: str = "", optimizer: str = "sgd:lr=0.01") -> Costs:
-    """Measure this host's costs for ``codec`` (with error feedback), ``pull_codec`` and ``optimizer``."""
-    enc_k, enc_e, dec_k, dec_e, ratio = _codec_costs(codec, error_feedback=bool(codec))
-    p_enc_k, p_enc_e, p_dec_k, p_dec_e, p_ratio = _codec_costs(pull_codec, error_feedback=False)
+def calibrate(codec: str = "", pull_codec: str = "", optimizer: str = "sgd:lr=0.01", sizes: Sequence[int] = (),
+              compress_min: int = 1024) -> Costs:
+    """Measure this host's costs for ``codec`` (with error feedback), ``pull_codec`` and ``optimizer``; the codecs
+    on the smallest and the largest of the keys ``sizes`` they would compress (a model's :func:`key_sizes`)."""
+    compressed = [n for n in sizes if n >= compress_min]
+    small, large = (min(compressed), max(compressed)) if compressed else (4096, 1 << 20)
+    enc_k, enc_e, dec_k, dec_e, ratio = _codec_costs(codec, bool(codec), small, large)
+    p_enc_k, p_enc_e, p_dec_k, p_dec_e, p_ratio = _codec_costs(pull_codec, False, small, large)
     return Costs(enc_k, enc_e, dec_k, dec_e, p_enc_k, p_enc_e, p_dec_k, p_dec_e, _apply_cost(optimizer),
                  _message_cost(), ratio, p_ratio)
+
+
+def key_sizes(model: Model) -> list[int]:
+    """The elements of each of ``model``'s keys (zps's chunks of its parameters)."""
+    return [c.numel for c in make_plan([ParamSpec(f"p{i}", (n,)) for i, n in enumerate(model.sizes)], 1).chunks]
 
 
 def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
@@ -240,8 +252,10 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     for ids in on:
         chunks = [plan.chunks[i] for i in ids]
         dec = cost(chunks, [compressed[i] for i in ids], costs.decode_key, costs.decode_elem, copy_key, copy_elem)
-        enc = cost(chunks, [pulled[i] for i in ids], costs.pull_encode_key, costs.pull_encode_elem, copy_key,
-                   copy_elem)
+        # a compressed pull: the server encodes each worker's delta and decodes it too (its copy of what that worker
+        # holds advances by exactly what the worker decodes)
+        enc = cost(chunks, [pulled[i] for i in ids], costs.pull_encode_key + costs.pull_decode_key,
+                   costs.pull_encode_elem + costs.pull_decode_elem, copy_key, copy_elem)
         server_work.append(w * (dec + enc) + costs.apply_elem * sum(c.numel for c in chunks) + 2 * w * costs.message)
     worker_links = [net.link("worker", r) for r in range(w)]
     links = [net.link("server", r) for r in range(s)]
@@ -316,7 +330,7 @@ def servers_needed(model: Model, setup: Setup, costs: Costs, most: int = 1024) -
     link (:attr:`Prediction.servers_bound` false). When no count up to ``most`` (or the number of keys: past it a
     server holds one key and more servers change nothing) gets there, the fewest servers within 1% of the best
     step."""
-    keys = len(make_plan([ParamSpec(f"p{i}", (n,)) for i, n in enumerate(model.sizes)], 1).chunks)
+    keys = len(key_sizes(model))
     tried: list[Prediction] = []
     for s in range(1, min(most, keys) + 1):
         p = predict(model, replace(setup, servers=s), costs)
@@ -366,8 +380,9 @@ def main(args: Any) -> int:
     if args.compute_ms:
         model = replace(model, compute=args.compute_ms / 1000)
     batch = args.batch_size or model.batch
-    costs = calibrate(args.codec, args.pull_codec, args.optimizer)
-    topk = calibrate("topk:ratio=0.01", "int8", args.optimizer)
+    sizes = key_sizes(model)
+    costs = calibrate(args.codec, args.pull_codec, args.optimizer, sizes, args.compress_min)
+    topk = calibrate("topk:ratio=0.01", "int8", args.optimizer, sizes, args.compress_min)
     cores = (os.cpu_count() or 1) if args.local else 0
 
     def setup(w: int, s: int) -> Setup:
