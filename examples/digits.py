@@ -56,10 +56,6 @@ def main() -> None:
         help="where gradients are computed (default: cuda when available)",
     )
     parser.add_argument("--out", help="write a JSON summary here (rank 0)")
-    parser.add_argument(
-        "--slow", type=float, default=0.0, help="seconds worker --slow-rank sleeps per step (straggler)"
-    )
-    parser.add_argument("--slow-rank", type=int, default=-1)
     args = parser.parse_args()
 
     client = worker.init()
@@ -83,8 +79,6 @@ def main() -> None:
         for i, (x, y) in enumerate(loader):
             if epoch == first_epoch and i < skip:
                 continue
-            if client.rank == args.slow_rank and args.slow:
-                time.sleep(args.slow)  # an emulated straggler, not synchronisation
             x, y = x.to(args.device), y.to(args.device)
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
