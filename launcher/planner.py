@@ -143,7 +143,6 @@ def _codec_costs(spec: str, error_feedback: bool, small: int, large: int) -> tup
 
     if not spec:
         return 0.0, 0.0, 0.0, 0.0, 1.0
-    large = max(large, small + 1)
     out = []
     ratio = 1.0
     for n in (small, large):
@@ -210,13 +209,23 @@ def _message_cost() -> float:
 def calibrate(codec: str = "", pull_codec: str = "", optimizer: str = "sgd:lr=0.01", sizes: Sequence[int] = (),
               compress_min: int = 1024) -> Costs:
     """Measure this host's costs for ``codec`` (with error feedback), ``pull_codec`` and ``optimizer``; the codecs
-    on the smallest and the largest of the keys ``sizes`` they would compress (a model's :func:`key_sizes`)."""
-    compressed = [n for n in sizes if n >= compress_min]
-    small, large = (min(compressed), max(compressed)) if compressed else (4096, 1 << 20)
-    enc_k, enc_e, dec_k, dec_e, ratio = _codec_costs(codec, bool(codec), small, large)
-    p_enc_k, p_enc_e, p_dec_k, p_dec_e, p_ratio = _codec_costs(pull_codec, False, small, large)
-    return Costs(enc_k, enc_e, dec_k, dec_e, p_enc_k, p_enc_e, p_dec_k, p_dec_e, _apply_cost(optimizer),
-                 _message_cost(), ratio, p_ratio)
+    on the smallest and the largest of the keys ``sizes`` they would compress (a model's :func:`key_sizes`). One
+    torch thread, as ``zps run`` gives each process on a host it fills (``OMP_NUM_THREADS``)."""
+    import torch
+
+    compressed = [n for n in sizes if n >= compress_min] or [4096, 1 << 20]
+    large = max(compressed)
+    small = min(min(compressed), max(256, large // 16))  # 16x apart at least: a line through two noisy points
+    large = max(large, 16 * small)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        enc_k, enc_e, dec_k, dec_e, ratio = _codec_costs(codec, bool(codec), small, large)
+        p_enc_k, p_enc_e, p_dec_k, p_dec_e, p_ratio = _codec_costs(pull_codec, False, small, large)
+        return Costs(enc_k, enc_e, dec_k, dec_e, p_enc_k, p_enc_e, p_dec_k, p_dec_e, _apply_cost(optimizer),
+                     _message_cost(), ratio, p_ratio)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def key_sizes(model: Model) -> list[int]:
@@ -280,16 +289,6 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
         apply *= max(1.0, (s + 1) / setup.local_cores)
     parts = {"compute": compute, "encode": encode, "push": push + costs.message, "apply": apply,
              "pull": pull, "decode": decode}
-    if setup.mode == "bsp":
-        step = sum(parts.values())
-    else:  # no barrier: a worker's own path, unless the servers or their links serve the others slower
-        owns = [compute + encode + decode + max(seconds(push_w, wl), seconds(pull_w, wl))
-                + 2 * max(delay(wl, sl) for sl in links) + apply / w + costs.message for wl in worker_links]
-        own = w / sum(1 / o for o in owns)  # the workers' mean rate: each goes at its own pace
-        shared = max([apply, *(seconds(w * (a + b), sl) for a, b, sl in zip(push_s, pull_s, links, strict=True))])
-        step = max(own, shared)
-        parts = {**parts, "apply": max(apply / w, shared - own + apply / w) if shared > own else apply / w}
-    name = max(parts, key=lambda k: parts[k])
 
     def links_of(way: str, at_servers: float, at_workers: float) -> str:
         if at_servers == at_workers:
@@ -298,10 +297,31 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
 
     where = {"compute": "the workers' compute", "encode": "the workers' codec (encode)",
              "push": links_of("push", push_servers, push_workers), "pull": links_of("pull", pull_servers, pull_workers),
-             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)"}[name]
+             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)"}
+    if setup.mode == "bsp":
+        step = sum(parts.values())
+        bottleneck = where[max(parts, key=lambda k: parts[k])]
+    else:  # no barrier: a worker's own path, unless the servers or their links serve the others slower
+
+        def own_parts(wl: Link) -> dict[str, float]:  # push and pull overlap key by key on a full-duplex link
+            push_t, pull_t, d = seconds(push_w, wl), seconds(pull_w, wl), max(delay(wl, sl) for sl in links)
+            return {"compute": compute, "encode": encode, "push": push_t + d + costs.message, "apply": apply / w,
+                    "pull": max(0.0, pull_t - push_t) + d, "decode": decode}
+
+        owns = sorted((own_parts(wl) for wl in worker_links), key=lambda o: sum(o.values()))
+        own = w / sum(1 / sum(o.values()) for o in owns)  # the workers' mean rate: each goes at its own pace
+        parts = owns[len(owns) // 2]  # the median worker's
+        shared_links = max(seconds(w * (a + b), sl) for a, b, sl in zip(push_s, pull_s, links, strict=True))
+        shared = max(apply, shared_links)
+        step = max(own, shared)
+        if shared > own:  # the workers wait for the servers: their share of it shows as apply
+            parts = {**parts, "apply": parts["apply"] + shared - own}
+            bottleneck = where["apply"] if apply >= shared_links else "the servers' links (every worker's traffic)"
+        else:
+            bottleneck = where[max(parts, key=lambda k: parts[k])]
     servers_busy = max(apply, push_servers, pull_servers)
     workers_busy = compute + encode + decode + max(push_workers, pull_workers)
-    return Prediction(step, parts, where, servers_busy, workers_busy)
+    return Prediction(step, parts, bottleneck, servers_busy, workers_busy)
 
 
 def suggestions(model: Model, setup: Setup, costs: Costs, topk: Costs) -> list[tuple[str, float]]:

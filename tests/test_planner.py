@@ -51,8 +51,12 @@ def test_asp_does_not_wait_for_the_others_until_the_server_is_the_limit() -> Non
     asp = predict(model, Setup(4, 1, net="bw=1mb", mode="asp"), FREE)
     key = 4 * 1000 + HEADER
     # the server's link carries every worker's push and pull: 4 x 2 keys per round
-    assert asp.step == pytest.approx(max(0.010 + 2 * key / 1e6, 4 * 2 * key / 1e6))
+    assert asp.step == pytest.approx(max(0.010 + key / 1e6, 4 * 2 * key / 1e6))  # push and pull overlap
     assert asp.step < bsp.step
+    assert asp.bottleneck == "the servers' links (every worker's traffic)"
+    assert sum(asp.parts.values()) == pytest.approx(asp.step)  # the wait for the servers shows as apply
+    alone = predict(model, Setup(1, 1, net="bw=1mb", mode="asp"), FREE)  # one worker: its own path
+    assert alone.step == pytest.approx(0.010 + key / 1e6) and alone.bottleneck == "the workers' compute"
 
 
 @pytest.mark.unit
