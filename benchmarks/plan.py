@@ -39,7 +39,8 @@ CONFIGS: list[tuple[str, int, int, str, str, str, str, str]] = [
 
 
 def measure(script: str, workers: int, servers: int, net: str, codec: str, pull: str, mode: str, steps: int,
-            folder: Path) -> float:
+            folder: Path) -> tuple[float, float]:
+    """(the median step time, the median compute a worker reported per step) of the run."""
     out = folder / f"{Path(script).stem}-{workers}-{servers}-{abs(hash((net, codec, mode)))}.jsonl"
     argv = [*C.zps_command(), "run", "--servers", str(servers), "--workers", str(workers), "--net", net,
             "--mode", mode, "--progress", "off", "--metrics-out", str(out)]
@@ -54,12 +55,14 @@ def measure(script: str, workers: int, servers: int, net: str, codec: str, pull:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-2000:]}")
     by_worker: dict[int, list[float]] = {}
+    compute: list[float] = []
     for line in out.read_text().splitlines():
         r = json.loads(line)
         if r["kind"] == "step":
             by_worker.setdefault(r["rank"], []).append(r["t"])
+            compute.append(r["compute"])
     gaps = [b - a for ts in map(sorted, by_worker.values()) for a, b in list(zip(ts, ts[1:], strict=False))[4:]]
-    return statistics.median(gaps)
+    return statistics.median(gaps), statistics.median(compute)
 
 
 def main() -> None:
@@ -74,17 +77,20 @@ def main() -> None:
             model = load_model(script, 8)  # both run batches of 8
             costs = calibrate(codec, pull, optimizer, key_sizes(model))
             predicted = predict(model, Setup(w, s, net, codec, pull, mode, 1024, cores), costs)
-            measured = measure(script, w, s, net, codec, pull, mode, args.steps, Path(tmp))
+            measured, compute = measure(script, w, s, net, codec, pull, mode, args.steps, Path(tmp))
             error = predicted.step / measured - 1
             errors.append(abs(error))
             results.append({"script": script, "workers": w, "servers": s, "net": net, "codec": codec, "pull": pull,
-                            "mode": mode, "predicted": predicted.step, "measured": measured, "parts": predicted.parts})
+                            "mode": mode, "predicted": predicted.step, "measured": measured, "parts": predicted.parts,
+                            "measured_compute": compute})
             rows.append([Path(script).stem, str(w), str(s), net, (codec or "none") + (f" / {pull}" if pull else ""),
                          mode,
-                         f"{predicted.step * 1e3:.0f}", f"{measured * 1e3:.0f}", f"{error:+.0%}", predicted.bottleneck,
+                         f"{predicted.step * 1e3:.0f}", f"{measured * 1e3:.0f}", f"{error:+.0%}",
+                         f"{predicted.parts['compute'] * 1e3:.0f} / {compute * 1e3:.0f}", predicted.bottleneck,
                          C.load_avg().split()[0]])
             print(rows[-1], flush=True)
     table = C.md_table(["model", "W", "S", "--net", "codec / pull", "mode", "predicted ms", "measured ms", "error",
+                        "compute ms pred. / meas.",
                         "predicted bottleneck", "load"], rows)
     table += f"\n\nmedian |error| {statistics.median(errors):.0%}, largest {max(errors):.0%}"
     C.finish("plan", table, {"results": results}, args.json, started, load_before)
