@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -93,14 +94,14 @@ class Prediction:
 
 
 def _timed(fn: Callable[[], object], rounds: int = _ROUNDS) -> float:
-    """The fastest of ``rounds`` calls after a warm-up: the least disturbed by the host's other processes."""
+    """The median of ``rounds`` calls after a warm-up (on a busy host: as busy as the runs it predicts will see)."""
     fn()
     times = []
     for _ in range(rounds):
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)
-    return min(times)
+    return statistics.median(times)
 
 
 def load_model(script: str, batch: int | None = None) -> Model:
