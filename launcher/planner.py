@@ -292,6 +292,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
              "pull": pull, "decode": decode}
 
     def links_of(way: str, at_servers: float, at_workers: float) -> str:
+        if latency > max(at_servers, at_workers):
+            return f"the links' latency ({way})"
         if at_servers == at_workers:
             return f"the links ({way})"
         return f"the servers' links ({way}, incast)" if at_servers > at_workers else f"the workers' links ({way})"

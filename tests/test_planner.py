@@ -104,3 +104,10 @@ def test_parse_counts() -> None:
     for bad in (["0"], ["8..4"], [","], ["x"]):
         with pytest.raises(ValueError):
             parse_counts(bad)
+
+
+@pytest.mark.unit
+def test_a_latency_bound_step_says_so() -> None:
+    p = predict(synthetic_model(1000, 1, compute=0.0), Setup(1, 1, net="bw=1gbit,latency=10ms"), FREE)
+    assert p.parts["push"] == pytest.approx((4000 + HEADER) / 125e6 + 0.020)
+    assert p.bottleneck == "the links' latency (push)"
