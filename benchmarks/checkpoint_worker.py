@@ -24,7 +24,7 @@ def main() -> None:
     client = worker.init()
     model = make_model("mlp")
     opt = worker.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, overlap=False)
-    batches = make_batches("mlp", PER_WORKER, seed=1 + client.rank)
+    batches = make_batches("mlp", PER_WORKER["mlp"], seed=1 + client.rank)
     client.barrier("start")
     started = time.monotonic()
     while time.monotonic() - started < args.seconds:

@@ -40,7 +40,7 @@ def train_worker(model_kind: str, warmup: int, windows: int, steps: int) -> None
     client = worker.init()
     model = make_model(model_kind)
     opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model)
-    step = local_step(model, opt, make_batches(model_kind, PER_WORKER, seed=1 + client.rank))
+    step = local_step(model, opt, make_batches(model_kind, PER_WORKER[model_kind], seed=1 + client.rank))
     client.barrier("bench-start")
     times = timed_windows(step, warmup=warmup, windows=windows, steps=steps)
     if client.rank == 0:

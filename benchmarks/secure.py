@@ -53,7 +53,7 @@ def train_worker(warmup: int, windows: int, steps: int) -> None:
     client = worker.init()
     model = make_model("mlp")
     opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model)
-    step = local_step(model, opt, make_batches("mlp", PER_WORKER, seed=1 + client.rank))
+    step = local_step(model, opt, make_batches("mlp", PER_WORKER["mlp"], seed=1 + client.rank))
     client.barrier("bench-start")
     times = timed_windows(step, warmup=warmup, windows=windows, steps=steps)
     if client.rank == 0:

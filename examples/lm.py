@@ -11,6 +11,10 @@ the rest. Rank 0 measures next-byte accuracy on a fixed held-out set every ``--e
 (``zps.worker.report(accuracy=...)``: the live view, ``--metrics-out`` and ``zps experiment``'s time to target).
 ``make_model()``, ``load_text()`` and ``example_batch()`` build the same model, text and a step's batch anywhere
 (benchmarks, ``zps plan``).
+
+What the accuracy means (the default 4 MiB of Python 3.11's library): always guessing a space scores 0.30 on the
+held-out text, the best bigram table 0.41; 4 workers x 2 servers (BSP, 8 windows per worker) reached 0.40 at step 25,
+0.53 at step 200 and 0.61 at step 300 (1.1-1.2 s a step on this shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sysconfig
 import time
 from pathlib import Path
@@ -29,12 +34,18 @@ from torch import nn
 VOCAB = 256
 WIDTH, DEPTH, HEADS, CONTEXT = 160, 8, 4, 64
 HELD_OUT = 0.05
+SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "test", "__pycache__"})
 
 
 def stdlib_files() -> list[Path]:
-    """The standard library's Python sources, in a fixed order (site-packages left out)."""
+    """The standard library's Python sources in sorted order; installed packages (site-packages) and the
+    library's own test suite (test/) left out, and not walked (the walk is most of the time otherwise)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in SKIPPED_FOLDERS]
+        found += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
 def load_text(limit: int = 4 << 20) -> torch.Tensor:
@@ -95,9 +106,9 @@ def example_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor, object]:
     return x, y, lambda logits, target: F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def windows(text: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-byte targets of the windows beginning at ``starts``."""
-    idx = starts[:, None] + torch.arange(CONTEXT + 1)
+def windows(text: torch.Tensor, starts: torch.Tensor, length: int = CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-byte targets of the ``length``-byte windows beginning at ``starts``."""
+    idx = starts[:, None] + torch.arange(length + 1)
     seq = text[idx].long()
     return seq[:, :-1], seq[:, 1:]
 
@@ -108,13 +119,15 @@ def split(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, held_out: torch.Tensor, batches: int = 4, batch: int = 16) -> float:
-    """Next-byte accuracy on fixed held-out windows (the same on every call)."""
+def accuracy(
+    model: nn.Module, held_out: torch.Tensor, batches: int = 4, batch: int = 16, length: int = CONTEXT
+) -> float:
+    """Next-byte accuracy on fixed held-out windows (the same on every call), every position counted."""
     gen = torch.Generator().manual_seed(1234)
-    starts = torch.randint(0, len(held_out) - CONTEXT - 1, (batches * batch,), generator=gen)
+    starts = torch.randint(0, len(held_out) - length - 1, (batches * batch,), generator=gen)
     right = total = 0
     for part in starts.split(batch):
-        x, y = windows(held_out, part)
+        x, y = windows(held_out, part.to(held_out.device), length)
         right += (model(x).argmax(-1) == y).sum().item()
         total += y.numel()
     return right / total
@@ -124,6 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8, help="windows per worker per step")
+    parser.add_argument("--seq-len", type=int, default=CONTEXT, help=f"bytes per window (at most {CONTEXT})")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -132,6 +146,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write a JSON summary here (rank 0)")
     args = parser.parse_args()
+    if not 1 <= args.seq_len <= CONTEXT:
+        parser.error(f"--seq-len must be 1..{CONTEXT} (the model's positions)")
 
     from zps import worker
 
@@ -149,9 +165,11 @@ def main() -> None:
     optimizer = worker.DistributedOptimizer(worker.build_optimizer(model.parameters(), f"adam:lr={args.lr}"), model)
     gen = torch.Generator().manual_seed(args.seed * 1000 + client.rank)
     started = time.monotonic()
-    acc = float("nan")
+    curve: list[list[float]] = []  # [step, seconds since start, accuracy] of rank 0's evaluations
+    loss = torch.tensor(float("nan"))
     for step in range(optimizer.steps, args.steps):
-        x, y = windows(mine, torch.randint(0, len(mine) - CONTEXT - 1, (args.batch_size,), generator=gen))
+        starts = torch.randint(0, len(mine) - args.seq_len - 1, (args.batch_size,), generator=gen)
+        x, y = windows(mine, starts, args.seq_len)
         x, y = x.to(args.device), y.to(args.device)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -159,16 +177,19 @@ def main() -> None:
         optimizer.step()
         worker.report(loss=loss.item(), samples=len(x))
         if client.rank == 0 and (step + 1) % args.eval_every == 0:
-            acc = accuracy(model, held_out.to(args.device))  # this worker's copy (in ASP/SSP it trails the servers')
+            # this worker's copy (in ASP/SSP it trails the servers')
+            acc = accuracy(model, held_out.to(args.device), length=args.seq_len)
             worker.report(accuracy=acc)
+            curve.append([step + 1, round(time.monotonic() - started, 3), round(acc, 4)])
             print(f"step {step + 1} loss {loss.item():.3f} held-out next-byte accuracy {acc:.4f}", flush=True)
     wall = time.monotonic() - started
     optimizer.synchronize()
     if client.rank == 0:
-        acc = accuracy(model, held_out.to(args.device))
+        acc = accuracy(model, held_out.to(args.device), length=args.seq_len)  # the servers' model
         worker.report(accuracy=acc)
         summary = {"accuracy": acc, "steps": optimizer.steps, "wall_seconds": wall,
-                   "perplexity_hint": math.exp(loss.item()), "workers": client.num_workers}
+                   "perplexity_hint": math.exp(loss.item()), "workers": client.num_workers,
+                   "servers": client.topology.num_servers, "mode": client.topology.mode, "curve": curve}
         print(json.dumps(summary), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=2))
