@@ -135,7 +135,8 @@ def result_row(spec: Spec, run: Run, files: RunFiles, status: dict[str, Any] | N
         row["status"] = "ok" if not status.get("error") else ("timeout" if status.get("timed_out") else "failed")
         row["rc"], row["seconds"] = status.get("rc"), status.get("seconds")
     for name in (*ROW_SETTINGS, *(k for k in spec.matrix if k not in ROW_SETTINGS and k != SEED)):
-        row[name] = config[name]
+        if name in config:  # (an axis of tables is not a setting: its settings are columns of their own)
+            row[name] = config[name]
     row["seed"] = run.seed
     if row["status"] == "ok":
         row.update(summarize_run(read_records(files.metrics), spec.target_accuracy))

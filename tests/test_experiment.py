@@ -14,6 +14,7 @@ from rich.console import Console
 
 from zps.launcher import experiment
 from zps.launcher.cli import main as zps_main
+from zps.launcher.experiment import result_row
 from zps.launcher.experiment_spec import Run, SpecError, expand, load_spec, parse_spec, varying
 from zps.launcher.experiment_summary import (
     curve,
@@ -160,6 +161,8 @@ def test_an_axis_of_tables_sets_several_settings_together() -> None:
     assert got == [
         ("", "", False, "bsp"), ("", "", False, "asp"), ("topk:ratio=0.01", "int8", True, "bsp"),
         ("topk:ratio=0.01", "int8", True, "asp")]
+    row = result_row(parse_spec({"matrix": {"compression": [{"codec": ""}]}}), runs[0], None, None)  # type: ignore[arg-type]
+    assert row["codec"] == "" and "compression" not in row
     with pytest.raises(SpecError, match="'speed' is not a setting"):
         parse_spec({"matrix": {"compression": [{"speed": 1}]}})
 
