@@ -4,6 +4,13 @@ States: REGISTERING -> RUNNING -> FINISHED, or FAILED from either. Every wait ha
 message naming who is missing ("waiting for 1 of 2 workers: ranks 1"). When a registered process stops sending
 heartbeats, every other process is told (an ERROR notice on its heartbeat channel) and the coordinator fails;
 when every worker is done, the servers are told to shut down.
+
+A coordinator restarted on the same address (fresh state) rebuilds the membership of the running job: it answers
+a member it does not know with :attr:`ErrorCode.UNKNOWN_MEMBER`; the member registers again with ``rejoin``,
+its rank and (a server) its address. The first rejoin moves it REGISTERING -> RECOVERING, where nothing new may
+join (:attr:`ErrorCode.RECOVERING`) and barriers wait; once every expected member is back it is RUNNING again
+(the servers' addresses are the ones they rejoined with); a member missing after ``--heartbeat-timeout`` fails
+the job, naming it.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ MAX_BARRIERS = 64
 
 class State(enum.Enum):
     REGISTERING = "registering"
+    RECOVERING = "recovering"  # restarted: waiting for the members of the running job to rejoin
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
@@ -104,6 +112,7 @@ class Coordinator:
         # the servers' addresses as a member is to see them (--net: a worker's, through its emulated links)
         self.route: Callable[[str, int, tuple[str, ...]], tuple[str, ...]] | None = None
         self._started = time.monotonic()
+        self._recovering_since = 0.0  # when the first member rejoined
         self._finished_at: float | None = None
         self.monitor = Monitor(job.straggler_factor)
         self.registry = CollectorRegistry()
@@ -190,6 +199,19 @@ class Coordinator:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer >= -1, got {str(rank)[:40]}")
         if type(pid) is not int or not 0 <= pid < 1 << 31 or not isinstance(host, str) or len(host) > 255:
             raise ProtocolError(ErrorCode.BAD_HEADER, "'pid' must be a process id and 'host' a host name")
+        rejoin = body.get("rejoin", False)
+        if type(rejoin) is not bool:
+            raise ProtocolError(ErrorCode.BAD_HEADER, "'rejoin' must be true or false")
+        address = body.get("address")
+        if role == "server" and not (isinstance(address, str) and address.startswith("tcp://") and len(address) < 300):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address' (tcp://host:port)")
+        if rejoin:
+            self._rejoin(identity, msg, role, rank, host, pid, address if role == "server" else None)
+            return
+        if self.state is State.RECOVERING:
+            raise ProtocolError(ErrorCode.RECOVERING, f"{role} cannot join now: the job is running and its coordinator "
+                                                      f"restarted; nothing new can join until every member is back "
+                                                      f"(waiting for {self._missing()})")
         replaced = self.members.get((role, rank)) if isinstance(rank, int) else None
         if (self.state is State.RUNNING and role == "worker" and replaced is not None and replaced.failed
                 and self.job.on_worker_failure == "restart"):
@@ -214,9 +236,6 @@ class Coordinator:
         elif rank in taken:  # (who holds it is for the coordinator's log, not for whoever asks)
             log.warning("%s rank %d asked for again (held by %s)", role, rank, self.members[(role, rank)].where())
             raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is already registered")
-        address = body.get("address")
-        if role == "server" and not (isinstance(address, str) and address.startswith("tcp://") and len(address) < 300):
-            raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address' (tcp://host:port)")
         member = _Member(role, rank, identity, msg.id, host, pid, address if role == "server" else None)
         self.members[(role, rank)] = member
         self.monitor.joined(role, rank, host, pid)
@@ -229,6 +248,56 @@ class Coordinator:
                     self.on_change()
         if len(self.members) == sum(self.expected.values()):
             self._start()
+
+    def _rejoin(self, identity: bytes, msg: Message, role: str, rank: int, host: str, pid: int,
+                address: str | None) -> None:
+        """A member of the running job registers again: this coordinator restarted (and does not know it)."""
+        if self.state is State.FAILED:
+            raise ProtocolError(ErrorCode.DEAD, self.error or "the job failed")
+        if not 0 <= rank < self.expected[role]:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} cannot rejoin: the job has "
+                                                    f"{self.expected[role]} {role}s")
+        known = self.members.get((role, rank))
+        if known is not None:  # it is back already (a second thread of it asked too)
+            if (known.host, known.pid) != (host, pid):
+                log.warning("%s rank %d rejoined from host %s, pid %d (held by %s)", role, rank, host, pid,
+                            known.where())
+                raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is held by another process")
+            self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
+            return
+        if self.state is State.REGISTERING:
+            if any(m.answered for m in self.members.values()):
+                raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} cannot rejoin: this coordinator has "
+                                                        "started a new job")
+            self._recover()
+        elif self.state is not State.RECOVERING:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is not a member of this job "
+                                                    f"({self.state.value})")
+        member = _Member(role, rank, identity, msg.id, host, pid, address, answered=True)
+        self.members[(role, rank)] = member
+        self.monitor.joined(role, rank, host, pid)
+        self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
+        log.info("%s rejoined", member.where())
+        if len(self.members) == sum(self.expected.values()):
+            self.state = State.RUNNING
+            log.warning("every member of the job rejoined after %.1fs: it goes on",
+                        time.monotonic() - self._recovering_since)
+            self.servers_ready.set()
+            self._progress()
+
+    def _recover(self) -> None:
+        """The first member of a running job rejoined: this coordinator restarted. Whoever registered as new is
+        refused (nothing new joins a running job until its coordinator is back)."""
+        reason = ("the job is running and its coordinator restarted; nothing new can join until every member is "
+                  "back")
+        for m in self.members.values():
+            self._reply(m.identity, error_reply(m.request_id, COORDINATOR, ErrorCode.RECOVERING, reason))
+        self.members.clear()
+        self.state = State.RECOVERING
+        self._recovering_since = time.monotonic()
+        log.warning("a member of a running job rejoined: this coordinator restarted; waiting up to %.0fs "
+                    "(--heartbeat-timeout) for the %d servers and %d workers to rejoin", self.heartbeat_timeout,
+                    self.expected["server"], self.expected["worker"])
 
     def _replace(self, identity: bytes, msg: Message, old: _Member) -> None:
         """--on-worker-failure restart: a replacement takes a failed worker's rank, and the servers hear of it."""
@@ -300,9 +369,17 @@ class Coordinator:
         self.state = State.RUNNING
         log.info("cluster complete: %d servers, %d workers", self.expected["server"], self.expected["worker"])
 
+    def _unknown(self, src: str) -> ProtocolError:
+        """A well-formed peer this coordinator does not know: a member of the job it ran before it restarted."""
+        return ProtocolError(ErrorCode.UNKNOWN_MEMBER, f"{src[:40]} is not a member known to the coordinator (it "
+                                                      "restarted?): register again with 'rejoin'")
+
     def _heartbeat(self, identity: bytes, msg: Message) -> None:
         member = self._member(msg.src)
         if member is None:
+            if parse_peer(msg.src) is not None:  # (a stranger's, malformed, is ignored)
+                self._reply(identity, error_reply(msg.id, COORDINATOR, ErrorCode.UNKNOWN_MEMBER,
+                                                  self._unknown(msg.src).reason))
             return
         member.hb_identity = identity
         member.last_seen = time.monotonic()
@@ -313,10 +390,12 @@ class Coordinator:
         elif self.state is State.FINISHED and member.role == "server":
             self._reply(identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
         else:
-            self._reply(identity, Message(Kind.OK, src=COORDINATOR))
+            self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
 
     def _barrier(self, identity: bytes, msg: Message) -> None:
         member = self._member(msg.src)
+        if member is None and parse_peer(msg.src, "worker") is not None:
+            raise self._unknown(msg.src)
         if member is None or member.role != "worker":
             raise ProtocolError(ErrorCode.BAD_HEADER, f"only registered workers take part in barriers, not "
                                                       f"{str(msg.src)[:40]!r}")
@@ -335,6 +414,8 @@ class Coordinator:
         return {r for (role, r), m in self.members.items() if role == "worker" and not m.done}
 
     def _release_barriers(self) -> None:
+        if self.state is State.RECOVERING:  # who is live is known once every member is back
+            return
         live = self._live_workers()
         for name, (_, arrived) in list(self.barriers.items()):
             if live <= set(arrived):
@@ -344,6 +425,8 @@ class Coordinator:
 
     def _done(self, identity: bytes, msg: Message) -> None:
         member = self._member(msg.src)
+        if member is None and parse_peer(msg.src) is not None:
+            raise self._unknown(msg.src)
         self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
         if member is None or member.done:
             return
@@ -358,14 +441,19 @@ class Coordinator:
         self.monitor.ended(member.role, member.rank, failed=False)
         log.debug("%s is done", member.name)
         if self.state is State.RUNNING:
-            self._release_barriers()
-            self._complete_checkpoints()
-            if not self._live_workers():
-                self.state = State.FINISHED
-                self._finished_at = time.monotonic()
-                for m in self.members.values():
-                    if m.role == "server" and m.hb_identity is not None:
-                        self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
+            self._progress()
+
+    def _progress(self) -> None:
+        """Workers finished (or every member rejoined): release what waited for them; with no worker left, the job
+        is over and the servers are told to shut down."""
+        self._release_barriers()
+        self._complete_checkpoints()
+        if not self._live_workers():
+            self.state = State.FINISHED
+            self._finished_at = time.monotonic()
+            for m in self.members.values():
+                if m.role == "server" and m.hb_identity is not None:
+                    self._reply(m.hb_identity, Message(Kind.SHUTDOWN, src=COORDINATOR))
 
     def status(self) -> dict[str, Any]:
         """The job's live view (the STATUS reply; ``zps top`` shows it)."""
@@ -379,6 +467,8 @@ class Coordinator:
         member = self._member(msg.src)
         body = msg.body
         checkpoint, size, info = body.get("checkpoint"), body.get("size"), body.get("info")
+        if member is None and self.job.checkpoint_dir and parse_peer(msg.src) is not None:
+            raise self._unknown(msg.src)
         if member is None or not self.job.checkpoint_dir:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{msg.src!r} cannot report a checkpoint here")
         if type(checkpoint) is not int or checkpoint <= 0 or type(size) is not int or not isinstance(info, dict):
@@ -396,6 +486,8 @@ class Coordinator:
         """Write the manifest of every checkpoint whose parts are all on disk: those of the servers that hold keys
         (worker 0 names them) and of every worker still training (in ASP and SSP a worker that finished before it
         saw the request has no part; resuming, it starts where the servers' clocks say)."""
+        if self.state is State.RECOVERING:  # which workers train is known once every member is back
+            return
         for checkpoint in sorted(self.checkpoints):
             parts = self.checkpoints[checkpoint]
             workers = {r for (role, r), m in self.members.items() if role == "worker" and not m.done}
@@ -460,7 +552,11 @@ class Coordinator:
             if now - self._started > self.timeout:
                 self._fail(f"the cluster is incomplete after {self.timeout:.0f}s: waiting for {self._missing()}")
             return
-        if self.state is not State.RUNNING:
+        if self.state is State.RECOVERING and now - self._recovering_since > self.heartbeat_timeout:
+            self._fail(f"the coordinator restarted and {self._missing()} did not rejoin within "
+                       f"{self.heartbeat_timeout:.0f}s (--heartbeat-timeout)")
+            return
+        if self.state not in (State.RUNNING, State.RECOVERING):
             return
         while self._lost:
             role, rank, why = self._lost.popleft()

@@ -93,7 +93,7 @@ def main_top(coordinator: str, interval: float = 1.0, once: bool = False, secret
             console.print(view(status, coordinator))
             return 0
         with Live(view(status, coordinator), console=console, refresh_per_second=4) as live:
-            while status.get("state") in ("registering", "running"):
+            while status.get("state") in ("registering", "recovering", "running"):
                 time.sleep(interval)  # the refresh period of a dashboard, not synchronisation
                 status = client.status()
                 live.update(view(status, coordinator))

@@ -107,6 +107,26 @@ class KeyEntry(TypedDict, total=False):
     group: int
 
 
+class RegisterBody(TypedDict, total=False):
+    """The body of a REGISTER request (a server or worker joins the job): the one definition of its fields.
+
+    - ``role``: ``"server"`` or ``"worker"``
+    - ``rank``: the rank asked for (-1: the coordinator assigns one)
+    - ``host``, ``pid``: where the process runs (for logs and ``zps top``; a rejoining member must match itself)
+    - ``address``: a server's bound address, ``tcp://host:port`` (servers only)
+    - ``rejoin``: True -- the process is a member of a running job re-registering with a coordinator that
+      restarted (it answered :attr:`ErrorCode.UNKNOWN_MEMBER`); ``rank`` is then the one it holds. The reply is an
+      OK (the member keeps its topology), not a TOPOLOGY. Absent: False.
+    """
+
+    role: str
+    rank: int
+    host: str
+    pid: int
+    address: str
+    rejoin: bool
+
+
 class ErrorCode(str, enum.Enum):
     """Why a request failed. Callers branch on the code, never on the message text."""
 
@@ -128,6 +148,11 @@ class ErrorCode(str, enum.Enum):
     MISSING = "missing"
     DEAD = "dead"
     INTERNAL = "internal"
+    # the coordinator does not know the sender, a member of a running job (it restarted): the member registers
+    # again with ``rejoin`` (:class:`RegisterBody`) and sends its request again
+    UNKNOWN_MEMBER = "unknown_member"
+    # the coordinator restarted and waits for the members of the running job to rejoin: nothing new can join
+    RECOVERING = "recovering"
 
 
 class ProtocolError(Exception):

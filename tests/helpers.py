@@ -287,7 +287,10 @@ class Procs:
         self.tag, self.dir = tag, directory
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, env: dict[str, str], args: list[str], command: list[str] = ZPS) -> None:
+    def start(self, name: str, env: dict[str, str], args: list[str], command: list[str] = ZPS,
+              pipe: bool = False) -> subprocess.Popen:
+        """``pipe``: its output to a pipe instead of its log file (read it with :func:`wait_for_line` and
+        :func:`finish`)."""
         # a clean environment: no ZPS_*/DMLC_*/torchrun variable of the test runner leaks into the roles
         base = {
             k: v
@@ -298,12 +301,13 @@ class Procs:
             self.procs[name] = subprocess.Popen(
                 command + args,
                 cwd=ROOT,
-                stdout=log,
+                stdout=subprocess.PIPE if pipe else log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**base, "ZPS_TEST_TAG": self.tag, "OMP_NUM_THREADS": "1", **env},
                 preexec_fn=_die_with_the_tests,
             )
+        return self.procs[name]
 
     def wait(self, timeout: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout

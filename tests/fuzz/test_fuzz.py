@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -175,7 +176,11 @@ def fuzz(count: int, coordinator_count: int | None = None) -> None:
                                                            "src": "worker:1"})])
             for kind, src, body in (("done", "worker:1", {"exit_code": 1, "failure": "x"}),
                                     ("saved", "server:0", {"checkpoint": 1, "file": "part.safetensors", "size": 8,
-                                                           "info": {}})):  # what a job sends only at its end
+                                                           "info": {}}),  # what a job sends only at its end
+                                    # ... and a member rejoining a coordinator that restarted
+                                    ("register", "server:0", {"role": "server", "rank": 0, "host": socket.gethostname(),
+                                                              "pid": os.getpid(), "rejoin": True,
+                                                              "address": clients[0].topology.servers[0]})):
                 seeds_by_role["coordinator"].append([msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, "id": 8,
                                                                     "src": src, "body": body})])
             kinds = {msgpack.unpackb(f[0], raw=False)["kind"] for fs in seeds_by_role.values() for f in fs}
