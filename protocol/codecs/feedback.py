@@ -7,6 +7,8 @@ Karimireddy et al. 2019). The residual is a float32 tensor on the gradient's dev
 Learning-rate convention: the residual is stored in gradient units. A gradient ``g`` becomes the parameter update
 ``-lr * g`` on the server, so when the learning rate changes from ``a`` to ``b`` (:meth:`ErrorFeedback.set_lr`)
 the residual is scaled by ``a / b``: the parameter-space correction it still owes, ``a * residual``, is kept.
+
+``residual`` is the wrapper's own buffer, reused by later calls (no allocation per step): clone it to keep it.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ class ErrorFeedback(Codec):
                                  f"{x.device}, the residual holds {residual.numel()} on {residual.device}; use one "
                                  "ErrorFeedback per key")
             spare = self._spare
-            if spare is None or spare.shape != residual.shape or spare.device != residual.device or spare is residual:
+            if (spare is None or spare is residual or spare.shape != residual.shape or spare.device != residual.device
+                    or spare.dtype != torch.float32):
                 spare = torch.empty_like(residual, dtype=torch.float32)
             compensated = torch.add(x, residual, out=spare)  # x + residual, into the residual before this one
         encoded = self.inner.encode(compensated.to(x.dtype))  # a no-op cast for float32 gradients
