@@ -34,8 +34,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "secure": ([], ["--quick"]),
     "observability": ([], ["--quick"]),
     "soak": ([], ["--quick"]),
+    "codec_overhead": ([], ["--quick"]),
 }
-JSON_REPORT = {"transport", "small", "training", "memory", "checkpoint", "secure", "observability", "soak"}
+JSON_REPORT = {"transport", "small", "training", "memory", "checkpoint", "secure", "observability", "soak",
+               "codec_overhead"}
 
 
 def run_one(name: str, quick: bool, timeout: float) -> dict:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from .codecs import Codec, Encoded, make_codec, parse_codec_spec
 from .codecs.quantize import NoneCodec
 from .messages import ErrorCode, KeyEntry, Message, ProtocolError
 
+T = TypeVar("T")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -204,16 +206,28 @@ class Decoders:
                 raise ProtocolError(ErrorCode.FRAME_COUNT,
                                     f"{what}: an uncompressed key has one frame, {len(frames)} came")
             return from_buffer(frames[0], dtype, numel, what)
+        out = self._run(entry, frames, what, lambda codec, encoded: codec.decode(encoded, numel, dtype, "cpu"))
+        if out.numel() != numel:
+            raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
+                                f"{what}: decoded {out.numel()} elements, the key has {numel}")
+        return out
+
+    def add(self, entry: KeyEntry, frames: list[Any], target: torch.Tensor, what: str) -> None:
+        """Add one key entry (a delta) to the flat float32 ``target`` in place: what adding :meth:`decode`'s result
+        computes, without a dense temporary where the codec is sparse (:meth:`Codec.add_decoded_`)."""
+        if entry.get("codec", "none") == "none":
+            target.add_(self.decode(entry, frames, target.numel(), torch.float32, what).to(target.device))
+            return
+        self._run(entry, frames, what, lambda codec, encoded: codec.add_decoded_(target, encoded))
+
+    def _run(self, entry: KeyEntry, frames: list[Any], what: str, use: Callable[[Codec, Encoded], T]) -> T:
+        """``use(codec, encoded)`` for a compressed entry; what the codec raises becomes a ``BAD_CODEC`` error."""
         encoded = entry_encoded(entry, frames, what)
         codec = self.get(entry["codec"], what)
         try:
-            out = codec.decode(encoded, numel, dtype, "cpu")
+            return use(codec, encoded)
         except ProtocolError:
             raise
         except Exception as exc:
             raise ProtocolError(ErrorCode.BAD_CODEC,
                                 f"{what}: codec {entry.get('codec')!r} could not decode: {exc}") from None
-        if out.numel() != numel:
-            raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
-                                f"{what}: decoded {out.numel()} elements, the key has {numel}")
-        return out

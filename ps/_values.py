@@ -98,8 +98,7 @@ class Values:
             return entry, bufs
         view, codec = found
         entry, bufs = encode_entry(codec, s.param - view)
-        encoded = entry_encoded(entry, bufs, f"pull of {s.label()}")
-        view.add_(codec.decode(encoded, s.numel, torch.float32, "cpu"))
+        codec.add_decoded_(view, entry_encoded(entry, bufs, f"pull of {s.label()}"))  # as the worker adds it
         entry["delta"] = True
         return entry, bufs
 

@@ -27,7 +27,7 @@ from zps.protocol.codecs import (
 )
 from zps.protocol.codecs.base import saturate_to
 from zps.protocol.codecs.lowrank import matrix_shape
-from zps.protocol.codecs.sparse import DgcCodec, hashed_indices, topk_indices
+from zps.protocol.codecs.sparse import DgcCodec, hashed_indices, sampled_topk_indices, topk_indices
 
 pytestmark = pytest.mark.unit
 
@@ -217,7 +217,20 @@ def test_topk_sampled_threshold_recovers(monkeypatch, overshoot):
     torch.manual_seed(2)
     a = torch.randn(300_000).abs()
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(topk_indices(a, 3000, gen), torch.topk(a, 3000).indices.sort().values)
+    assert torch.equal(sampled_topk_indices(a, 3000, gen), torch.topk(a, 3000).indices.sort().values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+def test_topk_indices_on_the_cpu_are_torch_topks(dtype):
+    torch.manual_seed(3)
+    a = torch.randn(70_000).abs().to(dtype)
+    a[:10] = float("nan")  # torch.topk ranks NaN highest; so does numpy's selection
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 700, 69_999):  # ties (the NaNs; float16 values) may pick other positions: compare the values
+        got = topk_indices(a, k, gen)
+        assert got.dtype == torch.int64 and bool((got[1:] > got[:-1]).all())  # ascending, distinct
+        want = a[torch.topk(a, k).indices].sort().values
+        torch.testing.assert_close(a[got].sort().values, want, atol=0, rtol=0, equal_nan=True)
 
 
 def test_randomk_indices_replay_from_the_seed():
@@ -374,6 +387,41 @@ def test_error_feedback_conserves_mass(spec, dtype):
     assert torch.allclose(decoded + ef.residual.double(), total, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("spec", ["topk:ratio=0.05", "dgc:ratio=0.05,seed=1", "int8", "powersgd:rank=1,seed=1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_error_feedback_matches_its_definition_bit_for_bit(spec, dtype):
+    """Whatever path error feedback takes (the residual kept in place for codecs whose buffers are copies, or
+    decoded and subtracted), every call sends what encoding ``x + residual`` sends and keeps exactly
+    ``(x + residual) - decode(...)``; the caller's gradient is never written."""
+    gen = torch.Generator().manual_seed(5)
+    ef, inner = ErrorFeedback(make_codec(spec)), make_codec(spec)
+    residual = torch.zeros(3000)
+    for _ in range(5):
+        g = torch.randn(60, 50, generator=gen).to(dtype)
+        kept = g.clone()
+        encoded = ef.encode(g)
+        compensated = g.reshape(-1).float() + residual
+        want = inner.encode(compensated.to(dtype))
+        residual = compensated - inner.decode(want, 3000, torch.float32, "cpu")
+        assert torch.equal(g, kept)
+        assert encoded.meta == want.meta and len(encoded.buffers) == len(want.buffers)
+        assert all(torch.equal(a, b) for a, b in zip(encoded.buffers, want.buffers, strict=True))
+        assert ef.residual is not None and torch.equal(ef.residual, residual)
+
+
+@pytest.mark.parametrize("spec", ["topk:ratio=0.01", "dgc:ratio=0.01", "randomk:ratio=0.01", "int8"])
+def test_add_decoded_adds_what_decode_gives(spec):
+    codec = build(spec.split(":")[0], spec.partition(":")[2])
+    x, target = torch.randn(20_000), torch.randn(20_000)
+    encoded = codec.encode(x)
+    decoder = make_codec(codec.spec())
+    decoded = decoder.decode(encoded, x.numel(), torch.float32, "cpu")
+    for alpha in (1.0, -1.0):
+        got = target.clone()
+        decoder.add_decoded_(got, encoded, alpha=alpha)
+        assert torch.equal(got, target + decoded if alpha == 1 else target - decoded)
+
+
 def test_error_feedback_rescales_residual_on_lr_change():
     ef = ErrorFeedback(make_codec("topk:ratio=0.1"), lr=0.1)
     ef.encode(torch.arange(10.0))
@@ -428,6 +476,10 @@ def test_sparse_decode_rejects_bad_indices():
     bad = Encoded({}, [torch.ones(2), torch.tensor([0, 10], dtype=torch.int32)])
     with pytest.raises(ValueError, match="out of range"):
         make_codec("topk:ratio=0.2").decode(bad, 10, torch.float32, "cpu")
+    target = torch.zeros(10)
+    with pytest.raises(ValueError, match="out of range"):
+        make_codec("topk:ratio=0.2").add_decoded_(target, bad)
+    assert not target.any()
 
 
 # ---- registry ----------------------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ class Replies:
                 values = self.areas.area(entry["key"], PULL)
                 if values is None:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: shared-memory reply without a segment")
+            elif entry.get("delta") and dest.dtype == torch.float32:  # the server adds the same way to its view
+                self.decoders.add(entry, frames, dest, what)
+                continue
             else:
                 values = self.decoders.decode(entry, frames, dest.numel(), torch.float32, what)
             if entry.get("delta"):

@@ -33,7 +33,9 @@ class Codec(ABC):
     """Base class of every codec. Subclasses set ``name`` and implement ``encode``/``decode``.
 
     Class flags tell tests and the server what to expect: ``exact`` (decode(encode(x)) == x bit for bit),
-    ``unbiased`` (E[decode(encode(x))] == x), ``stateful`` (encode depends on earlier calls). Parameters live in
+    ``unbiased`` (E[decode(encode(x))] == x), ``stateful`` (encode depends on earlier calls), ``copies`` (no buffer
+    of ``encode``'s result ever views its input, so a caller may reuse the input's memory once it is encoded: error
+    feedback then keeps its residual in place). Parameters live in
     ``self.params`` (a dict), which ``spec()`` writes back out; :func:`resolve_params` checks them.
     """
 
@@ -41,6 +43,7 @@ class Codec(ABC):
     exact: ClassVar[bool] = False
     unbiased: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    copies: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -57,6 +60,17 @@ class Codec(ABC):
         The result never aliases ``encoded.buffers`` (they may view read-only wire frames), so callers may write
         into it. Malformed input (sizes or meta that do not fit ``numel``) raises ``ValueError``.
         """
+
+    def add_decoded_(self, target: torch.Tensor, encoded: Encoded, alpha: float = 1.0) -> None:
+        """``target += alpha * decode(encoded)`` in place, for a flat ``target`` of the encoded tensor's size:
+        element for element what decoding then adding computes (error feedback subtracts: alpha -1). Sparse codecs
+        override it to touch only the positions they sent; malformed input raises ``ValueError`` as ``decode``
+        does."""
+        decoded = self.decode(encoded, target.numel(), target.dtype, target.device)
+        if alpha == -1:
+            target.sub_(decoded)
+        else:
+            target.add_(decoded, alpha=alpha)
 
     def spec(self) -> str:
         """The spec string that rebuilds this codec (``name:k=v,...``); computed once, it goes with every push."""

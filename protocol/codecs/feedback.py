@@ -7,6 +7,8 @@ Karimireddy et al. 2019). The residual is a float32 tensor on the gradient's dev
 Learning-rate convention: the residual is stored in gradient units. A gradient ``g`` becomes the parameter update
 ``-lr * g`` on the server, so when the learning rate changes from ``a`` to ``b`` (:meth:`ErrorFeedback.set_lr`)
 the residual is scaled by ``a / b``: the parameter-space correction it still owes, ``a * residual``, is kept.
+
+``residual`` is the wrapper's own buffer, reused by later calls (no allocation per step): clone it to keep it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class ErrorFeedback(Codec):
         self.exact = inner.exact  # type: ignore[misc]
         self.lr = lr
         self.residual: torch.Tensor | None = None
+        self._spare: torch.Tensor | None = None  # a float32 buffer of the residual's size, reused every call
 
     @property
     def params(self) -> dict:
@@ -41,17 +44,27 @@ class ErrorFeedback(Codec):
 
     def encode(self, tensor: torch.Tensor) -> Encoded:
         x = flat(tensor)
-        compensated = x.float()
-        if self.residual is not None:
-            if self.residual.shape != compensated.shape or self.residual.device != compensated.device:
-                raise ValueError(f"error feedback for codec {self.inner.name!r}: got {compensated.numel()} "
-                                 f"elements on {compensated.device}, the residual holds {self.residual.numel()} "
-                                 f"on {self.residual.device}; use one ErrorFeedback per key")
-            compensated = compensated + self.residual
+        residual = self.residual
+        if residual is None:
+            compensated = x.to(torch.float32, copy=True)
+        else:
+            if residual.shape != x.shape or residual.device != x.device:
+                raise ValueError(f"error feedback for codec {self.inner.name!r}: got {x.numel()} elements on "
+                                 f"{x.device}, the residual holds {residual.numel()} on {residual.device}; use one "
+                                 "ErrorFeedback per key")
+            spare = self._spare
+            if (spare is None or spare is residual or spare.shape != residual.shape or spare.device != residual.device
+                    or spare.dtype != torch.float32):
+                spare = torch.empty_like(residual, dtype=torch.float32)
+            compensated = torch.add(x, residual, out=spare)  # x + residual, into the residual before this one
         encoded = self.inner.encode(compensated.to(x.dtype))  # a no-op cast for float32 gradients
-        decoded = self.inner.decode(encoded, x.numel(), torch.float32, x.device)
         # the cast to x.dtype (if any) and the codec's loss both land in the residual
-        self.residual = compensated - decoded  # not in place: `compensated` may be the input or a buffer
+        if self.inner.copies:  # no buffer views `compensated`: what is left of it in place is the residual
+            self.inner.add_decoded_(compensated, encoded, alpha=-1)
+            lost = compensated
+        else:  # a buffer may view `compensated` (and go out as a frame later): leave it as it is
+            lost = compensated - self.inner.decode(encoded, x.numel(), torch.float32, x.device)
+        self._spare, self.residual = residual, lost  # the old residual is free: the next call computes into it
         return encoded
 
     def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -67,7 +80,7 @@ class ErrorFeedback(Codec):
 
     def reset(self) -> None:
         """Forget the residual (e.g. after the model was reloaded from a checkpoint)."""
-        self.residual = None
+        self.residual = self._spare = None
 
     def __repr__(self) -> str:
         return f"ErrorFeedback({self.inner.spec()!r})"
