@@ -48,7 +48,7 @@ def worker_main(warmup: int, steps: int, profile: str | None) -> None:
     client = worker.init()
     model = make_model("cnn")
     opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, overlap=False)
-    batches = make_batches("cnn", PER_WORKER, seed=1 + client.rank)
+    batches = make_batches("cnn", PER_WORKER["cnn"], seed=1 + client.rank)
     times: list[float] = []
     computes: list[float] = []  # forward + backward of each timed step (the rest of a step is zps's)
     cpus: list[float] = []  # CPU seconds (this process, all threads) of each timed step's zps part
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(zps: `opt.step()`, encode, wait, decode), and the worker process's mean CPU time in that part (all its "
         "threads: less sensitive to the machine's load than wall time); the table's figures are medians over the "
         f"runs. Batch "
-        f"{PER_WORKER} per worker.",
+        f"{PER_WORKER["cnn"]} per worker.",
         "",
         C.md_table(["config", "zps run options", "step (ms)", "per run (ms)", "vs none", "compute (ms)", "zps (ms)",
                     "zps - none's (ms)", "zps CPU (ms)", "last loss", "1-min load at starts"], rows),
