@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(zps: `opt.step()`, encode, wait, decode), and the worker process's mean CPU time in that part (all its "
         "threads: less sensitive to the machine's load than wall time); the table's figures are medians over the "
         f"runs. Batch "
-        f"{PER_WORKER["cnn"]} per worker.",
+        f"{PER_WORKER['cnn']} per worker.",
         "",
         C.md_table(["config", "zps run options", "step (ms)", "per run (ms)", "vs none", "compute (ms)", "zps (ms)",
                     "zps - none's (ms)", "zps CPU (ms)", "last loss", "1-min load at starts"], rows),
