@@ -137,6 +137,8 @@ def result_row(spec: Spec, run: Run, files: RunFiles, status: dict[str, Any] | N
     for name in (*ROW_SETTINGS, *(k for k in spec.matrix if k not in ROW_SETTINGS and k != SEED)):
         if name in config:  # (an axis of tables is not a setting: its settings are columns of their own)
             row[name] = config[name]
+    for name, _ in run.settings:  # every setting the run was given (those of an axis of tables too)
+        row.setdefault(name, config[name])
     row["seed"] = run.seed
     if row["status"] == "ok":
         row.update(summarize_run(read_records(files.metrics), spec.target_accuracy))
