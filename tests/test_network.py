@@ -137,7 +137,10 @@ def within(measured: Callable[[], float], check: Callable[[float], bool], tries:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("latency_ms", [0.5, 2.0])
+@pytest.mark.parametrize("latency_ms", [2.0,
+                                        # a 2 ms round trip is within 0.2 ms on a quiet host (benchmarks/network.py)
+                                        # but not beside another test's processes on CI's 2 cores
+                                        pytest.param(0.5, marks=pytest.mark.slow)])
 def test_round_trips_take_the_latency_set_within_10_percent_or_0_2_ms(latency_ms: float) -> None:
     setting = 2 * (latency_ms + latency_ms) / 1000  # out and back, each over the worker's and the server's link
     seen = within(lambda: round_trip(f"latency={latency_ms}ms"),
