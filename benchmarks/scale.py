@@ -29,29 +29,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from benchmarks import _common as C  # noqa: E402
+from tests.sshd import descendants  # noqa: E402
 
 TRAIN_SAMPLES = 1437  # digits' training split (80% of 1797)
 BATCH = 8
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below ``root``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def pss_kib(pid: int) -> int:
