@@ -37,8 +37,7 @@ log = logging.getLogger("zps.network")
 
 MAX_CHUNK = 64 << 10
 MIN_CHUNK = 1500  # one Ethernet frame's payload: the finest grain the queues move bytes in
-_WAITED = 50e-6  # a recv that took longer waited for its bytes
-_SLACK = 300e-6  # how late a sleep may wake without the link counting as idle
+_SLACK = 0.05  # how far behind a busy relay may run (a late thread) and still send at the link's rate
 _CHUNK_TIME = 0.0005
 _PR_SET_TIMERSLACK = 29  # a chunk is at most this much of its link's time (store-and-forward adds no more per hop)
 
@@ -113,14 +112,16 @@ class _Pump:
         _fine_timers()
         try:
             while True:
-                asked = time.monotonic()
-                data = self.src.recv(path.chunk)
+                try:  # bytes already waiting were ready when the link freed: a late wake-up is no idle link
+                    data = self.src.recv(path.chunk, socket.MSG_DONTWAIT)
+                    waited = False
+                except BlockingIOError:  # bytes the recv waits for are ready when they come
+                    data = self.src.recv(path.chunk)
+                    waited = True
                 if not data:
                     break
                 got = time.monotonic()
-                # bytes the recv waited for became ready when they came; bytes that were waiting were ready
-                # when the link freed (the overshoot of the sleep below is no idle link: up to _SLACK of it)
-                ready = got if got - asked > _WAITED else max(left_up, asked - _SLACK)
+                ready = got if waited or not left_up or path.up.rate is None else max(left_up, got - _SLACK)
                 left_up = path.up.reserve(len(data), ready)
                 arrives = max(last, path.down.reserve(len(data), left_up) + path.delay())
                 last = arrives

@@ -8,7 +8,9 @@ of its key files (``--secrets DIR/worker-0.json``, as ``zps secrets`` wrote them
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -87,6 +89,12 @@ def main_top(coordinator: str, interval: float = 1.0, once: bool = False, secret
         return 2
     client = StatusClient(coordinator, secrets)
     console = Console(file=out)
+    # Ctrl-C sets a flag the loop looks at: a KeyboardInterrupt raised inside rich's Live (holding its lock) could
+    # leave its refresh thread waiting for that lock at exit
+    stop = threading.Event()
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         status = client.status()
         if once:
@@ -94,7 +102,8 @@ def main_top(coordinator: str, interval: float = 1.0, once: bool = False, secret
             return 0
         with Live(view(status, coordinator), console=console, refresh_per_second=4) as live:
             while status.get("state") in ("registering", "recovering", "running"):
-                time.sleep(interval)  # the refresh period of a dashboard, not synchronisation
+                if stop.wait(interval):  # the refresh period of a dashboard, or Ctrl-C
+                    break
                 status = client.status()
                 live.update(view(status, coordinator))
         return 0
@@ -104,4 +113,6 @@ def main_top(coordinator: str, interval: float = 1.0, once: bool = False, secret
     except KeyboardInterrupt:
         return 0
     finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
         client.close()

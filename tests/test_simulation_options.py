@@ -128,12 +128,13 @@ def test_metrics_out_records_every_step_and_its_bytes_exactly(tmp_path: Path) ->
         assert r["logical_sent"] == payload, (r, payload)
         assert r["sent"] >= r["logical_sent"] and r["recv"] >= r["logical_recv"] > 0, r
         assert min(r["compute"], r["encode"], r["wait"], r["decode"], r["pause"]) >= 0, r
-    # the straggler paused (factor - 1) x its own compute before the pause, every step after the first
+    # the straggler paused (factor - 1) = 1 x its own compute: its step's compute (the pause included; a sleep
+    # never ends early) is at least twice the pause; the other worker never paused
     for r in steps:
-        if r["rank"] == 1 and r["step"] > 0:
-            assert r["pause"] == pytest.approx(r["compute"] - r["pause"], rel=0.2, abs=2e-3), r
-        if r["rank"] == 0:
-            assert r["pause"] == 0.0
+        if r["rank"] == 1:
+            assert 0 < r["pause"] and r["compute"] >= 2 * r["pause"], r
+        else:
+            assert r["pause"] == 0.0, r
     ends = {(r["role"], r["rank"]): r for r in records if r["kind"] == "end"}
     assert set(ends) == {("worker", 0), ("worker", 1), ("server", 0)}
     assert ends[("server", 0)]["step"] == STEPS and ends[("server", 0)]["updates"] == STEPS * len(params)
