@@ -9,7 +9,9 @@ The model (docs/experiments.md, "zps plan"), per BSP step of a worker:
   (incast): ``max(max_w bytes_w / rate_w, max_s W * bytes_s / rate_s)`` plus the one-way latency and jitter of both
   links and a fixed cost per message;
 - **apply**: each server, one thread, decodes W pushes and steps its optimizer over its shard; the busiest server;
-- **pull**: the same links the other way, with the pull codec's bytes (the servers encode W replies);
+- **pull**: the same links the other way, with the pull codec's bytes (the servers encode W replies); push, apply
+  and pull overlap message by message (:func:`predict`'s ``pipelined``): a server answers the pulls of a worker's
+  first message while the later ones still arrive;
 - **encode / decode**: the codecs' own time on the worker, measured per key on this host (many small keys cost
   more than their size says).
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from zps.protocol.plan import ParamSpec, make_plan
+from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, make_plan
 from zps.protocol.simulation import Link, NetSpec
 
 _ROUNDS = 5
@@ -234,6 +236,21 @@ def key_sizes(model: Model) -> list[int]:
     return [c.numel for c in make_plan([ParamSpec(f"p{i}", (n,)) for i, n in enumerate(model.sizes)], 1).chunks]
 
 
+def messages(chunks: Sequence[Chunk], limit: int = DEFAULT_CHUNK_BYTES) -> list[list[Chunk]]:
+    """A worker's chunks for one server grouped as its messages are (:mod:`zps.worker._messages`): in plan order, a
+    new message once the next chunk would take one past ``limit`` float32 bytes."""
+    out: list[list[Chunk]] = []
+    size = 0
+    for chunk in chunks:
+        if out and size + 4 * chunk.numel <= limit:
+            out[-1].append(chunk)
+            size += 4 * chunk.numel
+        else:
+            out.append([chunk])
+            size = 4 * chunk.numel
+    return out
+
+
 def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     """The step time of ``model`` under ``setup`` with ``costs`` (module docstring)."""
     net = NetSpec.parse(setup.net)
@@ -281,15 +298,44 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     pull_workers = max(seconds(pull_w, wl) for wl in worker_links)
     push_servers = max(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True))
     pull_servers = max(seconds(w * b, sl) for b, sl in zip(pull_s, links, strict=True))
-    push = max(push_workers, push_servers) + latency
-    pull = max(pull_workers, pull_servers) + latency
     compute = model.compute
-    apply = max(server_work)
+    work = list(server_work)
     if setup.local_cores:  # every process on one host: computing workers share its cores, and the servers' too
         compute *= max(1.0, w / setup.local_cores)
-        apply *= max(1.0, (s + 1) / setup.local_cores)
-    parts = {"compute": compute, "encode": encode, "push": push + costs.message, "apply": apply,
-             "pull": pull, "decode": decode}
+        work = [x * max(1.0, (s + 1) / setup.local_cores) for x in work]
+    apply = max(work)
+
+    def pipelined(ids: list[int], link: Link, loop: float) -> tuple[float, float, float]:
+        """(every push in, the loop done with them, the last reply out) at one server, from the first push sent.
+        A worker's keys for a server go in messages of about one chunk (:func:`messages`); the server answers a
+        message's pulls once every worker's push of it is in and applied, while later messages still arrive: on a
+        full-duplex link the replies to the first overlap the pushes of the rest."""
+        groups = messages([plan.chunks[i] for i in ids])
+        elems = sum(plan.chunks[i].numel for i in ids) or 1
+        total_push = sum(wire(g, [compressed[c.key] for c in g], costs.wire_ratio) for g in groups)
+        pushed = looped = replied = 0.0
+        first_reply = None
+        sent = 0.0
+        for group in groups:
+            pi = wire(group, [compressed[c.key] for c in group], costs.wire_ratio)
+            qi = wire(group, [pulled[c.key] for c in group], costs.pull_wire_ratio)
+            sent += pi
+            # in over the server's link (W workers at once), and no sooner than it left each worker's own link
+            pushed = max(seconds(w * sent, link), push_workers * (sent / total_push if total_push else 1.0))
+            looped = max(pushed, looped) + loop * sum(c.numel for c in group) / elems
+            start = max(looped, replied)
+            first_reply = start if first_reply is None else first_reply
+            replied = start + seconds(w * qi, link)
+        if first_reply is not None:  # and every reply into each worker's own link
+            replied = max(replied, first_reply + pull_workers)
+        return pushed, looped, replied
+
+    timeline = [pipelined(ids, sl, x) for ids, sl, x in zip(on, links, work, strict=True)]
+    pushed, looped, replied = max(timeline, key=lambda t: t[2])
+    push = max(t[0] for t in timeline) + latency
+    pull = max(0.0, replied - looped) + latency
+    parts = {"compute": compute, "encode": encode, "push": push + costs.message,
+             "apply": max(0.0, looped - pushed), "pull": pull, "decode": decode}
 
     def links_of(way: str, at_servers: float, at_workers: float) -> str:
         if latency > max(at_servers, at_workers):

@@ -33,6 +33,21 @@ def test_bsp_transfer_is_incast_at_the_server_plus_both_links_latency(workers: i
 
 
 @pytest.mark.unit
+def test_replies_to_a_first_message_overlap_the_pushes_of_the_later_ones() -> None:
+    # three keys of 1M float32 (4 MB each): three messages to the one server, each a third of the bytes
+    model = synthetic_model(3_000_000, 3, compute=0.0)
+    p = predict(model, Setup(2, 1, net="bw=1gbit"), FREE)
+    message = 2 * (4 * 1_000_000 + HEADER) / 125e6  # both workers' copies of one message through the server's link
+    assert p.parts["push"] == pytest.approx(3 * message)  # every push in
+    # the first message's replies start once it is in; the replies then follow one another back to back
+    assert p.step == pytest.approx(message + 3 * message)
+    assert p.parts["pull"] == pytest.approx(message)  # what the pulls add after the last push: the last reply
+    assert sum(p.parts.values()) == pytest.approx(p.step)
+    one = predict(synthetic_model(1_000_000, 1, compute=0.0), Setup(2, 1, net="bw=1gbit"), FREE)
+    assert one.step == pytest.approx(2 * message)  # one message: nothing to overlap
+
+
+@pytest.mark.unit
 def test_a_codec_shrinks_what_crosses_and_adds_its_own_time() -> None:
     model = synthetic_model(100_000, 2, compute=0.0)
     costs = Costs(**{**FREE.__dict__, "encode_key": 1e-3, "encode_elem": 1e-8})
