@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from zps.protocol import checkpoint as ckpt
 from zps.protocol.codecs import ErrorFeedback
 from zps.protocol.optim_spec import build_from_spec, describe_optimizer
 
@@ -212,6 +213,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.checkpoints.script = state
 
     def _resume(self, resume: str) -> None:
+        saved = ckpt.number(resume)
+        if saved is not None and self.client.start_step > saved:
+            return  # a replacement joining the resumed job later: that checkpoint may be gone (--keep) by now
         found = load_part(resume, self.client.rank)
         if found is None:  # ASP/SSP, this worker had finished: it starts where the servers' clocks say
             return
