@@ -139,9 +139,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per worker per step")
     parser.add_argument("--seq-len", type=int, default=CONTEXT, help=f"bytes per window (at most {CONTEXT})")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--optimizer", default="", metavar="SPEC",
-                        help="the server optimizer as a torch.optim spec (default adam:lr=LR); DGC sends momentum "
-                             "already: pair it with momentum-free sgd:lr=...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--text-bytes", type=int, default=4 << 20)
@@ -165,8 +162,7 @@ def main() -> None:
         tensors = list(model.parameters())
         print(f"model: {sum(p.numel() for p in tensors):,} parameters in {len(tensors)} tensors; text: "
               f"{len(train):,} bytes to train on, {len(held_out):,} held out", flush=True)
-    spec = args.optimizer or f"adam:lr={args.lr}"
-    optimizer = worker.DistributedOptimizer(worker.build_optimizer(model.parameters(), spec), model)
+    optimizer = worker.DistributedOptimizer(worker.build_optimizer(model.parameters(), f"adam:lr={args.lr}"), model)
     gen = torch.Generator().manual_seed(args.seed * 1000 + client.rank)
     started = time.monotonic()
     curve: list[list[float]] = []  # [step, seconds since start, accuracy] of rank 0's evaluations
