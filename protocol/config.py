@@ -159,6 +159,8 @@ class JobConfig:
     num_servers: int = setting(1, "number of parameter servers", flag="--servers", short="-s", minimum=1,
                                required=True)
     num_workers: int = setting(1, "number of workers", flag="--workers", short="-w", minimum=1, required=True)
+    max_workers: int = setting(0, "workers may join the running job up to this many (ranks --workers .. M-1, "
+                                  "e.g. with zps node); 0: no joins", minimum=0, metavar="M")
     mode: str = setting("bsp", "consistency: bsp (synchronous), asp (asynchronous) or ssp (bounded staleness)",
                         choices=MODES)
     staleness: int = setting(0, "ssp: how many clocks a worker may run ahead of the slowest", minimum=0)
@@ -259,9 +261,17 @@ class JobConfig:
                     parse(spec)
                 except simulation.SpecError as exc:
                     raise ConfigError(f"{env_name(name)} (--{name})={exc}") from None
+        if self.max_workers and self.max_workers < self.num_workers:
+            raise ConfigError(f"ZPS_MAX_WORKERS (--max-workers)={self.max_workers}: fewer than the "
+                              f"{self.num_workers} workers the job starts with")
         if self.on_worker_failure == "restart" and not self.max_restarts:
             raise ConfigError("ZPS_ON_WORKER_FAILURE (--on-worker-failure)=restart needs ZPS_MAX_RESTARTS "
                               "(--max-restarts) > 0: the replacements draw on it")
+
+    @property
+    def worker_ranks(self) -> int:
+        """How many worker ranks the job may ever have: ``max_workers`` where joins are allowed."""
+        return max(self.num_workers, self.max_workers)
 
     def checkpoint_interval(self) -> tuple[str, float] | None:
         """``("steps", N)`` or ``("seconds", S)`` between checkpoints; None without ``--checkpoint-dir``."""

@@ -102,8 +102,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             overlap = any(p.is_cuda for p in self.params.values())
         self.overlap = overlap
         self.client.declare(self.params, describe_optimizer(optimizer), groups)
-        self.client.pull(self.params, step=0).result()
-        self.steps = self.client.start_step  # 0, unless this worker replaces one that failed
+        # the values of the step this worker starts at: 0, or a replacement's, a resumed job's or a joiner's
+        self.client.pull(self.params, step=self.client.start_step).result()
+        self.steps = self.client.start_step
         self._synchronized = 0
         self.checkpoints = WorkerCheckpoints(self.client, self.client.config)
         self.resumed: dict[str, Any] | None = None  # the script's state from the checkpoint this job resumed from
