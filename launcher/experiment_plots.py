@@ -2,6 +2,7 @@
 bytes, one colour per configuration, one line per seed (the legend names each configuration once)."""
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +22,13 @@ def plot_curves(groups: Sequence[tuple[str, Sequence[Curve]]], out_dir: Path, ti
         return []
     metric = curves[0].metric
     written = []
+    labels = [textwrap.fill(label, 110, subsequent_indent="    ") for label, _ in groups]
+    lines = sum(label.count("\n") + 1 for label in labels)
     for axis, xlabel in (("time", "wall time since the first step (s)"), ("bytes", "cumulative wire bytes (MB)")):
-        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+        # the legend goes under the plot, where it hides no line however long the configurations' names are
+        fig, ax = plt.subplots(figsize=(9, 5 + 0.2 * lines), layout="constrained")
         colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
-        for i, (label, cs) in enumerate(groups):
+        for i, ((_, cs), label) in enumerate(zip(groups, labels, strict=True)):
             shown = False
             for c in cs:
                 if not c.values:
@@ -40,10 +44,7 @@ def plot_curves(groups: Sequence[tuple[str, Sequence[Curve]]], out_dir: Path, ti
         ax.grid(True, alpha=0.3)
         if title:
             ax.set_title(title)
-        if len(groups) <= 6:
-            ax.legend(fontsize="small", loc="best")
-        else:  # beside the plot, where it hides no line
-            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.legend(fontsize="small", loc="outside lower center")
         path = out_dir / f"{metric}_vs_{axis}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
