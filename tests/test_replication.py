@@ -1,0 +1,148 @@
+"""Replicated shards (--replicas R): placement, the checks, and real processes surviving a server killed mid-run.
+
+A server killed with --replicas 1 must not end the job: its backups take over, the workers send again what was
+not acknowledged, and each update is applied exactly once. BSP ends with the parameters of a run nobody killed;
+ASP with integer gradients ends with exactly the sum of every push.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+from safetensors.torch import load_file
+
+from zps.protocol import replicas
+from zps.protocol.config import ConfigError, JobConfig
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, parse_frames
+
+from .helpers import ROOT, finish, local_cluster, start, wait_for_no_tagged
+
+TRAIN = str(ROOT / "tests" / "scripts" / "train_steps.py")
+COUNT = str(ROOT / "tests" / "scripts" / "count_pushes.py")
+
+
+# -- placement and settings (unit) --------------------------------------------------------------------------
+@pytest.mark.unit
+def test_placement_puts_each_copy_on_its_own_server_and_moves_homes_to_their_first_live_copy() -> None:
+    assert replicas.copies(0, 0, 3) == [0]
+    assert replicas.copies(2, 1, 3) == [2, 0]
+    assert replicas.copies(1, 2, 3) == [1, 2, 0]
+    for servers in range(1, 6):
+        for count in range(servers):
+            for home in range(servers):
+                placed = replicas.copies(home, count, servers)
+                assert len(set(placed)) == count + 1 and placed[0] == home  # never two copies on one server
+    assert replicas.routes(1, 3, set()) == [0, 1, 2]
+    assert replicas.routes(1, 3, {1}) == [0, 2, 2]
+    assert replicas.routes(1, 3, {0}) == [1, 1, 2]
+    assert replicas.routes(2, 4, {1, 2}) == [0, 3, 3, 3]
+    assert replicas.routes(1, 3, {1, 2}) == [0, -1, 0]  # every copy of server 1's chunks is lost
+    assert replicas.live_copies(0, 2, 4, {1}) == [0, 2]
+
+
+@pytest.mark.unit
+def test_the_failover_notice_has_one_writer_and_one_reader() -> None:
+    body = replicas.notice_body(2, {2, 0})
+    assert replicas.parse_notice(body, 3) == (2, frozenset({0, 2}))
+    assert replicas.parse_notice({"gone": 1}, 3) is None
+    for bad in ({"failover": 1}, {"failover": {"version": -1, "dead": []}}, {"failover": {"version": 1, "dead": [3]}},
+                {"failover": {"version": 1, "dead": "0"}}):
+        with pytest.raises(ValueError):
+            replicas.parse_notice(bad, 3)
+
+
+@pytest.mark.unit
+def test_replicas_must_fit_the_servers_and_are_refused_with_what_they_cannot_combine_with() -> None:
+    assert JobConfig(num_servers=3, replicas=2).replicas == 2
+    with pytest.raises(ConfigError, match=r"ZPS_REPLICAS \(--replicas\)=3: 3 replicas need at least 4 servers"):
+        JobConfig(num_servers=3, replicas=3)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        JobConfig(num_servers=3, replicas=-1)
+    with pytest.raises(ConfigError, match="cannot be combined with ZPS_CHECKPOINT_DIR"):
+        JobConfig(num_servers=2, replicas=1, checkpoint_dir="/tmp/x")
+
+
+# -- a malformed replication message (threads) -----------------------------------------------------------------
+@pytest.mark.cluster
+def test_a_malformed_replicate_request_is_answered_with_an_error_and_changes_nothing() -> None:
+    with local_cluster(2, 1, "asp", replicas=1) as cluster:
+        (client,) = cluster.clients()
+        values = {"w": torch.zeros(8)}
+        client.declare(values, ("SGD", [{"lr": 1.0}]))
+        key = client.chunks("w")[0].key
+        home = client.chunks("w")[0].server
+        raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(client.topology.servers[1 - home])  # the backup
+        entry = {"key": key, "version": 0, "lr": 1.0, "step": 0, "nf": 1, "codec": "none", "meta": {},
+                 "bufs": [["float32", 8]]}
+        ones = torch.ones(8).numpy().tobytes()
+        cases = [
+            ({"src": "worker:0"}, [entry], [ones], ErrorCode.BAD_HEADER),  # only a server replicates
+            ({}, [{**entry, "key": 99}], [ones], ErrorCode.UNKNOWN_KEY),
+            ({}, [{**entry, "version": "x"}], [ones], ErrorCode.BAD_HEADER),
+            ({}, [{**entry, "lr": float("nan")}], [ones], ErrorCode.BAD_HEADER),
+            ({}, [{**entry, "worker": 5}], [ones], ErrorCode.BAD_HEADER),
+            ({}, [entry], [b"\0" * 5], ErrorCode.FRAME_SIZE),
+            ({}, [{**entry, "version": 3}], [ones], ErrorCode.CONFLICT),  # it would skip updates
+        ]
+        try:
+            for i, (head, keys, frames, code) in enumerate(cases):
+                header = {"v": PROTOCOL_VERSION, "kind": Kind.REPLICATE.value, "id": i + 1,
+                          "src": f"server:{home}", "keys": keys, **head}
+                raw.send_multipart([msgpack.packb(header), *frames])
+                assert raw.poll(10_000), f"case {i}: no answer"
+                reply = parse_frames(raw.recv_multipart())
+                assert reply.kind is Kind.ERROR and reply.body["code"] == code.value, (i, reply.body)
+            client.pull(values, step=0).result(timeout=10)
+            assert torch.equal(values["w"], torch.zeros(8))
+            stats = client.stats()
+            assert [s["replica_applied"] for s in stats] == [0, 0]
+        finally:
+            raw.close()
+            client.close()
+
+
+# -- real processes, a server killed mid-run ---------------------------------------------------------------------
+def _run(tag: str, args: list[str], timeout: float = 240) -> str:
+    code, text = finish(start(tag, ["run", "--progress", "off", *args]), timeout=timeout)
+    assert code == 0, text
+    assert wait_for_no_tagged(tag, within=10) == []
+    return text
+
+
+@pytest.mark.cluster
+def test_bsp_adam_goes_on_through_a_killed_server_and_ends_with_the_uninterrupted_parameters(
+        tag: str, tmp_path: Path) -> None:
+    job = ["--servers", "3", "--workers", "2", "--mode", "bsp"]
+    _run(f"{tag}-ref", [*job, TRAIN, "--steps", "100", "--out", str(tmp_path / "ref.safetensors")])
+    text = _run(tag, [*job, "--replicas", "1", "--kill", "server:1@50", TRAIN, "--steps", "100", "--step-times",
+                      "--out", str(tmp_path / "failover.safetensors")])
+    assert "server 1 was killed by SIGKILL: its backups take over" in text, text
+    assert re.search(r"FAILOVER: server:1 .* the chunks of server 1 are now served by server 2", text), text
+    stall = max(float(m) for m in re.findall(r"STEPTIME \d+ ([0-9.]+)", text))
+    print(f"longest step with a server killed (3 servers, 2 workers, --replicas 1): {stall:.3f}s")
+    assert stall < 10, text
+    ref, got = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "failover.safetensors"))
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert torch.allclose(ref[name], got[name], rtol=0, atol=1e-5), name
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("victim", [0, 2])
+def test_asp_applies_every_acknowledged_push_exactly_once_through_a_killed_server(tag: str, tmp_path: Path,
+                                                                                  victim: int) -> None:
+    out = tmp_path / "final.safetensors"
+    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", "1", "--kill",
+                      f"server:{victim}@30", COUNT, "--steps", "60", "--out", str(out)])
+    assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
+    final = load_file(str(out))
+    for name, value in final.items():  # 60 steps of +1 (worker 0) and +2 (worker 1)
+        assert torch.equal(value, torch.full_like(value, 180.0)), (name, value.unique())
+    print(re.findall(r"DUPLICATES \d+", text))
