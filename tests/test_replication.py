@@ -7,7 +7,9 @@ ASP with integer gradients ends with exactly the sum of every push.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import msgpack
@@ -20,7 +22,7 @@ from zps.protocol import replicas
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, parse_frames
 
-from .helpers import ROOT, finish, local_cluster, start, wait_for_no_tagged
+from .helpers import ROOT, finish, kill_tagged, local_cluster, role_pid, start, wait_for_line, wait_for_no_tagged
 
 TRAIN = str(ROOT / "tests" / "scripts" / "train_steps.py")
 COUNT = str(ROOT / "tests" / "scripts" / "count_pushes.py")
@@ -116,22 +118,70 @@ def _run(tag: str, args: list[str], timeout: float = 240) -> str:
     return text
 
 
+BSP_JOB = ["--servers", "3", "--workers", "2", "--mode", "bsp"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The parameters after 100 steps of tests/scripts/train_steps.py (BSP, Adam) that nobody interrupted."""
+    out = tmp_path_factory.mktemp("reference") / "final.safetensors"
+    tag = f"replication-reference-{os.getpid()}"
+    try:
+        _run(tag, [*BSP_JOB, TRAIN, "--steps", "100", "--out", str(out)])
+    finally:
+        kill_tagged(tag)
+    return load_file(str(out))
+
+
+def _assert_close(reference: dict[str, torch.Tensor], out: Path) -> None:
+    got = load_file(str(out))
+    assert reference.keys() == got.keys()
+    for name in reference:
+        assert torch.allclose(reference[name], got[name], rtol=0, atol=1e-5), name
+
+
+def _longest_step(text: str) -> float:
+    return max(float(m) for m in re.findall(r"STEPTIME \d+ ([0-9.]+)", text))
+
+
 @pytest.mark.cluster
 def test_bsp_adam_goes_on_through_a_killed_server_and_ends_with_the_uninterrupted_parameters(
-        tag: str, tmp_path: Path) -> None:
-    job = ["--servers", "3", "--workers", "2", "--mode", "bsp"]
-    _run(f"{tag}-ref", [*job, TRAIN, "--steps", "100", "--out", str(tmp_path / "ref.safetensors")])
-    text = _run(tag, [*job, "--replicas", "1", "--kill", "server:1@50", TRAIN, "--steps", "100", "--step-times",
-                      "--out", str(tmp_path / "failover.safetensors")])
+        tag: str, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    out = tmp_path / "failover.safetensors"
+    text = _run(tag, [*BSP_JOB, "--replicas", "1", "--kill", "server:1@50", TRAIN, "--steps", "100", "--step-times",
+                      "--out", str(out)])
     assert "server 1 was killed by SIGKILL: its backups take over" in text, text
     assert re.search(r"FAILOVER: server:1 .* the chunks of server 1 are now served by server 2", text), text
-    stall = max(float(m) for m in re.findall(r"STEPTIME \d+ ([0-9.]+)", text))
-    print(f"longest step with a server killed (3 servers, 2 workers, --replicas 1): {stall:.3f}s")
+    stall = _longest_step(text)
+    print(f"longest step with server 1 killed at step 50 (3 servers, 2 workers, --replicas 1): {stall:.3f}s")
     assert stall < 10, text
-    ref, got = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "failover.safetensors"))
-    assert ref.keys() == got.keys()
-    for name in ref:
-        assert torch.allclose(ref[name], got[name], rtol=0, atol=1e-5), name
+    _assert_close(reference, out)
+
+
+@pytest.mark.cluster
+def test_bsp_completes_on_a_backup_the_step_a_killed_server_was_aggregating(
+        tag: str, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Worker 1 computes 10x longer than worker 0: the servers hold worker 0's push of each step most of the time.
+    Server 0 killed from outside then dies with a step half aggregated; its backup completes it from the pushes
+    the workers send again."""
+    out = tmp_path / "failover.safetensors"
+    proc = start(tag, ["run", "--progress", "off", *BSP_JOB, "--replicas", "1", TRAIN, "--steps", "100",
+                       "--step-times", "--step-time", "0.01", "--slow-rank", "1", "--slow-factor", "10", "--out",
+                       str(out)])
+    try:
+        wait_for_line(proc, "[worker 0] STEP 50", timeout=120)
+        os.kill(role_pid(tag, "server", 0), signal.SIGKILL)
+        code, text = finish(proc, timeout=240)
+    finally:
+        proc.kill()
+    assert code == 0, text
+    assert "server 0 was killed by SIGKILL: its backups take over" in text, text
+    resent = re.findall(r"sending (\d+) requests again", text)
+    stall = _longest_step(text)
+    print(f"longest step with server 0 killed mid-step: {stall:.3f}s; requests sent again per worker: {resent}")
+    assert stall < 10, text
+    _assert_close(reference, out)
+    assert wait_for_no_tagged(tag, within=10) == []
 
 
 @pytest.mark.cluster
