@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from zps.protocol.tensors import encode_entry
 from .store import KeyState, Update
 
 log = logging.getLogger("zps.server")
+# how a server decodes a key's frames: (entry, frames, elements, dtype, what) -> tensor (zps.protocol.tensors.Decoders)
+Decode = Callable[[KeyEntry, list[Any], int, torch.dtype, str], torch.Tensor]
 
 
 class Replication:
@@ -157,11 +160,59 @@ class Replication:
         return promoted
 
 
-def check_replicate(msg: Message, num_servers: int) -> int:
-    """The sending server's rank of a REPLICATE request (ProtocolError when it is not a server's)."""
+@dataclass
+class Incoming:
+    """One update of a REPLICATE request, checked: the key, how the primary applied it, and where it came from."""
+
+    state: KeyState
+    version: int  # the key's version before it, on the primary
+    lr: float | None
+    worker: int | None  # ASP/SSP: the push's worker and step; BSP: None (the step is the version)
+    step: int
+    grad: torch.Tensor
+
+    def held(self) -> bool:
+        """This copy applied it already (a late or repeated forward): acknowledged, not applied again."""
+        if self.worker is not None:
+            return self.step <= self.state.last_step.get(self.worker, -1)
+        return self.state.version > self.version
+
+
+def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: float,
+                   state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> list[Incoming]:
+    """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
+    held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
+    skip others to apply."""
     peer = parse_peer(msg.src, "server")
     if peer is None or peer[1] >= num_servers:
         raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' of a replicate request must be server:N with N < "
                                                   f"{num_servers}, got {str(msg.src)[:40]!r}")
-    return peer[1]
-
+    if msg.fused:
+        raise ProtocolError(ErrorCode.BAD_HEADER, "a replicate request carries no fused frame")
+    out: list[Incoming] = []
+    offset = 0
+    seen: set[int] = set()
+    for entry in msg.keys:
+        nf = entry.get("nf", 0)
+        frames = msg.frames[offset : offset + nf]
+        offset += nf
+        state = state_of(entry)
+        what = f"replicate of {state.label()}"
+        if state.key in seen:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
+        seen.add(state.key)
+        version, lr, worker, step = entry.get("version"), entry.get("lr"), entry.get("worker"), entry.get("step", 0)
+        if type(version) is not int or version < 0:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
+        if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= max_lr):  # (NaN fails the comparison)
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'lr' must be a finite non-negative number or null")
+        if worker is not None and (type(worker) is not int or not 0 <= worker < num_workers):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")
+        if entry.get("codec", "none") != "none":
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: updates travel uncompressed")
+        grad = decode(entry, frames, state.numel, torch.float32, what)
+        if worker is None and state.version < version:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
+                                                    f"{state.version}: it missed updates")
+        out.append(Incoming(state, version, None if lr is None else float(lr), worker, step, grad))
+    return out

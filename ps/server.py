@@ -38,7 +38,7 @@ from zps.protocol.trace import Tracer, now_us
 from ._checkpoint import Checkpoints, Restore
 from ._metrics import GAUGES, ServerMetrics
 from ._pending import Pending, Waiting
-from ._replicas import Replication, check_replicate
+from ._replicas import Replication, read_replicate
 from ._shm import PUSH, WorkerSegments
 from ._values import PullRequest, Values
 from .consistency import Consistency, make_consistency
@@ -653,15 +653,15 @@ class Server:
         states = [self.keys[e["key"]] for e in msg.keys]
         return [(s, e.get("step", 0) + 1 if bsp else s.version) for s, e in zip(states, msg.keys, strict=True)]
 
-    def _apply(self, updates: list[tuple[KeyState, torch.Tensor]], origin: dict[int, tuple[int, int]] | None = None,
-               replicate: bool = True) -> None:
+    def _apply(self, updates: list[tuple[KeyState, torch.Tensor]],
+               origin: dict[int, tuple[int, int]] | None = None) -> None:
         """Apply ``updates`` with the optimizers; a primary then forwards them to the keys' backups (``origin``:
         key -> (worker, step) of the push each came from, ASP/SSP)."""
         assert self.consistency is not None
         if not updates:
             return
         started, start_us = time.perf_counter(), now_us()
-        forward = self.replication.snapshot(updates) if replicate else None
+        forward = self.replication.snapshot(updates)
         self.optimizers.apply(updates)
         if forward is not None:
             self.replication.forward(forward, origin)
@@ -751,49 +751,22 @@ class Server:
     def _replicate(self, msg: Message) -> Message:
         """A backup: apply a primary's updates as it did (all checked first; one already held is acknowledged and
         skipped, so a retried or late one is applied once)."""
-        assert self.consistency is not None and self.topology is not None
-        check_replicate(msg, self.topology.num_servers)
-        if msg.fused:
-            raise ProtocolError(ErrorCode.BAD_HEADER, "a replicate request carries no fused frame")
-        checked: list[tuple[KeyState, float | None, int | None, int, torch.Tensor]] = []
-        offset = 0
-        seen: set[int] = set()
-        for entry in msg.keys:
-            nf = entry.get("nf", 0)
-            frames = msg.frames[offset : offset + nf]
-            offset += nf
-            state = self._state(entry)
-            if state.key in seen:
-                raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
-            seen.add(state.key)
-            version, lr, worker, step = entry.get("version"), entry.get("lr"), entry.get("worker"), entry.get("step", 0)
-            if type(version) is not int or version < 0:
-                raise ProtocolError(ErrorCode.BAD_HEADER, f"replicate of {state.label()}: 'version' must be a "
-                                                          "non-negative integer")
-            if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= MAX_LR):
-                raise ProtocolError(ErrorCode.BAD_HEADER, f"replicate of {state.label()}: 'lr' must be a finite "
-                                                          "non-negative number or null")
-            if worker is not None and (type(worker) is not int or not 0 <= worker < self.topology.num_workers):
-                raise ProtocolError(ErrorCode.BAD_HEADER, f"replicate of {state.label()}: 'worker' must be a "
-                                                          "worker rank")
-            if entry.get("codec", "none") != "none":
-                raise ProtocolError(ErrorCode.BAD_CODEC, f"replicate of {state.label()}: updates travel uncompressed")
-            grad = self._decoders.decode(entry, frames, state.numel, torch.float32, f"replicate of {state.label()}")
-            if worker is None and state.version < version:
-                raise ProtocolError(ErrorCode.CONFLICT, f"replicate of {state.label()}: an update of version {version} "
-                                                        f"but this copy is at {state.version}: it missed updates")
-            held = (step <= state.last_step.get(worker, -1)) if worker is not None else state.version > version
-            if held:
-                self.replication.counters["replica_duplicates"] += 1
-            else:
-                checked.append((state, None if lr is None else float(lr), worker, step, grad))
-        for state, lr, _, _, _ in checked:
-            state.lr = lr
-        self._apply([(state, grad) for state, _, _, _, grad in checked], replicate=False)
-        for state, _, worker, step, _ in checked:
-            if worker is not None:
-                state.last_step[worker] = step
-        self.replication.counters["replica_applied"] += len(checked)
+        assert self.topology is not None
+        if not self.replication.enabled:
+            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
+        updates = read_replicate(msg, self.topology.num_servers, self.topology.num_workers, MAX_LR, self._state,
+                                 self._decoders.decode)
+        fresh = [u for u in updates if not u.held()]
+        self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
+        for u in fresh:
+            u.state.lr = u.lr
+        # (a late forward of a dead primary, reaching the server that took its place, goes on to its backups)
+        self._apply([(u.state, u.grad) for u in fresh],
+                    {u.state.key: (u.worker, u.step) for u in fresh if u.worker is not None} or None)
+        for u in fresh:
+            if u.worker is not None:
+                u.state.last_step[u.worker] = u.step
+        self.replication.counters["replica_applied"] += len(fresh)
         return Message(Kind.OK, id=msg.id, src=self.name)
 
     # -- LEAVE -----------------------------------------------------------------------------------------

@@ -20,9 +20,24 @@ from safetensors.torch import load_file
 
 from zps.protocol import replicas
 from zps.protocol.config import ConfigError, JobConfig
-from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, parse_frames
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, parse_frames
+from zps.protocol.tensors import Decoders
+from zps.worker._engine import Engine
+from zps.worker._replies import Replies
+from zps.worker._shm import SharedAreas
 
-from .helpers import ROOT, finish, kill_tagged, local_cluster, role_pid, start, wait_for_line, wait_for_no_tagged
+from .helpers import (
+    ROOT,
+    Procs,
+    finish,
+    free_port,
+    kill_tagged,
+    local_cluster,
+    role_pid,
+    start,
+    wait_for_line,
+    wait_for_no_tagged,
+)
 
 TRAIN = str(ROOT / "tests" / "scripts" / "train_steps.py")
 COUNT = str(ROOT / "tests" / "scripts" / "count_pushes.py")
@@ -69,6 +84,41 @@ def test_replicas_must_fit_the_servers_and_are_refused_with_what_they_cannot_com
         JobConfig(num_servers=2, replicas=1, checkpoint_dir="/tmp/x")
 
 
+# -- the client's engine re-routes (two fake servers on inproc) ------------------------------------------------
+@pytest.mark.cluster
+def test_the_engine_sends_what_a_dead_server_never_answered_again_to_the_new_primary() -> None:
+    ctx: zmq.Context = zmq.Context.instance()
+    fakes = [ctx.socket(zmq.ROUTER) for _ in range(2)]
+    addresses = [f"inproc://zps-test-reroute-{os.getpid()}-{i}" for i in range(2)]
+    for fake, address in zip(fakes, addresses, strict=True):
+        fake.bind(address)
+    notices: list[list[int]] = []
+    engine = Engine("worker:0", ctx, addresses, timeout=5.0, replies=Replies(Decoders(), SharedAreas("worker:0")),
+                    failure=lambda: None, reroute=lambda: notices.pop() if notices else None)
+    try:
+        push = Message(Kind.PUSH, src="worker:0", keys=[{"key": 3, "step": 4, "nf": 0}])
+        future = engine.submit([(0, push)], "push of step 4")  # home 0: server 0 while it lives
+        assert fakes[0].poll(5000)
+        first = parse_frames(fakes[0].recv_multipart()[1:])  # server 0 takes it and dies without answering
+        notices.append([1, 1])  # the coordinator's failover: home 0 is served by server 1
+        assert fakes[1].poll(5000)
+        identity, *frames = fakes[1].recv_multipart()
+        again = parse_frames(frames)
+        assert again.keys == first.keys and again.id != first.id  # the same push, a new request id
+        fakes[1].send_multipart([identity, *Message(Kind.OK, id=again.id, src="server:1").to_frames()])
+        assert future.result(timeout=10) == {}
+        later = engine.submit([(0, Message(Kind.PULL, src="worker:0", keys=[{"key": 3, "step": 5, "nf": 0}]))],
+                              "pull of step 5")
+        assert fakes[1].poll(5000) and not fakes[0].poll(0)  # new requests for home 0 go to server 1 too
+        identity, *frames = fakes[1].recv_multipart()
+        fakes[1].send_multipart([identity, *Message(Kind.OK, id=parse_frames(frames).id, src="server:1").to_frames()])
+        later.result(timeout=10)
+    finally:
+        engine.close()
+        for fake in fakes:
+            fake.close(linger=0)
+
+
 # -- a malformed replication message (threads) -----------------------------------------------------------------
 @pytest.mark.cluster
 def test_a_malformed_replicate_request_is_answered_with_an_error_and_changes_nothing() -> None:
@@ -105,6 +155,26 @@ def test_a_malformed_replicate_request_is_answered_with_an_error_and_changes_not
             assert torch.equal(values["w"], torch.zeros(8))
             stats = client.stats()
             assert [s["replica_applied"] for s in stats] == [0, 0]
+        finally:
+            raw.close()
+            client.close()
+
+
+@pytest.mark.cluster
+def test_a_server_without_replicas_refuses_replicate_requests() -> None:
+    with local_cluster(1, 1, "asp") as cluster:
+        (client,) = cluster.clients()
+        client.declare({"w": torch.zeros(8)}, ("SGD", [{"lr": 1.0}]))
+        raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(client.topology.servers[0])
+        try:
+            entry = {"key": 0, "version": 0, "lr": 1.0, "nf": 1, "codec": "none", "meta": {}, "bufs": [["float32", 8]]}
+            header = {"v": PROTOCOL_VERSION, "kind": Kind.REPLICATE.value, "id": 1, "src": "server:0", "keys": [entry]}
+            raw.send_multipart([msgpack.packb(header), torch.ones(8).numpy().tobytes()])
+            assert raw.poll(10_000)
+            reply = parse_frames(raw.recv_multipart())
+            assert reply.kind is Kind.ERROR and reply.body["code"] == ErrorCode.BAD_KIND.value, reply.body
         finally:
             raw.close()
             client.close()
@@ -196,3 +266,31 @@ def test_asp_applies_every_acknowledged_push_exactly_once_through_a_killed_serve
     for name, value in final.items():  # 60 steps of +1 (worker 0) and +2 (worker 1)
         assert torch.equal(value, torch.full_like(value, 180.0)), (name, value.unique())
     print(re.findall(r"DUPLICATES \d+", text))
+
+
+@pytest.mark.cluster
+def test_without_a_launcher_heartbeat_loss_fails_a_server_over_and_the_job_completes(tag: str, tmp_path: Path) -> None:
+    """Scheduler mode (every role its own `zps node`): nobody sees server 1 exit; its heartbeats stop, the
+    coordinator fails it over after --heartbeat-timeout, and every push is still applied exactly once."""
+    procs = Procs(tag, tmp_path)
+    out = tmp_path / "final.safetensors"
+    common = {"ZPS_COORDINATOR": f"127.0.0.1:{free_port()}", "ZPS_NUM_SERVERS": "2", "ZPS_NUM_WORKERS": "2",
+              "ZPS_MODE": "asp", "ZPS_REPLICAS": "1", "ZPS_TIMEOUT": "60", "ZPS_HEARTBEAT_TIMEOUT": "2"}
+    procs.start("coordinator", {**common, "ZPS_ROLE": "coordinator"}, ["node"])
+    for rank in range(2):
+        procs.start(f"server{rank}", {**common, "ZPS_ROLE": "server", "ZPS_RANK": str(rank)}, ["node"])
+    script = [COUNT, "--steps", "60", "--out", str(out)]
+    worker0 = procs.start("worker0", {**common, "ZPS_ROLE": "worker", "ZPS_RANK": "0"}, ["node", *script], pipe=True)
+    procs.start("worker1", {**common, "ZPS_ROLE": "worker", "ZPS_RANK": "1"}, ["node", *script])
+    wait_for_line(worker0, "STEP 20", timeout=90)
+    os.kill(role_pid(tag, "server", 1), signal.SIGKILL)
+    code, text = finish(worker0, timeout=90)
+    assert code == 0, f"{text}\n{procs.logs()}"
+    codes = procs.wait(timeout=60)
+    assert codes["server1"] == -signal.SIGKILL
+    assert {name: c for name, c in codes.items() if name not in ("server1", "worker0")} == {
+        "coordinator": 0, "server0": 0, "worker1": 0}, procs.logs()
+    assert "stopped sending heartbeats" in procs.log("coordinator") and "FAILOVER" in procs.log("coordinator")
+    for value in load_file(str(out)).values():
+        assert torch.equal(value, torch.full_like(value, 180.0)), value.unique()
+    assert wait_for_no_tagged(tag, within=10) == []
