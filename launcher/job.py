@@ -32,7 +32,7 @@ from zps.protocol import checkpoint as ckpt
 from zps.protocol import security, stepmetrics, trace
 from zps.protocol.config import Config, JobConfig
 
-from .coordinator import Coordinator
+from .coordinator import Coordinator, State
 from .live import LiveView
 from .network import Emulator
 from .procs import Child, ProcessGroup, install_signal_handlers
@@ -265,7 +265,7 @@ class _Attempt:
                     return self._stop(culprit)
                 return Outcome(1, f"the coordinator: {coordinator.error}")
             for child in self._failures():
-                if child.role == "server" and self.job.replicas:
+                if child.role == "server" and self.job.replicas and self.coordinator.state is State.RUNNING:
                     self._fail_over(child)
                 elif child.role != "worker" or self.job.on_worker_failure == "abort" or not self._cope(child):
                     return self._stop(child)

@@ -211,8 +211,9 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: flo
         if entry.get("codec", "none") != "none":
             raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: updates travel uncompressed")
         grad = decode(entry, frames, state.numel, torch.float32, what)
-        if worker is None and state.version < version:
+        update = Incoming(state, version, None if lr is None else float(lr), worker, step, grad)
+        if not update.held() and state.version < version:  # (a copy applies its primary's updates in order)
             raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
                                                     f"{state.version}: it missed updates")
-        out.append(Incoming(state, version, None if lr is None else float(lr), worker, step, grad))
+        out.append(update)
     return out

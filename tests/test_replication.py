@@ -255,13 +255,27 @@ def test_bsp_completes_on_a_backup_the_step_a_killed_server_was_aggregating(
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("victim", [0, 2])
+def test_bsp_with_two_replicas_survives_two_servers_killed_one_after_the_other(
+        tag: str, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    """--replicas 2 on 3 servers: the second death promotes the last copy, which the first promotion kept updated."""
+    out = tmp_path / "failover.safetensors"
+    text = _run(tag, [*BSP_JOB, "--replicas", "2", "--kill", "server:0@30,server:2@60", TRAIN, "--steps", "100",
+                      "--step-times", "--out", str(out)])
+    assert "topology version 2: the chunks of server 0 are now served by server 1" in text, text
+    print(f"longest step with two servers killed: {_longest_step(text):.3f}s")
+    _assert_close(reference, out)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("count, kills", [(1, "server:0@30"), (1, "server:2@30"), (2, "server:0@20,server:1@40")])
 def test_asp_applies_every_acknowledged_push_exactly_once_through_a_killed_server(tag: str, tmp_path: Path,
-                                                                                  victim: int) -> None:
+                                                                                  count: int, kills: str) -> None:
     out = tmp_path / "final.safetensors"
-    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", "1", "--kill",
-                      f"server:{victim}@30", COUNT, "--steps", "60", "--out", str(out)])
-    assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
+    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", str(count), "--kill", kills,
+                      COUNT, "--steps", "60", "--out", str(out)])
+    for kill in kills.split(","):
+        victim = kill.split(":")[1].split("@")[0]
+        assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
     final = load_file(str(out))
     for name, value in final.items():  # 60 steps of +1 (worker 0) and +2 (worker 1)
         assert torch.equal(value, torch.full_like(value, 180.0)), (name, value.unique())

@@ -140,7 +140,7 @@ class Client:
         parts: list[tuple[int, Message]] = []
         created: dict[int, tuple[Segment, list[tuple[int, int]]]] = {}
         replicas = self.config.job.replicas
-        for server in range(self.topology.num_servers):
+        for server in self._live_servers():
             # with --replicas every copy is declared (and gets rank 0's values): the home's and its backups'
             chunks = ([c for c in plan.chunks if server in copies(c.server, replicas, plan.num_servers)]
                       if replicas else plan.chunks_on(server))
@@ -174,8 +174,7 @@ class Client:
             for segment, _ in created.values():
                 segment.release()  # mapped by the server now (or not wanted): its descriptor is no longer needed
         # the step the job is at: 0; a replacement's (--on-worker-failure restart) or a resumed job's is later
-        self.start_step = min((int(replies[s].get("step", 0)) for s in range(self.topology.num_servers)
-                               if plan.chunks_on(s)), default=0)
+        self.start_step = min((int(replies[s].get("step", 0)) for s in replies if plan.chunks_on(s)), default=0)
         for server, (segment, offsets) in created.items():
             if replies.get(server, {}).get("shm"):
                 self._areas.adopt(server, segment, plan.chunks_on(server), offsets)
