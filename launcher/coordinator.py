@@ -11,6 +11,10 @@ its rank and (a server) its address. The first rejoin moves it REGISTERING -> RE
 join (:attr:`ErrorCode.RECOVERING`) and barriers wait; once every expected member is back it is RUNNING again
 (the servers' addresses are the ones they rejoined with); a member missing after ``--heartbeat-timeout`` fails
 the job, naming it.
+
+With ``--replicas`` a server that fails (its process exits, its heartbeats stop, or a worker lost its connection to
+it and its heartbeats are late too) is failed over instead: its chunks go to their first live copies
+(:mod:`zps.protocol.replicas`), the topology version is bumped and every member hears of it in a NOTICE.
 """
 from __future__ import annotations
 
@@ -107,6 +111,8 @@ class Coordinator:
         self.last_checkpoint = 0
         self.dead_servers: set[int] = set()  # --replicas: servers that died; their chunks moved to backups
         self.topology_version = 0  # bumped by each failover
+        # --replicas: server rank -> (when, which worker) a worker said its connection to that server dropped
+        self._suspects: dict[int, tuple[float, str]] = {}
         self.members: dict[tuple[str, int], _Member] = {}
         self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
         self._stop = threading.Event()
@@ -372,6 +378,19 @@ class Coordinator:
             if m.hb_identity is not None and not m.failed and not m.done:
                 self._tell_topology(m, m.hb_identity)
 
+    def _check_suspects(self, now: float) -> None:
+        """--replicas: a server a worker lost its connection to is failed over as soon as its own heartbeats are late
+        too (three intervals), not after the whole --heartbeat-timeout; one that heartbeats since is cleared."""
+        late = 3 * self.job.heartbeat_interval
+        for rank, (since, who) in list(self._suspects.items()):
+            server = self.members.get(("server", rank))
+            if server is None or server.failed or server.done or server.last_seen > since:
+                del self._suspects[rank]
+            elif now - server.last_seen > late and self.state is State.RUNNING:
+                del self._suspects[rank]
+                self._member_failed(server, f"{who} lost its connection to it and it has sent no heartbeat for "
+                                            f"{now - server.last_seen:.1f}s")
+
     def _tell_topology(self, member: _Member, identity: bytes) -> None:
         """Send ``member`` the newest failover NOTICE (on its heartbeat channel; a member without one yet gets it
         with its next heartbeat)."""
@@ -427,6 +446,11 @@ class Coordinator:
         member.last_seen = time.monotonic()
         if member.topology_version < self.topology_version and not member.failed:
             self._tell_topology(member, identity)
+        suspect = msg.body.get("suspect")
+        if self.job.replicas and member.role == "worker" and isinstance(suspect, list):
+            for rank in suspect[: self.job.num_servers]:
+                if type(rank) is int and 0 <= rank < self.job.num_servers:
+                    self._suspects.setdefault(rank, (member.last_seen, member.name))
         if not member.done and not member.failed:
             self.monitor.report(member.role, member.rank, msg.body.get("stats"))
         if self.state is State.FAILED:
@@ -608,6 +632,7 @@ class Coordinator:
             lost = self.members.get((role, rank))
             if lost is not None:
                 self._member_failed(lost, why)
+        self._check_suspects(now)
         for m in list(self.members.values()):
             if not m.done and not m.failed and now - m.last_seen > self.heartbeat_timeout:
                 self._member_failed(m, f"it stopped sending heartbeats {now - m.last_seen:.0f}s ago")

@@ -125,6 +125,18 @@ class KeyEntry(TypedDict, total=False):
     worker: int
 
 
+class HeartbeatBody(TypedDict, total=False):
+    """The body of a HEARTBEAT (a member to the coordinator, every ``--heartbeat-interval``).
+
+    - ``stats``: the member's progress report (:mod:`zps.protocol.progress`)
+    - ``suspect``: ``--replicas``, a worker's: the ranks of servers its connection to was lost; the coordinator fails
+      such a server over once its own heartbeats are late too (without waiting for ``--heartbeat-timeout``)
+    """
+
+    stats: dict[str, Any]
+    suspect: list[int]
+
+
 class FailoverNotice(TypedDict):
     """A NOTICE body's ``failover`` map (``--replicas``): the coordinator lost servers and promoted backups. Written
     and read by :mod:`zps.protocol.replicas` only.

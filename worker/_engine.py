@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zps.protocol import security, transport
 from zps.protocol.messages import ErrorCode, Message, ProtocolError, decode_header, parse_frames, raise_if_error
@@ -119,11 +120,14 @@ class Engine:
 
     def __init__(self, name: str, context: zmq.Context, addresses: Sequence[str], timeout: float,
                  replies: ReplyPath, failure: Callable[[], str | None], secrets: Secrets | None = None,
-                 reroute: Callable[[], list[int] | None] | None = None) -> None:
+                 reroute: Callable[[], list[int] | None] | None = None,
+                 lost: Callable[[int], None] | None = None) -> None:
         self.name = name
         # --replicas: home -> the server that serves its keys now; ``reroute()`` returns new routes after a failover
         self.routes = list(range(len(addresses)))
         self.reroute = reroute
+        self.lost = lost  # --replicas: told the rank of a server whose connection dropped (it may have died)
+        self._monitors: dict[zmq.Socket, int] = {}
         self._resent: set[int] = set()  # ids of messages sent again after the newest failover
         self._failover_at = 0.0
         self.addresses = list(addresses)
@@ -151,11 +155,15 @@ class Engine:
         self._wake_tx = context.socket(zmq.PAIR)
         self._wake_tx.connect(wake_addr)
         self._poller.register(self._wake_rx, zmq.POLLIN)
-        for address in self.addresses:
+        for server, address in enumerate(self.addresses):
             sock = security.dealer(context, secrets)
             transport.connect(sock, address)
             self._sockets.append(sock)
             self._poller.register(sock, zmq.POLLIN)
+            if lost is not None:  # a server that dies drops its connections at once; heartbeats take longer
+                monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                self._monitors[monitor] = server
+                self._poller.register(monitor, zmq.POLLIN)
         self._stop = threading.Event()
         self._work = threading.Event()
         self._pump_thread = threading.Thread(target=self._pump, name=f"zps-pump-{name}", daemon=True)
@@ -293,6 +301,14 @@ class Engine:
             if sock in events:
                 while transport.readable(sock):
                     self._on_reply(server, *self._receive(sock))
+        for monitor, server in self._monitors.items():
+            if monitor in events:
+                while transport.readable(monitor):
+                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
+                    if event["event"] == zmq.EVENT_DISCONNECTED and self.lost is not None:
+                        log.warning("%s: the connection to server %d (%s) dropped", self.name, server,
+                                    self.addresses[server])
+                        self.lost(server)
         now = time.monotonic()
         if now >= self._next_check:  # deadlines and lost peers: a few times a second is plenty
             self._check_deadlines()
@@ -461,5 +477,8 @@ class Engine:
             log.warning("%s: another thread held the sockets for %.0fs (a blocking done-callback?); leaving them open",
                         self.name, CLOSE_WAIT)
         else:
-            for sock in [*self._sockets, self._wake_tx, self._wake_rx]:
+            for sock in self._sockets:
+                if self._monitors:
+                    sock.disable_monitor()
+            for sock in [*self._monitors, *self._sockets, self._wake_tx, self._wake_rx]:
                 sock.close(linger=0)

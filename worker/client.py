@@ -99,7 +99,8 @@ class Client:
         self._topology_version = 0
         self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
                               lambda: self.rendezvous.failure, config.secrets,
-                              reroute=self._reroute if job.replicas else None)
+                              reroute=self._reroute if job.replicas else None,
+                              lost=self.rendezvous.suspect if job.replicas else None)
         self.progress = Progress(Tracer(config.job.trace, "worker", self.rank),
                                  MetricsFile(config.job.metrics_out, "worker", self.rank),
                                  Disturbance(config.job, self.rank))
