@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
@@ -70,15 +71,22 @@ def main() -> None:
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
     loss_fn = nn.CrossEntropyLoss()
     started = time.monotonic()
-    # 0 on a fresh start; resumed from a checkpoint (--resume), or replacing a worker that failed
-    # (--on-worker-failure restart), the job is further along: carry on from that step's place in the data
-    first_epoch, skip = divmod(optimizer.steps, len(loader))
-    for epoch in range(first_epoch, args.epochs):
+    # BSP needs every worker to take the same number of steps (as DDP does): the job's length is counted in the
+    # steps of the workers it started with; a worker that joined later (--max-workers) has a smaller shard and goes
+    # round it more often
+    per_epoch = math.ceil(math.ceil(len(train) / client.config.job.num_workers) / args.batch_size)
+    steps = args.epochs * per_epoch
+    # 0 on a fresh start; resumed from a checkpoint (--resume), replacing a worker that failed (--on-worker-failure
+    # restart) or joining (--max-workers), the job is further along: carry on from that step's place in the data
+    epoch, skip = divmod(optimizer.steps, len(loader))
+    while optimizer.steps < steps:
         sampler.set_epoch(epoch)
         total, batches = 0.0, 0
         for i, (x, y) in enumerate(loader):
-            if epoch == first_epoch and i < skip:
+            if i < skip:
                 continue
+            if optimizer.steps >= steps:
+                break
             x, y = x.to(args.device), y.to(args.device)
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
@@ -87,12 +95,14 @@ def main() -> None:
             total += loss.item()
             batches += 1
             worker.report(loss=loss.item(), samples=len(y))  # the launcher's live view, zps top, the metrics
+        skip = 0
         if client.rank == 0:  # this worker's copy (in ASP/SSP it trails the servers' model)
             acc = accuracy(model, test)
             worker.report(accuracy=acc)  # zps experiment's time to target accuracy, --metrics-out, zps top
             if epoch % 5 == 4:
                 print(f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, batches):.4f} test accuracy {acc:.4f}",
                       flush=True)
+        epoch += 1
     wall = time.monotonic() - started
     optimizer.synchronize()  # every worker now holds the servers' model (in ASP/SSP its own copy trailed it)
     stats = client.stats()

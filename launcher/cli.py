@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(plan)
 
+    chaos = sub.add_parser("chaos", help="run a job and kill or pause its roles at random, repeatedly; then check "
+                                         "that it completed and left nothing behind (docs/failures.md)")
+    from .chaos import add_arguments as chaos_arguments
+
+    chaos_arguments(chaos)
+
     keys = sub.add_parser("secrets", help="write a job's keys for --secure, one 0600 file per process, for "
                                           "schedulers that start the processes themselves (ZPS_SECRETS_DIR)")
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
@@ -291,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .planner import main as plan_main
 
         return plan_main(args)
+    if args.command == "chaos":
+        from .chaos import main as chaos_main
+
+        return chaos_main(args)
     if args.command == "top":
         from .top import main_top
 

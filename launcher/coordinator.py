@@ -226,6 +226,10 @@ class Coordinator:
                 and self.job.on_worker_failure == "restart"):
             self._replace(identity, msg, replaced)
             return
+        if role == "worker" and self.job.max_workers and (rank >= self.expected["worker"] or
+                                                          (rank < 0 and self.state is State.RUNNING)):
+            self._join(identity, msg, rank, host, pid)
+            return
         if self.state is not State.REGISTERING:
             raise ProtocolError(ErrorCode.CONFLICT,
                                 f"{role} registered after the cluster was complete ({self.state.value})")
@@ -260,17 +264,49 @@ class Coordinator:
             self.servers_ready.set()
             if self.on_change is not None:
                 self.on_change()
-        if len(self.members) == sum(self.expected.values()):
+        if self._complete():
             self._start()
+
+    def _complete(self) -> bool:
+        """Every rank the job starts with registered (workers that join later are not waited for)."""
+        return all((role, r) in self.members for role, count in self.expected.items() for r in range(count))
+
+    def _join(self, identity: bytes, msg: Message, rank: int, host: str, pid: int) -> None:
+        """--max-workers: a worker beyond --workers joins; once the job runs it gets the servers at once, and each
+        server counts it from its next step (it is answered with everyone else when the job starts)."""
+        if self.state in (State.FAILED, State.FINISHED):
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker cannot join: the job has {self.state.value}")
+        limit, first = self.job.worker_ranks, self.expected["worker"]
+        taken = {r for (role, r) in self.members if role == "worker"}
+        if rank < 0:
+            free = [r for r in range(first, limit) if r not in taken]
+            if not free:
+                raise ProtocolError(ErrorCode.CONFLICT, f"all {limit} worker ranks are taken (--max-workers {limit})")
+            rank = free[0]
+        elif rank >= limit:
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker rank {rank} is out of range: the job takes up to {limit} "
+                                                    f"workers (ranks 0-{limit - 1}, --max-workers)")
+        elif rank in taken:
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker rank {rank} is already registered")
+        member = _Member("worker", rank, identity, msg.id, host, pid, None)
+        self.members[("worker", rank)] = member
+        self.monitor.joined("worker", rank, host, pid)
+        if self.state is not State.RUNNING:
+            log.info("%s registered to join; it starts with the job", member.where())
+            return
+        self._notify_servers({"workers": {str(rank): pid}})
+        self._answer(member, tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"])))
+        log.warning("%s joins the running job: %d live workers %s (--max-workers %d)", member.where(),
+                    len(self._live_workers()), sorted(self._live_workers()), limit)
 
     def _rejoin(self, identity: bytes, msg: Message, role: str, rank: int, host: str, pid: int,
                 address: str | None) -> None:
         """A member of the running job registers again: this coordinator restarted (and does not know it)."""
         if self.state is State.FAILED:
             raise ProtocolError(ErrorCode.DEAD, self.error or "the job failed")
-        if not 0 <= rank < self.expected[role]:
-            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} cannot rejoin: the job has "
-                                                    f"{self.expected[role]} {role}s")
+        ranks = self.job.worker_ranks if role == "worker" else self.expected[role]
+        if not 0 <= rank < ranks:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} cannot rejoin: the job has {ranks} {role}s")
         known = self.members.get((role, rank))
         if known is not None:  # it is back already (a second thread of it asked too)
             if (known.host, known.pid) != (host, pid):
@@ -284,7 +320,7 @@ class Coordinator:
                 raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} cannot rejoin: this coordinator has "
                                                         "started a new job")
             self._recover()
-        elif self.state is not State.RECOVERING:
+        elif self.state is not State.RECOVERING and not (self.state is State.RUNNING and rank >= self.expected[role]):
             raise ProtocolError(ErrorCode.CONFLICT, f"{role} rank {rank} is not a member of this job "
                                                     f"({self.state.value})")
         member = _Member(role, rank, identity, msg.id, host, pid, address, answered=True)
@@ -292,7 +328,7 @@ class Coordinator:
         self.monitor.joined(role, rank, host, pid)
         self._reply(identity, Message(Kind.OK, id=msg.id, src=COORDINATOR))
         log.info("%s rejoined", member.where())
-        if len(self.members) == sum(self.expected.values()):
+        if self.state is State.RECOVERING and self._complete():  # (a worker that had joined may come back later)
             self.state = State.RUNNING
             log.warning("every member of the job rejoined after %.1fs: it goes on",
                         time.monotonic() - self._recovering_since)
@@ -412,7 +448,8 @@ class Coordinator:
     def _answer(self, member: _Member, servers: tuple[str, ...]) -> None:
         if servers and self.route is not None:
             servers = self.route(member.role, member.rank, servers)
-        body = Topology(member.role, member.rank, self.job.num_servers, self.job.num_workers, servers,
+        workers = max([self.job.num_workers] + [r + 1 for (role, r) in self.members if role == "worker"])
+        body = Topology(member.role, member.rank, self.job.num_servers, workers, servers,
                         self.job.mode, self.job.staleness).to_body()
         member.last_seen = time.monotonic()
         member.answered = True
@@ -477,6 +514,10 @@ class Coordinator:
         started, arrived = self.barriers.setdefault(name, (time.monotonic(), {}))
         arrived[member.rank] = (identity, msg.id)
         self._release_barriers()
+
+    def live_workers(self) -> set[int]:
+        """The workers that have not finished (any thread may ask)."""
+        return {r for (role, r), m in list(self.members.items()) if role == "worker" and not m.done}
 
     def _live_workers(self) -> set[int]:
         return {r for (role, r), m in self.members.items() if role == "worker" and not m.done}

@@ -273,6 +273,8 @@ class _Attempt:
             if not workers and all(c.returncode == 0 or id(c) in self.handled for c in latest.values()):
                 if not group.running():
                     return Outcome(0)
+                if coordinator.live_workers() - set(latest):
+                    continue  # workers that joined (--max-workers) still train: the servers exit when they are done
                 if deadline is None:
                     deadline = time.monotonic() + SHUTDOWN_GRACE
                 elif time.monotonic() >= deadline:

@@ -45,6 +45,12 @@ def directory(root: str | os.PathLike[str], checkpoint: int) -> Path:
     return Path(root) / f"ckpt-{checkpoint:09d}"
 
 
+def number(path: str | os.PathLike[str]) -> int | None:
+    """The step of the checkpoint directory ``path`` names (``.../ckpt-000000040``: 40); None for another name."""
+    found = _DIR.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
 def part_name(role: str, rank: int) -> str:
     return f"{role}-{rank}.safetensors"
 

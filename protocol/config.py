@@ -159,6 +159,8 @@ class JobConfig:
     num_servers: int = setting(1, "number of parameter servers", flag="--servers", short="-s", minimum=1,
                                required=True)
     num_workers: int = setting(1, "number of workers", flag="--workers", short="-w", minimum=1, required=True)
+    max_workers: int = setting(0, "workers may join the running job up to this many (ranks --workers .. M-1, "
+                                  "e.g. with zps node); 0: no joins", minimum=0, metavar="M")
     mode: str = setting("bsp", "consistency: bsp (synchronous), asp (asynchronous) or ssp (bounded staleness)",
                         choices=MODES)
     staleness: int = setting(0, "ssp: how many clocks a worker may run ahead of the slowest", minimum=0)
@@ -264,6 +266,9 @@ class JobConfig:
                     raise ConfigError(f"{env_name(name)} (--{name})={exc}") from None
         if self.replicas:
             self._check_replicas()
+        if self.max_workers and self.max_workers < self.num_workers:
+            raise ConfigError(f"ZPS_MAX_WORKERS (--max-workers)={self.max_workers}: fewer than the "
+                              f"{self.num_workers} workers the job starts with")
         if self.on_worker_failure == "restart" and not self.max_restarts:
             raise ConfigError("ZPS_ON_WORKER_FAILURE (--on-worker-failure)=restart needs ZPS_MAX_RESTARTS "
                               "(--max-restarts) > 0: the replacements draw on it")
@@ -280,6 +285,11 @@ class JobConfig:
             if value:  # (a checkpoint part would hold the backups' copies too; servers would need each other's keys)
                 raise ConfigError(f"ZPS_REPLICAS (--replicas) cannot be combined with {env_name(name)} "
                                   f"(--{name.replace('_', '-')}) yet")
+
+    @property
+    def worker_ranks(self) -> int:
+        """How many worker ranks the job may ever have: ``max_workers`` where joins are allowed."""
+        return max(self.num_workers, self.max_workers)
 
     def checkpoint_interval(self) -> tuple[str, float] | None:
         """``("steps", N)`` or ``("seconds", S)`` between checkpoints; None without ``--checkpoint-dir``."""

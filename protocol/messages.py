@@ -46,6 +46,7 @@ class Kind(str, enum.Enum):
     PULL = "pull"
     PUSH_PULL = "push_pull"
     LEAVE = "leave"
+    JOIN = "join"  # a worker that joined the running job (--max-workers) asks to be counted from a step
     STATS = "stats"
     # server -> server (--replicas): a primary's updates, for its backups to apply the same way
     REPLICATE = "replicate"

@@ -7,6 +7,12 @@
   reached clock c - s. A worker's clock is the step of its latest pull (it has pushed all earlier steps).
 
 Every mode applies a retried push once: pushes carry (worker, step, key).
+
+A worker may join a running job (``--max-workers``): it declares its keys, then asks (JOIN) to be counted from a
+step. BSP takes that step when no key here has begun to aggregate it, else the first such step, and says which;
+the worker asks every server again with the latest until all agree, so its first step is one step of every key
+(moving a joiner later completes a step that waited only for it). ASP and SSP give it at least the slowest live
+worker's clock.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class Consistency:
         self.live: set[int] = set(range(num_workers))
         self.staleness = staleness
         self.clock: dict[int, int] = {w: 0 for w in self.live}
+        self.since: dict[int, int] = {}  # a worker that joined the running job: the first step it counts in
         self.max_served_gap = 0  # largest (clock of a served pull - slowest live clock) seen
 
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
@@ -64,18 +71,44 @@ class Consistency:
         if self.live:
             self.max_served_gap = max(self.max_served_gap, step - self.slowest())
 
+    def join(self, worker: int, step: int, states: Iterable[KeyState]) -> tuple[int, list[Update]]:
+        """A worker joins the running job, asking to count from ``step``: the step it counts from, and the updates
+        that became complete as a result."""
+        start = max(step, self.slowest())
+        self.live.add(worker)
+        self.clock[worker] = start
+        return start, []
+
     def leave(self, worker: int, states: Iterable[KeyState]) -> list[Update]:
         """A worker finished: stop waiting for it. Returns the updates that became complete as a result."""
         self.live.discard(worker)
         self.clock.pop(worker, None)
+        self.since.pop(worker, None)
         return []
 
 
 class BSP(Consistency):
     name = "bsp"
 
+    def expected(self, state: KeyState) -> set[int]:
+        """The workers whose pushes the key's current step waits for."""
+        if not self.since:
+            return self.live
+        return {w for w in self.live if self.since.get(w, 0) <= state.version}
+
+    def join(self, worker: int, step: int, states: Iterable[KeyState]) -> tuple[int, list[Update]]:
+        states = list(states)
+        start = max([step] + [s.version + (1 if s.pushed else 0) for s in states])
+        self.live.add(worker)
+        self.clock[worker] = self.since[worker] = start
+        updates = []
+        for state in states:  # a step that waited only for this worker (asked for earlier) completes
+            if state.pushed and worker not in state.pushed and self.expected(state) <= state.pushed:
+                updates.append((state, state.take_aggregate()))
+        return start, updates
+
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
-        if step < state.version or worker in state.pushed:
+        if step < state.version or worker in state.pushed or step < self.since.get(worker, 0):
             return False
         if step > state.version:
             raise ProtocolError(
@@ -86,12 +119,13 @@ class BSP(Consistency):
         return True
 
     def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
-        if worker not in self.live:
+        expected = self.expected(state)
+        if worker not in expected:
             return None
-        if len(self.live) == 1 and not state.pushed:
+        if len(expected) == 1 and not state.pushed:
             return grad  # nothing to sum: apply the received buffer itself, no accumulator
         state.accumulate(worker, grad)
-        return state.take_aggregate() if self.live <= state.pushed else None
+        return state.take_aggregate() if expected <= state.pushed else None
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         return state.initialized and state.version >= step
@@ -99,7 +133,7 @@ class BSP(Consistency):
     def pull_waiting_for(self, state: KeyState, worker: int, step: int) -> str:
         if not state.initialized:
             return f"{state.label()} is not initialised yet (rank 0 sends the initial values)"
-        missing = sorted(self.live - state.pushed)
+        missing = sorted(self.expected(state) - state.pushed)
         return (
             f"{state.label()} is at version {state.version}, the pull wants {step}; step {state.version} has pushes "
             f"from workers {sorted(state.pushed)} and waits for workers {missing}"
@@ -110,7 +144,7 @@ class BSP(Consistency):
         updates = []
         for state in states:
             state.pushed.discard(worker)
-            if state.pushed and self.live <= state.pushed:
+            if state.pushed and self.expected(state) <= state.pushed:
                 updates.append((state, state.take_aggregate()))
         return updates
 

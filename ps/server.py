@@ -104,6 +104,7 @@ class Server:
         self._changed: set[int] | None = set()
         self._bytes = 0  # of the parameters declared here (the cap --max-server-bytes)
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
+        self._joined: dict[int, int] = {}  # a worker that joined the running job (--max-workers): from which step
         self._since_trim = 0  # bytes received since freed memory was last given back
         self._last_request = time.monotonic()
         self._started: dict[tuple[bytes, int], tuple[str, float]] = {}  # request -> (kind, arrival): its latency
@@ -391,6 +392,8 @@ class Server:
             return self._replicate(msg)
         if msg.kind is Kind.LEAVE:
             return self._leave(msg, self._worker(msg))
+        if msg.kind is Kind.JOIN:
+            return self._join(msg, self._worker(msg))
         if msg.kind is Kind.STATS:
             self._worker(msg)  # the job's workers, nobody else
             return Message(Kind.OK, id=msg.id, src=self.name, body=self.stats())
@@ -402,9 +405,9 @@ class Server:
             return worker
         assert self.topology is not None
         peer = parse_peer(msg.src, "worker")
-        if peer is None or peer[1] >= self.topology.num_workers:
-            raise ProtocolError(ErrorCode.BAD_HEADER,
-                                f"'src' must be worker:N with N < {self.topology.num_workers}, got {msg.src!r}")
+        ranks = self.config.job.worker_ranks
+        if peer is None or peer[1] >= ranks:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' must be worker:N with N < {ranks}, got {msg.src!r}")
         worker = self._workers[msg.src] = peer[1]
         return worker
 
@@ -754,7 +757,7 @@ class Server:
         assert self.topology is not None
         if not self.replication.enabled:
             raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
-        updates = read_replicate(msg, self.topology.num_servers, self.topology.num_workers, MAX_LR, self._state,
+        updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, MAX_LR, self._state,
                                  self._decoders.decode)
         fresh = [u for u in updates if not u.held()]
         self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
@@ -768,6 +771,28 @@ class Server:
                 u.state.last_step[u.worker] = u.step
         self.replication.counters["replica_applied"] += len(fresh)
         return Message(Kind.OK, id=msg.id, src=self.name)
+
+    # -- JOIN ------------------------------------------------------------------------------------------
+    def _join(self, msg: Message, worker: int) -> Message:
+        """A worker beyond --workers (--max-workers) asks to be counted from a step: the step it is counted from."""
+        assert self.consistency is not None and self.topology is not None
+        step = msg.body.get("step")
+        if type(step) is not int or not 0 <= step < 1 << 62:
+            raise ProtocolError(ErrorCode.BAD_HEADER, "a join's 'step' must be a non-negative integer")
+        if worker < self.topology.num_workers or (worker in self.consistency.live) != (worker in self._joined):
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} is a member of the job already: only a worker "
+                                                    "beyond --workers joins")
+        if worker in self._joined and step < self._joined[worker]:
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} counts from step {self._joined[worker]} "
+                                                    f"already: a join moves only later, not to {step}")
+        start, updates = self.consistency.join(worker, step, self.keys.values())
+        self._apply(updates)
+        self._changed = None
+        if self._joined.get(worker) != start:
+            log.warning("%s: worker %d joins the running job; from step %d the updates average workers %s",
+                        self.name, worker, start, sorted(self.consistency.live))
+        self._joined[worker] = start
+        return Message(Kind.OK, id=msg.id, src=self.name, body={"step": start})
 
     # -- LEAVE -----------------------------------------------------------------------------------------
     def _leave(self, msg: Message, worker: int) -> Message:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.unit
 
 CODECS = available_codecs()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SEEDED = {"qsgd", "terngrad", "topk", "randomk", "dgc", "powersgd"}  # codecs that take a seed
+SEEDED = {"qsgd", "terngrad", "topk", "randomk", "dgc", "topk_adam", "powersgd"}  # codecs that take a seed
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -136,7 +136,7 @@ MAX_REL_ERR = {
     "topk": 1.0,
     "dgc": 1.0,
     "powersgd": 1.0,
-}
+}  # (topk_adam sends Adam directions, not the gradient: no error bound on the gradient)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,6 +266,33 @@ def test_dgc_warmup_and_momentum_masking():
         codec.encode(torch.randn(10))
 
 
+def test_topk_adam_sends_what_local_adam_would_and_keeps_the_rest():
+    """ratio=1: each call sends exactly torch.optim.Adam's step direction for the same gradients (its update divided
+    by -lr); a sparse one sends part of it and keeps the rest for later (mass conserved)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(1000) for _ in range(5)]
+    param = torch.zeros(1000, requires_grad=True)
+    adam = torch.optim.Adam([param], lr=1.0, eps=1e-8)
+    dense = build("topk_adam", "ratio=1")
+    for g in grads:
+        before = param.detach().clone()
+        param.grad = g.clone()
+        adam.step()
+        sent = dense.decode(dense.encode(g), 1000, torch.float32, "cpu")
+        torch.testing.assert_close(sent, before - param.detach(), atol=1e-6, rtol=1e-5)
+    sparse, total = build("topk_adam", "ratio=0.05,beta1=0,beta2=0"), torch.zeros(1000)
+    directions = torch.zeros(1000)
+    for g in grads:  # beta1 = beta2 = 0: the direction is g / (|g| + eps), about sign(g)
+        directions += g / (g.abs() + 1e-8)
+        encoded = sparse.encode(g)
+        assert len(encoded.buffers[0]) == 50
+        total += sparse.decode(encoded, 1000, torch.float32, "cpu")
+    assert sparse.v is not None
+    torch.testing.assert_close(total + sparse.v, directions, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        build("topk_adam", "beta2=1")
+
+
 def test_dgc_without_momentum_conserves_mass_and_clips():
     torch.manual_seed(0)
     codec = build("dgc", "ratio=0.05,momentum=0")
@@ -350,7 +377,7 @@ def test_bias_statistic_detects_bias():
 def test_unbiased_flags():
     assert {n for n in CODECS if build(n).unbiased} == {"qsgd", "terngrad", "randomk"}
     assert {n for n in CODECS if build(n).exact} == {"none"}
-    assert {n for n in CODECS if build(n).stateful} == {"dgc", "powersgd"}
+    assert {n for n in CODECS if build(n).stateful} == {"dgc", "topk_adam", "powersgd"}
 
 
 # ---- error feedback ----------------------------------------------------------------------------------------
@@ -497,6 +524,7 @@ def test_expected_codecs_are_registered():
         "topk",
         "randomk",
         "dgc",
+        "topk_adam",
         "powersgd",
     }
 
@@ -591,6 +619,7 @@ def test_parse_codec_spec_round_trips(name, params):
         "topk:ratio=0.05,seed=3",
         "randomk:ratio=0.25,scale=False,seed=4",
         "dgc:clip=2.5,momentum=0.8,ratio=0.01,seed=5,warmup_steps=10",
+        "topk_adam:beta1=0.8,beta2=0.99,eps=1e-06,ratio=0.01,seed=7,warmup_steps=5",
         "powersgd:rank=4,seed=6",
     ],
 )

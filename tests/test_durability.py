@@ -286,6 +286,22 @@ def test_restart_replaces_a_killed_worker_with_the_same_rank(tag: str, tmp_path:
     assert result["test_accuracy"] >= 0.95 and result["steps"] > 400, result
 
 
+def test_a_replacement_joins_a_resumed_job_after_its_checkpoint_was_pruned(straight: Path, tag: str,
+                                                                           tmp_path: Path) -> None:
+    """Resumed from checkpoint 20 with --keep 1: by step 50 checkpoint 20 is gone (40 replaced it). A worker
+    killed then is replaced, and the replacement starts from the servers' values at the job's step instead of
+    looking for its part of the long-gone checkpoint (zps chaos found this)."""
+    shutil.copytree(ckpt.directory(straight / "ckpt", 20), ckpt.directory(tmp_path / "ckpt", 20))
+    text = zps_job(tag, *JOB, "--checkpoint-dir", str(tmp_path / "ckpt"), "--keep", "1", "--resume", "latest",
+                   "--kill", "worker:1@50", "--on-worker-failure", "restart", "--max-restarts", "1", SCRIPT,
+                   "--steps", "60", "--out", str(tmp_path / "final.st"))
+    assert "replaces the failed worker:1" in text, text
+    assert not ckpt.directory(tmp_path / "ckpt", 20).exists()
+    reference, final = load_file(str(straight / "final.safetensors")), load_file(str(tmp_path / "final.st"))
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], atol=1e-5, rtol=0)
+
+
 def test_zps_run_refuses_a_resume_without_any_checkpoint(tag: str, tmp_path: Path) -> None:
     code, text = finish(start(tag, [*JOB, "--checkpoint-dir", str(tmp_path), "--resume", "latest", SCRIPT]), timeout=60)
     assert code == 2 and "holds no complete checkpoint" in text, text

@@ -176,6 +176,8 @@ class Client:
                 segment.release()  # mapped by the server now (or not wanted): its descriptor is no longer needed
         # the step the job is at: 0; a replacement's (--on-worker-failure restart) or a resumed job's is later
         self.start_step = min((int(replies[s].get("step", 0)) for s in replies if plan.chunks_on(s)), default=0)
+        if self.rank >= self.config.job.num_workers:
+            self.start_step = self._join(self.start_step)
         for server, (segment, offsets) in created.items():
             if replies.get(server, {}).get("shm"):
                 self._areas.adopt(server, segment, plan.chunks_on(server), offsets)
@@ -186,6 +188,20 @@ class Client:
         self.plan = plan
         self._messages = Messages(self.name, plan, group_of_param, self.chunk_bytes, self.push_factory,
                                   self.pull_codec, self.compress_min, self._areas)
+
+    def _join(self, step: int) -> int:
+        """A worker beyond --workers (--max-workers): every server counts it from one step, the one returned. BSP:
+        each answers the step it takes (later than asked when it aggregates that one already); asked again with the
+        latest until all agree. ASP and SSP: its clock starts at the latest answer."""
+        servers = self._live_servers()
+        while True:
+            parts = [(s, Message(Kind.JOIN, src=self.name, body={"step": step})) for s in servers]
+            replies = self._engine.submit(parts, "join", keep_replies=True).result()
+            steps = {int(replies[s].get("step", step)) for s in servers}
+            if steps == {step} or self.topology.mode != "bsp":
+                log.warning("%s joins the running job at step %d", self.name, max(steps))
+                return max(steps)
+            step = max(steps)
 
     @property
     def checkpoint_requested(self) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from zps.protocol import checkpoint as ckpt
 from zps.protocol.codecs import ErrorFeedback
 from zps.protocol.optim_spec import build_from_spec, describe_optimizer
 
@@ -101,8 +102,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             overlap = any(p.is_cuda for p in self.params.values())
         self.overlap = overlap
         self.client.declare(self.params, describe_optimizer(optimizer), groups)
-        self.client.pull(self.params, step=0).result()
-        self.steps = self.client.start_step  # 0, unless this worker replaces one that failed
+        # the values of the step this worker starts at: 0, or a replacement's, a resumed job's or a joiner's
+        self.client.pull(self.params, step=self.client.start_step).result()
+        self.steps = self.client.start_step
         self._synchronized = 0
         self.checkpoints = WorkerCheckpoints(self.client, self.client.config)
         self.resumed: dict[str, Any] | None = None  # the script's state from the checkpoint this job resumed from
@@ -212,6 +214,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.checkpoints.script = state
 
     def _resume(self, resume: str) -> None:
+        saved = ckpt.number(resume)
+        if saved is not None and self.client.start_step > saved:
+            return  # a replacement joining the resumed job later: that checkpoint may be gone (--keep) by now
         found = load_part(resume, self.client.rank)
         if found is None:  # ASP/SSP, this worker had finished: it starts where the servers' clocks say
             return

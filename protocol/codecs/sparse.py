@@ -306,3 +306,68 @@ class DgcCodec(Codec):
     def reset(self) -> None:
         """Forget momentum, accumulation and the warm-up position."""
         self.step, self.u, self.v = 0, None, None
+
+
+
+@register_codec
+class TopkAdamCodec(DgcCodec):
+    """Top-k of locally accumulated Adam directions: DGC with Adam's moments in place of its momentum; stateful.
+
+    Adam on the servers normalises each coordinate's step, so a sparsified gradient whose unsent mass waits in an
+    error-feedback residual is applied at a fraction of its size (a coordinate sent once in many steps moves as far
+    as one sent every step). This codec moves Adam to the workers, as DGC moves momentum: each call updates
+    Adam's moments of the gradient (``m = beta1 m + (1 - beta1) g``, ``s = beta2 s + (1 - beta2) g^2``, bias
+    corrected), accumulates the direction ``v += m / (sqrt(s) + eps)`` and sends the top-k of ``|v|`` (clearing
+    what it sent: error feedback). The density warms up as DGC's. With ``ratio=1`` the servers' SGD applies the
+    average of the workers' Adam directions every step.
+
+    The decoded tensor is already an update direction: the servers run momentum-free SGD with Adam's learning rate
+    (``--optimizer sgd:lr=0.002``). Params: ``ratio`` (0.01), ``beta1`` (0.9), ``beta2`` (0.999), ``eps`` (1e-8),
+    ``warmup_steps`` (0), ``seed``. Buffers and decoding as ``topk``. Meta: ``step``, ``density``.
+    """
+
+    name = "topk_adam"
+    SCHEMA = {"ratio": (float, 0.01), "beta1": (float, 0.9), "beta2": (float, 0.999), "eps": (float, 1e-8),
+              "warmup_steps": (int, 0), "seed": (int, None)}
+
+    def __init__(self, **params: Any) -> None:
+        self.params = resolve_params(self.name, params, self.SCHEMA)
+        self.ratio = _ratio(self.name, self.params["ratio"])
+        self.beta1: float = self.params["beta1"]
+        self.beta2: float = self.params["beta2"]
+        self.eps: float = self.params["eps"]
+        self.warmup_steps = self.params["warmup_steps"]
+        for name in ("beta1", "beta2"):
+            check(0.0 <= self.params[name] < 1.0, f"codec 'topk_adam': {name} must be in [0, 1), got "
+                                                  f"{self.params[name]}")
+        check(self.eps > 0, f"codec 'topk_adam': eps must be > 0, got {self.eps}")
+        check(self.warmup_steps >= 0, f"codec 'topk_adam': warmup_steps must be >= 0, got {self.warmup_steps}")
+        self.rng = DeviceRng(self.params["seed"])
+        self.step = 0
+        self.u: torch.Tensor | None = None  # Adam's first moment
+        self.v: torch.Tensor | None = None  # directions accumulated, not yet sent
+        self.s: torch.Tensor | None = None  # Adam's second moment
+
+    def encode(self, tensor: torch.Tensor) -> Encoded:
+        x = flat(tensor)
+        g = x.float()
+        m, v = self._state(g)
+        if self.s is None or self.s.shape != g.shape or self.s.device != g.device:
+            self.s = torch.zeros_like(g)
+        t = self.step + 1
+        m.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+        self.s.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+        denom = (self.s / (1.0 - self.beta2 ** t)).sqrt_().add_(self.eps)
+        v.addcdiv_(m, denom, value=1.0 / (1.0 - self.beta1 ** t))
+        density = self.density(self.step)
+        idx = topk_indices(v.abs(), _count(density, v.numel()), self.rng.on(v.device))
+        values = v[idx].to(x.dtype)
+        v[idx] -= values.float()  # zero for float32; keeps what a narrower dtype rounded off
+        meta = {"step": self.step, "density": density}
+        self.step += 1
+        return Encoded(meta, [values, idx.to(_index_dtype(v.numel()))])
+
+    def reset(self) -> None:
+        """Forget the moments, the accumulation and the warm-up position."""
+        super().reset()
+        self.s = None
