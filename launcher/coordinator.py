@@ -11,6 +11,10 @@ its rank and (a server) its address. The first rejoin moves it REGISTERING -> RE
 join (:attr:`ErrorCode.RECOVERING`) and barriers wait; once every expected member is back it is RUNNING again
 (the servers' addresses are the ones they rejoined with); a member missing after ``--heartbeat-timeout`` fails
 the job, naming it.
+
+With ``--replicas`` a server that fails (its process exits, its heartbeats stop, or a worker lost its connection to
+it and its heartbeats are late too) is failed over instead: its chunks go to their first live copies
+(:mod:`zps.protocol.replicas`), the topology version is bumped and every member hears of it in a NOTICE.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import metrics as prom
-from zps.protocol import security, transport
+from zps.protocol import replicas, security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
@@ -68,6 +72,7 @@ class _Member:
     done: bool = False
     failed: bool = False
     answered: bool = False  # its registration got its topology
+    topology_version: int = 0  # --replicas: the newest failover NOTICE it was sent
 
     @property
     def name(self) -> str:
@@ -104,6 +109,10 @@ class Coordinator:
         self._lost: collections.deque[tuple[str, int, str]] = collections.deque()  # from the launcher
         self._complaint = Complaints(log, "coordinator")  # refusals, logged once per peer per minute
         self.last_checkpoint = 0
+        self.dead_servers: set[int] = set()  # --replicas: servers that died; their chunks moved to backups
+        self.topology_version = 0  # bumped by each failover
+        # --replicas: server rank -> (when, which worker) a worker said its connection to that server dropped
+        self._suspects: dict[int, tuple[float, str]] = {}
         self.members: dict[tuple[str, int], _Member] = {}
         self.barriers: dict[str, tuple[float, dict[int, tuple[bytes, int]]]] = {}
         self._stop = threading.Event()
@@ -244,12 +253,17 @@ class Coordinator:
         self.members[(role, rank)] = member
         self.monitor.joined(role, rank, host, pid)
         log.debug("registered %s", member.where())
-        if role == "server":  # a server serves at once: it needs no other process's address
+        if role == "server" and not self.job.replicas:  # a server serves at once: it needs no other's address
             self._answer(member, ())
-            if self._all_servers():
-                self.servers_ready.set()
-                if self.on_change is not None:
-                    self.on_change()
+        if role == "server" and self._all_servers():
+            if self.job.replicas:  # a primary forwards its updates to its backups: every server needs the others'
+                servers = self._server_addresses()
+                for m in self.members.values():
+                    if m.role == "server":
+                        self._answer(m, servers)
+            self.servers_ready.set()
+            if self.on_change is not None:
+                self.on_change()
         if self._complete():
             self._start()
 
@@ -341,7 +355,7 @@ class Coordinator:
                          int(msg.body.get("pid", 0)), None)
         self.members[("worker", old.rank)] = member
         self.monitor.joined("worker", old.rank, member.host, member.pid)
-        servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
+        servers = self._server_addresses()
         self._notify_servers({"replaced": old.rank, "workers": {str(old.rank): member.pid}})
         self._answer(member, servers)
         log.warning("%s replaces the failed %s", member.where(), old.where())
@@ -358,6 +372,9 @@ class Coordinator:
         member.failed = True
         self.monitor.ended(member.role, member.rank, failed=True)
         policy = self.job.on_worker_failure
+        if member.role == "server" and self.job.replicas and self.state is State.RUNNING:
+            self._failover(member, why)
+            return
         if member.role == "server" or policy == "abort":
             self.failed_by = (member.role, member.rank)
             self._fail(f"{member.where()} failed: {why[:2000]}")
@@ -376,10 +393,54 @@ class Coordinator:
             log.warning("%s failed (%s); waiting for its replacement (--on-worker-failure restart)", member.where(),
                         why[:500])
 
+    def _failover(self, member: _Member, why: str) -> None:
+        """--replicas: a server died. Each home it served goes to its first live copy; every member hears of it (a
+        NOTICE with the new topology version); the job fails only when every copy of some home is lost."""
+        self.dead_servers.add(member.rank)
+        self.topology_version += 1
+        routes = replicas.routes(self.job.replicas, self.job.num_servers, self.dead_servers)
+        lost = [home for home, owner in enumerate(routes) if owner < 0]
+        if lost:
+            self.failed_by = (member.role, member.rank)
+            self._fail(f"{member.where()} failed: {why[:2000]}; every copy of the chunks of server(s) "
+                       f"{', '.join(map(str, lost))} is lost (--replicas {self.job.replicas}; dead servers "
+                       f"{sorted(self.dead_servers)})")
+            return
+        moved = {home: owner for home, owner in enumerate(routes) if home in self.dead_servers}
+        log.warning("FAILOVER: %s failed (%s); topology version %d: %s; the job goes on", member.where(), why[:500],
+                    self.topology_version, ", ".join(f"the chunks of server {h} are now served by server {o}"
+                                                      for h, o in sorted(moved.items())))
+        for m in self.members.values():
+            if m.hb_identity is not None and not m.failed and not m.done:
+                self._tell_topology(m, m.hb_identity)
+
+    def _check_suspects(self, now: float) -> None:
+        """--replicas: a server a worker lost its connection to is failed over as soon as its own heartbeats are late
+        too (three intervals), not after the whole --heartbeat-timeout; one that heartbeats since is cleared."""
+        late = 3 * self.job.heartbeat_interval
+        for rank, (since, who) in list(self._suspects.items()):
+            server = self.members.get(("server", rank))
+            if server is None or server.failed or server.done or server.last_seen > since:
+                del self._suspects[rank]
+            elif now - server.last_seen > late and self.state is State.RUNNING:
+                del self._suspects[rank]
+                self._member_failed(server, f"{who} lost its connection to it and it has sent no heartbeat for "
+                                            f"{now - server.last_seen:.1f}s")
+
+    def _tell_topology(self, member: _Member, identity: bytes) -> None:
+        """Send ``member`` the newest failover NOTICE (on its heartbeat channel; a member without one yet gets it
+        with its next heartbeat)."""
+        member.topology_version = self.topology_version
+        self._reply(identity, Message(Kind.NOTICE, src=COORDINATOR,
+                                      body=replicas.notice_body(self.topology_version, self.dead_servers)))
+
     def _notify_servers(self, body: dict[str, Any]) -> None:
         for m in self.members.values():
             if m.role == "server" and m.hb_identity is not None:
                 self._reply(m.hb_identity, Message(Kind.NOTICE, src=COORDINATOR, body=body))
+
+    def _server_addresses(self) -> tuple[str, ...]:
+        return tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
 
     def _all_servers(self) -> bool:
         return all(("server", r) in self.members for r in range(self.expected["server"]))
@@ -396,7 +457,7 @@ class Coordinator:
 
     def _start(self) -> None:
         """The cluster is complete: every worker gets the servers' addresses."""
-        servers = tuple(str(self.members[("server", r)].address) for r in range(self.expected["server"]))
+        servers = self._server_addresses()
         # the servers learn each worker's pid first: a shared segment is mapped only from the worker that registered
         self._notify_servers({"workers": {str(m.rank): m.pid for (role, _), m in self.members.items()
                                           if role == "worker"}})
@@ -420,6 +481,13 @@ class Coordinator:
             return
         member.hb_identity = identity
         member.last_seen = time.monotonic()
+        if member.topology_version < self.topology_version and not member.failed:
+            self._tell_topology(member, identity)
+        suspect = msg.body.get("suspect")
+        if self.job.replicas and member.role == "worker" and isinstance(suspect, list):
+            for rank in suspect[: self.job.num_servers]:
+                if type(rank) is int and 0 <= rank < self.job.num_servers:
+                    self._suspects.setdefault(rank, (member.last_seen, member.name))
         if not member.done and not member.failed:
             self.monitor.report(member.role, member.rank, msg.body.get("stats"))
         if self.state is State.FAILED:
@@ -500,6 +568,7 @@ class Coordinator:
         """The job's live view (the STATUS reply; ``zps top`` shows it)."""
         return {"state": self.state.value, "mode": self.job.mode, "num_servers": self.job.num_servers,
                 "num_workers": self.job.num_workers, "error": self.error, "checkpoint": self.last_checkpoint,
+                "dead_servers": sorted(self.dead_servers),
                 **self.monitor.snapshot()}
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -560,7 +629,7 @@ class Coordinator:
 
     def _servers_gone(self) -> bool:
         servers = [m for m in self.members.values() if m.role == "server"]
-        if all(m.done for m in servers):
+        if all(m.done or m.failed for m in servers):
             return True
         # servers that never answer the shutdown are the launcher's to end; do not wait for them forever
         return self._finished_at is not None and time.monotonic() - self._finished_at > self.heartbeat_timeout
@@ -604,6 +673,7 @@ class Coordinator:
             lost = self.members.get((role, rank))
             if lost is not None:
                 self._member_failed(lost, why)
+        self._check_suspects(now)
         for m in list(self.members.values()):
             if not m.done and not m.failed and now - m.last_seen > self.heartbeat_timeout:
                 self._member_failed(m, f"it stopped sending heartbeats {now - m.last_seen:.0f}s ago")

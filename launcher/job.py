@@ -11,7 +11,8 @@
 4. supervision: the job ends as a unit. The first child to fail, a failure the coordinator detects (a missing
    role at start-up, a lost heartbeat, a worker reporting an error) or a signal to the launcher ends every
    process, and the launcher returns the first failure's exit code -- unless ``--on-worker-failure`` says
-   otherwise for a worker: ``shrink`` goes on without it, ``restart`` starts a replacement with its rank. When
+   otherwise for a worker: ``shrink`` goes on without it, ``restart`` starts a replacement with its rank; with
+   ``--replicas`` a server that dies is replaced by its backups (the coordinator's failover). When
    every worker exits 0 the servers are told to shut down and the job returns 0;
 5. teardown: SIGTERM to every process group, a bounded wait, SIGKILL;
 6. with ``--max-restarts N``, a failed job is started again from its newest checkpoint, up to N times.
@@ -31,7 +32,7 @@ from zps.protocol import checkpoint as ckpt
 from zps.protocol import security, stepmetrics, trace
 from zps.protocol.config import Config, JobConfig
 
-from .coordinator import Coordinator
+from .coordinator import Coordinator, State
 from .live import LiveView
 from .network import Emulator
 from .procs import Child, ProcessGroup, install_signal_handlers
@@ -264,7 +265,9 @@ class _Attempt:
                     return self._stop(culprit)
                 return Outcome(1, f"the coordinator: {coordinator.error}")
             for child in self._failures():
-                if child.role != "worker" or self.job.on_worker_failure == "abort" or not self._cope(child):
+                if child.role == "server" and self.job.replicas and self.coordinator.state is State.RUNNING:
+                    self._fail_over(child)
+                elif child.role != "worker" or self.job.on_worker_failure == "abort" or not self._cope(child):
                     return self._stop(child)
             latest = {c.rank: c for c in group.children if c.role == "worker"}  # a replacement replaces
             if not workers and all(c.returncode == 0 or id(c) in self.handled for c in latest.values()):
@@ -302,6 +305,15 @@ class _Attempt:
             assert child.spec is not None
             self._start(child.spec)
         return True
+
+    def _fail_over(self, child: Child) -> None:
+        """--replicas: a server died; the coordinator promotes its backups (or fails the job when a chunk lost every
+        copy, which then ends here as a coordinator failure)."""
+        self.group.say(f"{child.label} {_how(child)}: its backups take over its chunks (--replicas "
+                       f"{self.job.replicas})")
+        _print_tail(self.group, child)
+        self.handled.add(id(child))
+        self.coordinator.lost("server", child.rank, f"{child.label} {_how(child)}")
 
     def _stop(self, child: Child) -> Outcome:
         """The first failure ends the job: say how, with its last lines; its exit code is the job's."""

@@ -190,6 +190,9 @@ class JobConfig:
                               "in --checkpoint-dir)", metavar="DIR")
     max_restarts: int = setting(0, "restart a failed job from its newest checkpoint up to N times", minimum=0,
                                 metavar="N")
+    replicas: int = setting(0, "keep R backup copies of every chunk on other servers (values and optimizer state); "
+                               "a server that dies is replaced by a backup and the job goes on (docs/failures.md)",
+                            minimum=0, metavar="R")
     on_worker_failure: str = setting("abort", "when a worker fails: abort the job, shrink (go on without it) or "
                                               "restart it (a replacement with the same rank)", choices=WORKER_POLICIES)
     preload: bool = setting(True, "zps run: start the local processes by forking one process that imported torch "
@@ -261,12 +264,27 @@ class JobConfig:
                     parse(spec)
                 except simulation.SpecError as exc:
                     raise ConfigError(f"{env_name(name)} (--{name})={exc}") from None
+        if self.replicas:
+            self._check_replicas()
         if self.max_workers and self.max_workers < self.num_workers:
             raise ConfigError(f"ZPS_MAX_WORKERS (--max-workers)={self.max_workers}: fewer than the "
                               f"{self.num_workers} workers the job starts with")
         if self.on_worker_failure == "restart" and not self.max_restarts:
             raise ConfigError("ZPS_ON_WORKER_FAILURE (--on-worker-failure)=restart needs ZPS_MAX_RESTARTS "
                               "(--max-restarts) > 0: the replacements draw on it")
+
+    def _check_replicas(self) -> None:
+        from .replicas import check_replicas
+
+        try:
+            check_replicas(self.replicas, self.num_servers)
+        except ValueError as exc:
+            raise ConfigError(f"ZPS_REPLICAS (--replicas)={self.replicas}: {exc}") from None
+        for name, value in (("checkpoint_dir", self.checkpoint_dir), ("resume", self.resume),
+                            ("secure", self.secure)):
+            if value:  # (a checkpoint part would hold the backups' copies too; servers would need each other's keys)
+                raise ConfigError(f"ZPS_REPLICAS (--replicas) cannot be combined with {env_name(name)} "
+                                  f"(--{name.replace('_', '-')}) yet")
 
     @property
     def worker_ranks(self) -> int:

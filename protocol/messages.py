@@ -48,6 +48,8 @@ class Kind(str, enum.Enum):
     LEAVE = "leave"
     JOIN = "join"  # a worker that joined the running job (--max-workers) asks to be counted from a step
     STATS = "stats"
+    # server -> server (--replicas): a primary's updates, for its backups to apply the same way
+    REPLICATE = "replicate"
     # replies
     OK = "ok"
     VALUES = "values"
@@ -87,6 +89,19 @@ class KeyEntry(TypedDict, total=False):
     - ``name``, ``offset``, ``numel``: the parameter, and the chunk's slice of it (in elements)
     - ``dtype``: the parameter's dtype name; ``group``: the optimizer param group
     - ``shm``: ``[push offset, pull offset]`` of the key's areas in the worker's shared segment (bytes)
+    - ``home``: the server the sharding plan gives the chunk (with ``--replicas``: its copies live on the servers
+      :func:`zps.protocol.replicas.copies` names, and the receiver may be a backup)
+
+    REPLICATE requests (a primary to a backup: one update it applied, to apply the same way; the gradient as
+    uncompressed frames, ``codec`` ``"none"``):
+
+    - ``version``: the key's version before the update (a backup already past it answers OK and changes nothing)
+    - ``lr``: the learning rate the primary applied it with (None: the optimizer's own)
+    - ``step``, ``worker``: the push it came from (ASP/SSP: ``worker``'s push of ``step``, recorded so that a retry
+      of that push reaching this server once it is primary is applied once; BSP: ``step`` is the version)
+
+    One REPLICATE carries the keys one optimizer step of the primary updated, and the backup steps them together
+    too: every copy holds the same bits, optimizer state included.
     """
 
     key: int
@@ -106,6 +121,33 @@ class KeyEntry(TypedDict, total=False):
     numel: int
     dtype: str
     group: int
+    home: int
+    lr: float | None
+    worker: int
+
+
+class HeartbeatBody(TypedDict, total=False):
+    """The body of a HEARTBEAT (a member to the coordinator, every ``--heartbeat-interval``).
+
+    - ``stats``: the member's progress report (:mod:`zps.protocol.progress`)
+    - ``suspect``: ``--replicas``, a worker's: the ranks of servers its connection to was lost; the coordinator fails
+      such a server over once its own heartbeats are late too (without waiting for ``--heartbeat-timeout``)
+    """
+
+    stats: dict[str, Any]
+    suspect: list[int]
+
+
+class FailoverNotice(TypedDict):
+    """A NOTICE body's ``failover`` map (``--replicas``): the coordinator lost servers and promoted backups. Written
+    and read by :mod:`zps.protocol.replicas` only.
+
+    - ``version``: the topology version, bumped by each failover (1 after the first)
+    - ``dead``: every server rank that has died so far; each home's chunks are served by its first live copy
+    """
+
+    version: int
+    dead: list[int]
 
 
 class RegisterBody(TypedDict, total=False):

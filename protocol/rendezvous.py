@@ -27,7 +27,7 @@ import zmq
 
 from . import security, transport
 from .config import Config, ConfigError
-from .messages import ErrorCode, Kind, Message, ProtocolError, RegisterBody
+from .messages import ErrorCode, HeartbeatBody, Kind, Message, ProtocolError, RegisterBody
 from .peers import peer_name
 
 log = logging.getLogger("zps.rendezvous")
@@ -103,6 +103,8 @@ class RendezvousClient:
         self.notices: collections.deque[dict[str, Any]] = collections.deque()  # membership news, for the server
         # what each heartbeat reports (zps.protocol.progress): the process sets it once it has something to say
         self.reporter: Callable[[], dict[str, Any]] | None = None
+        self._suspects: set[int] = set()  # --replicas, a worker: servers it lost its connection to (the next heartbeat
+        self._suspects_lock = threading.Lock()  # says so, once)
 
     # -- request / reply -------------------------------------------------------------------------------
     def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None,
@@ -174,6 +176,12 @@ class RendezvousClient:
             self._rejoined_mark = next(self._ids)
         log.warning("%s: the coordinator at %s restarted; rejoined it", self.name, self.config.coordinator)
 
+    def suspect(self, server: int) -> None:
+        """--replicas, a worker (any thread): its connection to ``server`` dropped; the next heartbeat tells the
+        coordinator, which fails it over once its heartbeats are late too."""
+        with self._suspects_lock:
+            self._suspects.add(server)
+
     def register(self, address: str | None = None) -> Topology:
         """Register this process (a server passes its bound ``address``); block until the cluster is complete."""
         self._address = address
@@ -242,7 +250,14 @@ class RendezvousClient:
         try:
             while not self._hb_stop.is_set():
                 # sent whether or not the coordinator answers: a restarted one gets them (and says it restarted)
-                transport.send(sock, Message(Kind.HEARTBEAT, id=next(self._ids), src=self.name, body=self._report()))
+                body: HeartbeatBody = {}
+                report = self._report()
+                if "stats" in report:
+                    body["stats"] = report["stats"]
+                with self._suspects_lock:
+                    if self._suspects:
+                        body["suspect"], self._suspects = sorted(self._suspects), set()
+                transport.send(sock, Message(Kind.HEARTBEAT, id=next(self._ids), src=self.name, body=dict(body)))
                 deadline = time.monotonic() + interval
                 while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
                     # short slices, so a stop request is seen within 50 ms

@@ -2,7 +2,7 @@
 compressed delta since that worker's last pull (with the server's own error feedback)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ class PullRequest:
     step: int
     pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so (canonical)
     pull_shm: list[bool]  # per key: answer through the worker's shared pull area
+    # --replicas: answer only once every live backup holds each of these (key, version): the push it came with
+    after: list[tuple[KeyState, int]] = field(default_factory=list)
 
 
 class Values:

@@ -23,7 +23,7 @@ import zmq
 
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import metrics as prom
-from zps.protocol import security, transport
+from zps.protocol import replicas, security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
@@ -38,6 +38,7 @@ from zps.protocol.trace import Tracer, now_us
 from ._checkpoint import Checkpoints, Restore
 from ._metrics import GAUGES, ServerMetrics
 from ._pending import Pending, Waiting
+from ._replicas import Replication, read_replicate
 from ._shm import PUSH, WorkerSegments
 from ._values import PullRequest, Values
 from .consistency import Consistency, make_consistency
@@ -96,6 +97,7 @@ class Server:
         self._notices: collections.deque[dict[str, Any]] = collections.deque()  # the coordinator's, once registered
         self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
         self.pending = Pending(self._send, self.name, config.job.max_pending)
+        self.replication = Replication(0, 1, 0, self.context, (), self.name)  # --replicas: set up once registered
         self.complain = Complaints(log, self.name)  # refusals, logged once per peer per minute
         # what the message being handled changed: the keys it updated or set, or everything (None: a worker left,
         # SSP's slowest clock moved); the requests waiting on it are re-checked after the message
@@ -142,6 +144,8 @@ class Server:
                 self._kill_at = parse_kills(self.config.job.kill).get(("server", self.topology.rank))
             self.tracer = Tracer(self.config.job.trace, "server", self.topology.rank)
             rendezvous.reporter = self._report
+            self.replication = Replication(self.topology.rank, self.topology.num_servers, self.config.job.replicas,
+                                           self.context, self.topology.servers, self.name)
             metrics_server = prom.serve(self.metrics.registry, self.config.host,
                                         prom.metrics_port(self.config.job.metrics_port, "server", self.topology.rank),
                                         self.name)
@@ -171,6 +175,7 @@ class Server:
             rendezvous.done(failure)
             rendezvous.close()
             sock.close(linger=0)
+            self.replication.close()
             if metrics_server is not None:
                 metrics_server.close()
             self._write_trace()
@@ -182,6 +187,8 @@ class Server:
     def _serve(self, sock: zmq.Socket, rendezvous: RendezvousClient) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        for peer in self.replication.sockets.values():  # --replicas: the backups' acknowledgements
+            poller.register(peer, zmq.POLLIN)
         while not self.stop.is_set() and not rendezvous.shutdown_requested.is_set():
             wait_ms = 100
             soonest = self.pending.soonest()
@@ -209,6 +216,10 @@ class Server:
                         self._trim()
             elif self._since_trim and time.monotonic() - self._last_request >= _TRIM_WHEN_IDLE:
                 self._trim()
+            if self.replication.sockets:
+                acknowledged = self.replication.receive()
+                if acknowledged:
+                    self.pending.flush(acknowledged)
             self._drain_notices()
             if len(self.pending):
                 self.pending.expire(self.config.job.timeout)
@@ -361,15 +372,24 @@ class Server:
         if msg.kind in (Kind.PUSH, Kind.PUSH_PULL):
             worker = self._worker(msg)
             if msg.kind is Kind.PUSH:
-                self._push(msg, worker)
+                targets = self._push(msg, worker)
+                if self.replication.enabled:  # acknowledged once every live copy applied it
+                    return self._once_replicated(identity, msg, worker, targets)
                 return Message(Kind.OK, id=msg.id, src=self.name)
             pull = self._pull_request(identity, msg, worker, max((e.get("step", 0) for e in msg.keys), default=-1) + 1)
-            self._push(msg, worker)  # the pull half was checked first: a refused message changes nothing
+            targets = self._push(msg, worker)  # the pull half was checked first: a refused message changes nothing
+            if self.replication.enabled:
+                pull.after = targets
             return self._pull(pull)
         if msg.kind is Kind.PULL:
             worker = self._worker(msg)
             step = max((e.get("step", 0) for e in msg.keys), default=0)
-            return self._pull(self._pull_request(identity, msg, worker, step))
+            request = self._pull_request(identity, msg, worker, step)
+            if self.replication.enabled and self.topology is not None and self.topology.mode == "bsp":
+                request.after = [(s, step) for s in request.states]  # BSP: values every copy holds
+            return self._pull(request)
+        if msg.kind is Kind.REPLICATE:
+            return self._replicate(msg)
         if msg.kind is Kind.LEAVE:
             return self._leave(msg, self._worker(msg))
         if msg.kind is Kind.JOIN:
@@ -446,6 +466,10 @@ class Server:
             if type(group) is not int or group < 0:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' must be a non-negative integer, "
                                                           f"got {group!r}")
+            home = entry.get("home", self.replication.rank)
+            if type(home) is not int or not 0 <= home < self.replication.num_servers:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'home' must be a server rank, got "
+                                                          f"{str(home)[:40]}")
             existing = self.keys.get(key)
             if existing is not None and (existing.numel, existing.name, existing.group) != (numel, name, group):
                 # (what the key was declared as is logged here, not told to whoever asks)
@@ -487,7 +511,8 @@ class Server:
         states = []
         for (entry, existing), tensor in zip(declared, values, strict=True):
             state = existing or KeyState(key=entry["key"], numel=entry["numel"], name=entry.get("name", ""),
-                                         offset=entry.get("offset", 0), group=entry.get("group", 0))
+                                         offset=entry.get("offset", 0), group=entry.get("group", 0),
+                                         home=entry.get("home", self.replication.rank))
             if state.key not in self.keys:
                 self._bytes += 4 * state.numel
             self.keys[state.key] = state
@@ -550,8 +575,9 @@ class Server:
                 "model?)")
 
     # -- PUSH ------------------------------------------------------------------------------------------
-    def _push(self, msg: Message, worker: int) -> None:
-        """Validate and decode every key first; then apply. A message with one bad key changes nothing."""
+    def _push(self, msg: Message, worker: int) -> list[tuple[KeyState, int]]:
+        """Validate and decode every key first; then apply. A message with one bad key changes nothing. Returns
+        each key with the version that holds this push's contribution (BSP: once its step is applied)."""
         assert self.consistency is not None
         lrs = msg.body.get("lr")
         if lrs is not None and not (
@@ -622,18 +648,26 @@ class Server:
                     self.metrics.bsp_wait.observe(now - first)
             elif bsp:
                 self._first_push.setdefault(state.key, now)
-        self._apply(updates)
+        self._apply(updates, None if bsp else {s.key: (worker, step) for s, step, _ in accepted})
         for state, step, _ in accepted:
             self.consistency.applied(state, worker, step)
         if accepted:
             self.tracer.span("push", started, worker=worker, step=accepted[0][1], keys=len(accepted))
+        states = [self.keys[e["key"]] for e in msg.keys]
+        return [(s, e.get("step", 0) + 1 if bsp else s.version) for s, e in zip(states, msg.keys, strict=True)]
 
-    def _apply(self, updates: list[tuple[KeyState, torch.Tensor]]) -> None:
+    def _apply(self, updates: list[tuple[KeyState, torch.Tensor]],
+               origin: dict[int, tuple[int, int]] | None = None) -> None:
+        """Apply ``updates`` with the optimizers; a primary then forwards them to the keys' backups (``origin``:
+        key -> (worker, step) of the push each came from, ASP/SSP)."""
         assert self.consistency is not None
         if not updates:
             return
         started, start_us = time.perf_counter(), now_us()
+        forward = self.replication.snapshot(updates)
         self.optimizers.apply(updates)
+        if forward is not None:
+            self.replication.forward(forward, origin)
         took = time.perf_counter() - started
         self.metrics.apply.observe(took)
         self.timing["apply"] += took
@@ -676,7 +710,12 @@ class Server:
 
     def _ready(self, p: PullRequest) -> bool:
         assert self.consistency is not None
-        return all(self.consistency.pull_ready(s, p.worker, p.step) for s in p.states)
+        return (all(self.consistency.pull_ready(s, p.worker, p.step) for s in p.states)
+                and self._replicated(p.after))
+
+    def _replicated(self, targets: list[tuple[KeyState, int]]) -> bool:
+        """Every live backup holds each (key, version) of ``targets``."""
+        return all(self.replication.acked(s) >= version for s, version in targets)
 
     def _answer(self, p: PullRequest) -> Message:
         assert self.consistency is not None
@@ -689,8 +728,49 @@ class Server:
 
     def _blocked(self, p: PullRequest) -> str:
         assert self.consistency is not None
-        blocked = next(s for s in p.states if not self.consistency.pull_ready(s, p.worker, p.step))
+        blocked = next((s for s in p.states if not self.consistency.pull_ready(s, p.worker, p.step)), None)
+        if blocked is None:
+            return self._unreplicated(p.after)
         return self.consistency.pull_waiting_for(blocked, p.worker, p.step)
+
+    def _unreplicated(self, targets: list[tuple[KeyState, int]]) -> str:
+        state, version = next(((s, v) for s, v in targets if self.replication.acked(s) < v), targets[0])
+        return (f"{state.label()} at version {state.version}: its backups (servers "
+                f"{self.replication.backups(state)}) have acknowledged version {self.replication.acked(state)}, "
+                f"the request waits for {version}")
+
+    # -- replication (--replicas) -------------------------------------------------------------------------
+    def _once_replicated(self, identity: bytes, msg: Message, worker: int,
+                         targets: list[tuple[KeyState, int]]) -> Message | None:
+        """A push's OK, once every live backup holds what it contributed to (BSP: the step's update)."""
+        reply = Message(Kind.OK, id=msg.id, src=self.name)
+        if self._replicated(targets):
+            return reply
+        self.pending.add(Waiting(identity, msg.id, worker, [s for s, _ in targets],
+                                 time.monotonic() + self.config.job.timeout, ready=lambda: self._replicated(targets),
+                                 answer=lambda: reply, why=lambda: self._unreplicated(targets), what="push"))
+        return None
+
+    def _replicate(self, msg: Message) -> Message:
+        """A backup: apply a primary's updates as it did (all checked first; one already held is acknowledged and
+        skipped, so a retried or late one is applied once)."""
+        assert self.topology is not None
+        if not self.replication.enabled:
+            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
+        updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, MAX_LR, self._state,
+                                 self._decoders.decode)
+        fresh = [u for u in updates if not u.held()]
+        self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
+        for u in fresh:
+            u.state.lr = u.lr
+        # (a late forward of a dead primary, reaching the server that took its place, goes on to its backups)
+        self._apply([(u.state, u.grad) for u in fresh],
+                    {u.state.key: (u.worker, u.step) for u in fresh if u.worker is not None} or None)
+        for u in fresh:
+            if u.worker is not None:
+                u.state.last_step[u.worker] = u.step
+        self.replication.counters["replica_applied"] += len(fresh)
+        return Message(Kind.OK, id=msg.id, src=self.name)
 
     # -- JOIN ------------------------------------------------------------------------------------------
     def _join(self, msg: Message, worker: int) -> Message:
@@ -728,6 +808,9 @@ class Server:
         """The coordinator's news of a worker: ``gone`` (it failed; --on-worker-failure shrink goes on without it)
         or ``replaced`` (a new process took its rank: what the old one held here is forgotten)."""
         assert self.consistency is not None
+        if "failover" in body:
+            self._failover(body)
+            return
         gone, replaced = body.get("gone"), body.get("replaced")
         for worker in (gone, replaced):
             if type(worker) is int:
@@ -743,6 +826,28 @@ class Server:
                         body.get("why", "no reason given"), step, sorted(self.consistency.live))
         self.pending.flush(None)
 
+    def _failover(self, body: dict[str, Any]) -> None:
+        """--replicas: servers died; this one may now serve some of their chunks (their first live copy)."""
+        try:
+            found = replicas.parse_notice(body, self.replication.num_servers)
+        except ValueError as exc:
+            log.error("%s: a malformed failover notice from the coordinator: %s", self.name, exc)
+            return
+        if found is None:
+            return
+        promoted = self.replication.failover(found[0], found[1], self.keys.values())
+        if promoted is None:
+            return
+        if promoted:
+            homes = sorted({s.home for s in promoted})
+            log.warning("FAILOVER: %s: topology version %d (dead servers %s): now the primary of %d keys of "
+                        "server(s) %s (keys %s), at versions %s", self.name, found[0], sorted(found[1]),
+                        len(promoted), homes, _keys_text([s.key for s in promoted]),
+                        sorted({s.version for s in promoted})[:5])
+        else:
+            log.warning("FAILOVER: %s: topology version %d (dead servers %s)", self.name, found[0], sorted(found[1]))
+        self.pending.flush(None)  # what waited for a dead backup's acknowledgement goes on
+
     def stats(self) -> dict[str, Any]:
         """Counters and the consistency record (a summary of the keys' versions: a reply of fixed size)."""
         assert self.consistency is not None
@@ -756,7 +861,12 @@ class Server:
             "max_served_gap": self.consistency.max_served_gap,
             "staleness": self.consistency.staleness,
             **self.counters,
+            **self.replication.counters,
         }
+
+
+def _keys_text(keys: list[int]) -> str:
+    return ", ".join(map(str, keys[:20])) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
 
 
 def serve(config: Config) -> int:

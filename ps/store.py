@@ -22,6 +22,7 @@ class KeyState:
     name: str = ""
     offset: int = 0
     group: int = 0  # the worker optimizer's param group this key belongs to
+    home: int = 0  # the server the plan gives it (--replicas: its copies follow from it, zps.protocol.replicas)
     param: torch.Tensor | None = None  # None until rank 0 initialised it
     version: int = 0  # number of updates applied (BSP: the step being aggregated)
     lr: float | None = None  # latest learning rate a worker sent for this key

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zps.protocol import security, transport
 from zps.protocol.messages import ErrorCode, Message, ProtocolError, decode_header, parse_frames, raise_if_error
@@ -52,6 +53,20 @@ class Request:
     replies: dict[int, dict[str, Any]] | None = None  # server -> reply body, when the caller wants them
     error: BaseException | None = None
     marks: set[tuple[int, int]] = field(default_factory=set)  # shared areas reserved until the reply
+
+
+@dataclass
+class Sent:
+    """One message in flight: its request, the server it was sent to, the home it is for (``--replicas``: the
+    server the plan gives its keys; another serves them once that one died), its keys, and the message itself (kept
+    to be sent again to the new primary after a failover)."""
+
+    request: Request
+    server: int
+    home: int
+    keys: set[int]
+    msg: Message
+    at: float
 
 
 @dataclass(frozen=True)
@@ -104,15 +119,24 @@ class Engine:
     """
 
     def __init__(self, name: str, context: zmq.Context, addresses: Sequence[str], timeout: float,
-                 replies: ReplyPath, failure: Callable[[], str | None], secrets: Secrets | None = None) -> None:
+                 replies: ReplyPath, failure: Callable[[], str | None], secrets: Secrets | None = None,
+                 reroute: Callable[[], list[int] | None] | None = None,
+                 lost: Callable[[int], None] | None = None) -> None:
         self.name = name
+        # --replicas: home -> the server that serves its keys now; ``reroute()`` returns new routes after a failover
+        self.routes = list(range(len(addresses)))
+        self.reroute = reroute
+        self.lost = lost  # --replicas: told the rank of a server whose connection dropped (it may have died)
+        self._monitors: dict[zmq.Socket, int] = {}
+        self._resent: set[int] = set()  # ids of messages sent again after the newest failover
+        self._failover_at = 0.0
         self.addresses = list(addresses)
         self.timeout = timeout
         self.replies = replies
         self.failure = failure
         self._ids = itertools.count(1)
         self.sent_bytes = self.recv_bytes = 0  # what crossed the sockets (headers and frames)
-        self._inflight: dict[int, tuple[Request, int, set[int]]] = {}  # message id -> (request, server, keys)
+        self._inflight: dict[int, Sent] = {}  # message id -> what was sent
         self._queue: collections.deque[tuple[int, Message, Request]] = collections.deque()
         # The sockets belong to whichever thread holds them (_io_busy): a caller waiting on a future, a caller
         # sending, or the pump. _lock guards that flag and the queue.
@@ -131,11 +155,15 @@ class Engine:
         self._wake_tx = context.socket(zmq.PAIR)
         self._wake_tx.connect(wake_addr)
         self._poller.register(self._wake_rx, zmq.POLLIN)
-        for address in self.addresses:
+        for server, address in enumerate(self.addresses):
             sock = security.dealer(context, secrets)
             transport.connect(sock, address)
             self._sockets.append(sock)
             self._poller.register(sock, zmq.POLLIN)
+            if lost is not None:  # a server that dies drops its connections at once; heartbeats take longer
+                monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                self._monitors[monitor] = server
+                self._poller.register(monitor, zmq.POLLIN)
         self._stop = threading.Event()
         self._work = threading.Event()
         self._pump_thread = threading.Thread(target=self._pump, name=f"zps-pump-{name}", daemon=True)
@@ -144,8 +172,9 @@ class Engine:
     # -- submitting ------------------------------------------------------------------------------------
     def submit(self, parts: list[tuple[int, Message]], what: str, outs: dict[int, torch.Tensor] | None = None,
                keep_replies: bool = False, marks: set[tuple[int, int]] | None = None) -> Future:
-        """Send ``parts`` ((server, message) pairs) as one request; its future resolves when all are answered,
-        to ``{server: reply body}`` when ``keep_replies``."""
+        """Send ``parts`` ((server, message) pairs; with ``--replicas`` the server is the keys' home, and the
+        message goes to whichever server serves that home now) as one request; its future resolves when all are
+        answered, to ``{server: reply body}`` when ``keep_replies``."""
         failure = self.failure()
         if failure is not None:
             raise ProtocolError(ErrorCode.DEAD, failure)
@@ -182,10 +211,36 @@ class Engine:
             with self._lock:
                 if not self._queue:
                     return
-                server, msg, request = self._queue.popleft()
-            msg.id = next(self._ids)
-            self._inflight[msg.id] = (request, server, {e["key"] for e in msg.keys})
-            self.sent_bytes += transport.send(self._sockets[server], msg)
+                home, msg, request = self._queue.popleft()
+            self._send(Sent(request, self.routes[home], home, {e["key"] for e in msg.keys}, msg, time.monotonic()))
+
+    def _send(self, sent: Sent) -> None:
+        if sent.server < 0:  # every copy of its keys is lost: the coordinator fails the job
+            sent.msg.id = next(self._ids)
+            self._inflight[sent.msg.id] = sent
+            self._fail_one(sent.msg.id, ProtocolError(ErrorCode.DEAD, f"every copy of the keys of server {sent.home} "
+                                                                      "is lost"))
+            return
+        sent.msg.id = next(self._ids)
+        self._inflight[sent.msg.id] = sent
+        self.sent_bytes += transport.send(self._sockets[sent.server], sent.msg)
+
+    def _failover(self, routes: list[int]) -> None:
+        """Servers died: send every message in flight to a dead one again, to the new primary of its home (the
+        servers apply each push once, whichever copy it reaches; a copy that applied it already just answers)."""
+        now = time.monotonic()
+        moved = [s for s in self._inflight.values() if routes[s.home] != s.server]
+        log.warning("FAILOVER: %s: servers now serving homes %s: %s; sending %d requests again (the oldest waited "
+                    "%.2fs)", self.name, list(range(len(routes))), routes, len(moved),
+                    max((now - s.at for s in moved), default=0.0))
+        self.routes = routes
+        self._resent.clear()
+        self._failover_at = now
+        for sent in moved:
+            del self._inflight[sent.msg.id]
+            sent.server = routes[sent.home]
+            self._send(sent)
+            self._resent.add(sent.msg.id)
 
     # -- waiting ---------------------------------------------------------------------------------------
     def wait(self, future: Future, timeout: float | None) -> None:
@@ -232,6 +287,10 @@ class Engine:
 
     def _step_io(self, wait_ms: int) -> None:
         """One round of socket work (the caller holds the sockets): send what is queued, take what arrived."""
+        if self.reroute is not None:
+            routes = self.reroute()
+            if routes is not None:
+                self._failover(routes)
         self._send_queued()
         events = dict(self._poller.poll(wait_ms))
         if self._wake_rx in events:
@@ -242,6 +301,14 @@ class Engine:
             if sock in events:
                 while transport.readable(sock):
                     self._on_reply(server, *self._receive(sock))
+        for monitor, server in self._monitors.items():
+            if monitor in events:
+                while transport.readable(monitor):
+                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
+                    if event["event"] == zmq.EVENT_DISCONNECTED and self.lost is not None:
+                        log.warning("%s: the connection to server %d (%s) dropped", self.name, server,
+                                    self.addresses[server])
+                        self.lost(server)
         now = time.monotonic()
         if now >= self._next_check:  # deadlines and lost peers: a few times a second is plenty
             self._check_deadlines()
@@ -291,7 +358,7 @@ class Engine:
         if not sock.getsockopt(zmq.RCVMORE):
             return frames, head
         found = self._inflight.get(head["id"]) if isinstance(head, dict) and type(head.get("id")) is int else None
-        targets = self.replies.targets(head, found[0]) if found is not None else {}
+        targets = self.replies.targets(head, found.request) if found is not None else {}
         try:
             while True:
                 target = targets.get(len(frames) - 1)
@@ -316,7 +383,12 @@ class Engine:
         found = self._inflight.pop(msg.id, None)
         if found is None:
             return  # a late reply to a request that already failed
-        request, _, keys = found
+        request, keys = found.request, found.keys
+        if msg.id in self._resent:
+            self._resent.discard(msg.id)
+            if not self._resent:
+                log.warning("FAILOVER: %s: every request sent again was answered %.2fs after the failover notice",
+                            self.name, time.monotonic() - self._failover_at)
         try:
             raise_if_error(msg)
             self.replies.apply(msg, request)
@@ -347,18 +419,22 @@ class Engine:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         failure = self.failure()
-        for msg_id, (request, server, _) in list(self._inflight.items()):
+        for msg_id, sent in list(self._inflight.items()):
             if failure is not None:  # _count_down puts "worker:N <what>:" in front
                 reason = ProtocolError(ErrorCode.DEAD, failure)
-            elif now > request.deadline:
-                reason = ProtocolError(ErrorCode.TIMEOUT, f"no reply from server {server} ({self.addresses[server]}) "
-                                                          f"within {self.timeout + DEADLINE_MARGIN:.0f}s")
+            elif now > sent.request.deadline:
+                reason = ProtocolError(ErrorCode.TIMEOUT, f"no reply from server {sent.server} "
+                                                          f"({self.addresses[sent.server]}) within "
+                                                          f"{self.timeout + DEADLINE_MARGIN:.0f}s")
             else:
                 continue
-            del self._inflight[msg_id]
-            if request.error is None:
-                request.error = reason
-            self._count_down(request)
+            self._fail_one(msg_id, reason)
+
+    def _fail_one(self, msg_id: int, reason: BaseException) -> None:
+        request = self._inflight.pop(msg_id).request
+        if request.error is None:
+            request.error = reason
+        self._count_down(request)
 
     # -- failure and shutdown --------------------------------------------------------------------------
     def _break(self, exc: Exception) -> None:
@@ -374,7 +450,7 @@ class Engine:
         with self._lock:
             queued = [request for _, _, request in self._queue]
             self._queue.clear()
-        for request in [r for r, _, _ in self._inflight.values()] + queued:
+        for request in [s.request for s in self._inflight.values()] + queued:
             if not request.future.done():
                 request.future.set_exception(exc)
         self._inflight.clear()
@@ -401,5 +477,8 @@ class Engine:
             log.warning("%s: another thread held the sockets for %.0fs (a blocking done-callback?); leaving them open",
                         self.name, CLOSE_WAIT)
         else:
-            for sock in [*self._sockets, self._wake_tx, self._wake_rx]:
+            for sock in self._sockets:
+                if self._monitors:
+                    sock.disable_monitor()
+            for sock in [*self._monitors, *self._sockets, self._wake_tx, self._wake_rx]:
                 sock.close(linger=0)

@@ -28,6 +28,7 @@ from zps.protocol.optim_spec import check_job_optimizer
 from zps.protocol.peers import peer_name
 from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from zps.protocol.rendezvous import RendezvousClient, Topology
+from zps.protocol.replicas import copies, parse_notice, routes
 from zps.protocol.shm import Segment
 from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.tensors import Decoders, encode_entry
@@ -68,7 +69,8 @@ class Client:
         error_feedback = job.error_feedback if error_feedback is None else error_feedback
         self.compress_min = job.compress_min if compress_min is None else compress_min
         # under --net every byte crosses the emulated links: the same-host shortcut would bypass them
-        self.use_shm = (job.shm if shm is None else shm) and not job.net
+        # (--replicas: a home's keys may move to another server, which has no shared areas for them)
+        self.use_shm = (job.shm if shm is None else shm) and not job.net and not job.replicas
         try:  # a bad spec fails here, before the cluster is joined, not at the first push or pull
             self.push_factory = (codec_factory(codec, error_feedback=error_feedback)
                                  if codec and codec != "none" else None)
@@ -93,8 +95,12 @@ class Client:
         self._areas = SharedAreas(self.name)
         self._closed = False
         self._replies = Replies(self._decoders, self._areas)
+        self._dead: frozenset[int] = frozenset()  # --replicas: servers that died (their homes moved to backups)
+        self._topology_version = 0
         self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
-                              lambda: self.rendezvous.failure, config.secrets)
+                              lambda: self.rendezvous.failure, config.secrets,
+                              reroute=self._reroute if job.replicas else None,
+                              lost=self.rendezvous.suspect if job.replicas else None)
         self.progress = Progress(Tracer(config.job.trace, "worker", self.rank),
                                  MetricsFile(config.job.metrics_out, "worker", self.rank),
                                  Disturbance(config.job, self.rank))
@@ -134,8 +140,11 @@ class Client:
         group_of_param = [groups.get(spec.name, 0) for spec in plan.params]
         parts: list[tuple[int, Message]] = []
         created: dict[int, tuple[Segment, list[tuple[int, int]]]] = {}
-        for server in range(self.topology.num_servers):
-            chunks = plan.chunks_on(server)
+        replicas = self.config.job.replicas
+        for server in self._live_servers():
+            # with --replicas every copy is declared (and gets rank 0's values): the home's and its backups'
+            chunks = ([c for c in plan.chunks if server in copies(c.server, replicas, plan.num_servers)]
+                      if replicas else plan.chunks_on(server))
             shared = SharedAreas.create(chunks) if self.use_shm and chunks else None
             if shared is not None:
                 created[server] = shared
@@ -144,6 +153,8 @@ class Client:
             for i, chunk in enumerate(chunks):
                 entry: KeyEntry = {"key": chunk.key, "name": chunk.name, "offset": chunk.offset, "numel": chunk.numel,
                                    "dtype": "float32", "group": group_of_param[chunk.param], "nf": 0}
+                if replicas:
+                    entry["home"] = chunk.server
                 if shared is not None:
                     entry["shm"] = list(shared[1][i])
                 if with_values:
@@ -164,8 +175,7 @@ class Client:
             for segment, _ in created.values():
                 segment.release()  # mapped by the server now (or not wanted): its descriptor is no longer needed
         # the step the job is at: 0; a replacement's (--on-worker-failure restart) or a resumed job's is later
-        self.start_step = min((int(replies[s].get("step", 0)) for s in range(self.topology.num_servers)
-                               if plan.chunks_on(s)), default=0)
+        self.start_step = min((int(replies[s].get("step", 0)) for s in replies if plan.chunks_on(s)), default=0)
         if self.rank >= self.config.job.num_workers:
             self.start_step = self._join(self.start_step)
         for server, (segment, offsets) in created.items():
@@ -183,7 +193,7 @@ class Client:
         """A worker beyond --workers (--max-workers): every server counts it from one step, the one returned. BSP:
         each answers the step it takes (later than asked when it aggregates that one already); asked again with the
         latest until all agree. ASP and SSP: its clock starts at the latest answer."""
-        servers = range(self.topology.num_servers)
+        servers = self._live_servers()
         while True:
             parts = [(s, Message(Kind.JOIN, src=self.name, body={"step": step})) for s in servers]
             replies = self._engine.submit(parts, "join", keep_replies=True).result()
@@ -264,10 +274,31 @@ class Client:
                     progress.payload_recv += 4 * plan.chunks[entry["key"]].numel
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each server's counters and consistency record, by server rank."""
-        parts = [(s, Message(Kind.STATS, src=self.name)) for s in range(self.topology.num_servers)]
+        """Each live server's counters and consistency record, by server rank (with ``--replicas``, the dead ones
+        left out)."""
+        parts = [(s, Message(Kind.STATS, src=self.name)) for s in self._live_servers()]
         replies = self._engine.submit(parts, "stats", keep_replies=True).result()
-        return [replies[s] for s in range(self.topology.num_servers)]
+        return [replies[s] for s in self._live_servers()]
+
+    def _live_servers(self) -> list[int]:
+        return [s for s in range(self.topology.num_servers) if s not in self._dead]
+
+    def _reroute(self) -> list[int] | None:
+        """The engine asks (holding the sockets): new routes, when the coordinator announced a failover."""
+        newest = None
+        notices = self.rendezvous.notices
+        while notices:
+            try:
+                found = parse_notice(notices.popleft(), self.topology.num_servers)
+            except ValueError as exc:
+                log.error("%s: a malformed notice from the coordinator: %s", self.name, exc)
+                continue
+            if found is not None and found[0] > self._topology_version:
+                newest = found
+        if newest is None:
+            return None
+        self._topology_version, self._dead = newest
+        return routes(self.config.job.replicas, self.topology.num_servers, self._dead)
 
     def barrier(self, name: str = "default") -> None:
         """Wait until every live worker reached the barrier ``name`` (fails after the job's timeout, naming who is
@@ -276,7 +307,7 @@ class Client:
 
     def leave(self, timeout: float | None = None) -> None:
         """Tell every server this worker is done, so BSP and SSP stop waiting for it."""
-        parts = [(s, Message(Kind.LEAVE, src=self.name)) for s in range(self.topology.num_servers)]
+        parts = [(s, Message(Kind.LEAVE, src=self.name)) for s in self._live_servers()]
         self._engine.submit(parts, "leave").result(timeout=timeout)
 
     def codecs(self) -> dict[int, Codec]:

@@ -1,0 +1,219 @@
+"""A server's side of ``--replicas R``: forwarding its updates to the backups of the chunks it serves, tracking
+their acknowledgements, and taking over the chunks of dead servers (:mod:`zps.protocol.replicas` says where copies
+live).
+
+A primary applies an update, then sends the same gradient, learning rate and push identity to each live backup
+(one REPLICATE per backup and optimizer step); the backup steps its own torch.optim copy the same way. A key's
+*acknowledged* version is the lowest version every live backup confirmed; the server answers a push (and a BSP
+pull) only once it is acknowledged, so whatever a worker saw acknowledged survives the primary's death. A backup
+that refuses an update (it missed one: with R >= 2 after a failover) is dropped as a copy of that key, loudly.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from zps.protocol import replicas, transport
+from zps.protocol.codecs import make_codec
+from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError
+from zps.protocol.peers import parse_peer
+from zps.protocol.tensors import encode_entry
+
+from .store import KeyState, Update
+
+log = logging.getLogger("zps.server")
+# how a server decodes a key's frames: (entry, frames, elements, dtype, what) -> tensor (zps.protocol.tensors.Decoders)
+Decode = Callable[[KeyEntry, list[Any], int, torch.dtype, str], torch.Tensor]
+
+
+class Replication:
+    """The replication state of server ``rank`` of ``num_servers`` (``peers``: every server's address by rank)."""
+
+    def __init__(self, rank: int, num_servers: int, count: int, context: zmq.Context, peers: tuple[str, ...],
+                 name: str) -> None:
+        self.rank, self.num_servers, self.count, self.name = rank, num_servers, count, name
+        self.dead: frozenset[int] = frozenset()
+        self.version = 0  # the topology version of the newest failover notice
+        self.sockets: dict[int, zmq.Socket] = {}
+        if count:
+            for peer, address in enumerate(peers):
+                if peer != rank:
+                    sock = context.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    transport.connect(sock, address)
+                    self.sockets[peer] = sock
+        self._ids = itertools.count(1)
+        self._acked: dict[tuple[int, int], int] = {}  # (key, backup) -> the version it confirmed
+        self._dropped: set[tuple[int, int]] = set()  # (key, backup): a backup that refused an update of the key
+        self._inflight: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # id -> (backup, [(key, version after)])
+        self.counters = {"replicated": 0, "replica_applied": 0, "replica_duplicates": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.count > 0
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+
+    # -- who holds what --------------------------------------------------------------------------------
+    def backups(self, state: KeyState) -> list[int]:
+        """The live backups of ``state`` when this server is its primary (else none)."""
+        if not self.count:
+            return []
+        live = replicas.live_copies(state.home, self.count, self.num_servers, self.dead)
+        if not live or live[0] != self.rank:
+            return []
+        return [b for b in live[1:] if (state.key, b) not in self._dropped]
+
+    def acked(self, state: KeyState) -> int:
+        """The version of ``state`` every live backup holds (its own version when it has none)."""
+        return min([state.version, *(self._acked.get((state.key, b), 0) for b in self.backups(state))])
+
+    # -- forwarding ------------------------------------------------------------------------------------
+    def snapshot(self, updates: list[Update]) -> list[tuple[KeyState, int, float | None, torch.Tensor]] | None:
+        """Before the primary applies ``updates``: what to forward (each key with backups: its version, lr and a
+        copy of the gradient; the optimizer may not change it in place meanwhile); None when nothing is."""
+        if not self.count:
+            return None
+        out = [(s, s.version, s.lr, g.detach().clone()) for s, g in updates if self.backups(s)]
+        return out or None
+
+    def forward(self, taken: list[tuple[KeyState, int, float | None, torch.Tensor]],
+                origin: dict[int, tuple[int, int]] | None) -> None:
+        """The updates of ``taken`` were applied: send them to each backup (``origin``: key -> (worker, step) of the
+        push each came from, ASP/SSP; BSP: None)."""
+        by_backup: dict[int, list[tuple[KeyState, int, float | None, torch.Tensor]]] = {}
+        for item in taken:
+            for backup in self.backups(item[0]):
+                by_backup.setdefault(backup, []).append(item)
+        for backup, items in by_backup.items():
+            keys: list[KeyEntry] = []
+            frames: list[Any] = []
+            record = []
+            for state, version, lr, grad in items:
+                entry, bufs = encode_entry(make_codec("none"), grad)
+                entry.update({"key": state.key, "version": version, "lr": lr, "step": version})
+                if origin is not None and state.key in origin:
+                    entry["worker"], entry["step"] = origin[state.key]
+                keys.append(entry)
+                frames.extend(bufs)
+                record.append((state.key, version + 1))
+            msg = Message(Kind.REPLICATE, id=next(self._ids), src=self.name, keys=keys, frames=frames)
+            self._inflight[msg.id] = (backup, record)
+            self.counters["replicated"] += len(items)
+            try:
+                transport.send(self.sockets[backup], msg)
+            except zmq.ZMQError as exc:  # counted as never acknowledged: the push waits, then times out naming it
+                log.error("%s: an update for server %d could not be sent: %s", self.name, backup, exc)
+
+    def receive(self) -> set[int]:
+        """Take the backups' answers that arrived; the keys whose acknowledged version may have moved."""
+        changed: set[int] = set()
+        for backup, sock in self.sockets.items():
+            while transport.readable(sock):
+                try:
+                    msg = transport.recv(sock)
+                except ProtocolError as exc:
+                    log.error("%s: an unreadable answer from server %d: %s", self.name, backup, exc)
+                    continue
+                found = self._inflight.pop(msg.id, None)
+                if found is None:
+                    continue
+                _, record = found
+                for key, version in record:
+                    changed.add(key)
+                    if msg.kind is Kind.ERROR:
+                        self._dropped.add((key, backup))
+                    else:
+                        self._acked[(key, backup)] = max(self._acked.get((key, backup), 0), version)
+                if msg.kind is Kind.ERROR:
+                    log.error("FAILOVER: %s: server %d refused updates of keys %s (%s); it is no longer a copy of "
+                              "them: they have one copy fewer", self.name, backup, sorted(k for k, _ in record)[:20],
+                              str(msg.body.get("reason", "?"))[:300])
+        return changed
+
+    def failover(self, version: int, dead: frozenset[int], keys: Iterable[KeyState]) -> list[KeyState] | None:
+        """A failover notice: ``dead`` servers. The keys this server now serves as their new primary (logged), or
+        None for a notice seen already."""
+        if version <= self.version:
+            return None
+        before = self.dead
+        self.version, self.dead = version, dead
+        for msg_id in [i for i, (b, _) in self._inflight.items() if b in dead]:
+            del self._inflight[msg_id]
+        promoted = []
+        for state in keys:
+            old = replicas.live_copies(state.home, self.count, self.num_servers, before)
+            new = replicas.live_copies(state.home, self.count, self.num_servers, dead)
+            if new and new[0] == self.rank and (not old or old[0] != self.rank):
+                promoted.append(state)
+                for b in new[1:]:  # fellow backups got what this one got from the dead primary (one that missed
+                    # an update refuses the next one, and is dropped then)
+                    self._acked[(state.key, b)] = max(self._acked.get((state.key, b), 0), state.version)
+        return promoted
+
+
+@dataclass
+class Incoming:
+    """One update of a REPLICATE request, checked: the key, how the primary applied it, and where it came from."""
+
+    state: KeyState
+    version: int  # the key's version before it, on the primary
+    lr: float | None
+    worker: int | None  # ASP/SSP: the push's worker and step; BSP: None (the step is the version)
+    step: int
+    grad: torch.Tensor
+
+    def held(self) -> bool:
+        """This copy applied it already (a late or repeated forward): acknowledged, not applied again."""
+        if self.worker is not None:
+            return self.step <= self.state.last_step.get(self.worker, -1)
+        return self.state.version > self.version
+
+
+def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: float,
+                   state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> list[Incoming]:
+    """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
+    held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
+    skip others to apply."""
+    peer = parse_peer(msg.src, "server")
+    if peer is None or peer[1] >= num_servers:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' of a replicate request must be server:N with N < "
+                                                  f"{num_servers}, got {str(msg.src)[:40]!r}")
+    if msg.fused:
+        raise ProtocolError(ErrorCode.BAD_HEADER, "a replicate request carries no fused frame")
+    out: list[Incoming] = []
+    offset = 0
+    seen: set[int] = set()
+    for entry in msg.keys:
+        nf = entry.get("nf", 0)
+        frames = msg.frames[offset : offset + nf]
+        offset += nf
+        state = state_of(entry)
+        what = f"replicate of {state.label()}"
+        if state.key in seen:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
+        seen.add(state.key)
+        version, lr, worker, step = entry.get("version"), entry.get("lr"), entry.get("worker"), entry.get("step", 0)
+        if type(version) is not int or version < 0:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
+        if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= max_lr):  # (NaN fails the comparison)
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'lr' must be a finite non-negative number or null")
+        if worker is not None and (type(worker) is not int or not 0 <= worker < num_workers):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")
+        if entry.get("codec", "none") != "none":
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: updates travel uncompressed")
+        grad = decode(entry, frames, state.numel, torch.float32, what)
+        update = Incoming(state, version, None if lr is None else float(lr), worker, step, grad)
+        if not update.held() and state.version < version:  # (a copy applies its primary's updates in order)
+            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
+                                                    f"{state.version}: it missed updates")
+        out.append(update)
+    return out
