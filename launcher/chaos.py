@@ -64,6 +64,17 @@ def parse_range(text: str, kind: Callable[[str], Any] = float) -> tuple[Any, Any
     return a, b
 
 
+def parse_most(text: str) -> tuple[tuple[str, int], ...]:
+    """``"server=2,worker=5"`` as ``(("server", 2), ("worker", 5))``; ValueError naming the problem."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        role, sep, count = part.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise ValueError(f"--most {part!r}: expected ROLE=N")
+        out.append((role.strip(), int(count)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to do: ``kills`` actions on ``roles``, at progress steps or after time intervals."""
@@ -75,6 +86,7 @@ class Plan:
     every: tuple[float, float] = (1.0, 3.0)
     pause: tuple[float, float] = (0.2, 1.0)  # SIGSTOP lasts this long
     seed: int = 0
+    most: tuple[tuple[str, int], ...] = ()  # (role, N): at most N kills of that role (e.g. servers: --replicas R)
 
     def __post_init__(self) -> None:
         if self.kills < 1:
@@ -84,16 +96,25 @@ class Plan:
             raise ValueError(f"--roles {','.join(self.roles)}: each of {', '.join(ROLES)}")
         if self.signal not in SIGNALS:
             raise ValueError(f"--signal {self.signal}: one of {', '.join(SIGNALS)}")
+        for role, count in self.most:
+            if role not in self.roles or count < 0:
+                raise ValueError(f"--most {role}={count}: a role of --roles and a count >= 0")
 
     def actions(self) -> list[Action]:
         """The planned actions, in order; the same for the same seed."""
         rng = random.Random(self.seed)
         steps = (sorted(rng.randint(*self.at_steps) for _ in range(self.kills)) if self.at_steps is not None
                  else [None] * self.kills)
-        out = []
+        out: list[Action] = []
+        limits = dict(self.most)
         for step in steps:
             how = self.signal if self.signal != "mix" else rng.choice(("kill", "stop"))
-            out.append(Action(role=rng.choice(self.roles), pick=rng.random(), how=how, step=step,
+            kills = {r: sum(a.role == r and a.how == "kill" for a in out) for r in self.roles}
+            roles = [r for r in self.roles if how != "kill" or kills[r] < limits.get(r, self.kills)]
+            if not roles:
+                raise ValueError(f"--most {','.join(f'{r}={n}' for r, n in self.most)} leaves nothing to kill for "
+                                 f"{self.kills} kills: add a role or raise a limit")
+            out.append(Action(role=rng.choice(roles), pick=rng.random(), how=how, step=step,
                               wait=rng.uniform(*self.every) if step is None else 0.0,
                               pause=rng.uniform(*self.pause) if how == "stop" else 0.0))
         return out
@@ -355,6 +376,8 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 def add_arguments(p: Any) -> None:
     p.add_argument("--kills", type=int, required=True, help="how many actions (kills or pauses) to take")
     p.add_argument("--roles", default="worker", help="comma-separated roles to hit: worker, server (default worker)")
+    p.add_argument("--most", default="", metavar="ROLE=N,...",
+                   help="at most N kills of ROLE, e.g. server=2 with --replicas 2 (pauses are not counted)")
     p.add_argument("--signal", default="kill", choices=SIGNALS,
                    help="kill: SIGKILL; stop: SIGSTOP then SIGCONT after --pause; mix: either, at random")
     when = p.add_mutually_exclusive_group()
@@ -378,7 +401,8 @@ def main(args: Any) -> int:
     try:
         plan = Plan(kills=args.kills, roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
                     signal=args.signal, at_steps=parse_range(args.at_steps, int) if args.at_steps else None,
-                    every=parse_range(args.every), pause=parse_range(args.pause), seed=args.seed)
+                    every=parse_range(args.every), pause=parse_range(args.pause), seed=args.seed,
+                    most=parse_most(args.most))
     except ValueError as exc:
         print(f"zps chaos: error: {exc}", file=sys.stderr)
         return 2
@@ -398,4 +422,5 @@ def main(args: Any) -> int:
     return 0 if report.ok else 1
 
 
-__all__ = ["Action", "Chaos", "Plan", "Report", "Verdict", "add_arguments", "main", "marked_pids", "parse_range"]
+__all__ = ["Action", "Chaos", "Plan", "Report", "Verdict", "add_arguments", "main", "marked_pids", "parse_most",
+           "parse_range"]

@@ -221,6 +221,8 @@ class Coordinator:
             raise ProtocolError(ErrorCode.RECOVERING, f"{role} cannot join now: the job is running and its coordinator "
                                                       f"restarted; nothing new can join until every member is back "
                                                       f"(waiting for {self._missing()})")
+        if self.state is State.RUNNING:
+            self._take_lost()  # a replacement can register before the next tick took its predecessor's failure
         replaced = self.members.get((role, rank)) if isinstance(rank, int) else None
         if (self.state is State.RUNNING and role == "worker" and replaced is not None and replaced.failed
                 and self.job.on_worker_failure == "restart"):
@@ -656,6 +658,14 @@ class Coordinator:
             for identity, request_id in arrived.values():
                 self._reply(identity, error_reply(request_id, COORDINATOR, ErrorCode.DEAD, reason))
 
+    def _take_lost(self) -> None:
+        """Act on the failures the launcher reported (:meth:`lost`)."""
+        while self._lost:
+            role, rank, why = self._lost.popleft()
+            lost = self.members.get((role, rank))
+            if lost is not None:
+                self._member_failed(lost, why)
+
     def _tick(self) -> None:
         now = time.monotonic()
         if self.state is State.REGISTERING:
@@ -668,11 +678,7 @@ class Coordinator:
             return
         if self.state not in (State.RUNNING, State.RECOVERING):
             return
-        while self._lost:
-            role, rank, why = self._lost.popleft()
-            lost = self.members.get((role, rank))
-            if lost is not None:
-                self._member_failed(lost, why)
+        self._take_lost()
         self._check_suspects(now)
         for m in list(self.members.values()):
             if not m.done and not m.failed and now - m.last_seen > self.heartbeat_timeout:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zps.launcher.chaos import Plan, parse_range
+from zps.launcher.chaos import Plan, parse_most, parse_range
 from zps.launcher.cli import main as zps_main
 
 from .helpers import ROOT, ZPS, finish, start, tagged_pids, wait_for_no_tagged
@@ -49,6 +49,17 @@ def test_the_same_seed_plans_the_same_actions_and_steps_come_in_order() -> None:
     assert Plan(kills=12, roles=("worker", "server"), signal="mix", at_steps=(5, 90), seed=4).actions() != first
     timed = Plan(kills=3, every=(1.0, 2.0)).actions()
     assert all(a.step is None and 1.0 <= a.wait <= 2.0 and a.how == "kill" for a in timed)
+
+
+@pytest.mark.unit
+def test_most_caps_the_kills_of_a_role_and_an_impossible_cap_is_named() -> None:
+    plan = Plan(kills=20, roles=("worker", "server"), at_steps=(5, 95), seed=1, most=(("server", 2),))
+    assert sum(a.role == "server" for a in plan.actions()) == 2
+    assert parse_most("server=2, worker=3") == (("server", 2), ("worker", 3))
+    with pytest.raises(ValueError, match="leaves nothing to kill"):
+        Plan(kills=3, roles=("server",), most=(("server", 2),)).actions()
+    with pytest.raises(ValueError, match="expected ROLE=N"):
+        parse_most("server")
 
 
 @pytest.mark.unit
@@ -130,3 +141,27 @@ def test_twenty_random_kills_of_servers_and_workers(tag: str, tmp_path: Path, re
                             timeout=600)
     assert code == 0, text
     assert sum("action" in e for e in log) == 20 and all(e["ok"] for e in log if "verdict" in e), log
+
+
+@pytest.mark.slow
+def test_twenty_random_kills_with_replicated_servers(tag: str, tmp_path: Path) -> None:
+    """The issue's chaos run: 20 kills of servers (at most 2: --replicas 2 keeps every chunk on all 3) and
+    workers (replaced with their rank), no checkpoint: the job never restarts, and ends with the failure-free
+    result."""
+    job = ["--servers", "3", "--workers", "2", "--replicas", "2"]
+    ref = tmp_path / "reference.safetensors"
+    code, text = finish(start(tag, ["run", *job, *TRAIN, "--out", str(ref)]), timeout=240)
+    assert code == 0, text
+    final = tmp_path / "final.safetensors"
+    log = tmp_path / "chaos.jsonl"
+    code, text = finish(start(tag, ["chaos", "--kills", "20", "--roles", "worker,server", "--most", "server=2",
+                                    "--at-steps", "5..95", "--seed", "7", "--log", str(log), "--check",
+                                    f"{sys.executable} {SAME} {final} {ref}", "--", *ZPS, "run", *job,
+                                    "--on-worker-failure", "restart", "--max-restarts", "40", *TRAIN, "--out",
+                                    str(final)]), timeout=600)
+    assert code == 0, text
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    actions = [e for e in events if "action" in e]
+    assert len(actions) == 20 and sum(e["role"] == "server" for e in actions) == 2, events
+    assert "FAILOVER" in text and all(e["ok"] for e in events if "verdict" in e), events
+    assert wait_for_no_tagged(tag, within=10) == []
