@@ -87,8 +87,8 @@ class Replication:
 
     def forward(self, taken: list[tuple[KeyState, int, float | None, torch.Tensor]],
                 origin: dict[int, tuple[int, int]] | None) -> None:
-        """The updates of ``taken`` were applied: send them to each backup (``origin``: key -> (worker, step) of the
-        push each came from, ASP/SSP; BSP: None)."""
+        """Send the updates of ``taken`` (about to be applied here) to each backup (``origin``: key -> (worker,
+        step) of the push each came from, ASP/SSP; BSP: None)."""
         by_backup: dict[int, list[tuple[KeyState, int, float | None, torch.Tensor]]] = {}
         for item in taken:
             for backup in self.backups(item[0]):

@@ -658,16 +658,16 @@ class Server:
 
     def _apply(self, updates: list[tuple[KeyState, torch.Tensor]],
                origin: dict[int, tuple[int, int]] | None = None) -> None:
-        """Apply ``updates`` with the optimizers; a primary then forwards them to the keys' backups (``origin``:
+        """Apply ``updates`` with the optimizers; a primary first forwards them to the keys' backups (``origin``:
         key -> (worker, step) of the push each came from, ASP/SSP)."""
         assert self.consistency is not None
         if not updates:
             return
         started, start_us = time.perf_counter(), now_us()
         forward = self.replication.snapshot(updates)
-        self.optimizers.apply(updates)
-        if forward is not None:
+        if forward is not None:  # sent first: the backups apply it while this server does
             self.replication.forward(forward, origin)
+        self.optimizers.apply(updates)
         took = time.perf_counter() - started
         self.metrics.apply.observe(took)
         self.timing["apply"] += took
