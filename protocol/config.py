@@ -328,10 +328,15 @@ class JobConfig:
                     parse_optimizer_spec(spec)
                 else:
                     from .codecs import codec_factory
+                    from .codecs.sparse import DgcCodec
 
-                    codec_factory(spec)
+                    made = codec_factory(spec)()
             except Exception as exc:  # a spec names user code too (import paths): whatever it raises
                 raise ConfigError(f"{describe_setting(by_name[name])}={spec!r}: {exc}") from None
+            if name == "pull_codec" and isinstance(made, DgcCodec):
+                raise ConfigError(f"{describe_setting(by_name[name])}={spec!r}: {made.name} accumulates and "
+                                  "transforms gradients (momentum, Adam directions); a pull sends the servers' "
+                                  "values' change with their own error feedback: use topk, int8, fp16, ...")
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,10 @@ def test_specs_are_checked_before_anything_starts_and_only_then_import_torch() -
         JobConfig(codec="topk:ratio=x").check_specs()
     with pytest.raises(ConfigError, match="torch.optim has no optimizer 'nosuch'"):
         JobConfig(optimizer="nosuch:lr=1").check_specs()
+    for spec in ("dgc:ratio=0.05,momentum=0", "topk_adam"):  # they diverge on the servers' deltas
+        with pytest.raises(ConfigError, match=r"ZPS_PULL_CODEC \(--pull-codec\)=.*accumulates and transforms"):
+            JobConfig(pull_codec=spec).check_specs()
+    JobConfig(codec="topk_adam", pull_codec="int8").check_specs()  # as a push codec it is what it is for
 
 
 def test_canonical_codec_specs() -> None:
