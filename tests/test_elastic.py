@@ -11,18 +11,20 @@ import re
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
+import zmq
 from safetensors.torch import load_file
 
 from zps.launcher.coordinator import Coordinator
 from zps.launcher.top import StatusClient
 from zps.protocol.config import JobConfig
-from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
 from zps.ps.consistency import BSP, make_consistency
 from zps.ps.store import KeyState
 
-from .helpers import ROOT, Procs, finish, start, wait_for_line, wait_for_no_tagged
+from .helpers import ROOT, Procs, finish, local_cluster, start, wait_for_line, wait_for_no_tagged
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "train_steps.py")
 
@@ -193,3 +195,37 @@ def test_digits_with_a_worker_joining_at_step_30_still_learns(tag: str, tmp_path
     assert join and int(join.group(1)) >= 30, text
     result = json.loads(out.read_text())
     assert result["test_accuracy"] >= 0.95, result
+
+
+@pytest.mark.cluster
+def test_bad_joins_are_refused_by_name_and_change_nothing() -> None:
+    with local_cluster(1, 1, "bsp", max_workers=3) as cluster:
+        (client,) = cluster.clients(shm=False)
+        client.declare({"a": torch.zeros(4)}, ("SGD", [{"lr": 1.0}]))
+        raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(client.topology.servers[0])
+
+        def join(src: str, body: dict) -> Message:
+            raw.send_multipart([msgpack.packb({"v": PROTOCOL_VERSION, "kind": "join", "id": 5, "src": src,
+                                               "body": body})])
+            assert raw.poll(10_000), "the server did not answer"
+            return parse_frames(raw.recv_multipart())
+
+        consistency = cluster.servers[0].consistency
+        assert consistency is not None
+        try:
+            for src, body, words in (("worker:0", {"step": 1}, "a member of the job already"),
+                                     ("worker:3", {"step": 1}, "N < 3"),
+                                     ("worker:2", {"step": "1"}, "'step' must be a non-negative integer"),
+                                     ("worker:2", {"step": -4}, "'step' must be a non-negative integer")):
+                reply = join(src, body)
+                assert reply.kind is Kind.ERROR and words in str(reply.body.get("reason")), (src, body, reply.body)
+            assert consistency.live == {0}  # nobody was counted
+            assert join("worker:2", {"step": 5}).body == {"step": 5}
+            reply = join("worker:2", {"step": 2})
+            assert reply.kind is Kind.ERROR and "moves only later" in str(reply.body.get("reason")), reply.body
+            assert consistency.live == {0, 2}
+        finally:
+            raw.close()
+            client.close()

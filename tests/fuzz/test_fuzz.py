@@ -6,8 +6,10 @@ changed nothing: every server's parameters and versions, the coordinator's state
 process's RSS is within 10% of what it was after a warm-up. ``ZPS_FUZZ_SEED`` replays a run; the seed is in every
 failure message.
 
-The cluster tier sends 10,000 messages (5,000 shared by the two servers, 5,000 at the coordinator); the slow tier
-100,000 at each role.
+The corpus holds a JOIN and a REPLICATE too (this cluster refuses both: no --max-workers, no --replicas;
+tests/test_elastic.py and tests/test_replication.py send bad ones to servers that take them). The cluster tier
+sends 10,000 messages (5,000 shared by the two servers, 5,000 at the coordinator); the slow tier 100,000 at each
+role.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from ..helpers import LocalCluster, close_all, local_cluster, run_parallel
 from . import mutate
 
 State = list[tuple[tuple[int, int], int, "torch.Tensor | None"]]
-SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats"}
+SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate"}
 PROBE_ID = 1 << 40  # probe ids start here; a reply with this id or above is a probe's
 
 
@@ -174,6 +176,14 @@ def fuzz(count: int, coordinator_count: int | None = None) -> None:
                 seeds_by_role["server" if kind in SERVER_KINDS else "coordinator"].append(frames)
             seeds_by_role["server"].append([msgpack.packb({"v": PROTOCOL_VERSION, "kind": "leave", "id": 7,
                                                            "src": "worker:1"})])
+            # a worker beyond --workers asking to be counted (--max-workers), and a primary's forwarded update
+            seeds_by_role["server"].append([msgpack.packb({"v": PROTOCOL_VERSION, "kind": "join", "id": 9,
+                                                           "src": "worker:2", "body": {"step": 3}})])
+            seeds_by_role["server"].append([msgpack.packb({"v": PROTOCOL_VERSION, "kind": "replicate", "id": 10,
+                                                           "src": "server:1", "keys": [
+                                                               {"key": 0, "version": 1, "lr": 0.1, "step": 1,
+                                                                "worker": 0, "nf": 1, "codec": "none",
+                                                                "bufs": [["float32", 16]]}]}), bytes(64)])
             for kind, src, body in (("done", "worker:1", {"exit_code": 1, "failure": "x"}),
                                     ("saved", "server:0", {"checkpoint": 1, "file": "part.safetensors", "size": 8,
                                                            "info": {}}),  # what a job sends only at its end
