@@ -607,3 +607,19 @@ def test_rank_from_k8s():
         rank_from_k8s({"ZPS_RANK_FROM": "pod-label"})
     with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX='x'"):
         rank_from_k8s({"JOB_COMPLETION_INDEX": "x"})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("hosts, servers, replicas", [(3, 3, 2), (2, 4, 1), (4, 8, 2), (3, 6, 1)])
+def test_zps_launch_puts_the_copies_of_a_chunk_on_different_hosts(hosts: int, servers: int, replicas: int) -> None:
+    """Servers go round-robin over the hosts and a chunk's copies sit on consecutive server ranks, so with a number
+    of servers that is a multiple of the number of hosts its R + 1 copies are on R + 1 hosts wherever there are
+    that many (one host dying loses no chunk). Otherwise the copies of the last server wrap round to the first
+    ones, which may share its host (docs/failures.md)."""
+    from zps.protocol.replicas import copies
+
+    placed = place(parse_hostfile("".join(f"node{i} slots=2\n" for i in range(hosts))), servers, 2)
+    host_of = {p.rank: p.host for p in placed if p.role == "server"}
+    for home in range(servers):
+        on = [host_of[s] for s in copies(home, replicas, servers)]
+        assert len(set(on)) == min(replicas + 1, hosts), (home, on)
