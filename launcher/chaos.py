@@ -156,9 +156,9 @@ class Report:
         return all(v.ok for v in self.verdicts)
 
 
-def marked_pids(mark: str) -> list[int]:
-    """Live processes (not zombies: their environment reads empty) whose environment carries ``MARK=mark``."""
-    needle = f"{MARK}={mark}".encode()
+def marked_pids(mark: str, variable: str = MARK) -> list[int]:
+    """Live processes (not zombies: their environment reads empty) whose environment carries ``variable=mark``."""
+    needle = f"{variable}={mark}".encode()
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from zps.launcher.chaos import marked_pids
 from zps.launcher.coordinator import Coordinator
 from zps.launcher.network import Emulator
 from zps.launcher.remote import die_with_parent
@@ -123,18 +124,7 @@ def close_all(clients: list[Client]) -> None:
 # -- the process table -----------------------------------------------------------------------------------
 def tagged_pids(tag: str) -> list[int]:
     """Live processes whose environment carries ``ZPS_TEST_TAG=tag`` (zombies have an empty environ)."""
-    needle = f"ZPS_TEST_TAG={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return marked_pids(tag, "ZPS_TEST_TAG")
 
 
 def role_pid(tag: str, role: str, rank: int, exclude: tuple[bytes, ...] = (b"zps.launcher.remote",)) -> int:

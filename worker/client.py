@@ -41,6 +41,7 @@ from ._replies import Replies
 from ._shm import Mark, SharedAreas
 
 log = logging.getLogger("zps.worker")
+JOIN_ROUNDS = 8  # a joiner's requests to be counted from one step (two agree; more means a server misbehaves)
 
 
 class Client:
@@ -194,7 +195,9 @@ class Client:
         each answers the step it takes (later than asked when it aggregates that one already); asked again with the
         latest until all agree. ASP and SSP: its clock starts at the latest answer."""
         servers = self._live_servers()
-        while True:
+        asked = []
+        for _ in range(JOIN_ROUNDS):  # (two rounds agree: a server that took a step holds every later one back)
+            asked.append(step)
             parts = [(s, Message(Kind.JOIN, src=self.name, body={"step": step})) for s in servers]
             replies = self._engine.submit(parts, "join", keep_replies=True).result()
             steps = {int(replies[s].get("step", step)) for s in servers}
@@ -202,6 +205,8 @@ class Client:
                 log.warning("%s joins the running job at step %d", self.name, max(steps))
                 return max(steps)
             step = max(steps)
+        raise RuntimeError(f"{self.name} could not join the running job: the servers did not agree on a step to count "
+                           f"it from in {JOIN_ROUNDS} rounds (asked {asked}, the last answers {sorted(steps)})")
 
     @property
     def checkpoint_requested(self) -> int:
