@@ -52,6 +52,8 @@ class Replication:
         self._acked: dict[tuple[int, int], int] = {}  # (key, backup) -> the version it confirmed
         self._dropped: set[tuple[int, int]] = set()  # (key, backup): a backup that refused an update of the key
         self._inflight: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # id -> (backup, [(key, version after)])
+        self._backups: dict[int, list[int]] = {}  # key -> its live backups while this server is its primary
+        self._plain = make_codec("none")  # updates travel uncompressed
         self.counters = {"replicated": 0, "replica_applied": 0, "replica_duplicates": 0}
 
     @property
@@ -67,10 +69,13 @@ class Replication:
         """The live backups of ``state`` when this server is its primary (else none)."""
         if not self.count:
             return []
-        live = replicas.live_copies(state.home, self.count, self.num_servers, self.dead)
-        if not live or live[0] != self.rank:
-            return []
-        return [b for b in live[1:] if (state.key, b) not in self._dropped]
+        found = self._backups.get(state.key)  # (asked for every key of every waiting request: kept until it changes)
+        if found is None:
+            live = replicas.live_copies(state.home, self.count, self.num_servers, self.dead)
+            found = [] if not live or live[0] != self.rank else [b for b in live[1:] if (state.key, b) not in
+                                                                   self._dropped]
+            self._backups[state.key] = found
+        return found
 
     def acked(self, state: KeyState) -> int:
         """The version of ``state`` every live backup holds (its own version when it has none)."""
@@ -98,7 +103,7 @@ class Replication:
             frames: list[Any] = []
             record = []
             for state, version, lr, grad in items:
-                entry, bufs = encode_entry(make_codec("none"), grad)
+                entry, bufs = encode_entry(self._plain, grad)
                 entry.update({"key": state.key, "version": version, "lr": lr, "step": version})
                 if origin is not None and state.key in origin:
                     entry["worker"], entry["step"] = origin[state.key]
@@ -131,6 +136,7 @@ class Replication:
                     changed.add(key)
                     if msg.kind is Kind.ERROR:
                         self._dropped.add((key, backup))
+                        self._backups.pop(key, None)
                     else:
                         self._acked[(key, backup)] = max(self._acked.get((key, backup), 0), version)
                 if msg.kind is Kind.ERROR:
@@ -146,6 +152,7 @@ class Replication:
             return None
         before = self.dead
         self.version, self.dead = version, dead
+        self._backups.clear()
         for msg_id in [i for i, (b, _) in self._inflight.items() if b in dead]:
             del self._inflight[msg_id]
         promoted = []

@@ -38,7 +38,7 @@ class Consistency:
         self.live: set[int] = set(range(num_workers))
         self.staleness = staleness
         self.clock: dict[int, int] = {w: 0 for w in self.live}
-        self.since: dict[int, int] = {}  # a worker that joined the running job: the first step it counts in
+        self.since: dict[int, int] = {}  # a worker that joined the running job: the step (or clock) it counts from
         self.max_served_gap = 0  # largest (clock of a served pull - slowest live clock) seen
 
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
@@ -76,7 +76,7 @@ class Consistency:
         that became complete as a result."""
         start = max(step, self.slowest())
         self.live.add(worker)
-        self.clock[worker] = start
+        self.clock[worker] = self.since[worker] = start
         return start, []
 
     def leave(self, worker: int, states: Iterable[KeyState]) -> list[Update]:

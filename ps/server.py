@@ -104,7 +104,6 @@ class Server:
         self._changed: set[int] | None = set()
         self._bytes = 0  # of the parameters declared here (the cap --max-server-bytes)
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
-        self._joined: dict[int, int] = {}  # a worker that joined the running job (--max-workers): from which step
         self._since_trim = 0  # bytes received since freed memory was last given back
         self._last_request = time.monotonic()
         self._started: dict[tuple[bytes, int], tuple[str, float]] = {}  # request -> (kind, arrival): its latency
@@ -576,8 +575,9 @@ class Server:
 
     # -- PUSH ------------------------------------------------------------------------------------------
     def _push(self, msg: Message, worker: int) -> list[tuple[KeyState, int]]:
-        """Validate and decode every key first; then apply. A message with one bad key changes nothing. Returns
-        each key with the version that holds this push's contribution (BSP: once its step is applied)."""
+        """Validate and decode every key first; then apply. A message with one bad key changes nothing. With
+        --replicas, returns each key with the version that holds this push's contribution (BSP: once its step is
+        applied), for the answer to wait until the backups hold it."""
         assert self.consistency is not None
         lrs = msg.body.get("lr")
         if lrs is not None and not (
@@ -648,13 +648,15 @@ class Server:
                     self.metrics.bsp_wait.observe(now - first)
             elif bsp:
                 self._first_push.setdefault(state.key, now)
-        self._apply(updates, None if bsp else {s.key: (worker, step) for s, step, _ in accepted})
+        replicated = self.replication.enabled
+        self._apply(updates, {s.key: (worker, step) for s, step, _ in accepted} if replicated and not bsp else None)
         for state, step, _ in accepted:
             self.consistency.applied(state, worker, step)
         if accepted:
             self.tracer.span("push", started, worker=worker, step=accepted[0][1], keys=len(accepted))
-        states = [self.keys[e["key"]] for e in msg.keys]
-        return [(s, e.get("step", 0) + 1 if bsp else s.version) for s, e in zip(states, msg.keys, strict=True)]
+        if not replicated:
+            return []
+        return [(self.keys[e["key"]], e.get("step", 0) + 1 if bsp else self.keys[e["key"]].version) for e in msg.keys]
 
     def _apply(self, updates: list[tuple[KeyState, torch.Tensor]],
                origin: dict[int, tuple[int, int]] | None = None) -> None:
@@ -779,19 +781,19 @@ class Server:
         step = msg.body.get("step")
         if type(step) is not int or not 0 <= step < 1 << 62:
             raise ProtocolError(ErrorCode.BAD_HEADER, "a join's 'step' must be a non-negative integer")
-        if worker < self.topology.num_workers or (worker in self.consistency.live) != (worker in self._joined):
+        if worker < self.topology.num_workers:
             raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} is a member of the job already: only a worker "
                                                     "beyond --workers joins")
-        if worker in self._joined and step < self._joined[worker]:
-            raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} counts from step {self._joined[worker]} "
-                                                    f"already: a join moves only later, not to {step}")
+        earlier = self.consistency.since.get(worker)
+        if earlier is not None and step < earlier:
+            raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} counts from step {earlier} already: a join "
+                                                    f"moves only later, not to {step}")
         start, updates = self.consistency.join(worker, step, self.keys.values())
         self._apply(updates)
         self._changed = None
-        if self._joined.get(worker) != start:
+        if earlier != start:
             log.warning("%s: worker %d joins the running job; from step %d the updates average workers %s",
                         self.name, worker, start, sorted(self.consistency.live))
-        self._joined[worker] = start
         return Message(Kind.OK, id=msg.id, src=self.name, body={"step": start})
 
     # -- LEAVE -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def reference(steps: int, join: int) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
+def start_joiner(procs: Procs, coordinator: str, *script: str) -> subprocess.Popen:
+    """A third worker for a running 2 servers x 2 workers job with --max-workers 3 (``zps node``, log "joiner")."""
+    return procs.start("joiner", {"ZPS_ROLE": "worker", "ZPS_COORDINATOR": coordinator, "ZPS_NUM_SERVERS": "2",
+                                  "ZPS_NUM_WORKERS": "2", "ZPS_MAX_WORKERS": "3"}, ["node", *script])
+
+
 @pytest.mark.cluster
 def test_a_worker_joins_a_running_bsp_job_and_counts_from_one_step_everywhere(tag: str, tmp_path: Path) -> None:
     steps, out = 300, tmp_path / "final.safetensors"
@@ -144,9 +151,7 @@ def test_a_worker_joins_a_running_bsp_job_and_counts_from_one_step_everywhere(ta
         head = wait_for_line(job, "STEP 30", timeout=120)
         coordinator = re.search(r"coordinator at (\S+:\d+)", head)
         assert coordinator, head
-        joiner = procs.start("joiner", {"ZPS_ROLE": "worker", "ZPS_COORDINATOR": coordinator.group(1),
-                                        "ZPS_NUM_SERVERS": "2", "ZPS_NUM_WORKERS": "2", "ZPS_MAX_WORKERS": "3"},
-                             ["node", SCRIPT, "--steps", str(steps), "--step-time", "0.05"])
+        joiner = start_joiner(procs, coordinator.group(1), SCRIPT, "--steps", str(steps), "--step-time", "0.05")
         code, text = finish(job, timeout=240)
         assert code == 0, text
         assert joiner.wait(timeout=30) == 0, procs.log("joiner")
@@ -182,9 +187,7 @@ def test_digits_with_a_worker_joining_at_step_30_still_learns(tag: str, tmp_path
             assert time.monotonic() < deadline, "the job never reached step 30"
             time.sleep(0.05)  # polling the coordinator's view of the job's progress, bounded
         status.close()
-        joiner = procs.start("joiner", {"ZPS_ROLE": "worker", "ZPS_COORDINATOR": coordinator.group(1),
-                                        "ZPS_NUM_SERVERS": "2", "ZPS_NUM_WORKERS": "2", "ZPS_MAX_WORKERS": "3"},
-                             ["node", digits, "--epochs", "20"])
+        joiner = start_joiner(procs, coordinator.group(1), digits, "--epochs", "20")
         code, text = finish(job, timeout=400)
         assert code == 0, text
         assert joiner.wait(timeout=60) == 0, procs.log("joiner")

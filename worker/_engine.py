@@ -215,15 +215,13 @@ class Engine:
             self._send(Sent(request, self.routes[home], home, {e["key"] for e in msg.keys}, msg, time.monotonic()))
 
     def _send(self, sent: Sent) -> None:
-        if sent.server < 0:  # every copy of its keys is lost: the coordinator fails the job
-            sent.msg.id = next(self._ids)
-            self._inflight[sent.msg.id] = sent
-            self._fail_one(sent.msg.id, ProtocolError(ErrorCode.DEAD, f"every copy of the keys of server {sent.home} "
-                                                                      "is lost"))
-            return
         sent.msg.id = next(self._ids)
         self._inflight[sent.msg.id] = sent
-        self.sent_bytes += transport.send(self._sockets[sent.server], sent.msg)
+        if sent.server < 0:  # every copy of its keys is lost: the coordinator fails the job
+            self._fail_one(sent.msg.id, ProtocolError(ErrorCode.DEAD, f"every copy of the keys of server {sent.home} "
+                                                                      "is lost"))
+        else:
+            self.sent_bytes += transport.send(self._sockets[sent.server], sent.msg)
 
     def _failover(self, routes: list[int]) -> None:
         """Servers died: send every message in flight to a dead one again, to the new primary of its home (the
