@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import selectors
 import signal
 import socket
@@ -225,33 +226,34 @@ ZPS = [sys.executable, "-m", "zps.launcher.cli"]
 FOREVER = str(ROOT / "tests" / "scripts" / "train_forever.py")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Ports handed to a process that binds them later are drawn below the kernel's ephemeral range (32768-60999 here):
+# one the kernel picked could be taken by any outgoing connection (another test's) before the process binds it.
+_PORTS = range(20000, 32768)
 
 
-def free_ports(count: int) -> int:
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> int:
     """A base port with ``count`` free ports from it (metrics: the coordinator's, then one per server)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(_PORTS.start, _PORTS.stop - count)
+        socks: list[socket.socket] = []
         try:
-            socks = []
             for port in range(base, base + count):
                 sock = socket.socket()
                 socks.append(sock)
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             return base
         except OSError:
             continue
         finally:
             for sock in socks:
                 sock.close()
-    raise AssertionError("no run of free ports")
+    raise AssertionError(f"no run of {count} free ports in {_PORTS.start}-{_PORTS.stop - 1}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on, outside the range the kernel gives outgoing connections."""
+    return free_ports(1, host)
 
 
 def _die_with_the_tests() -> None:  # in the child, before exec: it dies if the test run is killed outright
