@@ -195,6 +195,8 @@ class Chaos:
         self.coordinator: str | None = None
         self._client: StatusClient | None = None
         self._progress = 0  # the furthest step any worker reported, over restarts of the whole job
+        self._status: dict[str, Any] = {}  # the coordinator's newest answer
+        self._server_kills = 0  # done so far: the next one waits until they are failed over and re-replicated
         self._lock = threading.Lock()
         self._log: IO[str] | None = None
 
@@ -289,6 +291,7 @@ class Chaos:
             status = self._client.status(wait=1.0)
         except Unreachable:
             return []
+        self._status = status
         members = [m for m in status.get("members", []) if isinstance(m, dict)]
         steps = [int(m.get("step") or 0) for m in members if m.get("role") == "worker"]
         self._progress = max([self._progress, *steps])
@@ -306,17 +309,27 @@ class Chaos:
                        key=lambda m: int(m["rank"]))
         if not alive:
             return False
+        if action.role == "server" and action.how == "kill" and not self._replicated(actions_done=self._server_kills):
+            return False  # the previous server kill is not failed over and re-replicated yet: waits for it
         target = alive[min(int(action.pick * len(alive)), len(alive) - 1)]
         action.rank, action.pid, action.progress = int(target["rank"]), int(target["pid"]), self._progress
         action.done_at = round(time.monotonic() - started, 3)
         sig = signal.SIGKILL if action.how == "kill" else signal.SIGSTOP
         _signal(action.pid, sig)
+        if action.role == "server" and action.how == "kill":
+            self._server_kills += 1
         what = "SIGKILL" if action.how == "kill" else f"SIGSTOP for {action.pause:.2f}s"
         self.say(f"{what} to {action.role} {action.rank} (pid {action.pid}) at {action.done_at:.1f}s, step "
                  f"{self._progress}")
         self._record({"t": action.done_at, "action": action.how, "role": action.role, "rank": action.rank,
                       "pid": action.pid, "step": self._progress, "pause": action.pause or None})
         return True
+
+    def _replicated(self, actions_done: int) -> bool:
+        """--replicas: every server killed so far is failed over and each chunk has its copies back (a job
+        without replicas reports nothing to wait for)."""
+        return (len(self._status.get("dead_servers", [])) >= actions_done
+                and not self._status.get("under_replicated"))
 
     def _resume(self, paused: list[tuple[float, int]]) -> list[tuple[float, int]]:
         now = time.monotonic()

@@ -111,6 +111,11 @@ class Coordinator:
         self.last_checkpoint = 0
         self.dead_servers: set[int] = set()  # --replicas: servers that died; their chunks moved to backups
         self.topology_version = 0  # bumped by each failover
+        # --replicas: home -> the live servers known to hold a complete copy of its chunks (a copy being seeded
+        # counts once its primary reports its seeds acknowledged: HeartbeatBody's ``replicated``)
+        self.holders: dict[int, set[int]] = {h: set(replicas.copies(h, job.replicas, job.num_servers))
+                                             for h in range(job.num_servers)} if job.replicas else {}
+        self._failover_at = 0.0  # when the newest failover was decided
         # --replicas: server rank -> (when, which worker) a worker said its connection to that server dropped
         self._suspects: dict[int, tuple[float, str]] = {}
         self.members: dict[tuple[str, int], _Member] = {}
@@ -400,13 +405,16 @@ class Coordinator:
         NOTICE with the new topology version); the job fails only when every copy of some home is lost."""
         self.dead_servers.add(member.rank)
         self.topology_version += 1
+        self._failover_at = time.monotonic()
         routes = replicas.routes(self.job.replicas, self.job.num_servers, self.dead_servers)
-        lost = [home for home, owner in enumerate(routes) if owner < 0]
+        for held in self.holders.values():
+            held.discard(member.rank)
+        lost = [home for home, held in self.holders.items() if not held]
         if lost:
             self.failed_by = (member.role, member.rank)
-            self._fail(f"{member.where()} failed: {why[:2000]}; every copy of the chunks of server(s) "
+            self._fail(f"{member.where()} failed: {why[:2000]}; every complete copy of the chunks of server(s) "
                        f"{', '.join(map(str, lost))} is lost (--replicas {self.job.replicas}; dead servers "
-                       f"{sorted(self.dead_servers)})")
+                       f"{sorted(self.dead_servers)}; a copy still being seeded when its primary died holds nothing)")
             return
         moved = {home: owner for home, owner in enumerate(routes) if home in self.dead_servers}
         log.warning("FAILOVER: %s failed (%s); topology version %d: %s; the job goes on", member.where(), why[:500],
@@ -415,6 +423,20 @@ class Coordinator:
         for m in self.members.values():
             if m.hb_identity is not None and not m.failed and not m.done:
                 self._tell_topology(m, m.hb_identity)
+
+    def _replicated(self, server: int) -> None:
+        """--replicas: ``server`` reports every chunk it serves complete on all its live copies (re-replication after
+        the newest failover is done there): those copies now count as holders."""
+        routes = replicas.routes(self.job.replicas, self.job.num_servers, self.dead_servers)
+        for home, owner in enumerate(routes):
+            if owner != server or home not in self.holders:
+                continue
+            copies = set(replicas.live_copies(home, self.job.replicas, self.job.num_servers, self.dead_servers))
+            if self.holders[home] != copies:
+                self.holders[home] = copies
+                log.warning("RE-REPLICATED: the chunks of server %d have %d complete copies again (servers %s; "
+                            "topology version %d), %.2fs after the failover", home, len(copies), sorted(copies),
+                            self.topology_version, time.monotonic() - self._failover_at)
 
     def _check_suspects(self, now: float) -> None:
         """--replicas: a server a worker lost its connection to is failed over as soon as its own heartbeats are late
@@ -485,6 +507,9 @@ class Coordinator:
         member.last_seen = time.monotonic()
         if member.topology_version < self.topology_version and not member.failed:
             self._tell_topology(member, identity)
+        replicated = msg.body.get("replicated")
+        if member.role == "server" and replicated == self.topology_version and type(replicated) is int:
+            self._replicated(member.rank)
         suspect = msg.body.get("suspect")
         if self.job.replicas and member.role == "worker" and isinstance(suspect, list):
             for rank in suspect[: self.job.num_servers]:
@@ -570,8 +595,14 @@ class Coordinator:
         """The job's live view (the STATUS reply; ``zps top`` shows it)."""
         return {"state": self.state.value, "mode": self.job.mode, "num_servers": self.job.num_servers,
                 "num_workers": self.job.num_workers, "error": self.error, "checkpoint": self.last_checkpoint,
-                "dead_servers": sorted(self.dead_servers),
+                "dead_servers": sorted(self.dead_servers), "under_replicated": self._under_replicated(),
                 **self.monitor.snapshot()}
+
+    def _under_replicated(self) -> list[int]:
+        """--replicas: the homes whose chunks have fewer complete copies than the live servers allow (being
+        re-replicated)."""
+        return [home for home, held in sorted(self.holders.items())
+                if held != set(replicas.live_copies(home, self.job.replicas, self.job.num_servers, self.dead_servers))]
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _saved(self, identity: bytes, msg: Message) -> None:

@@ -50,6 +50,9 @@ class Kind(str, enum.Enum):
     STATS = "stats"
     # server -> server (--replicas): a primary's updates, for its backups to apply the same way
     REPLICATE = "replicate"
+    # server -> server (--replicas): a primary's whole state of keys, for a backup new to them (re-replication) or
+    # one that missed updates; the body names the optimizer and the failover it follows (:class:`SeedBody`)
+    SEED = "seed"
     # replies
     OK = "ok"
     VALUES = "values"
@@ -102,6 +105,15 @@ class KeyEntry(TypedDict, total=False):
 
     One REPLICATE carries the keys one optimizer step of the primary updated, and the backup steps them together
     too: every copy holds the same bits, optimizer state included.
+
+    SEED requests (a primary to a backup: its whole state of the key; the values as uncompressed frames, then one
+    frame per optimizer state tensor):
+
+    - ``name``, ``offset``, ``numel``, ``group``, ``home``: as in INIT (a backup new to the key declares it so)
+    - ``version``, ``lr``: the key's version and the learning rate it was last applied with
+    - ``ostate``: the torch.optim state of the key, ``[[name, dtype name, shape], ...]``, one frame each after the
+      values' frames (each at most ``numel`` elements)
+    - ``last``: ASP/SSP, ``[[worker, step], ...]``: the last push of each worker applied (dedupe)
     """
 
     key: int
@@ -124,6 +136,8 @@ class KeyEntry(TypedDict, total=False):
     home: int
     lr: float | None
     worker: int
+    ostate: list[list[Any]]
+    last: list[list[int]]
 
 
 class HeartbeatBody(TypedDict, total=False):
@@ -132,10 +146,13 @@ class HeartbeatBody(TypedDict, total=False):
     - ``stats``: the member's progress report (:mod:`zps.protocol.progress`)
     - ``suspect``: ``--replicas``, a worker's: the ranks of servers its connection to was lost; the coordinator fails
       such a server over once its own heartbeats are late too (without waiting for ``--heartbeat-timeout``)
+    - ``replicated``: ``--replicas``, a server's: the newest topology version after which every chunk it serves has
+      its R + 1 copies complete again (its seeds all acknowledged): the coordinator counts those copies as holders
     """
 
     stats: dict[str, Any]
     suspect: list[int]
+    replicated: int
 
 
 class FailoverNotice(TypedDict):
@@ -148,6 +165,20 @@ class FailoverNotice(TypedDict):
 
     version: int
     dead: list[int]
+
+
+class SeedBody(TypedDict):
+    """The body of a SEED request (``--replicas``, a primary to a backup).
+
+    - ``optimizer``, ``groups``: the server optimizer and its hyper-parameters per group, as rank 0 declared them
+      (a backup new to a group builds its optimizer from them)
+    - ``failover``: the topology the primary seeds for (:class:`FailoverNotice`): the backup takes it as news if
+      the coordinator's notice has not reached it yet, and refuses updates from servers it names dead
+    """
+
+    optimizer: str
+    groups: list[dict[str, Any]]
+    failover: FailoverNotice
 
 
 class RegisterBody(TypedDict, total=False):

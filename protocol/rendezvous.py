@@ -105,6 +105,8 @@ class RendezvousClient:
         self.reporter: Callable[[], dict[str, Any]] | None = None
         self._suspects: set[int] = set()  # --replicas, a worker: servers it lost its connection to (the next heartbeat
         self._suspects_lock = threading.Lock()  # says so, once)
+        self._replicated: int | None = None  # --replicas, a server: what its heartbeats say (HeartbeatBody)
+        self._beat_now = threading.Event()  # news the coordinator should have before the next interval
 
     # -- request / reply -------------------------------------------------------------------------------
     def _request(self, kind: Kind, body: dict[str, Any], what: str, timeout: float | None = None,
@@ -193,6 +195,13 @@ class RendezvousClient:
         self._start_heartbeats()
         return self.topology
 
+    def report_replicated(self, version: int | None) -> None:
+        """--replicas, a server: every chunk it serves has its copies complete after topology ``version`` (None:
+        not yet). A new version goes out at once, with an early heartbeat."""
+        if version is not None and version != self._replicated:
+            self._replicated = version
+            self._beat_now.set()
+
     def report_saved(self, checkpoint: int, file: str, size: int, info: dict[str, Any]) -> None:
         """Tell the coordinator this process's part of checkpoint ``checkpoint`` is on disk (any thread may call it);
         it writes the manifest once every part is."""
@@ -257,9 +266,13 @@ class RendezvousClient:
                 with self._suspects_lock:
                     if self._suspects:
                         body["suspect"], self._suspects = sorted(self._suspects), set()
+                if self._replicated is not None:
+                    body["replicated"] = self._replicated
+                self._beat_now.clear()
                 transport.send(sock, Message(Kind.HEARTBEAT, id=next(self._ids), src=self.name, body=dict(body)))
                 deadline = time.monotonic() + interval
-                while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
+                while ((remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set()
+                       and not self._beat_now.is_set()):
                     # short slices, so a stop request is seen within 50 ms
                     if not sock.poll(int(min(remaining, 0.05) * 1000) + 1):
                         continue

@@ -1,11 +1,14 @@
 """Replicated shards (``--replicas R``): where each chunk's copies live, and the coordinator's failover notice.
 
-Placement is a pure function of (home server, R, number of servers), so every process computes it alike: the chunks
-the sharding plan gives server ``s`` (their *home*) have copies on ``s, s+1, ..., s+R`` (mod S), R + 1 distinct
-servers. While every server lives, the home serves them (the primary) and the others are backups. The first live
-server of that chain is the primary; the live ones after it are its backups. When servers die, the coordinator
+Placement is a pure function of (home server, R, number of servers, dead servers), so every process computes it
+alike: the chunks the sharding plan gives server ``s`` (their *home*) live on the first R + 1 live servers of the
+chain ``s, s+1, ..., s+S-1`` (mod S), never two copies on one server. While every server lives, that is
+``s, ..., s+R``: the home serves them (the primary) and the others are backups. When servers die, the coordinator
 tells every process which ones are dead (:class:`zps.protocol.messages.FailoverNotice`); each derives the new
-primaries from that alone.
+primaries (the first live server of each chain) from that alone, and the copy sets grow by the next live servers
+of the chain: a primary *seeds* each backup new to a chunk with its whole state (re-replication), so R + 1 copies
+exist again as long as R + 1 servers live. A copy that was still being seeded when its primary died holds nothing:
+the coordinator counts a chunk lost when no complete copy lives.
 """
 from __future__ import annotations
 
@@ -29,12 +32,15 @@ def copies(home: int, replicas: int, num_servers: int) -> list[int]:
 
 
 def live_copies(home: int, replicas: int, num_servers: int, dead: Collection[int]) -> list[int]:
-    """The live servers holding the chunks of ``home``, primary first (empty: every copy is lost)."""
-    return [s for s in copies(home, replicas, num_servers) if s not in dead]
+    """The live servers that hold (or are being seeded with) the chunks of ``home``, primary first: the first
+    ``replicas + 1`` live servers of the chain ``home, home+1, ...`` (mod S); empty when every server is dead."""
+    check_replicas(replicas, num_servers)
+    chain = [(home + i) % num_servers for i in range(num_servers)]
+    return [s for s in chain if s not in dead][: replicas + 1]
 
 
 def routes(replicas: int, num_servers: int, dead: Collection[int]) -> list[int]:
-    """Home -> the server that now serves its chunks (-1 where every copy is lost)."""
+    """Home -> the server that now serves its chunks (its first live copy; -1 when every server is dead)."""
     out = []
     for home in range(num_servers):
         live = live_copies(home, replicas, num_servers, dead)

@@ -1,12 +1,17 @@
 """A server's side of ``--replicas R``: forwarding its updates to the backups of the chunks it serves, tracking
-their acknowledgements, and taking over the chunks of dead servers (:mod:`zps.protocol.replicas` says where copies
-live).
+their acknowledgements, seeding new backups after a failover, and taking over the chunks of dead servers
+(:mod:`zps.protocol.replicas` says where copies live).
 
 A primary applies an update, then sends the same gradient, learning rate and push identity to each live backup
 (one REPLICATE per backup and optimizer step); the backup steps its own torch.optim copy the same way. A key's
 *acknowledged* version is the lowest version every live backup confirmed; the server answers a push (and a BSP
-pull) only once it is acknowledged, so whatever a worker saw acknowledged survives the primary's death. A backup
-that refuses an update (it missed one: with R >= 2 after a failover) is dropped as a copy of that key, loudly.
+pull) only once it is acknowledged, so whatever a worker saw acknowledged survives the primary's death.
+
+After a failover a primary *seeds* (:mod:`._seeds`) every backup that is new to a key (re-replication: the copy
+sets grow by the next live server) and, when it was just promoted, every backup of the keys it took over (they
+may have missed the dead primary's last update); a backup that refuses an update (it missed one) is seeded again.
+Until a seed is acknowledged, that backup's acknowledged version is 0: pushes wait for it, so no acknowledged
+update exists only on the primary. A backup that refuses a seed is dropped as a copy of those keys, loudly.
 """
 from __future__ import annotations
 
@@ -21,15 +26,14 @@ import zmq
 
 from zps.protocol import replicas, transport
 from zps.protocol.codecs import make_codec
-from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError
+from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
 from zps.protocol.peers import parse_peer
 from zps.protocol.tensors import encode_entry
 
+from ._seeds import Decode, seed_messages
 from .store import KeyState, Update
 
 log = logging.getLogger("zps.server")
-# how a server decodes a key's frames: (entry, frames, elements, dtype, what) -> tensor (zps.protocol.tensors.Decoders)
-Decode = Callable[[KeyEntry, list[Any], int, torch.dtype, str], torch.Tensor]
 
 
 class Replication:
@@ -50,11 +54,27 @@ class Replication:
                     self.sockets[peer] = sock
         self._ids = itertools.count(1)
         self._acked: dict[tuple[int, int], int] = {}  # (key, backup) -> the version it confirmed
-        self._dropped: set[tuple[int, int]] = set()  # (key, backup): a backup that refused an update of the key
-        self._inflight: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # id -> (backup, [(key, version after)])
+        self._dropped: set[tuple[int, int]] = set()  # (key, backup): a backup that refused a seed of the key
+        # id -> (backup, [(key, version it holds once applied)], a seed?)
+        self._inflight: dict[int, tuple[int, list[tuple[int, int]], bool]] = {}
         self._backups: dict[int, list[int]] = {}  # key -> its live backups while this server is its primary
+        self._seeding: dict[tuple[int, int], int] = {}  # (key, backup) -> the newest seed, until answered
+        self._seeded: dict[tuple[int, int], int] = {}  # (key, backup) -> the id of the newest seed sent
+        self.reseed: dict[int, set[int]] = {}  # backup -> keys to seed it with (Server sends them: it has the state)
+        self.fenced: str | None = None  # a backup answered that this server was declared dead
+        self._fenced_off: set[int] = set()  # servers a seed named dead before the coordinator's notice came
         self._plain = make_codec("none")  # updates travel uncompressed
-        self.counters = {"replicated": 0, "replica_applied": 0, "replica_duplicates": 0}
+        self.counters = {"replicated": 0, "replica_applied": 0, "replica_duplicates": 0, "seeded_keys": 0,
+                         "seed_bytes": 0, "seeds_taken": 0}
+
+    def fence(self, notice: tuple[int, frozenset[int]]) -> None:
+        """Refuse updates from the servers a seed's topology names dead (before the coordinator's notice comes)."""
+        if notice[0] > self.version:
+            self._fenced_off |= notice[1]
+
+    def is_dead(self, server: int) -> bool:
+        """Whether ``server`` was failed over (by the coordinator's notice or a seed's topology)."""
+        return server in self.dead or server in self._fenced_off
 
     @property
     def enabled(self) -> bool:
@@ -72,8 +92,8 @@ class Replication:
         found = self._backups.get(state.key)  # (asked for every key of every waiting request: kept until it changes)
         if found is None:
             live = replicas.live_copies(state.home, self.count, self.num_servers, self.dead)
-            found = [] if not live or live[0] != self.rank else [b for b in live[1:] if (state.key, b) not in
-                                                                   self._dropped]
+            found = [] if not live or live[0] != self.rank else [b for b in live[1:]
+                                                                   if (state.key, b) not in self._dropped]
             self._backups[state.key] = found
         return found
 
@@ -111,7 +131,7 @@ class Replication:
                 frames.extend(bufs)
                 record.append((state.key, version + 1))
             msg = Message(Kind.REPLICATE, id=next(self._ids), src=self.name, keys=keys, frames=frames)
-            self._inflight[msg.id] = (backup, record)
+            self._inflight[msg.id] = (backup, record, False)
             self.counters["replicated"] += len(items)
             try:
                 transport.send(self.sockets[backup], msg)
@@ -119,7 +139,8 @@ class Replication:
                 log.error("%s: an update for server %d could not be sent: %s", self.name, backup, exc)
 
     def receive(self) -> set[int]:
-        """Take the backups' answers that arrived; the keys whose acknowledged version may have moved."""
+        """Take the backups' answers that arrived; the keys whose acknowledged version may have moved. Keys a backup
+        refused an update of go to :attr:`reseed`; a refused seed drops that backup as a copy of its keys."""
         changed: set[int] = set()
         for backup, sock in self.sockets.items():
             while transport.readable(sock):
@@ -131,40 +152,107 @@ class Replication:
                 found = self._inflight.pop(msg.id, None)
                 if found is None:
                     continue
-                _, record = found
-                for key, version in record:
-                    changed.add(key)
-                    if msg.kind is Kind.ERROR:
+                _, record, seed = found
+                changed.update(key for key, _ in record)
+                if msg.kind is not Kind.ERROR:
+                    for key, version in record:
+                        self._acked[(key, backup)] = max(self._acked.get((key, backup), 0), version)
+                        if seed and self._seeding.get((key, backup)) == msg.id:
+                            del self._seeding[(key, backup)]
+                    continue
+                reason = str(msg.body.get("reason", "?"))[:300]
+                if msg.body.get("code") == ErrorCode.DEAD.value:
+                    self.fenced = f"server {backup} refused its updates: {reason}"
+                    continue
+                keys = [key for key, _ in record]
+                if seed:
+                    for key in keys:
                         self._dropped.add((key, backup))
                         self._backups.pop(key, None)
-                    else:
-                        self._acked[(key, backup)] = max(self._acked.get((key, backup), 0), version)
-                if msg.kind is Kind.ERROR:
-                    log.error("FAILOVER: %s: server %d refused updates of keys %s (%s); it is no longer a copy of "
-                              "them: they have one copy fewer", self.name, backup, sorted(k for k, _ in record)[:20],
-                              str(msg.body.get("reason", "?"))[:300])
+                        self._seeding.pop((key, backup), None)
+                    log.error("FAILOVER: %s: server %d refused the seed of keys %s (%s); it is no longer a copy of "
+                              "them: they have one copy fewer", self.name, backup, keys_text(keys), reason)
+                    continue
+                stale = [k for k in keys if self._seeded.get((k, backup), 0) > msg.id]  # sent before its newest seed
+                missed = [k for k in keys if k not in stale and (k, backup) not in self._dropped]
+                if missed:
+                    log.warning("%s: server %d refused updates of keys %s (%s): it is seeded with them again",
+                                self.name, backup, keys_text(missed), reason)
+                    self.reseed.setdefault(backup, set()).update(missed)
         return changed
 
+    def seed(self, keys: dict[int, KeyState], optimizer_state: Callable[[KeyState], dict[str, torch.Tensor]],
+             optimizer: tuple[str, list[dict[str, Any]]] | None, max_bytes: int) -> None:
+        """Send the seeds :attr:`reseed` asks for (each key's whole state, as it is now)."""
+        wanted, self.reseed = self.reseed, {}
+        if optimizer is None:  # (rank 0 has not declared yet: no key has values, nothing to copy)
+            return
+        body: SeedBody = {"optimizer": optimizer[0], "groups": optimizer[1],
+                          "failover": {"version": self.version, "dead": sorted(self.dead)}}
+        for backup, asked in sorted(wanted.items()):
+            if backup in self.dead:
+                continue
+            states = [keys[k] for k in sorted(asked) if k in keys and keys[k].initialized
+                      and backup in self.backups(keys[k])]
+            for msg, carried in seed_messages(states, optimizer_state, body, self.name, self._ids, max_bytes):
+                self._inflight[msg.id] = (backup, [(k, keys[k].version) for k in carried], True)
+                for k in carried:
+                    self._seeding[(k, backup)] = self._seeded[(k, backup)] = msg.id
+                    self._acked.pop((k, backup), None)
+                self.counters["seeded_keys"] += len(carried)
+                self.counters["seed_bytes"] += transport.size_of(msg.frames)
+                try:
+                    transport.send(self.sockets[backup], msg)
+                except zmq.ZMQError as exc:  # never acknowledged: the pushes wait, then time out naming it
+                    log.error("%s: a seed for server %d could not be sent: %s", self.name, backup, exc)
+            if states:
+                log.warning("FAILOVER: %s: seeding server %d with %d keys (%s)", self.name, backup, len(states),
+                            keys_text([s.key for s in states]))
+
+    @property
+    def replicated(self) -> int | None:
+        """The topology version after which every key this server serves has all its copies complete (seeds
+        acknowledged, none refused); None while some are not."""
+        if self._seeding or self.reseed or self._dropped:
+            return None
+        return self.version
+
     def failover(self, version: int, dead: frozenset[int], keys: Iterable[KeyState]) -> list[KeyState] | None:
-        """A failover notice: ``dead`` servers. The keys this server now serves as their new primary (logged), or
-        None for a notice seen already."""
+        """A failover notice: ``dead`` servers. The keys this server now serves as their new primary, or None for a
+        notice seen already. Every backup new to a key this server serves, and every backup of a key it was just
+        promoted for, is put in :attr:`reseed`."""
         if version <= self.version:
             return None
         before = self.dead
         self.version, self.dead = version, dead
         self._backups.clear()
-        for msg_id in [i for i, (b, _) in self._inflight.items() if b in dead]:
+        for msg_id in [i for i, (b, _, _) in self._inflight.items() if b in dead]:
             del self._inflight[msg_id]
+        for pair in [p for p in self._seeding if p[1] in dead]:
+            del self._seeding[pair]
+        for pair in [p for p in self._dropped if p[1] in dead]:
+            self._dropped.discard(pair)
+        self.reseed = {b: ks for b, ks in self.reseed.items() if b not in dead}
         promoted = []
         for state in keys:
             old = replicas.live_copies(state.home, self.count, self.num_servers, before)
             new = replicas.live_copies(state.home, self.count, self.num_servers, dead)
-            if new and new[0] == self.rank and (not old or old[0] != self.rank):
+            if not new or new[0] != self.rank:
+                continue
+            was_primary = bool(old) and old[0] == self.rank
+            if not was_primary:
                 promoted.append(state)
-                for b in new[1:]:  # fellow backups got what this one got from the dead primary (one that missed
-                    # an update refuses the next one, and is dropped then)
-                    self._acked[(state.key, b)] = max(self._acked.get((state.key, b), 0), state.version)
+            for b in new[1:]:
+                if not (was_primary and b in old[1:]):
+                    self.reseed.setdefault(b, set()).add(state.key)
+                    self._dropped.discard((state.key, b))
         return promoted
+
+
+def keys_text(keys: list[int]) -> str:
+    """Keys for a log line: the first 20 in order, and how many more."""
+    keys = sorted(keys)
+    return ", ".join(map(str, keys[:20])) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
 
 
 @dataclass

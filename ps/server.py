@@ -38,7 +38,8 @@ from zps.protocol.trace import Tracer, now_us
 from ._checkpoint import Checkpoints, Restore
 from ._metrics import GAUGES, ServerMetrics
 from ._pending import Pending, Waiting
-from ._replicas import Replication, read_replicate
+from ._replicas import Replication, keys_text, read_replicate
+from ._seeds import read_seed
 from ._shm import PUSH, WorkerSegments
 from ._values import PullRequest, Values
 from .consistency import Consistency, make_consistency
@@ -103,6 +104,7 @@ class Server:
         # SSP's slowest clock moved); the requests waiting on it are re-checked after the message
         self._changed: set[int] | None = set()
         self._bytes = 0  # of the parameters declared here (the cap --max-server-bytes)
+        self._optimizer: tuple[str, list[dict[str, Any]]] | None = None  # as rank 0 declared it (or a seed named it)
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
         self._since_trim = 0  # bytes received since freed memory was last given back
         self._last_request = time.monotonic()
@@ -217,8 +219,14 @@ class Server:
                 self._trim()
             if self.replication.sockets:
                 acknowledged = self.replication.receive()
+                if self.replication.reseed:
+                    self._send_seeds()
                 if acknowledged:
                     self.pending.flush(acknowledged)
+                if self.replication.fenced is not None:
+                    rendezvous.failure = f"{self.name}: {self.replication.fenced}; it stops serving"
+                    break
+                rendezvous.report_replicated(self.replication.replicated)
             self._drain_notices()
             if len(self.pending):
                 self.pending.expire(self.config.job.timeout)
@@ -389,6 +397,8 @@ class Server:
             return self._pull(request)
         if msg.kind is Kind.REPLICATE:
             return self._replicate(msg)
+        if msg.kind is Kind.SEED:
+            return self._seed(msg)
         if msg.kind is Kind.LEAVE:
             return self._leave(msg, self._worker(msg))
         if msg.kind is Kind.JOIN:
@@ -505,8 +515,10 @@ class Server:
         # every check passed: now change state
         if segment is not None:
             self.segments.adopt(worker, segment, msg.keys)
-        if opt_name is not None and self.checkpoints is not None:
-            self.checkpoints.optimizer = (opt_name, groups)
+        if opt_name is not None:
+            self._optimizer = (opt_name, groups)
+            if self.checkpoints is not None:
+                self.checkpoints.optimizer = (opt_name, groups)
         states = []
         for (entry, existing), tensor in zip(declared, values, strict=True):
             state = existing or KeyState(key=entry["key"], numel=entry["numel"], name=entry.get("name", ""),
@@ -761,6 +773,7 @@ class Server:
             raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
         updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, MAX_LR, self._state,
                                  self._decoders.decode)
+        self._refuse_dead(msg)
         fresh = [u for u in updates if not u.held()]
         self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
         for u in fresh:
@@ -773,6 +786,81 @@ class Server:
                 u.state.last_step[u.worker] = u.step
         self.replication.counters["replica_applied"] += len(fresh)
         return Message(Kind.OK, id=msg.id, src=self.name)
+
+    def _refuse_dead(self, msg: Message) -> None:
+        """A server this one knows dead is fenced off: its updates and seeds are refused (it may be paused, not
+        gone; the copies that took its place serve its chunks now)."""
+        sender = parse_peer(msg.src, "server")
+        if sender is not None and self.replication.is_dead(sender[1]):
+            raise ProtocolError(ErrorCode.DEAD, f"{msg.src} was failed over (topology version "
+                                                f"{self.replication.version}): it serves nothing any more")
+
+    def _seed(self, msg: Message) -> Message:
+        """A backup: take a primary's whole state of some keys (all checked first), declaring those new here."""
+        assert self.topology is not None
+        if not self.replication.enabled:
+            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no seeds")
+        job = self.config.job
+
+        def check_optimizer(name: str, groups: list[Any], group: int) -> None:
+            if group in self.optimizers.by_group:
+                clean_hparams(optimizer_class(name), groups[group])
+            else:
+                build_optimizer(name, groups[group], torch.zeros(1, requires_grad=True))
+
+        seed = read_seed(msg, self.topology.num_servers, job.worker_ranks, job.max_key_elements, MAX_LR,
+                         check_optimizer, self._decoders.decode)
+        # the servers the seed's topology names dead are refused from now on, even if the coordinator's notice is
+        # still on its way (a late update of a dead primary must not reach this copy after the seed)
+        self.replication.fence(seed.topology)
+        self._refuse_dead(msg)
+        new_keys, new_bytes = 0, 0
+        for item in seed.keys:
+            entry = item.entry
+            existing = self.keys.get(entry["key"])
+            if existing is None:
+                new_keys, new_bytes = new_keys + 1, new_bytes + 4 * entry["numel"]
+            elif (existing.numel, existing.name, existing.group, existing.offset) != (
+                    entry["numel"], entry.get("name", ""), entry.get("group", 0), entry.get("offset", 0)):
+                raise ProtocolError(ErrorCode.CONFLICT, f"seed of {existing.label()}: it is declared here with "
+                                                        "another name, size, offset or group")
+        if len(self.keys) + new_keys > job.max_keys or self._bytes + new_bytes > job.max_server_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"with the seed's {new_keys} new keys this server would hold "
+                                                     f"more than --max-keys {job.max_keys} keys or --max-server-bytes "
+                                                     f"{job.max_server_bytes} bytes")
+        # every check passed: now change state
+        for item in seed.keys:
+            entry = item.entry
+            state = self.keys.get(entry["key"])
+            if state is None:
+                state = self.keys[entry["key"]] = KeyState(
+                    key=entry["key"], numel=entry["numel"], name=entry.get("name", ""),
+                    offset=entry.get("offset", 0), group=entry.get("group", 0), home=entry.get("home", 0))
+                self._bytes += 4 * state.numel
+            if state.param is None:
+                build = functools.partial(build_optimizer, seed.optimizer, seed.groups[state.group])
+                self.optimizers.add(state, item.values.clone(), build)
+            else:
+                state.param.copy_(item.values)
+            assert state.param is not None
+            self.optimizers.by_group[state.group].state[state.param] = item.state
+            state.version, state.lr, state.last_step = item.version, item.lr, dict(item.last_step)
+            if self._changed is not None:
+                self._changed.add(state.key)  # declares waiting for its values may go on
+        if self._optimizer is None:
+            self._optimizer = (seed.optimizer, seed.groups)
+        self.replication.counters["seeds_taken"] += len(seed.keys)
+        log.warning("FAILOVER: %s: seeded by server %d with %d keys (%s)", self.name, seed.sender, len(seed.keys),
+                    keys_text([i.entry["key"] for i in seed.keys]))
+        return Message(Kind.OK, id=msg.id, src=self.name)
+
+    def _send_seeds(self) -> None:
+        """--replicas: seed the backups the replication state asks for (after a failover, or a refused update)."""
+        self.replication.seed(self.keys, self._optimizer_state, self._optimizer, self.config.job.max_message_bytes)
+
+    def _optimizer_state(self, state: KeyState) -> dict[str, torch.Tensor]:
+        assert state.param is not None
+        return self.optimizers.by_group[state.group].state.get(state.param, {})
 
     # -- JOIN ------------------------------------------------------------------------------------------
     def _join(self, msg: Message, worker: int) -> Message:
@@ -837,6 +925,9 @@ class Server:
             return
         if found is None:
             return
+        if self.replication.rank in found[1]:
+            self.replication.fenced = f"the coordinator failed this server over (topology version {found[0]})"
+            return
         promoted = self.replication.failover(found[0], found[1], self.keys.values())
         if promoted is None:
             return
@@ -844,10 +935,11 @@ class Server:
             homes = sorted({s.home for s in promoted})
             log.warning("FAILOVER: %s: topology version %d (dead servers %s): now the primary of %d keys of "
                         "server(s) %s (keys %s), at versions %s", self.name, found[0], sorted(found[1]),
-                        len(promoted), homes, _keys_text([s.key for s in promoted]),
+                        len(promoted), homes, keys_text([s.key for s in promoted]),
                         sorted({s.version for s in promoted})[:5])
         else:
             log.warning("FAILOVER: %s: topology version %d (dead servers %s)", self.name, found[0], sorted(found[1]))
+        self._send_seeds()  # re-replication: the backups new to the keys this server serves get their state
         self.pending.flush(None)  # what waited for a dead backup's acknowledgement goes on
 
     def stats(self) -> dict[str, Any]:
@@ -865,10 +957,6 @@ class Server:
             **self.counters,
             **self.replication.counters,
         }
-
-
-def _keys_text(keys: list[int]) -> str:
-    return ", ".join(map(str, keys[:20])) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
 
 
 def serve(config: Config) -> int:

@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -19,10 +20,11 @@ import torch
 import zmq
 from safetensors.torch import load_file
 
-from zps.protocol import replicas
+from zps.protocol import replicas, transport
 from zps.protocol.config import ConfigError, JobConfig
-from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, parse_frames
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, KeyEntry, Kind, Message, SeedBody, parse_frames
 from zps.protocol.tensors import Decoders
+from zps.ps._seeds import seed_messages
 from zps.worker._engine import Engine
 from zps.worker._replies import Replies
 from zps.worker._shm import SharedAreas
@@ -59,8 +61,12 @@ def test_placement_puts_each_copy_on_its_own_server_and_moves_homes_to_their_fir
     assert replicas.routes(1, 3, {1}) == [0, 2, 2]
     assert replicas.routes(1, 3, {0}) == [1, 1, 2]
     assert replicas.routes(2, 4, {1, 2}) == [0, 3, 3, 3]
-    assert replicas.routes(1, 3, {1, 2}) == [0, -1, 0]  # every copy of server 1's chunks is lost
-    assert replicas.live_copies(0, 2, 4, {1}) == [0, 2]
+    assert replicas.routes(1, 3, {1, 2}) == [0, 0, 0]  # (server 1's chunks survive only if 0 was seeded in time)
+    assert replicas.routes(1, 3, {0, 1, 2}) == [-1, -1, -1]
+    # the copy sets grow by the next live server of the chain: re-replication restores R + 1 copies
+    assert replicas.live_copies(0, 2, 4, {1}) == [0, 2, 3]
+    assert replicas.live_copies(2, 1, 3, {0}) == [2, 1]
+    assert replicas.live_copies(0, 1, 3, {0, 1}) == [2]
 
 
 @pytest.mark.unit
@@ -156,6 +162,68 @@ def test_a_malformed_replicate_request_is_answered_with_an_error_and_changes_not
             assert torch.equal(values["w"], torch.zeros(8))
             stats = client.stats()
             assert [s["replica_applied"] for s in stats] == [0, 0]
+        finally:
+            raw.close()
+            client.close()
+
+
+@pytest.mark.cluster
+def test_a_seed_gives_a_server_new_to_a_key_the_primarys_whole_state_and_a_malformed_one_changes_nothing() -> None:
+    """Re-replication's message: a server that holds no copy of a key takes one from a seed, bit for bit (values,
+    Adam state, version, each worker's last push); a malformed seed is refused naming its problem and declares
+    nothing; a seed from a server it knows dead is refused as DEAD (a paused primary is fenced off)."""
+    with local_cluster(3, 1, "asp", replicas=1) as cluster:
+        (client,) = cluster.clients()
+        client.declare({"w": torch.randn(64)}, ("Adam", [{"lr": 0.01}]))
+        for step in range(3):
+            client.push({"w": torch.randn(64)}, step=step).result(timeout=10)  # acknowledged: applied everywhere
+        key, home = client.chunks("w")[0].key, client.chunks("w")[0].server
+        primary, stranger = cluster.servers[home], cluster.servers[(home + 2) % 3]
+        assert key not in stranger.keys
+        state = primary.keys[key]
+        body: SeedBody = {"optimizer": "Adam", "groups": [{"lr": 0.01}], "failover": {"version": 0, "dead": []}}
+        (msg, carried), = seed_messages([state], primary._optimizer_state, body, f"server:{home}", iter(range(1, 99)),
+                                        1 << 30)
+        assert carried == [key]
+        raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(client.topology.servers[(home + 2) % 3])
+        entry = msg.keys[0]
+        frames = [bytes(f) for f in msg.frames]
+        cases: list[tuple[str | None, list[KeyEntry], dict[str, Any], list[bytes], ErrorCode]] = [
+            ("worker:0", [entry], dict(body), frames, ErrorCode.BAD_HEADER),  # only a server seeds
+            (None, [entry], {**body, "failover": None}, frames, ErrorCode.BAD_HEADER),
+            (None, [entry], {**body, "optimizer": "Foo"}, frames, ErrorCode.BAD_OPTIMIZER),
+            (None, [{**entry, "numel": 1 << 40}], dict(body), frames, ErrorCode.BAD_HEADER),
+            (None, [{**entry, "last": [[7, 1]]}], dict(body), frames, ErrorCode.BAD_HEADER),  # no worker 7
+            (None, [{**entry, "ostate": [["exp_avg", "float32", [65]], *entry["ostate"][1:]]}], dict(body), frames,
+             ErrorCode.SHAPE_MISMATCH),
+            (None, [{**entry, "ostate": entry["ostate"][:-1]}], dict(body), frames, ErrorCode.FRAME_COUNT),
+            (None, [entry], dict(body), [frames[0][:-4], *frames[1:]], ErrorCode.FRAME_SIZE),
+        ]
+        try:
+            for i, (src, keys, seed_body, seed_frames, code) in enumerate(cases):
+                bad = Message(Kind.SEED, id=100 + i, src=src or msg.src, keys=keys, body=seed_body, frames=seed_frames)
+                transport.send(raw, bad)
+                assert raw.poll(10_000), f"case {i}: no answer"
+                reply = transport.recv(raw)
+                assert reply.kind is Kind.ERROR and reply.body["code"] == code.value, (i, reply.body)
+                assert key not in stranger.keys, i
+            transport.send(raw, msg)
+            assert raw.poll(10_000) and transport.recv(raw).kind is Kind.OK
+            copy = stranger.keys[key]
+            assert copy.param is not None and state.param is not None and torch.equal(copy.param, state.param)
+            assert (copy.version, copy.lr, copy.last_step, copy.home) == (state.version, state.lr, state.last_step,
+                                                                         state.home) and copy.version == 3
+            theirs, ours = primary._optimizer_state(state), stranger._optimizer_state(copy)
+            assert theirs.keys() == ours.keys() == {"step", "exp_avg", "exp_avg_sq"}
+            assert all(torch.equal(theirs[n], ours[n]) for n in theirs)
+            dead = Message(Kind.SEED, id=200, src=msg.src, keys=msg.keys, frames=frames,
+                           body={**body, "failover": {"version": 1, "dead": [home]}})
+            transport.send(raw, dead)
+            assert raw.poll(10_000)
+            reply = transport.recv(raw)
+            assert reply.kind is Kind.ERROR and reply.body["code"] == ErrorCode.DEAD.value, reply.body
         finally:
             raw.close()
             client.close()
@@ -268,7 +336,22 @@ def test_bsp_with_two_replicas_survives_two_servers_killed_one_after_the_other(
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("count, kills", [(1, "server:0@30"), (1, "server:2@30"), (2, "server:0@20,server:1@40")])
+def test_bsp_with_one_replica_survives_two_servers_killed_with_re_replication_between_them(
+        tag: str, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    """--replicas 1 on 3 servers: after the first death every chunk has one copy left; its primary seeds the next
+    live server with it (values and Adam state), so the second death still leaves a complete copy of everything."""
+    out = tmp_path / "failover.safetensors"
+    text = _run(tag, [*BSP_JOB, "--replicas", "1", "--kill", "server:0@30,server:1@60", TRAIN, "--steps", "100",
+                      "--step-times", "--out", str(out)])
+    assert re.search(r"RE-REPLICATED: the chunks of server 0 have 2 complete copies again \(servers \[1, 2\]", text)
+    assert "topology version 2: the chunks of server 0 are now served by server 2" in text, text
+    print(f"longest step with two servers killed, re-replicated between: {_longest_step(text):.3f}s")
+    _assert_close(reference, out)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("count, kills", [(1, "server:0@30"), (1, "server:2@30"), (2, "server:0@20,server:1@40"),
+                                          (1, "server:0@20,server:1@40")])
 def test_asp_applies_every_acknowledged_push_exactly_once_through_a_killed_server(tag: str, tmp_path: Path,
                                                                                   count: int, kills: str) -> None:
     out = tmp_path / "final.safetensors"

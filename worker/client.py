@@ -28,7 +28,7 @@ from zps.protocol.optim_spec import check_job_optimizer
 from zps.protocol.peers import peer_name
 from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_plan
 from zps.protocol.rendezvous import RendezvousClient, Topology
-from zps.protocol.replicas import copies, parse_notice, routes
+from zps.protocol.replicas import live_copies, parse_notice, routes
 from zps.protocol.shm import Segment
 from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.tensors import Decoders, encode_entry
@@ -143,8 +143,9 @@ class Client:
         created: dict[int, tuple[Segment, list[tuple[int, int]]]] = {}
         replicas = self.config.job.replicas
         for server in self._live_servers():
-            # with --replicas every copy is declared (and gets rank 0's values): the home's and its backups'
-            chunks = ([c for c in plan.chunks if server in copies(c.server, replicas, plan.num_servers)]
+            # with --replicas every live copy is declared (and gets rank 0's values): the home's and its backups'
+            chunks = ([c for c in plan.chunks if server in live_copies(c.server, replicas, plan.num_servers,
+                                                                        self._dead)]
                       if replicas else plan.chunks_on(server))
             shared = SharedAreas.create(chunks) if self.use_shm and chunks else None
             if shared is not None:

@@ -6,7 +6,7 @@ changed nothing: every server's parameters and versions, the coordinator's state
 process's RSS is within 10% of what it was after a warm-up. ``ZPS_FUZZ_SEED`` replays a run; the seed is in every
 failure message.
 
-The corpus holds a JOIN and a REPLICATE too (this cluster refuses both: no --max-workers, no --replicas;
+The corpus holds a JOIN, a REPLICATE and a SEED too (this cluster refuses them: no --max-workers, no --replicas;
 tests/test_elastic.py and tests/test_replication.py send bad ones to servers that take them). The cluster tier
 sends 10,000 messages (5,000 shared by the two servers, 5,000 at the coordinator); the slow tier 100,000 at each
 role.
@@ -34,7 +34,7 @@ from ..helpers import LocalCluster, close_all, local_cluster, run_parallel
 from . import mutate
 
 State = list[tuple[tuple[int, int], int, "torch.Tensor | None"]]
-SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate"}
+SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate", "seed"}
 PROBE_ID = 1 << 40  # probe ids start here; a reply with this id or above is a probe's
 
 
@@ -184,6 +184,12 @@ def fuzz(count: int, coordinator_count: int | None = None) -> None:
                                                                {"key": 0, "version": 1, "lr": 0.1, "step": 1,
                                                                 "worker": 0, "nf": 1, "codec": "none",
                                                                 "bufs": [["float32", 16]]}]}), bytes(64)])
+            seeds_by_role["server"].append([msgpack.packb({  # ... and a primary's whole state of a key
+                "v": PROTOCOL_VERSION, "kind": "seed", "id": 11, "src": "server:1",
+                "body": {"optimizer": "Adam", "groups": [{"lr": 0.1}], "failover": {"version": 1, "dead": [0]}},
+                "keys": [{"key": 0, "name": "w", "offset": 0, "numel": 16, "group": 0, "home": 0, "version": 2,
+                          "lr": 0.1, "nf": 2, "codec": "none", "bufs": [["float32", 16]], "last": [[0, 1]],
+                          "ostate": [["exp_avg", "float32", [16]]]}]}), bytes(64), bytes(64)])
             for kind, src, body in (("done", "worker:1", {"exit_code": 1, "failure": "x"}),
                                     ("saved", "server:0", {"checkpoint": 1, "file": "part.safetensors", "size": 8,
                                                            "info": {}}),  # what a job sends only at its end
@@ -231,5 +237,6 @@ def test_ten_thousand_hostile_messages_end_nothing_and_change_nothing() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # 200,000 messages take about 10 minutes on 2 cores
 def test_a_hundred_thousand_hostile_messages_at_each_role() -> None:
     fuzz(200_000, 100_000)  # 100,000 at each server and at the coordinator

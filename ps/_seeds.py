@@ -1,0 +1,167 @@
+"""Seeds (``--replicas``): a primary's whole state of some keys, sent to a backup that is new to them after a failover
+(re-replication) or that missed updates; read and checked whole by the backup before anything changes.
+
+A seed carries, per key, what a copy needs to apply the next update the way the primary does and to become the
+primary itself later: the values, the torch.optim state tensors, the version, the learning rate and (ASP/SSP) the
+last push of each worker applied. The wire fields are :class:`zps.protocol.messages.KeyEntry`'s (SEED requests) and
+:class:`zps.protocol.messages.SeedBody`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zps.protocol import replicas
+from zps.protocol.codecs import make_codec
+from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
+from zps.protocol.peers import parse_peer
+from zps.protocol.tensors import DTYPES, as_buffer, dtype_from_name, dtype_name, encode_entry, from_buffer
+
+from .store import KeyState
+
+MAX_STATE_TENSORS = 8  # torch.optim's element-wise optimizers keep at most 3 per parameter
+MAX_SEED_BYTES = 64 << 20  # one SEED message carries keys up to this many bytes (a larger key travels alone)
+MAX_SEED_FRAMES = 4096
+# how a server decodes a key's frames: (entry, frames, elements, dtype, what) -> tensor (zps.protocol.tensors.Decoders)
+Decode = Callable[[KeyEntry, list[Any], int, torch.dtype, str], torch.Tensor]
+
+
+def seed_messages(states: list[KeyState], optimizer_state: Callable[[KeyState], dict[str, torch.Tensor]],
+                  body: SeedBody, src: str, ids: Iterator[int], max_bytes: int) -> Iterator[tuple[Message, list[int]]]:
+    """The SEED messages that copy ``states`` (each with its optimizer state) whole, in batches of at most
+    ``max_bytes``; each with the keys it carries. Every tensor is copied: the primary keeps stepping meanwhile."""
+    plain = make_codec("none")
+    keys: list[KeyEntry] = []
+    frames: list[Any] = []
+    carried: list[int] = []
+    size = 0
+    for state in states:
+        assert state.param is not None
+        tensors = {name: t.detach().clone() for name, t in optimizer_state(state).items()
+                   if isinstance(t, torch.Tensor)}
+        nbytes = state.numel * 4 + sum(t.numel() * t.element_size() for t in tensors.values())
+        if keys and (size + nbytes > min(max_bytes, MAX_SEED_BYTES)
+                     or len(frames) + 1 + len(tensors) > MAX_SEED_FRAMES):
+            yield Message(Kind.SEED, id=next(ids), src=src, keys=keys, frames=frames, body=dict(body)), carried
+            keys, frames, carried, size = [], [], [], 0
+        entry, bufs = encode_entry(plain, state.param.detach().clone())
+        entry.update({"key": state.key, "name": state.name, "offset": state.offset, "numel": state.numel,
+                      "group": state.group, "home": state.home, "version": state.version, "lr": state.lr,
+                      "ostate": [[n, dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()],
+                      "last": [[w, s] for w, s in sorted(state.last_step.items())]})
+        entry["nf"] = len(bufs) + len(tensors)
+        keys.append(entry)
+        frames += bufs + [as_buffer(t) for t in tensors.values()]
+        carried.append(state.key)
+        size += nbytes
+    if keys:
+        yield Message(Kind.SEED, id=next(ids), src=src, keys=keys, frames=frames, body=dict(body)), carried
+
+
+@dataclass
+class SeedKey:
+    """One key of a SEED request, checked: what the backup sets it to."""
+
+    entry: KeyEntry
+    values: torch.Tensor
+    state: dict[str, torch.Tensor]
+    version: int
+    lr: float | None
+    last_step: dict[int, int]
+
+
+@dataclass
+class Seed:
+    """A SEED request, checked whole: the sending server, the topology it seeds for, the optimizer, the keys."""
+
+    sender: int
+    topology: tuple[int, frozenset[int]]  # the failover it follows: (topology version, dead servers)
+    optimizer: str
+    groups: list[dict[str, Any]]
+    keys: list[SeedKey]
+
+
+def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements: int, max_lr: float,
+              check_optimizer: Callable[[str, list[Any], int], None], decode: Decode) -> Seed:
+    """Check a whole SEED request (ProtocolError naming the problem): a server's, a failover notice, a known
+    optimizer, well-typed keys whose frames have exactly the sizes declared. Nothing is changed here."""
+    peer = parse_peer(msg.src, "server")
+    if peer is None or peer[1] >= num_servers:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' of a seed must be server:N with N < {num_servers}, got "
+                                                  f"{str(msg.src)[:40]!r}")
+    if msg.fused:
+        raise ProtocolError(ErrorCode.BAD_HEADER, "a seed carries no fused frame")
+    body = msg.body
+    try:
+        topology = replicas.parse_notice(body, num_servers)
+        if topology is None:
+            raise ValueError("it names no 'failover'")
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"a seed's failover: {exc}") from None
+    optimizer, groups = body.get("optimizer"), body.get("groups")
+    if not isinstance(optimizer, str) or not isinstance(groups, list) or not groups:
+        raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "a seed names its 'optimizer' and a non-empty list of 'groups'")
+    out: list[SeedKey] = []
+    offset = 0
+    seen: set[int] = set()
+    for entry in msg.keys:
+        key, nf = entry["key"], entry.get("nf", 0)
+        what = f"seed of key {key}"
+        frames = msg.frames[offset : offset + nf]
+        offset += nf
+        if key in seen:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key} appears twice in one seed")
+        seen.add(key)
+        numel, name, chunk_offset = entry.get("numel"), entry.get("name", ""), entry.get("offset", 0)
+        group, home, version, lr = entry.get("group", 0), entry.get("home"), entry.get("version"), entry.get("lr")
+        if type(numel) is not int or not 0 <= numel <= max_key_elements:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'numel' must be an integer in [0, {max_key_elements}]")
+        if not isinstance(name, str) or len(name) > 1024 or type(chunk_offset) is not int or not 0 <= chunk_offset:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: bad 'name' or 'offset'")
+        if type(group) is not int or not 0 <= group < len(groups):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'group' must be one of the {len(groups)} groups")
+        if type(home) is not int or not 0 <= home < num_servers:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'home' must be a server rank")
+        if type(version) is not int or not 0 <= version < 1 << 62:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
+        if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= max_lr):  # (NaN fails the comparison)
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'lr' must be a finite non-negative number or null")
+        last = entry.get("last", [])
+        if not isinstance(last, list) or len(last) > num_workers or not all(
+                isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < num_workers
+                and type(p[1]) is int and 0 <= p[1] < 1 << 62 for p in last):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'last' must be [[worker rank, step], ...]")
+        described = entry.get("ostate", [])
+        if not isinstance(described, list) or len(described) > MAX_STATE_TENSORS:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'ostate' must list at most {MAX_STATE_TENSORS} "
+                                                      "tensors")
+        if entry.get("codec") != "none" or not isinstance(entry.get("bufs"), list) or len(entry["bufs"]) != 1:
+            raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: the values travel uncompressed, in one frame")
+        if nf != 1 + len(described) or len(frames) != nf:
+            raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: {nf} frames for the values and {len(described)} "
+                                                       "optimizer state tensors")
+        values = decode(entry, frames[:1], numel, torch.float32, what)
+        state: dict[str, torch.Tensor] = {}
+        for item, frame in zip(described, frames[1:], strict=True):
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and len(item[0]) <= 64
+                    and item[1] in DTYPES and isinstance(item[2], list) and len(item[2]) <= 1
+                    and all(type(d) is int and d >= 0 for d in item[2])) or item[0] in state:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: an 'ostate' item must be [name, dtype, shape] "
+                                                          "with a scalar or 1-D shape, each name once")
+            count = math.prod(item[2])
+            if item[2] and count != numel:
+                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: optimizer state {item[0]!r} has {count} "
+                                                              f"elements, the key {numel}")
+            dtype = dtype_from_name(item[1])
+            state[item[0]] = from_buffer(frame, dtype, count, f"{what}, optimizer state {item[0]!r}").clone() \
+                .reshape(item[2])
+        out.append(SeedKey(entry, values, state, version, None if lr is None else float(lr),
+                           {w: s for w, s in last}))
+        check_optimizer(optimizer, groups, group)
+    if offset != len(msg.frames):
+        raise ProtocolError(ErrorCode.FRAME_COUNT, f"a seed with {len(msg.frames)} frames, its keys name {offset}")
+    return Seed(peer[1], topology, optimizer, groups, out)
