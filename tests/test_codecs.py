@@ -376,7 +376,7 @@ def test_bias_statistic_detects_bias():
 
 def test_unbiased_flags():
     assert {n for n in CODECS if build(n).unbiased} == {"qsgd", "terngrad", "randomk"}
-    assert {n for n in CODECS if build(n).exact} == {"none"}
+    assert {n for n in CODECS if build(n).exact} == {"none", "nonzero"}
     assert {n for n in CODECS if build(n).stateful} == {"dgc", "topk_adam", "powersgd"}
 
 
@@ -499,6 +499,54 @@ def test_decode_rejects_wrong_numel(name):
         make_codec(codec.spec()).decode(encoded, 20_000, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_nonzero_sends_exactly_the_nonzero_elements_or_the_whole_tensor_when_smaller(density):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10_000, generator=gen) * (torch.rand(10_000, generator=gen) < density)
+    codec = make_codec("nonzero")
+    encoded = codec.encode(x)
+    nnz = int((x != 0).sum())
+    if nnz * 8 < x.numel() * 4:
+        assert encoded.meta == {"form": "sparse"} and encoded.nbytes == nnz * 8
+    else:
+        assert encoded.meta == {"form": "raw"} and encoded.nbytes == x.numel() * 4
+    wire = over_the_wire(encoded)
+    assert torch.equal(make_codec("nonzero").decode(wire, x.numel(), torch.float32, "cpu"), x)
+    target = torch.randn(10_000, generator=gen)
+    expected = target + x
+    make_codec("nonzero").add_decoded_(target, wire)
+    assert torch.equal(target, expected)
+    for bad in ({"form": "dense"}, {}):
+        with pytest.raises(ValueError, match="meta 'form'"):
+            codec.decode(Encoded(bad, wire.buffers), x.numel(), torch.float32, "cpu")
+    if nnz:  # more values than the tensor has elements
+        with pytest.raises(ValueError, match="codec 'nonzero'"):
+            codec.decode(wire, x.numel() - 1 if encoded.meta["form"] == "raw" else nnz - 1, torch.float32, "cpu")
+
+
+def test_nonzero_warms_up_with_int8_then_sends_exact_changes_and_stays_sparse_under_error_feedback():
+    """As a server's pull uses it: the change since the last pull, the view advanced by what the worker decodes.
+    After the int8 warm-up, the first exact change carries int8's residual (dense, once); from then on a sparse
+    change goes sparse and the worker holds the server's values exactly."""
+    gen = torch.Generator().manual_seed(5)
+    server = torch.randn(50_000, generator=gen)
+    view = server.clone()
+    worker = server.clone()
+    codec, receiver = make_codec("nonzero:warmup=2"), make_codec("nonzero:warmup=2")
+    assert codec.stateful and not codec.exact
+    forms = []
+    for step in range(6):
+        moved = torch.rand(50_000, generator=gen) < (0.5 if step < 2 else 0.01)
+        server -= 0.1 * torch.randn(50_000, generator=gen) * moved
+        encoded = over_the_wire(codec.encode(server - view))
+        codec.add_decoded_(view, encoded)
+        receiver.add_decoded_(worker, encoded)
+        forms.append(encoded.meta["form"])
+        assert torch.equal(worker, view)
+    assert forms == ["int8", "int8", "raw", "sparse", "sparse", "sparse"]
+    torch.testing.assert_close(worker, server, atol=1e-6, rtol=0)  # (a + (b - a) may round: the next change has it)
+
+
 def test_sparse_decode_rejects_bad_indices():
     bad = Encoded({}, [torch.ones(2), torch.tensor([0, 10], dtype=torch.int32)])
     with pytest.raises(ValueError, match="out of range"):
@@ -526,6 +574,7 @@ def test_expected_codecs_are_registered():
         "dgc",
         "topk_adam",
         "powersgd",
+        "nonzero",
     }
 
 

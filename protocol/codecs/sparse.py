@@ -1,8 +1,9 @@
 """Sparsifying codecs: send only some elements.
 
-``topk`` (the k largest magnitudes), ``randomk`` (k random elements, indices regenerated from a seed, unbiased)
-and ``dgc`` (Deep Gradient Compression, Lin et al. 2018: top-k of a locally accumulated, momentum-corrected
-gradient). Decoding scatters into zeros, so a decoded tensor is dense.
+``topk`` (the k largest magnitudes), ``randomk`` (k random elements, indices regenerated from a seed, unbiased),
+``dgc`` (Deep Gradient Compression, Lin et al. 2018: top-k of a locally accumulated, momentum-corrected
+gradient), ``topk_adam`` (top-k of locally accumulated Adam directions) and ``nonzero`` (every non-zero element:
+lossless, for changes that are sparse by construction). Decoding scatters into zeros, so a decoded tensor is dense.
 """
 from __future__ import annotations
 
@@ -371,3 +372,80 @@ class TopkAdamCodec(DgcCodec):
         """Forget the moments, the accumulation and the warm-up position."""
         super().reset()
         self.s = None
+
+
+@register_codec
+class NonzeroCodec(Codec):
+    """Exactly the non-zero elements, with their positions (lossless), or the raw tensor where that is smaller.
+
+    For a change that is sparse by construction: the pull of servers running momentum-free SGD on top-k updates
+    (only the positions some worker sent moved since the last pull), which top-k would cut and int8 would send
+    whole. Lossless after its warm-up on purpose: a lossy form leaves the servers' pull error feedback a dense
+    residual, and every later change would be dense.
+
+    Params: ``warmup`` (default 0): the first N tensors go as int8, while the workers' updates are still dense
+    (a sparsifier's own warm-up, e.g. ``topk_adam:warmup_steps=10``); the servers' pull error feedback keeps what
+    int8 drops, and the first exact change after them carries it. Buffers: values (the input's dtype) and
+    ascending indices (int32; int64 beyond 2**31 elements); or the raw values; or int8's. Meta: ``form``
+    (``sparse``, ``raw`` or ``int8``), and int8's meta as ``m``.
+    """
+
+    name = "nonzero"
+    exact = True
+    copies = True
+    SCHEMA = {"warmup": (int, 0)}
+
+    def __init__(self, **params: Any) -> None:
+        from .registry import make_codec  # (the registry imports this module)
+
+        self.params = resolve_params(self.name, params, self.SCHEMA)
+        self.warmup: int = self.params["warmup"]
+        check(self.warmup >= 0, f"codec 'nonzero': warmup must be >= 0, got {self.warmup}")
+        self.exact = self.warmup == 0  # type: ignore[misc]
+        self.stateful = self.warmup > 0  # type: ignore[misc]
+        self.calls = 0
+        self._int8 = make_codec("int8")
+
+    def encode(self, tensor: torch.Tensor) -> Encoded:
+        x = flat(tensor)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            encoded = self._int8.encode(x)
+            return Encoded({"form": "int8", "m": encoded.meta}, encoded.buffers)
+        idx = x.nonzero().squeeze(1)
+        if idx.numel() * (x.element_size() + 4) >= x.numel() * x.element_size():
+            return Encoded({"form": "raw"}, [x.clone()])
+        return Encoded({"form": "sparse"}, [x[idx], idx.to(_index_dtype(x.numel()))])
+
+    def _checked(self, encoded: Encoded, numel: int) -> tuple[str, Encoded]:
+        """The form of ``encoded`` and what its codec decodes (int8's own meta), the buffers checked."""
+        form: Any = encoded.meta.get("form")
+        check(form in ("sparse", "raw", "int8"), f"codec 'nonzero': meta 'form' must be sparse, raw or int8, got "
+                                                 f"{str(form)[:40]!r}")
+        if form == "int8":
+            meta: Any = encoded.meta.get("m")
+            check(isinstance(meta, dict), "codec 'nonzero': meta 'm' (int8's) must be a map")
+            return form, Encoded(meta, encoded.buffers)
+        check(len(encoded.buffers) == (1 if form == "raw" else 2) and encoded.buffers[0].dim() == 1,
+              f"codec 'nonzero': expected {1 if form == 'raw' else 2} 1-D buffers, got {len(encoded.buffers)}")
+        k = encoded.buffers[0].numel()
+        check(k == numel if form == "raw" else k <= numel,
+              f"codec 'nonzero': expected {'exactly' if form == 'raw' else 'at most'} {numel} values, got {k}")
+        return form, encoded
+
+    def decode(self, encoded: Encoded, numel: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        form, inner = self._checked(encoded, numel)
+        if form == "int8":
+            return self._int8.decode(inner, numel, dtype, device)
+        if form == "raw":
+            return saturate_to(encoded.buffers[0].to(device=device, copy=True), dtype)
+        return _sparse_decode(self.name, encoded, encoded.buffers[0].numel(), numel, dtype, device)
+
+    def add_decoded_(self, target: torch.Tensor, encoded: Encoded, alpha: float = 1.0) -> None:
+        form, inner = self._checked(encoded, target.numel())
+        if form == "sparse":
+            _sparse_add(self.name, encoded, encoded.buffers[0].numel(), target, alpha)
+        elif form == "int8":
+            self._int8.add_decoded_(target, inner, alpha)
+        else:
+            super().add_decoded_(target, encoded, alpha)
