@@ -326,13 +326,17 @@ class JobConfig:
                     from .optim_spec import parse_optimizer_spec
 
                     parse_optimizer_spec(spec)
-                else:
-                    from .codecs import codec_factory
-                    from .codecs.sparse import DgcCodec
+                    continue
+                from .codecs import codec_factory
+                from .codecs.sparse import DgcCodec
 
-                    made = codec_factory(spec)()
+                made = codec_factory(spec)()
             except Exception as exc:  # a spec names user code too (import paths): whatever it raises
                 raise ConfigError(f"{describe_setting(by_name[name])}={spec!r}: {exc}") from None
+            problem = made.feedback_problem() if name == "pull_codec" or self.error_feedback else None
+            if problem:
+                why = "pulls keep the servers' own error feedback" if name == "pull_codec" else "--error-feedback"
+                raise ConfigError(f"{describe_setting(by_name[name])}={spec!r}: {problem} ({why})")
             if name == "pull_codec" and isinstance(made, DgcCodec):
                 raise ConfigError(f"{describe_setting(by_name[name])}={spec!r}: {made.name} accumulates and "
                                   "transforms gradients (momentum, Adam directions); a pull sends the servers' "

@@ -184,6 +184,17 @@ def test_qsgd_levels_are_multiples_of_the_bucket_norm():
         assert ((y - x).view(10, 100).abs() <= step * 1.0001).all()
 
 
+def test_qsgd_says_when_error_feedback_around_it_may_diverge_and_that_is_when_it_loses_more_than_it_sends():
+    torch.manual_seed(0)
+    x = torch.rand(64 * 512).add_(0.5) * torch.randn(64 * 512).sign()  # dense, even magnitudes: the worst case
+    for params, flagged in (("levels=7", True), ("levels=7,bucket=32", False), ("levels=127", False)):
+        codec = build("qsgd", params)
+        _, y = round_trip(codec, x)
+        lost = float((y - x).norm() / x.norm())
+        assert (codec.feedback_problem() is not None) == flagged
+        assert (lost > 1) == flagged, (params, lost)
+
+
 def test_terngrad_is_ternary_with_the_max_as_scale():
     torch.manual_seed(0)
     x = torch.randn(999)

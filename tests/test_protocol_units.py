@@ -202,6 +202,13 @@ def test_specs_are_checked_before_anything_starts_and_only_then_import_torch() -
         with pytest.raises(ConfigError, match=r"ZPS_PULL_CODEC \(--pull-codec\)=.*accumulates and transforms"):
             JobConfig(pull_codec=spec).check_specs()
     JobConfig(codec="topk_adam", pull_codec="int8").check_specs()  # as a push codec it is what it is for
+    # error feedback around a codec that may lose more than it sends can diverge (QSGD 4-bit pulls of the LM did)
+    with pytest.raises(ConfigError, match=r"ZPS_PULL_CODEC \(--pull-codec\)='qsgd:levels=7'.*buckets smaller than"):
+        JobConfig(pull_codec="qsgd:levels=7").check_specs()
+    with pytest.raises(ConfigError, match=r"ZPS_CODEC \(--codec\)=.*--error-feedback"):
+        JobConfig(codec="qsgd:levels=7", error_feedback=True).check_specs()
+    JobConfig(codec="qsgd:levels=7").check_specs()  # unbiased, without feedback: fine
+    JobConfig(codec="qsgd:levels=7,bucket=32", error_feedback=True, pull_codec="qsgd:levels=7,bucket=32").check_specs()
 
 
 def test_canonical_codec_specs() -> None:

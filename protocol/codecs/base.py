@@ -61,6 +61,12 @@ class Codec(ABC):
         into it. Malformed input (sizes or meta that do not fit ``numel``) raises ``ValueError``.
         """
 
+    def feedback_problem(self) -> str | None:
+        """Why error feedback around this codec may diverge (its error is not smaller than its input: not a
+        contraction), or None. Error feedback keeps what the codec loses and sends it again; that converges only
+        when the loss is a fraction of what was sent."""
+        return None
+
     def add_decoded_(self, target: torch.Tensor, encoded: Encoded, alpha: float = 1.0) -> None:
         """``target += alpha * decode(encoded)`` in place, for a flat ``target`` of the encoded tensor's size:
         element for element what decoding then adding computes (error feedback subtracts: alpha -1). Sparse codecs

@@ -222,6 +222,14 @@ class QsgdCodec(Codec):
         self.bits = 4 if self.levels <= 7 else 8
         self.rng = DeviceRng(self.params["seed"])
 
+    def feedback_problem(self) -> str | None:
+        # the paper's bound: E||Q(x) - x||^2 <= min(n / s^2, sqrt(n) / s) ||x||^2, n the bucket: >= 1 from s^2 <= n
+        if self.bucket >= self.levels**2:
+            return (f"qsgd with {self.levels} levels in buckets of {self.bucket} may lose more than it sends (variance "
+                    f"bound {min(self.bucket / self.levels**2, self.bucket**0.5 / self.levels):.2g} x the input); "
+                    f"error feedback around it can diverge: use buckets smaller than levels^2 = {self.levels**2}")
+        return None
+
     def encode(self, tensor: torch.Tensor) -> Encoded:
         x = flat(tensor).float()
         norms = _bucket_norms(x, self.bucket, 2.0)
