@@ -701,7 +701,14 @@ class Server:
         pull_shm = []
         for entry, state in zip(msg.keys, states, strict=True):
             spec, shared = entry.get("pc"), bool(entry.get("pshm"))
-            canonical = None if spec is None else self._decoders.get(spec, f"pull codec of {state.label()}").spec()
+            canonical = None
+            if spec is not None:
+                codec = self._decoders.get(spec, f"pull codec of {state.label()}")
+                problem = codec.feedback_problem()
+                if problem:
+                    raise ProtocolError(ErrorCode.BAD_CODEC, f"pull codec of {state.label()}: a pull keeps the "
+                                                             f"server's error feedback, and {problem}")
+                canonical = codec.spec()
             pull_codecs.append(canonical)
             if shared:
                 self.segments.view(worker, state, 1, "pull of")

@@ -208,6 +208,8 @@ def test_specs_are_checked_before_anything_starts_and_only_then_import_torch() -
     with pytest.raises(ConfigError, match=r"ZPS_CODEC \(--codec\)=.*--error-feedback"):
         JobConfig(codec="qsgd:levels=7", error_feedback=True).check_specs()
     JobConfig(codec="qsgd:levels=7").check_specs()  # unbiased, without feedback: fine
+    with pytest.raises(ConfigError, match=r"ZPS_PULL_CODEC \(--pull-codec\)='randomk'.*scale=false"):
+        JobConfig(pull_codec="randomk").check_specs()
     JobConfig(codec="qsgd:levels=7,bucket=32", error_feedback=True, pull_codec="qsgd:levels=7,bucket=32").check_specs()
 
 

@@ -64,7 +64,8 @@ class Codec(ABC):
     def feedback_problem(self) -> str | None:
         """Why error feedback around this codec may diverge (its error is not smaller than its input: not a
         contraction), or None. Error feedback keeps what the codec loses and sends it again; that converges only
-        when the loss is a fraction of what was sent."""
+        when the loss is a fraction of what was sent. :class:`ErrorFeedback` refuses such a codec, and a server
+        refuses it as a pull codec (pulls keep the server's own error feedback)."""
         return None
 
     def add_decoded_(self, target: torch.Tensor, encoded: Encoded, alpha: float = 1.0) -> None:

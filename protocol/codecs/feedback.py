@@ -28,6 +28,9 @@ class ErrorFeedback(Codec):
             raise TypeError(f"ErrorFeedback wraps a Codec, got {inner!r}")
         if isinstance(inner, ErrorFeedback):
             raise TypeError("ErrorFeedback would wrap another ErrorFeedback: one residual is enough")
+        problem = inner.feedback_problem()
+        if problem:
+            raise ValueError(f"error feedback around codec {inner.spec()!r} would not converge: {problem}")
         self.inner = inner
         self.name = inner.name  # type: ignore[misc]  # the wrapper speaks for its codec
         self.exact = inner.exact  # type: ignore[misc]

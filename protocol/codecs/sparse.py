@@ -197,6 +197,13 @@ class RandomKCodec(Codec):
         self.unbiased = self.scale  # type: ignore[misc]
         self.rng = DeviceRng(self.params["seed"])
 
+    def feedback_problem(self) -> str | None:
+        # k draws with replacement, each scaled by numel / k: the error's variance is (numel - 1) / k x the input's
+        if self.scale and self.ratio < 1:
+            return (f"randomk scaled by numel / k (unbiased) at ratio {self.ratio} adds noise of about 1 / ratio times "
+                    "the input; error feedback around it diverges: use scale=false (a contraction)")
+        return None
+
     def encode(self, tensor: torch.Tensor) -> Encoded:
         x = flat(tensor)
         seed = self.rng.draw_seed()
