@@ -48,6 +48,9 @@ class Kind(str, enum.Enum):
     LEAVE = "leave"
     JOIN = "join"  # a worker that joined the running job (--max-workers) asks to be counted from a step
     STATS = "stats"
+    PUT = "put"  # a worker hands tensors to every other through server 0 (zps.protocol.board)
+    GET = "get"
+    INSPECT = "inspect"  # a worker asks for the norms and finiteness of a held BSP step's aggregate (protocol.steps)
     # server -> server (--replicas): a primary's updates, for its backups to apply the same way
     REPLICATE = "replicate"
     # server -> server (--replicas): a primary's whole state of keys, for a backup new to them (re-replication) or
@@ -80,6 +83,8 @@ class KeyEntry(TypedDict, total=False):
     - ``shm``: 1 -- the gradient is in the worker's shared push area of this key, not in a frame
     - ``pshm``: 1 -- answer with the values in the worker's shared pull area (the VALUES entry says 1 back)
     - ``pc``: answer with the change since this worker's last pull, encoded with this codec spec
+    - ``ng``: 1 -- (a push) this worker produced no gradient for the key in this step (no frames, no codec): a key
+      no worker produced one for is not stepped (torch skips a parameter whose gradient is None)
 
     VALUES replies:
 
@@ -99,7 +104,9 @@ class KeyEntry(TypedDict, total=False):
     uncompressed frames, ``codec`` ``"none"``):
 
     - ``version``: the key's version before the update (a backup already past it answers OK and changes nothing)
-    - ``lr``: the learning rate the primary applied it with (None: the optimizer's own)
+    - ``hp``: the hyper-parameters the primary applied it with: those of the key's group that differ from how its
+      optimizer was built (:mod:`zps.protocol.steps`; None: none differ)
+    - ``ng``: 1 -- a step no worker had a gradient for: no frames, the key is only versioned
     - ``step``, ``worker``: the push it came from (ASP/SSP: ``worker``'s push of ``step``, recorded so that a retry
       of that push reaching this server once it is primary is applied once; BSP: ``step`` is the version)
 
@@ -110,7 +117,7 @@ class KeyEntry(TypedDict, total=False):
     frame per optimizer state tensor):
 
     - ``name``, ``offset``, ``numel``, ``group``, ``home``: as in INIT (a backup new to the key declares it so)
-    - ``version``, ``lr``: the key's version and the learning rate it was last applied with
+    - ``version``, ``hp``: the key's version and the hyper-parameters it was last applied with
     - ``ostate``: the torch.optim state of the key, ``[[name, dtype name, shape], ...]``, one frame each after the
       values' frames (each at most ``numel`` elements)
     - ``last``: ASP/SSP, ``[[worker, step], ...]``: the last push of each worker applied (dedupe)
@@ -126,6 +133,7 @@ class KeyEntry(TypedDict, total=False):
     shm: int | list[int]
     pshm: int
     pc: str
+    ng: int
     version: int
     delta: bool
     name: str
@@ -134,7 +142,7 @@ class KeyEntry(TypedDict, total=False):
     dtype: str
     group: int
     home: int
-    lr: float | None
+    hp: dict[str, Any] | None
     worker: int
     ostate: list[list[Any]]
     last: list[list[int]]

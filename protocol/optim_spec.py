@@ -6,6 +6,7 @@ spec string such as ``adam:lr=1e-3,betas=(0.9,0.99)`` that :func:`parse_optimize
 from __future__ import annotations
 
 import ast
+import inspect
 from typing import Any
 
 import torch
@@ -13,6 +14,69 @@ import torch
 # Flags that change how, not what, torch computes; a worker's local choice must not decide the server's.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 _NOT_HPARAMS = frozenset({"params", "initial_lr", "name"}) | IMPLEMENTATION_FLAGS
+# What the servers run: element-wise optimizers, which give the same result on a chunk as on the whole tensor.
+SERVER_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta")
+_WHY_NOT = {
+    "LBFGS": "it re-evaluates the loss through a closure and searches along the whole parameter vector",
+    "Adafactor": "its second moments are factored over whole rows and columns, which a server holding a chunk "
+                 "does not have",
+    "SparseAdam": "it takes sparse gradients",
+}
+
+
+def refuse_optimizer(cls: type) -> None:
+    """ValueError naming ``cls`` and why, unless the servers can run it (:data:`SERVER_OPTIMIZERS`)."""
+    if cls.__name__ in SERVER_OPTIMIZERS and cls is getattr(torch.optim, cls.__name__):
+        return
+    why = _WHY_NOT.get(cls.__name__, "the servers run torch.optim's element-wise optimizers only")
+    raise ValueError(f"{cls.__module__}.{cls.__qualname__} cannot be stepped on the parameter servers: {why}; use one "
+                     f"of {', '.join(SERVER_OPTIMIZERS)}")
+
+
+def _accepted(name: str) -> frozenset[str]:
+    """The hyper-parameters torch.optim.<name> takes (its constructor's arguments but params and flags)."""
+    found = _ACCEPTED.get(name)
+    if found is None:
+        cls = getattr(torch.optim, name)
+        found = _ACCEPTED[name] = frozenset(inspect.signature(cls.__init__).parameters) - {"self", "params"} \
+            - IMPLEMENTATION_FLAGS
+    return found
+
+
+_ACCEPTED: dict[str, frozenset[str]] = {}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, tuple):
+        value = list(value)
+    return value
+
+
+def hyperparameter_overrides(declared: tuple[str, list[dict[str, Any]]],
+                             groups: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per group, the hyper-parameters whose value differs from the one the servers' optimizer was built with
+    (``declared``, as :func:`describe_optimizer` gave it); None when no group differs. Only names the optimizer
+    takes count (a scheduler's own entries, e.g. OneCycleLR's ``max_lr``, are not hyper-parameters)."""
+    name, base = declared
+    accepted = _accepted(name) if name in SERVER_OPTIMIZERS else frozenset()
+    out: list[dict[str, Any]] = []
+    differs = False
+    for index, group in enumerate(groups):
+        built = base[index] if index < len(base) else {}
+        changed = {}
+        for key in accepted:
+            if key not in group:
+                continue
+            value = _plain(group[key])
+            if not (value is None or isinstance(value, (int, float, bool, list))):
+                continue
+            if key not in built or not _same(built[key], value):
+                changed[key] = value
+        out.append(changed)
+        differs = differs or bool(changed)
+    return out if differs else None
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> tuple[str, list[dict[str, Any]]]:

@@ -146,7 +146,7 @@ class Checkpoints:
             else:
                 pending.tensors.update(copies)
             pending.keys[s.key] = {"key": s.key, "name": s.name, "offset": s.offset, "numel": s.numel,
-                                   "group": s.group, "version": s.version, "lr": s.lr, "state": names,
+                                   "group": s.group, "version": s.version, "hp": s.hp, "state": names,
                                    "last_step": {str(w): step for w, step in s.last_step.items()}}
 
     def _finish(self, keys: dict[int, KeyState], clocks: dict[int, int]) -> None:
@@ -275,8 +275,11 @@ class Restore:
                     states.setdefault(state, []).append(tensor)
                 else:
                     states.setdefault(state, []).append(part.tensor(tensor_name, take.start, take.stop))
-            for field_name in ("version", "lr", "group"):
+            for field_name in ("version", "group"):
                 bookkeeping.setdefault(field_name, meta[field_name])
+            # the hyper-parameters of the last update (a part written before 0.8 holds its learning rate only)
+            bookkeeping.setdefault("hp", meta["hp"] if "hp" in meta else
+                                   None if meta.get("lr") is None else {"lr": meta["lr"]})
             for worker, step in meta.get("last_step", {}).items():
                 seen = bookkeeping.setdefault("last_step", {})
                 seen[int(worker)] = min(seen.get(int(worker), step), step)

@@ -28,10 +28,14 @@ from zps.protocol import replicas, transport
 from zps.protocol.codecs import make_codec
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
 from zps.protocol.peers import parse_peer
+from zps.protocol.steps import read_hp
 from zps.protocol.tensors import encode_entry
 
 from ._seeds import Decode, seed_messages
 from .store import KeyState, Update
+
+Forward = tuple[KeyState, int, dict[str, Any] | None, torch.Tensor | None]  # key, version, hp, gradient
+CheckHp = Callable[[int, dict[str, Any]], None]  # (group, hp): ProtocolError unless the optimizer takes them
 
 log = logging.getLogger("zps.server")
 
@@ -102,19 +106,19 @@ class Replication:
         return min([state.version, *(self._acked.get((state.key, b), 0) for b in self.backups(state))])
 
     # -- forwarding ------------------------------------------------------------------------------------
-    def snapshot(self, updates: list[Update]) -> list[tuple[KeyState, int, float | None, torch.Tensor]] | None:
-        """Before the primary applies ``updates``: what to forward (each key with backups: its version, lr and a
-        copy of the gradient; the optimizer may not change it in place meanwhile); None when nothing is."""
+    def snapshot(self, updates: list[Update]) -> list[Forward] | None:
+        """Before the primary applies ``updates``: what to forward (each key with backups: its version, its
+        hyper-parameters and a copy of the gradient, which the optimizer may not change in place meanwhile; None:
+        a step without a gradient, which only versions the key); None when nothing is."""
         if not self.count:
             return None
-        out = [(s, s.version, s.lr, g.detach().clone()) for s, g in updates if self.backups(s)]
+        out = [(s, s.version, s.hp, None if g is None else g.detach().clone()) for s, g in updates if self.backups(s)]
         return out or None
 
-    def forward(self, taken: list[tuple[KeyState, int, float | None, torch.Tensor]],
-                origin: dict[int, tuple[int, int]] | None) -> None:
+    def forward(self, taken: list[Forward], origin: dict[int, tuple[int, int]] | None) -> None:
         """Send the updates of ``taken`` (about to be applied here) to each backup (``origin``: key -> (worker,
         step) of the push each came from, ASP/SSP; BSP: None)."""
-        by_backup: dict[int, list[tuple[KeyState, int, float | None, torch.Tensor]]] = {}
+        by_backup: dict[int, list[Forward]] = {}
         for item in taken:
             for backup in self.backups(item[0]):
                 by_backup.setdefault(backup, []).append(item)
@@ -122,9 +126,14 @@ class Replication:
             keys: list[KeyEntry] = []
             frames: list[Any] = []
             record = []
-            for state, version, lr, grad in items:
-                entry, bufs = encode_entry(self._plain, grad)
-                entry.update({"key": state.key, "version": version, "lr": lr, "step": version})
+            for state, version, hp, grad in items:
+                entry: KeyEntry
+                bufs: list[Any]
+                if grad is None:
+                    entry, bufs = {"nf": 0, "ng": 1}, []
+                else:
+                    entry, bufs = encode_entry(self._plain, grad)
+                entry.update({"key": state.key, "version": version, "hp": hp, "step": version})
                 if origin is not None and state.key in origin:
                     entry["worker"], entry["step"] = origin[state.key]
                 keys.append(entry)
@@ -261,10 +270,10 @@ class Incoming:
 
     state: KeyState
     version: int  # the key's version before it, on the primary
-    lr: float | None
+    hp: dict[str, Any] | None
     worker: int | None  # ASP/SSP: the push's worker and step; BSP: None (the step is the version)
     step: int
-    grad: torch.Tensor
+    grad: torch.Tensor | None  # None: a step no worker had a gradient for (it only versions the key)
 
     def held(self) -> bool:
         """This copy applied it already (a late or repeated forward): acknowledged, not applied again."""
@@ -273,7 +282,7 @@ class Incoming:
         return self.state.version > self.version
 
 
-def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: float,
+def read_replicate(msg: Message, num_servers: int, num_workers: int, check_hp: CheckHp,
                    state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> list[Incoming]:
     """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
     held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
@@ -296,17 +305,25 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: flo
         if state.key in seen:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
         seen.add(state.key)
-        version, lr, worker, step = entry.get("version"), entry.get("lr"), entry.get("worker"), entry.get("step", 0)
+        version, hp, worker, step = entry.get("version"), entry.get("hp"), entry.get("worker"), entry.get("step", 0)
         if type(version) is not int or version < 0:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
-        if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= max_lr):  # (NaN fails the comparison)
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'lr' must be a finite non-negative number or null")
+        if hp is not None:
+            checked = read_hp([hp])
+            assert checked is not None
+            hp = checked[0]
+            check_hp(state.group, hp)
         if worker is not None and (type(worker) is not int or not 0 <= worker < num_workers):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")
         if entry.get("codec", "none") != "none":
             raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: updates travel uncompressed")
-        grad = decode(entry, frames, state.numel, torch.float32, what)
-        update = Incoming(state, version, None if lr is None else float(lr), worker, step, grad)
+        if entry.get("ng"):
+            if nf:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: an update without a gradient has no frames")
+            grad = None
+        else:
+            grad = decode(entry, frames, state.numel, torch.float32, what)
+        update = Incoming(state, version, hp, worker, step, grad)
         if not update.held() and state.version < version:  # (a copy applies its primary's updates in order)
             raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
                                                     f"{state.version}: it missed updates")

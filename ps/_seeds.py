@@ -19,6 +19,7 @@ from zps.protocol import replicas
 from zps.protocol.codecs import make_codec
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
 from zps.protocol.peers import parse_peer
+from zps.protocol.steps import read_hp
 from zps.protocol.tensors import DTYPES, as_buffer, dtype_from_name, dtype_name, encode_entry, from_buffer
 
 from .store import KeyState
@@ -50,7 +51,7 @@ def seed_messages(states: list[KeyState], optimizer_state: Callable[[KeyState], 
             keys, frames, carried, size = [], [], [], 0
         entry, bufs = encode_entry(plain, state.param.detach().clone())
         entry.update({"key": state.key, "name": state.name, "offset": state.offset, "numel": state.numel,
-                      "group": state.group, "home": state.home, "version": state.version, "lr": state.lr,
+                      "group": state.group, "home": state.home, "version": state.version, "hp": state.hp,
                       "ostate": [[n, dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()],
                       "last": [[w, s] for w, s in sorted(state.last_step.items())]})
         entry["nf"] = len(bufs) + len(tensors)
@@ -70,7 +71,7 @@ class SeedKey:
     values: torch.Tensor
     state: dict[str, torch.Tensor]
     version: int
-    lr: float | None
+    hp: dict[str, Any] | None
     last_step: dict[int, int]
 
 
@@ -117,7 +118,7 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
             raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key} appears twice in one seed")
         seen.add(key)
         numel, name, chunk_offset = entry.get("numel"), entry.get("name", ""), entry.get("offset", 0)
-        group, home, version, lr = entry.get("group", 0), entry.get("home"), entry.get("version"), entry.get("lr")
+        group, home, version, hp = entry.get("group", 0), entry.get("home"), entry.get("version"), entry.get("hp")
         if type(numel) is not int or not 0 <= numel <= max_key_elements:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'numel' must be an integer in [0, {max_key_elements}]")
         if not isinstance(name, str) or len(name) > 1024 or type(chunk_offset) is not int or not 0 <= chunk_offset:
@@ -128,8 +129,10 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'home' must be a server rank")
         if type(version) is not int or not 0 <= version < 1 << 62:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
-        if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= max_lr):  # (NaN fails the comparison)
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'lr' must be a finite non-negative number or null")
+        if hp is not None:
+            checked = read_hp([hp])
+            assert checked is not None
+            hp = checked[0]
         last = entry.get("last", [])
         if not isinstance(last, list) or len(last) > num_workers or not all(
                 isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < num_workers
@@ -159,7 +162,7 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
             dtype = dtype_from_name(item[1])
             state[item[0]] = from_buffer(frame, dtype, count, f"{what}, optimizer state {item[0]!r}").clone() \
                 .reshape(item[2])
-        out.append(SeedKey(entry, values, state, version, None if lr is None else float(lr),
+        out.append(SeedKey(entry, values, state, version, hp,
                            {w: s for w, s in last}))
         check_optimizer(optimizer, groups, group)
     if offset != len(msg.frames):

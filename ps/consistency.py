@@ -17,13 +17,16 @@ worker's clock.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from zps.protocol.config import MODES
 from zps.protocol.messages import ErrorCode, ProtocolError
 
-from .store import KeyState, Update
+from .store import Aggregate, KeyState
+
+Completed = tuple[KeyState, Aggregate]  # a key whose step is complete, and its aggregate
 
 # ASP/SSP: how far one push may move a worker's step past its last push (or its clock)
 MAX_STEP_JUMP = 1 << 20
@@ -45,8 +48,11 @@ class Consistency:
         """Validate a push without changing anything; return False for a duplicate (to be acknowledged only)."""
         raise NotImplementedError
 
-    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
-        """Take one checked push; return the gradient to apply to the key now, or None (still aggregating)."""
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor | None, hp: dict[str, Any] | None,
+             owned: bool = True) -> Aggregate | None:
+        """Take one checked push (``grad`` None: the worker had no gradient; ``hp``: the hyper-parameters it asks
+        for; ``owned``: the tensor is the server's to keep); return what to apply to the key now, or None (BSP:
+        still aggregating; ASP/SSP: nothing to apply)."""
         raise NotImplementedError
 
     def applied(self, state: KeyState, worker: int, step: int) -> None:
@@ -71,7 +77,7 @@ class Consistency:
         if self.live:
             self.max_served_gap = max(self.max_served_gap, step - self.slowest())
 
-    def join(self, worker: int, step: int, states: Iterable[KeyState]) -> tuple[int, list[Update]]:
+    def join(self, worker: int, step: int, states: Iterable[KeyState]) -> tuple[int, list[Completed]]:
         """A worker joins the running job, asking to count from ``step``: the step it counts from, and the updates
         that became complete as a result."""
         start = max(step, self.slowest())
@@ -79,7 +85,7 @@ class Consistency:
         self.clock[worker] = self.since[worker] = start
         return start, []
 
-    def leave(self, worker: int, states: Iterable[KeyState]) -> list[Update]:
+    def leave(self, worker: int, states: Iterable[KeyState]) -> list[Completed]:
         """A worker finished: stop waiting for it. Returns the updates that became complete as a result."""
         self.live.discard(worker)
         self.clock.pop(worker, None)
@@ -88,6 +94,10 @@ class Consistency:
 
 
 class BSP(Consistency):
+    """A step's pushes of every live worker are summed in rank order (:meth:`KeyState.contribute`: the same bits
+    whatever order they arrive in) and averaged over the workers that pushed, a worker without a gradient counting
+    as zeros (DDP's ``find_unused_parameters``); a key no worker had a gradient for is not stepped."""
+
     name = "bsp"
 
     def expected(self, state: KeyState) -> set[int]:
@@ -96,15 +106,24 @@ class BSP(Consistency):
             return self.live
         return {w for w in self.live if self.since.get(w, 0) <= state.version}
 
-    def join(self, worker: int, step: int, states: Iterable[KeyState]) -> tuple[int, list[Update]]:
+    def _complete(self, state: KeyState) -> Completed | None:
+        expected = self.expected(state)
+        state.drain(expected | state.pushed)
+        if state.pushed and expected <= state.pushed and not state.waiting:
+            return state, state.take_aggregate()
+        return None
+
+    def join(self, worker: int, step: int, states: Iterable[KeyState]) -> tuple[int, list[Completed]]:
         states = list(states)
         start = max([step] + [s.version + (1 if s.pushed else 0) for s in states])
         self.live.add(worker)
         self.clock[worker] = self.since[worker] = start
         updates = []
         for state in states:  # a step that waited only for this worker (asked for earlier) completes
-            if state.pushed and worker not in state.pushed and self.expected(state) <= state.pushed:
-                updates.append((state, state.take_aggregate()))
+            if state.pushed and worker not in state.pushed:
+                done = self._complete(state)
+                if done is not None:
+                    updates.append(done)
         return start, updates
 
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
@@ -118,14 +137,18 @@ class BSP(Consistency):
             )
         return True
 
-    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor | None, hp: dict[str, Any] | None,
+             owned: bool = True) -> Aggregate | None:
         expected = self.expected(state)
         if worker not in expected:
             return None
-        if len(expected) == 1 and not state.pushed:
-            return grad  # nothing to sum: apply the received buffer itself, no accumulator
-        state.accumulate(worker, grad)
-        return state.take_aggregate() if expected <= state.pushed else None
+        if len(expected) == 1 and not state.pushed:  # nothing to sum: the received buffer itself, no accumulator
+            hold, state.hold = state.hold, False
+            return Aggregate(grad, hp, hold)
+        state.contribute(worker, grad, hp, expected | state.pushed, owned)
+        if expected <= state.pushed and not state.waiting:
+            return state.take_aggregate()
+        return None
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         return state.initialized and state.version >= step
@@ -139,13 +162,15 @@ class BSP(Consistency):
             f"from workers {sorted(state.pushed)} and waits for workers {missing}"
         )
 
-    def leave(self, worker: int, states: Iterable[KeyState]) -> list[Update]:
+    def leave(self, worker: int, states: Iterable[KeyState]) -> list[Completed]:
+        """A worker left or failed: what it pushed to a step counts; a step that waited only for it completes."""
         super().leave(worker, states)
         updates = []
         for state in states:
-            state.pushed.discard(worker)
-            if state.pushed and self.expected(state) <= state.pushed:
-                updates.append((state, state.take_aggregate()))
+            if state.pushed:
+                done = self._complete(state)
+                if done is not None:
+                    updates.append(done)
         return updates
 
 
@@ -164,8 +189,9 @@ class ASP(Consistency):
             )
         return True
 
-    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
-        return grad
+    def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor | None, hp: dict[str, Any] | None,
+             owned: bool = True) -> Aggregate | None:
+        return None if grad is None else Aggregate(grad, hp, False)
 
     def applied(self, state: KeyState, worker: int, step: int) -> None:
         state.last_step[worker] = step

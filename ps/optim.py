@@ -80,3 +80,31 @@ def build_optimizer(name: str, hparams: dict[str, Any], param: torch.Tensor) -> 
         return cls([param], **cleaned)
     except (ValueError, TypeError) as exc:
         raise _bad(f"{cls.__name__}({cleaned}) refused: {exc}") from None
+
+
+# a learning rate above float32's range cannot be applied (torch refuses it mid-step)
+MAX_LR = 3.0e38
+_CHECKED: dict[tuple[Any, ...], None] = {}
+
+
+def check_overrides(cls: type[torch.optim.Optimizer], built: dict[str, Any], hp: dict[str, Any]) -> None:
+    """Refuse (``BAD_OPTIMIZER``, by name) hyper-parameters a step asks for that ``cls`` does not take or would
+    refuse to be built with (``built``: the group's settings as built; ``hp``: the step's differences)."""
+    key = (cls, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in hp.items())))
+    if key in _CHECKED:
+        return
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"} - _IGNORED
+    for name, value in hp.items():
+        if name not in accepted:
+            raise _bad(f"{cls.__name__} has no hyper-parameter {name!r}; it takes {', '.join(sorted(accepted))}")
+        if name == "lr" and not (type(value) in (int, float) and 0 <= value <= MAX_LR):
+            raise _bad(f"{cls.__name__}: lr must be a number in [0, {MAX_LR:g}], got {value!r}")
+    merged = {k: v for k, v in built.items() if k in accepted}
+    merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()})
+    try:
+        cls([torch.zeros(1, requires_grad=True)], **merged)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise _bad(f"{cls.__name__} refuses the step's hyper-parameters {hp}: {exc}") from None
+    if len(_CHECKED) >= 4096:  # a scheduler makes a new set every step: keep the newest
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[key] = None

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import zmq
 
+from zps.protocol import board, replicas, security, transport
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import metrics as prom
-from zps.protocol import replicas, security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
@@ -32,6 +32,7 @@ from zps.protocol.progress import cpu_seconds, rss_bytes
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.simulation import parse_kills
 from zps.protocol.stepmetrics import MetricsFile
+from zps.protocol.steps import Commit, KeyStat, inspect_body, read_commit, read_hp, read_norm
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
 from zps.protocol.trace import Tracer, now_us
 
@@ -43,13 +44,10 @@ from ._seeds import read_seed
 from ._shm import PUSH, WorkerSegments
 from ._values import PullRequest, Values
 from .consistency import Consistency, make_consistency
-from .optim import build_optimizer, clean_hparams, optimizer_class
-from .store import KeyState, Optimizers
+from .optim import MAX_LR, build_optimizer, check_overrides, clean_hparams, optimizer_class
+from .store import Aggregate, KeyState, Optimizers
 
 log = logging.getLogger("zps.server")
-# a learning rate above float32's range cannot be applied (torch refuses it mid-step); optimizer groups per job
-MAX_LR = 3.0e38
-MAX_GROUPS = 1024
 
 # Freed message buffers and optimizer temporaries go back to the OS when the server has been idle this long, or
 # after this many bytes under continuous load (trimming more often makes the next messages fault pages in again).
@@ -117,6 +115,8 @@ class Server:
         self.timing = {"apply": 0.0, "decode": 0.0, "encode": 0.0}
         self._recorded: dict[str, float] = {}
         self._record_at = 0.0
+        self._board: Message | None = None  # the newest PUT (zps.protocol.board)
+        self._commits: dict[int, Commit] = {}  # BSP: held steps' commits, by step (zps.protocol.steps)
         self._kill_at: int | None = None
         self._kill_seen: int | None = None  # the applied step when the loop last looked
         self.kill: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -392,6 +392,9 @@ class Server:
             worker = self._worker(msg)
             step = max((e.get("step", 0) for e in msg.keys), default=0)
             request = self._pull_request(identity, msg, worker, step)
+            commit = read_commit(msg.body.get("commit"))
+            if commit is not None:
+                self._commit(commit)
             if self.replication.enabled and self.topology is not None and self.topology.mode == "bsp":
                 request.after = [(s, step) for s in request.states]  # BSP: values every copy holds
             return self._pull(request)
@@ -403,6 +406,16 @@ class Server:
             return self._leave(msg, self._worker(msg))
         if msg.kind is Kind.JOIN:
             return self._join(msg, self._worker(msg))
+        if msg.kind is Kind.PUT:
+            self._worker(msg)
+            board.read_tensors(msg)  # checked whole before it is kept
+            self._board = msg
+            self._changed = None
+            return Message(Kind.OK, id=msg.id, src=self.name)
+        if msg.kind is Kind.GET:
+            return self._get(identity, msg, self._worker(msg))
+        if msg.kind is Kind.INSPECT:
+            return self._inspect(identity, msg, self._worker(msg))
         if msg.kind is Kind.STATS:
             self._worker(msg)  # the job's workers, nobody else
             return Message(Kind.OK, id=msg.id, src=self.name, body=self.stats())
@@ -538,7 +551,7 @@ class Server:
                     value, optimizer_state, saved = found
                     self.optimizers.add(state, value, build)
                     self.optimizers.by_group[state.group].state[value] = optimizer_state
-                    state.version, state.lr = int(saved["version"]), saved["lr"]
+                    state.version, state.hp = int(saved["version"]), saved["hp"]
                     state.last_step = dict(saved.get("last_step", {}))
                 if self._changed is not None:
                     self._changed.add(state.key)  # declares waiting for its values may go on
@@ -591,14 +604,9 @@ class Server:
         --replicas, returns each key with the version that holds this push's contribution (BSP: once its step is
         applied), for the answer to wait until the backups hold it."""
         assert self.consistency is not None
-        lrs = msg.body.get("lr")
-        if lrs is not None and not (
-            isinstance(lrs, list) and 0 < len(lrs) <= MAX_GROUPS
-            and all(type(x) in (int, float) and 0 <= x <= MAX_LR for x in lrs)  # (NaN fails the comparison)
-        ):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"'lr' must be a list of finite non-negative numbers up to "
-                                                      f"{MAX_LR:g} (one per group), got {str(lrs)[:80]}")
-        accepted: list[tuple[KeyState, int, torch.Tensor]] = []
+        hps = read_hp(msg.body.get("hp"))
+        hold = msg.body.get("hold") == 1 and self.consistency.name == "bsp"
+        accepted: list[tuple[KeyState, int, torch.Tensor | None, bool]] = []  # (key, step, gradient, owned)
         offset = 0
         seen: set[int] = set()
         fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
@@ -613,7 +621,13 @@ class Server:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
             seen.add(state.key)
             step = entry.get("step", 0)
-            if fused is not None and "fz" in entry:
+            owned = True
+            if entry.get("ng"):
+                if nf or "fz" in entry or entry.get("shm") or "codec" in entry:
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a key without a gradient "
+                                                              "has no frames and no codec")
+                grad: torch.Tensor | None = None
+            elif fused is not None and "fz" in entry:
                 if entry.get("shm") or entry.get("codec", "none") != "none":
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a fused key is uncompressed "
                                                               "float32 and not in shared memory")
@@ -624,14 +638,17 @@ class Server:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is "
                                                               "uncompressed float32, without frames")
                 grad = self.segments.view(worker, state, PUSH, "push of")
+                owned = False  # the worker's area: a copy is kept where it must wait
                 counted.append((state, "shm", state.numel * 4))
             else:
                 began = time.perf_counter()
                 grad = self._decoders.decode(entry, frames, state.numel, torch.float32, f"push of {state.label()}")
                 self.timing["decode"] += time.perf_counter() - began
                 counted.append((state, str(entry.get("codec", "none")), transport.size_of(frames)))
+            if hps is not None:
+                self._check_hp(state.group, self._group_hp(hps, state.group))
             if self.consistency.check_push(state, worker, step):
-                accepted.append((state, step, grad))
+                accepted.append((state, step, grad, owned))
             else:
                 self.counters["duplicates"] += 1
                 self.metrics.counts["duplicates"] += 1
@@ -647,22 +664,22 @@ class Server:
         bsp = self.consistency.name == "bsp"
         if not bsp and self.consistency.clock:
             self.metrics.staleness.observe(max(self.consistency.clock.values()) - self.consistency.clock.get(worker, 0))
-        updates = []
+        updates: list[tuple[KeyState, torch.Tensor | None]] = []
         now = time.monotonic()
-        for state, step, grad in accepted:
-            if lrs is not None:
-                state.lr = float(lrs[state.group] if state.group < len(lrs) else lrs[0])
-            ready = self.consistency.push(state, worker, step, grad)
+        for state, step, grad, owned in accepted:
+            if hold:
+                state.hold = True
+            ready = self.consistency.push(state, worker, step, grad, self._group_hp(hps, state.group), owned)
             if ready is not None:
-                updates.append((state, ready))
+                self._completed(state, ready, updates)
                 first = self._first_push.pop(state.key, None) if bsp else None
                 if first is not None:
                     self.metrics.bsp_wait.observe(now - first)
             elif bsp:
                 self._first_push.setdefault(state.key, now)
         replicated = self.replication.enabled
-        self._apply(updates, {s.key: (worker, step) for s, step, _ in accepted} if replicated and not bsp else None)
-        for state, step, _ in accepted:
+        self._apply(updates, {s.key: (worker, step) for s, step, _, _ in accepted} if replicated and not bsp else None)
+        for state, step, _, _ in accepted:
             self.consistency.applied(state, worker, step)
         if accepted:
             self.tracer.span("push", started, worker=worker, step=accepted[0][1], keys=len(accepted))
@@ -670,7 +687,13 @@ class Server:
             return []
         return [(self.keys[e["key"]], e.get("step", 0) + 1 if bsp else self.keys[e["key"]].version) for e in msg.keys]
 
-    def _apply(self, updates: list[tuple[KeyState, torch.Tensor]],
+    def _apply_completed(self, done: list[tuple[KeyState, Aggregate]]) -> None:
+        updates: list[tuple[KeyState, torch.Tensor | None]] = []
+        for state, aggregate in done:
+            self._completed(state, aggregate, updates)
+        self._apply(updates)
+
+    def _apply(self, updates: list[tuple[KeyState, torch.Tensor | None]],
                origin: dict[int, tuple[int, int]] | None = None) -> None:
         """Apply ``updates`` with the optimizers; a primary first forwards them to the keys' backups (``origin``:
         key -> (worker, step) of the push each came from, ASP/SSP)."""
@@ -692,6 +715,121 @@ class Server:
         self.counters["pushes_applied"] += len(updates)
         if self.checkpoints is not None:
             self.checkpoints.after_apply([s for s, _ in updates], self.keys, self.optimizers, self.consistency.clock)
+
+    @staticmethod
+    def _group_hp(hps: list[dict[str, Any]] | None, group: int) -> dict[str, Any] | None:
+        """A group's hyper-parameters from a message's ``hp`` (one map for every group when it has one)."""
+        if not hps:
+            return None
+        return (hps[group] if group < len(hps) else hps[0]) or None
+
+    def _check_hp(self, group: int, hp: dict[str, Any] | None) -> None:
+        if hp and self._optimizer is not None and group in self.optimizers.by_group:
+            check_overrides(optimizer_class(self._optimizer[0]), self.optimizers.built(group), hp)
+
+    def _completed(self, state: KeyState, aggregate: Aggregate,
+                   updates: list[tuple[KeyState, torch.Tensor | None]]) -> None:
+        """A key's step is complete: applied now, or held until its commit (zps.protocol.steps)."""
+        if not aggregate.hold:
+            state.hp = aggregate.hp
+            updates.append((state, aggregate.grad))
+            return
+        if aggregate.grad is not None and aggregate.grad is not state.acc:
+            aggregate = aggregate._replace(grad=aggregate.grad.clone())  # (the received buffer itself: W = 1)
+        state.held, state.stats = aggregate, {}
+        commit = self._commits.get(state.version)
+        if commit is not None:
+            updates.extend(self._committed([state], commit))
+        elif self._changed is not None:
+            self._changed.add(state.key)  # an inspect waiting for it may be answered
+
+    def _committed(self, states: list[KeyState], commit: Commit) -> list[tuple[KeyState, torch.Tensor | None]]:
+        """The updates of held ``states`` as ``commit`` says (skipped: versioned only; else scaled, then stepped
+        with its hyper-parameters)."""
+        out: list[tuple[KeyState, torch.Tensor | None]] = []
+        for state in states:
+            held, state.held = state.held, None
+            assert held is not None
+            grad = None if commit["skip"] else held.grad
+            if grad is not None:
+                for factor in commit["mul"]:
+                    grad.mul_(factor)
+            state.hp = self._group_hp(commit["hp"], state.group)
+            out.append((state, grad))
+        return out
+
+    def _commit(self, commit: Commit) -> None:
+        """A worker's word on how held step ``commit.step`` is applied: the first applies it (every worker sends
+        the same); keys whose aggregate completes later are applied as they complete."""
+        step = commit["step"]
+        if commit["hp"] is not None:
+            for group in self.optimizers.by_group:
+                self._check_hp(group, self._group_hp(commit["hp"], group))
+        if step in self._commits:
+            return
+        self._commits[step] = commit
+        for old in [s for s in self._commits if s < step - 2]:
+            del self._commits[old]
+        held = [s for s in self.keys.values() if s.held is not None and s.version == step]
+        self._apply(self._committed(held, commit))
+
+    def _inspect(self, identity: bytes, msg: Message, worker: int) -> Message | None:
+        """The norms and finiteness of held aggregates, once every key asked for holds its step's."""
+        norm = read_norm(msg.body.get("norm"))
+        states = [self._state(e) for e in msg.keys]
+        step = max((e.get("step", 0) for e in msg.keys), default=0)
+        if type(step) is not int or any(e.get("step", 0) != step for e in msg.keys):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "an inspect asks about one step for every key")
+        for state in states:
+            if state.version > step or (state.version == step and state.held is None and not state.hold
+                                        and not state.pushed):
+                raise ProtocolError(ErrorCode.CONFLICT, f"{state.label()} is at version {state.version}: step {step}"
+                                                        " is not held (push it with hold first)")
+
+        def ready() -> bool:
+            return all(s.held is not None for s in states)
+
+        def answer() -> Message:
+            stats = {}
+            for s in states:
+                assert s.held is not None
+                found = s.stats.get(norm)
+                if found is None:
+                    grad = s.held.grad
+                    value = None if grad is None or norm is None else float(torch.linalg.vector_norm(grad, norm))
+                    found = s.stats[norm] = KeyStat(value, grad is None or bool(torch.isfinite(grad).all()))
+                stats[s.key] = found
+            return Message(Kind.OK, id=msg.id, src=self.name, body=inspect_body(stats))
+
+        if ready():
+            return answer()
+        self.pending.add(Waiting(identity, msg.id, worker, states, time.monotonic() + self.config.job.timeout,
+                                 ready=ready, answer=answer, why=lambda: self._unheld(states, step),
+                                 what="inspect"))
+        return None
+
+    def _get(self, identity: bytes, msg: Message, worker: int) -> Message | None:
+        """Worker 0's newest PUT, once it has the name asked for."""
+        name = board.read_get(msg)
+
+        def ready() -> bool:
+            return self._board is not None and self._board.body.get("name") == name
+
+        def answer() -> Message:
+            assert self._board is not None
+            return board.reply(msg.id, self.name, self._board)
+
+        if ready():
+            return answer()
+        self.pending.add(Waiting(identity, msg.id, worker, [], time.monotonic() + self.config.job.timeout,
+                                 ready=ready, answer=answer, what=f"broadcast {name!r}",
+                                 why=lambda: f"no worker has put {name!r} here (is worker 0 at the same call?)"))
+        return None
+
+    def _unheld(self, states: list[KeyState], step: int) -> str:
+        assert self.consistency is not None
+        waiting = next(s for s in states if s.held is None)
+        return f"inspect of step {step}: " + self.consistency.pull_waiting_for(waiting, -1, step + 1)
 
     # -- PULL ------------------------------------------------------------------------------------------
     def _pull_request(self, identity: bytes, msg: Message, worker: int, step: int) -> PullRequest:
@@ -778,13 +916,13 @@ class Server:
         assert self.topology is not None
         if not self.replication.enabled:
             raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
-        updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, MAX_LR, self._state,
-                                 self._decoders.decode)
+        updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, self._check_hp,
+                                 self._state, self._decoders.decode)
         self._refuse_dead(msg)
         fresh = [u for u in updates if not u.held()]
         self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
         for u in fresh:
-            u.state.lr = u.lr
+            u.state.hp = u.hp
         # (a late forward of a dead primary, reaching the server that took its place, goes on to its backups)
         self._apply([(u.state, u.grad) for u in fresh],
                     {u.state.key: (u.worker, u.step) for u in fresh if u.worker is not None} or None)
@@ -851,7 +989,7 @@ class Server:
                 state.param.copy_(item.values)
             assert state.param is not None
             self.optimizers.by_group[state.group].state[state.param] = item.state
-            state.version, state.lr, state.last_step = item.version, item.lr, dict(item.last_step)
+            state.version, state.hp, state.last_step = item.version, item.hp, dict(item.last_step)
             if self._changed is not None:
                 self._changed.add(state.key)  # declares waiting for its values may go on
         if self._optimizer is None:
@@ -883,8 +1021,8 @@ class Server:
         if earlier is not None and step < earlier:
             raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} counts from step {earlier} already: a join "
                                                     f"moves only later, not to {step}")
-        start, updates = self.consistency.join(worker, step, self.keys.values())
-        self._apply(updates)
+        start, done = self.consistency.join(worker, step, self.keys.values())
+        self._apply_completed(done)
         self._changed = None
         if earlier != start:
             log.warning("%s: worker %d joins the running job; from step %d the updates average workers %s",
@@ -895,7 +1033,7 @@ class Server:
     def _leave(self, msg: Message, worker: int) -> Message:
         """A worker finished cleanly: stop waiting for it; apply what its leaving completes."""
         assert self.consistency is not None
-        self._apply(self.consistency.leave(worker, self.keys.values()))
+        self._apply_completed(self.consistency.leave(worker, self.keys.values()))
         self._changed = None
         self.values.forget(worker)
         self.segments.forget(worker)
@@ -918,7 +1056,7 @@ class Server:
             self.segments.pids.update({int(w): p for w, p in pids.items() if w.isdigit() and type(p) is int})
         if type(gone) is int and gone in self.consistency.live:
             step = min((s.version for s in self.keys.values()), default=0)
-            self._apply(self.consistency.leave(gone, self.keys.values()))
+            self._apply_completed(self.consistency.leave(gone, self.keys.values()))
             log.warning("%s: worker %d failed (%s); from step %d the updates average workers %s", self.name, gone,
                         body.get("why", "no reason given"), step, sorted(self.consistency.live))
         self.pending.flush(None)

@@ -42,13 +42,14 @@ def test_bsp_counts_a_joiner_from_the_first_step_no_key_began_to_aggregate() -> 
     bsp = make_consistency("bsp", 2)
     assert isinstance(bsp, BSP)
     idle, busy = _key(5), _key(5)
-    assert bsp.push(busy, 0, 5, torch.ones(2)) is None  # step 5 of ``busy`` has begun without the joiner
+    assert bsp.push(busy, 0, 5, torch.ones(2), None) is None  # step 5 of ``busy`` has begun without the joiner
     start, updates = bsp.join(2, 5, [idle, busy])
     assert (start, updates) == (6, [])
     assert not bsp.check_push(idle, 2, 5)  # before its step: acknowledged, dropped
     assert bsp.expected(busy) == {0, 1} and bsp.expected(_key(6)) == {0, 1, 2}
-    ready = bsp.push(busy, 1, 5, 3 * torch.ones(2))
-    assert ready is not None and torch.equal(ready, 2 * torch.ones(2))  # (1 + 3) / 2: the old membership
+    ready = bsp.push(busy, 1, 5, 3 * torch.ones(2), None)
+    assert ready is not None and ready.grad is not None
+    assert torch.equal(ready.grad, 2 * torch.ones(2))  # (1 + 3) / 2: the old membership
 
 
 @pytest.mark.unit
@@ -56,10 +57,11 @@ def test_moving_a_joiner_later_completes_a_step_that_waited_only_for_it() -> Non
     bsp = make_consistency("bsp", 2)
     key = _key(4)
     assert bsp.join(2, 4, [key]) == (4, [])
-    assert bsp.push(key, 0, 4, torch.ones(2)) is None
-    assert bsp.push(key, 1, 4, torch.zeros(2)) is None  # waits for worker 2
+    assert bsp.push(key, 0, 4, torch.ones(2), None) is None
+    assert bsp.push(key, 1, 4, torch.zeros(2), None) is None  # waits for worker 2
     start, updates = bsp.join(2, 5, [key])  # another server could not take step 4: every server moves to 5
-    assert start == 5 and len(updates) == 1 and torch.equal(updates[0][1], 0.5 * torch.ones(2))
+    grad = updates[0][1].grad
+    assert start == 5 and len(updates) == 1 and grad is not None and torch.equal(grad, 0.5 * torch.ones(2))
 
 
 @pytest.mark.unit

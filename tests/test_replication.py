@@ -213,7 +213,7 @@ def test_a_seed_gives_a_server_new_to_a_key_the_primarys_whole_state_and_a_malfo
             assert raw.poll(10_000) and transport.recv(raw).kind is Kind.OK
             copy = stranger.keys[key]
             assert copy.param is not None and state.param is not None and torch.equal(copy.param, state.param)
-            assert (copy.version, copy.lr, copy.last_step, copy.home) == (state.version, state.lr, state.last_step,
+            assert (copy.version, copy.hp, copy.last_step, copy.home) == (state.version, state.hp, state.last_step,
                                                                          state.home) and copy.version == 3
             theirs, ours = primary._optimizer_state(state), stranger._optimizer_state(copy)
             assert theirs.keys() == ours.keys() == {"step", "exp_avg", "exp_avg_sq"}

@@ -50,7 +50,8 @@ class Request:
     deadline: float
     remaining: int  # messages not answered yet
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> flat destination view
-    replies: dict[int, dict[str, Any]] | None = None  # server -> reply body, when the caller wants them
+    replies: dict[int, Any] | None = None  # server -> reply body (or the whole message), when the caller wants them
+    whole: bool = False  # keep whole reply messages (their frames too), not only their bodies
     error: BaseException | None = None
     marks: set[tuple[int, int]] = field(default_factory=set)  # shared areas reserved until the reply
 
@@ -171,16 +172,18 @@ class Engine:
 
     # -- submitting ------------------------------------------------------------------------------------
     def submit(self, parts: list[tuple[int, Message]], what: str, outs: dict[int, torch.Tensor] | None = None,
-               keep_replies: bool = False, marks: set[tuple[int, int]] | None = None) -> Future:
+               keep_replies: bool = False, marks: set[tuple[int, int]] | None = None,
+               keep_messages: bool = False) -> Future:
         """Send ``parts`` ((server, message) pairs; with ``--replicas`` the server is the keys' home, and the
         message goes to whichever server serves that home now) as one request; its future resolves when all are
-        answered, to ``{server: reply body}`` when ``keep_replies``."""
+        answered, to ``{server: reply body}`` when ``keep_replies`` (``{server: reply}`` when ``keep_messages``)."""
         failure = self.failure()
         if failure is not None:
             raise ProtocolError(ErrorCode.DEAD, failure)
         future = _Future(self)
         request = Request(future, what, time.monotonic() + self.timeout + DEADLINE_MARGIN, len(parts),
-                          outs=outs or {}, replies={} if keep_replies else None, marks=marks or set())
+                          outs=outs or {}, replies={} if keep_replies or keep_messages else None, marks=marks or set(),
+                          whole=keep_messages)
         with self._lock:
             if self._broken is not None:
                 raise RuntimeError(f"{self._broken}; no new requests")
@@ -391,7 +394,7 @@ class Engine:
             raise_if_error(msg)
             self.replies.apply(msg, request)
             if request.replies is not None:
-                request.replies[server] = msg.body
+                request.replies[server] = msg if request.whole else msg.body
         except Exception as exc:  # the first error fails the whole call
             if request.error is None:
                 request.error = exc

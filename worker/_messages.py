@@ -14,6 +14,7 @@ import torch
 from zps.protocol.codecs import Codec, ErrorFeedback, make_codec
 from zps.protocol.messages import KeyEntry, Kind, Message
 from zps.protocol.plan import Chunk, Plan
+from zps.protocol.steps import Commit, Hyperparameters
 from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, fusable
 
 from ._shm import PULL, PUSH, Mark, SharedAreas
@@ -90,27 +91,40 @@ class Messages:
         elif self.areas.reserve(chunk, PULL, marks) is not None:
             entry["pshm"] = 1
 
-    def push(self, kind: Kind, grads: Tensors, step: int, lr: float | list[float] | None,
-             marks: set[Mark], checkpoint: int | None = None) -> list[tuple[int, Message]]:
-        """PUSH or PUSH_PULL messages of ``grads`` for ``step``; ``lr``: the learning rate (one, or one per group)
-        the servers apply it with; ``checkpoint``: a checkpoint asked for. Shared areas used are reserved into
-        ``marks``."""
+    def push(self, kind: Kind, grads: Mapping[str, torch.Tensor | None], step: int, marks: set[Mark],
+             lr: float | list[float] | None = None, hp: Hyperparameters | None = None, hold: bool = False,
+             checkpoint: int | None = None) -> list[tuple[int, Message]]:
+        """PUSH or PUSH_PULL messages of ``grads`` for ``step`` (a None gradient: this worker has none for it).
+
+        ``hp``: each group's hyper-parameters that differ from the declared optimizer's (:mod:`zps.protocol.steps`);
+        ``lr``: the learning rate (one, or one per group) -- sent as ``hp`` when ``hp`` is None, and the rate error
+        feedback rescales its residual by; ``hold``: BSP, keep the step's aggregate until a commit; ``checkpoint``:
+        a checkpoint asked for. Shared areas used are reserved into ``marks``."""
         body: dict[str, Any] = {}
-        if lr is not None:
-            body["lr"] = [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)]
+        lrs = None if lr is None else [float(x) for x in lr] if isinstance(lr, (list, tuple)) else [float(lr)]
+        if hp is None and lrs is not None:
+            hp = [{"lr": x} for x in lrs]
+        if hp is not None:
+            body["hp"] = hp
+        if hold:
+            body["hold"] = 1
         if checkpoint is not None:
             body["ckpt"] = int(checkpoint)
         items: dict[int, list[_Item]] = {}
         for name, grad in grads.items():
-            values = flat(grad)
             chunks, declared = self.declared(name)
+            if grad is None:
+                for chunk in chunks:
+                    items.setdefault(chunk.server, []).append(({"key": chunk.key, "step": step, "nf": 0, "ng": 1},
+                                                               [], None))
+                continue
+            values = flat(grad)
             if values.numel() != declared:
                 raise ValueError(f"{name!r} has {values.numel()} elements but was declared with {declared}")
             whole = len(chunks) == 1
             for chunk in chunks:
                 codec = self.codec(chunk)
-                if isinstance(codec, ErrorFeedback) and body:
-                    lrs = body["lr"]
+                if isinstance(codec, ErrorFeedback) and lrs is not None:
                     group_lr = lrs[min(self.group_of_param[chunk.param], len(lrs) - 1)]
                     if group_lr > 0:
                         codec.set_lr(group_lr)
@@ -130,17 +144,35 @@ class Messages:
                 if kind is Kind.PUSH_PULL and (self.pull_codec or self.areas.has(chunk.server)):
                     self._pull_options(chunk, entry, marks)  # else: values come back as frames
                 items.setdefault(chunk.server, []).append((entry, frames, small))
+        if kind is Kind.PUSH_PULL:  # a key without a gradient still comes back
+            for entries in items.values():
+                for entry, _, _ in entries:
+                    if entry.get("ng") and (self.pull_codec or self.areas.has(self.plan.chunks[entry["key"]].server)):
+                        self._pull_options(self.plan.chunks[entry["key"]], entry, marks)
         return self._messages(kind, body, items)
 
-    def pull(self, outs: Tensors, step: int, marks: set[Mark]) -> list[tuple[int, Message]]:
-        """PULL messages for the values of ``outs`` as of ``step`` (BSP: after ``step`` updates)."""
+    def pull(self, outs: Tensors, step: int, marks: set[Mark], commit: Commit | None = None
+             ) -> list[tuple[int, Message]]:
+        """PULL messages for the values of ``outs`` as of ``step`` (BSP: after ``step`` updates); ``commit``: how
+        the held step ``step - 1`` is applied (:mod:`zps.protocol.steps`)."""
         items: dict[int, list[_Item]] = {}
         for name in outs:
             for chunk in self.chunks(name):
                 entry: KeyEntry = {"key": chunk.key, "step": step, "nf": 0}
                 self._pull_options(chunk, entry, marks)
                 items.setdefault(chunk.server, []).append((entry, [], None))
-        return self._messages(Kind.PULL, {}, items)
+        return self._messages(Kind.PULL, {"commit": commit} if commit is not None else {}, items)
+
+    def inspect(self, names: list[str], step: int, norm_type: float | None) -> list[tuple[int, Message]]:
+        """INSPECT messages: the norms and finiteness of the held aggregate of ``step`` of every chunk of ``names``
+        (one message per server: the reply is small)."""
+        by_server: dict[int, list[KeyEntry]] = {}
+        for name in names:
+            for chunk in self.chunks(name):
+                by_server.setdefault(chunk.server, []).append({"key": chunk.key, "step": step, "nf": 0})
+        body = {"norm": norm_type} if norm_type is not None else {}
+        return [(server, Message(Kind.INSPECT, src=self.name, keys=keys, body=body))
+                for server, keys in by_server.items()]
 
     def _messages(self, kind: Kind, body: dict[str, Any], items: dict[int, list[_Item]]) -> list[tuple[int, Message]]:
         """Each server's items cut into messages of about one chunk's bytes, small keys fused in each."""
@@ -149,7 +181,7 @@ class Messages:
             part: list[_Item] = []
             size = 0
             for item in server_items:
-                numel = self.plan.chunks[item[0]["key"]].numel
+                numel = 0 if item[0].get("ng") else self.plan.chunks[item[0]["key"]].numel
                 if part and size + numel * 4 > self.chunk_bytes:
                     out.append((server, self._message(kind, body, part)))
                     part, size = [], 0

@@ -58,6 +58,37 @@ class Disturbance:
             self.kill()
 
 
+def _no_hook(*_: Any) -> None:
+    """What a traced model's hooks become when it is pickled (``torch.save(model)``): nothing to record."""
+
+
+class _SpanHooks:
+    """--trace's forward hooks. A pickled model takes :func:`_no_hook` in their place: a hook that held this process's
+    tracer would make ``torch.save(model)`` fail."""
+
+    def __init__(self, progress: Progress, step: Callable[[], int]) -> None:
+        self.progress, self.step, self.began = progress, step, 0.0
+
+    def before(self, *_: Any) -> None:
+        self.began = now_us()
+
+    def after(self, *_: Any) -> None:
+        self.progress.tracer.span("forward", self.began, step=self.step())
+        self.progress._forward_end = now_us()
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _no_hook_pair, ()
+
+
+def _no_hook_pair() -> _NoHooks:
+    return _NoHooks()
+
+
+class _NoHooks:
+    before = staticmethod(_no_hook)
+    after = staticmethod(_no_hook)
+
+
 class Progress:
     """Counters a worker keeps; :meth:`report` is called from the heartbeat thread."""
 
@@ -91,16 +122,8 @@ class Progress:
         pass) and ``backward`` span (from its end to the optimizer's step: the loss, backward); their handles."""
         if not self.tracer.enabled:
             return []
-        began = [0.0]
-
-        def before(*_: Any) -> None:
-            began[0] = now_us()
-
-        def after(*_: Any) -> None:
-            self.tracer.span("forward", began[0], step=step())
-            self._forward_end = now_us()
-
-        return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+        hook = _SpanHooks(self, step)
+        return [model.register_forward_pre_hook(hook.before), model.register_forward_hook(hook.after)]
 
     def ready(self) -> None:
         """The model holds its first values: the first step's compute starts now (and its bytes count from here:

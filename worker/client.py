@@ -18,9 +18,10 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
+import torch
 import zmq
 
-from zps.protocol import transport
+from zps.protocol import board, transport
 from zps.protocol.codecs import Codec, canonical_spec, codec_factory, make_codec
 from zps.protocol.config import Config, ConfigError
 from zps.protocol.messages import KeyEntry, Kind, Message
@@ -31,6 +32,7 @@ from zps.protocol.rendezvous import RendezvousClient, Topology
 from zps.protocol.replicas import live_copies, parse_notice, routes
 from zps.protocol.shm import Segment
 from zps.protocol.stepmetrics import MetricsFile
+from zps.protocol.steps import Commit, Hyperparameters, KeyStat, read_inspect
 from zps.protocol.tensors import Decoders, encode_entry
 from zps.protocol.trace import Tracer
 
@@ -224,31 +226,41 @@ class Client:
         return self._messages
 
     # -- data calls ------------------------------------------------------------------------------------
-    def push(self, grads: Tensors, step: int, lr: float | list[float] | None = None,
-             checkpoint: int | None = None) -> Future:
-        """Push gradients of ``step``; resolves when every server acknowledged. ``checkpoint`` (worker 0): ask for
-        a checkpoint at that step (see :mod:`zps.protocol.checkpoint`)."""
+    def push(self, grads: Mapping[str, torch.Tensor | None], step: int, lr: float | list[float] | None = None,
+             checkpoint: int | None = None, *, hp: Hyperparameters | None = None, hold: bool = False) -> Future:
+        """Push gradients of ``step`` (None: this worker has no gradient for that tensor in this step); resolves
+        when every server acknowledged.
+
+        ``lr``: the learning rate the update is applied with (one, or one per optimizer group; default: the declared
+        optimizer's); ``hp``: instead, each group's hyper-parameters that differ from the declared optimizer's
+        (:mod:`zps.protocol.steps`; ``lr`` then only rescales error feedback); ``hold``: BSP, the servers keep the
+        step's aggregate until a :meth:`pull` brings its commit. ``checkpoint`` (worker 0): ask for a checkpoint at
+        that step (see :mod:`zps.protocol.checkpoint`)."""
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
             began = time.perf_counter()
             with self.progress.tracer("encode", step=step):
-                parts = self._built().push(Kind.PUSH, grads, step, lr, marks, checkpoint)
+                parts = self._built().push(Kind.PUSH, grads, step, marks, lr=lr, hp=hp, hold=hold,
+                                           checkpoint=checkpoint)
             self.progress.encode_s += time.perf_counter() - began
             self._count(parts, grads, None)
             return self._engine.submit(parts, f"push of step {step}", marks=marks)
 
-    def pull(self, outs: Tensors, step: int) -> Future:
-        """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates)."""
+    def pull(self, outs: Tensors, step: int, *, commit: Commit | None = None) -> Future:
+        """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates);
+        ``commit``: how the held step ``step - 1`` is applied (:mod:`zps.protocol.steps`)."""
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
             messages = self._built()
-            parts = messages.pull(outs, step, marks)
+            parts = messages.pull(outs, step, marks, commit)
             self._count(parts, None, outs)
             return self._engine.submit(parts, f"pull of step {step}", messages.destinations(outs), marks=marks)
 
-    def push_pull(self, grads: Tensors, outs: Tensors, step: int, lr: float | list[float] | None = None,
-                  checkpoint: int | None = None) -> Future:
-        """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip."""
+    def push_pull(self, grads: Mapping[str, torch.Tensor | None], outs: Tensors, step: int,
+                  lr: float | list[float] | None = None, checkpoint: int | None = None, *,
+                  hp: Hyperparameters | None = None) -> Future:
+        """Push the gradients of ``step``, then pull the values of step ``step + 1`` into ``outs``; one round trip
+        (arguments as :meth:`push`)."""
         if set(grads) != set(outs):
             raise ValueError("push_pull needs the same names in grads and outs")
         marks: set[Mark] = set()
@@ -256,17 +268,39 @@ class Client:
             messages = self._built()
             began = time.perf_counter()
             with self.progress.tracer("encode", step=step):
-                parts = messages.push(Kind.PUSH_PULL, grads, step, lr, marks, checkpoint)
+                parts = messages.push(Kind.PUSH_PULL, grads, step, marks, lr=lr, hp=hp, checkpoint=checkpoint)
             self.progress.encode_s += time.perf_counter() - began
             self._count(parts, grads, outs)
             return self._engine.submit(parts, f"push_pull of step {step}", messages.destinations(outs), marks=marks)
 
-    def _count(self, parts: list[tuple[int, Message]], grads: Tensors | None, outs: Tensors | None) -> None:
+    def inspect(self, names: list[str], step: int, norm_type: float | None = None) -> Future:
+        """BSP, a held step: resolves to each key's :class:`~zps.protocol.steps.KeyStat` (its aggregate's
+        ``norm_type``-norm, None without one or where no worker produced a gradient; whether it is finite), once
+        every key's aggregate of ``step`` is complete."""
+        parts = self._built().inspect(names, step, norm_type)
+        asked = {s: {e["key"] for e in m.keys} for s, m in parts}
+        done: Future = Future()
+
+        def read(future: Future) -> None:
+            try:
+                replies = future.result()
+                found: dict[int, KeyStat] = {}
+                for server, keys in asked.items():
+                    found.update(read_inspect(replies[server], keys))
+                done.set_result(found)
+            except BaseException as exc:  # noqa: BLE001  the caller's future carries it
+                done.set_exception(exc)
+
+        self._engine.submit(parts, f"inspect of step {step}", keep_replies=True).add_done_callback(read)
+        return done
+
+    def _count(self, parts: list[tuple[int, Message]], grads: Mapping[str, torch.Tensor | None] | None,
+               outs: Tensors | None) -> None:
         """Account a call's bytes: uncompressed (logical) and through the shared areas (the engine counts the
         sockets' bytes)."""
         progress, plan = self.progress, self._built().plan
         if grads is not None:
-            progress.logical_sent += sum(4 * t.numel() for t in grads.values())
+            progress.logical_sent += sum(4 * t.numel() for t in grads.values() if t is not None)
         if outs is not None:
             progress.logical_recv += sum(4 * t.numel() for t in outs.values())
         for _, msg in parts:
@@ -278,6 +312,26 @@ class Client:
                 if entry.get("pshm"):
                     progress.shm_recv += 4 * plan.chunks[entry["key"]].numel
                     progress.payload_recv += 4 * plan.chunks[entry["key"]].numel
+
+    def broadcast(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        """Every worker calls it: rank 0's ``tensors`` (any dtype) are copied into every other worker's, bit for bit
+        (through the first live server; ``name`` tells one broadcast from the next)."""
+        server = self._live_servers()[0]
+        if self.rank == 0:
+            self._engine.submit([(server, board.put(self.name, name, tensors))], f"broadcast {name!r}").result()
+            return
+        replies = self._engine.submit([(server, board.get(self.name, name))], f"broadcast {name!r}",
+                                      keep_messages=True).result()
+        got_name, got = board.read_tensors(replies[server])
+        if got_name != name or got.keys() != tensors.keys():
+            raise RuntimeError(f"{self.name}: broadcast {name!r}: worker 0 sent {got_name!r} with "
+                               f"{sorted(got)[:5]}, this worker expects {sorted(tensors)[:5]}")
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                if got[key].shape != tensor.shape or got[key].dtype != tensor.dtype:
+                    raise RuntimeError(f"{self.name}: broadcast {name!r}: {key!r} is {tuple(got[key].shape)} "
+                                       f"{got[key].dtype} at worker 0, {tuple(tensor.shape)} {tensor.dtype} here")
+                tensor.copy_(got[key])
 
     def stats(self) -> list[dict[str, Any]]:
         """Each live server's counters and consistency record, by server rank (with ``--replicas``, the dead ones

@@ -11,37 +11,58 @@ How the worker's part in the job ends decides what the job does:
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 import sys
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from .client import Client
+from .local import LocalClient, started_by_a_launcher
 
-_client: Client | None = None
+log = logging.getLogger("zps.worker")
+_client: Client | LocalClient | None = None
 _failure: str | None = None  # an exception that escaped the script (seen by the hook below)
 _lock = threading.Lock()
+_at_end: list[Callable[[], None]] = []  # what must happen before the client closes (a checkpoint still due)
 
 
 def init(**kwargs: Any) -> Client:
     """Register this process with the cluster described by ``ZPS_*`` variables and return its client (the same
-    one on every call)."""
+    one on every call).
+
+    Started by no launcher (``python script.py``: no ``ZPS_ROLE``, ``DMLC_ROLE`` or torchrun variables), the
+    script runs as the only worker of a job of its own: the DistributedOptimizer steps the wrapped optimizer in
+    this process, which is what one BSP worker computes (:mod:`zps.worker.local`)."""
     global _client
     with _lock:
         if _client is None:
-            _client = Client.from_env(**kwargs)
+            if started_by_a_launcher(os.environ):
+                _client = Client.from_env(**kwargs)
+            else:
+                _client = LocalClient()
+                log.warning("zps: no launcher started this process (ZPS_ROLE is not set): it runs as the only worker,"
+                            " its optimizer stepped here; `zps run --servers S --workers W SCRIPT` runs it on a "
+                            "cluster")
             atexit.register(_at_exit)
             _watch_uncaught_exceptions()
-        return _client
+        return _client  # type: ignore[return-value]  # a LocalClient stands in for one
 
 
 def default_client() -> Client:
     if _client is None:
-        raise RuntimeError("call zps.worker.init() first (inside a process started by zps)")
-    return _client
+        raise RuntimeError("call zps.worker.init() first")
+    return _client  # type: ignore[return-value]
 
 
-def _take() -> Client | None:
+def at_end(action: Callable[[], None]) -> None:
+    """Run ``action`` when the worker ends cleanly, before its client closes."""
+    _at_end.append(action)
+
+
+def _take() -> Client | LocalClient | None:
     global _client
     with _lock:
         client, _client = _client, None
@@ -50,6 +71,9 @@ def _take() -> Client | None:
 
 def shutdown() -> None:
     """End cleanly: leave the servers and tell the coordinator this worker is done. Safe to call twice."""
+    if _client is not None:
+        while _at_end:
+            _at_end.pop(0)()
     client = _take()
     if client is not None:
         client.close()
@@ -57,6 +81,7 @@ def shutdown() -> None:
 
 def abort(reason: str) -> None:
     """End as a failure: do not leave the servers; the coordinator fails the job naming this worker and ``reason``."""
+    _at_end.clear()
     client = _take()
     if client is not None:
         client.close(failure=reason)
