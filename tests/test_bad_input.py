@@ -159,7 +159,7 @@ CASES = {
         ErrorCode.BAD_HEADER,
     ),
     "bad lr": (
-        lambda k: [header(keys=[push_entry(k)], body={"lr": ["fast"]}), torch.ones(NUMEL).numpy().tobytes()],
+        lambda k: [header(keys=[push_entry(k)], body={"hp": [{"lr": "fast"}]}), torch.ones(NUMEL).numpy().tobytes()],
         ErrorCode.BAD_HEADER,
     ),
 }

@@ -247,14 +247,22 @@ def test_a_huge_asp_step_is_refused_and_later_pushes_still_apply() -> None:
         assert clients[0].stats()[0]["duplicates"] == 0
 
 
-@pytest.mark.parametrize("lr", [float("inf"), float("nan"), -1.0, 1e300])
-def test_a_bad_learning_rate_is_refused_and_changes_nothing(lr: float) -> None:
+@pytest.mark.parametrize(("hp", "code"), [({"lr": float("inf")}, ErrorCode.BAD_HEADER),
+                                        ({"lr": float("nan")}, ErrorCode.BAD_HEADER),
+                                        ({"lr": -1.0}, ErrorCode.BAD_OPTIMIZER),
+                                        ({"lr": 1e300}, ErrorCode.BAD_OPTIMIZER),
+                                        ({"momentum": -0.5}, ErrorCode.BAD_OPTIMIZER),
+                                        ({"betas": [0.9, 0.99]}, ErrorCode.BAD_OPTIMIZER),
+                                        ({"lr": "fast"}, ErrorCode.BAD_HEADER)])
+def test_bad_hyperparameters_are_refused_and_change_nothing(hp: dict, code: ErrorCode) -> None:
+    """A step's hyper-parameters that are not numbers, that SGD does not take, or that torch would refuse to build
+    it with: refused by name, nothing applied."""
     with served() as (cluster, clients, raw, tensors):
         k = key(clients[0], "a")
-        reply = ask(raw, push_frames(k, step=1, lr=[lr]))
-        assert reply.body["code"] == ErrorCode.BAD_HEADER.value and "'lr'" in reply.body["reason"]
+        reply = ask(raw, push_frames(k, step=1, hp=[hp]))
+        assert reply.body["code"] == code.value and next(iter(hp)) in reply.body["reason"], reply.body
         assert torch.equal(values(clients[0], tensors)["a"], tensors["a"])
-        assert ask(raw, push_frames(k, step=1, lr=[0.5])).kind is Kind.OK  # the same step, sane: applied
+        assert ask(raw, push_frames(k, step=1, hp=[{"lr": 0.5}])).kind is Kind.OK  # the same step, sane: applied
         assert torch.equal(values(clients[0], tensors)["a"], tensors["a"] - 0.5)
 
 

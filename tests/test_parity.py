@@ -270,6 +270,8 @@ def test_overlap_is_on_by_default_only_for_gpu_models() -> None:
 
 
 def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
+    """With overlap, gradients leave during backward from the second step on (the first shows whether the script
+    changes them after backward): one changed after it left is refused, naming the ways out."""
     with local_cluster(1, 1, "bsp") as cluster:
         (client,) = cluster.clients()
         try:
@@ -277,13 +279,49 @@ def test_a_gradient_changed_after_its_push_is_refused_not_ignored() -> None:
             dist = DistributedOptimizer(
                 torch.optim.SGD(model.parameters(), lr=0.1), model, client=client, overlap=True, bucket_bytes=64
             )
-            x, y = batches(1)[0]
+            data = batches(1)
+            for x, y in data[:2]:
+                dist.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                dist.step()
+            x, y = data[2]
+            dist.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-            with pytest.raises(RuntimeError, match="overlap=False"):
+            with pytest.raises(RuntimeError, match="opt.clip_grad_norm_.*overlap=False"):
                 dist.step()
         finally:
             client.close()
+
+
+def test_changing_gradients_in_the_first_step_keeps_overlap_off_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """A script that clips with torch's function (local meaning) gets its clipped gradients sent at step time, a
+    warning naming opt.clip_grad_norm_ once, and the result of clipping each worker's own gradient."""
+    data = batches(1)
+    expected = make_model()
+    local = torch.optim.SGD(expected.parameters(), lr=0.1)
+    for x, y in data[:4]:
+        local.zero_grad()
+        nn.functional.mse_loss(expected(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(expected.parameters(), 0.05)
+        local.step()
+    with local_cluster(1, 1, "bsp") as cluster, caplog.at_level("WARNING", logger="zps.worker"):
+        (client,) = cluster.clients()
+        try:
+            model = make_model()
+            dist = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client,
+                                        overlap=True, bucket_bytes=64)
+            for x, y in data[:4]:
+                dist.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                dist.step()
+        finally:
+            client.close()
+    assert_same(expected, model)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("opt.clip_grad_norm_(max_norm)" in m for m in said) == 1, said
+    assert sum("overlap off" in m for m in said) == 1, said
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -138,14 +138,17 @@ def test_a_malformed_replicate_request_is_answered_with_an_error_and_changes_not
         raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(client.topology.servers[1 - home])  # the backup
-        entry = {"key": key, "version": 0, "lr": 1.0, "step": 0, "nf": 1, "codec": "none", "meta": {},
+        entry = {"key": key, "version": 0, "hp": {"lr": 1.0}, "step": 0, "nf": 1, "codec": "none", "meta": {},
                  "bufs": [["float32", 8]]}
         ones = torch.ones(8).numpy().tobytes()
         cases = [
             ({"src": "worker:0"}, [entry], [ones], ErrorCode.BAD_HEADER),  # only a server replicates
             ({}, [{**entry, "key": 99}], [ones], ErrorCode.UNKNOWN_KEY),
             ({}, [{**entry, "version": "x"}], [ones], ErrorCode.BAD_HEADER),
-            ({}, [{**entry, "lr": float("nan")}], [ones], ErrorCode.BAD_HEADER),
+            ({}, [{**entry, "hp": {"lr": float("nan")}}], [ones], ErrorCode.BAD_HEADER),
+            ({}, [{**entry, "hp": {"lr": -1.0}}], [ones], ErrorCode.BAD_OPTIMIZER),
+            ({}, [{**entry, "hp": {"betas": [0.9, 0.9]}}], [ones], ErrorCode.BAD_OPTIMIZER),
+            ({}, [{**entry, "ng": 1}], [ones], ErrorCode.BAD_HEADER),  # no gradient, yet a frame
             ({}, [{**entry, "worker": 5}], [ones], ErrorCode.BAD_HEADER),
             ({}, [entry], [b"\0" * 5], ErrorCode.FRAME_SIZE),
             ({}, [{**entry, "version": 3}], [ones], ErrorCode.CONFLICT),  # it would skip updates
@@ -238,7 +241,7 @@ def test_a_server_without_replicas_refuses_replicate_requests() -> None:
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(client.topology.servers[0])
         try:
-            entry = {"key": 0, "version": 0, "lr": 1.0, "nf": 1, "codec": "none", "meta": {}, "bufs": [["float32", 8]]}
+            entry = {"key": 0, "version": 0, "nf": 1, "codec": "none", "meta": {}, "bufs": [["float32", 8]]}
             header = {"v": PROTOCOL_VERSION, "kind": Kind.REPLICATE.value, "id": 1, "src": "server:0", "keys": [entry]}
             raw.send_multipart([msgpack.packb(header), torch.ones(8).numpy().tobytes()])
             assert raw.poll(10_000)

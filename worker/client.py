@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -97,6 +97,7 @@ class Client:
         self._messages: Messages | None = None
         self._areas = SharedAreas(self.name)
         self._closed = False
+        self.before_close: list[Callable[[], None]] = []  # run by a clean close() first (a checkpoint still due)
         self._replies = Replies(self._decoders, self._areas)
         self._dead: frozenset[int] = frozenset()  # --replicas: servers that died (their homes moved to backups)
         self._topology_version = 0
@@ -398,6 +399,8 @@ class Client:
         if self._closed:
             return
         try:
+            while failure is None and self.before_close:
+                self.before_close.pop(0)()
             if failure is None and self.plan is not None and self.rendezvous.failure is None:
                 try:
                     self.leave(timeout=5.0)  # best effort: a server that is gone cannot be waited for

@@ -50,7 +50,7 @@ from . import _iteration, _state
 from ._checkpoint import Resumed, WorkerCheckpoints, load_part
 from .client import Client
 from .local import LocalClient
-from .session import at_end, default_client
+from .session import default_client
 
 log = logging.getLogger("zps.worker")
 _SUBCLASSES: dict[type[torch.optim.Optimizer], type[DistributedOptimizer]] = {}
@@ -186,7 +186,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         _iteration.set_handler(self._sampler_draws, self._sampler_created)
         for sampler in _iteration.samplers():
             self._sampler_created(sampler)
-        at_end(self._ending)
+        self.client.before_close.append(self._ending)
         self.client.progress.ready()
 
     # -- what the script reads ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +25,6 @@ log = logging.getLogger("zps.worker")
 _client: Client | LocalClient | None = None
 _failure: str | None = None  # an exception that escaped the script (seen by the hook below)
 _lock = threading.Lock()
-_at_end: list[Callable[[], None]] = []  # what must happen before the client closes (a checkpoint still due)
 
 
 def init(**kwargs: Any) -> Client:
@@ -57,11 +55,6 @@ def default_client() -> Client:
     return _client  # type: ignore[return-value]
 
 
-def at_end(action: Callable[[], None]) -> None:
-    """Run ``action`` when the worker ends cleanly, before its client closes."""
-    _at_end.append(action)
-
-
 def _take() -> Client | LocalClient | None:
     global _client
     with _lock:
@@ -71,9 +64,6 @@ def _take() -> Client | LocalClient | None:
 
 def shutdown() -> None:
     """End cleanly: leave the servers and tell the coordinator this worker is done. Safe to call twice."""
-    if _client is not None:
-        while _at_end:
-            _at_end.pop(0)()
     client = _take()
     if client is not None:
         client.close()
@@ -81,7 +71,6 @@ def shutdown() -> None:
 
 def abort(reason: str) -> None:
     """End as a failure: do not leave the servers; the coordinator fails the job naming this worker and ``reason``."""
-    _at_end.clear()
     client = _take()
     if client is not None:
         client.close(failure=reason)

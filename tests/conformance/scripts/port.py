@@ -81,12 +81,11 @@ class Port:
 
         return worker.shard_sampler(dataset, **options)
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
-        """DDP's meaning: the global norm of the averaged gradient. (zps: known after ``opt.step()``.)"""
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """DDP's meaning: clip the averaged gradient by its global norm; that norm."""
         if self.backend == "ddp":
             return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
-        self.opt.clip_grad_norm_(max_norm, norm_type)
-        return None
+        return self.opt.clip_grad_norm_(max_norm, norm_type)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

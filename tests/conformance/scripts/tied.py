@@ -1,0 +1,38 @@
+"""Tied parameters: an embedding and the output layer share one weight (a language model's tied embeddings);
+non-contiguous (channels_last) convolution weights."""
+import torch
+from port import Port, parse
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.mix = nn.Linear(8 * 4, 8)
+        self.out = nn.Linear(8, 32, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (batch, 8, 8): eight tokens of eight features, as an image
+        h = self.conv(h.unsqueeze(1).contiguous(memory_format=torch.channels_last)).flatten(2)  # (b, 4, 64)
+        h = self.mix(h.transpose(1, 2).reshape(h.shape[0], 8, -1))
+        return self.out(torch.tanh(h))
+
+
+args = parse()
+port = Port(args.backend)
+torch.manual_seed(args.seed)
+model = Net()
+model.conv.weight.data = model.conv.weight.data.contiguous(memory_format=torch.channels_last)
+assert not model.conv.weight.is_contiguous()
+net, opt = port.wrap(model, torch.optim.Adam(model.parameters(), lr=0.01))
+g = torch.Generator().manual_seed(args.seed)
+for _ in range(args.steps):
+    ids = torch.randint(0, 32, (port.world, 4, 8), generator=g)[port.rank]
+    opt.zero_grad()
+    logits = net(ids)
+    nn.functional.cross_entropy(logits.reshape(-1, 32), ids.roll(1, dims=1).reshape(-1)).backward()
+    opt.step()
+port.finish(model, args.out)
