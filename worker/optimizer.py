@@ -180,7 +180,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._early = False  # push during backward this step (overlap, learned from the first step)
         self._early_off: str | None = None  # why overlap stays off
         self._said: set[str] = set()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params.values()]
+        self._hooked: set[str] = set()
+        self._hook_new()
         if model is not None:  # under --trace: forward and backward spans
             self._hooks.extend(self.client.progress.watch(model, lambda: self._steps))
         _iteration.set_handler(self._sampler_draws, self._sampler_created)
@@ -232,6 +233,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._bucket_size += grad.numel() * grad.element_size()
         if self._bucket_size >= self.bucket_bytes:
             self._flush()
+
+    def _hook_new(self) -> None:
+        """Watch every parameter that takes gradients (one frozen so far gets its hook once it is unfrozen)."""
+        for name, param in self.params.items():
+            if param.requires_grad and name not in self._hooked:
+                self._hooked.add(name)
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_ready))
 
     def _flush(self, hold: bool | None = None) -> None:
         if self._bucket:
@@ -381,6 +389,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._futures, self._pushed, self._passes, self._bucket, self._bucket_size = [], {}, {}, {}, 0
         self._seen, self._inspected, self._clip = {}, None, None
         self._learn_overlap(changed, grad_scaler)
+        if len(self._hooked) < len(self.params):
+            self._hook_new()
         progress.step_end(self._steps)
         self._steps += 1
         assert self.checkpoints is not None

@@ -1,5 +1,6 @@
-"""Gradient accumulation: two micro-batches per step, the first backward under no_sync() (DDP's way: it sends
-nothing), a BatchNorm in the model. --overlap: zps sends gradients during backward."""
+"""Gradient accumulation: two micro-batches per step, the first one's forward and backward under no_sync() (DDP's
+way: it sends nothing; DDP decides in forward, so the forward belongs inside), a BatchNorm in the model.
+--overlap: zps sends gradients during backward."""
 import torch
 from port import Port, parse, regression_data
 from torch import nn
@@ -18,12 +19,11 @@ loader = DataLoader(data, batch_size=4, sampler=sampler)
 for epoch in range(args.epochs):
     sampler.set_epoch(epoch)
     for i, (x, y) in enumerate(loader):
-        loss = nn.functional.mse_loss(net(x), y) / 2
         if i % 2 == 0:
             with port.no_sync():
-                loss.backward()
+                (nn.functional.mse_loss(net(x), y) / 2).backward()
             continue
-        loss.backward()
+        (nn.functional.mse_loss(net(x), y) / 2).backward()
         opt.step()
         opt.zero_grad()
 port.finish(model, args.out)

@@ -9,15 +9,15 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(32, 8)
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.mix = nn.Linear(8 * 4, 8)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.mix = nn.Linear(16, 8)
         self.out = nn.Linear(8, 32, bias=False)
         self.out.weight = self.emb.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)  # (batch, 8, 8): eight tokens of eight features, as an image
-        h = self.conv(h.unsqueeze(1).contiguous(memory_format=torch.channels_last)).flatten(2)  # (b, 4, 64)
-        h = self.mix(h.transpose(1, 2).reshape(h.shape[0], 8, -1))
+        h = self.emb(ids)  # (batch, 8, 8): eight tokens of eight features, as a 2-channel image
+        h = self.conv(h.reshape(-1, 2, 4, 8).contiguous(memory_format=torch.channels_last))  # (b, 4, 4, 8)
+        h = self.mix(h.reshape(-1, 8, 16))
         return self.out(torch.tanh(h))
 
 
