@@ -200,8 +200,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``zps launch``: the job on the hosts of a hostfile, over ssh."""
+    from .backend import LaunchError
     from .hostfile import HostfileError, parse_host_list, read_hostfile
-    from .job import LaunchError, run_job
+    from .job import run_job
     from .ssh import SshBackend
     from .ssh_command import Remote, SshOptions, parse_env_options
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 
 import zmq
 
+from zps.process import set_process_name
 from zps.protocol.config import Config, ConfigError, configure_logging
 from zps.protocol.dmlc import dmlc_to_zps
 from zps.protocol.security import load_secrets
@@ -46,7 +47,6 @@ from zps.protocol.variables import ZPS_HOST, ZPS_NUM_SERVERS, ZPS_ROLE, env_valu
 from .coordinator import Coordinator
 from .env_roles import local_device, torchrun_roles
 from .k8s import k8s_roles
-from .remote import set_process_name
 from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
 
 

@@ -21,8 +21,8 @@ from dataclasses import replace
 from zps.protocol.config import JobConfig
 from zps.protocol.variables import ZPS_HOST
 
+from .backend import LaunchError, ProcSpec, local_env, role_command, role_env
 from .hostfile import Host, HostfileError, Placement, format_placement, place
-from .job import LaunchError, ProcSpec, local_env, role_command, role_env
 from .remote import host_address
 from .ssh_command import Remote, SshOptions, ssh_destination
 
