@@ -35,13 +35,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO
 
+from zps.lab.network import Emulator
 from zps.protocol import security
 from zps.protocol.config import JobConfig
+from zps.telemetry.live import LiveView
 
 from .backend import Backend, ProcSpec
 from .coordinator import Coordinator, State
-from .live import LiveView
-from .network import Emulator
 from .procs import Child, ProcessGroup, install_signal_handlers
 
 # seconds the servers get to exit by themselves after the last worker finished

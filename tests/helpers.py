@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from zps.launcher.chaos import marked_pids
+from zps.lab.chaos import marked_pids
+from zps.lab.network import Emulator
 from zps.launcher.coordinator import Coordinator
-from zps.launcher.network import Emulator
 from zps.process import die_with_parent
 from zps.protocol.config import Config, JobConfig
 from zps.protocol.security import Secrets, make_secrets

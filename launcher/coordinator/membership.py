@@ -30,8 +30,7 @@ from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply
 from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
 from zps.protocol.rendezvous import Topology
-
-from ..monitor import Monitor
+from zps.telemetry.monitor import Monitor
 
 log = logging.getLogger("zps.coordinator")
 

@@ -31,8 +31,8 @@ from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import COORDINATOR, parse_peer
 from zps.protocol.security import Secrets
+from zps.telemetry.monitor import Monitor, WorkerMetrics
 
-from ..monitor import Monitor, WorkerMetrics
 from .barriers import Barriers
 from .failover import Failover
 from .manifests import Manifests
