@@ -12,18 +12,18 @@ one :class:`Outcome`. The phases:
 
 The events, in the order they are looked for, and what each one does:
 
-* :class:`ServersReady` -- ``SERVERS -> WORKERS``: the workers start;
+* ``SERVERS_READY`` -- ``SERVERS -> WORKERS``: the workers start;
 * :class:`Signalled` -- any phase ``-> INTERRUPTED``: exit code 128 + N, and no restart;
-* :class:`CoordinatorFailed` -- ``-> FAILED`` (a role missing at start-up, a lost heartbeat, a worker that
+* ``COORDINATOR_FAILED`` -- ``-> FAILED`` (a role missing at start-up, a lost heartbeat, a worker that
   reported an error): the exit code of the member whose failure it was, where that process exits within
   :data:`CHILD_EXIT_WAIT`, else 1;
 * :class:`ChildFailed` -- a server under ``--replicas`` while the job runs: its backups take over (no change); a
   worker under ``--on-worker-failure shrink|restart``: the job goes on without it, or with a replacement (no
   change); any other: ``-> FAILED`` with its exit code (the first failure's);
-* :class:`WorkersFinished` -- ``WORKERS -> DRAINING``: every worker exited 0 or was dealt with by the policy,
+* ``WORKERS_FINISHED`` -- ``WORKERS -> DRAINING``: every worker exited 0 or was dealt with by the policy,
   and no worker that joined later (``--max-workers``) still trains;
-* :class:`AllExited` -- ``WORKERS | DRAINING -> SUCCEEDED``: every worker finished and no process runs;
-* :class:`GraceOver` -- ``DRAINING -> SUCCEEDED``: the servers did not exit in time (said, then ended).
+* ``ALL_EXITED`` -- ``WORKERS | DRAINING -> SUCCEEDED``: every worker finished and no process runs;
+* ``GRACE_OVER`` -- ``DRAINING -> SUCCEEDED``: the servers did not exit in time (said, then ended).
 """
 from __future__ import annotations
 
@@ -74,9 +74,14 @@ class Outcome:
 
 
 # -- the events ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServersReady:
-    pass
+class Change(enum.Enum):
+    """The events that carry nothing but themselves."""
+
+    SERVERS_READY = "every server serves"
+    COORDINATOR_FAILED = "the coordinator failed the job"
+    WORKERS_FINISHED = "every worker finished"
+    ALL_EXITED = "every process exited"
+    GRACE_OVER = "the servers' grace is over"
 
 
 @dataclass(frozen=True)
@@ -85,31 +90,11 @@ class Signalled:
 
 
 @dataclass(frozen=True)
-class CoordinatorFailed:
-    pass
-
-
-@dataclass(frozen=True)
 class ChildFailed:
     child: Child
 
 
-@dataclass(frozen=True)
-class WorkersFinished:
-    pass
-
-
-@dataclass(frozen=True)
-class AllExited:
-    pass
-
-
-@dataclass(frozen=True)
-class GraceOver:
-    pass
-
-
-Event = ServersReady | Signalled | CoordinatorFailed | ChildFailed | WorkersFinished | AllExited | GraceOver
+Event = Change | Signalled | ChildFailed
 
 
 class Budget:
@@ -199,29 +184,29 @@ class Attempt:
     def _next_event(self) -> Event | None:
         """The first event the world shows now (the order of the module docstring), or None."""
         if self.phase is Phase.SERVERS and self.coordinator.servers_ready.is_set():
-            return ServersReady()
+            return Change.SERVERS_READY
         if self.signalled:
             return Signalled(self.signalled[0])
         if self.result and self.result[0] != 0:
-            return CoordinatorFailed()
+            return Change.COORDINATOR_FAILED
         failures = self._failures()
         if failures:
             return ChildFailed(failures[0])
         if self.phase is Phase.SERVERS or not self._workers_done():
             return None
         if not self.group.running():
-            return AllExited()
+            return Change.ALL_EXITED
         if self.coordinator.live_workers() - self._latest_workers().keys():
             return None  # workers that joined (--max-workers) still train: the servers exit when they are done
         if self.phase is Phase.WORKERS:
-            return WorkersFinished()
+            return Change.WORKERS_FINISHED
         assert self.deadline is not None
-        return GraceOver() if time.monotonic() >= self.deadline else None
+        return Change.GRACE_OVER if time.monotonic() >= self.deadline else None
 
     def _handle(self, event: Event) -> Outcome | None:
         """What ``event`` does: a new phase, or the attempt's outcome."""
         match event:
-            case ServersReady():
+            case Change.SERVERS_READY:
                 for proc in self.workers:
                     self._start(proc)
                 self.workers = []
@@ -230,16 +215,16 @@ class Attempt:
                 name = signal.Signals(signum).name
                 self.group.say(f"received {name}; stopping every process of the job")
                 return Outcome(Phase.INTERRUPTED, 128 + signum, f"received {name}")
-            case CoordinatorFailed():
+            case Change.COORDINATOR_FAILED:
                 return self._coordinator_failed()
             case ChildFailed(child):
                 return self._child_failed(child)
-            case WorkersFinished():
+            case Change.WORKERS_FINISHED:
                 self.phase = Phase.DRAINING
                 self.deadline = time.monotonic() + SHUTDOWN_GRACE
-            case AllExited():
+            case Change.ALL_EXITED:
                 return Outcome(Phase.SUCCEEDED, 0)
-            case GraceOver():
+            case Change.GRACE_OVER:
                 running = ", ".join(c.label for c in self.group.running())
                 self.group.say(f"every worker finished but {running} did not exit within {SHUTDOWN_GRACE:.0f}s; "
                                "ending it")
