@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from benchmarks import _common as C  # noqa: E402
-from zps.launcher.planner import Setup, calibrate, key_sizes, load_model, predict  # noqa: E402
+from zps.lab.planner import Setup, calibrate, key_sizes, load_model, predict  # noqa: E402
 
 # (script, workers, servers, net, codec, pull codec, mode, server optimizer)
 CONFIGS: list[tuple[str, int, int, str, str, str, str, str]] = [

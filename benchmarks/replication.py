@@ -55,7 +55,7 @@ def zps_worker(numel: int, steps: int) -> None:
         times.append(time.perf_counter() - start)
     result: dict = {"numel": sum(sizes), "step_times": times}
     if client.rank == 0:
-        from zps.launcher.top import StatusClient
+        from zps.telemetry.top import StatusClient
 
         status = StatusClient(client.config.coordinator)  # the coordinator knows every member's pid
         pids = [m["pid"] for m in status.status()["members"] if m["role"] == "server"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"Coordinator": ".coordinator", "Backend": ".job", "LaunchError": ".job", "ProcSpec": ".job",
+_WHERE = {"Coordinator": ".coordinator", "Backend": ".backend", "LaunchError": ".backend", "ProcSpec": ".backend",
           "run_job": ".job", "LocalBackend": ".local", "run_local": ".local"}
 __all__ = sorted(_WHERE)
 

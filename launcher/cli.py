@@ -172,13 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="predict a job's step time and its bottleneck (compute, codecs, links with "
                                        "incast, servers) from a short calibration on this host")
-    from .planner import add_arguments
+    from zps.lab.planner import add_arguments
 
     add_arguments(plan)
 
     chaos = sub.add_parser("chaos", help="run a job and kill or pause its roles at random, repeatedly; then check "
                                          "that it completed and left nothing behind (docs/failures.md)")
-    from .chaos import add_arguments as chaos_arguments
+    from zps.lab.chaos import add_arguments as chaos_arguments
 
     chaos_arguments(chaos)
 
@@ -200,8 +200,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``zps launch``: the job on the hosts of a hostfile, over ssh."""
+    from .backend import LaunchError
     from .hostfile import HostfileError, parse_host_list, read_hostfile
-    from .job import LaunchError, run_job
+    from .job import run_job
     from .ssh import SshBackend
     from .ssh_command import Remote, SshOptions, parse_env_options
 
@@ -242,8 +243,8 @@ def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     """``zps experiment SPEC``: the sweep (:mod:`.experiment`)."""
-    from .experiment import run_experiment
-    from .experiment_spec import SpecError, load_spec
+    from zps.lab.experiment import run_experiment
+    from zps.lab.experiment_spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec, out=args.out)
@@ -294,15 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "experiment":
         return _experiment(args)
     if args.command == "plan":
-        from .planner import main as plan_main
+        from zps.lab.planner import main as plan_main
 
         return plan_main(args)
     if args.command == "chaos":
-        from .chaos import main as chaos_main
+        from zps.lab.chaos import main as chaos_main
 
         return chaos_main(args)
     if args.command == "top":
-        from .top import main_top
+        from zps.telemetry.top import main_top
 
         return main_top(args.coordinator, args.interval, args.once, args.secrets)
     return 2

@@ -17,19 +17,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from zps.protocol.config import ConfigError
-from zps.protocol.dmlc import join_host_port, parse_int, parse_port
+from zps.protocol.variables import (
+    ZPS_COORDINATOR,
+    ZPS_LOCAL_RANK,
+    ZPS_NUM_SERVERS,
+    ZPS_NUM_WORKERS,
+    ZPS_RANK,
+    ZPS_ROLE,
+    ConfigError,
+    env_value,
+    join_host_port,
+    parse_int,
+    parse_port,
+)
 
 DEFAULT_TORCHRUN_PORT_OFFSET = 1
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name, "")
-    return value if value != "" else None
-
-
 def _need(env: Mapping[str, str], name: str, why: str) -> str:
-    value = _get(env, name)
+    value = env_value(env, name)
     if value is None:
         raise ConfigError(f"{name} is not set; {why}")
     return value
@@ -48,27 +54,27 @@ def torchrun_roles(env: Mapping[str, str], num_servers: int | None = None,
     rank = parse_int("RANK", _need(env, "RANK", why), 0)
     if rank >= world:
         raise ConfigError(f"RANK={rank} must be < WORLD_SIZE={world}")
-    out = {"ZPS_ROLE": "worker", "ZPS_RANK": str(rank), "ZPS_NUM_WORKERS": str(world)}
-    local = _get(env, "LOCAL_RANK")
+    out = {ZPS_ROLE: "worker", ZPS_RANK: str(rank), ZPS_NUM_WORKERS: str(world)}
+    local = env_value(env, "LOCAL_RANK")
     if local is not None:
-        out["ZPS_LOCAL_RANK"] = str(parse_int("LOCAL_RANK", local, 0))
-    if _get(env, "ZPS_COORDINATOR") is None:
-        why = "set ZPS_COORDINATOR=host:port, or run under torchrun, which sets MASTER_ADDR and MASTER_PORT"
+        out[ZPS_LOCAL_RANK] = str(parse_int("LOCAL_RANK", local, 0))
+    if env_value(env, ZPS_COORDINATOR) is None:
+        why = f"set {ZPS_COORDINATOR}=host:port, or run under torchrun, which sets MASTER_ADDR and MASTER_PORT"
         addr = _need(env, "MASTER_ADDR", why).strip()
         port = parse_port("MASTER_PORT", _need(env, "MASTER_PORT", why)) + port_offset
-        out["ZPS_COORDINATOR"] = join_host_port(
+        out[ZPS_COORDINATOR] = join_host_port(
             addr, parse_port(f"MASTER_PORT + port_offset ({port_offset})", port))
-    if num_servers is not None and _get(env, "ZPS_NUM_SERVERS") is None:
+    if num_servers is not None and env_value(env, ZPS_NUM_SERVERS) is None:
         if num_servers < 1:
             raise ConfigError(f"num_servers={num_servers} must be >= 1")
-        out["ZPS_NUM_SERVERS"] = str(num_servers)
+        out[ZPS_NUM_SERVERS] = str(num_servers)
     return out
 
 
 def local_rank(env: Mapping[str, str]) -> int:
     """This process's index on its host: ``ZPS_LOCAL_RANK``, else ``LOCAL_RANK``, else ``SLURM_LOCALID``, else 0."""
-    for name in ("ZPS_LOCAL_RANK", "LOCAL_RANK", "SLURM_LOCALID"):
-        value = _get(env, name)
+    for name in (ZPS_LOCAL_RANK, "LOCAL_RANK", "SLURM_LOCALID"):
+        value = env_value(env, name)
         if value is not None:
             return parse_int(name, value, 0)
     return 0

@@ -35,12 +35,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from zps.protocol.config import ConfigError, JobConfig
-from zps.protocol.dmlc import parse_int, parse_port
-from zps.protocol.security import make_secrets
+from zps.protocol.security import ENV_SECRETS_DIR, make_secrets
+from zps.protocol.variables import (
+    ZPS_COORDINATOR,
+    ZPS_HOST,
+    ZPS_NUM_SERVERS,
+    ZPS_NUM_WORKERS,
+    ZPS_RANK,
+    ZPS_ROLE,
+    env_value,
+    join_host_port,
+    parse_int,
+    parse_port,
+)
 
 DEFAULT_PORT = 29600
 KEYS_PATH = "/etc/zps/keys"  # where a pod's Secret of keys is mounted (--secure)
 RANK_SOURCES = ("hostname-ordinal", "job-completion-index")
+# how `zps node` in a pod finds its rank: one of RANK_SOURCES (set by the manifest, read by rank_from_k8s)
+ZPS_RANK_FROM = "ZPS_RANK_FROM"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
@@ -54,20 +67,20 @@ def rank_from_k8s(env: Mapping[str, str]) -> int | None:
     ``ZPS_RANK_FROM=job-completion-index``, or unset: ``JOB_COMPLETION_INDEX`` (None when unset and absent).
     ``HOSTNAME`` is read only when asked: a Deployment's pod names can end in digits too.
     """
-    source = env.get("ZPS_RANK_FROM", "").strip().lower()
+    source = env.get(ZPS_RANK_FROM, "").strip().lower()
     if source == "hostname-ordinal":
         hostname = env.get("HOSTNAME", "")
         match = _ORDINAL.fullmatch(hostname)
         if match is None:
-            raise ConfigError(f"ZPS_RANK_FROM=hostname-ordinal but HOSTNAME={hostname!r} does not end in "
+            raise ConfigError(f"{ZPS_RANK_FROM}=hostname-ordinal but HOSTNAME={hostname!r} does not end in "
                                  f"-N; this only works in a StatefulSet pod")
         return int(match.group(1))
     if source not in ("", "job-completion-index"):
-        raise ConfigError(f"ZPS_RANK_FROM={source!r} is not one of {', '.join(RANK_SOURCES)}")
+        raise ConfigError(f"{ZPS_RANK_FROM}={source!r} is not one of {', '.join(RANK_SOURCES)}")
     index = env.get("JOB_COMPLETION_INDEX", "")
     if index == "":
         if source:
-            raise ConfigError("ZPS_RANK_FROM=job-completion-index but JOB_COMPLETION_INDEX is not set; "
+            raise ConfigError(f"{ZPS_RANK_FROM}=job-completion-index but JOB_COMPLETION_INDEX is not set; "
                                  "this only works in an Indexed Job pod (completionMode: Indexed)")
         return None
     return parse_int("JOB_COMPLETION_INDEX", index, 0)
@@ -75,10 +88,10 @@ def rank_from_k8s(env: Mapping[str, str]) -> int | None:
 
 def k8s_roles(env: Mapping[str, str]) -> dict[str, str]:
     """``{"ZPS_RANK": ...}`` from :func:`rank_from_k8s` when ``ZPS_RANK`` is unset and a rank is found, else {}."""
-    if env.get("ZPS_RANK", ""):
+    if env_value(env, ZPS_RANK) is not None:
         return {}
     rank = rank_from_k8s(env)
-    return {} if rank is None else {"ZPS_RANK": str(rank)}
+    return {} if rank is None else {ZPS_RANK: str(rank)}
 
 
 # --- YAML text -------------------------------------------------------------------------------------------------
@@ -179,10 +192,10 @@ def render_manifest(image: str, job: JobConfig, command: Sequence[str] | str, na
 
     coordinator_svc = f"{name}-coordinator"
     host = coordinator_svc if namespace is None else f"{coordinator_svc}.{namespace}.svc"
-    coordinator = f"{host}:{port}"
+    coordinator = join_host_port(host, port)
     defaults = JobConfig().to_env()
     settings = {k: v for k, v in job.to_env().items()
-                if v != defaults[k] or k in ("ZPS_NUM_SERVERS", "ZPS_NUM_WORKERS")}
+                if v != defaults[k] or k in (ZPS_NUM_SERVERS, ZPS_NUM_WORKERS)}
 
     def meta(obj_name: str, component: str) -> dict[str, Any]:
         out: dict[str, Any] = {"name": obj_name}
@@ -198,16 +211,16 @@ def render_manifest(image: str, job: JobConfig, command: Sequence[str] | str, na
     def container(role: str, argv: list[str], rank_from: str | None,
                   resources: dict[str, Any] | None = None) -> dict[str, Any]:
         env: list[dict[str, Any]] = [
-            {"name": "ZPS_ROLE", "value": role},
-            {"name": "ZPS_COORDINATOR", "value": coordinator},
+            {"name": ZPS_ROLE, "value": role},
+            {"name": ZPS_COORDINATOR, "value": coordinator},
             *({"name": k, "value": v} for k, v in settings.items()),
-            {"name": "ZPS_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": ZPS_HOST, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ]
         if rank_from is not None:
-            env.append({"name": "ZPS_RANK_FROM", "value": rank_from})
+            env.append({"name": ZPS_RANK_FROM, "value": rank_from})
         mounts = []
         if job.secure:
-            env.append({"name": "ZPS_SECRETS_DIR", "value": KEYS_PATH})
+            env.append({"name": ENV_SECRETS_DIR, "value": KEYS_PATH})
             mounts.append({"name": "keys", "mountPath": KEYS_PATH, "readOnly": True})
         out: dict[str, Any] = {"name": role, "image": image, "command": argv, "env": env}
         if role == "coordinator":

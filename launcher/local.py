@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from zps.protocol.config import JobConfig
 
-from .job import ProcSpec, local_env, role_command, role_env, run_job
-
-if TYPE_CHECKING:  # (zygote.py is imported only where used: `python -m zps.launcher.zygote` runs it afresh)
-    from .zygote import Zygote
+from .backend import ProcSpec, local_env, role_command, role_env
+from .job import run_job
+from .zygote_client import Zygote
 
 LOOPBACK = "127.0.0.1"
 
@@ -48,7 +47,7 @@ class LocalBackend:
                 env = {**base, **role_env(job, role, rank, coordinator, LOOPBACK, local_rank=rank)}
                 script = self.script if role == "worker" else []
                 procs.append(ProcSpec(f"{role} {rank}", role, rank, role_command(sys.executable, script), env,
-                                      zygote=zygote))
+                                      script=tuple(script), zygote=zygote))
         return procs
 
     def _zygote(self, job: JobConfig, base: dict[str, str]) -> Zygote | None:
@@ -58,8 +57,6 @@ class LocalBackend:
             return None
         if self.zygote is not None and self.zygote.failure is not None:
             return None
-        from .zygote import Zygote
-
         self.zygote = Zygote(base)
         return self.zygote
 

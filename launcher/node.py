@@ -38,14 +38,15 @@ from collections.abc import Mapping, Sequence
 
 import zmq
 
+from zps.process import set_process_name
 from zps.protocol.config import Config, ConfigError, configure_logging
 from zps.protocol.dmlc import dmlc_to_zps
 from zps.protocol.security import load_secrets
+from zps.protocol.variables import ZPS_HOST, ZPS_NUM_SERVERS, ZPS_ROLE, env_value
 
 from .coordinator import Coordinator
 from .env_roles import local_device, torchrun_roles
 from .k8s import k8s_roles
-from .remote import set_process_name
 from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
 
 
@@ -57,10 +58,11 @@ def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str
     out = dict(env)
     out.update(dmlc_to_zps(out))
     out.update(k8s_roles(out))
-    if not out.get("ZPS_ROLE") and out.get("RANK", "") != "" and out.get("WORLD_SIZE", "") != "":
+    torchrun = env_value(out, "RANK") is not None and env_value(out, "WORLD_SIZE") is not None
+    if env_value(out, ZPS_ROLE) is None and torchrun:
         out.update(torchrun_roles(out, num_servers))
-    if num_servers is not None and not out.get("ZPS_NUM_SERVERS"):
-        out["ZPS_NUM_SERVERS"] = str(num_servers)
+    if num_servers is not None and env_value(out, ZPS_NUM_SERVERS) is None:
+        out[ZPS_NUM_SERVERS] = str(num_servers)
     return out
 
 
@@ -159,7 +161,7 @@ def run_role(config: Config, env: Mapping[str, str], script: Sequence[str]) -> i
     configure_logging(config.job.log_level)
     set_process_name(process_name(config))
     if config.role == "coordinator":
-        return serve_coordinator(config, env.get("ZPS_HOST") or None)
+        return serve_coordinator(config, env_value(env, ZPS_HOST))
     # the worker library reads its configuration from os.environ (Config.from_env)
     os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
     if config.role == "server":

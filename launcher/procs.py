@@ -1,6 +1,7 @@
 """Child processes of a job: started in their own sessions, output prefixed by role and rank, torn down as a unit.
 
-A child is a plain process (``subprocess.Popen``) or, given a :class:`~.zygote.Zygote`, forked by that fork server;
+A child is a plain process (``subprocess.Popen``) or, where its :class:`~.backend.ProcSpec` names a
+:class:`~.zygote_client.Zygote`, forked by that fork server;
 where the zygote cannot start it, it falls back to a plain process (saying so once). Teardown is SIGTERM to each
 child's process group, a bounded wait, then SIGKILL. On Linux each child also gets PR_SET_PDEATHSIG, so it dies
 even when the launcher itself is SIGKILLed (a forked child: when the zygote dies, which dies with the launcher).
@@ -15,14 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Protocol
 
-from .remote import die_with_parent
+from zps.process import die_with_parent, kill_group
 
-if TYPE_CHECKING:  # (zygote.py is imported only where used: `python -m zps.launcher.zygote` runs it afresh)
-    from .zygote import Zygote
+from .backend import ProcSpec
+from .zygote_client import Zygote, ZygoteError
 
 log = logging.getLogger("zps.launcher")
 
@@ -74,7 +75,7 @@ class LineForwarder:
 
 
 class Proc(Protocol):
-    """What the group uses of a child process: a ``subprocess.Popen`` or a :class:`~.zygote.ZygoteChild`."""
+    """What the group uses of a child process: a ``subprocess.Popen`` or a :class:`~.zygote_client.ZygoteChild`."""
 
     @property
     def pid(self) -> int: ...
@@ -89,14 +90,25 @@ class Proc(Protocol):
 
 @dataclass
 class Child:
-    label: str  # e.g. "worker 1"
-    role: str  # server | worker
-    rank: int
+    """A started process and what it was started from (``spec``: to start it again)."""
+
+    spec: ProcSpec
     proc: Proc
     tail: list[str] = field(default_factory=list)
     exited_at: float | None = None
     threads: list[threading.Thread] = field(default_factory=list)
-    spec: Any = None
+
+    @property
+    def label(self) -> str:  # e.g. "worker 1"
+        return self.spec.label
+
+    @property
+    def role(self) -> str:  # server | worker
+        return self.spec.role
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
 
     @property
     def returncode(self) -> int | None:
@@ -113,18 +125,16 @@ class ProcessGroup:
         self.changed = threading.Event()
         self.zygotes: list[Zygote] = []  # the fork servers children were started from, closed with the group
 
-    def start(self, label: str, role: str, rank: int, argv: Sequence[str], env: dict[str, str],
-              cwd: str | None = None, spec: Any = None, zygote: Zygote | None = None,
-              stdin: bytes | None = None) -> Child:
-        """Start one child (forked by ``zygote`` where given and able); ``spec`` is kept with it (what it was
-        started from, to start it again). ``stdin``, where given, is written to its standard input (a plain
-        process's), which is then closed."""
-        proc = self._fork(label, argv, env, cwd, zygote) if zygote is not None and stdin is None else None
+    def start(self, spec: ProcSpec, env: dict[str, str] | None = None, stdin: bytes | None = None) -> Child:
+        """Start ``spec`` (forked by its zygote where it names one that is able), with ``env`` for its environment
+        where given. ``stdin``, where given, is written to its standard input (a plain process's), which is then
+        closed."""
+        env = spec.env if env is None else env
+        proc = self._fork(spec, env) if spec.zygote is not None and stdin is None else None
         if proc is None:
             proc = subprocess.Popen(
-                list(argv),
+                spec.argv,
                 env=env,
-                cwd=cwd,
                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -138,32 +148,29 @@ class ProcessGroup:
                     proc.stdin.close()
                 except BrokenPipeError:  # it exited at once; its exit code says why
                     pass
-        child = Child(label, role, rank, proc, spec=spec)
-        forwarder = LineForwarder(f"[{label}] ", self.out, self.lock, child.tail)
+        child = Child(spec, proc)
+        forwarder = LineForwarder(f"[{spec.label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None
-        reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{label}", daemon=True)
-        waiter = threading.Thread(target=self._wait, args=(child,), name=f"wait-{label}", daemon=True)
+        reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{spec.label}", daemon=True)
+        waiter = threading.Thread(target=self._wait, args=(child,), name=f"wait-{spec.label}", daemon=True)
         child.threads = [reader, waiter]
         reader.start()
         waiter.start()
         self.children.append(child)
         return child
 
-    def _fork(self, label: str, argv: Sequence[str], env: dict[str, str], cwd: str | None,
-              zygote: Zygote) -> Proc | None:
-        """``argv`` forked by ``zygote``; None where it cannot (then the caller starts a plain process)."""
-        from .zygote import ZygoteError
-
-        args = zygote.cli_args(argv)
-        if args is None or zygote.failure is not None:
+    def _fork(self, spec: ProcSpec, env: dict[str, str]) -> Proc | None:
+        """``spec``'s role forked by its zygote; None where it cannot (then the caller starts a plain process)."""
+        zygote = spec.zygote
+        if zygote is None or zygote.failure is not None:
             return None
         if zygote not in self.zygotes:
             self.zygotes.append(zygote)
         try:
-            return zygote.spawn(args, env, cwd)
+            return zygote.spawn(spec.role, spec.script, env)
         except ZygoteError as exc:
             if zygote.failure is None:  # it refused this one
-                self.say(f"{label}: the zygote cannot fork it ({exc}); starting it as a plain process")
+                self.say(f"{spec.label}: the zygote cannot fork it ({exc}); starting it as a plain process")
             elif not zygote.said:
                 zygote.said = True
                 self.say(f"the zygote (--preload) failed: {exc}; starting processes without it")
@@ -186,7 +193,7 @@ class ProcessGroup:
     def terminate(self, grace: float = 5.0) -> None:
         """SIGTERM every child's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
         for child in self.running():
-            _signal_group(child.proc, signal.SIGTERM)
+            kill_group(child.proc.pid, signal.SIGTERM)  # start_new_session: its pid is its process group's id
         deadline = time.monotonic() + grace
         for child in self.children:
             remaining = max(0.0, deadline - time.monotonic())
@@ -196,7 +203,7 @@ class ProcessGroup:
                 pass
         for child in self.children:
             # the group may hold grandchildren (data loader workers) even when the child itself has exited
-            _signal_group(child.proc, signal.SIGKILL)
+            kill_group(child.proc.pid, signal.SIGKILL)
             try:
                 child.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -206,13 +213,6 @@ class ProcessGroup:
         for child in self.children:
             for thread in child.threads:
                 thread.join(timeout=2)
-
-
-def _signal_group(proc: Proc, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # start_new_session: the child's pid is its process group id
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], None]:

@@ -1,4 +1,5 @@
-"""The remote half of ``zps launch``: code that runs on each host, standard library only.
+"""The remote half of ``zps launch``: code that runs on each host, standard library only
+(and :mod:`zps.process`, which is too).
 
 * :func:`host_address` -- the address a host's zps processes bind (also shipped, as source, in the preflight
   probe, so it runs whatever zps a host has, or none).
@@ -22,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -30,6 +30,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+
+from zps.process import die_with_parent, kill_group
 
 # seconds the guard gives a role between SIGTERM and SIGKILL
 GUARD_GRACE = 3.0
@@ -60,36 +62,6 @@ def host_address(interface: str | None, environ: Mapping[str, str]) -> str:
         raise LookupError("SSH_CONNECTION is not set, so the address ssh reached this host at is unknown; "
                           "pass --interface")
     return fields[2]
-
-
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
-
-
-def die_with_parent(sig: int) -> None:
-    """Ask the kernel for ``sig`` when this process's parent exits (Linux; a no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
-        except OSError:
-            pass
-
-
-def set_process_name(name: str) -> None:
-    """Name this process for ps and top (``/proc/PID/comm``; Linux keeps 15 bytes; a no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
-        except OSError:
-            pass
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # the most bytes of keys the guard reads from its standard input (a job's keys are a few KiB per 100 processes)
@@ -130,16 +102,16 @@ def guard(label: str, argv: Sequence[str], interface: str | None = None, share: 
 
     def end_child() -> None:
         stopping.wait()
-        _kill_group(child.pid, signal.SIGTERM)
+        kill_group(child.pid, signal.SIGTERM)
         try:
             child.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        _kill_group(child.pid, signal.SIGKILL)
+        kill_group(child.pid, signal.SIGKILL)
 
     threading.Thread(target=end_child, name="zps-guard", daemon=True).start()
     code = child.wait()
-    _kill_group(child.pid, signal.SIGKILL)  # what the role left behind in its group (data loader workers)
+    kill_group(child.pid, signal.SIGKILL)  # what the role left behind in its group (data loader workers)
     if code < 0:
         if not stopping.is_set():  # (when we stopped it, nobody is listening any more)
             print(f"zps: {label} (pid {child.pid} on {socket.gethostname()}) was killed by "

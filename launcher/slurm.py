@@ -12,8 +12,20 @@ import itertools
 import re
 from collections.abc import Mapping
 
-from zps.protocol.config import ConfigError
-from zps.protocol.dmlc import join_host_port, parse_int, parse_port
+from zps.protocol.variables import (
+    ZPS_COORDINATOR,
+    ZPS_HOST,
+    ZPS_LOCAL_RANK,
+    ZPS_NUM_SERVERS,
+    ZPS_NUM_WORKERS,
+    ZPS_RANK,
+    ZPS_ROLE,
+    ConfigError,
+    env_value,
+    join_host_port,
+    parse_int,
+    parse_port,
+)
 
 DEFAULT_PORT = 29600
 # a node list that expands to more names than this is a typo (node[1-1000000]), not a cluster
@@ -148,30 +160,28 @@ def slurm_roles(env: Mapping[str, str], num_servers: int, port: int = DEFAULT_PO
         raise ConfigError(f"{ntasks} Slurm tasks leave no worker after {num_servers} servers; "
                              f"start at least {num_servers + 1} tasks (srun -n {num_servers + 1}) "
                              f"or use fewer servers")
-    out = {
-        "ZPS_NUM_SERVERS": str(num_servers),
-        "ZPS_NUM_WORKERS": str(num_workers),
-    }
+    out = {ZPS_NUM_SERVERS: str(num_servers), ZPS_NUM_WORKERS: str(num_workers)}
     if procid < num_servers:
-        out.update(ZPS_ROLE="server", ZPS_RANK=str(procid))
+        out.update({ZPS_ROLE: "server", ZPS_RANK: str(procid)})
     else:
-        out.update(ZPS_ROLE="worker", ZPS_RANK=str(procid - num_servers))
+        out.update({ZPS_ROLE: "worker", ZPS_RANK: str(procid - num_servers)})
 
     node = env.get("SLURMD_NODENAME", "").strip()
-    explicit_coordinator = env.get("ZPS_COORDINATOR", "")
-    if explicit_coordinator:
-        out["ZPS_COORDINATOR"] = explicit_coordinator
+    explicit_coordinator = env_value(env, ZPS_COORDINATOR)
+    if explicit_coordinator is not None:
+        out[ZPS_COORDINATOR] = explicit_coordinator
     else:
         first = expand_nodelist(_nodelist(env))[0]
         if procid == 0 and node and node != first:
             raise ConfigError(f"task 0 runs on {node}, not on the first node {first} where the others look "
                                  f"for the coordinator; use the default block distribution or set "
-                                 f"ZPS_COORDINATOR=host:port")
-        out["ZPS_COORDINATOR"] = join_host_port(first, port)
-    if env.get("ZPS_HOST", ""):
-        out["ZPS_HOST"] = env["ZPS_HOST"]
+                                 f"{ZPS_COORDINATOR}=host:port")
+        out[ZPS_COORDINATOR] = join_host_port(first, port)
+    host = env_value(env, ZPS_HOST)
+    if host is not None:
+        out[ZPS_HOST] = host
     elif node:
-        out["ZPS_HOST"] = node
+        out[ZPS_HOST] = node
     if env.get("SLURM_LOCALID", "").strip():
-        out["ZPS_LOCAL_RANK"] = str(parse_int("SLURM_LOCALID", env["SLURM_LOCALID"], 0))
+        out[ZPS_LOCAL_RANK] = str(parse_int("SLURM_LOCALID", env["SLURM_LOCALID"], 0))
     return out

@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from zps.protocol.config import JobConfig
+from zps.protocol.variables import ZPS_HOST
 
+from .backend import LaunchError, ProcSpec, local_env, role_command, role_env
 from .hostfile import Host, HostfileError, Placement, format_placement, place
-from .job import LaunchError, ProcSpec, local_env, role_command, role_env
 from .remote import host_address
 from .ssh_command import Remote, SshOptions, ssh_destination
 
@@ -82,7 +83,7 @@ class SshBackend:
         """Refuse ``--env`` variables that zps launch sets itself: the two values would disagree."""
         clash = sorted(set(role_env(job, "worker", 0, "host:1")) & set(self.remote.env))
         if clash:
-            hint = "; --interface chooses the bind address" if "ZPS_HOST" in clash else ""
+            hint = "; --interface chooses the bind address" if ZPS_HOST in clash else ""
             raise LaunchError(f"zps launch: --env {', '.join(clash)}: zps launch sets "
                               f"{'it' if len(clash) == 1 else 'them'} for each process from its own options "
                               f"(--timeout, --optimizer, ...){hint}")
@@ -122,7 +123,7 @@ class SshBackend:
             if p.role == "coordinator":
                 continue
             env = role_env(job, p.role, p.rank, coordinator, local_rank=p.local_rank)
-            del env["ZPS_HOST"]  # the guard sets it on the host (see zps.launcher.remote.host_address)
+            del env[ZPS_HOST]  # the guard sets it on the host (see zps.launcher.remote.host_address)
             label = f"{p.role} {p.rank}@{ssh_destination(p.host)}"
             script = self.script if p.role == "worker" else []
             guarded = self.remote.guarded(label, role_command(self.remote.python, script), share=per_host[p.host],

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .job import LaunchError
+from .backend import LaunchError
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 

@@ -7,46 +7,42 @@ imports only: no torch computation, no ZeroMQ context, no CUDA, nothing that doe
 serves spawn requests on the Unix socket
 ``FD`` (SOCK_SEQPACKET: one message per request or reply, each a JSON object; file descriptors as SCM_RIGHTS):
 
-* launcher -> zygote: ``{"id": N, "argv": ["node", SCRIPT, ...], "env": {...}, "cwd": DIR}`` with one descriptor,
-  the write end of the pipe the child's output goes to;
+* launcher -> zygote: ``{"id": N, "role": "server" | "worker", "script": [SCRIPT, ARGS...], "env": {...},
+  "cwd": DIR}`` with one descriptor, the write end of the pipe the child's output goes to;
 * zygote -> launcher: ``{"ready": PID}`` once the imports are done; ``{"id": N, "pid": PID}`` or
   ``{"id": N, "error": TEXT}`` (a malformed request: the zygote goes on serving); ``{"exited": PID, "code": C}``
   when a child ends (C as Popen gives it: the exit code, or -N for signal N).
 
-A child is what ``python -u -m zps.launcher.cli ARGV`` would be, minus the imports: its own session, SIGKILL when
-the zygote dies (PR_SET_PDEATHSIG), the pipe on fds 1 and 2, the given environment and directory, the signal
-dispositions of a fresh interpreter; it runs :func:`zps.launcher.cli.main`, then the exit handlers, and ends with
-the code Python would have exited with (``os._exit``: it never returns into the zygote's loop). A request whose
-environment differs from the zygote's in what is read only at start-up (``PYTHON*``, ``LD_*``, ``OMP_*``, ...) is
-refused, so the launcher starts that child as a plain process.
+A child is what ``python -u -m zps.launcher.cli node SCRIPT...`` would be, minus the imports: its own session,
+SIGKILL when the zygote dies (PR_SET_PDEATHSIG), the pipe on fds 1 and 2, the given environment and directory, the
+signal dispositions of a fresh interpreter; it runs :func:`zps.launcher.node.main_node` (the role its environment
+names), then the exit handlers, and ends with the code Python would have exited with (``os._exit``: it never
+returns into the zygote's loop). A request whose environment differs from the zygote's in what is read only at
+start-up (``PYTHON*``, ``LD_*``, ``OMP_*``, ...) is refused, so the launcher starts that child as a plain process.
 
 The zygote dies with the launcher (PR_SET_PDEATHSIG) and its children with it; when the launcher closes the socket
-it kills what is left, reports it and exits. The launcher's side, :class:`Zygote` and :class:`ZygoteChild`, uses
-the standard library only: the launcher never imports torch.
+it kills what is left, reports it and exits. The launcher's side is :mod:`zps.launcher.zygote_client`.
 """
 from __future__ import annotations
 
 import atexit
-import errno
 import gc
 import json
-import logging
 import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
-from .remote import die_with_parent, set_process_name
+from zps.process import die_with_parent, set_process_name
 
-log = logging.getLogger("zps.launcher")
-
+# how the launcher starts this program: python -u -m ZYGOTE_MODULE FD
+ZYGOTE_MODULE = "zps.launcher.zygote"
 # seconds the zygote may take to import everything and answer the first request (a loaded machine is slow)
 START_TIMEOUT = 300.0
 # seconds a later request may take to be answered (a fork takes milliseconds)
@@ -55,19 +51,18 @@ REPLY_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
 # the largest request (an environment; a SOCK_SEQPACKET message must fit the socket's buffer anyway)
 MAX_MESSAGE = 1 << 20
+# the roles it forks
+ROLES = ("server", "worker")
 # variables a process reads only while it starts (the interpreter, the loader, OpenMP, MKL, OpenBLAS, torch's
 # import): a child whose values differ from the zygote's would not be what a fresh process is, so it is refused
 STARTUP_PREFIXES = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "MALLOC_", "TORCH", "PYTORCH_")
 # what the zygote imports before it forks anything
-PRELOAD = ("numpy", "torch", "zmq", "msgpack", "zps.ps.server", "zps.worker", "zps.launcher.node",
-           "zps.launcher.cli")
+PRELOAD = ("numpy", "torch", "zmq", "msgpack", "zps.ps.server", "zps.worker", "zps.launcher.node")
 # what it imports before it forks the first worker: servers come first and serve sooner without waiting for it
 # (each imports it beside its loop, see zps.ps.server); the workers' optimizers need it at once
 WORKER_PRELOAD = ("torch._dynamo",)
-
-
-class ZygoteError(RuntimeError):
-    """The zygote could not start a child; :attr:`Zygote.failure` says whether it can start any more."""
+# what a fresh `python -m zps.launcher.cli` has as sys.argv[0]
+_CLI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli.py")
 
 
 def startup_mismatch(env: Mapping[str, str], own: Mapping[str, str]) -> list[str]:
@@ -76,220 +71,6 @@ def startup_mismatch(env: Mapping[str, str], own: Mapping[str, str]) -> list[str
     return sorted(k for k in names if env.get(k) != own.get(k))
 
 
-# -- the launcher's side ------------------------------------------------------------------------------------------
-class ZygoteChild:
-    """A child the zygote forked, with the part of :class:`subprocess.Popen` the launcher uses."""
-
-    def __init__(self, pid: int, stdout: IO[bytes], args: Sequence[str]) -> None:
-        self.pid, self.stdout, self.args = pid, stdout, list(args)
-        self.returncode: int | None = None
-        self._done = threading.Event()
-
-    def _exited(self, code: int) -> None:
-        if self.returncode is None:
-            self.returncode = code
-            self._done.set()
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if not self._done.wait(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _die_with_launcher() -> None:  # runs in the zygote between fork and exec
-    die_with_parent(signal.SIGKILL)
-
-
-class Zygote:
-    """The launcher's side of one zygote: started at the first :meth:`spawn`, ended by :meth:`close`.
-
-    ``env`` is the zygote's own environment (the children's, less their ``ZPS_*`` variables), ``cwd`` its directory.
-    """
-
-    def __init__(self, env: Mapping[str, str], cwd: str | None = None, python: str = sys.executable,
-                 command: Sequence[str] | None = None, timeout: float = START_TIMEOUT) -> None:
-        self.env, self.cwd, self.python, self.timeout = dict(env), cwd, python, timeout
-        self.command = list(command) if command else [python, "-u", "-m", "zps.launcher.zygote"]
-        self.failure: str | None = None  # why it cannot start children any more
-        self.said = False  # whether the launcher said so already
-        self.pid: int | None = None
-        self._proc: subprocess.Popen | None = None
-        self._sock: socket.socket | None = None
-        self._reader: threading.Thread | None = None
-        self._spawning = threading.Lock()  # one request in flight
-        self._cond = threading.Condition()  # guards what follows; notified on every reply
-        self._ready = False
-        self._replies: dict[int, dict[str, Any]] = {}
-        self._children: dict[int, ZygoteChild] = {}
-        self._early_exits: dict[int, int] = {}  # exits read before the spawner registered the child
-        self._next_id = 0
-        self._closed = False
-        self._started = 0.0
-
-    def cli_args(self, argv: Sequence[str]) -> list[str] | None:
-        """The ``zps`` arguments of ``argv`` when it is ``PYTHON -u -m zps.launcher.cli ARGS...`` with this
-        zygote's Python (what it can fork); else None."""
-        head = [self.python, "-u", "-m", "zps.launcher.cli"]
-        return list(argv[len(head):]) if list(argv[:len(head)]) == head else None
-
-    def _fail(self, why: str) -> ZygoteError:
-        with self._cond:
-            if self.failure is None and not self._closed:
-                self.failure = why
-            self._cond.notify_all()
-        return ZygoteError(why)
-
-    def _start(self) -> None:
-        if self._proc is not None:
-            return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self._proc = subprocess.Popen(
-                [*self.command, str(theirs.fileno())], env=self.env, cwd=self.cwd, pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_launcher if sys.platform.startswith("linux") else None)
-        except OSError as exc:
-            ours.close()
-            raise self._fail(f"cannot start it: {exc}") from None
-        finally:
-            theirs.close()
-        ours.settimeout(self.timeout)  # a request waits at most this long for room in the socket's buffer
-        self.pid, self._sock, self._started = self._proc.pid, ours, time.monotonic()
-        self._reader = threading.Thread(target=self._read, name="zps-zygote", daemon=True)
-        self._reader.start()
-
-    def spawn(self, args: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> ZygoteChild:
-        """Fork ``zps ARGS...`` with environment ``env`` in ``cwd``; its output on the child's ``stdout`` pipe.
-
-        ZygoteError when the zygote refuses the request (then :attr:`failure` is None) or cannot start children
-        at all (then :attr:`failure` says why)."""
-        with self._spawning:
-            if self.failure is not None or self._closed:
-                raise ZygoteError(self.failure or "closed")
-            self._start()
-            assert self._sock is not None
-            read_end, write_end = os.pipe()
-            try:
-                self._next_id += 1
-                rid = self._next_id
-                header = json.dumps({"id": rid, "argv": list(args), "env": dict(env),
-                                     "cwd": cwd or self.cwd or os.getcwd()}).encode()
-                try:
-                    socket.send_fds(self._sock, [header], [write_end])
-                except OSError as exc:
-                    if len(header) > MAX_MESSAGE or exc.errno == errno.EMSGSIZE:  # this request, not the zygote
-                        raise ZygoteError(f"the request is too large ({len(header)} bytes)") from None
-                    raise self._fail(f"cannot send it a request: {exc}") from None
-                finally:
-                    os.close(write_end)
-                reply = self._reply(rid)
-                if "error" in reply:
-                    raise ZygoteError(str(reply["error"]))
-                pid = reply.get("pid")
-                if not isinstance(pid, int):
-                    raise self._fail(f"a reply without a pid: {reply!r}")
-                child = ZygoteChild(pid, os.fdopen(read_end, "rb"), args)
-            except BaseException:
-                os.close(read_end)
-                raise
-            with self._cond:
-                self._children[pid] = child
-                if pid in self._early_exits:
-                    child._exited(self._early_exits.pop(pid))
-            log.debug("zygote %d forked pid %d: zps %s", self.pid, pid, " ".join(args))
-            return child
-
-    def _reply(self, rid: int) -> dict[str, Any]:
-        started = time.monotonic()
-        with self._cond:
-            while rid not in self._replies:
-                if self.failure is not None:
-                    raise ZygoteError(self.failure)
-                # until it is ready the zygote is importing torch: that may take a while
-                limit = REPLY_TIMEOUT if self._ready else self.timeout
-                left = started + limit - time.monotonic()
-                if left <= 0:
-                    raise self._fail(f"no answer within {limit:.0f}s")  # (the condition's lock is re-entrant)
-                self._cond.wait(left)
-            return self._replies.pop(rid)
-
-    def _read(self) -> None:
-        """The reader thread: replies to the spawner, exit codes to the children."""
-        assert self._sock is not None and self._proc is not None
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:  # (the socket's timeout is for sending) nothing to read yet
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                break
-            try:
-                message = json.loads(data)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
-            with self._cond:
-                if "ready" in message:
-                    self._ready = True
-                    log.debug("zygote %d ready after %.1fs", self.pid, time.monotonic() - self._started)
-                elif isinstance(message.get("id"), int):
-                    self._replies[message["id"]] = message
-                elif isinstance(message.get("exited"), int) and isinstance(message.get("code"), int):
-                    child = self._children.get(message["exited"])
-                    if child is not None:
-                        child._exited(message["code"])
-                    else:
-                        self._early_exits[message["exited"]] = message["code"]
-                self._cond.notify_all()
-        try:
-            code: int | None = self._proc.wait(timeout=CLOSE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        with self._cond:
-            if not self._closed and self.failure is None:
-                self.failure = f"it exited (code {code})" if code is not None else "it closed its socket"
-            for child in self._children.values():  # the kernel killed them with the zygote (PR_SET_PDEATHSIG)
-                child._exited(-signal.SIGKILL)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """End the zygote: it kills the children it still has, reports them and exits (bounded waits)."""
-        with self._cond:
-            self._closed = True
-        if self._proc is None or self._sock is None:
-            return
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        if self._reader is not None:
-            self._reader.join(CLOSE_TIMEOUT)
-        try:
-            self._proc.wait(timeout=CLOSE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
-            try:
-                self._proc.wait(timeout=CLOSE_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        self._sock.close()
-
-
-# -- the zygote's side --------------------------------------------------------------------------------------------
 class _Refused(Exception):
     def __init__(self, rid: int | None, why: str) -> None:
         super().__init__(why)
@@ -315,7 +96,10 @@ def _parse(data: bytes, fds: list[int], flags: int, own_env: Mapping[str, str]) 
     rid = request.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool):
         raise _Refused(None, "the request has no integer id")
-    argv = _text_list(request.get("argv"), "argv", rid)
+    role = request.get("role")
+    if role not in ROLES:
+        raise _Refused(rid, f"role must be one of {', '.join(ROLES)}")
+    script = _text_list(request.get("script"), "script", rid)
     env = request.get("env")
     if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
@@ -329,7 +113,7 @@ def _parse(data: bytes, fds: list[int], flags: int, own_env: Mapping[str, str]) 
     differ = startup_mismatch(env, own_env)
     if differ:
         raise _Refused(rid, f"{', '.join(differ)} differ from the zygote's (read only when a process starts)")
-    return rid, {"argv": argv, "env": env, "cwd": cwd}
+    return rid, {"role": role, "script": script, "env": env, "cwd": cwd}
 
 
 class _Server:
@@ -438,7 +222,7 @@ class _Server:
         return True
 
     def _fork(self, request: dict[str, Any], out: int) -> int:
-        if request["env"].get("ZPS_ROLE") != "server" and not self.workers_preloaded:
+        if request["role"] == "worker" and not self.workers_preloaded:
             before = dict(os.environ)
             preload(WORKER_PRELOAD)
             self.workers_preloaded = True
@@ -453,7 +237,8 @@ class _Server:
         return pid
 
     def _child(self, request: dict[str, Any], out: int) -> NoReturn:
-        """In the forked child: become the process ``python -u -m zps.launcher.cli ARGV`` would be, run it, exit."""
+        """In the forked child: become the process ``python -u -m zps.launcher.cli node SCRIPT...`` would be, run
+        its role, exit."""
         try:
             signal.set_wakeup_fd(-1)
             for sig, handler in self.dispositions.items():  # a fresh interpreter's (SIGCHLD is the zygote's)
@@ -476,13 +261,14 @@ class _Server:
                 os.environ.setdefault(name, value)
             os.chdir(request["cwd"])
             _fresh_state()
-            from . import cli
+            from . import node
 
-            sys.argv = [cli.__file__, *request["argv"]]
+            script = request["script"]
+            sys.argv = [_CLI_PATH, "node", *script]
         except BaseException:
             traceback.print_exc()
             _exit(1)
-        _exit(_run(cli.main, request["argv"]))
+        _exit(_run(lambda: node.main_node(script)))
 
 
 def _fresh_state() -> None:
@@ -497,12 +283,12 @@ def _fresh_state() -> None:
         torch.default_generator.seed()  # the CPU generator only: CUDA's are seeded when CUDA starts, as in any process
 
 
-def _run(main: Callable[[list[str]], int], argv: list[str]) -> int:
-    """``main(argv)`` as the interpreter runs a program: its exit code as Python computes it, an uncaught exception
+def _run(main: Callable[[], int]) -> int:
+    """``main()`` as the interpreter runs a program: its exit code as Python computes it, an uncaught exception
     printed by ``sys.excepthook`` (exit 1), then the non-daemon threads joined and the exit handlers run."""
     interrupted = False
     try:
-        code = _exit_code(main(argv))
+        code = _exit_code(main())
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except KeyboardInterrupt as exc:

@@ -7,7 +7,8 @@
 * :class:`Config` -- one process: its role, rank, the coordinator's address, the address it binds, plus the job's
   :class:`JobConfig`.
 
-Each field's variable is ``ZPS_`` + its name in capitals (:func:`env_name`). The ``DMLC_*`` variables of ps-lite
+Each field's variable is ``ZPS_`` + its name in capitals (:func:`~zps.protocol.variables.env_name`; the names
+and the readers of their values are in :mod:`zps.protocol.variables`). The ``DMLC_*`` variables of ps-lite
 and BytePS manifests are read too (:mod:`zps.protocol.dmlc`; a ``ZPS_*`` variable wins). Nothing else in zps reads
 ``os.environ`` for its settings; tests pass a plain mapping. Both classes check themselves on construction and
 raise :class:`ConfigError` naming the variable and the flag.
@@ -20,18 +21,16 @@ from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
-ROLES = ("coordinator", "server", "worker")
+from .dmlc import ALIASES, with_dmlc
+from .peers import ROLES
+from .variables import ConfigError, env_name
+
 # consistency modes, implemented by zps.ps.consistency
 MODES = ("bsp", "asp", "ssp")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ENV_PREFIX = "ZPS_"
 WORKER_POLICIES = ("abort", "shrink", "restart")
 DEFAULT_CHECKPOINT_EVERY = "300s"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names its variable (and flag)."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,6 @@ class Option:
 def setting(default: Any, help: str, **option: Any) -> Any:
     """A dataclass field carrying its :class:`Option`."""
     return field(default=default, metadata={"zps": Option(help, **option)})
-
-
-def env_name(name: str) -> str:
-    """The variable of the setting ``name``: ``ZPS_`` + its name in capitals."""
-    return ENV_PREFIX + name.upper()
 
 
 def option_of(f: Field) -> Option | None:
@@ -134,8 +128,6 @@ def _from_env(cls: Any, env: Mapping[str, str]) -> dict[str, Any]:
         if text != "":
             values[f.name] = _parse(f, text)
         elif opt.required:
-            from .dmlc import ALIASES
-
             alias = ALIASES.get(env_name(f.name))
             hint = f" (or {alias})" if alias else ""
             raise ConfigError(f"{env_name(f.name)}{hint} is not set; the launcher sets it, or set it yourself")
@@ -300,8 +292,6 @@ class JobConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> JobConfig:
         """From ``env`` (default ``os.environ``, with ``DMLC_*`` aliases); ConfigError names a bad variable."""
-        from .dmlc import with_dmlc
-
         values = _from_env(cls, with_dmlc(os.environ if env is None else env))
         if "mode" in values:
             values["mode"] = values["mode"].lower()
@@ -371,8 +361,6 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """From ``env`` (default ``os.environ``, with ``DMLC_*`` aliases); ConfigError names a bad variable."""
-        from .dmlc import with_dmlc
-
         env = with_dmlc(os.environ if env is None else env)
         values = _from_env(cls, env)
         values["role"] = values["role"].lower()

@@ -5,8 +5,8 @@ integer of at most :data:`MAX_RANK_DIGITS` ASCII digits (``"worker:²"`` and a 4
 """
 from __future__ import annotations
 
-from .config import ROLES
-
+# the roles a process of a job can have (ZPS_ROLE's values)
+ROLES = ("coordinator", "server", "worker")
 MAX_RANK_DIGITS = 9
 COORDINATOR = "coordinator"  # the coordinator's own src (it has no rank)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,21 @@ def make_plan(
         for i, (p, name, off, n) in enumerate(pieces)
     )
     return Plan(params=tuple(params), chunks=chunks, num_servers=num_servers)
+
+
+def cut_messages(items: Iterable[_Item], numel: Callable[[_Item], int],
+                 limit: int = DEFAULT_CHUNK_BYTES) -> list[list[_Item]]:
+    """``items`` (one server's keys of a request, in plan order) grouped into the messages that carry them: a new
+    message once the next item would take the current one past ``limit`` bytes at 4 bytes an element; an item
+    larger than ``limit`` travels alone. The one rule for a worker's messages and ``zps plan``'s model of them."""
+    out: list[list[_Item]] = []
+    size = 0
+    for item in items:
+        nbytes = 4 * numel(item)
+        if out and size + nbytes <= limit:
+            out[-1].append(item)
+            size += nbytes
+        else:
+            out.append([item])
+            size = nbytes
+    return out

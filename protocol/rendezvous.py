@@ -29,6 +29,7 @@ from . import security, transport
 from .config import Config, ConfigError
 from .messages import ErrorCode, HeartbeatBody, Kind, Message, ProtocolError, RegisterBody
 from .peers import peer_name
+from .variables import ZPS_COORDINATOR
 
 log = logging.getLogger("zps.rendezvous")
 
@@ -148,7 +149,7 @@ class RendezvousClient:
                 raise RendezvousError(
                     ErrorCode.TIMEOUT,
                     f"{self.name}: no answer from the coordinator at {self.config.coordinator} to {what} "
-                    "(is it running, and is ZPS_COORDINATOR right?)",
+                    f"(is it running, and is {ZPS_COORDINATOR} right?)",
                 )
             # in slices, when a failure or a rejoin elsewhere may end the wait
             if sock.poll(int(min(remaining, 0.1 if resend or give_up else remaining) * 1000) + 1):

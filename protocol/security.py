@@ -25,9 +25,9 @@ import zmq
 from zmq.utils import z85
 
 from . import transport
-from .config import ConfigError
 from .messages import ErrorCode, ProtocolError
 from .peers import COORDINATOR, peer_name
+from .variables import ZPS_RANK, ConfigError
 
 ZAP_DOMAIN = "zps"
 ENV_SECRETS = "ZPS_SECRETS"
@@ -107,7 +107,7 @@ def load_secrets(env: Mapping[str, str], role: str, rank: int) -> Secrets:
     path = env.get(ENV_SECRETS_FILE)
     if not path and env.get(ENV_SECRETS_DIR):
         if role != "coordinator" and rank < 0:
-            raise ConfigError(f"{ENV_SECRETS_DIR} holds a file per process: this {role} needs its rank (ZPS_RANK)")
+            raise ConfigError(f"{ENV_SECRETS_DIR} holds a file per process: this {role} needs its rank ({ZPS_RANK})")
         path = os.path.join(env[ENV_SECRETS_DIR], secrets_label(role, rank) + ".json")
     if not path:
         raise ConfigError(f"--secure needs this process's keys: set {ENV_SECRETS}, {ENV_SECRETS_FILE} or "

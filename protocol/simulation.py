@@ -1,7 +1,8 @@
 """What a simulated run injects: the specs of ``--net``, ``--straggler``, ``--jitter`` and ``--kill``.
 
 One parser per option, used by the settings' checks (:mod:`zps.protocol.config`), by the launcher's network
-emulator (``--net``) and by the roles that act on the others.
+emulator (``--net``) and by the roles that act on the others; ``--kill``'s rule of when a process dies is
+:func:`kill_due`, the same for every role.
 
 ``--net "bw=100mbit,latency=2ms,jitter=0.5ms;worker:3=bw=10mbit;server=latency=5ms"``: every role's link to the
 emulated switch gets the first part; each part after a ``;`` overrides some fields for a role kind (``server``) or
@@ -152,3 +153,17 @@ def parse_kills(text: str) -> dict[tuple[str, int], int]:
             raise SpecError(f"{part!r}: expected ROLE:RANK@STEP, e.g. worker:1@50")
         out[(match.group(1), int(match.group(2)))] = int(match.group(3))
     return out
+
+
+def kill_step(spec: str, role: str, rank: int) -> int | None:
+    """The step ``--kill`` (``spec``) kills process ``role`` ``rank`` at, or None."""
+    return parse_kills(spec).get((role, rank)) if spec else None
+
+
+def kill_due(at: int | None, before: int | None, now: int) -> bool:
+    """``--kill ROLE:RANK@STEP``'s one rule, for every role: the process is killed when its count of steps done
+    crosses STEP, from ``before`` (the count when it last looked) below STEP to ``now`` at or past it. ``before``
+    is None until the process has looked once: one that starts at or past STEP (resumed from a checkpoint, a
+    replacement) is never killed. A worker looks after each step (``before = now - 1``), a server as its loop
+    turns (``before``: the step it saw last)."""
+    return at is not None and before is not None and before < at <= now

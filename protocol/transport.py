@@ -11,6 +11,7 @@ from typing import Any
 import zmq
 
 from .messages import Message, parse_frames
+from .variables import join_host_port
 
 # Below this size a copy is cheaper than the bookkeeping of a zero-copy frame (pyzmq's own default is 64 KiB).
 COPY_THRESHOLD = 64 * 1024
@@ -28,9 +29,8 @@ def readable(sock: zmq.Socket) -> bool:
 
 
 def tcp_address(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # IPv6 literal
-    return f"tcp://{host}:{port}"
+    """``tcp://host:port`` (an IPv6 literal bracketed)."""
+    return f"tcp://{join_host_port(host, port)}"
 
 
 # the most parts a message may have (a part per key at most, and a header caps the keys long before this)

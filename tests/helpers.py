@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from zps.launcher.chaos import marked_pids
+from zps.lab.chaos import marked_pids
+from zps.lab.network import Emulator
 from zps.launcher.coordinator import Coordinator
-from zps.launcher.network import Emulator
-from zps.launcher.remote import die_with_parent
+from zps.process import die_with_parent
 from zps.protocol.config import Config, JobConfig
 from zps.protocol.security import Secrets, make_secrets
 from zps.ps.server import Server

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zps.launcher.chaos import Plan, parse_most, parse_range
+from zps.lab.chaos import Plan, parse_most, parse_range
 from zps.launcher.cli import main as zps_main
 
 from .helpers import ROOT, ZPS, finish, start, tagged_pids, wait_for_no_tagged

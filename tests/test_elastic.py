@@ -19,11 +19,11 @@ import zmq
 from safetensors.torch import load_file
 
 from zps.launcher.coordinator import Coordinator
-from zps.launcher.top import StatusClient
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
 from zps.ps.consistency import BSP, make_consistency
 from zps.ps.store import KeyState
+from zps.telemetry.top import StatusClient
 
 from .helpers import ROOT, Procs, finish, local_cluster, start, wait_for_line, wait_for_no_tagged
 

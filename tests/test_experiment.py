@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from zps.launcher import experiment
-from zps.launcher.cli import main as zps_main
-from zps.launcher.experiment import result_row
-from zps.launcher.experiment_spec import Run, SpecError, expand, load_spec, parse_spec, varying
-from zps.launcher.experiment_summary import (
+from zps.lab import experiment
+from zps.lab.experiment import result_row
+from zps.lab.experiment_spec import Run, SpecError, expand, load_spec, parse_spec, varying
+from zps.lab.experiment_summary import (
     curve,
     format_mean_std,
     is_complete,
@@ -24,6 +23,7 @@ from zps.launcher.experiment_summary import (
     read_records,
     summarize_run,
 )
+from zps.launcher.cli import main as zps_main
 
 from .helpers import ROOT, finish, start
 

@@ -21,7 +21,8 @@ from zps.launcher.hostfile import (
 from zps.launcher.k8s import k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
 from zps.launcher.slurm import NodelistError, expand_nodelist, is_coordinator_task, slurm_roles
 from zps.protocol.config import Config, ConfigError, JobConfig
-from zps.protocol.dmlc import dmlc_to_zps, join_host_port
+from zps.protocol.dmlc import dmlc_to_zps
+from zps.protocol.variables import join_host_port
 
 pytestmark = pytest.mark.unit
 

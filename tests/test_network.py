@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from zps.launcher.network import Emulator, Queue
+from zps.lab.network import Emulator, Queue
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.simulation import Link, NetSpec, SpecError, parse_jitter, parse_kills, parse_stragglers
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from zps.launcher import live
-from zps.launcher.monitor import Monitor
 from zps.protocol.codecs import make_codec
 from zps.protocol.progress import clean_report
 from zps.protocol.tensors import encode_entry
+from zps.telemetry import live
+from zps.telemetry.monitor import Monitor
 
 from .helpers import ROOT, ZPS, finish, free_ports, local_cluster, start, wait_for_line, wait_for_no_tagged
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from zps.launcher.planner import (
+from zps.lab.planner import (
     Costs,
     Model,
     Need,

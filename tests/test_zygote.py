@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from zps.launcher.job import role_command
+from zps.launcher.backend import ProcSpec, role_command
 from zps.launcher.procs import ProcessGroup
-from zps.launcher.zygote import START_TIMEOUT, Zygote, ZygoteChild
+from zps.launcher.zygote import START_TIMEOUT
+from zps.launcher.zygote_client import Zygote, ZygoteChild
 
 from .helpers import FOREVER, ROOT, finish, role_pid, start, tagged_pids, wait_for_line, wait_for_no_tagged
 
@@ -137,14 +138,15 @@ def test_a_malformed_request_gets_an_error_and_the_zygote_goes_on(tag: str) -> N
     raw = _Raw(tag)
     try:
         read_end, write_end = os.pipe()
-        good = {"id": 7, "argv": ["node"], "env": raw.env, "cwd": str(ROOT)}
+        good = {"id": 7, "role": "server", "script": [], "env": raw.env, "cwd": str(ROOT)}
         for request, fds, words in [
             (b"not json", [], "not JSON"),
             (b"", [], "not JSON"),
             (b"[1, 2]", [], "not a JSON object"),
             (b"[" * 100_000, [], "not JSON"),
             (json.dumps({**good, "id": "seven"}).encode(), [write_end], "no integer id"),
-            (json.dumps({**good, "argv": "node"}).encode(), [write_end], "argv must be a list"),
+            (json.dumps({**good, "script": "train.py"}).encode(), [write_end], "script must be a list"),
+            (json.dumps({**good, "role": "coordinator"}).encode(), [write_end], "role must be one of"),
             (json.dumps({**good, "env": {"A=B": "c"}}).encode(), [write_end], "env must map names"),
             (json.dumps({**good, "cwd": "/no/such/dir"}).encode(), [write_end], "is not a directory"),
             (json.dumps(good).encode(), [], "one descriptor"),
@@ -169,6 +171,11 @@ def test_a_malformed_request_gets_an_error_and_the_zygote_goes_on(tag: str) -> N
     assert code == 0
 
 
+def _server(rank: int, env: dict[str, str], zygote: Zygote) -> ProcSpec:
+    """A server to start (without its ZPS_* variables: `zps node` says ZPS_ROLE is not set and exits 2)."""
+    return ProcSpec(f"server {rank}", "server", rank, role_command(sys.executable, []), env, zygote=zygote)
+
+
 def test_a_zygote_that_cannot_start_means_plain_processes_said_once(tag: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZPS_")}
     env = {**env, "ZPS_TEST_TAG": tag}
@@ -176,8 +183,7 @@ def test_a_zygote_that_cannot_start_means_plain_processes_said_once(tag: str) ->
     out = io.StringIO()
     group = ProcessGroup(out)
     try:
-        children = [group.start(f"server {rank}", "server", rank, role_command(sys.executable, []), env,
-                                zygote=zygote) for rank in range(2)]
+        children = [group.start(_server(rank, env, zygote)) for rank in range(2)]
         assert [child.proc.wait(timeout=60) for child in children] == [2, 2]  # `zps node` without a role
     finally:
         group.terminate()
@@ -196,8 +202,8 @@ def test_a_request_the_zygote_refuses_starts_as_a_plain_process(tag: str) -> Non
     group = ProcessGroup(out)
     zygote = Zygote(env)
     try:
-        forked = group.start("server 0", "server", 0, role_command(sys.executable, []), env, zygote=zygote)
-        plain = group.start("server 1", "server", 1, role_command(sys.executable, []), huge, zygote=zygote)
+        forked = group.start(_server(0, env, zygote))
+        plain = group.start(_server(1, huge, zygote))
         assert isinstance(forked.proc, ZygoteChild) and isinstance(plain.proc, subprocess.Popen)
         assert [forked.proc.wait(timeout=60), plain.proc.wait(timeout=60)] == [2, 2]  # `zps node` without a role
     finally:

@@ -1,7 +1,8 @@
 """zps: a parameter server for PyTorch.
 
-The packages live at the top of the repository (``protocol/``, ``ps/``, ``worker/``, ``launcher/``) and are
-installed under this one namespace, so a user's ``worker.py`` or ``ps.py`` can never shadow them::
+The packages live at the top of the repository (``protocol/``, ``ps/``, ``worker/``, ``launcher/``,
+``telemetry/``, ``lab/``, ``process/``; docs/architecture.md) and are installed under this one namespace, so a
+user's ``worker.py`` or ``ps.py`` can never shadow them::
 
     from zps import worker          # the client library a training script imports
     from zps.protocol import Config

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, make_plan
+from zps.protocol.plan import ParamSpec, cut_messages, make_plan
 from zps.protocol.simulation import Link, NetSpec
 
 _ROUNDS = 5
@@ -236,21 +236,6 @@ def key_sizes(model: Model) -> list[int]:
     return [c.numel for c in make_plan([ParamSpec(f"p{i}", (n,)) for i, n in enumerate(model.sizes)], 1).chunks]
 
 
-def messages(chunks: Sequence[Chunk], limit: int = DEFAULT_CHUNK_BYTES) -> list[list[Chunk]]:
-    """A worker's chunks for one server grouped as its messages are (:mod:`zps.worker._messages`): in plan order, a
-    new message once the next chunk would take one past ``limit`` float32 bytes."""
-    out: list[list[Chunk]] = []
-    size = 0
-    for chunk in chunks:
-        if out and size + 4 * chunk.numel <= limit:
-            out[-1].append(chunk)
-            size += 4 * chunk.numel
-        else:
-            out.append([chunk])
-            size = 4 * chunk.numel
-    return out
-
-
 def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     """The step time of ``model`` under ``setup`` with ``costs`` (module docstring)."""
     net = NetSpec.parse(setup.net)
@@ -307,10 +292,10 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
 
     def pipelined(ids: list[int], link: Link, loop: float) -> tuple[float, float, float]:
         """(every push in, the loop done with them, the last reply out) at one server, from the first push sent.
-        A worker's keys for a server go in messages of about one chunk (:func:`messages`); the server answers a
-        message's pulls once every worker's push of it is in and applied, while later messages still arrive: on a
-        full-duplex link the replies to the first overlap the pushes of the rest."""
-        groups = messages([plan.chunks[i] for i in ids])
+        A worker's keys for a server go in messages of about one chunk (:func:`~zps.protocol.plan.cut_messages`); the
+        server answers a message's pulls once every worker's push of it is in and applied, while later messages still
+        arrive: on a full-duplex link the replies to the first overlap the pushes of the rest."""
+        groups = cut_messages([plan.chunks[i] for i in ids], lambda chunk: chunk.numel)
         elems = sum(plan.chunks[i].numel for i in ids) or 1
         total_push = sum(wire(g, [compressed[c.key] for c in g], costs.wire_ratio) for g in groups)
         pushed = looped = replied = 0.0

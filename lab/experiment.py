@@ -23,6 +23,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from zps.process import die_with_parent
+
 from .experiment_spec import SEED, Run, Spec, SpecError, check_specs, expand, varying
 from .experiment_summary import (
     curve,
@@ -34,7 +36,6 @@ from .experiment_summary import (
     setting_title,
     summarize_run,
 )
-from .remote import die_with_parent
 
 # the settings every results row names, whether they vary or not (JobConfig field names)
 ROW_SETTINGS = ("num_servers", "num_workers", "codec", "pull_codec", "error_feedback", "mode", "staleness", "net",

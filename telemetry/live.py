@@ -4,7 +4,7 @@
 own output scrolling above it. ``lines`` (the default when the output is not a terminal: CI logs, files): one
 plain line per role every :data:`LINE_INTERVAL` seconds. ``off``: nothing while it runs. Every job ends with a
 summary table of its roles (``off`` too: it is one table, at the end). The figures come from the coordinator's
-:class:`~zps.launcher.monitor.Monitor`; ``zps top`` renders the same table from another terminal or host.
+:class:`~zps.telemetry.monitor.Monitor`; ``zps top`` renders the same table from another terminal or host.
 """
 from __future__ import annotations
 

@@ -41,8 +41,7 @@ from typing import IO, Any
 
 from zps.protocol import security
 from zps.protocol.config import ConfigError
-
-from .top import StatusClient, Unreachable
+from zps.telemetry.top import StatusClient, Unreachable
 
 MARK = "ZPS_CHAOS_RUN"  # the environment variable every process of a run inherits
 ROLES = ("worker", "server")
