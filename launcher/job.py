@@ -69,7 +69,8 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
             else None
         where = f"from {newest}" if newest else "from the start (no checkpoint yet)"
         _say(out, f"restart {restarts.used} of {restarts.total} after: {outcome.cause}; resuming {where}")
-        job = replace(job, resume=str(newest) if newest else "")
+        # --kill is a fault injected once: the restarted job is not killed again where the first attempt was
+        job = replace(job, resume=str(newest) if newest else "", kill="")
 
 
 def resolve_resume(job: JobConfig) -> JobConfig:

@@ -13,7 +13,7 @@ import torch
 
 from zps.protocol.codecs import Codec, ErrorFeedback, make_codec
 from zps.protocol.messages import KeyEntry, Kind, Message
-from zps.protocol.plan import Chunk, Plan
+from zps.protocol.plan import Chunk, Plan, cut_messages
 from zps.protocol.steps import Commit, Hyperparameters
 from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, fusable
 
@@ -176,19 +176,12 @@ class Messages:
 
     def _messages(self, kind: Kind, body: dict[str, Any], items: dict[int, list[_Item]]) -> list[tuple[int, Message]]:
         """Each server's items cut into messages of about one chunk's bytes, small keys fused in each."""
-        out = []
-        for server, server_items in items.items():
-            part: list[_Item] = []
-            size = 0
-            for item in server_items:
-                numel = 0 if item[0].get("ng") else self.plan.chunks[item[0]["key"]].numel
-                if part and size + numel * 4 > self.chunk_bytes:
-                    out.append((server, self._message(kind, body, part)))
-                    part, size = [], 0
-                part.append(item)
-                size += numel * 4
-            out.append((server, self._message(kind, body, part)))
-        return out
+        return [(server, self._message(kind, body, part)) for server, server_items in items.items()
+                for part in cut_messages(server_items, self._numel, self.chunk_bytes)]
+
+    def _numel(self, item: _Item) -> int:
+        """The elements an item carries (a key without a gradient carries none)."""
+        return 0 if item[0].get("ng") else self.plan.chunks[item[0]["key"]].numel
 
     def _message(self, kind: Kind, body: dict[str, Any], items: list[_Item]) -> Message:
         msg = Message(kind, src=self.name, body=body)

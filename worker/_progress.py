@@ -18,7 +18,7 @@ from typing import Any
 
 from zps.protocol.config import JobConfig
 from zps.protocol.progress import MAX_TIMES, cpu_seconds, rss_bytes
-from zps.protocol.simulation import parse_jitter, parse_kills, parse_stragglers
+from zps.protocol.simulation import kill_due, kill_step, parse_jitter, parse_stragglers
 from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.trace import Tracer, now_us
 
@@ -37,7 +37,7 @@ class Disturbance:
     def __init__(self, job: JobConfig, rank: int) -> None:
         self.factor = parse_stragglers(job.straggler).get(rank, 1.0) if job.straggler else 1.0
         self.chance, self.stall = parse_jitter(job.jitter) if job.jitter else (0.0, 0.0)
-        self.kill_at = parse_kills(job.kill).get(("worker", rank)) if job.kill else None
+        self.kill_at = kill_step(job.kill, "worker", rank)
         self._random = random.Random(0x5EED + rank)
         self.sleep: Callable[[float], None] = time.sleep
         self.kill: Callable[[], None] = _kill_self
@@ -53,7 +53,7 @@ class Disturbance:
 
     def reached(self, steps: int) -> None:
         """``steps`` steps are done."""
-        if steps == self.kill_at:  # (a replacement or a resumed worker that starts past it is not killed again)
+        if kill_due(self.kill_at, steps - 1, steps):  # (one that starts past it is not killed again)
             log.warning("killed at step %d (--kill)", steps)
             self.kill()
 

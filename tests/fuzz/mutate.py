@@ -27,10 +27,11 @@ INTERESTING: list[Any] = [
     None, True, False, [], {}, [[[[[]]]]], [0] * 300, {"a": {"b": {"c": {}}}}, b"", b"\xff" * 64,
 ]
 FIELDS = ["v", "kind", "id", "src", "keys", "body", "fz", "key", "step", "numel", "nf", "codec", "meta", "bufs", "shm",
-          "pshm", "pc", "name", "offset", "dtype", "group", "optimizer", "groups", "lr", "hp", "hold", "commit", "mul", "skip", "ng", "role", "rank", "pid", "host",
-          "address", "exit_code", "failure", "checkpoint", "file", "size", "info", "ckpt"]
+          "pshm", "pc", "name", "offset", "dtype", "group", "optimizer", "groups", "lr", "hp", "hold", "commit", "mul",
+          "skip", "ng", "norm", "tensors", "role", "rank", "pid", "host", "address", "exit_code", "failure",
+          "checkpoint", "file", "size", "info", "ckpt"]
 KINDS = ["register", "topology", "barrier", "heartbeat", "done", "shutdown", "saved", "notice", "init", "push", "pull",
-         "push_pull", "leave", "stats", "ok", "values", "error", "nonsense"]
+         "push_pull", "leave", "stats", "inspect", "put", "get", "ok", "values", "error", "nonsense"]
 
 
 @contextlib.contextmanager
