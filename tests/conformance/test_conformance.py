@@ -16,6 +16,7 @@ kill + resume of every idiom.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,15 +60,17 @@ def _compare_with_ddp(idiom: str, workers: int, servers: int, tag: str, tmp_path
 
 
 def _kill_and_resume(idiom: str, workers: int, tag: str, tmp_path: Path) -> None:
-    """Killed (every process of the job) after checkpoint 5 and resumed from it, the job ends with the bits of
-    its straight run; the launcher says where it resumed."""
+    """Killed at step 10 (worker 0; the launcher then ends every process of the job) after checkpoint 4 or 8 and
+    started again from the newest (``--max-restarts``), the job ends with the bits of its straight run; worker 0
+    says where it resumed."""
     args, job = IDIOMS[idiom]
     straight, _ = run_zps(tag, _script(idiom), workers, 2, tmp_path / "straight.st", args, job)
-    options = (*job, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "5", "--max-restarts", "1",
-               "--kill", "worker:0@8")
+    options = (*job, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4", "--max-restarts", "1",
+               "--kill", "worker:0@10")
     resumed, text = run_zps(tag, _script(idiom), workers, 2, tmp_path / "resumed.st", args, options)
-    assert "restart 1 of 1" in text and "resumed from" in text and "at step 5" in text, text
-    assert_same(straight, resumed, what=f"{idiom}: killed at step 8, resumed from step 5")
+    found = re.search(r"worker:0: resumed from \S+ckpt-0+(\d+) at step (\d+)", text)
+    assert "restart 1 of 1" in text and found and found[1] == found[2] and found[1] in ("4", "8"), text
+    assert_same(straight, resumed, what=f"{idiom}: killed at step 10, resumed from step {found[1]}")
 
 
 @pytest.mark.parametrize("idiom", sorted(IDIOMS))

@@ -13,12 +13,15 @@ net, opt = port.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum
 data = regression_data(args.seed, 96, 8, 3)
 sampler = port.sampler(data, seed=args.seed)
 loader = DataLoader(data, batch_size=8, sampler=sampler)
-norms = []
+norms: list[float] = []
+resumed = port.on_checkpoint(lambda: {"norms": norms})
+if resumed is not None:
+    norms = resumed["norms"]
 for epoch in range(args.epochs):
     sampler.set_epoch(epoch)
     for x, y in loader:
         opt.zero_grad()
         nn.functional.mse_loss(net(x), 10 * y).backward()
-        norms.append(port.clip_grad_norm_(model, 0.25))
+        norms.append(port.clip_grad_norm_(model, 0.25).item())
         opt.step()
-port.finish(model, args.out, {"norms": torch.stack(norms)})
+port.finish(model, args.out, {"norms": torch.tensor(norms, dtype=torch.float64)})

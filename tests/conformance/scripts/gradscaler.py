@@ -13,13 +13,15 @@ torch.manual_seed(args.seed)
 model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
 net, opt = port.wrap(model, torch.optim.Adam(model.parameters(), lr=0.01))
 scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=3)
-resumed = port.on_checkpoint(lambda: {"scaler": scaler.state_dict()})
+scales: list[float] = []
+step = 0
+resumed = port.on_checkpoint(lambda: {"scaler": scaler.state_dict(), "scales": scales, "step": step})
 if resumed is not None:
     scaler.load_state_dict(resumed["scaler"])
+    scales, step = resumed["scales"], resumed["step"]
 data = regression_data(args.seed, 96, 8, 3)
 sampler = port.sampler(data, seed=args.seed)
 loader = DataLoader(data, batch_size=8, sampler=sampler)
-scales, step = [], 0
 for epoch in range(args.epochs):
     sampler.set_epoch(epoch)
     for x, y in loader:

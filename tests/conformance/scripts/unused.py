@@ -34,6 +34,9 @@ data = regression_data(args.seed, 96, 8, 3)
 sampler = port.sampler(data, seed=args.seed)
 loader = DataLoader(data, batch_size=8, sampler=sampler)
 step = 0
+resumed = port.on_checkpoint(lambda: {"step": step})
+if resumed is not None:
+    step = resumed["step"]
 for epoch in range(args.epochs):
     sampler.set_epoch(epoch)
     for x, y in loader:
