@@ -233,6 +233,13 @@ class JobConfig:
         if self.staleness and self.mode != "ssp":
             raise ConfigError(f"ZPS_STALENESS (--staleness)={self.staleness} only applies to mode ssp "
                               f"(the mode is {self.mode})")
+        if self.mode == "ssp" and not self.staleness:
+            raise ConfigError("ZPS_MODE (--mode)=ssp needs ZPS_STALENESS (--staleness) N >= 1: how many steps a "
+                              "worker may run ahead of the slowest (with 0 every worker waits for every other, "
+                              "each push applied alone)")
+        if self.error_feedback and self.codec in ("", "none"):
+            raise ConfigError("ZPS_ERROR_FEEDBACK (--error-feedback) needs ZPS_CODEC (--codec): error feedback keeps "
+                              "what a lossy codec drops, and without one nothing is dropped")
         if self.checkpoint_every:
             if not self.checkpoint_dir:
                 raise ConfigError("ZPS_CHECKPOINT_EVERY (--checkpoint-every) needs ZPS_CHECKPOINT_DIR "
@@ -313,9 +320,9 @@ class JobConfig:
                 continue
             try:
                 if name == "optimizer":
-                    from .optim_spec import parse_optimizer_spec
+                    from .optim_spec import check_optimizer_spec
 
-                    parse_optimizer_spec(spec)
+                    check_optimizer_spec(spec)
                     continue
                 from .codecs import codec_factory
                 from .codecs.sparse import DgcCodec

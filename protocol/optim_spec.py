@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -156,6 +157,26 @@ def check_job_optimizer(described: tuple[str, list[dict[str, Any]]], spec: str) 
             if key in group and not _same(group[key], value):
                 raise ValueError(f"the job sets --optimizer {spec!r} (ZPS_OPTIMIZER) but param group {index} of "
                                  f"this script's {cls} has {key}={group[key]!r}; {how}")
+
+
+def check_optimizer_spec(spec: str) -> None:
+    """ValueError naming what is wrong with an ``--optimizer`` spec: one the servers cannot run, a value that is not
+    a finite number, or one torch refuses (``betas=0.9`` where a pair is needed, a misspelt name)."""
+    name, hparams = parse_optimizer_spec(spec)
+    cls = getattr(torch.optim, name)
+    refuse_optimizer(cls)
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    for key, value in hparams.items():
+        default = defaults.get(key)
+        if isinstance(default, tuple) and not (isinstance(value, (tuple, list)) and len(value) == len(default)):
+            raise ValueError(f"{key} must be {len(default)} numbers, e.g. {key}={default}, got {key}={value!r}")
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{key}={value!r} is not a finite number")
+    try:
+        build_from_spec(spec, [torch.zeros(1, requires_grad=True)])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"torch.optim.{name} refuses it: {exc}") from None
 
 
 def build_from_spec(spec: str, params: Any) -> torch.optim.Optimizer:
