@@ -736,7 +736,7 @@ class Server:
             return
         if aggregate.grad is not None and aggregate.grad is not state.acc:
             aggregate = aggregate._replace(grad=aggregate.grad.clone())  # (the received buffer itself: W = 1)
-        state.held, state.stats = aggregate, {}
+        state.held, state.stats, state.stats_step = aggregate, {}, state.version
         commit = self._commits.get(state.version)
         if commit is not None:
             updates.extend(self._committed([state], commit))
@@ -781,20 +781,20 @@ class Server:
         if type(step) is not int or any(e.get("step", 0) != step for e in msg.keys):
             raise ProtocolError(ErrorCode.BAD_HEADER, "an inspect asks about one step for every key")
         for state in states:
-            if state.version > step or (state.version == step and state.held is None and not state.hold
-                                        and not state.pushed):
+            late = state.stats_step == step and norm in state.stats  # committed already: what was inspected then
+            if state.version > step and not late:
                 raise ProtocolError(ErrorCode.CONFLICT, f"{state.label()} is at version {state.version}: step {step}"
-                                                        " is not held (push it with hold first)")
+                                                        " was applied, and not inspected before (push it with hold)")
 
         def ready() -> bool:
-            return all(s.held is not None for s in states)
+            return all(s.held is not None or (s.stats_step == step and norm in s.stats) for s in states)
 
         def answer() -> Message:
             stats = {}
             for s in states:
-                assert s.held is not None
-                found = s.stats.get(norm)
+                found = s.stats.get(norm) if s.stats_step == step else None
                 if found is None:
+                    assert s.held is not None
                     grad = s.held.grad
                     value = None if grad is None or norm is None else float(torch.linalg.vector_norm(grad, norm))
                     found = s.stats[norm] = KeyStat(value, grad is None or bool(torch.isfinite(grad).all()))

@@ -38,7 +38,8 @@ class KeyState:
     step_hp: tuple[int, dict[str, Any] | None] | None = None  # (rank, hp) of the step's lowest-ranked push
     hold: bool = False  # a push of this step asked to hold the aggregate until a commit (zps.protocol.steps)
     held: Aggregate | None = None  # the step's complete aggregate, held until its commit
-    stats: dict[Any, Any] = field(default_factory=dict)  # what inspects computed of ``held`` (by norm order)
+    stats: dict[Any, Any] = field(default_factory=dict)  # what inspects computed of a held step (by norm order)
+    stats_step: int = -1  # the step ``stats`` describe (kept after its commit, for an inspect that comes late)
     # ASP/SSP: last step applied per worker, so a retried push is applied once
     last_step: dict[int, int] = field(default_factory=dict)
 

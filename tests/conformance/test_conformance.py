@@ -60,17 +60,17 @@ def _compare_with_ddp(idiom: str, workers: int, servers: int, tag: str, tmp_path
 
 
 def _kill_and_resume(idiom: str, workers: int, tag: str, tmp_path: Path) -> None:
-    """Killed at step 10 (worker 0; the launcher then ends every process of the job) after checkpoint 4 or 8 and
+    """Killed at step 6 (worker 0; the launcher then ends every process of the job) after checkpoint 2 or 4 and
     started again from the newest (``--max-restarts``), the job ends with the bits of its straight run; worker 0
     says where it resumed."""
     args, job = IDIOMS[idiom]
     straight, _ = run_zps(tag, _script(idiom), workers, 2, tmp_path / "straight.st", args, job)
-    options = (*job, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4", "--max-restarts", "1",
-               "--kill", "worker:0@10")
+    options = (*job, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--max-restarts", "1",
+               "--kill", "worker:0@6")
     resumed, text = run_zps(tag, _script(idiom), workers, 2, tmp_path / "resumed.st", args, options)
     found = re.search(r"worker:0: resumed from \S+ckpt-0+(\d+) at step (\d+)", text)
-    assert "restart 1 of 1" in text and found and found[1] == found[2] and found[1] in ("4", "8"), text
-    assert_same(straight, resumed, what=f"{idiom}: killed at step 10, resumed from step {found[1]}")
+    assert "restart 1 of 1" in text and found and found[1] == found[2] and found[1] in ("2", "4"), text
+    assert_same(straight, resumed, what=f"{idiom}: killed at step 6, resumed from step {found[1]}")
 
 
 @pytest.mark.parametrize("idiom", sorted(IDIOMS))

@@ -11,7 +11,7 @@ args = parse(lambda p: (p.add_argument("--epochs", type=int, default=2),
 Port.zps_options = {"overlap": args.overlap}
 port = Port(args.backend)
 torch.manual_seed(args.seed)
-model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
 net, opt = port.wrap(model, torch.optim.AdamW(model.parameters(), lr=0.01))
 data = regression_data(args.seed, 96, 8, 3)
 sampler = port.sampler(data, seed=args.seed)

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 args = parse(lambda p: p.add_argument("--epochs", type=int, default=2))
 port = Port(args.backend)
 torch.manual_seed(args.seed)
-model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
 net, opt = port.wrap(model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05))
 data = regression_data(args.seed, 96, 8, 3)
 sampler = port.sampler(data, seed=args.seed)

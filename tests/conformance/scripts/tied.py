@@ -28,11 +28,16 @@ model = Net()
 model.conv.weight.data = model.conv.weight.data.contiguous(memory_format=torch.channels_last)
 assert not model.conv.weight.is_contiguous()
 net, opt = port.wrap(model, torch.optim.Adam(model.parameters(), lr=0.01))
-g = torch.Generator().manual_seed(args.seed)
-for _ in range(args.steps):
+step = 0
+resumed = port.on_checkpoint(lambda: {"step": step})
+if resumed is not None:
+    step = resumed["step"]
+while step < args.steps:  # a loop of its own: each step's batch is a function of the step
+    g = torch.Generator().manual_seed(1000 * args.seed + step)
     ids = torch.randint(0, 32, (port.world, 4, 8), generator=g)[port.rank]
     opt.zero_grad()
     logits = net(ids)
     nn.functional.cross_entropy(logits.reshape(-1, 32), ids.roll(1, dims=1).reshape(-1)).backward()
     opt.step()
+    step += 1
 port.finish(model, args.out)
