@@ -92,6 +92,53 @@ def test_a_script_started_without_a_launcher_runs_as_the_only_worker() -> None:
     assert "runs as the only worker" in done.stderr
 
 
+def test_half_precision_parameters_keep_float32_masters_on_the_servers() -> None:
+    """bf16 parameters: the servers step float32 values and the worker holds their rounding to bf16 -- the same
+    bits as a float32 master copy stepped with the bf16 gradients and cast back each step."""
+    with local_cluster(1, 1, "bsp") as cluster:
+        (client,) = cluster.clients()
+        try:
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+            twin = torch.nn.Linear(4, 3).to(torch.bfloat16)
+            twin.load_state_dict(model.state_dict())
+            masters = [p.detach().float() for p in twin.parameters()]
+            opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=client)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(5):
+                x = torch.randn(8, 4, generator=g).to(torch.bfloat16)
+                for net in (model, twin):
+                    net.zero_grad()
+                    net(x).float().pow(2).mean().backward()
+                opt.step()
+                with torch.no_grad():
+                    for master, p in zip(masters, twin.parameters(), strict=True):
+                        master.add_(p.grad.float(), alpha=-0.1)
+                        p.copy_(master)
+            for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+                assert a.dtype is torch.bfloat16 and torch.equal(a, b)
+        finally:
+            client.close()
+
+
+def test_a_resumed_script_that_counts_its_own_steps_is_warned(tag: str, tmp_path: Path) -> None:
+    """Resumed, a script that reads neither opt.steps nor opt.resumed and draws no data from a zps sampler probably
+    starts counting from 0 again: zps says so, once."""
+    script = tmp_path / "naive.py"
+    script.write_text(
+        "import torch\nfrom zps import worker\nworker.init()\nmodel = torch.nn.Linear(2, 1)\n"
+        "opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)\n"
+        "for i in range(6):\n    opt.zero_grad()\n    model(torch.ones(1, 2)).sum().backward()\n    opt.step()\n")
+    job = ["run", "--servers", "1", "--workers", "1", "--checkpoint-dir", str(tmp_path / "ckpt"),
+           "--checkpoint-every", "3"]
+    code, text = finish(start(tag, [*job, str(script)]), timeout=120)
+    assert code == 0, text
+    code, text = finish(start(tag, [*job, "--resume", "latest", str(script)]), timeout=120)
+    assert code == 0, text
+    assert "resumed from" in text and text.count("read neither opt.steps nor opt.resumed") == 1, text
+    assert wait_for_no_tagged(tag, within=10) == []
+
+
 # -- deterministic BSP (issue 26) -------------------------------------------------------------------------------
 def _job(tag: str, out: Path, workers: int, servers: int, straggler: int, extra: tuple[str, ...],
          ) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from zps.ps.store import KeyState, Optimizers
 from zps.worker import DistributedOptimizer, _iteration, _state
 from zps.worker._progress import Progress
 from zps.worker.data import ShardSampler
+from zps.worker.local import LocalClient
 
 pytestmark = pytest.mark.unit
 
@@ -104,6 +105,14 @@ def test_optimizers_the_servers_cannot_run_are_refused_when_wrapped(build, words
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match=words):
         DistributedOptimizer(build(model.parameters()), model)
+
+
+def test_add_param_group_after_wrapping_is_refused() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = DistributedOptimizer(torch.optim.SGD([model.weight], lr=0.1), model,
+                               client=LocalClient())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="add_param_group after the DistributedOptimizer was built"):
+        opt.add_param_group({"params": [model.bias]})
 
 
 def test_a_sparse_embedding_is_refused_by_name() -> None:
