@@ -30,10 +30,13 @@ def test_a_held_step_is_inspected_then_applied_as_its_commit_says() -> None:
         try:
             values = {"a": torch.zeros(40), "b": torch.zeros(3)}
             run_parallel(lambda c: c.declare(values, ("SGD", [{"lr": 1.0}]) if c.rank == 0 else None), clients)
-            grads = [{"a": torch.randn(40), "b": torch.randn(3)}, {"a": torch.randn(40), "b": None}]
+            grads: list[dict[str, torch.Tensor | None]] = [{"a": torch.randn(40), "b": torch.randn(3)},
+                                                           {"a": torch.randn(40), "b": None}]
             run_parallel(lambda c: c.push(grads[c.rank], 0, hold=True).result(timeout=30), clients)
             stats = clients[1].inspect(["a", "b"], 0, 2.0).result(timeout=30)
-            average = {"a": (grads[0]["a"] + grads[1]["a"]) / 2, "b": grads[0]["b"] / 2}
+            a0, a1, b0 = grads[0]["a"], grads[1]["a"], grads[0]["b"]
+            assert a0 is not None and a1 is not None and b0 is not None
+            average = {"a": (a0 + a1) / 2, "b": b0 / 2}
             for name, expected in average.items():
                 chunks = clients[0].chunks(name)
                 norms = torch.tensor([stats[c.key].norm for c in chunks])
@@ -75,7 +78,7 @@ def test_synchronize_gives_every_worker_rank_0s_buffers() -> None:
             run_parallel(train, range(2))
             for name, buffer in models[0].named_buffers():
                 assert torch.equal(dict(models[1].named_buffers())[name], buffer), name
-            assert int(models[1][1].num_batches_tracked) == 3  # rank 0's count, not its own 4
+            assert int(dict(models[1].named_buffers())["1.num_batches_tracked"]) == 3  # rank 0's count, not its 4
         finally:
             close_all(clients)
 
@@ -113,6 +116,7 @@ def test_half_precision_parameters_keep_float32_masters_on_the_servers() -> None
                 opt.step()
                 with torch.no_grad():
                     for master, p in zip(masters, twin.parameters(), strict=True):
+                        assert p.grad is not None
                         master.add_(p.grad.float(), alpha=-0.1)
                         p.copy_(master)
             for a, b in zip(model.parameters(), twin.parameters(), strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.unit
 # -- hyper-parameters ------------------------------------------------------------------------------------------
 def test_only_hyperparameters_that_differ_from_the_declared_optimizer_are_sent() -> None:
     model = torch.nn.Linear(2, 2)
-    opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.1}], lr=0.01)
+    groups: list[dict[str, Any]] = [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.1}]
+    opt = torch.optim.Adam(groups, lr=0.01)
     declared = describe_optimizer(opt)
     assert hyperparameter_overrides(declared, opt.param_groups) is None  # nothing changed: nothing sent
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.05, 0.5], total_steps=10)  # cycles lr and beta1
@@ -53,8 +55,9 @@ def test_a_steps_hyperparameters_are_applied_as_torch_would_with_them() -> None:
     state = KeyState(key=0, numel=16)
     optimizers.add(state, param.clone(), lambda p: build_optimizer("Adam", {"lr": 0.01}, p))
     for i, grad in enumerate(grads):
-        hp = {"lr": 0.001 * (i + 1), "betas": [0.8 + 0.05 * i, 0.99]}
-        reference.param_groups[0].update(lr=hp["lr"], betas=tuple(hp["betas"]))
+        lr, betas = 0.001 * (i + 1), (0.8 + 0.05 * i, 0.99)
+        hp: dict[str, Any] = {"lr": lr, "betas": list(betas)}
+        reference.param_groups[0].update(lr=lr, betas=betas)
         expected.grad = grad.clone()
         reference.step()
         state.hp = hp
@@ -122,24 +125,28 @@ def test_a_sparse_embedding_is_refused_by_name() -> None:
 
 
 # -- the rank-order sum (deterministic BSP) --------------------------------------------------------------------
-def _aggregate(order: list[int], grads: dict[int, torch.Tensor | None]) -> torch.Tensor | None:
+def _aggregate(order: list[int], grads: dict[int, torch.Tensor | None]) -> torch.Tensor:
+    """The step's average from pushes arriving in ``order`` (a tensor of NaN when no worker had a gradient)."""
     bsp = make_consistency("bsp", len(grads))
     state = KeyState(key=0, numel=grads[0].numel() if grads[0] is not None else 4)
     found = None
     for w in order:
-        found = bsp.push(state, w, 0, None if grads[w] is None else grads[w].clone(), None)
+        grad = grads[w]
+        found = bsp.push(state, w, 0, None if grad is None else grad.clone(), None)
         if w != order[-1]:
             assert found is None
             assert len(state.waiting) <= len(grads)  # at most one held back per worker
     assert found is not None
-    return found.grad
+    return found.grad if found.grad is not None else torch.tensor(float("nan"))
 
 
 def test_a_steps_sum_has_the_same_bits_whatever_order_pushes_arrive_in() -> None:
     g = torch.Generator().manual_seed(3)
-    grads = {w: torch.randn(1000, generator=g) * 10 ** (w - 2) for w in range(5)}  # magnitudes that round
-    expected = (((grads[0] + grads[1]) + grads[2]) + grads[3] + grads[4]) / 5
-    arrival = (grads[4] + grads[0] + grads[3] + grads[1] + grads[2]) / 5
+    grads: dict[int, torch.Tensor | None] = {w: torch.randn(1000, generator=g) * 10 ** (w - 2) for w in range(5)}
+    g0, g1, g2, g3, g4 = (grads[w] for w in range(5))  # magnitudes that round
+    assert g0 is not None and g1 is not None and g2 is not None and g3 is not None and g4 is not None
+    expected = (((g0 + g1) + g2) + g3 + g4) / 5
+    arrival = (g4 + g0 + g3 + g1 + g2) / 5
     assert not torch.equal(expected, arrival)  # float addition depends on the order: the point of the rule
     for _ in range(20):
         order = random.Random(_).sample(range(5), 5)
@@ -149,7 +156,7 @@ def test_a_steps_sum_has_the_same_bits_whatever_order_pushes_arrive_in() -> None
 def test_workers_without_a_gradient_count_as_zeros_and_none_at_all_steps_nothing() -> None:
     grads: dict[int, torch.Tensor | None] = {0: torch.ones(4), 1: None, 2: 3 * torch.ones(4)}
     assert torch.equal(_aggregate([2, 1, 0], grads), torch.full((4,), 4 / 3))  # (1 + 0 + 3) / 3, as DDP
-    assert _aggregate([1, 0, 2], {0: None, 1: None, 2: None}) is None  # no worker had one: not stepped
+    assert _aggregate([1, 0, 2], {0: None, 1: None, 2: None}).isnan().all()  # no worker had one: not stepped
 
 
 def test_a_worker_that_leaves_mid_step_completes_it_with_what_it_pushed() -> None:
@@ -186,6 +193,7 @@ def test_buffers_come_back_and_a_checkpoint_of_other_buffers_is_refused() -> Non
     saved = _state.buffers(model)
     model(torch.randn(8, 3))
     _state.restore_buffers(model, saved)
+    assert model.running_mean is not None and model.num_batches_tracked is not None
     assert torch.equal(model.running_mean, saved["buffer.running_mean"]) and int(model.num_batches_tracked) == 1
     with pytest.raises(ValueError, match="buffers"):
         _state.restore_buffers(torch.nn.BatchNorm1d(3, track_running_stats=False), saved)
@@ -218,11 +226,13 @@ def test_a_resumed_sampler_skips_done_epochs_and_continues_where_it_stopped() ->
 def test_the_readers_of_a_coordinated_step_refuse_what_is_malformed() -> None:
     assert read_commit({"step": 3, "skip": False, "mul": [0.5], "hp": [{"lr": 0.1}]}) == {
         "step": 3, "skip": False, "mul": [0.5], "hp": [{"lr": 0.1}]}
+    bad: Any
     for bad in ({"step": -1}, {"step": 1, "skip": 1}, {"step": 1, "mul": [float("nan")]}, {"step": 1, "mul": [1] * 9},
                 {"step": 1, "hp": [{"lr": float("inf")}]}, {"step": 1, "hp": [{"": 1}]}, [], {"step": "1"}):
         with pytest.raises(ProtocolError):
             read_commit(bad)
     assert read_hp(None) is None
+    bad_hp: Any
     for bad_hp in ([], [{"lr": "x"}], [{"betas": [1] * 9}], [1], [{}] * 1025):
         with pytest.raises(ProtocolError):
             read_hp(bad_hp)
