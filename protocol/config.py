@@ -156,6 +156,9 @@ class JobConfig:
     mode: str = setting("bsp", "consistency: bsp (synchronous), asp (asynchronous) or ssp (bounded staleness)",
                         choices=MODES)
     staleness: int = setting(0, "ssp: how many clocks a worker may run ahead of the slowest", minimum=0)
+    bsp_sum: str = setting("rank", "bsp: the order a step's pushes are summed in: rank (the same bits on every run, "
+                                   "whatever order pushes arrive in) or arrival (as they come)",
+                           choices=("rank", "arrival"))
     optimizer: str = setting("", "the server optimizer, a torch.optim spec such as adam:lr=1e-3; the script "
                                  "builds it with zps.worker.build_optimizer (refused when the script builds "
                                  "another)", metavar="SPEC")

@@ -36,6 +36,7 @@ class Consistency:
     """Shared state: the live workers and their clocks. Subclasses decide push and pull semantics."""
 
     name = ""
+    arrival = False  # BSP: sum a step's pushes as they arrive, not in rank order (--bsp-sum arrival)
 
     def __init__(self, num_workers: int, staleness: int = 0) -> None:
         self.live: set[int] = set(range(num_workers))
@@ -145,7 +146,7 @@ class BSP(Consistency):
         if len(expected) == 1 and not state.pushed:  # nothing to sum: the received buffer itself, no accumulator
             hold, state.hold = state.hold, False
             return Aggregate(grad, hp, hold)
-        state.contribute(worker, grad, hp, expected | state.pushed, owned)
+        state.contribute(worker, grad, hp, [worker] if self.arrival else expected | state.pushed, owned)
         if expected <= state.pushed and not state.waiting:
             return state.take_aggregate()
         return None
@@ -219,10 +220,12 @@ class SSP(ASP):
         )
 
 
-def make_consistency(mode: str, num_workers: int, staleness: int = 0) -> Consistency:
+def make_consistency(mode: str, num_workers: int, staleness: int = 0, bsp_sum: str = "rank") -> Consistency:
     mode = mode.lower()
     if mode not in MODES:
         raise ValueError(f"consistency mode {mode!r} is not one of {', '.join(MODES)}")
     if staleness < 0:
         raise ValueError(f"staleness must be >= 0, got {staleness}")
-    return {"bsp": BSP, "asp": ASP, "ssp": SSP}[mode](num_workers, staleness)
+    made = {"bsp": BSP, "asp": ASP, "ssp": SSP}[mode](num_workers, staleness)
+    made.arrival = bsp_sum == "arrival"
+    return made

@@ -150,7 +150,8 @@ class Server:
             metrics_server = prom.serve(self.metrics.registry, self.config.host,
                                         prom.metrics_port(self.config.job.metrics_port, "server", self.topology.rank),
                                         self.name)
-            self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness)
+            self.consistency = make_consistency(self.topology.mode, self.topology.num_workers, self.topology.staleness,
+                                                self.config.job.bsp_sum)
             if self.config.job.checkpoint_dir:
                 self.checkpoints = Checkpoints(self.config.job.checkpoint_dir, self.topology.rank, self.topology.mode,
                                                rendezvous.report_saved, self.metrics.checkpoint.observe)

@@ -66,6 +66,8 @@ class KeyState:
         self.pushed.add(worker)
         if self.step_hp is None or worker < self.step_hp[0]:
             self.step_hp = (worker, hp)
+        if list(order) == [worker]:  # --bsp-sum arrival: added as it comes
+            self.summed = -1
         self.waiting[worker] = grad if grad is None or owned else grad.clone()
         self.drain(order)
 

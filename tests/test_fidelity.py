@@ -183,3 +183,13 @@ def test_bsp_gives_the_same_bits_on_every_run_with_three_workers(tag: str, tmp_p
 def test_bsp_gives_the_same_bits_on_every_run(workers: int, servers: int, extra: tuple[str, ...], tag: str,
                                               tmp_path: Path) -> None:
     _twice_the_same(tag, tmp_path, workers, servers, extra)
+
+
+@pytest.mark.slow
+def test_with_arrival_order_sums_the_two_runs_differ(tag: str, tmp_path: Path) -> None:
+    """The check above can fail: summed as pushes arrive (--bsp-sum arrival), the two runs, whose stragglers
+    differ, end with different bits."""
+    extra = ("--bsp-sum", "arrival")
+    a = _job(tag, tmp_path / "a", 4, 1, 0, extra)
+    b = _job(tag, tmp_path / "b", 4, 1, 3, extra)
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -153,6 +153,18 @@ def test_a_steps_sum_has_the_same_bits_whatever_order_pushes_arrive_in() -> None
         assert torch.equal(_aggregate(order, grads), expected), order
 
 
+def test_arrival_order_sums_follow_the_arrivals() -> None:
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(1000, generator=g) * 10 ** (w - 2) for w in range(3)]
+    bsp = make_consistency("bsp", 3, bsp_sum="arrival")
+    state = KeyState(key=0, numel=1000)
+    for w in (2, 0):
+        assert bsp.push(state, w, 0, grads[w].clone(), None) is None and not state.waiting  # nothing held back
+    found = bsp.push(state, 1, 0, grads[1].clone(), None)
+    assert found is not None and found.grad is not None
+    assert torch.equal(found.grad, ((grads[2] + grads[0]) + grads[1]) / 3)
+
+
 def test_workers_without_a_gradient_count_as_zeros_and_none_at_all_steps_nothing() -> None:
     grads: dict[int, torch.Tensor | None] = {0: torch.ones(4), 1: None, 2: 3 * torch.ones(4)}
     assert torch.equal(_aggregate([2, 1, 0], grads), torch.full((4,), 4 / 3))  # (1 + 0 + 3) / 3, as DDP
