@@ -27,7 +27,8 @@ from .helpers import ROOT, finish, kill_tagged, role_pid, start, tagged_pids, wa
 pytestmark = pytest.mark.cluster
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "train_steps.py")
-JOB = ["run", "--servers", "2", "--workers", "2", "--checkpoint-every", "20"]
+# three workers: a step's sum is in rank order (not arrival order), so a resumed run has the straight run's bits
+JOB = ["run", "--servers", "2", "--workers", "3", "--checkpoint-every", "20"]
 
 
 def zps_job(tag: str, *args: str, timeout: float = 240) -> str:
@@ -134,7 +135,7 @@ def test_resume_onto_three_servers_continues_the_two_server_run(straight: Path, 
         "--servers",
         "3",
         "--workers",
-        "2",
+        "3",
         "--checkpoint-every",
         "20",
         "--checkpoint-dir",

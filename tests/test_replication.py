@@ -260,7 +260,9 @@ def _run(tag: str, args: list[str], timeout: float = 240) -> str:
     return text
 
 
-BSP_JOB = ["--servers", "3", "--workers", "2", "--mode", "bsp"]
+# three workers: with rank-order sums a failed-over run ends with the uninterrupted run's bits, whatever order the
+# pushes sent again arrive in
+BSP_JOB = ["--servers", "3", "--workers", "3", "--mode", "bsp"]
 
 
 @pytest.fixture(scope="module")
@@ -276,10 +278,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
 
 
 def _assert_close(reference: dict[str, torch.Tensor], out: Path) -> None:
+    """Bit for bit."""
     got = load_file(str(out))
     assert reference.keys() == got.keys()
     for name in reference:
-        assert torch.allclose(reference[name], got[name], rtol=0, atol=1e-5), name
+        assert torch.equal(reference[name], got[name]), (name, (reference[name] - got[name]).abs().max())
 
 
 def _longest_step(text: str) -> float:
