@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks import _common as C  # noqa: E402
 
 LR = 0.01
+CLIP = 1.0  # the max norm of the "clip" contenders (DDP's meaning: the averaged gradient's global norm)
 PER_WORKER = {"mlp": 64, "cnn": 64, "lm": 8}  # samples (lm: 64-byte windows) per worker per step
 WORKERS = 2
 SINGLE_THREADS = 2  # the single process gets the whole 2-core machine
@@ -138,11 +139,14 @@ def loss_of(out, y):
     return F.cross_entropy(out.flatten(0, -2), y.flatten())
 
 
-def local_step(model, opt, batches) -> Callable[[int], None]:
+def local_step(model, opt, batches, clip: Callable[[], Any] | None = None) -> Callable[[int], None]:
+    """One training step; ``clip``: called between backward and step (gradient clipping)."""
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
         opt.zero_grad()
         loss_of(model(x), y).backward()
+        if clip is not None:
+            clip()
         opt.step()
 
     return step
@@ -164,7 +168,7 @@ def single_main(kind: str, sched: dict, out_dir: str, threads: int = SINGLE_THRE
 
 
 # -- DDP with gloo ---------------------------------------------------------------------------------------------------
-def ddp_main(rank: int, kind: str, sched: dict, out_dir: str, port: int) -> None:
+def ddp_main(rank: int, kind: str, sched: dict, out_dir: str, port: int, clip: bool = False) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -175,7 +179,8 @@ def ddp_main(rank: int, kind: str, sched: dict, out_dir: str, port: int) -> None
     try:
         model = DDP(make_model(kind))
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        step = local_step(model, opt, make_batches(kind, PER_WORKER[kind], seed=1 + rank))
+        step = local_step(model, opt, make_batches(kind, PER_WORKER[kind], seed=1 + rank),
+                          (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)) if clip else None)
         dist.barrier()
         windows = timed_windows(step, **sched)
         write(out_dir, rank, {"windows": windows})
@@ -288,7 +293,7 @@ def overlap_available() -> bool:
     return "overlap" in inspect.signature(worker.DistributedOptimizer.__init__).parameters
 
 
-def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
+def zps_worker(kind: str, sched: dict, overlap: bool, clip: bool = False) -> None:
     import torch
 
     from zps import worker
@@ -297,7 +302,8 @@ def zps_worker(kind: str, sched: dict, overlap: bool) -> None:
     client = worker.init()
     model = make_model(kind)
     opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, overlap=overlap)
-    step = local_step(model, opt, make_batches(kind, PER_WORKER[kind], seed=1 + client.rank))
+    step = local_step(model, opt, make_batches(kind, PER_WORKER[kind], seed=1 + client.rank),
+                      (lambda: opt.clip_grad_norm_(CLIP)) if clip else None)
     client.rendezvous.barrier("bench-start")
     windows = timed_windows(step, **sched)
     if client.rank == 0:
@@ -353,8 +359,8 @@ def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str
             spawn_group(_single_entry, 1, (kind, sched, out_dir, threads), timeout)
             windows = json.loads(Path(out_dir, "0.json").read_text())["windows"]
             return {"rates": [global_batch * steps / w for w in windows]}
-        if name == "ddp/gloo":
-            spawn_group(ddp_main, WORKERS, (kind, sched, out_dir, C.free_port()), timeout)
+        if name.startswith("ddp/gloo"):
+            spawn_group(ddp_main, WORKERS, (kind, sched, out_dir, C.free_port(), "clip" in name), timeout)
             windows = json.loads(Path(out_dir, "0.json").read_text())["windows"]
             return {"rates": [global_batch * steps / w for w in windows]}
         if name == "rpc-ps":
@@ -374,11 +380,13 @@ def run_contender(name: str, kind: str, sched: dict, timeout: float) -> dict[str
             str(sched["windows"]),
             "--steps",
             str(steps),
-        ] + (["--overlap"] if overlap else [])
+        ] + (["--overlap"] if overlap else []) + (["--clip"] if ", clip" in name else [])
         env = {"OMP_NUM_THREADS": str(MULTI_THREADS)}
         if "no shm" in name:
             env.update(C.shm_option()[1])
-        result = C.run_zps(__file__, args, servers=servers, workers=WORKERS, mode="bsp", env=env, timeout=timeout)
+        zps_args = ["--bsp-sum", "arrival"] if ", arrival" in name else []
+        result = C.run_zps(__file__, args, servers=servers, workers=WORKERS, mode="bsp", env=env, timeout=timeout,
+                           zps_args=zps_args)
         return {"rates": [global_batch * steps / w for w in result["windows"]]}
     raise ValueError(name)
 
@@ -398,6 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contenders", nargs="+", default=None, help="run only these (names as in the table)")
     parser.add_argument("--role-zps-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--clip", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fidelity", action="store_true",
+                        help="also the costs of DDP fidelity: clipping by the global norm (ddp/gloo and zps, "
+                             "'clip'), and BSP summed in arrival order against rank order ('arrival')")
     args = parser.parse_args(argv)
     sched = {
         "warmup": args.warmup or (3 if args.quick else 5),
@@ -406,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rounds = args.rounds or (1 if args.quick else 2)
     if args.role_zps_worker:
-        zps_worker(args.role_zps_worker, sched, args.overlap)
+        zps_worker(args.role_zps_worker, sched, args.overlap, args.clip)
         return {}
 
     started, load_before = time.monotonic(), C.load_avg()
@@ -417,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
         names += ["zps (S=1, overlap)", "zps (S=2, overlap)"]
     if shm_on is not None:
         names.append("zps (S=2, overlap, no shm)" if has_overlap else "zps (S=2, no overlap, no shm)")
+    if args.fidelity:
+        names += ["ddp/gloo (clip)", "zps (S=2, no overlap, clip)", "zps (S=2, overlap, clip)",
+                  "zps (S=2, no overlap, arrival)"]
     if args.contenders:
         names = [n for n in names if any(c in n for c in args.contenders)]
     timeout = 300 if args.quick else 600

@@ -11,6 +11,7 @@ import collections
 import ctypes
 import functools
 import logging
+import math
 import os
 import signal
 import threading
@@ -395,7 +396,7 @@ class Server:
             request = self._pull_request(identity, msg, worker, step)
             commit = read_commit(msg.body.get("commit"))
             if commit is not None:
-                self._commit(commit)
+                self._commit(commit, request.states)
             if self.replication.enabled and self.topology is not None and self.topology.mode == "bsp":
                 request.after = [(s, step) for s in request.states]  # BSP: values every copy holds
             return self._pull(request)
@@ -759,19 +760,20 @@ class Server:
             out.append((state, grad))
         return out
 
-    def _commit(self, commit: Commit) -> None:
-        """A worker's word on how held step ``commit.step`` is applied: the first applies it (every worker sends
-        the same); keys whose aggregate completes later are applied as they complete."""
+    def _commit(self, commit: Commit, states: list[KeyState]) -> None:
+        """A worker's word on how held step ``commit.step`` is applied (every worker sends the same; the first
+        counts). The held keys of this pull are applied now, the others as a pull of theirs comes or as their
+        aggregate completes: applying and answering overlap, key by key."""
         step = commit["step"]
-        if commit["hp"] is not None:
-            for group in self.optimizers.by_group:
-                self._check_hp(group, self._group_hp(commit["hp"], group))
-        if step in self._commits:
-            return
-        self._commits[step] = commit
-        for old in [s for s in self._commits if s < step - 2]:
-            del self._commits[old]
-        held = [s for s in self.keys.values() if s.held is not None and s.version == step]
+        if step not in self._commits:
+            if commit["hp"] is not None:
+                for group in self.optimizers.by_group:
+                    self._check_hp(group, self._group_hp(commit["hp"], group))
+            self._commits[step] = commit
+            for old in [s for s in self._commits if s < step - 2]:
+                del self._commits[old]
+        commit = self._commits[step]
+        held = [s for s in states if s.held is not None and s.version == step]
         self._apply(self._committed(held, commit))
 
     def _inspect(self, identity: bytes, msg: Message, worker: int) -> Message | None:
@@ -796,9 +798,7 @@ class Server:
                 found = s.stats.get(norm) if s.stats_step == step else None
                 if found is None:
                     assert s.held is not None
-                    grad = s.held.grad
-                    value = None if grad is None or norm is None else float(torch.linalg.vector_norm(grad, norm))
-                    found = s.stats[norm] = KeyStat(value, grad is None or bool(torch.isfinite(grad).all()))
+                    found = s.stats[norm] = _key_stat(s.held.grad, norm)
                 stats[s.key] = found
             return Message(Kind.OK, id=msg.id, src=self.name, body=inspect_body(stats))
 
@@ -1103,6 +1103,17 @@ class Server:
             **self.counters,
             **self.replication.counters,
         }
+
+
+def _key_stat(grad: torch.Tensor | None, norm: float | None) -> KeyStat:
+    """A held aggregate's norm and finiteness, in one pass where it can be: a norm is finite only when every
+    element is (an inf or NaN makes it inf or NaN), and the largest magnitude serves when no norm is asked for;
+    only a non-finite result is checked element by element (finite values whose squares overflow)."""
+    if grad is None:
+        return KeyStat(None, True)
+    value = float(torch.linalg.vector_norm(grad, norm if norm is not None else math.inf))
+    finite = math.isfinite(value) or bool(torch.isfinite(grad).all())
+    return KeyStat(value if norm is not None else None, finite)
 
 
 def serve(config: Config) -> int:
