@@ -139,11 +139,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             named_parameters = ((f"param.{i}", p) for i, p in enumerate(everything))
         self.params: dict[str, torch.Tensor] = {}
         groups: dict[str, int] = {}
+        named: set[int] = set()  # a parameter shared by two modules (tied weights) is one key, named once
         for name, param in named_parameters:
-            if id(param) in group_of and name not in self.params and id(param) not in {id(p) for p in
-                                                                                         self.params.values()}:
+            if id(param) in group_of and name not in self.params and id(param) not in named:
                 self.params[name] = param
                 groups[name] = group_of[id(param)]
+                named.add(id(param))
         missing = len(group_of) - len(self.params)
         if missing:
             raise ValueError(f"{missing} parameter(s) of the optimizer are not in the model's named_parameters()")
@@ -603,7 +604,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """torch's optimizer state dict (param groups: learning rates and the rest), plus what this worker holds
         under ``"zps"``: its step count and the error-feedback residual of every compressed key."""
         state = super().state_dict()
-        residuals = {key: codec.residual.clone() for key, codec in self.client.codecs().items()
+        codecs = {} if self._local else self.client.codecs()
+        residuals = {key: codec.residual.clone() for key, codec in codecs.items()
                      if isinstance(codec, ErrorFeedback) and codec.residual is not None}
         state["zps"] = {"steps": self._steps, "synchronized": self._synchronized, "residuals": residuals}
         return state
