@@ -25,8 +25,10 @@ import torch
 import zmq
 
 from zps.protocol import replicas, transport
+from zps.protocol.bodies import MAX_LR, SeedBody
 from zps.protocol.codecs import make_codec
-from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
+from zps.protocol.fields import UNBOUNDED, is_int, is_number
+from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError
 from zps.protocol.peers import parse_peer
 from zps.protocol.tensors import encode_entry
 
@@ -273,8 +275,8 @@ class Incoming:
         return self.state.version > self.version
 
 
-def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: float,
-                   state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> list[Incoming]:
+def read_replicate(msg: Message, num_servers: int, num_workers: int, state_of: Callable[[KeyEntry], KeyState],
+                   decode: Decode) -> list[Incoming]:
     """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
     held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
     skip others to apply."""
@@ -285,23 +287,19 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, max_lr: flo
     if msg.fused:
         raise ProtocolError(ErrorCode.BAD_HEADER, "a replicate request carries no fused frame")
     out: list[Incoming] = []
-    offset = 0
     seen: set[int] = set()
-    for entry in msg.keys:
-        nf = entry.get("nf", 0)
-        frames = msg.frames[offset : offset + nf]
-        offset += nf
+    for entry, frames in msg.entries():
         state = state_of(entry)
         what = f"replicate of {state.label()}"
         if state.key in seen:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
         seen.add(state.key)
         version, lr, worker, step = entry.get("version"), entry.get("lr"), entry.get("worker"), entry.get("step", 0)
-        if type(version) is not int or version < 0:
+        if not is_int(version, 0, UNBOUNDED):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
-        if lr is not None and not (type(lr) in (int, float) and 0 <= lr <= max_lr):  # (NaN fails the comparison)
+        if lr is not None and not is_number(lr, 0, MAX_LR):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'lr' must be a finite non-negative number or null")
-        if worker is not None and (type(worker) is not int or not 0 <= worker < num_workers):
+        if worker is not None and not is_int(worker, 0, num_workers):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")
         if entry.get("codec", "none") != "none":
             raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: updates travel uncompressed")

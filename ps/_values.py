@@ -9,10 +9,11 @@ import torch
 
 from zps.protocol.codecs import Codec, make_codec
 from zps.protocol.messages import KeyEntry, Kind, Message
+from zps.protocol.shm import PULL
 from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, entry_encoded, fusable
 
 from ._metrics import ServerMetrics
-from ._shm import PULL, WorkerSegments
+from ._shm import WorkerSegments
 from .store import KeyState
 
 

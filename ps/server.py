@@ -24,12 +24,14 @@ import zmq
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import metrics as prom
 from zps.protocol import replicas, security, transport
+from zps.protocol.bodies import read_join, read_notice, read_push
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import Config
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import parse_peer, peer_name
 from zps.protocol.progress import cpu_seconds, rss_bytes
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
+from zps.protocol.shm import PULL, PUSH
 from zps.protocol.simulation import parse_kills
 from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
@@ -40,16 +42,13 @@ from ._metrics import GAUGES, ServerMetrics
 from ._pending import Pending, Waiting
 from ._replicas import Replication, keys_text, read_replicate
 from ._seeds import read_seed
-from ._shm import PUSH, WorkerSegments
+from ._shm import WorkerSegments
 from ._values import PullRequest, Values
 from .consistency import Consistency, make_consistency
 from .optim import build_optimizer, clean_hparams, optimizer_class
 from .store import KeyState, Optimizers
 
 log = logging.getLogger("zps.server")
-# a learning rate above float32's range cannot be applied (torch refuses it mid-step); optimizer groups per job
-MAX_LR = 3.0e38
-MAX_GROUPS = 1024
 
 # Freed message buffers and optimizer temporaries go back to the OS when the server has been idle this long, or
 # after this many bytes under continuous load (trimming more often makes the next messages fault pages in again).
@@ -444,11 +443,10 @@ class Server:
                                     "'groups' must be a non-empty list of hyper-parameter maps")
         declared: list[tuple[KeyEntry, KeyState | None]] = []
         values: list[torch.Tensor | None] = []
-        offset = 0
         seen: set[int] = set()
         job = self.config.job
         new_keys, new_bytes = 0, 0
-        for entry in msg.keys:
+        for entry, frames in msg.entries():
             key, numel, name = entry["key"], entry.get("numel"), entry.get("name", "")
             if key in seen:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key} appears twice in one INIT")
@@ -489,11 +487,8 @@ class Server:
                     f"worker {worker} declares key {key} differently from how it was declared (name, size or "
                     "optimizer group): do all workers build the same model and optimizer?",
                 )
-            nf = entry.get("nf", 0)
-            frames = msg.frames[offset : offset + nf]
-            offset += nf
             tensor = None
-            if nf:
+            if frames:
                 if opt_name is None:
                     raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "INIT with values must name the server 'optimizer'")
                 if entry.get("codec", "none") != "none":
@@ -591,23 +586,14 @@ class Server:
         --replicas, returns each key with the version that holds this push's contribution (BSP: once its step is
         applied), for the answer to wait until the backups hold it."""
         assert self.consistency is not None
-        lrs = msg.body.get("lr")
-        if lrs is not None and not (
-            isinstance(lrs, list) and 0 < len(lrs) <= MAX_GROUPS
-            and all(type(x) in (int, float) and 0 <= x <= MAX_LR for x in lrs)  # (NaN fails the comparison)
-        ):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"'lr' must be a list of finite non-negative numbers up to "
-                                                      f"{MAX_LR:g} (one per group), got {str(lrs)[:80]}")
+        body = read_push(msg.body)
+        lrs = body.get("lr")
         accepted: list[tuple[KeyState, int, torch.Tensor]] = []
-        offset = 0
         seen: set[int] = set()
         fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
         started = now_us()
         counted: list[tuple[KeyState, str, int]] = []  # (key, codec, encoded bytes): counted once all is checked
-        for entry in msg.keys:
-            nf = entry.get("nf", 0)
-            frames = msg.frames[offset : offset + nf] if nf else []
-            offset += nf
+        for entry, frames in msg.entries():
             state = self._state(entry)
             if state.key in seen:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
@@ -620,7 +606,7 @@ class Server:
                 grad = fused.get(entry, state.numel, "push")
                 counted.append((state, "none", state.numel * 4))
             elif entry.get("shm"):
-                if nf or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
+                if frames or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is "
                                                               "uncompressed float32, without frames")
                 grad = self.segments.view(worker, state, PUSH, "push of")
@@ -635,9 +621,8 @@ class Server:
             else:
                 self.counters["duplicates"] += 1
                 self.metrics.counts["duplicates"] += 1
-        hint = msg.body.get("ckpt")
-        if self.checkpoints is not None and worker == 0 and type(hint) is int and hint > 0:
-            self.checkpoints.request(hint)  # worker 0 asks for a checkpoint at step ``hint``
+        if self.checkpoints is not None and worker == 0 and "ckpt" in body:
+            self.checkpoints.request(body["ckpt"])  # worker 0 asks for a checkpoint at step ``hint``
         for state, codec, encoded in counted:
             if codec == "shm":
                 self.counters["shm_bytes_in"] += encoded
@@ -651,7 +636,7 @@ class Server:
         now = time.monotonic()
         for state, step, grad in accepted:
             if lrs is not None:
-                state.lr = float(lrs[state.group] if state.group < len(lrs) else lrs[0])
+                state.lr = lrs[state.group] if state.group < len(lrs) else lrs[0]
             ready = self.consistency.push(state, worker, step, grad)
             if ready is not None:
                 updates.append((state, ready))
@@ -711,7 +696,7 @@ class Server:
                 canonical = codec.spec()
             pull_codecs.append(canonical)
             if shared:
-                self.segments.view(worker, state, 1, "pull of")
+                self.segments.view(worker, state, PULL, "pull of")
             pull_shm.append(shared)
         return PullRequest(identity, msg.id, worker, states, step, pull_codecs, pull_shm)
 
@@ -778,7 +763,7 @@ class Server:
         assert self.topology is not None
         if not self.replication.enabled:
             raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
-        updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, MAX_LR, self._state,
+        updates = read_replicate(msg, self.topology.num_servers, self.config.job.worker_ranks, self._state,
                                  self._decoders.decode)
         self._refuse_dead(msg)
         fresh = [u for u in updates if not u.held()]
@@ -815,8 +800,8 @@ class Server:
             else:
                 build_optimizer(name, groups[group], torch.zeros(1, requires_grad=True))
 
-        seed = read_seed(msg, self.topology.num_servers, job.worker_ranks, job.max_key_elements, MAX_LR,
-                         check_optimizer, self._decoders.decode)
+        seed = read_seed(msg, self.topology.num_servers, job.worker_ranks, job.max_key_elements, check_optimizer,
+                         self._decoders.decode)
         # the servers the seed's topology names dead are refused from now on, even if the coordinator's notice is
         # still on its way (a late update of a dead primary must not reach this copy after the seed)
         self.replication.fence(seed.topology)
@@ -873,9 +858,7 @@ class Server:
     def _join(self, msg: Message, worker: int) -> Message:
         """A worker beyond --workers (--max-workers) asks to be counted from a step: the step it is counted from."""
         assert self.consistency is not None and self.topology is not None
-        step = msg.body.get("step")
-        if type(step) is not int or not 0 <= step < 1 << 62:
-            raise ProtocolError(ErrorCode.BAD_HEADER, "a join's 'step' must be a non-negative integer")
+        step = read_join(msg.body)["step"]
         if worker < self.topology.num_workers:
             raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} is a member of the job already: only a worker "
                                                     "beyond --workers joins")
@@ -908,19 +891,18 @@ class Server:
         if "failover" in body:
             self._failover(body)
             return
-        gone, replaced = body.get("gone"), body.get("replaced")
-        for worker in (gone, replaced):
-            if type(worker) is int:
+        notice = read_notice(body)
+        gone = notice.get("gone")
+        for worker in (gone, notice.get("replaced")):
+            if worker is not None:
                 self.values.forget(worker)
                 self.segments.forget(worker)
-        pids = body.get("workers")
-        if isinstance(pids, dict):
-            self.segments.pids.update({int(w): p for w, p in pids.items() if w.isdigit() and type(p) is int})
-        if type(gone) is int and gone in self.consistency.live:
+        self.segments.pids.update({int(w): p for w, p in notice.get("workers", {}).items()})
+        if gone is not None and gone in self.consistency.live:
             step = min((s.version for s in self.keys.values()), default=0)
             self._apply(self.consistency.leave(gone, self.keys.values()))
             log.warning("%s: worker %d failed (%s); from step %d the updates average workers %s", self.name, gone,
-                        body.get("why", "no reason given"), step, sorted(self.consistency.live))
+                        notice.get("why", "no reason given"), step, sorted(self.consistency.live))
         self.pending.flush(None)
 
     def _failover(self, body: dict[str, Any]) -> None:

@@ -21,8 +21,9 @@ import zmq
 from safetensors.torch import load_file
 
 from zps.protocol import replicas, transport
+from zps.protocol.bodies import SeedBody
 from zps.protocol.config import ConfigError, JobConfig
-from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, KeyEntry, Kind, Message, SeedBody, parse_frames
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, KeyEntry, Kind, Message, parse_frames
 from zps.protocol.tensors import Decoders
 from zps.ps._seeds import seed_messages
 from zps.worker._engine import Engine
