@@ -1,0 +1,236 @@
+"""Reading a worker's data requests into typed, checked ones, against the keys this server holds: an INIT into a
+:class:`Declare`, a push into a :class:`Push` (every key decoded), a pull into a :class:`PullRequest`. Nothing
+changes here (a request with one bad key is refused whole); what a request does is :mod:`.shard`'s.
+
+The bodies are read by :mod:`zps.protocol.bodies`, the per-key fields are :class:`zps.protocol.messages.KeyEntry`'s.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from zps.protocol import bodies, transport
+from zps.protocol.config import JobConfig
+from zps.protocol.fields import UNBOUNDED, is_int
+from zps.protocol.messages import ErrorCode, KeyEntry, Message, ProtocolError
+from zps.protocol.peers import parse_peer
+from zps.protocol.shm import PULL, PUSH
+from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
+from zps.protocol.trace import now_us
+
+from ._keys import Keys
+from ._metrics import ServerMetrics
+from ._shm import WorkerSegments
+from .consistency import Consistency
+from .optim import build_optimizer, clean_hparams, optimizer_class
+from .store import KeyState
+
+
+@dataclass
+class Declared:
+    """One key of an INIT, checked: its entry, the key as declared here already (None: new) and rank 0's values."""
+
+    entry: KeyEntry
+    existing: KeyState | None
+    values: torch.Tensor | None
+
+
+@dataclass
+class Declare:
+    """An INIT, checked whole: the worker declares ``keys`` (rank 0 with their values and the optimizer)."""
+
+    identity: bytes
+    request_id: int
+    worker: int
+    body: bodies.InitBody
+    keys: list[Declared]
+
+
+@dataclass
+class Contribution:
+    """One key of a push, checked and decoded. ``fresh``: this server takes it (False: a retried push applied
+    already, acknowledged and not applied again); ``codec`` and ``encoded``: how it came and its bytes."""
+
+    state: KeyState
+    step: int
+    grad: torch.Tensor
+    codec: str  # the codec spec, or "shm": through the worker's shared push area
+    encoded: int
+    fresh: bool
+
+
+@dataclass
+class Push:
+    """A PUSH (or a PUSH_PULL's push half), checked whole, every key decoded."""
+
+    identity: bytes
+    request_id: int
+    worker: int
+    body: bodies.PushBody
+    keys: list[Contribution]
+    started: float  # when reading it began (µs, for the trace)
+
+
+@dataclass
+class PullRequest:
+    """A checked pull: whose, which keys, at which step, and how each key's values go back."""
+
+    identity: bytes
+    request_id: int
+    worker: int
+    states: list[KeyState]
+    step: int
+    pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so (canonical)
+    pull_shm: list[bool]  # per key: answer through the worker's shared pull area
+    # --replicas: answer only once every live backup holds each of these (key, version): the push it came with
+    after: list[tuple[KeyState, int]] = field(default_factory=list)
+
+
+class Reader:
+    """Reads requests against ``keys`` (``rank`` of ``num_servers``: the default ``home`` of a declared key;
+    ``complain(identity, text)``: logs what the asker is not told)."""
+
+    def __init__(self, job: JobConfig, keys: Keys, consistency: Consistency, decoders: Decoders,
+                 segments: WorkerSegments, metrics: ServerMetrics, rank: int, num_servers: int,
+                 complain: Callable[[bytes, str], None]) -> None:
+        self.job, self.keys, self.consistency, self.decoders = job, keys, consistency, decoders
+        self.segments, self.metrics, self.rank, self.num_servers = segments, metrics, rank, num_servers
+        self.complain = complain
+        self._workers: dict[str, int] = {}  # src -> worker rank, once checked
+
+    def worker(self, msg: Message) -> int:
+        """The rank of the worker that sent ``msg`` (BAD_HEADER unless it is one of the job's)."""
+        worker = self._workers.get(msg.src)
+        if worker is not None:
+            return worker
+        peer = parse_peer(msg.src, "worker")
+        ranks = self.job.worker_ranks
+        if peer is None or peer[1] >= ranks:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' must be worker:N with N < {ranks}, got {msg.src!r}")
+        worker = self._workers[msg.src] = peer[1]
+        return worker
+
+    # -- INIT ------------------------------------------------------------------------------------------
+    def declare(self, identity: bytes, msg: Message) -> Declare:
+        """Every key of an INIT checked against the caps and against how it is declared here, and rank 0's values
+        decoded (with a server optimizer torch would build)."""
+        worker = self.worker(msg)
+        body = bodies.read_init(msg.body)
+        opt_name, groups = body.get("optimizer"), body.get("groups", [])
+        if opt_name is not None:
+            optimizer_class(opt_name)
+        declared: list[Declared] = []
+        seen: set[int] = set()
+        new_keys, new_bytes = 0, 0
+        for entry, frames in msg.entries():
+            key, numel, name = entry["key"], entry.get("numel"), entry.get("name", "")
+            if key in seen:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key} appears twice in one INIT")
+            seen.add(key)
+            if not is_int(numel, 0, UNBOUNDED):
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'numel' must be a non-negative integer")
+            if not is_int(entry.get("offset", 0)):
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'offset' must be a non-negative integer")
+            if numel > self.job.max_key_elements:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"key {key}: {numel} elements is over the cap of "
+                                                         f"{self.job.max_key_elements} (--max-key-elements)")
+            if entry.get("dtype", "float32") not in DTYPES or not isinstance(name, str) or len(name) > 1024:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: bad 'dtype' or 'name'")
+            if key not in self.keys:
+                new_keys, new_bytes = new_keys + 1, new_bytes + 4 * numel
+            self.keys.check_room(new_keys, new_bytes)
+            group = entry.get("group", 0)
+            if not is_int(group, 0, UNBOUNDED):
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' must be a non-negative integer, "
+                                                          f"got {group!r}")
+            home = entry.get("home", self.rank)
+            if not is_int(home, 0, self.num_servers):
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'home' must be a server rank, got "
+                                                          f"{str(home)[:40]}")
+            existing = self.keys.get(key)
+            if existing is not None and (existing.numel, existing.name, existing.group) != (numel, name, group):
+                # (what the key was declared as is logged here, not told to whoever asks)
+                self.complain(identity, f"worker {worker} declares key {key} as {name[:100]!r} with {numel} elements "
+                                        f"in group {group}; it is {existing.label()} in group {existing.group}")
+                raise ProtocolError(
+                    ErrorCode.CONFLICT,
+                    f"worker {worker} declares key {key} differently from how it was declared (name, size or "
+                    "optimizer group): do all workers build the same model and optimizer?",
+                )
+            values = None
+            if frames:
+                if opt_name is None:
+                    raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "INIT with values must name the server 'optimizer'")
+                if entry.get("codec", "none") != "none":
+                    raise ProtocolError(ErrorCode.BAD_CODEC, f"key {key}: initial values travel uncompressed")
+                if group >= len(groups):
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key}: 'group' {group!r} is not one of the "
+                                                              f"{len(groups)} groups")
+                dtype = dtype_from_name(entry.get("dtype", "float32"))
+                decoded = self.decoders.decode(entry, frames, numel, dtype, f"INIT of key {key}")
+                values = decoded.to(torch.float32, copy=True)
+                if group in self.keys.optimizers.by_group:  # joins that optimizer: its hyper-parameters must be sane
+                    clean_hparams(optimizer_class(opt_name), groups[group])
+                else:  # refuse now what torch would refuse when building it
+                    build_optimizer(opt_name, groups[group], torch.zeros(1, requires_grad=True))
+            declared.append(Declared(entry, existing, values))
+        return Declare(identity, msg.id, worker, body, declared)
+
+    # -- PUSH ------------------------------------------------------------------------------------------
+    def push(self, identity: bytes, msg: Message, worker: int) -> Push:
+        """Every key of a push checked and decoded, and whether this server takes it (a duplicate is not taken)."""
+        started = now_us()
+        body = bodies.read_push(msg.body)
+        fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
+        out: list[Contribution] = []
+        seen: set[int] = set()
+        for entry, frames in msg.entries():
+            state = self.keys.of(entry)
+            if state.key in seen:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one push")
+            seen.add(state.key)
+            step = entry.get("step", 0)
+            if fused is not None and "fz" in entry:
+                if entry.get("shm") or entry.get("codec", "none") != "none":
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a fused key is uncompressed "
+                                                              "float32 and not in shared memory")
+                grad, codec, encoded = fused.get(entry, state.numel, "push"), "none", state.numel * 4
+            elif entry.get("shm"):
+                if frames or entry.get("codec", "none") != "none" or entry.get("bufs") != [["float32", state.numel]]:
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"push of {state.label()}: a shared-memory push is "
+                                                              "uncompressed float32, without frames")
+                grad, codec, encoded = self.segments.view(worker, state, PUSH, "push of"), "shm", state.numel * 4
+            else:
+                began = time.perf_counter()
+                grad = self.decoders.decode(entry, frames, state.numel, torch.float32, f"push of {state.label()}")
+                self.metrics.seconds["decode"] += time.perf_counter() - began
+                codec, encoded = str(entry.get("codec", "none")), transport.size_of(frames)
+            fresh = self.consistency.check_push(state, worker, step)
+            out.append(Contribution(state, step, grad, codec, encoded, fresh))
+        return Push(identity, msg.id, worker, body, out, started)
+
+    # -- PULL ------------------------------------------------------------------------------------------
+    def pull(self, identity: bytes, msg: Message, worker: int, step: int) -> PullRequest:
+        """A pull's keys (known here), their pull codecs (usable with the server's error feedback) and shared
+        areas, checked."""
+        states = [self.keys.of(e, initialized=False) for e in msg.keys]
+        pull_codecs: list[str | None] = []
+        pull_shm = []
+        for entry, state in zip(msg.keys, states, strict=True):
+            spec, shared = entry.get("pc"), bool(entry.get("pshm"))
+            canonical = None
+            if spec is not None:
+                codec = self.decoders.get(spec, f"pull codec of {state.label()}")
+                problem = codec.feedback_problem()
+                if problem:
+                    raise ProtocolError(ErrorCode.BAD_CODEC, f"pull codec of {state.label()}: a pull keeps the "
+                                                             f"server's error feedback, and {problem}")
+                canonical = codec.spec()
+            pull_codecs.append(canonical)
+            if shared:
+                self.segments.view(worker, state, PULL, "pull of")
+            pull_shm.append(shared)
+        return PullRequest(identity, msg.id, worker, states, step, pull_codecs, pull_shm)
