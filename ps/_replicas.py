@@ -260,8 +260,18 @@ class Incoming:
         return self.state.version > self.version
 
 
+@dataclass
+class Replicate:
+    """A REPLICATE request, checked whole: its id, the sending server (name, rank) and its updates."""
+
+    request_id: int
+    src: str
+    sender: int
+    updates: list[Incoming]
+
+
 def read_replicate(msg: Message, num_servers: int, num_workers: int, state_of: Callable[[KeyEntry], KeyState],
-                   decode: Decode) -> list[Incoming]:
+                   decode: Decode) -> Replicate:
     """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
     held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
     skip others to apply."""
@@ -294,4 +304,4 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, state_of: C
             raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
                                                     f"{state.version}: it missed updates")
         out.append(update)
-    return out
+    return Replicate(msg.id, msg.src, peer[1], out)

@@ -1,6 +1,7 @@
-"""Reading a worker's data requests into typed, checked ones, against the keys this server holds: an INIT into a
-:class:`Declare`, a push into a :class:`Push` (every key decoded), a pull into a :class:`PullRequest`. Nothing
-changes here (a request with one bad key is refused whole); what a request does is :mod:`.shard`'s.
+"""Reading requests into typed, checked ones, against the keys this server holds: an INIT into a :class:`Declare`,
+a push into a :class:`Push` (every key decoded), a pull into a :class:`PullRequest`, a JOIN into a :class:`Join`,
+another server's REPLICATE and SEED (``--replicas``) by :mod:`._replicas` and :mod:`._seeds`. Nothing changes here
+(a request with one bad key is refused whole); what a request does is :mod:`.shard`'s.
 
 The bodies are read by :mod:`zps.protocol.bodies`, the per-key fields are :class:`zps.protocol.messages.KeyEntry`'s.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,10 +25,21 @@ from zps.protocol.trace import now_us
 
 from ._keys import Keys
 from ._metrics import ServerMetrics
+from ._replicas import Replicate, read_replicate
+from ._seeds import Seed, read_seed
 from ._shm import WorkerSegments
 from .consistency import Consistency
 from .optim import build_optimizer, clean_hparams, optimizer_class
 from .store import KeyState
+
+
+@dataclass
+class Request:
+    """Who asks: the peer's identity on the socket (where a reply that waited goes), the request's id, the worker."""
+
+    identity: bytes
+    request_id: int
+    worker: int
 
 
 @dataclass
@@ -39,12 +52,9 @@ class Declared:
 
 
 @dataclass
-class Declare:
+class Declare(Request):
     """An INIT, checked whole: the worker declares ``keys`` (rank 0 with their values and the optimizer)."""
 
-    identity: bytes
-    request_id: int
-    worker: int
     body: bodies.InitBody
     keys: list[Declared]
 
@@ -63,30 +73,31 @@ class Contribution:
 
 
 @dataclass
-class Push:
+class Push(Request):
     """A PUSH (or a PUSH_PULL's push half), checked whole, every key decoded."""
 
-    identity: bytes
-    request_id: int
-    worker: int
     body: bodies.PushBody
     keys: list[Contribution]
     started: float  # when reading it began (µs, for the trace)
 
 
 @dataclass
-class PullRequest:
-    """A checked pull: whose, which keys, at which step, and how each key's values go back."""
+class PullRequest(Request):
+    """A checked pull: which keys, at which step, and how each key's values go back."""
 
-    identity: bytes
-    request_id: int
-    worker: int
     states: list[KeyState]
     step: int
     pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so (canonical)
     pull_shm: list[bool]  # per key: answer through the worker's shared pull area
     # --replicas: answer only once every live backup holds each of these (key, version): the push it came with
     after: list[tuple[KeyState, int]] = field(default_factory=list)
+
+
+@dataclass
+class Join(Request):
+    """A JOIN: a worker beyond --workers asks to be counted from ``step``."""
+
+    step: int
 
 
 class Reader:
@@ -112,6 +123,13 @@ class Reader:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' must be worker:N with N < {ranks}, got {msg.src!r}")
         worker = self._workers[msg.src] = peer[1]
         return worker
+
+    def request(self, identity: bytes, msg: Message) -> Request:
+        """A request that carries nothing but who asks (LEAVE, STATS)."""
+        return Request(identity, msg.id, self.worker(msg))
+
+    def join(self, identity: bytes, msg: Message) -> Join:
+        return Join(identity, msg.id, self.worker(msg), bodies.read_join(msg.body)["step"])
 
     # -- INIT ------------------------------------------------------------------------------------------
     def declare(self, identity: bytes, msg: Message) -> Declare:
@@ -180,9 +198,9 @@ class Reader:
         return Declare(identity, msg.id, worker, body, declared)
 
     # -- PUSH ------------------------------------------------------------------------------------------
-    def push(self, identity: bytes, msg: Message, worker: int) -> Push:
+    def push(self, identity: bytes, msg: Message) -> Push:
         """Every key of a push checked and decoded, and whether this server takes it (a duplicate is not taken)."""
-        started = now_us()
+        started, worker = now_us(), self.worker(msg)
         body = bodies.read_push(msg.body)
         fused = FusedReader(msg.frames, msg.fused, "push") if msg.fused else None
         out: list[Contribution] = []
@@ -212,10 +230,18 @@ class Reader:
             out.append(Contribution(state, step, grad, codec, encoded, fresh))
         return Push(identity, msg.id, worker, body, out, started)
 
+    def push_pull(self, identity: bytes, msg: Message) -> tuple[PullRequest, Push]:
+        """A push and the pull of the next step's values: the pull half checked first, then the push."""
+        pull = self.pull(identity, msg, max((e.get("step", 0) for e in msg.keys), default=-1) + 1)
+        return pull, self.push(identity, msg)
+
     # -- PULL ------------------------------------------------------------------------------------------
-    def pull(self, identity: bytes, msg: Message, worker: int, step: int) -> PullRequest:
+    def pull(self, identity: bytes, msg: Message, step: int | None = None) -> PullRequest:
         """A pull's keys (known here), their pull codecs (usable with the server's error feedback) and shared
-        areas, checked."""
+        areas, checked; ``step``: the version wanted (a PULL's: its keys' newest step)."""
+        worker = self.worker(msg)
+        if step is None:
+            step = max((e.get("step", 0) for e in msg.keys), default=0)
         states = [self.keys.of(e, initialized=False) for e in msg.keys]
         pull_codecs: list[str | None] = []
         pull_shm = []
@@ -234,3 +260,25 @@ class Reader:
                 self.segments.view(worker, state, PULL, "pull of")
             pull_shm.append(shared)
         return PullRequest(identity, msg.id, worker, states, step, pull_codecs, pull_shm)
+
+    # -- --replicas: another server's ---------------------------------------------------------------------
+    def replicate(self, identity: bytes, msg: Message) -> Replicate:
+        """A primary's updates, checked whole (:func:`._replicas.read_replicate`)."""
+        if not self.job.replicas:
+            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
+        return read_replicate(msg, self.num_servers, self.job.worker_ranks, self.keys.of, self.decoders.decode)
+
+    def seed(self, identity: bytes, msg: Message) -> Seed:
+        """A primary's whole state of some keys, checked whole (:func:`._seeds.read_seed`), with an optimizer torch
+        would build."""
+        if not self.job.replicas:
+            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no seeds")
+
+        def check_optimizer(name: str, groups: list[Any], group: int) -> None:
+            if group in self.keys.optimizers.by_group:
+                clean_hparams(optimizer_class(name), groups[group])
+            else:
+                build_optimizer(name, groups[group], torch.zeros(1, requires_grad=True))
+
+        return read_seed(msg, self.num_servers, self.job.worker_ranks, self.job.max_key_elements, check_optimizer,
+                         self.decoders.decode)

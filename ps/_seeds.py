@@ -78,8 +78,11 @@ class SeedKey:
 
 @dataclass
 class Seed:
-    """A SEED request, checked whole: the sending server, the topology it seeds for, the optimizer, the keys."""
+    """A SEED request, checked whole: its id, the sending server (name, rank), the topology it seeds for, the
+    optimizer, the keys."""
 
+    request_id: int
+    src: str
     sender: int
     topology: tuple[int, frozenset[int]]  # the failover it follows: (topology version, dead servers)
     optimizer: str
@@ -152,4 +155,4 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
         out.append(SeedKey(entry, values, state, version, None if lr is None else float(lr),
                            {w: s for w, s in last}))
         check_optimizer(optimizer, groups, group)
-    return Seed(peer[1], topology, optimizer, groups, out)
+    return Seed(msg.id, msg.src, peer[1], topology, optimizer, groups, out)

@@ -1,11 +1,11 @@
 """The shard service: the keys one server holds and what each request does to them. It knows no socket.
 
-:meth:`Shard.handle` takes a parsed request and returns every reply to send: it looks up the request's handler by
-kind (one registration per kind, :attr:`Shard.handlers`), the handler reads the request into a typed one
-(:mod:`._requests`, :mod:`zps.protocol.bodies`: checked whole before anything changes) and returns a :class:`Done`
-(its reply now, or the wait that answers it later, and the keys it changed); then the waiting requests on those
-keys are re-checked, in that one place. :mod:`.server`'s loop feeds it messages, the backups' answers and the
-coordinator's notices, and sends what it returns.
+:meth:`Shard.handle` takes a parsed message and returns every reply to send: it looks up the kind's :class:`Route`
+(one registration per kind, :attr:`Shard.handlers`), whose reader makes the message a typed request
+(:mod:`._requests`, :mod:`zps.protocol.bodies`: checked whole before anything changes) and whose handler serves
+it, returning a :class:`Done` (its reply now, or the wait that answers it later, and the keys it changed); then
+the waiting requests on those keys are re-checked, in that one place. :mod:`.server`'s loop feeds it messages, the
+backups' answers and the coordinator's notices, and sends what it returns.
 
 Collaborators, one job each: :class:`._keys.Keys` (the key table and its optimizers), :class:`._pending.Pending`
 (requests that wait), :class:`._members.Members` (workers joining, leaving, failing), :class:`._values.Values`
@@ -19,15 +19,15 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
-from zps.protocol import bodies, replicas
 from zps.protocol import checkpoint as ckpt
+from zps.protocol import replicas
+from zps.protocol.bodies import read_notice
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
-from zps.protocol.peers import parse_peer
 from zps.protocol.rendezvous import Topology
 from zps.protocol.tensors import Decoders
 from zps.protocol.trace import Tracer, now_us
@@ -38,13 +38,13 @@ from ._keys import Keys
 from ._members import Members
 from ._metrics import ServerMetrics
 from ._pending import Pending, Reply, Waiting
-from ._replicas import Replication, keys_text, read_replicate
-from ._requests import Declare, PullRequest, Push, Reader
-from ._seeds import read_seed
+from ._replicas import Replicate, Replication, keys_text
+from ._requests import Declare, Join, PullRequest, Push, Reader, Request
+from ._seeds import Seed
 from ._shm import WorkerSegments
 from ._values import Values
 from .consistency import make_consistency
-from .optim import build_optimizer, clean_hparams, optimizer_class
+from .optim import build_optimizer
 from .store import KeyState, Update
 
 log = logging.getLogger("zps.server")
@@ -64,6 +64,19 @@ class Done:
 
 
 Handler = Callable[[bytes, Message], Done]
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Route(Generic[R]):
+    """How the shard serves one kind: ``read`` makes the message a checked request (changing nothing), ``serve``
+    does what it asks."""
+
+    read: Callable[[bytes, Message], R]
+    serve: Callable[[R], Done]
+
+    def __call__(self, identity: bytes, msg: Message) -> Done:
+        return self.serve(self.read(identity, msg))
 
 
 class Shard:
@@ -87,10 +100,13 @@ class Shard:
         self.optimizer_bytes = 0  # of the torch.optim state, measured now and then (:meth:`measure`)
         self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
         self._first_push: dict[int, float] = {}  # BSP: key -> when the first push of its current step came
+        read = self.read
         self.handlers: dict[Kind, Handler] = {
-            Kind.INIT: self.init, Kind.PUSH: self.push, Kind.PUSH_PULL: self.push_pull, Kind.PULL: self.pull,
-            Kind.JOIN: self.join, Kind.LEAVE: self.leave, Kind.STATS: self.stats, Kind.REPLICATE: self.replicate,
-            Kind.SEED: self.seed,
+            Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
+            Kind.PUSH_PULL: Route(read.push_pull, self.push_pull), Kind.PULL: Route(read.pull, self.pull),
+            Kind.JOIN: Route(read.join, self.join), Kind.LEAVE: Route(read.request, self.leave),
+            Kind.STATS: Route(read.request, self.stats), Kind.REPLICATE: Route(read.replicate, self.replicate),
+            Kind.SEED: Route(read.seed, self.seed),
         }
         metrics.holdings = self.holdings
 
@@ -124,15 +140,15 @@ class Shard:
         return time.monotonic() + self.job.timeout
 
     # -- INIT ------------------------------------------------------------------------------------------
-    def init(self, identity: bytes, msg: Message) -> Done:
+    def init(self, request: Declare) -> Done:
         """Declare keys (every worker) and set their values and optimizer (rank 0). All-or-nothing. The reply
         comes once every key of the message has its values: a worker never pushes to a key rank 0 has not set."""
-        request = self.read.declare(identity, msg)
         restored = self._restored(request) if self.job.resume else {}
-        segment, shm_reply = self.segments.attach(request.worker, request.body.get("shm"), msg.keys)
+        entries = [d.entry for d in request.keys]
+        segment, shm_reply = self.segments.attach(request.worker, request.body.get("shm"), entries)
         # every check passed: now change state
         if segment is not None:
-            self.segments.adopt(request.worker, segment, msg.keys)
+            self.segments.adopt(request.worker, segment, entries)
         opt_name, groups = request.body.get("optimizer"), request.body.get("groups", [])
         if opt_name is not None:
             self.keys.optimizer = (opt_name, groups)
@@ -159,7 +175,7 @@ class Shard:
                 state.version, state.lr = int(saved["version"]), saved["lr"]
                 state.last_step = dict(saved.get("last_step", {}))
             changed.append(state.key)  # declares waiting for its values may go on
-        waiting = _Declaring(identity, msg.id, request.worker, states, self._deadline(),
+        waiting = _Declaring(request.identity, request.request_id, request.worker, states, self._deadline(),
                              f"declare of worker {request.worker}", shard=self, shm_reply=shm_reply)
         if waiting.ready():
             return Done(reply=waiting.answer(), changed=changed)
@@ -185,30 +201,24 @@ class Shard:
             raise ProtocolError(ErrorCode.CONFLICT, str(exc)) from None
 
     # -- PUSH, PUSH_PULL, PULL ---------------------------------------------------------------------------
-    def push(self, identity: bytes, msg: Message) -> Done:
+    def push(self, push: Push) -> Done:
         """Take a push; with --replicas it is acknowledged once every live copy applied it."""
-        push = self.read.push(identity, msg, self.read.worker(msg))
         targets, changed = self._take(push)
-        waiting = _Acknowledging(identity, msg.id, push.worker, [s for s, _ in targets], self._deadline(), "push",
-                                 replication=self.replication, targets=targets)
+        waiting = _Acknowledging(push.identity, push.request_id, push.worker, [s for s, _ in targets],
+                                 self._deadline(), "push", replication=self.replication, targets=targets)
         if waiting.ready():
             return Done(reply=waiting.answer(), changed=changed)
         return Done(wait=waiting, changed=changed)
 
-    def push_pull(self, identity: bytes, msg: Message) -> Done:
+    def push_pull(self, request: tuple[PullRequest, Push]) -> Done:
         """A push and the pull of the next step's values, in one request."""
-        worker = self.read.worker(msg)
-        pull = self.read.pull(identity, msg, worker, max((e.get("step", 0) for e in msg.keys), default=-1) + 1)
-        push = self.read.push(identity, msg, worker)  # the pull half was checked first: a refused one changes nothing
+        pull, push = request
         pull.after, changed = self._take(push)
         return self._pull(pull, changed)
 
-    def pull(self, identity: bytes, msg: Message) -> Done:
-        worker = self.read.worker(msg)
-        step = max((e.get("step", 0) for e in msg.keys), default=0)
-        request = self.read.pull(identity, msg, worker, step)
+    def pull(self, request: PullRequest) -> Done:
         if self.replication.enabled and self.mode == "bsp":
-            request.after = [(s, step) for s in request.states]  # BSP: values every copy holds
+            request.after = [(s, request.step) for s in request.states]  # BSP: values every copy holds
         return self._pull(request, ())
 
     def _take(self, push: Push) -> tuple[Targets, set[int]]:
@@ -286,21 +296,21 @@ class Shard:
         return Done(wait=waiting, changed=changed, everything=everything)
 
     # -- JOIN, LEAVE, the coordinator's notices ----------------------------------------------------------
-    def join(self, identity: bytes, msg: Message) -> Done:
+    def join(self, request: Join) -> Done:
         """A worker beyond --workers asks to be counted from a step: the step it is counted from."""
-        worker = self.read.worker(msg)
-        start, updates = self.members.join(worker, bodies.read_join(msg.body)["step"], self.keys.values())
-        return Done(reply=self._ok(msg.id, {"step": start}), changed=self._apply(updates), everything=True)
+        start, updates = self.members.join(request.worker, request.step, self.keys.values())
+        return Done(reply=self._ok(request.request_id, {"step": start}), changed=self._apply(updates),
+                    everything=True)
 
-    def leave(self, identity: bytes, msg: Message) -> Done:
+    def leave(self, request: Request) -> Done:
         """A worker finished cleanly: stop waiting for it; apply what its leaving completes."""
-        updates = self.members.leave(self.read.worker(msg), self.keys.values())
-        return Done(reply=self._ok(msg.id), changed=self._apply(updates), everything=True)
+        updates = self.members.leave(request.worker, self.keys.values())
+        return Done(reply=self._ok(request.request_id), changed=self._apply(updates), everything=True)
 
     def notice(self, body: dict[str, Any]) -> list[Reply]:
         """The coordinator's news (a NOTICE body): of workers (:class:`._members.Members`) or, --replicas, of dead
         servers (:meth:`failover`). The replies of the waiting requests it released."""
-        notice = bodies.read_notice(body)
+        notice = read_notice(body)
         if "failover" in notice:
             return self.failover(body)
         self._apply(self.members.notice(notice, self.keys.values()))
@@ -333,14 +343,11 @@ class Shard:
         return self.recheck((), everything=True)  # what waited for a dead backup's acknowledgement goes on
 
     # -- --replicas: a backup's side -----------------------------------------------------------------------
-    def replicate(self, identity: bytes, msg: Message) -> Done:
+    def replicate(self, request: Replicate) -> Done:
         """A backup: apply a primary's updates as it did (all checked first; one already held is acknowledged and
         skipped, so a retried or late one is applied once)."""
-        if not self.replication.enabled:
-            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
-        updates = read_replicate(msg, self.replication.num_servers, self.job.worker_ranks, self.keys.of,
-                                 self.decoders.decode)
-        self._refuse_dead(msg)
+        self._refuse_dead(request.src, request.sender)
+        updates = request.updates
         fresh = [u for u in updates if not u.held()]
         self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
         for u in fresh:
@@ -352,33 +359,21 @@ class Shard:
             if u.worker is not None:
                 u.state.last_step[u.worker] = u.step
         self.replication.counters["replica_applied"] += len(fresh)
-        return Done(reply=self._ok(msg.id), changed=changed)
+        return Done(reply=self._ok(request.request_id), changed=changed)
 
-    def _refuse_dead(self, msg: Message) -> None:
+    def _refuse_dead(self, src: str, sender: int) -> None:
         """A server this one knows dead is fenced off: its updates and seeds are refused (it may be paused, not
         gone; the copies that took its place serve its chunks now)."""
-        sender = parse_peer(msg.src, "server")
-        if sender is not None and self.replication.is_dead(sender[1]):
-            raise ProtocolError(ErrorCode.DEAD, f"{msg.src} was failed over (topology version "
+        if self.replication.is_dead(sender):
+            raise ProtocolError(ErrorCode.DEAD, f"{src} was failed over (topology version "
                                                 f"{self.replication.version}): it serves nothing any more")
 
-    def seed(self, identity: bytes, msg: Message) -> Done:
+    def seed(self, seed: Seed) -> Done:
         """A backup: take a primary's whole state of some keys (all checked first), declaring those new here."""
-        if not self.replication.enabled:
-            raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no seeds")
-
-        def check_optimizer(name: str, groups: list[Any], group: int) -> None:
-            if group in self.keys.optimizers.by_group:
-                clean_hparams(optimizer_class(name), groups[group])
-            else:
-                build_optimizer(name, groups[group], torch.zeros(1, requires_grad=True))
-
-        seed = read_seed(msg, self.replication.num_servers, self.job.worker_ranks, self.job.max_key_elements,
-                         check_optimizer, self.decoders.decode)
         # the servers the seed's topology names dead are refused from now on, even if the coordinator's notice is
         # still on its way (a late update of a dead primary must not reach this copy after the seed)
         self.replication.fence(seed.topology)
-        self._refuse_dead(msg)
+        self._refuse_dead(seed.src, seed.sender)
         new_keys, new_bytes = 0, 0
         for item in seed.keys:
             entry = item.entry
@@ -409,7 +404,7 @@ class Shard:
         self.replication.counters["seeds_taken"] += len(seed.keys)
         log.warning("FAILOVER: %s: seeded by server %d with %d keys (%s)", self.name, seed.sender, len(seed.keys),
                     keys_text([i.entry["key"] for i in seed.keys]))
-        return Done(reply=self._ok(msg.id), changed=[i.entry["key"] for i in seed.keys])  # declares may go on
+        return Done(reply=self._ok(seed.request_id), changed=[i.entry["key"] for i in seed.keys])  # declares go on
 
     def send_seeds(self) -> None:
         """--replicas: seed the backups the replication state asks for (after a failover, or a refused update)."""
@@ -421,12 +416,12 @@ class Shard:
         return self.recheck(keys)
 
     # -- what the server reports -----------------------------------------------------------------------
-    def stats(self, identity: bytes, msg: Message) -> Done:
-        """STATS: the counters and the consistency record (a summary of the keys' versions: a reply of fixed size)."""
-        self.read.worker(msg)  # the job's workers, nobody else
+    def stats(self, request: Request) -> Done:
+        """STATS (the job's workers ask, nobody else): the counters and the consistency record (a summary of the
+        keys' versions: a reply of fixed size)."""
         c = self.consistency
         versions = [s.version for s in self.keys.values()]
-        return Done(reply=self._ok(msg.id, {
+        return Done(reply=self._ok(request.request_id, {
             "mode": c.name,
             "keys": len(self.keys),
             "versions": [min(versions, default=0), max(versions, default=0)],
