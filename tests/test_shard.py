@@ -240,6 +240,19 @@ def test_stats_answers_the_jobs_workers_only() -> None:
     assert h.refused(Message(Kind.STATS, id=next(_IDS), src="worker:1")) is ErrorCode.BAD_HEADER  # no worker 1
 
 
+def test_stats_heartbeats_prometheus_and_metrics_out_read_one_count() -> None:
+    h = Harness("asp", workers=1)
+    h.declare({1: torch.zeros(2)})
+    for step in (0, 1, 1):  # two updates and one duplicate
+        h.ask(push(0, {1: torch.ones(2)}, step))
+    record, report, totals = stats(h), h.metrics.report(), h.metrics.totals()
+    scraped = {m.name: m.samples[0].value for m in h.metrics.registry.collect()
+               if m.name in ("zps_server_updates", "zps_server_duplicate_pushes", "zps_server_keys")}
+    assert record["pushes_applied"] == report["updates"] == totals["updates"] == scraped["zps_server_updates"] == 2
+    assert record["duplicates"] == scraped["zps_server_duplicate_pushes"] == 1
+    assert record["keys"] == report["keys"] == scraped["zps_server_keys"] == 1
+
+
 def test_a_kind_a_server_does_not_serve_is_refused() -> None:
     h = Harness()
     for kind in (Kind.REGISTER, Kind.VALUES, Kind.HEARTBEAT):
