@@ -80,10 +80,10 @@ def zps_save_and_load(params: int, directory: Path) -> tuple[float, float, dict[
             saved = time.monotonic() - started - min(steps)
             server = cluster.servers[0]
             state = {}
-            for s in server.keys.values():
+            for s in server.shard.keys.values():
                 assert s.param is not None
                 state[f"{s.key}.param"] = s.param.clone()
-                for name, value in server.optimizers.by_group[s.group].state[s.param].items():
+                for name, value in server.shard.keys.optimizers.by_group[s.group].state[s.param].items():
                     state[f"{s.key}.state.{name}"] = value.clone()
         finally:
             client.close()

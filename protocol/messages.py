@@ -18,13 +18,15 @@ instead share one fused frame, the last one: such a key has ``nf`` 0 and ``fz``,
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import msgpack
 
-PROTOCOL_VERSION = 2  # 2: fused frames of small keys
+from .fields import UNBOUNDED, is_int, show
+
+PROTOCOL_VERSION = 3  # 2: fused frames of small keys; 3: a step's hyper-parameters (hp), held steps, keys without a gradient
 
 
 class Kind(str, enum.Enum):
@@ -50,11 +52,12 @@ class Kind(str, enum.Enum):
     STATS = "stats"
     PUT = "put"  # a worker hands tensors to every other through server 0 (zps.protocol.board)
     GET = "get"
-    INSPECT = "inspect"  # a worker asks for the norms and finiteness of a held BSP step's aggregate (protocol.steps)
+    INSPECT = "inspect"  # a worker asks for the norms and finiteness of a held BSP step's aggregate (protocol.bodies)
     # server -> server (--replicas): a primary's updates, for its backups to apply the same way
     REPLICATE = "replicate"
     # server -> server (--replicas): a primary's whole state of keys, for a backup new to them (re-replication) or
-    # one that missed updates; the body names the optimizer and the failover it follows (:class:`SeedBody`)
+    # one that missed updates; the body names the optimizer and the failover it follows
+    # (:class:`zps.protocol.bodies.SeedBody`)
     SEED = "seed"
     # replies
     OK = "ok"
@@ -105,7 +108,7 @@ class KeyEntry(TypedDict, total=False):
 
     - ``version``: the key's version before the update (a backup already past it answers OK and changes nothing)
     - ``hp``: the hyper-parameters the primary applied it with: those of the key's group that differ from how its
-      optimizer was built (:mod:`zps.protocol.steps`; None: none differ)
+      optimizer was built (:mod:`zps.protocol.bodies`; None: none differ)
     - ``ng``: 1 -- a step no worker had a gradient for: no frames, the key is only versioned
     - ``step``, ``worker``: the push it came from (ASP/SSP: ``worker``'s push of ``step``, recorded so that a retry
       of that push reaching this server once it is primary is applied once; BSP: ``step`` is the version)
@@ -148,67 +151,6 @@ class KeyEntry(TypedDict, total=False):
     last: list[list[int]]
 
 
-class HeartbeatBody(TypedDict, total=False):
-    """The body of a HEARTBEAT (a member to the coordinator, every ``--heartbeat-interval``).
-
-    - ``stats``: the member's progress report (:mod:`zps.protocol.progress`)
-    - ``suspect``: ``--replicas``, a worker's: the ranks of servers its connection to was lost; the coordinator fails
-      such a server over once its own heartbeats are late too (without waiting for ``--heartbeat-timeout``)
-    - ``replicated``: ``--replicas``, a server's: the newest topology version after which every chunk it serves has
-      its R + 1 copies complete again (its seeds all acknowledged): the coordinator counts those copies as holders
-    """
-
-    stats: dict[str, Any]
-    suspect: list[int]
-    replicated: int
-
-
-class FailoverNotice(TypedDict):
-    """A NOTICE body's ``failover`` map (``--replicas``): the coordinator lost servers and promoted backups. Written
-    and read by :mod:`zps.protocol.replicas` only.
-
-    - ``version``: the topology version, bumped by each failover (1 after the first)
-    - ``dead``: every server rank that has died so far; each home's chunks are served by its first live copy
-    """
-
-    version: int
-    dead: list[int]
-
-
-class SeedBody(TypedDict):
-    """The body of a SEED request (``--replicas``, a primary to a backup).
-
-    - ``optimizer``, ``groups``: the server optimizer and its hyper-parameters per group, as rank 0 declared them
-      (a backup new to a group builds its optimizer from them)
-    - ``failover``: the topology the primary seeds for (:class:`FailoverNotice`): the backup takes it as news if
-      the coordinator's notice has not reached it yet, and refuses updates from servers it names dead
-    """
-
-    optimizer: str
-    groups: list[dict[str, Any]]
-    failover: FailoverNotice
-
-
-class RegisterBody(TypedDict, total=False):
-    """The body of a REGISTER request (a server or worker joins the job): the one definition of its fields.
-
-    - ``role``: ``"server"`` or ``"worker"``
-    - ``rank``: the rank asked for (-1: the coordinator assigns one)
-    - ``host``, ``pid``: where the process runs (for logs and ``zps top``; a rejoining member must match itself)
-    - ``address``: a server's bound address, ``tcp://host:port`` (servers only)
-    - ``rejoin``: True -- the process is a member of a running job re-registering with a coordinator that
-      restarted (it answered :attr:`ErrorCode.UNKNOWN_MEMBER`); ``rank`` is then the one it holds. The reply is an
-      OK (the member keeps its topology), not a TOPOLOGY. Absent: False.
-    """
-
-    role: str
-    rank: int
-    host: str
-    pid: int
-    address: str
-    rejoin: bool
-
-
 class ErrorCode(str, enum.Enum):
     """Why a request failed. Callers branch on the code, never on the message text."""
 
@@ -231,7 +173,7 @@ class ErrorCode(str, enum.Enum):
     DEAD = "dead"
     INTERNAL = "internal"
     # the coordinator does not know the sender, a member of a running job (it restarted): the member registers
-    # again with ``rejoin`` (:class:`RegisterBody`) and sends its request again
+    # again with ``rejoin`` (:class:`zps.protocol.bodies.RegisterBody`) and sends its request again
     UNKNOWN_MEMBER = "unknown_member"
     # the coordinator restarted and waits for the members of the running job to rejoin: nothing new can join
     RECOVERING = "recovering"
@@ -267,6 +209,15 @@ class Message:
         if self.fused:
             head["fz"] = self.fused
         return head
+
+    def entries(self) -> Iterator[tuple[KeyEntry, list[Any]]]:
+        """Each key entry with its own frames, in order (``nf`` of them; none for a key in the fused frame): the one
+        place a message's frames are cut per key (:func:`parse_frames` checked that the counts add up)."""
+        offset = 0
+        for entry in self.keys:
+            nf = entry.get("nf", 0)
+            yield entry, self.frames[offset : offset + nf]
+            offset += nf
 
     def to_frames(self) -> list[Any]:
         """Frame 0 the packed header, then the raw buffers as they are (no copy here)."""
@@ -304,12 +255,6 @@ _UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len
                   "max_ext_len": 0}
 
 
-def _show(value: Any) -> str:
-    """A peer's value as an error message quotes it: its repr, cut short (a message must not echo megabytes)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _bad(reason: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_HEADER, reason)
 
@@ -344,15 +289,15 @@ def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MA
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.BAD_VERSION,
-            f"protocol version {_show(version)} is not supported (this side speaks {PROTOCOL_VERSION})",
+            f"protocol version {show(version)} is not supported (this side speaks {PROTOCOL_VERSION})",
         )
     try:
         kind = Kind(head.get("kind"))
     except ValueError:
-        raise ProtocolError(ErrorCode.BAD_KIND, f"unknown message kind {_show(head.get('kind'))}") from None
+        raise ProtocolError(ErrorCode.BAD_KIND, f"unknown message kind {show(head.get('kind'))}") from None
     request_id = head.get("id", 0)
-    if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
-        raise _bad(f"'id' must be a non-negative integer, got {_show(request_id)}")
+    if not is_int(request_id, 0, UNBOUNDED):
+        raise _bad(f"'id' must be a non-negative integer, got {show(request_id)}")
     src = head.get("src", "")
     if not isinstance(src, str):
         raise _bad(f"'src' must be a string, got {type(src).__name__}")
@@ -363,24 +308,24 @@ def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MA
     if not isinstance(keys, list):
         raise _bad(f"'keys' must be a list, got {type(keys).__name__}")
     fused = head.get("fz", 0)
-    if not isinstance(fused, int) or isinstance(fused, bool) or fused < 0:
-        raise _bad(f"'fz' must be a non-negative integer, got {_show(fused)}")
+    if not is_int(fused, 0, UNBOUNDED):
+        raise _bad(f"'fz' must be a non-negative integer, got {show(fused)}")
     expected_frames = 1 if fused else 0
     for i, entry in enumerate(keys):  # on every message: plain type() checks (bool is not int here)
         if type(entry) is not dict:
             raise _bad(f"keys[{i}] must be a map")
         key, step, nf = entry.get("key"), entry.get("step", 0), entry.get("nf", 0)
-        if type(key) is not int or key < 0:
-            raise _bad(f"keys[{i}].key must be a non-negative integer, got {_show(key)}")
-        if type(step) is not int or not 0 <= step <= MAX_STEP:
-            raise _bad(f"keys[{i}].step must be an integer in [0, {MAX_STEP}], got {_show(step)}")
-        if type(nf) is not int or nf < 0:
-            raise _bad(f"keys[{i}].nf must be a non-negative integer, got {_show(nf)}")
+        if not is_int(key, 0, UNBOUNDED):
+            raise _bad(f"keys[{i}].key must be a non-negative integer, got {show(key)}")
+        if not is_int(step, 0, MAX_STEP + 1):
+            raise _bad(f"keys[{i}].step must be an integer in [0, {MAX_STEP}], got {show(step)}")
+        if not is_int(nf, 0, UNBOUNDED):
+            raise _bad(f"keys[{i}].nf must be a non-negative integer, got {show(nf)}")
         expected_frames += nf
         if "fz" in entry:
             offset = entry["fz"]
-            if type(offset) is not int or offset < 0:
-                raise _bad(f"keys[{i}].fz must be a non-negative integer, got {_show(offset)}")
+            if not is_int(offset, 0, UNBOUNDED):
+                raise _bad(f"keys[{i}].fz must be a non-negative integer, got {show(offset)}")
             if nf or not fused:
                 raise _bad(f"keys[{i}] is in the fused frame ('fz') but has frames of its own or the message has no "
                            "fused frame")

@@ -27,16 +27,17 @@ Both:
 """
 from __future__ import annotations
 
-import math
 import os
+import sys
 import time
 from typing import Any
+
+from .fields import is_int, is_number
 
 MAX_TIMES = 64  # step times per report; a worker faster than this per heartbeat reports its newest
 _INT_FIELDS = ("step", "samples", "keys", "param_bytes", "optimizer_bytes", "requests", "updates", "rss", "sent",
                "recv", "logical_sent", "logical_recv")
 _FLOAT_FIELDS = ("loss", "wait", "cpu")
-_MAX_INT = 1 << 62
 
 
 def rss_bytes() -> int:
@@ -60,13 +61,13 @@ def clean_report(stats: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _INT_FIELDS:
         value = stats.get(name)
-        if type(value) is int and 0 <= value < _MAX_INT:
+        if is_int(value):
             out[name] = value
     for name in _FLOAT_FIELDS:
         number = stats.get(name)
-        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
+        if is_number(number, -sys.float_info.max, sys.float_info.max):  # finite
             out[name] = float(number)
     times = stats.get("times")
     if isinstance(times, list):
-        out["times"] = [float(t) for t in times[-MAX_TIMES:] if type(t) in (int, float) and 0 <= t < 1e6]
+        out["times"] = [float(t) for t in times[-MAX_TIMES:] if is_number(t, 0, 1e6) and t < 1e6]
     return out

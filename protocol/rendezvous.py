@@ -7,7 +7,7 @@ lost); :attr:`RendezvousClient.failure` then holds the reason, for the process t
 The coordinator may die and be restarted on the same address: the data path never waits for it. Heartbeats go on
 unanswered for up to ``--heartbeat-timeout``; a coordinator that answers "unknown member"
 (:attr:`ErrorCode.UNKNOWN_MEMBER`: it restarted with fresh state) is joined again with ``rejoin``
-(:class:`zps.protocol.messages.RegisterBody`), and a barrier, DONE or SAVED request it lost is sent again. A
+(:class:`zps.protocol.bodies.RegisterBody`), and a barrier, DONE or SAVED request it lost is sent again. A
 coordinator silent for longer is declared gone (:attr:`RendezvousClient.coordinator_lost`): the job fails naming it.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Any
 import zmq
 
 from . import security, transport
+from .bodies import HeartbeatBody, RegisterBody
 from .config import Config, ConfigError
-from .messages import ErrorCode, HeartbeatBody, Kind, Message, ProtocolError, RegisterBody
+from .messages import ErrorCode, Kind, Message, ProtocolError
 from .peers import peer_name
 from .variables import ZPS_COORDINATOR
 

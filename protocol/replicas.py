@@ -4,7 +4,7 @@ Placement is a pure function of (home server, R, number of servers, dead servers
 alike: the chunks the sharding plan gives server ``s`` (their *home*) live on the first R + 1 live servers of the
 chain ``s, s+1, ..., s+S-1`` (mod S), never two copies on one server. While every server lives, that is
 ``s, ..., s+R``: the home serves them (the primary) and the others are backups. When servers die, the coordinator
-tells every process which ones are dead (:class:`zps.protocol.messages.FailoverNotice`); each derives the new
+tells every process which ones are dead (:class:`zps.protocol.bodies.FailoverNotice`); each derives the new
 primaries (the first live server of each chain) from that alone, and the copy sets grow by the next live servers
 of the chain: a primary *seeds* each backup new to a chunk with its whole state (re-replication), so R + 1 copies
 exist again as long as R + 1 servers live. A copy that was still being seeded when its primary died holds nothing:
@@ -13,9 +13,12 @@ the coordinator counts a chunk lost when no complete copy lives.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .messages import FailoverNotice
+from .fields import UNBOUNDED, is_int
+
+if TYPE_CHECKING:  # (bodies reads a seed's failover with parse_notice)
+    from .bodies import FailoverNotice
 
 
 def check_replicas(replicas: int, num_servers: int) -> None:
@@ -63,8 +66,8 @@ def parse_notice(body: dict[str, Any], num_servers: int) -> tuple[int, frozenset
     if not isinstance(notice, dict):
         raise ValueError("'failover' must be a map")
     version, dead = notice.get("version"), notice.get("dead")
-    if type(version) is not int or version < 0:
+    if not is_int(version, 0, UNBOUNDED):
         raise ValueError(f"failover 'version' must be a non-negative integer, got {version!r}")
-    if not isinstance(dead, list) or not all(type(s) is int and 0 <= s < num_servers for s in dead):
+    if not isinstance(dead, list) or not all(is_int(s, 0, num_servers) for s in dead):
         raise ValueError(f"failover 'dead' must be a list of server ranks below {num_servers}")
     return version, frozenset(dead)

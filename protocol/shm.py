@@ -28,10 +28,13 @@ import stat
 
 import torch
 
+from .fields import UNBOUNDED, is_int
+
 _TOKEN_BYTES = 16
 _ALIGN = 64
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 MAX_SEGMENT_BYTES = 1 << 40  # a claimed size beyond this is not a segment any worker made
+PUSH, PULL = 0, 1  # a key's two areas, in the order of its INIT entry's ``shm`` offsets: the gradient, the values
 
 
 class ShmUnavailable(Exception):
@@ -86,7 +89,7 @@ class Segment:
             raise ShmUnavailable("the description is not a map")
         claimed, fd_number, size = description.get("pid"), description.get("fd"), description.get("size")
         token_hex = description.get("token")
-        if not all(type(v) is int and v >= 0 for v in (claimed, fd_number, size)) or not isinstance(token_hex, str):
+        if not all(is_int(v, 0, UNBOUNDED) for v in (claimed, fd_number, size)) or not isinstance(token_hex, str):
             raise ShmUnavailable("the description needs pid, fd and size (non-negative integers) and a token")
         if pid is None or claimed != pid:
             raise ShmUnavailable(f"pid {claimed} is not the pid the worker registered with ({pid})")

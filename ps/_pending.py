@@ -1,43 +1,53 @@
-"""Requests a server cannot answer yet: pulls waiting for a BSP version or an SSP clock, and INITs waiting for rank
-0's values. Each waits with a deadline; past it the worker gets an ERROR naming exactly what held it up.
+"""Requests a server cannot answer yet: pulls waiting for a BSP version or an SSP clock, INITs waiting for rank 0's
+values, pushes waiting for their backups (``--replicas``). Each waits with a deadline; past it the worker gets an
+ERROR naming exactly what held it up.
 
 Waiting requests are indexed by the keys they wait on, so a message that changed some keys re-checks only the
 requests on those keys (linear in what changed, not in what waits); a change that can release anything (a worker
 left, SSP's slowest clock moved) re-checks them all. One worker keeps at most ``max_per_worker`` requests waiting.
+Nothing here sends: each call returns the replies it produced, for the loop to send.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from zps.protocol.messages import ErrorCode, Message, ProtocolError, error_reply
 
 from .store import KeyState
 
+Reply = tuple[bytes, Message]  # (the ROUTER identity of the peer, the message to send it)
+
 
 @dataclass
 class Waiting:
-    """One request waiting. ``ready()`` says whether it can be answered, ``answer()`` builds the reply, and
-    ``why()`` names what it still waits for (the timeout error's reason)."""
+    """One request waiting: whose it is, the keys whose changes may release it, its deadline and how an error names
+    it. A subclass (one per way to wait, its own fields keyword-only) says whether it is :meth:`ready`, builds its
+    :meth:`answer` and says :meth:`why` it waits (the timeout error's reason)."""
 
     identity: bytes
     request_id: int
     worker: int
     states: list[KeyState]
     deadline: float
-    ready: Callable[[], bool]
-    answer: Callable[[], Message]
-    why: Callable[[], str]
     what: str = "request"
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def answer(self) -> Message:
+        raise NotImplementedError
+
+    def why(self) -> str:
+        raise NotImplementedError
 
 
 class Pending:
-    """The waiting requests of one server; ``send(identity, message)`` delivers replies."""
+    """The waiting requests of one server (``name``: how error replies sign)."""
 
-    def __init__(self, send: Callable[[bytes, Message], None], name: str, max_per_worker: int = 256) -> None:
-        self.send = send
+    def __init__(self, name: str, max_per_worker: int = 256) -> None:
         self.name = name
         self.max_per_worker = max_per_worker
         self.items: dict[int, Waiting] = {}  # in arrival order
@@ -74,19 +84,19 @@ class Pending:
     def soonest(self) -> float | None:
         return min((w.deadline for w in self.items.values()), default=None)
 
-    def _answer(self, w: Waiting) -> None:
-        """Send ``w``'s reply; one that cannot be built (its worker left meanwhile, say) becomes an ERROR reply."""
+    def _answer(self, w: Waiting) -> Reply:
+        """``w``'s reply; one that cannot be built (its worker left meanwhile, say) becomes an ERROR reply."""
         try:
             reply = w.answer()
         except Exception as exc:
             code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.INTERNAL
             reply = error_reply(w.request_id, self.name, code, f"{self.name}: {w.what} could not be answered: {exc}")
-        self.send(w.identity, reply)
+        return w.identity, reply
 
-    def flush(self, keys: Iterable[int] | None = None) -> None:
-        """Answer the requests that became ready: those waiting on ``keys``, or every one (``None``)."""
+    def flush(self, keys: Iterable[int] | None = None) -> list[Reply]:
+        """The replies of the requests that became ready: those waiting on ``keys``, or every one (``None``)."""
         if not self.items:
-            return
+            return []
         if keys is None:
             candidates: Iterable[int] = list(self.items)
         else:
@@ -94,24 +104,30 @@ class Pending:
             for key in keys:
                 found |= self._by_key.get(key, set())
             candidates = sorted(found)  # in arrival order
+        out = []
         for wid in candidates:
             w = self.items.get(wid)
             if w is not None and w.ready():
                 self._remove(wid)
-                self._answer(w)
+                out.append(self._answer(w))
+        return out
 
-    def expire(self, timeout: float) -> None:
+    def expire(self, timeout: float) -> list[Reply]:
         """Fail the requests past their deadline, naming what each waited for (one ready after all is answered)."""
         now = time.monotonic()
+        out = []
         for wid in [wid for wid, w in self.items.items() if w.deadline <= now]:
             w = self._remove(wid)
             if w.ready():
-                self._answer(w)
+                out.append(self._answer(w))
             else:
                 reason = f"{self.name}: {w.what} gave up after {timeout:.0f}s: {w.why()}"
-                self.send(w.identity, error_reply(w.request_id, self.name, ErrorCode.TIMEOUT, reason))
+                out.append((w.identity, error_reply(w.request_id, self.name, ErrorCode.TIMEOUT, reason)))
+        return out
 
-    def fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str) -> list[Reply]:
+        out = []
         for wid in list(self.items):
             w = self._remove(wid)
-            self.send(w.identity, error_reply(w.request_id, self.name, ErrorCode.DEAD, f"{self.name}: {reason}"))
+            out.append((w.identity, error_reply(w.request_id, self.name, ErrorCode.DEAD, f"{self.name}: {reason}")))
+        return out

@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import zmq
 
 from zps.protocol import replicas, transport
+from zps.protocol.bodies import SeedBody, read_hp
 from zps.protocol.codecs import make_codec
-from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
+from zps.protocol.fields import UNBOUNDED, is_int
+from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError
 from zps.protocol.peers import parse_peer
-from zps.protocol.steps import read_hp
 from zps.protocol.tensors import encode_entry
 
+from ._metrics import ServerMetrics
 from ._seeds import Decode, seed_messages
 from .store import KeyState, Update
 
@@ -43,19 +44,14 @@ log = logging.getLogger("zps.server")
 class Replication:
     """The replication state of server ``rank`` of ``num_servers`` (``peers``: every server's address by rank)."""
 
-    def __init__(self, rank: int, num_servers: int, count: int, context: zmq.Context, peers: tuple[str, ...],
-                 name: str) -> None:
+    def __init__(self, rank: int, num_servers: int, count: int, name: str, send: Callable[[int, Message], None],
+                 metrics: ServerMetrics) -> None:
+        """``send(server, message)``: to another server (the loop's socket to it); ``metrics``: what it counts."""
         self.rank, self.num_servers, self.count, self.name = rank, num_servers, count, name
+        self.send = send
+        self.counters = metrics.replication
         self.dead: frozenset[int] = frozenset()
         self.version = 0  # the topology version of the newest failover notice
-        self.sockets: dict[int, zmq.Socket] = {}
-        if count:
-            for peer, address in enumerate(peers):
-                if peer != rank:
-                    sock = context.socket(zmq.DEALER)
-                    sock.setsockopt(zmq.LINGER, 0)
-                    transport.connect(sock, address)
-                    self.sockets[peer] = sock
         self._ids = itertools.count(1)
         self._acked: dict[tuple[int, int], int] = {}  # (key, backup) -> the version it confirmed
         self._dropped: set[tuple[int, int]] = set()  # (key, backup): a backup that refused a seed of the key
@@ -68,8 +64,6 @@ class Replication:
         self.fenced: str | None = None  # a backup answered that this server was declared dead
         self._fenced_off: set[int] = set()  # servers a seed named dead before the coordinator's notice came
         self._plain = make_codec("none")  # updates travel uncompressed
-        self.counters = {"replicated": 0, "replica_applied": 0, "replica_duplicates": 0, "seeded_keys": 0,
-                         "seed_bytes": 0, "seeds_taken": 0}
 
     def fence(self, notice: tuple[int, frozenset[int]]) -> None:
         """Refuse updates from the servers a seed's topology names dead (before the coordinator's notice comes)."""
@@ -83,10 +77,6 @@ class Replication:
     @property
     def enabled(self) -> bool:
         return self.count > 0
-
-    def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close(linger=0)
 
     # -- who holds what --------------------------------------------------------------------------------
     def backups(self, state: KeyState) -> list[int]:
@@ -104,6 +94,16 @@ class Replication:
     def acked(self, state: KeyState) -> int:
         """The version of ``state`` every live backup holds (its own version when it has none)."""
         return min([state.version, *(self._acked.get((state.key, b), 0) for b in self.backups(state))])
+
+    def holds(self, targets: list[tuple[KeyState, int]]) -> bool:
+        """Every live backup holds each (key, version) of ``targets``."""
+        return all(self.acked(s) >= version for s, version in targets)
+
+    def missing(self, targets: list[tuple[KeyState, int]]) -> str:
+        """What a request waiting for ``targets`` (:meth:`holds`) still waits for."""
+        state, version = next(((s, v) for s, v in targets if self.acked(s) < v), targets[0])
+        return (f"{state.label()} at version {state.version}: its backups (servers {self.backups(state)}) have "
+                f"acknowledged version {self.acked(state)}, the request waits for {version}")
 
     # -- forwarding ------------------------------------------------------------------------------------
     def snapshot(self, updates: list[Update]) -> list[Forward] | None:
@@ -142,52 +142,41 @@ class Replication:
             msg = Message(Kind.REPLICATE, id=next(self._ids), src=self.name, keys=keys, frames=frames)
             self._inflight[msg.id] = (backup, record, False)
             self.counters["replicated"] += len(items)
-            try:
-                transport.send(self.sockets[backup], msg)
-            except zmq.ZMQError as exc:  # counted as never acknowledged: the push waits, then times out naming it
-                log.error("%s: an update for server %d could not be sent: %s", self.name, backup, exc)
+            self.send(backup, msg)  # (one that cannot be sent is never acknowledged: the push times out naming it)
 
-    def receive(self) -> set[int]:
-        """Take the backups' answers that arrived; the keys whose acknowledged version may have moved. Keys a backup
-        refused an update of go to :attr:`reseed`; a refused seed drops that backup as a copy of its keys."""
-        changed: set[int] = set()
-        for backup, sock in self.sockets.items():
-            while transport.readable(sock):
-                try:
-                    msg = transport.recv(sock)
-                except ProtocolError as exc:
-                    log.error("%s: an unreadable answer from server %d: %s", self.name, backup, exc)
-                    continue
-                found = self._inflight.pop(msg.id, None)
-                if found is None:
-                    continue
-                _, record, seed = found
-                changed.update(key for key, _ in record)
-                if msg.kind is not Kind.ERROR:
-                    for key, version in record:
-                        self._acked[(key, backup)] = max(self._acked.get((key, backup), 0), version)
-                        if seed and self._seeding.get((key, backup)) == msg.id:
-                            del self._seeding[(key, backup)]
-                    continue
-                reason = str(msg.body.get("reason", "?"))[:300]
-                if msg.body.get("code") == ErrorCode.DEAD.value:
-                    self.fenced = f"server {backup} refused its updates: {reason}"
-                    continue
-                keys = [key for key, _ in record]
-                if seed:
-                    for key in keys:
-                        self._dropped.add((key, backup))
-                        self._backups.pop(key, None)
-                        self._seeding.pop((key, backup), None)
-                    log.error("FAILOVER: %s: server %d refused the seed of keys %s (%s); it is no longer a copy of "
-                              "them: they have one copy fewer", self.name, backup, keys_text(keys), reason)
-                    continue
-                stale = [k for k in keys if self._seeded.get((k, backup), 0) > msg.id]  # sent before its newest seed
-                missed = [k for k in keys if k not in stale and (k, backup) not in self._dropped]
-                if missed:
-                    log.warning("%s: server %d refused updates of keys %s (%s): it is seeded with them again",
-                                self.name, backup, keys_text(missed), reason)
-                    self.reseed.setdefault(backup, set()).update(missed)
+    def answered(self, backup: int, msg: Message) -> set[int]:
+        """A backup's answer: the keys whose acknowledged version may have moved. Keys a backup refused an update of
+        go to :attr:`reseed`; a refused seed drops that backup as a copy of its keys."""
+        found = self._inflight.pop(msg.id, None)
+        if found is None:
+            return set()
+        _, record, seed = found
+        changed = {key for key, _ in record}
+        if msg.kind is not Kind.ERROR:
+            for key, version in record:
+                self._acked[(key, backup)] = max(self._acked.get((key, backup), 0), version)
+                if seed and self._seeding.get((key, backup)) == msg.id:
+                    del self._seeding[(key, backup)]
+            return changed
+        reason = str(msg.body.get("reason", "?"))[:300]
+        if msg.body.get("code") == ErrorCode.DEAD.value:
+            self.fenced = f"server {backup} refused its updates: {reason}"
+            return changed
+        keys = [key for key, _ in record]
+        if seed:
+            for key in keys:
+                self._dropped.add((key, backup))
+                self._backups.pop(key, None)
+                self._seeding.pop((key, backup), None)
+            log.error("FAILOVER: %s: server %d refused the seed of keys %s (%s); it is no longer a copy of them: "
+                      "they have one copy fewer", self.name, backup, keys_text(keys), reason)
+            return changed
+        stale = [k for k in keys if self._seeded.get((k, backup), 0) > msg.id]  # sent before its newest seed
+        missed = [k for k in keys if k not in stale and (k, backup) not in self._dropped]
+        if missed:
+            log.warning("%s: server %d refused updates of keys %s (%s): it is seeded with them again", self.name,
+                        backup, keys_text(missed), reason)
+            self.reseed.setdefault(backup, set()).update(missed)
         return changed
 
     def seed(self, keys: dict[int, KeyState], optimizer_state: Callable[[KeyState], dict[str, torch.Tensor]],
@@ -210,10 +199,7 @@ class Replication:
                     self._acked.pop((k, backup), None)
                 self.counters["seeded_keys"] += len(carried)
                 self.counters["seed_bytes"] += transport.size_of(msg.frames)
-                try:
-                    transport.send(self.sockets[backup], msg)
-                except zmq.ZMQError as exc:  # never acknowledged: the pushes wait, then time out naming it
-                    log.error("%s: a seed for server %d could not be sent: %s", self.name, backup, exc)
+                self.send(backup, msg)  # (never acknowledged if it cannot be sent: the pushes time out naming it)
             if states:
                 log.warning("FAILOVER: %s: seeding server %d with %d keys (%s)", self.name, backup, len(states),
                             keys_text([s.key for s in states]))
@@ -282,8 +268,18 @@ class Incoming:
         return self.state.version > self.version
 
 
+@dataclass
+class Replicate:
+    """A REPLICATE request, checked whole: its id, the sending server (name, rank) and its updates."""
+
+    request_id: int
+    src: str
+    sender: int
+    updates: list[Incoming]
+
+
 def read_replicate(msg: Message, num_servers: int, num_workers: int, check_hp: CheckHp,
-                   state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> list[Incoming]:
+                   state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> Replicate:
     """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
     held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
     skip others to apply."""
@@ -294,31 +290,27 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, check_hp: C
     if msg.fused:
         raise ProtocolError(ErrorCode.BAD_HEADER, "a replicate request carries no fused frame")
     out: list[Incoming] = []
-    offset = 0
     seen: set[int] = set()
-    for entry in msg.keys:
-        nf = entry.get("nf", 0)
-        frames = msg.frames[offset : offset + nf]
-        offset += nf
+    for entry, frames in msg.entries():
         state = state_of(entry)
         what = f"replicate of {state.label()}"
         if state.key in seen:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
         seen.add(state.key)
         version, hp, worker, step = entry.get("version"), entry.get("hp"), entry.get("worker"), entry.get("step", 0)
-        if type(version) is not int or version < 0:
+        if not is_int(version, 0, UNBOUNDED):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
         if hp is not None:
             checked = read_hp([hp])
             assert checked is not None
             hp = checked[0]
             check_hp(state.group, hp)
-        if worker is not None and (type(worker) is not int or not 0 <= worker < num_workers):
+        if worker is not None and not is_int(worker, 0, num_workers):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")
         if entry.get("codec", "none") != "none":
             raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: updates travel uncompressed")
         if entry.get("ng"):
-            if nf:
+            if frames:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: an update without a gradient has no frames")
             grad = None
         else:
@@ -328,4 +320,4 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, check_hp: C
             raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
                                                     f"{state.version}: it missed updates")
         out.append(update)
-    return out
+    return Replicate(msg.id, msg.src, peer[1], out)

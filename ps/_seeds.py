@@ -4,7 +4,7 @@
 A seed carries, per key, what a copy needs to apply the next update the way the primary does and to become the
 primary itself later: the values, the torch.optim state tensors, the version, the learning rate and (ASP/SSP) the
 last push of each worker applied. The wire fields are :class:`zps.protocol.messages.KeyEntry`'s (SEED requests) and
-:class:`zps.protocol.messages.SeedBody`.
+:class:`zps.protocol.bodies.SeedBody` (read by :func:`zps.protocol.bodies.read_seed`).
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from zps.protocol import replicas
+from zps.protocol import bodies
+from zps.protocol.bodies import SeedBody, read_hp
 from zps.protocol.codecs import make_codec
-from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, SeedBody
+from zps.protocol.fields import UNBOUNDED, is_int
+from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError
 from zps.protocol.peers import parse_peer
-from zps.protocol.steps import read_hp
 from zps.protocol.tensors import DTYPES, as_buffer, dtype_from_name, dtype_name, encode_entry, from_buffer
 
 from .store import KeyState
@@ -77,8 +78,11 @@ class SeedKey:
 
 @dataclass
 class Seed:
-    """A SEED request, checked whole: the sending server, the topology it seeds for, the optimizer, the keys."""
+    """A SEED request, checked whole: its id, the sending server (name, rank), the topology it seeds for, the
+    optimizer, the keys."""
 
+    request_id: int
+    src: str
     sender: int
     topology: tuple[int, frozenset[int]]  # the failover it follows: (topology version, dead servers)
     optimizer: str
@@ -86,7 +90,7 @@ class Seed:
     keys: list[SeedKey]
 
 
-def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements: int, max_lr: float,
+def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements: int,
               check_optimizer: Callable[[str, list[Any], int], None], decode: Decode) -> Seed:
     """Check a whole SEED request (ProtocolError naming the problem): a server's, a failover notice, a known
     optimizer, well-typed keys whose frames have exactly the sizes declared. Nothing is changed here."""
@@ -96,38 +100,27 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
                                                   f"{str(msg.src)[:40]!r}")
     if msg.fused:
         raise ProtocolError(ErrorCode.BAD_HEADER, "a seed carries no fused frame")
-    body = msg.body
-    try:
-        topology = replicas.parse_notice(body, num_servers)
-        if topology is None:
-            raise ValueError("it names no 'failover'")
-    except ValueError as exc:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"a seed's failover: {exc}") from None
-    optimizer, groups = body.get("optimizer"), body.get("groups")
-    if not isinstance(optimizer, str) or not isinstance(groups, list) or not groups:
-        raise ProtocolError(ErrorCode.BAD_OPTIMIZER, "a seed names its 'optimizer' and a non-empty list of 'groups'")
+    body, topology = bodies.read_seed(msg.body, num_servers)
+    optimizer, groups = body["optimizer"], body["groups"]
     out: list[SeedKey] = []
-    offset = 0
     seen: set[int] = set()
-    for entry in msg.keys:
+    for entry, frames in msg.entries():
         key, nf = entry["key"], entry.get("nf", 0)
         what = f"seed of key {key}"
-        frames = msg.frames[offset : offset + nf]
-        offset += nf
         if key in seen:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"key {key} appears twice in one seed")
         seen.add(key)
         numel, name, chunk_offset = entry.get("numel"), entry.get("name", ""), entry.get("offset", 0)
         group, home, version, hp = entry.get("group", 0), entry.get("home"), entry.get("version"), entry.get("hp")
-        if type(numel) is not int or not 0 <= numel <= max_key_elements:
+        if not is_int(numel, 0, max_key_elements + 1):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'numel' must be an integer in [0, {max_key_elements}]")
-        if not isinstance(name, str) or len(name) > 1024 or type(chunk_offset) is not int or not 0 <= chunk_offset:
+        if not isinstance(name, str) or len(name) > 1024 or not is_int(chunk_offset, 0, UNBOUNDED):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: bad 'name' or 'offset'")
-        if type(group) is not int or not 0 <= group < len(groups):
+        if not is_int(group, 0, len(groups)):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'group' must be one of the {len(groups)} groups")
-        if type(home) is not int or not 0 <= home < num_servers:
+        if not is_int(home, 0, num_servers):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'home' must be a server rank")
-        if type(version) is not int or not 0 <= version < 1 << 62:
+        if not is_int(version):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
         if hp is not None:
             checked = read_hp([hp])
@@ -135,8 +128,7 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
             hp = checked[0]
         last = entry.get("last", [])
         if not isinstance(last, list) or len(last) > num_workers or not all(
-                isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < num_workers
-                and type(p[1]) is int and 0 <= p[1] < 1 << 62 for p in last):
+                isinstance(p, list) and len(p) == 2 and is_int(p[0], 0, num_workers) and is_int(p[1]) for p in last):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'last' must be [[worker rank, step], ...]")
         described = entry.get("ostate", [])
         if not isinstance(described, list) or len(described) > MAX_STATE_TENSORS:
@@ -152,7 +144,7 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
         for item, frame in zip(described, frames[1:], strict=True):
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and len(item[0]) <= 64
                     and item[1] in DTYPES and isinstance(item[2], list) and len(item[2]) <= 1
-                    and all(type(d) is int and d >= 0 for d in item[2])) or item[0] in state:
+                    and all(is_int(d, 0, UNBOUNDED) for d in item[2])) or item[0] in state:
                 raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: an 'ostate' item must be [name, dtype, shape] "
                                                           "with a scalar or 1-D shape, each name once")
             count = math.prod(item[2])
@@ -165,6 +157,4 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
         out.append(SeedKey(entry, values, state, version, hp,
                            {w: s for w, s in last}))
         check_optimizer(optimizer, groups, group)
-    if offset != len(msg.frames):
-        raise ProtocolError(ErrorCode.FRAME_COUNT, f"a seed with {len(msg.frames)} frames, its keys name {offset}")
-    return Seed(peer[1], topology, optimizer, groups, out)
+    return Seed(msg.id, msg.src, peer[1], topology, optimizer, groups, out)

@@ -5,12 +5,11 @@ from typing import Any
 
 import torch
 
+from zps.protocol.fields import UNBOUNDED, is_int
 from zps.protocol.messages import ErrorCode, KeyEntry, ProtocolError
 from zps.protocol.shm import Segment, ShmUnavailable
 
 from .store import KeyState
-
-PUSH, PULL = 0, 1
 
 
 class WorkerSegments:
@@ -36,7 +35,8 @@ class WorkerSegments:
         try:
             for entry in entries:
                 offsets = entry.get("shm")
-                if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+                if not (isinstance(offsets, list) and len(offsets) == 2
+                        and all(is_int(o, 0, UNBOUNDED) for o in offsets)):
                     raise ValueError(f"key {entry['key']}: 'shm' must be [push offset, pull offset]")
                 for offset in offsets:
                     segment.view(offset, entry["numel"])
@@ -55,7 +55,7 @@ class WorkerSegments:
             self._areas[(worker, entry["key"])] = (segment.view(push, numel), segment.view(pull, numel))
 
     def view(self, worker: int, state: KeyState, area: int, what: str) -> torch.Tensor:
-        """The worker's shared push (``PUSH``) or pull (``PULL``) area of a key."""
+        """The worker's shared push or pull area of a key (``area``: :data:`zps.protocol.shm.PUSH` or ``PULL``)."""
         areas = self._areas.get((worker, state.key))
         if areas is None:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what} {state.label()}: worker {worker} has no shared segment "

@@ -2,44 +2,28 @@
 compressed delta since that worker's last pull (with the server's own error feedback)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from zps.protocol.codecs import Codec, make_codec
 from zps.protocol.messages import KeyEntry, Kind, Message
+from zps.protocol.shm import PULL
 from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, entry_encoded, fusable
 
 from ._metrics import ServerMetrics
-from ._shm import PULL, WorkerSegments
+from ._requests import PullRequest
+from ._shm import WorkerSegments
 from .store import KeyState
-
-
-@dataclass
-class PullRequest:
-    """A checked pull: whose, which keys, at which step, and how each key's values go back."""
-
-    identity: bytes
-    request_id: int
-    worker: int
-    states: list[KeyState]
-    step: int
-    pull_codecs: list[str | None]  # per key: send the change since this worker's last pull, encoded so (canonical)
-    pull_shm: list[bool]  # per key: answer through the worker's shared pull area
-    # --replicas: answer only once every live backup holds each of these (key, version): the push it came with
-    after: list[tuple[KeyState, int]] = field(default_factory=list)
 
 
 class Values:
     """Builds VALUES replies. ``snapshot``: values may change while ZeroMQ still sends them (ASP/SSP), so every
     frame is a copy; BSP never changes a value before every live worker received it, so it sends the store."""
 
-    def __init__(self, name: str, segments: WorkerSegments, counters: dict[str, int], metrics: ServerMetrics,
-                 snapshot: bool) -> None:
+    def __init__(self, name: str, segments: WorkerSegments, metrics: ServerMetrics, snapshot: bool) -> None:
         self.name = name
         self.segments = segments
-        self.counters = counters
         self.metrics = metrics
         self.snapshot = snapshot
         self._none = make_codec("none")
@@ -62,8 +46,7 @@ class Values:
             entry: KeyEntry
             if shared:
                 self.segments.view(p.worker, s, PULL, "pull of").copy_(s.param)
-                self.counters["shm_bytes_out"] += s.numel * 4
-                self.metrics.wire[("out", "shm")] += s.numel * 4
+                self.metrics.shared("out", s.numel * 4)
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
                 encoded = s.numel * 4
             elif fuse:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from zps.protocol.bodies import MAX_LR
 from zps.protocol.messages import ErrorCode, ProtocolError
 from zps.protocol.optim_spec import IMPLEMENTATION_FLAGS as _IGNORED
 
@@ -82,8 +83,6 @@ def build_optimizer(name: str, hparams: dict[str, Any], param: torch.Tensor) -> 
         raise _bad(f"{cls.__name__}({cleaned}) refused: {exc}") from None
 
 
-# a learning rate above float32's range cannot be applied (torch refuses it mid-step)
-MAX_LR = 3.0e38
 _CHECKED: dict[tuple[Any, ...], None] = {}
 
 

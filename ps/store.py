@@ -27,7 +27,7 @@ class KeyState:
     param: torch.Tensor | None = None  # None until rank 0 initialised it
     version: int = 0  # number of updates applied (BSP: the step being aggregated)
     # the hyper-parameters of the update being applied (those of its group that differ from how the optimizer
-    # was built: zps.protocol.steps), and of the latest one otherwise
+    # was built: zps.protocol.bodies), and of the latest one otherwise
     hp: dict[str, Any] | None = None
     # BSP aggregation of the current step, summed in rank order (the same bits whatever order pushes arrive in)
     acc: torch.Tensor | None = None
@@ -36,7 +36,7 @@ class KeyState:
     waiting: dict[int, torch.Tensor | None] = field(default_factory=dict)  # came before a lower rank's: held back
     with_grad: int = 0  # contributions added that had a gradient
     step_hp: tuple[int, dict[str, Any] | None] | None = None  # (rank, hp) of the step's lowest-ranked push
-    hold: bool = False  # a push of this step asked to hold the aggregate until a commit (zps.protocol.steps)
+    hold: bool = False  # a push of this step asked to hold the aggregate until a commit (zps.protocol.bodies)
     held: Aggregate | None = None  # the step's complete aggregate, held until its commit
     stats: dict[Any, Any] = field(default_factory=dict)  # what inspects computed of a held step (by norm order)
     stats_step: int = -1  # the step ``stats`` describe (kept after its commit, for an inspect that comes late)
@@ -103,7 +103,7 @@ class KeyState:
 
 class Aggregate(NamedTuple):
     """An update to apply: the gradient (None: no worker had one, so the key is not stepped, only versioned), the
-    hyper-parameters it is applied with, and whether it waits for its step's commit (zps.protocol.steps)."""
+    hyper-parameters it is applied with, and whether it waits for its step's commit (zps.protocol.bodies)."""
 
     grad: torch.Tensor | None
     hp: dict[str, Any] | None

@@ -71,9 +71,9 @@ def test_compressed_pull_tracks_the_workers_copy_exactly_and_converges() -> None
             g = torch.Generator().manual_seed(2)
             for step in range(5):
                 client.push_pull({"w": torch.randn(400, generator=g)}, held, step).result()
-                view = server.values.view(0, key)
+                view = server.shard.values.view(0, key)
                 assert view is not None and torch.equal(held["w"], view)
-            truth = server.keys[key].param
+            truth = server.shard.keys[key].param
             assert truth is not None
             assert (held["w"] - truth).abs().max() > 1e-3  # 10% top-k really is lossy
             errors = []
@@ -196,12 +196,12 @@ def test_pull_codec_written_without_parameters_compresses_pulls(codec: str) -> N
             full = numel * 4
             sent = []
             for step in range(3):
-                before = server.counters["bytes_out"]
+                before = server.shard.metrics.payload["out"]
                 grad = torch.randn(numel)
                 if codec == "nonzero":  # it sends what changed: a sparse push changes 1% (SGD without momentum)
                     grad *= torch.rand(numel) < 0.01
                 client.push_pull({"w": grad}, held, step).result()
-                sent.append(server.counters["bytes_out"] - before)
+                sent.append(server.shard.metrics.payload["out"] - before)
             assert max(sent) <= 0.55 * full, (codec, sent, full)  # fp16/bf16 halve it; the others do more
         finally:
             client.close()

@@ -199,7 +199,7 @@ def test_a_worker_that_fails_is_never_taken_for_one_that_left() -> None:
                 clients[0].push_pull({"w": torch.ones(4)}, models[0], 1).result(timeout=30)
             assert info.value.code is ErrorCode.DEAD
             assert "worker:1" in str(info.value) and "CUDA out of memory" in str(info.value)
-            assert cluster.servers[0].keys[0].version == 1  # step 1 was never applied with worker 0 alone
+            assert cluster.servers[0].shard.keys[0].version == 1  # step 1 was never applied with worker 0 alone
             assert cluster.coordinator.error and "worker:1" in cluster.coordinator.error
         finally:
             close_all(clients)
@@ -225,7 +225,7 @@ def test_declare_on_another_rank_returns_only_once_rank_0_set_the_values() -> No
             thread = threading.Thread(target=rank1)
             thread.start()
             deadline = time.monotonic() + 30
-            while not any(len(s.pending) for s in cluster.servers) and thread.is_alive():
+            while not any(len(s.shard.pending) for s in cluster.servers) and thread.is_alive():
                 assert time.monotonic() < deadline, "rank 1's declare never reached the servers"
                 time.sleep(0.01)  # polling another thread's progress, bounded by the deadline
             assert not outcome, outcome  # rank 1 waits: its INIT is pending on the server of "w"

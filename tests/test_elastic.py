@@ -221,7 +221,7 @@ def test_bad_joins_are_refused_by_name_and_change_nothing() -> None:
             assert raw.poll(10_000), "the server did not answer"
             return parse_frames(raw.recv_multipart())
 
-        consistency = cluster.servers[0].consistency
+        consistency = cluster.servers[0].shard.consistency
         assert consistency is not None
         try:
             for src, body, words in (("worker:0", {"step": 1}, "a member of the job already"),

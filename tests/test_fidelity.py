@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from zps.protocol import checkpoint as ckpt
-from zps.protocol.steps import Commit
+from zps.protocol.bodies import Commit
 from zps.worker import DistributedOptimizer
 
 from .helpers import ROOT, close_all, finish, local_cluster, run_parallel, start, wait_for_no_tagged

@@ -14,7 +14,7 @@ import torch
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, ProtocolError
 from zps.protocol.optim_spec import check_optimizer_spec, describe_optimizer, hyperparameter_overrides
-from zps.protocol.steps import KeyStat, inspect_body, read_commit, read_hp, read_inspect
+from zps.protocol.bodies import KeyStat, inspect_reply, read_commit, read_hp, read_inspect_reply
 from zps.protocol.trace import Tracer
 from zps.ps.consistency import make_consistency
 from zps.ps.optim import build_optimizer, check_overrides
@@ -249,11 +249,11 @@ def test_the_readers_of_a_coordinated_step_refuse_what_is_malformed() -> None:
         with pytest.raises(ProtocolError):
             read_hp(bad_hp)
     stats = {3: KeyStat(1.5, True), 4: KeyStat(None, False)}
-    assert read_inspect(inspect_body(stats), {3, 4}) == stats
+    assert read_inspect_reply(dict(inspect_reply(stats)), {3, 4}) == stats
     with pytest.raises(ProtocolError):
-        read_inspect(inspect_body(stats), {3})
+        read_inspect_reply(dict(inspect_reply(stats)), {3})
     with pytest.raises(ProtocolError):
-        read_inspect({"keys": [[3, "big", True]]}, {3})
+        read_inspect_reply({"keys": [[3, "big", True]]}, {3})
 
 
 def test_a_traced_model_can_still_be_saved_whole(tmp_path) -> None:

@@ -269,7 +269,7 @@ def test_bad_hyperparameters_are_refused_and_change_nothing(hp: dict, code: Erro
 def test_an_update_that_failed_is_not_taken_for_a_duplicate_when_retried() -> None:
     with served() as (cluster, clients, raw, tensors):
         k = key(clients[0], "a")
-        optimizer = cluster.servers[0].optimizers.by_group[0]
+        optimizer = cluster.servers[0].shard.keys.optimizers.by_group[0]
         real_step = optimizer.step
         failures: list[int] = []
 
@@ -309,5 +309,5 @@ def test_a_declaration_with_a_non_integer_offset_is_refused_not_left_to_crash_th
         reply = ask(raw, [head("init", "worker:1", keys=[entry])])
         assert reply.kind is Kind.ERROR and reply.body["code"] == ErrorCode.BAD_HEADER.value
         assert "'offset'" in reply.body["reason"]
-        assert 99 not in cluster.servers[0].keys
+        assert 99 not in cluster.servers[0].shard.keys
         assert_serves(raw)

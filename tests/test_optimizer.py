@@ -95,7 +95,7 @@ def test_synchronize_leaves_every_worker_holding_the_servers_model_in_asp() -> N
             run_parallel(lambda r: train(r), range(2))
             for name, param in models[0].named_parameters():
                 chunks = clients[0].chunks(name)
-                served = torch.cat([cluster.servers[c.server].keys[c.key].param for c in chunks])  # type: ignore[misc]
+                served = torch.cat([cluster.servers[c.server].shard.keys[c.key].param for c in chunks])  # type: ignore[misc]
                 torch.testing.assert_close(param.detach().view(-1), served, atol=0, rtol=0, msg=name)
                 torch.testing.assert_close(dict(models[1].named_parameters())[name], param, atol=0, rtol=0)
         finally:

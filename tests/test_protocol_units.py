@@ -10,6 +10,7 @@ import re
 import threading
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 from zps.launcher.cli import build_parser
 from zps.launcher.procs import LineForwarder
+from zps.protocol import bodies
 from zps.protocol.codecs import canonical_spec
 from zps.protocol.config import Config, ConfigError, JobConfig, flag_of, option_default
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, ProtocolError, parse_frames
@@ -120,6 +122,68 @@ def test_parse_rejects_non_msgpack_and_empty() -> None:
         with pytest.raises(ProtocolError) as info:
             parse_frames(frames)
         assert info.value.code is ErrorCode.BAD_HEADER
+
+
+def test_entries_give_each_key_its_own_frames_and_a_fused_key_none() -> None:
+    msg = parse_frames(Message(Kind.PUSH, keys=[{"key": 1, "nf": 2}, {"key": 2, "nf": 0, "fz": 0}, {"key": 3, "nf": 1}],
+                               frames=[b"a", b"b", b"c", b"fused"], fused=1).to_frames())
+    assert [(e["key"], frames) for e, frames in msg.entries()] == [(1, [b"a", b"b"]), (2, []), (3, [b"c"])]
+
+
+# -- bodies: one checked reader each ----------------------------------------------------------------------
+@pytest.mark.parametrize("body, code", [
+    ({"lr": [0.1, float("nan")]}, ErrorCode.BAD_HEADER),
+    ({"lr": [True]}, ErrorCode.BAD_HEADER),
+    ({"lr": []}, ErrorCode.BAD_HEADER),
+    ({"lr": [1e39]}, ErrorCode.BAD_HEADER),
+])
+def test_a_push_body_is_read_whole(body: dict, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        bodies.read_push(body)
+    assert info.value.code is code
+    assert bodies.read_push({"lr": [1, 0.5], "ckpt": 3}) == {"lr": [1.0, 0.5], "ckpt": 3}
+    assert bodies.read_push({"ckpt": True}) == {} and bodies.read_push({"ckpt": 0}) == {}  # (ignored, as ever)
+
+
+def test_the_other_request_bodies_are_read_whole() -> None:
+    assert bodies.read_join({"step": 4}) == {"step": 4}
+    for bad in ({}, {"step": -1}, {"step": 1.0}, {"step": False}):
+        with pytest.raises(ProtocolError, match="'step'"):
+            bodies.read_join(bad)
+    assert bodies.read_init({"optimizer": "SGD", "groups": [{"lr": 1}], "shm": {"fd": 3}}) == {
+        "optimizer": "SGD", "groups": [{"lr": 1}], "shm": {"fd": 3}}
+    refused: list[tuple[dict[str, Any], ErrorCode]] = [({"optimizer": "SGD", "groups": []}, ErrorCode.BAD_OPTIMIZER),
+                                                       ({"optimizer": 3, "groups": [{}]}, ErrorCode.BAD_OPTIMIZER),
+                                                       ({"shm": [1]}, ErrorCode.BAD_HEADER)]
+    for bad, code in refused:
+        with pytest.raises(ProtocolError) as info:
+            bodies.read_init(bad)
+        assert info.value.code is code
+    seed, topology = bodies.read_seed({"optimizer": "Adam", "groups": [{}], "failover": {"version": 2, "dead": [1]}}, 3)
+    assert topology == (2, frozenset({1})) and seed["failover"] == {"version": 2, "dead": [1]}
+    with pytest.raises(ProtocolError, match="failover"):
+        bodies.read_seed({"optimizer": "Adam", "groups": [{}], "failover": {"version": 2, "dead": [3]}}, 3)
+
+
+def test_a_register_body_is_read_whole_with_its_defaults() -> None:
+    assert bodies.read_register({"role": "worker"}) == {"role": "worker", "rank": -1, "host": "?", "pid": 0,
+                                                        "rejoin": False}
+    server = {"role": "server", "rank": 1, "host": "h", "pid": 7, "address": "tcp://h:1"}
+    assert bodies.read_register(server) == {**server, "rejoin": False}
+    for bad in ({"role": "coordinator"}, {"role": "worker", "rank": -2}, {"role": "worker", "pid": "7"},
+                {"role": "worker", "rejoin": 1}, {**server, "address": "h:1"}, {"role": "worker", "host": "x" * 256}):
+        with pytest.raises(ProtocolError) as info:
+            bodies.read_register(bad)
+        assert info.value.code is ErrorCode.BAD_HEADER, bad
+
+
+def test_heartbeat_and_notice_bodies_keep_what_is_well_formed() -> None:
+    assert bodies.read_heartbeat({"stats": {"step": 3, "loss": "x"}, "suspect": [9, 1, "2", 0, 2], "replicated": -1},
+                                 num_servers=4) == {"stats": {"step": 3}, "suspect": [1, 0]}  # (the first 4 only)
+    assert bodies.read_heartbeat({"replicated": 4}, 2) == {"replicated": 4}
+    notice = bodies.read_notice({"gone": 1, "replaced": "2", "why": 3, "workers": {"0": 11, "x": 1, "1": -5, "²": 1},
+                                 "failover": {"version": 1, "dead": [0]}})
+    assert notice == {"gone": 1, "workers": {"0": 11}, "failover": {"version": 1, "dead": [0]}}
 
 
 # -- config -----------------------------------------------------------------------------------------------

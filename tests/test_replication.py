@@ -21,8 +21,9 @@ import zmq
 from safetensors.torch import load_file
 
 from zps.protocol import replicas, transport
+from zps.protocol.bodies import SeedBody
 from zps.protocol.config import ConfigError, JobConfig
-from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, KeyEntry, Kind, Message, SeedBody, parse_frames
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, KeyEntry, Kind, Message, parse_frames
 from zps.protocol.tensors import Decoders
 from zps.ps._seeds import seed_messages
 from zps.worker._engine import Engine
@@ -182,11 +183,11 @@ def test_a_seed_gives_a_server_new_to_a_key_the_primarys_whole_state_and_a_malfo
             client.push({"w": torch.randn(64)}, step=step).result(timeout=10)  # acknowledged: applied everywhere
         key, home = client.chunks("w")[0].key, client.chunks("w")[0].server
         primary, stranger = cluster.servers[home], cluster.servers[(home + 2) % 3]
-        assert key not in stranger.keys
-        state = primary.keys[key]
+        assert key not in stranger.shard.keys
+        state = primary.shard.keys[key]
         body: SeedBody = {"optimizer": "Adam", "groups": [{"lr": 0.01}], "failover": {"version": 0, "dead": []}}
-        (msg, carried), = seed_messages([state], primary._optimizer_state, body, f"server:{home}", iter(range(1, 99)),
-                                        1 << 30)
+        (msg, carried), = seed_messages([state], primary.shard.keys.optimizer_state, body, f"server:{home}",
+                                        iter(range(1, 99)), 1 << 30)
         assert carried == [key]
         raw: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
@@ -211,14 +212,14 @@ def test_a_seed_gives_a_server_new_to_a_key_the_primarys_whole_state_and_a_malfo
                 assert raw.poll(10_000), f"case {i}: no answer"
                 reply = transport.recv(raw)
                 assert reply.kind is Kind.ERROR and reply.body["code"] == code.value, (i, reply.body)
-                assert key not in stranger.keys, i
+                assert key not in stranger.shard.keys, i
             transport.send(raw, msg)
             assert raw.poll(10_000) and transport.recv(raw).kind is Kind.OK
-            copy = stranger.keys[key]
+            copy = stranger.shard.keys[key]
             assert copy.param is not None and state.param is not None and torch.equal(copy.param, state.param)
             assert (copy.version, copy.hp, copy.last_step, copy.home) == (state.version, state.hp, state.last_step,
                                                                          state.home) and copy.version == 3
-            theirs, ours = primary._optimizer_state(state), stranger._optimizer_state(copy)
+            theirs, ours = primary.shard.keys.optimizer_state(state), stranger.shard.keys.optimizer_state(copy)
             assert theirs.keys() == ours.keys() == {"step", "exp_avg", "exp_avg_sq"}
             assert all(torch.equal(theirs[n], ours[n]) for n in theirs)
             dead = Message(Kind.SEED, id=200, src=msg.src, keys=msg.keys, frames=frames,

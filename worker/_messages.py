@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from zps.protocol.bodies import Commit, Hyperparameters
 from zps.protocol.codecs import Codec, ErrorFeedback, make_codec
 from zps.protocol.messages import KeyEntry, Kind, Message
 from zps.protocol.plan import Chunk, Plan, cut_messages
-from zps.protocol.steps import Commit, Hyperparameters
 from zps.protocol.tensors import MIN_FUSED_KEYS, FusedWriter, encode_entry, fusable
 
 from ._shm import PULL, PUSH, Mark, SharedAreas
@@ -96,7 +96,7 @@ class Messages:
              checkpoint: int | None = None) -> list[tuple[int, Message]]:
         """PUSH or PUSH_PULL messages of ``grads`` for ``step`` (a None gradient: this worker has none for it).
 
-        ``hp``: each group's hyper-parameters that differ from the declared optimizer's (:mod:`zps.protocol.steps`);
+        ``hp``: each group's hyper-parameters that differ from the declared optimizer's (:mod:`zps.protocol.bodies`);
         ``lr``: the learning rate (one, or one per group) -- sent as ``hp`` when ``hp`` is None, and the rate error
         feedback rescales its residual by; ``hold``: BSP, keep the step's aggregate until a commit; ``checkpoint``:
         a checkpoint asked for. Shared areas used are reserved into ``marks``."""
@@ -154,7 +154,7 @@ class Messages:
     def pull(self, outs: Tensors, step: int, marks: set[Mark], commit: Commit | None = None
              ) -> list[tuple[int, Message]]:
         """PULL messages for the values of ``outs`` as of ``step`` (BSP: after ``step`` updates); ``commit``: how
-        the held step ``step - 1`` is applied (:mod:`zps.protocol.steps`)."""
+        the held step ``step - 1`` is applied (:mod:`zps.protocol.bodies`)."""
         items: dict[int, list[_Item]] = {}
         for name in outs:
             for chunk in self.chunks(name):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from zps.protocol.fields import UNBOUNDED, is_int
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.tensors import Decoders, FusedReader
 from zps.protocol.trace import Tracer
@@ -61,7 +62,7 @@ class Replies:
                     and entry.get("bufs") == [["float32", dest.numel()]]
                 ):
                     targets[index] = dest.numpy().data.cast("B")
-                index += nf if type(nf) is int and nf > 0 else 0
+                index += nf if is_int(nf, 0, UNBOUNDED) else 0
             return targets
         except Exception:  # noqa: BLE001  anything malformed is parse_frames' to report
             return {}
@@ -82,16 +83,12 @@ class Replies:
 
     def _apply(self, msg: Message, request: Request) -> None:
         asked = msg.body.get("ckpt")
-        if type(asked) is int and asked > self.checkpoint:
+        if is_int(asked, self.checkpoint + 1, UNBOUNDED):
             self.checkpoint = asked
-        offset = 0
         fused = FusedReader(msg.frames, msg.fused, "values") if msg.fused else None
         fused_dests: list[torch.Tensor] = []  # copied in one call at the end (many small keys)
         fused_values: list[torch.Tensor] = []
-        for entry in msg.keys:
-            nf = entry.get("nf", 0)
-            frames = msg.frames[offset : offset + nf]
-            offset += nf
+        for entry, frames in msg.entries():
             dest = request.outs.get(entry["key"])
             if dest is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"server sent key {entry['key']} that was not asked for")

@@ -13,12 +13,13 @@ import threading
 import torch
 
 from zps.protocol.plan import Chunk
+from zps.protocol.shm import PULL as PULL
+from zps.protocol.shm import PUSH as PUSH
 from zps.protocol.shm import Segment, ShmUnavailable
 from zps.protocol.shm import layout as shm_layout
 
 log = logging.getLogger("zps.worker")
 
-PUSH, PULL = 0, 1
 Mark = tuple[int, int]  # (key, PUSH | PULL): an area reserved by a request in flight
 
 

@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from zps.protocol import board, transport
+from zps.protocol.bodies import Commit, Hyperparameters, KeyStat, read_inspect_reply
 from zps.protocol.codecs import Codec, canonical_spec, codec_factory, make_codec
 from zps.protocol.config import Config, ConfigError
 from zps.protocol.messages import KeyEntry, Kind, Message
@@ -32,7 +33,6 @@ from zps.protocol.rendezvous import RendezvousClient, Topology
 from zps.protocol.replicas import live_copies, parse_notice, routes
 from zps.protocol.shm import Segment
 from zps.protocol.stepmetrics import MetricsFile
-from zps.protocol.steps import Commit, Hyperparameters, KeyStat, read_inspect
 from zps.protocol.tensors import Decoders, encode_entry
 from zps.protocol.trace import Tracer
 
@@ -234,7 +234,7 @@ class Client:
 
         ``lr``: the learning rate the update is applied with (one, or one per optimizer group; default: the declared
         optimizer's); ``hp``: instead, each group's hyper-parameters that differ from the declared optimizer's
-        (:mod:`zps.protocol.steps`; ``lr`` then only rescales error feedback); ``hold``: BSP, the servers keep the
+        (:mod:`zps.protocol.bodies`; ``lr`` then only rescales error feedback); ``hold``: BSP, the servers keep the
         step's aggregate until a :meth:`pull` brings its commit. ``checkpoint`` (worker 0): ask for a checkpoint at
         that step (see :mod:`zps.protocol.checkpoint`)."""
         marks: set[Mark] = set()
@@ -249,7 +249,7 @@ class Client:
 
     def pull(self, outs: Tensors, step: int, *, commit: Commit | None = None) -> Future:
         """Pull values into ``outs`` (written in place, any device) as of ``step`` (BSP: after ``step`` updates);
-        ``commit``: how the held step ``step - 1`` is applied (:mod:`zps.protocol.steps`)."""
+        ``commit``: how the held step ``step - 1`` is applied (:mod:`zps.protocol.bodies`)."""
         marks: set[Mark] = set()
         with self._unreserve_on_error(marks):
             messages = self._built()
@@ -275,7 +275,7 @@ class Client:
             return self._engine.submit(parts, f"push_pull of step {step}", messages.destinations(outs), marks=marks)
 
     def inspect(self, names: list[str], step: int, norm_type: float | None = None) -> Future:
-        """BSP, a held step: resolves to each key's :class:`~zps.protocol.steps.KeyStat` (its aggregate's
+        """BSP, a held step: resolves to each key's :class:`~zps.protocol.bodies.KeyStat` (its aggregate's
         ``norm_type``-norm, None without one or where no worker produced a gradient; whether it is finite), once
         every key's aggregate of ``step`` is complete."""
         parts = self._built().inspect(names, step, norm_type)
@@ -287,7 +287,7 @@ class Client:
                 replies = future.result()
                 found: dict[int, KeyStat] = {}
                 for server, keys in asked.items():
-                    found.update(read_inspect(replies[server], keys))
+                    found.update(read_inspect_reply(replies[server], keys))
                 done.set_result(found)
             except BaseException as exc:  # noqa: BLE001  the caller's future carries it
                 done.set_exception(exc)

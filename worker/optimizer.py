@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from zps.protocol import checkpoint as ckpt
+from zps.protocol.bodies import Commit
 from zps.protocol.codecs import ErrorFeedback
 from zps.protocol.optim_spec import build_from_spec, describe_optimizer, hyperparameter_overrides, refuse_optimizer
-from zps.protocol.steps import Commit
 
 from . import _iteration, _state
 from ._checkpoint import Resumed, WorkerCheckpoints, load_part

@@ -71,7 +71,8 @@ def workload(cluster: LocalCluster) -> list[Client]:
 def server_state(cluster: LocalCluster) -> State:
     """(server, key), version and values of every key of every server."""
     return [((i, s.key), s.version, None if s.param is None else s.param.detach().clone())
-            for i, server in enumerate(cluster.servers) for s in sorted(server.keys.values(), key=lambda s: s.key)]
+            for i, server in enumerate(cluster.servers)
+            for s in sorted(server.shard.keys.values(), key=lambda s: s.key)]
 
 
 def same_state(a: State, b: State, declared_ok: bool = False) -> bool:
