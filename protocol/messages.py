@@ -26,7 +26,8 @@ import msgpack
 
 from .fields import UNBOUNDED, is_int, show
 
-PROTOCOL_VERSION = 3  # 2: fused frames of small keys; 3: a step's hyper-parameters (hp), held steps, keys without a gradient
+# 2: fused frames of small keys; 3: a step's hyper-parameters (hp), held steps, keys without a gradient
+PROTOCOL_VERSION = 3
 
 
 class Kind(str, enum.Enum):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from zps.protocol.bodies import KeyStat, inspect_reply, read_commit, read_hp, read_inspect_reply
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, ProtocolError
 from zps.protocol.optim_spec import check_optimizer_spec, describe_optimizer, hyperparameter_overrides
-from zps.protocol.bodies import KeyStat, inspect_reply, read_commit, read_hp, read_inspect_reply
 from zps.protocol.trace import Tracer
 from zps.ps.consistency import make_consistency
 from zps.ps.optim import build_optimizer, check_overrides

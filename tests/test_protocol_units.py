@@ -132,16 +132,18 @@ def test_entries_give_each_key_its_own_frames_and_a_fused_key_none() -> None:
 
 # -- bodies: one checked reader each ----------------------------------------------------------------------
 @pytest.mark.parametrize("body, code", [
-    ({"lr": [0.1, float("nan")]}, ErrorCode.BAD_HEADER),
-    ({"lr": [True]}, ErrorCode.BAD_HEADER),
-    ({"lr": []}, ErrorCode.BAD_HEADER),
-    ({"lr": [1e39]}, ErrorCode.BAD_HEADER),
+    ({"hp": [{"lr": 0.1}, {"lr": float("nan")}]}, ErrorCode.BAD_HEADER),
+    ({"hp": [{"lr": [True]}]}, ErrorCode.BAD_HEADER),
+    ({"hp": []}, ErrorCode.BAD_HEADER),
+    ({"hp": [{"lr": "fast"}]}, ErrorCode.BAD_HEADER),
+    ({"hp": {"lr": 0.1}}, ErrorCode.BAD_HEADER),
 ])
 def test_a_push_body_is_read_whole(body: dict, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         bodies.read_push(body)
     assert info.value.code is code
-    assert bodies.read_push({"lr": [1, 0.5], "ckpt": 3}) == {"lr": [1.0, 0.5], "ckpt": 3}
+    assert bodies.read_push({"hp": [{"lr": 1, "betas": [0.9, 0.99]}], "hold": 1, "ckpt": 3}) == {
+        "hp": [{"lr": 1, "betas": [0.9, 0.99]}], "hold": 1, "ckpt": 3}
     assert bodies.read_push({"ckpt": True}) == {} and bodies.read_push({"ckpt": 0}) == {}  # (ignored, as ever)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from zps.protocol import transport
-from zps.protocol.messages import Message
+from zps.protocol.messages import PROTOCOL_VERSION, Message
 
 Frames = list[bytes]
 
@@ -181,6 +181,6 @@ class Mutator:
             [b"\xdb\xff\xff\xff\xff" + b"a" * 10],  # a string claiming 4 GiB
             [b"\x91" * 100_000],  # nesting 100k deep
             [b"\xdd" + (200_000).to_bytes(4, "big") + b"\x90" * 200_000],  # 200k empty arrays
-            [msgpack.packb({"v": 2, "kind": "push", "id": 1, "src": "worker:0",
+            [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "push", "id": 1, "src": "worker:0",
                             "keys": [{"key": i, "step": 0, "nf": 1} for i in range(5000)]})],
         ])
