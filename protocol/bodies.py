@@ -15,9 +15,9 @@ import sys
 from typing import Any, NamedTuple, TypedDict
 
 from . import replicas
-from .config import ROLES
 from .fields import UNBOUNDED, is_int, is_number
 from .messages import ErrorCode, ProtocolError
+from .peers import ROLES
 from .progress import clean_report
 
 MAX_LR = 3.0e38  # a learning rate above float32's range cannot be applied (torch refuses it mid-step)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from zps.protocol.bodies import read_register
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply
 from zps.protocol.peers import COORDINATOR, parse_peer, peer_name
@@ -81,24 +82,11 @@ class Registration:
     rejoin: bool
 
 
-def read_registration(body: dict[str, Any], roles: tuple[str, ...] = ("server", "worker")) -> Registration:
-    """The fields of a REGISTER body (:class:`~zps.protocol.messages.RegisterBody`), or ProtocolError naming the bad
-    one."""
-    role, rank, pid, host = body.get("role"), body.get("rank", -1), body.get("pid", 0), body.get("host", "?")
-    if not isinstance(role, str) or role not in roles:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"cannot register role {str(role)[:40]!r}: expected server or "
-                                                  "worker")
-    if type(rank) is not int or not -1 <= rank < 1 << 31:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"rank must be an integer >= -1, got {str(rank)[:40]}")
-    if type(pid) is not int or not 0 <= pid < 1 << 31 or not isinstance(host, str) or len(host) > 255:
-        raise ProtocolError(ErrorCode.BAD_HEADER, "'pid' must be a process id and 'host' a host name")
-    rejoin = body.get("rejoin", False)
-    if type(rejoin) is not bool:
-        raise ProtocolError(ErrorCode.BAD_HEADER, "'rejoin' must be true or false")
-    address = body.get("address")
-    if role == "server" and not (isinstance(address, str) and address.startswith("tcp://") and len(address) < 300):
-        raise ProtocolError(ErrorCode.BAD_HEADER, "a server must register with its 'address' (tcp://host:port)")
-    return Registration(role, rank, host, pid, address if role == "server" else None, rejoin)
+def read_registration(body: dict[str, Any]) -> Registration:
+    """A REGISTER body read by its one reader (:func:`zps.protocol.bodies.read_register`), as a Registration."""
+    found = read_register(body)
+    return Registration(found["role"], found["rank"], found["host"], found["pid"], found.get("address"),
+                        found["rejoin"])
 
 
 class Membership:
