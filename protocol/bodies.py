@@ -19,6 +19,7 @@ from .fields import UNBOUNDED, is_int, is_number
 from .messages import ErrorCode, ProtocolError
 from .peers import ROLES
 from .progress import clean_report
+from .replicas import FailoverNotice
 
 MAX_LR = 3.0e38  # a learning rate above float32's range cannot be applied (torch refuses it mid-step)
 MAX_GROUPS = 1024  # optimizer param groups of a job
@@ -233,19 +234,6 @@ def read_join(body: dict[str, Any]) -> JoinBody:
 
 
 # -- server -> server (--replicas) ----------------------------------------------------------------------------------
-class FailoverNotice(TypedDict):
-    """A NOTICE body's ``failover`` map (``--replicas``): the coordinator lost servers and promoted backups. Written
-    and read by :mod:`zps.protocol.replicas` only (:func:`zps.protocol.replicas.notice_body`,
-    :func:`zps.protocol.replicas.parse_notice`).
-
-    - ``version``: the topology version, bumped by each failover (1 after the first)
-    - ``dead``: every server rank that has died so far; each home's chunks are served by its first live copy
-    """
-
-    version: int
-    dead: list[int]
-
-
 class SeedBody(TypedDict):
     """The body of a SEED request (``--replicas``, a primary to a backup).
 

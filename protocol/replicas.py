@@ -4,7 +4,7 @@ Placement is a pure function of (home server, R, number of servers, dead servers
 alike: the chunks the sharding plan gives server ``s`` (their *home*) live on the first R + 1 live servers of the
 chain ``s, s+1, ..., s+S-1`` (mod S), never two copies on one server. While every server lives, that is
 ``s, ..., s+R``: the home serves them (the primary) and the others are backups. When servers die, the coordinator
-tells every process which ones are dead (:class:`zps.protocol.bodies.FailoverNotice`); each derives the new
+tells every process which ones are dead (:class:`FailoverNotice`); each derives the new
 primaries (the first live server of each chain) from that alone, and the copy sets grow by the next live servers
 of the chain: a primary *seeds* each backup new to a chunk with its whole state (re-replication), so R + 1 copies
 exist again as long as R + 1 servers live. A copy that was still being seeded when its primary died holds nothing:
@@ -13,12 +13,21 @@ the coordinator counts a chunk lost when no complete copy lives.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 from .fields import UNBOUNDED, is_int
 
-if TYPE_CHECKING:  # (bodies reads a seed's failover with parse_notice)
-    from .bodies import FailoverNotice
+
+class FailoverNotice(TypedDict):
+    """A NOTICE body's ``failover`` map (``--replicas``): the coordinator lost servers and promoted backups. Written
+    by :func:`notice_body` and read by :func:`parse_notice` only.
+
+    - ``version``: the topology version, bumped by each failover (1 after the first)
+    - ``dead``: every server rank that has died so far; each home's chunks are served by its first live copy
+    """
+
+    version: int
+    dead: list[int]
 
 
 def check_replicas(replicas: int, num_servers: int) -> None:
