@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 from zps.protocol.config import ConfigError, JobConfig, configure_logging, flag_of, option_default, option_of
+from zps.protocol.variables import env_name
 
 
 def _port(text: str) -> int:
@@ -44,6 +45,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
             default = option_default(f, os.environ)
         except ConfigError:  # job_config says so, for the commands that start a job
             default = f.default
+        if f.name == "staleness" and env_name(f.name) not in os.environ:
+            default = None  # not given: job_config refuses --mode ssp without it
         names = [flag, opt.short] if opt.short else [flag]
         help_text = f"{opt.help} (default {default!r})" if default not in ("", False) else opt.help
         if f.type == "bool":
@@ -60,6 +63,11 @@ def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Job
     try:
         for f in fields(JobConfig):
             option_default(f, os.environ)  # a bad default from the launcher's environment (ZPS_PRELOAD=maybe)
+        if hasattr(args, "staleness") and args.staleness is None:
+            if getattr(args, "mode", "bsp") == "ssp":
+                raise ConfigError("--mode ssp needs --staleness N: how many clocks a worker may run ahead of the "
+                                  "slowest (0: every worker waits for every other, each push applied alone)")
+            args.staleness = 0
         job = JobConfig(**{f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)})
         job.check_specs()
     except ConfigError as exc:

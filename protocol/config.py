@@ -236,10 +236,6 @@ class JobConfig:
         if self.staleness and self.mode != "ssp":
             raise ConfigError(f"ZPS_STALENESS (--staleness)={self.staleness} only applies to mode ssp "
                               f"(the mode is {self.mode})")
-        if self.mode == "ssp" and not self.staleness:
-            raise ConfigError("ZPS_MODE (--mode)=ssp needs ZPS_STALENESS (--staleness) N >= 1: how many steps a "
-                              "worker may run ahead of the slowest (with 0 every worker waits for every other, "
-                              "each push applied alone)")
         if self.error_feedback and self.codec in ("", "none"):
             raise ConfigError("ZPS_ERROR_FEEDBACK (--error-feedback) needs ZPS_CODEC (--codec): error feedback keeps "
                               "what a lossy codec drops, and without one nothing is dropped")

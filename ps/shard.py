@@ -514,6 +514,13 @@ class Shard:
             **self.metrics.stats(),
         }))
 
+    def checkpoint_for(self, step: int) -> int:
+        """The checkpoint a reply to a pull of ``step`` tells its worker of (0: none). BSP: checkpoint V is the cut
+        at step V, so only a pull of step V or later hears of it -- a worker that pulls late (its pull is separate
+        from its push in a held step) must not hear of worker 0's request for the next checkpoint a step early."""
+        latest = self.checkpoints.latest if self.checkpoints is not None else 0
+        return latest if self.mode != "bsp" or latest <= step else 0
+
     def holdings(self) -> dict[str, float]:
         """What this server holds now (the gauges of :mod:`._metrics`)."""
         return {"parameter_bytes": self.keys.bytes, "optimizer_state_bytes": self.optimizer_bytes,
@@ -647,7 +654,7 @@ class _Pulling(Waiting):
         shard.consistency.served(p.worker, p.step)
         with shard.tracer("pull", worker=p.worker, step=p.step, keys=len(p.states)):
             began = time.perf_counter()
-            reply = shard.values.reply(p, shard.checkpoints.latest if shard.checkpoints is not None else 0)
+            reply = shard.values.reply(p, shard.checkpoint_for(p.step))
             shard.metrics.seconds["encode"] += time.perf_counter() - began
             return reply
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from zps.launcher.cli import main as cli_main
 from zps.protocol.bodies import KeyStat, inspect_reply, read_commit, read_hp, read_inspect_reply
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, ProtocolError
@@ -89,9 +90,11 @@ def test_optimizer_specs_fail_at_start_naming_the_problem(spec: str, words: str)
         JobConfig(optimizer=spec).check_specs()
 
 
-def test_options_that_would_pass_silently_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"--mode\)=ssp needs ZPS_STALENESS"):
-        JobConfig(mode="ssp")
+def test_options_that_would_pass_silently_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):  # --mode ssp without --staleness: the command line says how far ahead
+        cli_main(["run", "--servers", "1", "--workers", "1", "--mode", "ssp", "examples/digits.py"])
+    assert "--mode ssp needs --staleness N" in capsys.readouterr().err
+    JobConfig(mode="ssp", staleness=0)  # given: every worker waits for every other (tests/test_consistency.py)
     with pytest.raises(ConfigError, match=r"--error-feedback\) needs ZPS_CODEC"):
         JobConfig(error_feedback=True)
     JobConfig(mode="ssp", staleness=1)

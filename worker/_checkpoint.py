@@ -89,6 +89,12 @@ class WorkerCheckpoints:
         asked = self.client.checkpoint_requested
         if self.interval is None or asked <= self.saved:
             return
+        if self.client.topology.mode == "bsp" and asked != steps:  # BSP: checkpoint V is the cut at step V
+            if asked > steps:  # (the servers tell of V only in replies to pulls of step V or later)
+                log.error("%s: checkpoint %d was asked for at step %d, before its step; it is not taken",
+                          self.client.name, asked, steps)
+            self.saved = asked  # (one asked before this worker started: a replacement's, a joiner's)
+            return
         self.saved = asked
         self._due = _Due(asked, steps, synchronized, _state.rng_state(), _state.buffers(self.model))
 
