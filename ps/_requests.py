@@ -157,6 +157,7 @@ class Reader:
         decoded (with a server optimizer torch would build)."""
         worker = self.worker(msg)
         body = bodies.read_init(msg.body)
+        self.keys.check_model(body.get("model"), worker)
         opt_name, groups = body.get("optimizer"), body.get("groups", [])
         if opt_name is not None:
             optimizer_class(opt_name)

@@ -154,6 +154,8 @@ class Shard:
         if segment is not None:
             self.segments.adopt(request.worker, segment, entries)
         opt_name, groups = request.body.get("optimizer"), request.body.get("groups", [])
+        if self.keys.model is None and "model" in request.body:
+            self.keys.model = (request.body["model"], request.worker)
         if opt_name is not None:
             self.keys.optimizer = (opt_name, groups)
             if self.checkpoints is not None:
