@@ -67,7 +67,7 @@ def measure(kind: str, repeats: int) -> dict[str, float]:
 
     plain_step = cpu_per_call(step, repeats)
     backward()
-    seen: dict[int, tuple[object, int]] = {}
+    seen: dict[int, tuple[torch.Tensor, int]] = {}
 
     def hook(param: torch.Tensor) -> None:  # what DistributedOptimizer._on_grad_ready does without overlap
         grad = param.grad
@@ -75,7 +75,12 @@ def measure(kind: str, repeats: int) -> dict[str, float]:
             seen[id(param)] = (grad, grad._version)
 
     every = list(model.parameters())
-    hooks = cpu_per_call(lambda: [hook(p) for p in every], repeats * 20)  # one call per parameter per backward
+
+    def all_hooks() -> None:  # one call per parameter per backward
+        for p in every:
+            hook(p)
+
+    hooks = cpu_per_call(all_hooks, repeats * 20)
     declared = describe_optimizer(opt)
     overrides = cpu_per_call(lambda: hyperparameter_overrides(declared, opt.param_groups), repeats * 20)
     params = dict(model.named_parameters())
