@@ -94,6 +94,32 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
                    help="print where each process goes and its command; start nothing")
 
 
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``zps ray`` beyond the job's own (add_job_options)."""
+    from .ray_backend import STRATEGIES
+
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster (host:port of its head); default: RAY_ADDRESS, else a cluster `ray start` "
+                        "began on this host, else a new local one (as ray.init() does)")
+    p.add_argument("--working-dir", default=".", metavar="DIR",
+                   help="what travels to the nodes with the job (Ray's runtime environment; .gitignore applies); "
+                        "the script is a path in it (default: the current directory)")
+    p.add_argument("--server-resources", default='{"CPU": 1}', metavar="JSON",
+                   help="each server's bundle, e.g. '{\"CPU\": 4, \"memory\": 8e9}' (default %(default)s)")
+    p.add_argument("--worker-resources", default='{"CPU": 1}', metavar="JSON",
+                   help="each worker's bundle, e.g. '{\"CPU\": 4, \"GPU\": 1}' or custom resources "
+                        "(default %(default)s)")
+    p.add_argument("--server-placement", default="spread", choices=sorted(STRATEGIES),
+                   help="how the servers' bundles go over the nodes (default spread: Ray's SPREAD)")
+    p.add_argument("--worker-placement", default="pack", choices=sorted(STRATEGIES),
+                   help="how the workers' bundles go over the nodes (default pack: Ray's PACK)")
+    p.add_argument("--placement-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
+                   help="seconds the cluster may take to place every bundle (autoscaling, image pulls) before "
+                        "the job fails, apart from --timeout (default 300)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a variable for every server and worker (repeatable)")
+
+
 def add_insecure(p: argparse.ArgumentParser, what: str) -> None:
     """``--secure`` on by default (``zps launch``, ``zps k8s``: ports reachable from a network); ``--insecure``
     turns it off."""
@@ -149,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("--checkpoint-claim", default=None, metavar="PVC",
                      help="a PersistentVolumeClaim every pod mounts at --checkpoint-dir")
     add_script(k8s, what="the training script, a path inside the image")
+
+    ray_p = sub.add_parser("ray", help="run a job on a Ray cluster: every server and worker an actor on its bundle of "
+                                       "a placement group (docs/launch.md)")
+    add_job_options(ray_p)
+    add_ray_options(ray_p)
+    add_insecure(ray_p, "a port of the job")
+    add_script(ray_p, what="the training script every worker runs (a path in --working-dir)")
 
     top = sub.add_parser("top", help="a live view of a running job: every role's step, rates, memory, stragglers")
     top.add_argument("--coordinator", "-c", required=True, metavar="HOST:PORT",
@@ -225,6 +258,35 @@ def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run_job(job, backend, port=args.port)
 
 
+def _ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``zps ray``: the job on a Ray cluster (:mod:`.ray_backend`)."""
+    from .backend import LaunchError
+    from .job import run_job
+    from .ray_backend import RayBackend, RayOptions, parse_resources
+    from .ssh_command import parse_env_options
+
+    job = job_config(args, parser)
+    _warn_insecure(job, "ray")
+    try:
+        options = RayOptions(address=args.address, working_dir=args.working_dir,
+                             server_resources=parse_resources("--server-resources", args.server_resources),
+                             worker_resources=parse_resources("--worker-resources", args.worker_resources),
+                             server_placement=args.server_placement, worker_placement=args.worker_placement,
+                             placement_timeout=args.placement_timeout, env=parse_env_options(args.env))
+        backend = RayBackend([args.script, *args.args], options, sys.stdout)
+        backend.connect()
+    except LaunchError as exc:
+        print(f"zps ray: {str(exc).removeprefix('zps ray: ')}", file=sys.stderr)
+        return 2
+    try:
+        return run_job(job, backend)
+    except KeyboardInterrupt:  # while placing the job, before its own handlers: what it reserved is removed
+        print("zps ray: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        backend.close()
+
+
 def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .k8s import DEFAULT_PORT, render_manifest
 
@@ -290,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args, parser)
     if args.command == "k8s":
         return _k8s(args, parser)
+    if args.command == "ray":
+        return _ray(args, parser)
     if args.command == "secrets":
         return _secrets(args)
     if args.command == "experiment":
