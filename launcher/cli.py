@@ -174,7 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("--gpus-per-worker", type=int, default=0, help="nvidia.com/gpu per worker pod (default 0)")
     k8s.add_argument("--checkpoint-claim", default=None, metavar="PVC",
                      help="a PersistentVolumeClaim every pod mounts at --checkpoint-dir")
-    add_script(k8s, what="the training script, a path inside the image")
+    k8s.add_argument("--format", default="jobset", choices=("jobset", "jobs"),
+                     help="one JobSet (default: needs the JobSet controller) or independent Jobs and a Service")
+    from .k8s import DEFAULT_RESOURCES
+
+    for role, amounts in DEFAULT_RESOURCES.items():
+        k8s.add_argument(f"--{role}-resources", default=None, metavar="NAME=QTY,...",
+                         help=f"each {role} pod's requests = limits (default "
+                              f"{','.join(f'{k}={v}' for k, v in amounts.items())}), e.g. cpu=8,memory=32Gi")
+    k8s.add_argument("--queue", default=None, help="Kueue's LocalQueue: the JobSet is admitted whole or not at all")
+    k8s.add_argument("--ttl", type=int, default=86400, metavar="SECONDS",
+                     help="delete the finished job after this long (default a day)")
+    k8s.add_argument("--deadline", type=int, default=None, metavar="SECONDS",
+                     help="fail any role still running after this long (activeDeadlineSeconds; default none)")
+    k8s.add_argument("--keys", action="store_true",
+                     help="--secure: print the job's fresh keys instead, one Secret per pod, for kubectl apply -f - "
+                          "(the manifest holds none)")
+    add_script(k8s, required=False, what="the training script, a path inside the image")
 
     ray_p = sub.add_parser("ray", help="run a job on a Ray cluster: every server and worker an actor on its bundle of "
                                        "a placement group (docs/launch.md)")
@@ -288,17 +304,45 @@ def _ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .k8s import DEFAULT_PORT, render_manifest
+    from .k8s import (
+        DEFAULT_PORT,
+        DEFAULT_RESOURCES,
+        K8sOptions,
+        option_warnings,
+        parse_resources,
+        render_manifest,
+        render_secrets,
+    )
 
     job = job_config(args, parser)
+    if args.keys:
+        if not job.secure:
+            parser.error("--keys: an --insecure job has no keys")
+        if sys.stdout.isatty():
+            print("zps k8s --keys: not to a terminal (nor a log): pipe it into kubectl apply -f -", file=sys.stderr)
+            return 2
+        try:
+            sys.stdout.write(render_secrets(job, namespace=args.namespace, name=args.name))
+        except ValueError as exc:
+            print(f"zps k8s: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.script:
+        parser.error("the training script is required (a path inside the image), except with --keys")
     _warn_insecure(job, "k8s")
     try:
+        resources = {role: parse_resources(f"--{role}-resources", text) for role in DEFAULT_RESOURCES
+                     if (text := getattr(args, f"{role}_resources")) is not None}
+        options = K8sOptions(format=args.format, resources={**DEFAULT_RESOURCES, **resources},
+                             queue=args.queue, ttl=args.ttl, deadline=args.deadline)
         text = render_manifest(args.image, job, [args.script, *args.args], namespace=args.namespace,
                                port=args.port or DEFAULT_PORT, name=args.name, gpus_per_worker=args.gpus_per_worker,
-                               checkpoint_claim=args.checkpoint_claim)
+                               checkpoint_claim=args.checkpoint_claim, options=options)
     except ValueError as exc:  # ConfigError is one too
         print(f"zps k8s: {exc}", file=sys.stderr)
         return 2
+    for warning in option_warnings(job, args.format):
+        print(f"zps k8s: warning: {warning}", file=sys.stderr)
     sys.stdout.write(text)
     return 0
 
