@@ -160,9 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_script(node, required=False, what="the training script (the worker role runs it)")
 
     slurm = sub.add_parser("slurm", help="run one task of an srun step: task 0 also runs the coordinator")
-    slurm.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
-    slurm.add_argument("--servers", "-s", type=_positive(int), default=None, help="number of servers (default 1)")
+    add_job_options(slurm)
+    slurm.add_argument("--port", type=_port, default=None,
+                       help="the coordinator's port (default: one derived from SLURM_JOB_ID, 20000-31999)")
+    slurm.add_argument("--role", choices=("server", "worker"), default=None,
+                       help="this step runs this role alone, rank SLURM_PROCID; ZPS_COORDINATOR and the job's size "
+                            "come from the environment (what zps sbatch's script does)")
     add_script(slurm, required=False, what="the training script (the worker role runs it)")
+
+    sbatch = sub.add_parser("sbatch", help="print a batch script that runs a job on Slurm: servers and workers as "
+                                           "the two components of a heterogeneous job (docs/launch.md)")
+    add_job_options(sbatch)
+    add_insecure(sbatch, "a port of the job")
+    sbatch.add_argument("--job-name", default="zps", help="the job's name (default zps)")
+    sbatch.add_argument("--time", default=None, help="the job's time limit, e.g. 4:00:00")
+    sbatch.add_argument("--account", default=None, help="the account to charge")
+    sbatch.add_argument("--partition", default=None, help="the partition of both components")
+    sbatch.add_argument("--server-partition", default=None, help="the servers' partition (e.g. a CPU one)")
+    sbatch.add_argument("--worker-partition", default=None, help="the workers' partition (e.g. a GPU one)")
+    sbatch.add_argument("--server-cpus", type=_positive(int), default=2, help="CPUs per server (default 2)")
+    sbatch.add_argument("--worker-cpus", type=_positive(int), default=4, help="CPUs per worker (default 4)")
+    sbatch.add_argument("--server-mem", default=None, help="memory per server node, e.g. 16G")
+    sbatch.add_argument("--worker-mem", default=None, help="memory per worker node, e.g. 64G")
+    sbatch.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs per worker task (default 0)")
+    sbatch.add_argument("--keys-dir", default="$HOME/.zps/keys",
+                        help="--secure: where each job's key directory goes, on a file system every node shares "
+                             "(default %(default)s)")
+    sbatch.add_argument("--zps", default="zps", help="the zps command on the nodes (default zps)")
+    sbatch.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="one more sbatch option, e.g. --sbatch=--qos=high (repeatable)")
+    add_script(sbatch, what="the training script every worker runs (a path from where the job is submitted)")
 
     k8s = sub.add_parser("k8s", help="print a Kubernetes manifest for a job (kubectl apply -f -)")
     add_job_options(k8s)
@@ -303,6 +330,33 @@ def _ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         backend.close()
 
 
+def _sbatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``zps sbatch``: the batch script (:func:`.slurm.render_sbatch`) on standard output."""
+    from .slurm import SbatchOptions, render_sbatch
+
+    job = job_config(args, parser)
+    _warn_insecure(job, "sbatch")
+    options = SbatchOptions(job_name=args.job_name, time=args.time, account=args.account, partition=args.partition,
+                            server_partition=args.server_partition, worker_partition=args.worker_partition,
+                            server_cpus=args.server_cpus, worker_cpus=args.worker_cpus, server_mem=args.server_mem,
+                            worker_mem=args.worker_mem, gpus_per_worker=args.gpus_per_worker,
+                            keys_dir=args.keys_dir, zps=args.zps, extra=tuple(args.sbatch))
+    try:
+        sys.stdout.write(render_sbatch(job, [args.script, *args.args], options))
+    except ValueError as exc:
+        print(f"zps sbatch: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def given_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The ``ZPS_*`` variables of the job options given on the command line (those left at their defaults are not:
+    the environment's own ``ZPS_*`` then stand)."""
+    job = job_config(args, parser)
+    defaults = JobConfig().to_env()
+    return {k: v for k, v in job.to_env().items() if v != defaults[k]}
+
+
 def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .k8s import (
         DEFAULT_PORT,
@@ -388,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         script = [args.script, *args.args] if args.script else []
         if args.command == "node":
             return node.main_node(script, num_servers=args.servers)
-        return node.main_slurm(script, num_servers=args.servers, port=args.port)
+        return node.main_slurm(script, num_servers=args.num_servers, port=args.port, role=args.role,
+                               settings=given_settings(args, parser))
     configure_logging(getattr(args, "log_level", "WARNING"))
     if args.command == "run":
         return _run(args, parser)
@@ -398,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _k8s(args, parser)
     if args.command == "ray":
         return _ray(args, parser)
+    if args.command == "sbatch":
+        return _sbatch(args, parser)
     if args.command == "secrets":
         return _secrets(args)
     if args.command == "experiment":

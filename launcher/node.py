@@ -49,7 +49,7 @@ from zps.protocol.variables import ZPS_HOST, ZPS_NUM_SERVERS, ZPS_ROLE, env_valu
 from .coordinator import Coordinator
 from .env_roles import local_device, torchrun_roles
 from .k8s import k8s_resume, k8s_roles
-from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
+from .slurm import is_coordinator_task, slurm_roles
 
 
 def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str, str]:
@@ -194,13 +194,16 @@ def main_node(script: Sequence[str], num_servers: int | None = None, environ: Ma
 
 
 def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int | None = None,
-               environ: Mapping[str, str] | None = None) -> int:
-    """``srun zps slurm [--servers S] SCRIPT ARGS...``: this task's role; task 0 also runs the coordinator."""
-    base = os.environ if environ is None else environ
+               environ: Mapping[str, str] | None = None, role: str | None = None,
+               settings: Mapping[str, str] | None = None) -> int:
+    """``srun zps slurm [--servers S] [JOB OPTIONS] SCRIPT ARGS...``: this task's role; task 0 also runs the
+    coordinator. ``settings`` (the job options given) lie over the environment's ``ZPS_*``; with ``role`` the step
+    runs that role alone (:func:`launcher.slurm.slurm_roles`) and the coordinator runs elsewhere."""
+    base = {**(os.environ if environ is None else environ), **(settings or {})}
     try:
-        env = {**base, **slurm_roles(base, num_servers or 1, port or DEFAULT_PORT)}
+        env = {**base, **slurm_roles(base, num_servers or 1, port, role)}
         config = Config.from_env(env)
-        first_task = is_coordinator_task(base)
+        first_task = role is None and is_coordinator_task(base)
         coordinator = make_coordinator(config, env=env) if first_task else None
     except ConfigError as exc:
         print(f"zps slurm: {exc}", file=sys.stderr)
