@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     k8s = sub.add_parser("k8s", help="print a Kubernetes manifest for a job (kubectl apply -f -)")
     add_job_options(k8s)
     add_insecure(k8s, "the job's pods")
-    k8s.add_argument("--image", required=True, help="the container image, with zps and the script in it")
+    k8s.add_argument("--image", default=None, help="the container image, with zps and the script in it (required, "
+                                                   "except with --keys)")
     k8s.add_argument("--namespace", default=None, help="the namespace of every object")
     k8s.add_argument("--name", default="zps", help="the prefix of every object's name (default zps)")
     k8s.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
@@ -381,8 +382,8 @@ def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"zps k8s: {exc}", file=sys.stderr)
             return 2
         return 0
-    if not args.script:
-        parser.error("the training script is required (a path inside the image), except with --keys")
+    if not args.script or not args.image:
+        parser.error("--image and the training script (a path inside the image) are required, except with --keys")
     _warn_insecure(job, "k8s")
     try:
         resources = {role: parse_resources(f"--{role}-resources", text) for role in DEFAULT_RESOURCES
