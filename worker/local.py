@@ -8,7 +8,6 @@ debugged and unit-tested like any other, with the same result as ``zps run --ser
 from __future__ import annotations
 
 from collections.abc import Mapping
-
 from typing import Any
 
 from zps.protocol.config import Config, JobConfig
