@@ -45,8 +45,6 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
             default = option_default(f, os.environ)
         except ConfigError:  # job_config says so, for the commands that start a job
             default = f.default
-        if f.name == "staleness" and env_name(f.name) not in os.environ:
-            default = None  # not given: job_config refuses --mode ssp without it
         names = [flag, opt.short] if opt.short else [flag]
         help_text = f"{opt.help} (default {default!r})" if default not in ("", False) else opt.help
         if f.type == "bool":
@@ -54,8 +52,19 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(*names, dest=f.name, action=action, default=default, help=opt.help)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        extra: dict[str, Any] = {"action": _Given} if f.name == "staleness" else {}
         group.add_argument(*names, dest=f.name, type=kind, default=default, choices=opt.choices,
-                           metavar=opt.metavar, help=help_text)
+                           metavar=opt.metavar, help=help_text, **extra)
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the option was given (``args.given``): an option whose default would pass
+    silently where the user must choose (``--staleness`` under ``--mode ssp``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
 def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
@@ -63,11 +72,10 @@ def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Job
     try:
         for f in fields(JobConfig):
             option_default(f, os.environ)  # a bad default from the launcher's environment (ZPS_PRELOAD=maybe)
-        if hasattr(args, "staleness") and args.staleness is None:
-            if getattr(args, "mode", "bsp") == "ssp":
-                raise ConfigError("--mode ssp needs --staleness N: how many clocks a worker may run ahead of the "
-                                  "slowest (0: every worker waits for every other, each push applied alone)")
-            args.staleness = 0
+        given = getattr(args, "given", set()) | {n for n in ("staleness",) if env_name(n) in os.environ}
+        if getattr(args, "mode", "bsp") == "ssp" and "staleness" not in given:
+            raise ConfigError("--mode ssp needs --staleness N: how many clocks a worker may run ahead of the "
+                              "slowest (0: every worker waits for every other, each push applied alone)")
         job = JobConfig(**{f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)})
         job.check_specs()
     except ConfigError as exc:
