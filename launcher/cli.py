@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
     keys.add_argument("--servers", "-s", type=_positive(int), required=True, help="number of servers")
     keys.add_argument("--workers", "-w", type=_positive(int), required=True, help="number of workers")
+    for command in sub.choices.values():  # what main() reports a command's errors with (its own usage)
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -274,8 +276,8 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.command_parser  # a command's errors print its usage, not zps's
     if args.command in ("node", "slurm"):
         from . import node
 

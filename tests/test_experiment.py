@@ -421,3 +421,31 @@ def test_an_experiment_runs_two_configurations_end_to_end(tag: str, tmp_path: Pa
     assert (tmp_path / "out" / "loss_vs_time.png").exists()  # the script reports a loss, no accuracy
     code, text = finish(start(tag, ["experiment", str(spec_file)]), timeout=60)
     assert code == 0 and "2 of 2 runs already done" in text, text
+
+
+# -- what the worker writes, as the lab reads it -------------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.xfail(strict=True, reason="pending the lead's change to worker/_progress.py (Progress._record, "
+                   "step_begin, reported, end): a step's record waits for the loss and samples the script reports "
+                   "after opt.step(); today each record carries the previous step's, and a (resumed) process's "
+                   "first step has loss null")
+def test_a_steps_record_holds_the_loss_and_samples_reported_after_it(tmp_path: Path) -> None:
+    from zps.protocol.stepmetrics import MetricsFile, parts_dir
+    from zps.protocol.trace import Tracer
+    from zps.worker._progress import Progress
+
+    path = str(tmp_path / "m.jsonl")
+    progress = Progress(Tracer(), MetricsFile(path, "worker", 0))
+    progress.ready()
+    for step in (69, 70, 71):  # a resumed worker's first steps, the script reporting after each opt.step()
+        progress.step_begin(step)
+        progress.step_end(step)
+        progress.reported(loss=1.0 / (step - 68), samples=8)
+    progress.step_begin(72)
+    progress.step_end(72)  # the last step: the script ends without a report
+    progress.end()
+    records = read_records(parts_dir(path) / "worker-0.jsonl")
+    steps = [(r["step"], r["loss"], r["samples"]) for r in records if r["kind"] == "step"]
+    assert steps == [(69, 1.0, 8), (70, 0.5, 8), (71, pytest.approx(1 / 3), 8), (72, None, 0)]
+    assert [r["kind"] for r in records] == ["step"] * 4 + ["end"]  # in order, none lost
+    assert [r["t"] for r in records] == sorted(r["t"] for r in records)
