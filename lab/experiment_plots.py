@@ -1,7 +1,8 @@
 """The PNG plots of ``zps experiment`` (matplotlib, Agg): accuracy (or loss) against wall time, against the wire bytes
 of every worker (push and pull together) and against steps (sample efficiency, whatever the network). One colour
-per configuration: a line for the mean over its seeds, a band for the seeds' range (lowest to highest), the target
-as a dashed line; the legend, under the plot, names each configuration and its number of seeds."""
+per configuration (and a line style: lines that coincide stay visible): a line for the mean over its seeds, a band
+for the seeds' range (lowest to highest), the target as a grey dashed line; the legend, under the plot, names each
+configuration and its number of seeds."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 from .experiment_summary import Curve
 
 GRID = 200  # points of a mean line
+STYLES = ("-", "--", "-.", ":")  # line styles in turn: configurations whose lines coincide stay visible
 # (file suffix, x label, the curve's x values)
 AXES = (
     ("time", "wall time since the first step (s)"),
@@ -86,7 +88,7 @@ def plot_curves(groups: Sequence[tuple[str, Sequence[Curve]]], out_dir: Path, ti
             if not x:
                 continue
             colour = colours(i % colours.N)
-            ax.plot(x, mean, color=colour, linewidth=1.6, label=label,
+            ax.plot(x, mean, color=colour, linewidth=1.6, label=label, linestyle=STYLES[i % len(STYLES)],
                     marker="." if len(x) < 30 else None)
             if low != high:
                 ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)

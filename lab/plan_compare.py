@@ -5,8 +5,9 @@ Every architecture is predicted for a synchronous step with the same compute and
 with backward (the planner's own assumptions). ``M`` is the gradient's bytes (float32; fp16/bf16 codecs halve it:
 they are the codecs a ring can sum; sparsifying and quantising codecs do not compose with its reduction, so the
 ring and BytePS are predicted dense), ``W`` the workers, ``B_w`` the slowest worker's link rate each way, ``B_s``
-the slowest server's, ``alpha`` one hop between two workers (both links' latency and jitter, and half the measured
-round trip of a small message: one message's fixed cost). The formulas:
+the slowest server's, ``alpha`` one hop between two workers: both links' latency and jitter (the collective
+library's own cost per hop, microseconds in NCCL's C++, is left out; zps's per-message cost, measured here in Python,
+is in its own prediction). The formulas:
 
 - **parameter servers (zps)**: :func:`~zps.lab.planner.predict` (push, the servers' loops, pull, with incast at each
   server's link and zps's own sharding), with S servers as given, and with the servers needed.
@@ -35,8 +36,9 @@ from zps.protocol.simulation import Link, NetSpec
 from .planner import Costs, Model, Need, Prediction, Setup, predict, server_counts, servers_needed
 
 DDP_BUCKET = 25 * 1024 * 1024  # bytes: DistributedDataParallel's bucket_cap_mb default
-SUMMABLE = {"fp16": 0.5, "bf16": 0.5}
-TIE = 0.05  # predictions this close are called a tie  # codecs a ring can sum, and their size against float32
+SUMMABLE = {"fp16": 0.5, "bf16": 0.5}  # codecs a ring can sum, and their size against float32
+TIE = 0.05  # predictions this close are called a tie
+RING = "ring"  # the ring all-reduce's name in a verdict
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,10 @@ def ring_allreduce(model: Model, setup: Setup, costs: Costs) -> Candidate:
     share = 2 * (w - 1) / w
     parts = {"compute": _compute(model, setup),
              "transfer": share * m / rate if rate else 0.0,
-             "latency": 2 * (w - 1) * buckets * (hop + costs.message / 2) if w > 1 else 0.0,
+             "latency": 2 * (w - 1) * buckets * hop if w > 1 else 0.0,
              "sum": (w - 1) / w * params * costs.copy_elem,
              "optimizer": params * costs.apply_elem}
-    return Candidate("ring all-reduce", sum(parts.values()), parts)
+    return Candidate(RING, sum(parts.values()), parts)
 
 
 def byteps_share(w: int, k: int, worker_rate: float | None, server_rate: float | None) -> float:
@@ -109,14 +111,14 @@ def byteps(model: Model, setup: Setup, costs: Costs) -> Candidate:
     at_worker = (x + a * (1 - x)) * m / worker_rate if worker_rate else 0.0
     at_server = w * x * m / (k * server_rate) if server_rate and k else 0.0
     buckets = max(1, math.ceil((1 - x) * m / DDP_BUCKET))
-    ring_latency = 2 * (w - 1) * buckets * (hop + costs.message / 2) if x < 1 and w > 1 else 0.0
-    server_latency = 2 * hop + costs.message if x > 0 else 0.0
+    ring_latency = 2 * (w - 1) * buckets * hop if x < 1 and w > 1 else 0.0
+    server_latency = 2 * hop if x > 0 else 0.0
     parts = {"compute": _compute(model, setup),
              "transfer": max(at_worker, at_server),
              "latency": max(ring_latency, server_latency),
              "sum": (w * x * params / k if k else (w - 1) / w * params) * costs.copy_elem,
              "optimizer": params * costs.apply_elem}
-    return Candidate(f"BytePS, k={k}", sum(parts.values()), parts)
+    return Candidate(f"BytePS (k={k})", sum(parts.values()), parts)
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,8 @@ def verdict(model: Model, setup: Setup, costs: Costs, within: float,
     need = servers_needed(model, setup, costs, within, tried=tried)
     ps = predict(model, setup, costs)
     ring = ring_allreduce(model, setup, costs)
-    candidates = [Candidate(f"zps, S={setup.servers}", ps.step, ps.parts),
-                  Candidate(f"zps, S={need.servers}", need.step, tried[need.servers - 1].parts),
+    candidates = [Candidate(f"zps (S={setup.servers})", ps.step, ps.parts),
+                  Candidate(f"zps (S={need.servers})", need.step, tried[need.servers - 1].parts),
                   ring, byteps(model, setup, costs)]
     if need.servers == setup.servers:
         candidates.pop(1)

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="predict a job's step time and its bottleneck (compute, codecs, links with "
                                        "incast, servers) from a short calibration on this host")
-    from zps.lab.planner import add_arguments
+    from zps.lab.plan_cli import add_arguments
 
     add_arguments(plan)
 
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "experiment":
         return _experiment(args)
     if args.command == "plan":
-        from zps.lab.planner import main as plan_main
+        from zps.lab.plan_cli import main as plan_main
 
         return plan_main(args)
     if args.command == "chaos":
