@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -246,8 +248,6 @@ def test_any_zps_script_is_planned_from_its_first_steps(tag: str, monkeypatch: p
         probe_script(PLAN_ME, ["--no-optimizer"])
     with pytest.raises(ProbeError, match="ended after 1 step"):
         probe_script(PLAN_ME, ["--steps", "1"])
-    with pytest.raises(ProbeError, match="exited 2 before its first steps"):
-        probe_script(PLAN_ME, ["--bogus"])
     assert os.environ["ZPS_ROLE"] == "worker"
 
 
@@ -268,3 +268,16 @@ def test_zps_plan_of_the_unmodified_lm_says_which_architecture_wins(tag: str, mo
     assert [r[1].strip() for r in rows[:3]] == ["8", "64", "1024"]
     assert "ring" in rows[2][7]  # a thousand workers on 4 servers: the ring (or BytePS beside it) wins
     assert float(rows[2][3].replace(",", "")) > 5 * float(rows[2][5].replace(",", ""))  # zps, S=4 against the ring
+
+
+@pytest.mark.cluster  # (a process: the script alone)
+@pytest.mark.xfail(strict=True, reason="pending the lead's change to worker/local.py LocalClient: a config (the job's "
+                   "defaults) and a one-server BSP topology, which build_optimizer and the examples read; until then "
+                   "zps plan's stand-in gives them")
+def test_the_lm_runs_alone_with_no_launcher(tag: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ZPS_ROLE", "DMLC_ROLE", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "examples/lm.py", "--steps", "3", "--text-bytes", "200000", "--eval-every",
+                           "100"], cwd=ROOT, env={**env, "ZPS_TEST_TAG": tag}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"steps": 3' in done.stdout
