@@ -218,13 +218,16 @@ def _times(v: float) -> str:
     return f"{v:.3g}x"
 
 
-def format_estimate(values: Iterable[float | None], fmt: Callable[[float], str], of: int | None = None) -> str:
-    """``mean [low, high]``, the 95% Student-t interval (:func:`zps.lab.stats.estimate`); one value, or values all
-    equal: the value alone; "—" when none; ``(k/n)`` after it when only k of the n runs have one."""
+def format_estimate(values: Iterable[float | None], fmt: Callable[[float], str], of: int | None = None,
+                    interval: bool = True) -> str:
+    """``mean [low, high]``, the 95% Student-t interval (:func:`zps.lab.stats.estimate`; ``interval`` false: the
+    mean alone); one value, or values all equal: the value alone; "—" when none; ``(k/n)`` after it when only k of the
+    n runs have one."""
     got = estimate(values)
     if got is None:
         return "—"
-    text = fmt(got.mean) if got.n == 1 or got.std == 0 else f"{fmt(got.mean)} [{fmt(got.low)}, {fmt(got.high)}]"
+    plain = got.n == 1 or got.std == 0 or not interval
+    text = fmt(got.mean) if plain else f"{fmt(got.mean)} [{fmt(got.low)}, {fmt(got.high)}]"
     return text + (f" ({got.n}/{of})" if of is not None and got.n < of else "")
 
 
@@ -322,13 +325,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], targe
         cells.append(str(len(ok)) if len(ok) == len(group) else f"{len(ok)} of {len(group)}")
         for _, name, fmt in shown:
             of = len(ok) if "target" in name else None  # "(2/3)": only two seeds reached it
-            values = [r.get(name) for r in ok]
-            if interval:
-                cells.append(format_estimate(values, fmt, of))
-            else:
-                got = estimate(values)
-                cells.append("—" if got is None else fmt(got.mean)
-                             + (f" ({got.n}/{of})" if of is not None and got.n < of else ""))
+            cells.append(format_estimate([r.get(name) for r in ok], fmt, of, interval))
         lines.append(_line(cells))
     return "\n".join(lines) + "\n"
 

@@ -17,9 +17,10 @@ The model (docs/experiments.md, "zps plan"), per BSP step of a worker:
 
 ASP and SSP do not wait for the slowest worker: a worker's step is its own compute, codecs and transfer unless the
 servers or their links, busy with every worker's requests, are slower (``max(own path, W x the server's work per
-request)``). Calibration is short and local (:func:`calibrate`): the model's forward and backward on this CPU, the
-codec on the model's key sizes, the server optimizer's step, a message round trip over loopback. ``--local``
-predicts a cluster simulated on this host, where W workers share its cores.
+request)``). Calibration is short and local (:func:`calibrate`): the codec on the model's key sizes, the server
+optimizer's step, a message round trip over loopback; the model and its compute come from the script's own first
+steps (:func:`model_from`, :mod:`.plan_probe`). ``--local`` predicts a cluster simulated on this host, where W
+workers share its cores. The command is :mod:`.plan_cli`; the comparison with all-reduce :mod:`.plan_compare`.
 """
 from __future__ import annotations
 
