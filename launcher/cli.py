@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="predict a job's step time and its bottleneck (compute, codecs, links with "
                                        "incast, servers) from a short calibration on this host")
-    from zps.lab.planner import add_arguments
+    from zps.lab.plan_cli import add_arguments
 
     add_arguments(plan)
 
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
     keys.add_argument("--servers", "-s", type=_positive(int), required=True, help="number of servers")
     keys.add_argument("--workers", "-w", type=_positive(int), required=True, help="number of workers")
+    for command in sub.choices.values():  # what main() reports a command's errors with (its own usage)
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -451,8 +453,8 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.command_parser  # a command's errors print its usage, not zps's
     if args.command in ("node", "slurm"):
         from . import node
 
@@ -477,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "experiment":
         return _experiment(args)
     if args.command == "plan":
-        from zps.lab.planner import main as plan_main
+        from zps.lab.plan_cli import main as plan_main
 
         return plan_main(args)
     if args.command == "chaos":
