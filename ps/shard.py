@@ -112,7 +112,7 @@ class Shard:
             Kind.SEED: Route(read.seed, self.seed), Kind.INSPECT: Route(read.inspect, self.inspect),
             Kind.PUT: Route(self._read_put, self.put), Kind.GET: Route(self._read_get, self.get),
         }
-        metrics.holdings = self.holdings
+        metrics.holdings, metrics.step = self.holdings, self.step
 
     # -- dispatch --------------------------------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:

@@ -425,10 +425,6 @@ def test_an_experiment_runs_two_configurations_end_to_end(tag: str, tmp_path: Pa
 
 # -- what the worker writes, as the lab reads it -------------------------------------------------------------------
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="pending the lead's change to worker/_progress.py (Progress._record, "
-                   "step_begin, reported, end): a step's record waits for the loss and samples the script reports "
-                   "after opt.step(); today each record carries the previous step's, and a (resumed) process's "
-                   "first step has loss null")
 def test_a_steps_record_holds_the_loss_and_samples_reported_after_it(tmp_path: Path) -> None:
     from zps.protocol.stepmetrics import MetricsFile, parts_dir
     from zps.protocol.trace import Tracer

@@ -271,9 +271,6 @@ def test_zps_plan_of_the_unmodified_lm_says_which_architecture_wins(tag: str, mo
 
 
 @pytest.mark.cluster  # (a process: the script alone)
-@pytest.mark.xfail(strict=True, reason="pending the lead's change to worker/local.py LocalClient: a config (the job's "
-                   "defaults) and a one-server BSP topology, which build_optimizer and the examples read; until then "
-                   "zps plan's stand-in gives them")
 def test_the_lm_runs_alone_with_no_launcher(tag: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("ZPS_ROLE", "DMLC_ROLE", "WORLD_SIZE")}
     done = subprocess.run([sys.executable, "examples/lm.py", "--steps", "3", "--text-bytes", "200000", "--eval-every",
