@@ -326,7 +326,9 @@ class Chaos:
 
     def _replicated(self, actions_done: int) -> bool:
         """--replicas: every server killed so far is failed over and each chunk has its copies back (a job
-        without replicas reports nothing to wait for)."""
+        without replicas has nothing to wait for: a server kill restarts it from its checkpoint)."""
+        if not self._status.get("replicas"):
+            return True
         return (len(self._status.get("dead_servers", [])) >= actions_done
                 and not self._status.get("under_replicated"))
 

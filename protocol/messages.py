@@ -150,6 +150,7 @@ class KeyEntry(TypedDict, total=False):
     worker: int
     ostate: list[list[Any]]
     last: list[list[int]]
+    before: bool  # a seed: the values one version back follow the values (zps.ps.store.KeyState.before)
 
 
 class ErrorCode(str, enum.Enum):

@@ -19,7 +19,8 @@ class Keys:
     def __init__(self, job: JobConfig) -> None:
         self.job = job
         self.states: dict[int, KeyState] = {}
-        self.optimizers = Optimizers()
+        # a replacement worker (--on-worker-failure restart) may start a BSP step some keys already applied
+        self.optimizers = Optimizers(keep_before=job.mode == "bsp" and job.on_worker_failure == "restart")
         self.bytes = 0  # float32 bytes of the keys declared here (the cap --max-server-bytes)
         self.optimizer: tuple[str, list[dict[str, Any]]] | None = None  # as rank 0 declared it (or a seed named it)
         self.model: tuple[list[Any], int] | None = None  # the first declared model's signature, and whose it was

@@ -2,9 +2,10 @@
 (re-replication) or that missed updates; read and checked whole by the backup before anything changes.
 
 A seed carries, per key, what a copy needs to apply the next update the way the primary does and to become the
-primary itself later: the values, the torch.optim state tensors, the version, the learning rate and (ASP/SSP) the
-last push of each worker applied. The wire fields are :class:`zps.protocol.messages.KeyEntry`'s (SEED requests) and
-:class:`zps.protocol.bodies.SeedBody` (read by :func:`zps.protocol.bodies.read_seed`).
+primary itself later: the values, the torch.optim state tensors, the version, the learning rate, (ASP/SSP) the last
+push of each worker applied and, where kept, the values one version back. The wire fields are
+:class:`zps.protocol.messages.KeyEntry`'s (SEED requests) and :class:`zps.protocol.bodies.SeedBody` (read by
+:func:`zps.protocol.bodies.read_seed`).
 """
 from __future__ import annotations
 
@@ -51,10 +52,14 @@ def seed_messages(states: list[KeyState], optimizer_state: Callable[[KeyState], 
             yield Message(Kind.SEED, id=next(ids), src=src, keys=keys, frames=frames, body=dict(body)), carried
             keys, frames, carried, size = [], [], [], 0
         entry, bufs = encode_entry(plain, state.param.detach().clone())
+        if state.before is not None:  # the values one version back travel as a second frame
+            bufs = bufs + encode_entry(plain, state.before.detach().clone())[1]
+            nbytes += state.numel * 4
         entry.update({"key": state.key, "name": state.name, "offset": state.offset, "numel": state.numel,
                       "group": state.group, "home": state.home, "version": state.version, "hp": state.hp,
                       "ostate": [[n, dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()],
-                      "last": [[w, s] for w, s in sorted(state.last_step.items())]})
+                      "last": [[w, s] for w, s in sorted(state.last_step.items())],
+                      "before": state.before is not None})
         entry["nf"] = len(bufs) + len(tensors)
         keys.append(entry)
         frames += bufs + [as_buffer(t) for t in tensors.values()]
@@ -74,6 +79,7 @@ class SeedKey:
     version: int
     hp: dict[str, Any] | None
     last_step: dict[int, int]
+    before: torch.Tensor | None = None  # the values one version back (zps.ps.store.KeyState.before)
 
 
 @dataclass
@@ -136,12 +142,18 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
                                                       "tensors")
         if entry.get("codec") != "none" or not isinstance(entry.get("bufs"), list) or len(entry["bufs"]) != 1:
             raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: the values travel uncompressed, in one frame")
-        if nf != 1 + len(described) or len(frames) != nf:
-            raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: {nf} frames for the values and {len(described)} "
-                                                       "optimizer state tensors")
+        before = entry.get("before", False)
+        if not isinstance(before, bool):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'before' must be true or false")
+        values_frames = 2 if before else 1
+        if nf != values_frames + len(described) or len(frames) != nf:
+            raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: {nf} frames for the values{' (twice)' * before} "
+                                                       f"and {len(described)} optimizer state tensors")
         values = decode(entry, frames[:1], numel, torch.float32, what)
+        previous = decode(entry, frames[1:2], numel, torch.float32, f"{what}, values one version back") \
+            if before else None
         state: dict[str, torch.Tensor] = {}
-        for item, frame in zip(described, frames[1:], strict=True):
+        for item, frame in zip(described, frames[values_frames:], strict=True):
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and len(item[0]) <= 64
                     and item[1] in DTYPES and isinstance(item[2], list) and len(item[2]) <= 1
                     and all(is_int(d, 0, UNBOUNDED) for d in item[2])) or item[0] in state:
@@ -154,7 +166,7 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
             dtype = dtype_from_name(item[1])
             state[item[0]] = from_buffer(frame, dtype, count, f"{what}, optimizer state {item[0]!r}").clone() \
                 .reshape(item[2])
-        out.append(SeedKey(entry, values, state, version, hp,
-                           {w: s for w, s in last}))
+        out.append(SeedKey(entry, values, state, version, hp, {w: s for w, s in last},
+                           None if previous is None else previous.clone()))
         check_optimizer(optimizer, groups, group)
     return Seed(msg.id, msg.src, peer[1], topology, optimizer, groups, out)

@@ -43,25 +43,29 @@ class Values:
         bufs: list[memoryview]
         for s, spec, shared, fuse in zip(p.states, p.pull_codecs, p.pull_shm, fused, strict=True):
             assert s.param is not None
+            values, version = s.param, s.version
+            if s.before is not None and p.step == s.version - 1:  # a replacement starts a step this key applied
+                values, version = s.before, p.step
             entry: KeyEntry
             if shared:
-                self.segments.view(p.worker, s, PULL, "pull of").copy_(s.param)
+                self.segments.view(p.worker, s, PULL, "pull of").copy_(values)
                 self.metrics.shared("out", s.numel * 4)
                 entry, bufs = {"codec": "none", "meta": {}, "bufs": [["float32", s.numel]], "nf": 0, "pshm": 1}, []
                 encoded = s.numel * 4
             elif fuse:
                 entry, bufs = {}, []
-                writer.add(entry, s.param)
+                writer.add(entry, values)
                 encoded = s.numel * 4
             elif spec is None:
-                entry, bufs = encode_entry(self._none, s.param.clone() if self.snapshot else s.param)
+                copy = self.snapshot or values is s.before
+                entry, bufs = encode_entry(self._none, values.clone() if copy else values)
                 encoded = s.numel * 4
             else:
-                entry, bufs = self._delta(p.worker, s, spec)
+                entry, bufs = self._delta(p.worker, s, spec, values)
                 encoded = sum(b.nbytes for b in bufs)
             self.metrics.tensor("out", s.name, spec if spec is not None and entry.get("delta") else "none",
                                 s.numel * 4, encoded)
-            entry["key"], entry["version"] = s.key, s.version
+            entry["key"], entry["version"] = s.key, version
             keys.append(entry)
             frames.extend(bufs)
         body = {"ckpt": checkpoint} if checkpoint else {}
@@ -69,20 +73,20 @@ class Values:
         writer.attach(msg)
         return msg
 
-    def _delta(self, worker: int, s: KeyState, spec: str) -> tuple[KeyEntry, list[memoryview]]:
+    def _delta(self, worker: int, s: KeyState, spec: str, values: torch.Tensor) -> tuple[KeyEntry, list[memoryview]]:
         """Compressed pull: the first time the full values; then the change since this worker's last pull,
-        encoded with ``spec``. What the codec loses stays in (param - view) and is sent later: the server's own
-        error feedback. The view is advanced by exactly what the worker decodes, so both stay identical."""
-        assert s.param is not None
+        encoded with ``spec`` (``values``: the key's, or those one version back). What the codec loses stays in
+        (values - view) and is sent later: the server's own error feedback. The view is advanced by exactly what the
+        worker decodes, so both stay identical."""
         found = self._views.get((worker, s.key))
         if found is None or found[1].spec() != spec:
-            view = s.param.clone()
+            view = values.clone()
             self._views[(worker, s.key)] = (view, make_codec(spec, allow_import=True))  # spec checked by the caller
             entry, bufs = encode_entry(self._none, view)
             entry["delta"] = False
             return entry, bufs
         view, codec = found
-        entry, bufs = encode_entry(codec, s.param - view)
+        entry, bufs = encode_entry(codec, values - view)
         codec.add_decoded_(view, entry_encoded(entry, bufs, f"pull of {s.label()}"))  # as the worker adds it
         entry["delta"] = True
         return entry, bufs

@@ -483,6 +483,7 @@ class Shard:
             assert state.param is not None
             self.keys.optimizers.by_group[state.group].state[state.param] = item.state
             state.version, state.hp, state.last_step = item.version, item.hp, dict(item.last_step)
+            state.before = item.before
         if self.keys.optimizer is None:
             self.keys.optimizer = (seed.optimizer, seed.groups)
         self.replication.counters["seeds_taken"] += len(seed.keys)

@@ -25,6 +25,9 @@ class KeyState:
     group: int = 0  # the worker optimizer's param group this key belongs to
     home: int = 0  # the server the plan gives it (--replicas: its copies follow from it, zps.protocol.replicas)
     param: torch.Tensor | None = None  # None until rank 0 initialised it
+    # BSP with workers replaced by rank: the values one version back, so a replacement that starts a step some keys
+    # already applied computes its gradient from the values that step began with (None: not kept, or unknown)
+    before: torch.Tensor | None = None
     version: int = 0  # number of updates applied (BSP: the step being aggregated)
     # the hyper-parameters of the update being applied (those of its group that differ from how the optimizer
     # was built: zps.protocol.bodies), and of the latest one otherwise
@@ -123,7 +126,9 @@ def _hp_key(hp: dict[str, Any] | None) -> tuple[Any, ...]:
 class Optimizers:
     """The server's torch.optim optimizers, one per worker param group, built from the workers' description."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_before: bool = False) -> None:
+        """``keep_before``: keep each key's values one version back (:attr:`KeyState.before`)."""
+        self.keep_before = keep_before
         self.by_group: dict[int, torch.optim.Optimizer] = {}
         self._built: dict[int, dict[str, Any]] = {}  # each group's settings as built (what ``hp`` overrides)
 
@@ -148,6 +153,13 @@ class Optimizers:
         for state, grad in updates:
             if grad is not None:
                 batches.setdefault((state.group, _hp_key(state.hp)), []).append((state, grad))
+        if self.keep_before:
+            for state, _ in updates:
+                assert state.param is not None
+                if state.before is None:
+                    state.before = state.param.detach().clone()
+                else:
+                    state.before.copy_(state.param)
         for (group, _), batch in batches.items():
             self._step(group, batch)
         for state, _ in updates:  # only an update that was applied counts (a retry of one that failed is not a

@@ -148,6 +148,7 @@ def _job(tag: str, out: Path, workers: int, servers: int, straggler: int, extra:
          ) -> dict[str, torch.Tensor]:
     """The same job, with worker ``straggler`` 3x slower (so pushes arrive in another order); its final parameters
     and, without --replicas, every tensor of its last checkpoint (values and optimizer state)."""
+    out.mkdir(parents=True, exist_ok=True)
     job = ["run", "--servers", str(servers), "--workers", str(workers), "--straggler", f"{straggler}:3", *extra]
     if "--replicas" not in extra:
         job += ["--checkpoint-dir", str(out / "ckpt"), "--checkpoint-every", "12"]

@@ -199,6 +199,30 @@ def test_a_push_ahead_of_the_step_is_refused_and_a_pull_past_its_deadline_names_
     assert "waits for workers [0, 1]" in reply.body["reason"]
 
 
+def test_a_replacement_starting_a_step_some_keys_applied_pulls_the_values_that_step_began_with() -> None:
+    """--on-worker-failure restart: worker 1 died after pushing key 1 of step 0 but not key 2; key 1 applied step 0,
+    so its replacement (starting at step 0, the lowest version) must get key 1's values of version 0, or its gradient
+    for key 2 is another one than the dead worker's (and than a failure-free run's)."""
+    h = Harness("bsp", workers=2, on_worker_failure="restart", max_restarts=1)
+    h.declare({1: torch.full((2,), 5.0), 2: torch.full((3,), 7.0)})
+    h.ask(push(0, {1: torch.ones(2), 2: torch.ones(3)}, 0))
+    h.ask(push(1, {1: torch.full((2,), 3.0)}, 0))
+    assert (h.shard.keys[1].version, h.shard.keys[2].version) == (1, 0)
+    ((_, start),) = h.ask(init(1, {1: torch.zeros(2), 2: torch.zeros(3)}, with_values=False))
+    assert start.body["step"] == 0
+    for key, values in ((1, torch.full((2,), 5.0)), (2, torch.full((3,), 7.0))):
+        ((_, began),) = h.ask(pull(1, [key], 0))
+        torch.testing.assert_close(values_of(began)[key], values, atol=0, rtol=0)
+        assert began.keys[0]["version"] == 0
+    ((_, now),) = h.ask(pull(1, [1], 1))  # the step after: the values as they are
+    torch.testing.assert_close(values_of(now)[1], torch.full((2,), 3.0), atol=0, rtol=0)
+    plain = Harness("bsp", workers=2)  # no worker is ever replaced: nothing kept
+    plain.declare({1: torch.zeros(2)})
+    for worker in range(2):
+        plain.ask(push(worker, {1: torch.ones(2)}, 0))
+    assert plain.shard.keys[1].version == 1 and plain.shard.keys[1].before is None
+
+
 # -- JOIN, LEAVE, notices ----------------------------------------------------------------------------------------------
 def test_join_counts_a_worker_beyond_workers_from_a_step() -> None:
     h = Harness("bsp", workers=1, max_workers=2)
@@ -312,9 +336,32 @@ def test_a_seed_gives_a_backup_the_primarys_whole_state_and_fences_a_server_it_n
     assert reply.kind is Kind.OK
     copy, state = fresh.shard.keys[1], primary.shard.keys[1]
     assert torch.equal(copy.param, state.param) and (copy.version, copy.last_step) == (2, {0: 1})  # type: ignore[arg-type]
+    assert copy.before is None and state.before is None  # ASP keeps no values one version back
     dead = Message(Kind.SEED, id=next(_IDS), src="server:0", keys=seed.keys, frames=seed.frames,
                    body={**seed.body, "failover": {"version": 1, "dead": [0]}})
     assert fresh.refused(dead) is ErrorCode.DEAD
+
+
+def test_a_seed_carries_the_values_one_version_back_where_they_are_kept() -> None:
+    """A backup seeded after a failover may become the primary that a replacement worker pulls a step from."""
+    primary, backup = (Harness("bsp", workers=1, servers=2, rank=r, replicas=1, on_worker_failure="restart",
+                               max_restarts=1) for r in (0, 1))
+    for h in (primary, backup):
+        h.ask(init(0, {1: torch.ones(4)}, home=0))
+    primary.ask(push(0, {1: torch.full((4,), 0.5)}, 0))
+    _deliver(primary, backup)
+    assert backup.shard.keys[1].before is not None and torch.equal(backup.shard.keys[1].before, torch.ones(4))
+    primary.shard.replication.reseed = {1: {1}}
+    primary.shard.send_seeds()
+    ((_, seed),) = primary.forwarded
+    fresh = Harness("bsp", workers=1, servers=2, rank=1, replicas=1, on_worker_failure="restart", max_restarts=1)
+    ((_, reply),) = fresh.ask(seed, identity=b"server-0")
+    assert reply.kind is Kind.OK
+    copy = fresh.shard.keys[1]
+    assert copy.before is not None and torch.equal(copy.before, torch.ones(4)) and copy.version == 1
+    lying = Message(Kind.SEED, id=next(_IDS), src="server:0", keys=[{**seed.keys[0], "before": False}],
+                    frames=seed.frames, body=seed.body)
+    assert fresh.refused(lying) is ErrorCode.FRAME_COUNT
 
 
 # -- the loop: its guard, against a fake client on an inproc socket ---------------------------------------------------

@@ -127,7 +127,8 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         """The job's live view (the STATUS reply; ``zps top`` shows it)."""
         return {"state": self.state.value, "mode": self.job.mode, "num_servers": self.job.num_servers,
-                "num_workers": self.job.num_workers, "error": self.error, "checkpoint": self.manifests.last,
+                "num_workers": self.job.num_workers, "replicas": self.job.replicas, "error": self.error,
+                "checkpoint": self.manifests.last,
                 "dead_servers": sorted(self.failover.dead), "under_replicated": self.failover.under_replicated(),
                 **self.monitor.snapshot()}
 
