@@ -278,9 +278,8 @@ class JobConfig:
             check_replicas(self.replicas, self.num_servers)
         except ValueError as exc:
             raise ConfigError(f"ZPS_REPLICAS (--replicas)={self.replicas}: {exc}") from None
-        for name, value in (("checkpoint_dir", self.checkpoint_dir), ("resume", self.resume),
-                            ("secure", self.secure)):
-            if value:  # (a checkpoint part would hold the backups' copies too; servers would need each other's keys)
+        for name, value in (("checkpoint_dir", self.checkpoint_dir), ("resume", self.resume)):
+            if value:  # (a checkpoint part would hold the backups' copies too)
                 raise ConfigError(f"ZPS_REPLICAS (--replicas) cannot be combined with {env_name(name)} "
                                   f"(--{name.replace('_', '-')}) yet")
 

@@ -181,12 +181,14 @@ class ErrorCode(str, enum.Enum):
 
 
 class ProtocolError(Exception):
-    """A message or request was rejected; ``code`` is an :class:`ErrorCode`."""
+    """A message or request was rejected; ``code`` is an :class:`ErrorCode`. ``reason`` goes to the peer;
+    ``detail`` only into the refusing role's log (what the peer must not learn: a key's version or size)."""
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, detail: str = "") -> None:
         super().__init__(f"[{code.value}] {reason}")
         self.code = code
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass

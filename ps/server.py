@@ -133,12 +133,13 @@ class Loop:
         self.metrics = ServerMetrics(name)
         self.guard = Guard(name, self.metrics)
         self.tracer = Tracer(job.trace, "server", topology.rank)
-        self.peers: dict[int, zmq.Socket] = {}  # --replicas: a DEALER to each other server (updates, seeds)
+        # --replicas: a DEALER to each other server (updates, seeds); under --secure it speaks CURVE with this
+        # server's own key, which the others' ZAP handlers name server:N
+        self.peers: dict[int, zmq.Socket] = {}
         if job.replicas:
             for peer, peer_address in enumerate(topology.servers):
                 if peer != topology.rank:
-                    self.peers[peer] = peer_sock = server.context.socket(zmq.DEALER)
-                    peer_sock.setsockopt(zmq.LINGER, 0)
+                    self.peers[peer] = peer_sock = security.dealer(server.context, server.config.secrets)
                     transport.connect(peer_sock, peer_address)
         replication = Replication(topology.rank, topology.num_servers, job.replicas, name, self._send_peer,
                                   self.metrics)

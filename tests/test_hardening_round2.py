@@ -1,0 +1,114 @@
+"""Regression tests for the second adversarial test (issue 22): replicas under --secure and forged replication
+messages, a false failover, the duplicate guard of ASP/SSP, and what a peer can make a role hold. Each test sends
+what the adversary sent (raw pyzmq, no keys unless said) and asserts what must hold instead."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Message, parse_frames
+from zps.worker.client import Client
+
+from .helpers import close_all, local_cluster, run_parallel
+
+NAMES = [f"p{i}" for i in range(6)]
+
+
+def dealer(address: str) -> zmq.Socket:
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def head(kind: str, src: str, **fields) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, "id": 5, "src": src, **fields})
+
+
+def wait_until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Poll ``condition`` (a state another thread changes) until it holds; fail naming ``what``."""
+    end = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < end, f"not within {within}s: {what}"
+        time.sleep(0.01)
+
+
+# -- 1. replicas under --secure: only the primary the coordinator names replicates or seeds ---------------------
+@pytest.mark.cluster
+def test_a_secure_replicated_job_refuses_every_forged_seed_replicate_and_done_and_trains_on() -> None:
+    """--replicas was refused with --secure, so every replicated job was open; a forged SEED fenced the real primary
+    off and a forged REPLICATE at the backup's version made it skip the primary's update. Now the servers speak
+    CURVE to each other, a key speaks only as its own process, and only the primary the coordinator's topology
+    names may replicate to or seed a backup."""
+    with local_cluster(3, 2, "asp", replicas=1, secure=True) as cluster:
+        secrets = cluster.secrets
+        assert secrets is not None
+        clients = cluster.clients(shm=False)
+        tensors = {name: torch.zeros(8) for name in NAMES}
+        run_parallel(lambda c: c.declare(tensors, ("SGD", [{"lr": 1.0}]) if c.rank == 0 else None), clients)
+        name = next(n for n in NAMES if clients[0].chunks(n)[0].server == 0)
+        key = clients[0].chunks(name)[0].key
+        backup = cluster.servers[1]
+        clients[0].push({name: torch.ones(8)}, step=0).result(timeout=30)  # acknowledged: both copies hold it
+        assert backup.shard.keys[key].version == 1
+        update: dict[str, Any] = {"key": key, "version": 1, "hp": None, "step": 1, "worker": 0, "nf": 1,
+                                  "codec": "none", "meta": {}, "bufs": [["float32", 8]]}
+        forged = torch.full((8,), 12345.0).numpy().tobytes()
+        servers = clients[0].topology.servers
+        public = secrets["coordinator"].server_public
+
+        def keyed(label: str, address: str) -> zmq.Socket:
+            sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_serverkey, sock.curve_publickey = public.encode(), secrets[label].public.encode()
+            sock.curve_secretkey = secrets[label].secret.encode()
+            sock.connect(address)
+            return sock
+
+        def answer(sock: zmq.Socket, frames: list) -> Message:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), "no answer"
+            return parse_frames(sock.recv_multipart())
+
+        keyless = dealer(servers[1])
+        as_worker, as_server = keyed("worker-1", servers[1]), keyed("server-2", servers[1])
+        coordinator = keyed("worker-1", cluster.coordinator.address)
+        try:
+            keyless.send_multipart([head("replicate", "server:0", keys=[update]), forged])
+            assert not keyless.poll(1000)  # no key of the job: no answer at all
+            for kind in ("replicate", "seed"):  # a worker's key cannot speak as a server
+                reply = answer(as_worker, [head(kind, "server:0", keys=[update]), forged])
+                assert reply.body["code"] == ErrorCode.BAD_HEADER.value, reply.body
+            # a server's own key, but not the primary of the key: refused, and the refusal names no version
+            reply = answer(as_server, [head("replicate", "server:2", keys=[update]), forged])
+            assert reply.body["code"] == ErrorCode.CONFLICT.value and "not the primary" in reply.body["reason"]
+            seed = head("seed", "server:2", keys=[], body={"optimizer": "SGD", "groups": [{"lr": 1.0}],
+                                                           "failover": {"version": 1, "dead": [0]}})
+            as_server.send_multipart([seed])  # names the real primary dead: it waits for a notice that never comes
+            assert not as_server.poll(1000) and backup.shard.replication.dead == frozenset()
+            reply = answer(coordinator, [head("done", "server:1", body={"exit_code": 1, "failure": "forged"})])
+            assert reply.body["code"] == ErrorCode.BAD_HEADER.value, reply.body
+        finally:
+            for sock in (keyless, as_worker, as_server, coordinator):
+                sock.close()
+        outs = [{n: torch.empty(8) for n in NAMES} for _ in clients]
+        ones = {n: torch.ones(8) for n in NAMES}
+
+        def train(client: Client, step: int) -> None:
+            client.push_pull(ones, outs[client.rank], step).result(timeout=30)
+
+        for step in range(1, 4):  # the job goes on: every copy takes the real primary's updates, exactly once
+            run_parallel(functools.partial(train, step=step), clients)
+        assert cluster.coordinator.error is None and cluster.coordinator.failover.dead == set()
+        assert torch.equal(outs[0][name], torch.full((8,), -7.0)) and torch.equal(outs[0][name], outs[1][name])
+        held = backup.shard.keys[key].param
+        assert held is not None and torch.equal(held, outs[0][name])  # the backup holds the same bits
+        close_all(clients)
