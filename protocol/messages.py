@@ -172,6 +172,10 @@ class ErrorCode(str, enum.Enum):
     TOO_LARGE = "too_large"  # over a cap (the reason names it and the setting that raises it)
     MISSING = "missing"
     DEAD = "dead"
+    # --replicas: the server was failed over while the request waited there (it stops serving): not an answer. The
+    # worker sends the request again to the new primary of its keys, which the coordinator's failover notice names
+    # (each update is still applied once: pushes are de-duplicated on every copy)
+    MOVED = "moved"
     INTERNAL = "internal"
     # the coordinator does not know the sender, a member of a running job (it restarted): the member registers
     # again with ``rejoin`` (:class:`zps.protocol.bodies.RegisterBody`) and sends its request again

@@ -193,6 +193,9 @@ class Loop:
             self.recorder.tick()
             if self._kill_at is not None:
                 self._maybe_kill()
+        if shard.replication.fenced is not None:  # failed over (rightly or not): the new primaries serve these
+            self._send_all(shard.pending.fail_all(f"failed over ({shard.replication.fenced}): send it again to the "
+                                                  "new primary", ErrorCode.MOVED))
         self._send_all(shard.pending.fail_all(rendezvous.failure or "the job is shutting down"))
 
     def finish(self) -> None:

@@ -14,7 +14,11 @@ import pytest
 import torch
 import zmq
 
-from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Message, parse_frames
+from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, error_reply, parse_frames
+from zps.protocol.tensors import Decoders
+from zps.worker._engine import Engine
+from zps.worker._replies import Replies
+from zps.worker._shm import SharedAreas
 from zps.worker.client import Client
 
 from .helpers import close_all, local_cluster, run_parallel
@@ -112,3 +116,74 @@ def test_a_secure_replicated_job_refuses_every_forged_seed_replicate_and_done_an
         held = backup.shard.keys[key].param
         assert held is not None and torch.equal(held, outs[0][name])  # the backup holds the same bits
         close_all(clients)
+
+
+# -- 2. a false failover must not end the job ----------------------------------------------------------------------
+@pytest.mark.cluster
+def test_a_forged_done_fails_a_live_server_over_and_its_waiting_requests_go_to_the_new_primary_once() -> None:
+    """A forged DONE {failure} from server:1 made the coordinator fail a live server over; it answered the pull
+    waiting there with ERROR dead and the worker failed the job. Now the worker sends it again to the new primary,
+    and every update is applied exactly once."""
+    with local_cluster(3, 2, "bsp", replicas=1) as cluster:
+        clients = cluster.clients()
+        tensors = {name: torch.zeros(8) for name in NAMES}
+        run_parallel(lambda c: c.declare(tensors, ("SGD", [{"lr": 1.0}]) if c.rank == 0 else None), clients)
+        assert {clients[0].chunks(n)[0].server for n in NAMES} == {0, 1, 2}
+        victim = cluster.servers[1]
+        outs = [{n: torch.empty(8) for n in NAMES} for _ in clients]
+        grads = [{n: torch.full((8,), float(rank + 1)) for n in NAMES} for rank in range(2)]
+        first = clients[0].push_pull(grads[0], outs[0], 0)  # its pull waits at every server for worker 1
+        wait_until(lambda: len(victim.shard.pending) == 1, "worker 0's pull waiting at server 1")
+        coordinator = dealer(cluster.coordinator.address)
+        try:
+            coordinator.send_multipart([head("done", "server:1", body={"exit_code": 1, "failure": "forged"})])
+            assert coordinator.poll(10_000) and parse_frames(coordinator.recv_multipart()).kind is Kind.OK
+        finally:
+            coordinator.close()
+        second = clients[1].push_pull(grads[1], outs[1], 0)
+        first.result(timeout=30)
+        second.result(timeout=30)
+        def train(client: Client, step: int) -> None:
+            client.push_pull(grads[client.rank], outs[client.rank], step).result(timeout=30)
+
+        for step in range(1, 4):
+            run_parallel(functools.partial(train, step=step), clients)
+        assert cluster.coordinator.error is None and cluster.coordinator.failover.dead == {1}
+        cluster.threads[2].join(timeout=30)  # server 1 heard it was failed over and stopped serving
+        assert not cluster.threads[2].is_alive()
+        for out in outs:  # 4 steps of the mean gradient 1.5, each applied once
+            for name in NAMES:
+                assert torch.equal(out[name], torch.full((8,), -6.0)), (name, out[name])
+        close_all(clients)
+
+
+@pytest.mark.unit
+def test_the_engine_keeps_a_request_a_failed_over_server_answered_moved_and_sends_it_to_the_new_primary() -> None:
+    ctx: zmq.Context = zmq.Context.instance()
+    fakes = [ctx.socket(zmq.ROUTER) for _ in range(2)]
+    addresses = [f"inproc://zps-test-moved-{id(fakes)}-{i}" for i in range(2)]
+    for fake, address in zip(fakes, addresses, strict=True):
+        fake.bind(address)
+    notices: list[list[int]] = []
+    engine = Engine("worker:0", ctx, addresses, timeout=5.0, replies=Replies(Decoders(), SharedAreas("worker:0")),
+                    failure=lambda: None, reroute=lambda: notices.pop() if notices else None)
+    try:
+        future = engine.submit([(0, Message(Kind.PULL, src="worker:0", keys=[{"key": 3, "step": 4, "nf": 0}]))],
+                               "pull of step 4")
+        assert fakes[0].poll(5000)
+        identity, *frames = fakes[0].recv_multipart()
+        first = parse_frames(frames)
+        moved = error_reply(first.id, "server:0", ErrorCode.MOVED, "server:0: failed over")
+        fakes[0].send_multipart([identity, *moved.to_frames()])
+        assert not fakes[1].poll(300) and not future.done()  # neither failed nor sent anywhere before the notice
+        notices.append([1, 1])  # the coordinator's failover notice: home 0 is served by server 1
+        assert fakes[1].poll(5000)
+        identity, *frames = fakes[1].recv_multipart()
+        again = parse_frames(frames)
+        assert again.keys == first.keys
+        fakes[1].send_multipart([identity, *Message(Kind.OK, id=again.id, src="server:1").to_frames()])
+        assert future.result(timeout=10) == {}
+    finally:
+        engine.close()
+        for fake in fakes:
+            fake.close(linger=0)

@@ -371,6 +371,18 @@ def test_only_the_primary_the_coordinator_named_replicates_to_or_seeds_a_backup_
     assert backup.shard.keys[1].version == 1 and backup.metrics.replication["seeds_taken"] == 0
 
 
+def test_a_server_failed_over_answers_what_waits_there_moved_not_dead() -> None:
+    """Issue 22: a live server that learns it was failed over answered its waiting pulls with ERROR dead, which
+    ended the job; MOVED tells the worker to send them again to the new primary."""
+    primary, _ = _pair("bsp")
+    waiting = primary.ask(pull(0, [1], 3))  # a pull of a future step waits
+    assert waiting == [] and len(primary.shard.pending) == 1
+    assert primary.shard.notice(replicas.notice_body(1, {0})) == []  # the coordinator failed this server over
+    assert primary.shard.replication.fenced is not None
+    ((_, moved),) = primary.shard.pending.fail_all("failed over", ErrorCode.MOVED)
+    assert moved.body["code"] == ErrorCode.MOVED.value
+
+
 # -- the loop: its guard, against a fake client on an inproc socket ---------------------------------------------------
 class _FakeRendezvous:
     """What the loop uses of its coordinator client."""

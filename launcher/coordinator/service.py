@@ -212,8 +212,8 @@ class Coordinator:
             return
         member.hb_identity = identity
         member.last_seen = time.monotonic()
-        if member.topology_version < self.failover.version and not member.failed:
-            self.failover.tell(member, identity)
+        if member.topology_version < self.failover.version and (not member.failed or member.role == "server"):
+            self.failover.tell(member, identity)  # (a server failed over that still runs hears it: it stops serving)
         replicated = msg.body.get("replicated")
         if member.role == "server" and replicated == self.failover.version and type(replicated) is int:
             self.failover.replicated(member.rank)
