@@ -281,6 +281,7 @@ class Reader:
         worker = self.worker(msg)
         if step is None:
             step = max((e.get("step", 0) for e in msg.keys), default=0)
+        self.consistency.check_pull(worker, step)
         states = [self.keys.of(e, initialized=False) for e in msg.keys]
         pull_codecs: list[str | None] = []
         pull_shm = []

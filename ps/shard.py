@@ -27,6 +27,7 @@ import torch
 from zps.protocol import board, replicas
 from zps.protocol import checkpoint as ckpt
 from zps.protocol.bodies import Commit, KeyStat, inspect_reply, read_notice
+from zps.protocol.complaints import Complaints
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.rendezvous import Topology
@@ -89,7 +90,8 @@ class Shard:
         self.name, self.job, self.mode = name, job, topology.mode
         self.metrics, self.guard, self.replication, self.checkpoints = metrics, guard, replication, checkpoints
         self.tracer = tracer or Tracer()
-        self.consistency = make_consistency(topology.mode, topology.num_workers, topology.staleness, job.bsp_sum)
+        self.consistency = make_consistency(topology.mode, topology.num_workers, topology.staleness, job.bsp_sum,
+                                            job.max_pending)
         self.keys = Keys(job)
         self.decoders = Decoders((job.codec, job.pull_codec))
         self.segments = WorkerSegments()
@@ -104,6 +106,7 @@ class Shard:
         self._commits: dict[int, Commit] = {}  # BSP: how held steps are applied, by step (zps.protocol.bodies)
         self._board: Message | None = None  # the newest PUT (zps.protocol.board)
         self._seeded: set[int] = set()  # keys set by seeds that waited for a failover notice, until re-checked
+        self._duplicates = Complaints(log, name, what="dropped duplicate pushes")
         read = self.read
         self.handlers: dict[Kind, Handler] = {
             Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
@@ -233,7 +236,12 @@ class Shard:
         contribution (BSP: once its step is applied), for the answer to wait until the backups hold it."""
         c, m = self.consistency, self.metrics
         taken = [k for k in push.keys if k.fresh]
-        m.duplicates += len(push.keys) - len(taken)
+        if len(taken) < len(push.keys):  # counted, and logged (once a minute per worker, with the count between)
+            dropped = [k for k in push.keys if not k.fresh]
+            m.duplicates += len(dropped)
+            self._duplicates(push.identity, f"{len(dropped)} keys of worker {push.worker}'s push of step "
+                                            f"{dropped[0].step} (keys {keys_text([k.state.key for k in dropped])}) "
+                                            "had been applied already: acknowledged, not applied again")
         if self.checkpoints is not None and push.worker == 0 and "ckpt" in push.body:
             self.checkpoints.request(push.body["ckpt"])  # worker 0 asks for a checkpoint at that step
         for k in push.keys:

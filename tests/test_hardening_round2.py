@@ -187,3 +187,48 @@ def test_the_engine_keeps_a_request_a_failed_over_server_answered_moved_and_send
         engine.close()
         for fake in fakes:
             fake.close(linger=0)
+
+
+# -- 3. the duplicate guard of ASP/SSP --------------------------------------------------------------------------
+def _push(key: int, step: int, value: float = 1.0) -> list:
+    entry = {"key": key, "step": step, "nf": 1, "codec": "none", "meta": {}, "bufs": [["float32", 8]]}
+    return [head("push", "worker:0", keys=[entry]), torch.full((8,), value).numpy().tobytes()]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("mode", ["asp", "ssp"])
+def test_no_push_or_pull_moves_a_workers_step_past_what_it_can_have_in_flight(
+        mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A push at last + 2^20 made the worker's next 100 pushes of that key OK with nothing applied; a PULL of step
+    2^53 set its clock so that every later push was dropped as a duplicate. Now both are refused beyond
+    --max-pending steps, and every duplicate dropped is counted and logged."""
+    with local_cluster(1, 1, mode, max_pending=16) as cluster:
+        (client,) = cluster.clients()
+        client.declare({"a": torch.zeros(8)}, ("SGD", [{"lr": 1.0}]))
+        k = client.chunks("a")[0].key
+        raw = dealer(client.topology.servers[0])
+        try:
+            def ask(frames: list) -> Message:
+                raw.send_multipart(frames)
+                assert raw.poll(10_000), "no answer"
+                return parse_frames(raw.recv_multipart())
+
+            assert ask(_push(k, 0)).kind is Kind.OK
+            for step in (1 << 20, 18):  # past the furthest step (0) + --max-pending (16)
+                reply = ask(_push(k, step, value=-12345.0))
+                assert reply.body["code"] == ErrorCode.STEP_AHEAD.value, reply.body
+            pull = {"key": k, "step": 1 << 53, "nf": 0}
+            reply = ask([head("pull", "worker:0", keys=[pull])])
+            assert reply.body["code"] == ErrorCode.STEP_AHEAD.value, reply.body
+            for step in range(1, 101):  # the worker's own pushes all apply
+                assert ask(_push(k, step)).kind is Kind.OK
+            with caplog.at_level("WARNING", logger="zps.server"):
+                assert ask(_push(k, 100)).kind is Kind.OK  # a retry: acknowledged, not applied again
+            out = {"a": torch.empty(8)}
+            client.pull(out, step=0).result(timeout=30)
+            assert torch.equal(out["a"], torch.full((8,), -101.0))
+            assert client.stats()[0]["duplicates"] == 1
+            assert "dropped duplicate pushes" in caplog.text and "worker 0's push of step 100" in caplog.text
+        finally:
+            raw.close()
+            client.close()
