@@ -37,7 +37,7 @@ from typing import IO
 
 from zps.lab.network import Emulator
 from zps.protocol import security
-from zps.protocol.config import JobConfig
+from zps.protocol.config import DEFAULT_CHECKPOINT_EVERY, JobConfig
 from zps.telemetry.live import LiveView
 
 from .backend import Backend, ProcSpec
@@ -223,6 +223,7 @@ class Attempt:
                 self.phase = Phase.DRAINING
                 self.deadline = time.monotonic() + SHUTDOWN_GRACE
             case Change.ALL_EXITED:
+                self._no_checkpoint()
                 return Outcome(Phase.SUCCEEDED, 0)
             case Change.GRACE_OVER:
                 running = ", ".join(c.label for c in self.group.running())
@@ -230,6 +231,15 @@ class Attempt:
                                "ending it")
                 return Outcome(Phase.SUCCEEDED, 0)
         return None
+
+    def _no_checkpoint(self) -> None:
+        """A job that ran under --checkpoint-dir and completed no checkpoint says so (a script that drives the
+        low-level Client never asks for one; a short job may end before the first)."""
+        if self.job.checkpoint_dir and not self.coordinator.manifests.last:
+            every = self.job.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+            self.group.say(f"no checkpoint was written to {self.job.checkpoint_dir}: worker.DistributedOptimizer "
+                           f"takes them (every {every}, --checkpoint-every); a script that drives the low-level "
+                           "Client takes none, and a job may end before the first")
 
     def _coordinator_failed(self) -> Outcome:
         coordinator = self.coordinator

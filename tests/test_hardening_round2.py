@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -21,7 +22,7 @@ from zps.worker._replies import Replies
 from zps.worker._shm import SharedAreas
 from zps.worker.client import Client
 
-from .helpers import close_all, local_cluster, run_parallel
+from .helpers import close_all, finish, local_cluster, run_parallel, start
 
 NAMES = [f"p{i}" for i in range(6)]
 
@@ -232,3 +233,38 @@ def test_no_push_or_pull_moves_a_workers_step_past_what_it_can_have_in_flight(
         finally:
             raw.close()
             client.close()
+
+
+# -- 9. smaller ---------------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_zps_stops_parsing_at_the_script_and_refuses_an_infinite_learning_rate_before_anything_starts() -> None:
+    from zps.launcher.cli import build_parser
+    from zps.protocol.config import ConfigError, JobConfig
+
+    args = build_parser().parse_args(["run", "--servers", "2", "train.py", "--n", "6", "--st", "1"])
+    assert (args.num_servers, args.script, args.args) == (2, "train.py", ["--n", "6", "--st", "1"])
+    with pytest.raises(ConfigError, match="lr=inf is not a finite number"):
+        JobConfig(optimizer="sgd:lr=1e999").check_specs()
+
+
+LOWLEVEL = """
+import torch
+from zps import worker
+client = worker.init()
+w = torch.zeros(4)
+client.declare({"w": w}, ("SGD", [{"lr": 0.1}]) if client.rank == 0 else None)
+for step in range(3):
+    client.push_pull({"w": torch.ones(4)}, {"w": w}, step).result()
+worker.shutdown()
+"""
+
+
+@pytest.mark.cluster
+def test_a_job_under_checkpoint_dir_that_wrote_no_checkpoint_says_so(tag: str, tmp_path: Path) -> None:
+    script = tmp_path / "lowlevel.py"
+    script.write_text(LOWLEVEL)
+    code, text = finish(start(tag, ["run", "--progress", "off", "--servers", "1", "--workers", "1",
+                                    "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "1",
+                                    str(script)]), timeout=120)
+    assert code == 0, text
+    assert f"no checkpoint was written to {tmp_path / 'ckpt'}" in text and "low-level Client" in text, text
