@@ -195,8 +195,12 @@ class JobConfig:
                             launcher_env=True)
     # observability (docs/metrics.md)
     metrics_port: int = setting(0, "serve Prometheus metrics over HTTP: the coordinator (its own and every "
-                                   "worker's) on PORT, server r on PORT+1+r, bound to each role's address (0: off)",
+                                   "worker's) on PORT, server r on PORT+1+r, on --metrics-host (0: off)",
                                 minimum=0, metavar="PORT")
+    metrics_host: str = setting("127.0.0.1", "the address --metrics-port serves on: loopback unless asked; 'host': "
+                                             "each role's own address (reachable from other hosts: the metrics "
+                                             "name hosts, parameters and rates, with no authentication), or an "
+                                             "address such as 0.0.0.0", metavar="ADDRESS")
     trace: str = setting("", "write Chrome-trace spans of every worker and server into DIR; the launcher merges "
                              "them into DIR/trace.json at the end (Perfetto, chrome://tracing)", metavar="DIR")
     straggler_factor: float = setting(1.5, "flag a worker whose step time (without waiting for the servers) is this "

@@ -34,6 +34,7 @@ ZAP_DOMAIN = "zps"
 ENV_SECRETS = "ZPS_SECRETS"
 ENV_SECRETS_FILE = "ZPS_SECRETS_FILE"
 ENV_SECRETS_DIR = "ZPS_SECRETS_DIR"
+OBSERVER = "observer"  # the read-only key: the coordinator answers it the job's STATUS, nothing else (zps top)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class Secrets:
 
 
 def make_secrets(num_servers: int, num_workers: int) -> dict[str, Secrets]:
-    """Fresh keys for one job: the coordinator's secrets (``"coordinator"``) and each process's (``"worker-3"``)."""
+    """Fresh keys for one job: the coordinator's secrets (``"coordinator"``), each process's (``"worker-3"``) and
+    the observer's (``"observer"``: a key the coordinator answers STATUS only, and the servers not at all)."""
     server_public, server_secret = (k.decode() for k in zmq.curve_keypair())
     pairs = {}
     for role, count in (("server", num_servers), ("worker", num_workers)):
@@ -74,17 +76,20 @@ def make_secrets(num_servers: int, num_workers: int) -> dict[str, Secrets]:
             public, secret = (k.decode() for k in zmq.curve_keypair())
             pairs[f"{role}-{rank}"] = (peer_name(role, rank), public, secret)
     clients = {public: name for name, public, _ in pairs.values()}
-    out = {"coordinator": Secrets(server_public, server_secret=server_secret, clients=clients)}
+    observer_public, observer_secret = (k.decode() for k in zmq.curve_keypair())
+    out = {"coordinator": Secrets(server_public, server_secret=server_secret,
+                                  clients={**clients, observer_public: OBSERVER})}
     for label, (name, public, secret) in pairs.items():
         serves = label.startswith("server")
         out[label] = Secrets(server_public, name, public, secret, server_secret if serves else "",
                              clients if serves else {})
+    out[OBSERVER] = Secrets(server_public, OBSERVER, observer_public, observer_secret)
     return out
 
 
 def secrets_label(role: str, rank: int) -> str:
     """The name of a process's secrets in :func:`make_secrets` and in a secrets directory: ``worker-3``."""
-    return "coordinator" if role == "coordinator" else f"{role}-{rank}"
+    return role if role in ("coordinator", OBSERVER) else f"{role}-{rank}"
 
 
 def write_secrets(directory: str | os.PathLike[str], secrets: Mapping[str, Secrets]) -> Path:

@@ -150,7 +150,7 @@ class Loop:
         self.shard = Shard(name, job, topology, self.metrics, self.guard, replication, checkpoints, self.tracer)
         self.recorder = Recorder(MetricsFile(job.metrics_out, "server", topology.rank), self.metrics, self.shard.step)
         rendezvous.reporter = self.metrics.report
-        self.metrics_server = prom.serve(self.metrics.registry, server.config.host,
+        self.metrics_server = prom.serve(self.metrics.registry, prom.bind_address(job.metrics_host, server.config.host),
                                          prom.metrics_port(job.metrics_port, "server", topology.rank), name)
         self._kill_at = parse_kills(job.kill).get(("server", topology.rank)) if job.kill else None
         self._kill_seen: int | None = None  # the applied step when the loop last looked

@@ -5,6 +5,8 @@ what the adversary sent (raw pyzmq, no keys unless said) and asserts what must h
 from __future__ import annotations
 
 import functools
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -268,3 +270,72 @@ def test_a_job_under_checkpoint_dir_that_wrote_no_checkpoint_says_so(tag: str, t
                                     str(script)]), timeout=120)
     assert code == 0, text
     assert f"no checkpoint was written to {tmp_path / 'ckpt'}" in text and "low-level Client" in text, text
+
+
+# -- 7. metrics and status under --secure ---------------------------------------------------------------------------
+@pytest.mark.cluster
+def test_metrics_listen_on_loopback_unless_asked_even_where_the_role_binds_another_address() -> None:
+    """--metrics-port served plain HTTP on the role's own (routable, under zps launch) address."""
+    from zps.launcher.coordinator import Coordinator
+    from zps.protocol.config import JobConfig
+
+    from .helpers import free_port
+
+    def serves(host: str, port: int) -> bool:
+        with socket.socket() as sock:
+            sock.settimeout(5)
+            return sock.connect_ex((host, port)) == 0
+
+    for metrics_host, where, elsewhere in (("127.0.0.1", "127.0.0.1", "127.0.0.2"), ("host", "127.0.0.2", "127.0.0.1")):
+        port = free_port()
+        coordinator = Coordinator(JobConfig(metrics_port=port, metrics_host=metrics_host), host="127.0.0.2")
+        thread = threading.Thread(target=coordinator.serve, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda at=where, p=port: serves(at, p), f"metrics on {where}:{port}")
+            assert not serves(elsewhere, port), (metrics_host, elsewhere)
+        finally:
+            coordinator.stop()
+            thread.join(timeout=10)
+
+
+@pytest.mark.cluster
+def test_zps_top_watches_a_secure_job_with_a_key_that_can_do_nothing_else() -> None:
+    """Watching a --secure job took a worker's full key (one that can push); the observer's key asks for the
+    status and nothing else, and no server lets it in."""
+    from zps.protocol.security import OBSERVER
+    from zps.telemetry.top import StatusClient
+
+    with local_cluster(1, 1, secure=True) as cluster:
+        secrets = cluster.secrets
+        assert secrets is not None
+        (client,) = cluster.clients(shm=False)
+        watcher = StatusClient(cluster.coordinator.endpoint, secrets[OBSERVER])
+        try:
+            assert watcher.status()["state"] == "running"
+            for kind in ("heartbeat", "done", "barrier"):
+                reply = watcher_ask(watcher.sock, [head(kind, OBSERVER, body={"exit_code": 1, "failure": "x"})])
+                assert reply.body["code"] == ErrorCode.BAD_KIND.value, (kind, reply.body)
+            reply = watcher_ask(watcher.sock, [head("register", OBSERVER, body={"role": "worker", "rank": 0})])
+            assert reply.kind is Kind.ERROR  # it registers as nobody
+            to_server: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+            to_server.setsockopt(zmq.LINGER, 0)
+            keys = secrets[OBSERVER]
+            to_server.curve_serverkey, to_server.curve_publickey = keys.server_public.encode(), keys.public.encode()
+            to_server.curve_secretkey = keys.secret.encode()
+            to_server.connect(client.topology.servers[0])
+            to_server.send_multipart([head("stats", OBSERVER)])
+            # (a server's own process does not know the key at all: test_security; here, in one process, the servers
+            # share the coordinator's ZAP handler, and a server refuses whatever the observer asks)
+            assert to_server.poll(10_000) and parse_frames(to_server.recv_multipart()).kind is Kind.ERROR
+            to_server.close()
+            assert cluster.coordinator.error is None
+        finally:
+            watcher.close()
+            client.close()
+
+
+def watcher_ask(sock: zmq.Socket, frames: list) -> Message:
+    sock.send_multipart(frames)
+    assert sock.poll(10_000), "no answer"
+    return parse_frames(sock.recv_multipart())

@@ -159,7 +159,10 @@ def test_a_workers_key_speaks_only_as_that_worker(secure_cluster) -> None:
 @pytest.mark.unit
 def test_secrets_files_are_private_and_name_their_process(tmp_path: Path) -> None:
     keys = security.make_secrets(2, 3)
-    assert set(keys) == {"coordinator", "server-0", "server-1", "worker-0", "worker-1", "worker-2"}
+    assert set(keys) == {"coordinator", "server-0", "server-1", "worker-0", "worker-1", "worker-2", "observer"}
+    # the observer's key is known to the coordinator only, as the observer (zps top), never to a server
+    assert keys["coordinator"].clients[keys["observer"].public] == "observer"
+    assert keys["observer"].public not in keys["server-0"].clients and not keys["observer"].server_secret
     assert not keys["worker-1"].server_secret and not keys["worker-1"].clients  # a worker cannot serve
     assert keys["server-1"].server_secret == keys["coordinator"].server_secret
     assert keys["coordinator"].clients[keys["worker-2"].public] == "worker:2"

@@ -132,8 +132,8 @@ class Coordinator:
                 **self.monitor.snapshot()}
 
     def serve(self) -> int:
-        metrics = prom.serve(self.registry, self._metrics_host, prom.metrics_port(self.job.metrics_port,
-                                                                                  "coordinator", 0), "coordinator")
+        metrics = prom.serve(self.registry, prom.bind_address(self.job.metrics_host, self._metrics_host),
+                             prom.metrics_port(self.job.metrics_port, "coordinator", 0), "coordinator")
         try:
             while not self._stop.is_set():
                 if self.sock.poll(100):
@@ -171,6 +171,9 @@ class Coordinator:
                 body = msg.body
                 claimed = f"{body.get('role')}:{body.get('rank')}" if msg.kind is Kind.REGISTER else msg.src
                 security.check_sender(frames[0], claimed)
+                if claimed == security.OBSERVER and msg.kind is not Kind.STATUS:
+                    raise ProtocolError(ErrorCode.BAD_KIND, "the observer's key asks for the job's status, nothing "
+                                                            "else")
             if msg.kind is Kind.REGISTER:
                 self._register(identity, msg)
             elif msg.kind is Kind.STATUS:
