@@ -292,7 +292,7 @@ def test_metrics_listen_on_loopback_unless_asked_even_where_the_role_binds_anoth
         thread = threading.Thread(target=coordinator.serve, daemon=True)
         thread.start()
         try:
-            wait_until(lambda at=where, p=port: serves(at, p), f"metrics on {where}:{port}")
+            wait_until(functools.partial(serves, where, port), f"metrics on {where}:{port}")
             assert not serves(elsewhere, port), (metrics_host, elsewhere)
         finally:
             coordinator.stop()
