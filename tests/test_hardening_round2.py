@@ -4,7 +4,10 @@ what the adversary sent (raw pyzmq, no keys unless said) and asserts what must h
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import select
 import socket
 import threading
 import time
@@ -339,3 +342,92 @@ def watcher_ask(sock: zmq.Socket, frames: list) -> Message:
     sock.send_multipart(frames)
     assert sock.poll(10_000), "no answer"
     return parse_frames(sock.recv_multipart())
+
+
+# -- 6. the --net relay inside the launcher --------------------------------------------------------------------
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.cluster
+def test_a_relay_whose_receiver_stops_reading_holds_a_window_and_stops_the_sender() -> None:
+    """600 pulls whose replies were never read grew the launcher (which hosts the relays) from 45 MB to 2.3 GB: the
+    relay read whatever the server sent. Now it holds one window and the server's sends block."""
+    from zps.lab.network import Emulator
+
+    total = 768 << 20
+    blocked, done = threading.Event(), threading.Event()
+    sent = [0]
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def server() -> None:  # answers whatever comes with `total` bytes, as fast as the relay takes them
+        conn, _ = listener.accept()
+        chunk = b"\0" * (1 << 20)
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)
+            while sent[0] < total:
+                try:
+                    sent[0] += conn.send(chunk)
+                except BlockingIOError:  # no room: the relay stopped taking bytes if none frees for a second
+                    if not select.select([], [conn], [], 1.0)[1]:
+                        blocked.set()
+                        return
+        done.set()
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    with Emulator("bw=10gbit") as net:
+        address = net.route("worker", 0, [f"tcp://127.0.0.1:{listener.getsockname()[1]}"])[0]
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        before = _rss()
+        with socket.create_connection((host, int(port))) as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            reader.sendall(b"pull")  # and never reads the reply
+            wait_until(lambda: blocked.is_set() or done.is_set(), "the server blocked or done", within=120)
+            assert blocked.is_set(), f"the relay took all {sent[0]} bytes the server sent"
+            grown = _rss() - before
+            assert sent[0] < 64 << 20 and grown < 64 << 20, (sent[0], grown)
+    listener.close()
+
+
+@pytest.mark.cluster
+def test_a_relay_takes_a_few_connections_not_thousands() -> None:
+    """3,000 idle connections to one relay port made 12,033 threads in the launcher."""
+    from zps.lab.network import MAX_CONNECTIONS, Emulator
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    with Emulator("bw=1gbit") as net:
+        address = net.route("worker", 0, [f"tcp://127.0.0.1:{listener.getsockname()[1]}"])[0]
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        threads = threading.active_count()
+        idle = [socket.create_connection((host, int(port))) for _ in range(60)]
+        try:
+            for conn in idle[MAX_CONNECTIONS:]:  # closed by the relay at once
+                conn.settimeout(10)
+                assert conn.recv(1) == b""
+            assert threading.active_count() - threads <= 4 * MAX_CONNECTIONS + 1
+            for conn in idle[:MAX_CONNECTIONS]:
+                conn.close()
+
+            def taken() -> bool:  # a connection the relay keeps (nothing to read) rather than closes at once
+                conn = socket.create_connection((host, int(port)))
+                idle.append(conn)
+                conn.settimeout(0.2)
+                try:
+                    return conn.recv(1) != b""
+                except TimeoutError:
+                    return True
+
+            wait_until(taken, "the relay taking a connection again once the idle ones closed")
+        finally:
+            for conn in idle:
+                conn.close()
+    listener.close()
