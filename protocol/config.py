@@ -230,7 +230,8 @@ class JobConfig:
     max_header_bytes: int = setting(4 << 20, "cap: the largest message header", minimum=1 << 12, metavar="BYTES")
     max_key_elements: int = setting(1 << 28, "cap: elements in one key (a chunk of a parameter)", minimum=1,
                                     metavar="N")
-    max_keys: int = setting(1 << 20, "cap: keys one server holds", minimum=1, metavar="N")
+    max_keys: int = setting(1 << 16, "cap: keys one server holds (each costs about 1 KiB even before it has values)",
+                            minimum=1, metavar="N")
     max_server_bytes: int = setting(1 << 36, "cap: bytes of parameters one server holds (their optimizer state "
                                              "comes on top)", minimum=1 << 20, metavar="BYTES")
     max_pending: int = setting(256, "cap: requests of one worker a server keeps waiting", minimum=1, metavar="N")

@@ -25,8 +25,10 @@ import zmq
 from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.config import Config
+from zps.protocol.inflow import Inflow, limit_for
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import peer_name
+from zps.protocol.plan import MAX_KEYS_PER_MESSAGE
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.simulation import parse_kills
 from zps.protocol.stepmetrics import MetricsFile
@@ -40,6 +42,8 @@ from ._replicas import Replication
 from .shard import Shard
 
 log = logging.getLogger("zps.server")
+
+MAX_KEYS_SERVED = 2 * MAX_KEYS_PER_MESSAGE  # key entries of one message (a worker puts in at most half as many)
 
 # Freed message buffers and optimizer temporaries go back to the OS when the server has been idle this long, or
 # after this many bytes under continuous load (trimming more often makes the next messages fault pages in again).
@@ -74,6 +78,7 @@ class Server:
         self.name = "server:?"
         self.kill: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)  # --kill
         self._loop: Loop | None = None
+        self.inflow: Inflow | None = None  # the watch of the socket's connections, from run()
 
     @property
     def shard(self) -> Shard:
@@ -86,6 +91,9 @@ class Server:
         sock = security.router(self.context, self.config.secrets)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.job.max_message_bytes)  # ZeroMQ drops a peer that sends more
+        # and a connection whose message (of any number of parts) would hold more is cut: zps.protocol.inflow
+        self.inflow = Inflow(sock, limit_for(self.config.job.max_message_bytes), "server",
+                             curve=self.config.secrets is not None)
         address = transport.bind_free(sock, self.config.host)
         rendezvous = RendezvousClient(self.config, self.context)
         loop: Loop | None = None
@@ -117,6 +125,8 @@ class Server:
                 loop.finish()
             rendezvous.done(failure)
             rendezvous.close()
+            self.inflow.close()
+            self.inflow = None
             sock.close(linger=0)
             if loop is not None:
                 loop.close()
@@ -217,7 +227,8 @@ class Loop:
     # -- receiving -------------------------------------------------------------------------------------
     def _receive(self) -> None:
         try:
-            frames = transport.recv_bounded(self.sock, transport.MAX_FRAMES, self.job.max_message_bytes)
+            frames = transport.recv_bounded(self.sock, transport.MAX_FRAMES, self.job.max_message_bytes,
+                                            self.server.inflow)
         except transport.TooLarge as exc:
             self.metrics.failed += 1
             self._send(exc.identity, error_reply(0, self.name, ErrorCode.TOO_LARGE, str(exc)))
@@ -239,7 +250,7 @@ class Loop:
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
-            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes)
+            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes, max_keys=MAX_KEYS_SERVED)
             request_id = msg.id
             if self.server.config.secrets is not None:
                 security.check_sender(frames[0], msg.src)

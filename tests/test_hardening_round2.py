@@ -9,9 +9,11 @@ import functools
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +433,110 @@ def test_a_relay_takes_a_few_connections_not_thousands() -> None:
             for conn in idle:
                 conn.close()
     listener.close()
+
+
+# -- 4. what a peer's messages can make a server hold -------------------------------------------------------------
+SERVE_ONE = str(Path(__file__).parent / "scripts" / "serve_one.py")
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(resident, peak resident) bytes of process ``pid``."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+@contextlib.contextmanager
+def _lone_server(cap: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    proc = subprocess.Popen([sys.executable, SERVE_ONE, "--max-message-bytes", str(cap)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        while not (line := proc.stdout.readline()).startswith("SERVER "):
+            assert line, "the server process ended"
+        yield proc, line.split()[1]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.cluster
+def test_a_message_of_many_parts_holds_no_more_than_the_stated_bound_in_the_server() -> None:
+    """With --max-message-bytes 64MiB, 40 parts of 60 MiB (each under the cap: ZMQ_MAXMSGSIZE is per part, and a
+    multipart message is delivered whole) peaked at 2.7 GB in the server. The bound is (queue + 1) x the cap per
+    connection (zps.protocol.inflow); the server's peak resident memory stays within 1.5x of it."""
+    from zps.protocol.inflow import limit_for
+
+    cap = 64 << 20
+    bound = limit_for(cap)
+    with _lone_server(cap) as (proc, address):
+        before, _ = _memory(proc.pid)
+        part = memoryview(bytes(60 << 20))
+        attacker: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        attacker.setsockopt(zmq.LINGER, 0)
+        monitor = attacker.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        attacker.connect(address)
+        try:
+            attacker.send_multipart([head("push", "worker:0"), *[part] * 40], copy=False)
+            poller = zmq.Poller()
+            poller.register(monitor, zmq.POLLIN)
+            poller.register(attacker, zmq.POLLIN)
+            ended = dict(poller.poll(120_000))
+            assert monitor in ended, "the server took the whole message (and answered it) instead of cutting it"
+        finally:
+            attacker.disable_monitor()
+            monitor.close(linger=0)
+            attacker.close(linger=0)
+        _, peak = _memory(proc.pid)
+        print(f"server resident before {before >> 20} MiB, peak {peak >> 20} MiB: +{(peak - before) >> 20} MiB "
+              f"against the stated bound {bound >> 20} MiB ({(peak - before) / bound:.2f}x)")
+        assert peak - before <= 1.5 * bound
+        # the server goes on: a message over the cap but under the bound is refused by name, and served after it
+        raw = dealer(address)
+        try:
+            raw.send_multipart([head("push", "worker:0"), *[memoryview(bytes(30 << 20))] * 3], copy=False)
+            assert raw.poll(60_000), "no answer after the cut"
+            reply = parse_frames(raw.recv_multipart())
+            assert reply.body["code"] == ErrorCode.TOO_LARGE.value and "--max-message-bytes" in reply.body["reason"]
+        finally:
+            raw.close()
+
+
+@pytest.mark.cluster
+def test_declare_only_inits_and_huge_headers_are_capped_before_they_cost() -> None:
+    """11 declare-only INITs kept +1 GB in a server (1,000,001 keys before --max-keys); a 3.9 MB header of key
+    entries held its loop 4.85 s. Now a server holds at most 2^16 keys, and a message of more than 8192 key entries
+    is refused before any is looked at. (A declare-only INIT waits for rank 0's values, so only refusals answer; a
+    server serves one connection's messages in order, so three refusals mean the eight before them were taken.)"""
+    with _lone_server(1 << 30) as (proc, address):
+        raw = dealer(address)
+        try:
+            def init(first: int, count: int) -> None:
+                keys = [{"key": k, "name": "p", "offset": 0, "numel": 1, "nf": 0} for k in range(first, first + count)]
+                raw.send_multipart([head("init", "worker:0", keys=keys)])
+
+            def answer() -> Message:
+                assert raw.poll(60_000), "no answer"
+                return parse_frames(raw.recv_multipart())
+
+            init(0, 60_000)  # a 3.3 MB header
+            started = time.monotonic()
+            huge = answer()
+            took = time.monotonic() - started
+            assert huge.body["code"] == ErrorCode.TOO_LARGE.value and "8192 keys" in huge.body["reason"], huge.body
+            assert took < 2.0, f"a refused header held the server {took:.2f}s"
+            before, _ = _memory(proc.pid)
+            for first in range(0, 11 * 8192, 8192):
+                init(first, 8192)
+            refused = [answer() for _ in range(3)]
+            assert all(a.body.get("code") == ErrorCode.TOO_LARGE.value and "--max-keys" in a.body["reason"]
+                       for a in refused), [a.body for a in refused]
+            grown = _memory(proc.pid)[0] - before
+            print(f"a 60,000-key header refused in {took:.2f}s; 8 INITs of 8192 declare-only keys: +{grown >> 20} MiB")
+            assert grown < 160 << 20
+        finally:
+            raw.close()

@@ -28,6 +28,7 @@ from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import ConfigError, JobConfig
+from zps.protocol.inflow import Inflow, limit_for
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import COORDINATOR, parse_peer
 from zps.protocol.security import Secrets
@@ -54,6 +55,7 @@ class Coordinator:
         self.context = context or zmq.Context.instance()
         self.sock = security.router(self.context, secrets)
         self.sock.setsockopt(zmq.MAXMSGSIZE, job.max_header_bytes)  # its messages are headers only
+        self.inflow = Inflow(self.sock, limit_for(job.max_header_bytes), "coordinator", curve=secrets is not None)
         if port:
             self.sock.bind(transport.tcp_address(host, port))
             self.address = transport.tcp_address(host, port)
@@ -139,7 +141,7 @@ class Coordinator:
                 if self.sock.poll(100):
                     for _ in range(256):
                         try:
-                            frames = transport.recv_bounded(self.sock, 8, self.job.max_header_bytes)
+                            frames = transport.recv_bounded(self.sock, 8, self.job.max_header_bytes, self.inflow)
                         except zmq.Again:
                             break
                         except transport.TooLarge as exc:
@@ -153,6 +155,7 @@ class Coordinator:
                     return 0
             return 0 if self.state is State.FINISHED else 1
         finally:
+            self.inflow.close()
             self.sock.close(linger=200)
             if metrics is not None:
                 metrics.close()
@@ -165,7 +168,7 @@ class Coordinator:
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
-            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes)
+            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes, max_keys=0)  # (bodies only)
             request_id = msg.id
             if self.secrets is not None:  # a key speaks only as its own process (and registers only as it)
                 body = msg.body
