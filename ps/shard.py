@@ -116,7 +116,7 @@ class Shard:
             Kind.SEED: Route(read.seed, self.seed), Kind.INSPECT: Route(read.inspect, self.inspect),
             Kind.PUT: Route(self._read_put, self.put), Kind.GET: Route(self._read_get, self.get),
         }
-        metrics.holdings = self.holdings
+        metrics.holdings, metrics.step = self.holdings, self.step
 
     # -- dispatch --------------------------------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
@@ -158,6 +158,8 @@ class Shard:
         if segment is not None:
             self.segments.adopt(request.worker, segment, entries)
         opt_name, groups = request.body.get("optimizer"), request.body.get("groups", [])
+        if self.keys.model is None and "model" in request.body:
+            self.keys.model = (request.body["model"], request.worker)
         if opt_name is not None:
             self.keys.optimizer = (opt_name, groups)
             if self.checkpoints is not None:
