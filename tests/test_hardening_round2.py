@@ -254,6 +254,27 @@ def test_zps_stops_parsing_at_the_script_and_refuses_an_infinite_learning_rate_b
         JobConfig(optimizer="sgd:lr=1e999").check_specs()
 
 
+
+@pytest.mark.unit
+def test_an_experiment_spec_of_aliases_wrong_types_or_a_hundred_thousand_servers_is_refused_in_one_short_line(
+        tmp_path: Path) -> None:
+    """A 382-byte YAML spec of 7 alias levels took 188 MB (an error quoted the whole value), 10^5 servers were
+    accepted, a wrongly typed value printed a traceback."""
+    pytest.importorskip("yaml")
+    from zps.lab.experiment_spec import SpecError, load_spec
+
+    levels = ['&l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)]  # 10^7 strings once expanded
+    cases = {"bomb.yaml": (f"extra: [{', '.join(levels)}]\n", "extra: expected a list of strings"),
+             "many.toml": ("servers = 100000\nworkers = 1\n", "100000 servers, more than 256"),
+             "typed.toml": ('[matrix]\nworkers = ["two"]\n', "expected an integer, got 'two'")}
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SpecError) as refused:
+            load_spec(tmp_path / name)
+        assert words in str(refused.value) and len(str(refused.value)) < 2000 and "\n" not in str(refused.value), (
+            name, str(refused.value)[:300])
+
 LOWLEVEL = """
 import torch
 from zps import worker
