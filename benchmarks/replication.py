@@ -10,11 +10,11 @@ two of warm-up and reads every server's VmRSS and RssAnon from /proc at the end.
 Training throughput: examples/lm.py (the 2.6M-parameter transformer, 4 windows per worker per step), the same
 3 x 2 job, ``--lm-steps`` steps, with and without ``--replicas 1``, steps per second from its own summary.
 
-Three configurations of the push/pull job, each ``--runs`` times, medians: no replicas (shared memory on, the
+Four configurations of the push/pull job, each ``--runs`` times, medians: no replicas (shared memory on, the
 default); no replicas with shared memory off (``--replicas`` turns it off: this isolates what the backups
-themselves cost); ``--replicas 1``. The memory floor of a server is (R + 1) x its share x 3 x 4 bytes (values,
-Adam's two moments); an idle process with the server's imports is measured in the same run and subtracted
-("net").
+themselves cost); ``--replicas 1``; ``--replicas 1 --secure`` (CurveZMQ on every socket, servers' own keys).
+The memory floor of a server is (R + 1) x its share x 3 x 4 bytes (values, Adam's two moments); an idle process
+with the server's imports is measured in the same run and subtracted ("net").
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def zps_worker(numel: int, steps: int) -> None:
     if client.rank == 0:
         from zps.telemetry.top import StatusClient
 
-        status = StatusClient(client.config.coordinator)  # the coordinator knows every member's pid
+        status = StatusClient(client.config.coordinator, client.config.secrets)  # it knows every member's pid
         pids = [m["pid"] for m in status.status()["members"] if m["role"] == "server"]
         status.close()
         result["servers"] = [C.proc_status_kib(pid) for pid in pids]
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     idle = idle_rss_kib("import torch, zmq, msgpack, numpy\nimport ps.server")["VmRSS"] * 1024
     _, shm_off, _ = C.shm_option()
     configs = [("no replicas", {}, [], 0), ("no replicas, no shared memory", shm_off, [], 0),
-               ("--replicas 1", {}, ["--replicas", "1"], 1)]
+               ("--replicas 1", {}, ["--replicas", "1"], 1),
+               ("--replicas 1 --secure", {}, ["--replicas", "1", "--secure"], 1)]
     measured: dict[str, dict] = {}
     for rep in range(runs):
         for name, env, extra, replicas in configs:

@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import re
+import reprlib
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -54,6 +55,20 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "st
 
 class SpecError(ValueError):
     """The spec is malformed or names a setting zps does not have; the message says which."""
+
+
+# a spec's values are quoted in errors at most this much: a YAML spec's aliases make a few hundred bytes a value of
+# millions of items (issue 22: 7 levels, 188 MB), and its whole repr must never be built
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 80, 80
+# what one spec may ask for: each run starts all its processes on this machine, and every run is listed up front
+MAX_PROCESSES = 256  # servers, and workers, of one run
+MAX_RUNS = 10_000
+
+
+def _show(value: Any) -> str:
+    """``value`` as an error quotes it: its repr, cut short at every level."""
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,7 @@ def _typed(value: Any, name: str, what: str) -> Any:
     ok = {"int": isinstance(value, int), "float": isinstance(value, (int, float)), "bool": isinstance(value, bool),
           "str": isinstance(value, str)}.get(kind, True)
     if not ok or (kind != "bool" and isinstance(value, bool)):
-        raise SpecError(f"{what}: expected {_KINDS.get(kind, kind)}, got {value!r}")
+        raise SpecError(f"{what}: expected {_KINDS.get(kind, kind)}, got {_show(value)}")
     return value
 
 
@@ -175,7 +190,7 @@ def resolve_script(script: str, base: Path) -> str:
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-        raise SpecError(f"{what}: expected a list of strings, got {value!r}")
+        raise SpecError(f"{what}: expected a list of strings, got {_show(value)}")
     return tuple(str(v) for v in value)
 
 
@@ -183,7 +198,7 @@ def _number(value: Any, what: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise SpecError(f"{what}: expected a number > 0, got {value!r}")
+        raise SpecError(f"{what}: expected a number > 0, got {_show(value)}")
     return float(value)
 
 
@@ -212,7 +227,7 @@ def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.ou
             allowed = sorted({SEED, *_ALIASES, *_FIELDS} - _RESERVED - set(_ALIASES.values()))
             raise SpecError(f"[matrix] {key!r} is not a setting of zps run; expected one of {', '.join(allowed)}")
         if isinstance(values, dict):
-            raise SpecError(f"[matrix] {key}: expected a value or a list of values, got a table {values!r}")
+            raise SpecError(f"[matrix] {key}: expected a value or a list of values, got a table {_show(values)}")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise SpecError(f"[matrix] {key}: an empty list makes no runs")
@@ -221,19 +236,19 @@ def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.ou
         matrix[name] = values
     for value in matrix.get(SEED, []):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"[matrix] seed: expected integers, got {value!r}")
+            raise SpecError(f"[matrix] seed: expected integers, got {_show(value)}")
     target = data.get("target_accuracy")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                or not 0 < target <= 1):
-        raise SpecError(f"target_accuracy: expected a fraction in (0, 1], got {target!r}")
+        raise SpecError(f"target_accuracy: expected a fraction in (0, 1], got {_show(target)}")
     script = data.get("script", DEFAULT_SCRIPT)
     if not isinstance(script, str) or not script:
-        raise SpecError(f"script: expected a path, got {script!r}")
+        raise SpecError(f"script: expected a path, got {_show(script)}")
     if "script" in data and base is not None:
         script = resolve_script(script, base)
     out = data.get("out", default_out)
     if not isinstance(out, (str, Path)) or not str(out):
-        raise SpecError(f"out: expected a folder's path (a string), got {out!r}")
+        raise SpecError(f"out: expected a folder's path (a string), got {_show(out)}")
     spec = Spec(script=script, args=_strings(data.get("args", []), "args"), matrix=matrix,
                 target_accuracy=None if target is None else float(target), out=Path(out),
                 timeout=_number(data.get("timeout"), "timeout"), extra=_strings(data.get("extra", []), "extra"))
@@ -245,7 +260,7 @@ def _bundle(key: str, index: int, bundle: Any) -> dict[str, Any]:
     """One value of a grouped axis (a table of settings that go together), its settings checked."""
     if not isinstance(bundle, dict):
         raise SpecError(f"[matrix] {key}: a grouped axis is a list of tables of settings; value {index} is "
-                        f"{bundle!r}")
+                        f"{_show(bundle)}")
     out = {}
     for setting, value in bundle.items():
         name = _ALIASES.get(setting, setting)
@@ -272,6 +287,11 @@ def expand(spec: Spec) -> list[Run]:
     order otherwise; the same run twice (after collapsing) once."""
     seeds: list[int | None] = list(spec.matrix.get(SEED, [None]))
     axes = [name for name in spec.matrix if name != SEED]
+    count = len(seeds)
+    for name in axes:
+        count *= len(spec.matrix[name])
+    if count > MAX_RUNS:
+        raise SpecError(f"the matrix makes {count} runs, more than {MAX_RUNS}: a sweep that size is a mistake")
     runs: dict[str, Run] = {}
     for seed in seeds:
         for values in itertools.product(*(spec.matrix[name] for name in axes)):
@@ -281,7 +301,11 @@ def expand(spec: Spec) -> list[Run]:
             try:
                 settings = _settings(combo)
             except (ConfigError, TypeError) as exc:
-                raise SpecError(f"the combination {combo}: {exc}") from None
+                raise SpecError(f"the combination {_show(combo)}: {exc}") from None
+            for name, what in (("num_servers", "servers"), ("num_workers", "workers")):
+                if combo.get(name, 1) > MAX_PROCESSES:
+                    raise SpecError(f"the combination {_show(combo)}: {combo[name]} {what}, more than {MAX_PROCESSES}: "
+                                    "zps experiment starts every process of a run on this machine")
             run = Run(settings, seed, spec.script, spec.args, spec.extra)
             runs.setdefault(run.run_id, run)
     return list(runs.values())

@@ -10,7 +10,11 @@ coordinator hands every worker the relays' addresses instead of the servers'), w
   rate among them, as on a real switch port;
 - delivers each chunk one latency (the two links' sum, plus uniform jitter) after it left the last queue, in
   order (jitter never reorders a byte stream);
-- reads from the sender only as fast as its uplink drains (the sender sees backpressure, no unbounded buffer).
+- reads from the sender only as fast as its uplink drains (the sender sees backpressure), and holds at most a
+  bandwidth-delay product of a connection's bytes (:meth:`Path.window`): a receiver that stops reading stops the
+  sender, never grows the launcher (issue 22: 600 pulls whose replies nobody read took it to 2.3 GB);
+- takes at most :data:`MAX_CONNECTIONS` connections at a time per relay (a worker's socket to a server is one),
+  closing any more at once.
 
 Rates count the bytes of the TCP stream (zps's frames and ZeroMQ's framing; not IP/TCP headers, about 3% on a
 real link). The coordinator's traffic (registration, heartbeats) is not shaped; under ``--net`` workers move every
@@ -40,6 +44,9 @@ MIN_CHUNK = 1500  # one Ethernet frame's payload: the finest grain the queues mo
 _SLACK = 0.05  # how far behind a busy relay may run (a late thread) and still send at the link's rate
 _CHUNK_TIME = 0.0005
 _PR_SET_TIMERSLACK = 29  # a chunk is at most this much of its link's time (store-and-forward adds no more per hop)
+MIN_WINDOW = 1 << 20  # the bytes one direction of one connection may hold, at least (and with no rate or latency)
+MAX_WINDOW = 64 << 20  # ... and at most, whatever the bandwidth-delay product
+MAX_CONNECTIONS = 4  # live connections per relay: one worker's to one server, and room for its reconnects
 
 
 class Queue:
@@ -73,6 +80,14 @@ class Path:
         self._random = random.Random(seed)
         self.credit = 0.0  # seconds the relay takes to forward a chunk by itself (see forwarding_time)
 
+    def window(self) -> int:
+        """The bytes one direction of one connection may hold: twice the bandwidth-delay product of the path (what
+        its links hold in flight at their rate), within [MIN_WINDOW, MAX_WINDOW]."""
+        rate = min((q.rate for q in (self.up, self.down) if q.rate is not None), default=None)
+        if rate is None:
+            return MIN_WINDOW
+        return int(min(MAX_WINDOW, max(MIN_WINDOW, 2 * rate * (self.latency + self.jitter) + 4 * self.chunk)))
+
     def delay(self) -> float:
         """How long after leaving the last queue a chunk arrives: the latency, jitter, less the relay's own
         forwarding time (it is part of the latency the relay adds)."""
@@ -100,8 +115,11 @@ class _Pump:
     def __init__(self, src: socket.socket, dst: socket.socket, path: Path, name: str) -> None:
         self.src, self.dst, self.path = src, dst, path
         self._chunks: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.window = path.window()
+        self.held = 0  # bytes read and not yet delivered (at most :attr:`window` + a chunk)
         self._ready = threading.Condition()
-        self._closed = False
+        self._closed = False  # the sender is done: what is held is still delivered
+        self._dead = False  # the receiver is gone: nothing more is read
         self.threads = [threading.Thread(target=self._read, name=f"{name}-read", daemon=True),
                         threading.Thread(target=self._write, name=f"{name}-write", daemon=True)]
         for t in self.threads:
@@ -127,7 +145,12 @@ class _Pump:
                 last = arrives
                 with self._ready:
                     self._chunks.append((arrives, data))
-                    self._ready.notify()
+                    self.held += len(data)
+                    self._ready.notify_all()
+                    while self.held > self.window and not self._dead:  # the receiver is not reading: nor do we
+                        self._ready.wait()
+                    if self._dead:
+                        break
                 _sleep_until(left_up)  # the sender's link is busy until then: read no more before
         except OSError:
             pass
@@ -145,12 +168,21 @@ class _Pump:
                         self._ready.wait()
                     if not self._chunks:
                         break
-                    arrives, data = self._chunks.popleft()
+                    arrives, data = self._chunks[0]
                 _sleep_until(arrives)
                 self.dst.sendall(data)
+                with self._ready:
+                    self._chunks.popleft()
+                    self.held -= len(data)
+                    self._ready.notify_all()
         except OSError:
             pass
         finally:
+            with self._ready:  # the reader stops waiting for room, and reading
+                self._dead = True
+                self._chunks.clear()
+                self.held = 0
+                self._ready.notify_all()
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
             with contextlib.suppress(OSError):
@@ -166,9 +198,27 @@ class Relay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         self._sockets: list[socket.socket] = []
+        self._pumps: list[_Pump] = []  # of the connections relayed, two each
         self._lock = threading.Lock()
         self._closed = False
+        self._refused = 0  # connections closed at once: MAX_CONNECTIONS were live
         threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True).start()
+
+    def live(self) -> int:
+        """The connections being relayed now."""
+        with self._lock:
+            return len(self._pumps) // 2
+
+    def _room(self) -> bool:
+        """Forget the connections that ended; whether another may be taken (the caller holds the lock)."""
+        ended = {id(p.src) for p in self._pumps if not any(t.is_alive() for t in p.threads)}
+        if ended:
+            self._pumps = [p for p in self._pumps if id(p.src) not in ended and id(p.dst) not in ended]
+            kept = {id(p.src) for p in self._pumps}
+            for s in [s for s in self._sockets if id(s) not in kept]:
+                s.close()
+            self._sockets = [s for s in self._sockets if id(s) in kept]
+        return len(self._pumps) // 2 < MAX_CONNECTIONS
 
     def _accept(self) -> None:
         while True:
@@ -176,6 +226,16 @@ class Relay:
                 near, _ = self.listener.accept()
             except OSError:
                 return
+            with self._lock:
+                room = self._room()
+                if not room:
+                    self._refused += 1
+            if not room:
+                if self._refused == 1:
+                    log.warning("%s: %d connections are being relayed already; closing any more (%s is reached by "
+                                "one worker)", self.name, MAX_CONNECTIONS, self.address)
+                near.close()
+                continue
             try:
                 far = socket.create_connection(self.target, timeout=10)
                 far.settimeout(None)
@@ -191,8 +251,8 @@ class Relay:
                     far.close()
                     return
                 self._sockets += [near, far]
-            _Pump(near, far, self.forward, f"{self.name}-fwd")
-            _Pump(far, near, self.backward, f"{self.name}-back")
+                self._pumps += [_Pump(near, far, self.forward, f"{self.name}-fwd"),
+                                _Pump(far, near, self.backward, f"{self.name}-back")]
 
     def close(self) -> None:
         with self._lock:

@@ -28,16 +28,19 @@ The events, in the order they are looked for, and what each one does:
 from __future__ import annotations
 
 import enum
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from zps.lab.network import Emulator
 from zps.protocol import security
-from zps.protocol.config import JobConfig
+from zps.protocol.config import DEFAULT_CHECKPOINT_EVERY, JobConfig
 from zps.telemetry.live import LiveView
 
 from .backend import Backend, ProcSpec
@@ -149,8 +152,9 @@ class Attempt:
         in_main = threading.current_thread() is threading.main_thread()
         restore = install_signal_handlers(on_signal) if in_main else (lambda: None)
         self.group.out = self.progress.start()
+        observer = self._observer_key()
         self.group.say(f"coordinator at {self.coordinator.endpoint} (watch the job with: zps top --coordinator "
-                       f"{self.coordinator.endpoint})")
+                       f"{self.coordinator.endpoint}" + (f" --secrets {observer}" if observer else "") + ")")
         try:
             procs = self.backend.processes(self.job, self.coordinator.endpoint)
             for proc in procs:  # servers first, alone: they serve sooner without the workers' start-up beside them
@@ -166,7 +170,18 @@ class Attempt:
             coord_thread.join(timeout=5)
             if self.network is not None:
                 self.network.close()
+            if observer is not None:
+                shutil.rmtree(observer.parent, ignore_errors=True)
             restore()
+
+    def _observer_key(self) -> Path | None:
+        """--secure: the observer's key (it may only ask the coordinator for the job's status: ``zps top``, never a
+        worker's key that can push) in a 0600 file of a 0700 directory of its own, for the job's lifetime."""
+        if self.secrets is None or security.OBSERVER not in self.secrets:
+            return None
+        where = security.write_secrets(tempfile.mkdtemp(prefix="zps-observer-"),
+                                       {security.OBSERVER: self.secrets[security.OBSERVER]})
+        return where / f"{security.OBSERVER}.json"
 
     # -- the state machine ---------------------------------------------------------------------------------------
     def _supervise(self) -> Outcome:
@@ -223,6 +238,7 @@ class Attempt:
                 self.phase = Phase.DRAINING
                 self.deadline = time.monotonic() + SHUTDOWN_GRACE
             case Change.ALL_EXITED:
+                self._no_checkpoint()
                 return Outcome(Phase.SUCCEEDED, 0)
             case Change.GRACE_OVER:
                 running = ", ".join(c.label for c in self.group.running())
@@ -230,6 +246,15 @@ class Attempt:
                                "ending it")
                 return Outcome(Phase.SUCCEEDED, 0)
         return None
+
+    def _no_checkpoint(self) -> None:
+        """A job that ran under --checkpoint-dir and completed no checkpoint says so (a script that drives the
+        low-level Client never asks for one; a short job may end before the first)."""
+        if self.job.checkpoint_dir and not self.coordinator.manifests.last:
+            every = self.job.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+            self.group.say(f"no checkpoint was written to {self.job.checkpoint_dir}: worker.DistributedOptimizer "
+                           f"takes them (every {every}, --checkpoint-every); a script that drives the low-level "
+                           "Client takes none, and a job may end before the first")
 
     def _coordinator_failed(self) -> Outcome:
         coordinator = self.coordinator

@@ -154,6 +154,7 @@ def add_script(p: argparse.ArgumentParser, required: bool = True,
                what: str = "the training script every worker runs") -> None:
     p.add_argument("script", nargs=None if required else "?", help=what)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.allow_abbrev = False  # a script's --n is the script's, never an abbreviation of a zps option
 
 
 def build_parser() -> argparse.ArgumentParser:

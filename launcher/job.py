@@ -24,6 +24,7 @@ from typing import IO
 from zps.protocol import checkpoint as ckpt
 from zps.protocol import security, stepmetrics, trace
 from zps.protocol.config import JobConfig
+from zps.protocol.files import check_directory
 
 from .attempt import Attempt, Budget
 from .backend import Backend, LaunchError
@@ -75,12 +76,22 @@ def run_job(job: JobConfig, backend: Backend, port: int = 0, out: IO[str] | None
 
 def resolve_resume(job: JobConfig) -> JobConfig:
     """``job`` with ``--resume`` made the one checkpoint directory every process will load (``latest``: the newest
-    in ``--checkpoint-dir``); LaunchError naming the file when it is incomplete or damaged."""
+    in ``--checkpoint-dir``), every part of it verified (content hash, header, metadata: ``ckpt.verify``);
+    LaunchError naming the file when it is incomplete, damaged or another user's, and when ``--checkpoint-dir``
+    is a directory other users can write."""
+    if job.checkpoint_dir and os.path.lexists(job.checkpoint_dir):
+        try:
+            check_directory(job.checkpoint_dir)
+        except OSError as exc:
+            raise LaunchError(f"zps: --checkpoint-dir {job.checkpoint_dir}: {exc.strerror} (another user could plant "
+                              "checkpoints or links there); nothing was started") from None
     if not job.resume:
         return job
     where = job.checkpoint_dir if job.resume == "latest" else job.resume
     try:
-        return replace(job, resume=str(ckpt.resolve(where).path))
+        manifest = ckpt.resolve(where)
+        ckpt.verify(manifest)
+        return replace(job, resume=str(manifest.path))
     except ckpt.CheckpointError as exc:
         raise LaunchError(f"zps: --resume {job.resume}: {exc}; nothing was started") from None
 

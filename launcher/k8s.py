@@ -26,9 +26,10 @@ failing the job after ``--heartbeat-timeout``.) A role that fails fails its Job 
 
 ``--secure`` (the default of ``zps k8s``): every pod mounts one Secret of its own (mode 0400, at ``/etc/zps/keys``,
 ``ZPS_SECRETS_DIR``) -- ``<name>-keys-coordinator``, ``<name>-keys-server-R``, ``<name>-keys-worker-R`` -- holding
-its keys alone. The manifest holds no key (the same text on every render: it may be reviewed and kept); the keys
-come from :func:`render_secrets` (``zps k8s --keys``), straight into ``kubectl apply -f -``. What a pod's keys give
-an attacker inside it is in docs/launch.md.
+its keys alone; ``<name>-keys-observer``, mounted by no pod, is ``zps top``'s read-only key. The manifest holds no
+key (the same text on every render: it may be reviewed and kept); the keys come from :func:`render_secrets` (``zps
+k8s --keys``), straight into ``kubectl apply -f -``. What a pod's keys give an attacker inside it is in
+docs/launch.md.
 
 Every container gets ``ZPS_ROLE``, ``ZPS_RANK``, ``ZPS_COORDINATOR``, ``ZPS_HOST`` (the pod IP, from the downward
 API) and the job's settings (``ZPS_NUM_SERVERS``, ``ZPS_NUM_WORKERS`` and every option given). For manifests of your
@@ -278,6 +279,10 @@ def render_manifest(image: str, job: JobConfig, command: Sequence[str] | str, na
     defaults = JobConfig().to_env()
     settings = {k: v for k, v in job.to_env().items()
                 if v != defaults[k] or k in (ZPS_NUM_SERVERS, ZPS_NUM_WORKERS)}
+    if job.metrics_port and job.metrics_host == defaults["ZPS_METRICS_HOST"]:
+        # the kubelet's liveness probe and Prometheus reach a pod at its IP, not its loopback: the pod's address
+        # (other pods reach it too, unauthenticated: a NetworkPolicy keeps them out, docs/security.md)
+        settings["ZPS_METRICS_HOST"] = "host"
 
     def labels(component: str, rank: int | None = None) -> dict[str, str]:
         out = {"app.kubernetes.io/name": "zps", "app.kubernetes.io/instance": name,

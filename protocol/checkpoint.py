@@ -17,22 +17,31 @@ is on disk, then keeps the newest ``keep`` checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .fields import UNBOUNDED, is_int, show
+from .files import UntrustedFile, check_directory, check_entry, open_trusted, read_trusted
+from .messages import MAX_STEP
+
 if TYPE_CHECKING:  # torch and safetensors load when a part is written or read: the launcher never imports them
     import torch
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_PARTS = 1 << 16  # parts of one role in a checkpoint (one per server or worker rank)
+MAX_PART_HEADER = 100 << 20  # a part's safetensors header (safetensors itself refuses larger)
 _DIR = re.compile(r"^ckpt-(\d{9})$")
 
 
@@ -71,9 +80,23 @@ def _commit(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def make_directory(path: Path) -> None:
+    """Make the checkpoint directory ``path`` (and ``--checkpoint-dir`` above it) unless it exists, and refuse
+    (UntrustedFile) one that another user made or could write, or a link: a job never writes where another user's
+    link points (issue 22: ``ckpt-000000050 -> /root/.ssh`` planted in a 1777 directory)."""
+    path.mkdir(parents=True, exist_ok=True)
+    check_directory(path.parent)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise UntrustedFile(f"{path} is a link")
+    check_directory(path)
+    if info.st_uid != os.getuid():
+        raise UntrustedFile(f"{path} belongs to another user (uid {info.st_uid})")
+
+
 def write_json(path: Path, value: Any) -> None:
     """``value`` as JSON at ``path``, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
@@ -110,7 +133,7 @@ def save_part(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
     header["__metadata__"] = {"zps": json.dumps(meta)}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -150,7 +173,7 @@ class PartWriter:
         self._head_size = len(self._header("x" * meta_reserve)) + 8
         self._head_size += -self._head_size % 8
         self._written: set[str] = set()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         self._fd, self._tmp = fd, Path(tmp)
 
@@ -211,7 +234,7 @@ class Part:
 
         self.path = path
         try:
-            actual = path.stat().st_size
+            actual = _trusted_part(path).st_size
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read it ({exc.strerror})") from None
         if size is not None and actual != size:
@@ -256,31 +279,191 @@ class Manifest:
                               f"(it has {len(self.body[f'{role}s'])} {role}s)")
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """The checkpoint in directory ``path``; CheckpointError naming the file when it is incomplete or damaged.
-    Every part's file must exist with the size the manifest recorded."""
-    path = Path(path)
+def _trusted_part(path: Path) -> os.stat_result:
+    """The ``lstat`` of a part: a regular file of this user (or root), not a link (UntrustedFile otherwise)."""
+    info = check_entry(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise UntrustedFile(f"{path} is not a regular file")
+    return info
+
+
+def check_checkpoint_directory(path: Path) -> None:
+    """UntrustedFile unless checkpoint directory ``path`` is a directory (not a link) of this user or root that no
+    other user can write, in a ``--checkpoint-dir`` no other user can write (sticky, like /tmp, allowed)."""
+    info = check_entry(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise UntrustedFile(f"{path} is a link")
+    check_directory(path)
+
+
+def _read_manifest_body(path: Path) -> dict[str, Any]:
     manifest = path / MANIFEST
     try:
-        body = json.loads(manifest.read_text())
+        check_checkpoint_directory(path)
+        body = json.loads(read_trusted(manifest, limit=MAX_MANIFEST_BYTES))
     except FileNotFoundError:
         raise CheckpointError(f"{manifest} does not exist: {path} is not a complete checkpoint") from None
+    except UntrustedFile as exc:
+        raise CheckpointError(f"{exc}: a checkpoint another user could have written is never loaded") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{manifest}: unreadable ({exc})") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(f"{manifest}: format {body.get('format') if isinstance(body, dict) else '?'!r}, "
                               f"this zps reads format {FORMAT}")
+    if not is_int(body.get("checkpoint"), 0, MAX_STEP + 1) or not isinstance(body.get("settings", {}), dict):
+        raise CheckpointError(f"{manifest}: 'checkpoint' must be a step in [0, {MAX_STEP}] and 'settings' a map")
+    for role in ("server", "worker"):
+        entries = body.get(f"{role}s", [])
+        if not isinstance(entries, list) or len(entries) > MAX_PARTS:
+            raise CheckpointError(f"{manifest}: '{role}s' must be a list of at most {MAX_PARTS} parts")
+        for entry in entries:
+            if not isinstance(entry, dict) or not is_int(entry.get("rank"), 0, MAX_PARTS):
+                raise CheckpointError(f"{manifest}: every part of '{role}s' is a map with its 'rank'")
+            if entry.get("file") != part_name(role, entry["rank"]):  # a plain name: no path, no other file
+                raise CheckpointError(f"{manifest}: the part of {role} {entry['rank']} must be the file "
+                                      f"{part_name(role, entry['rank'])!r}, it names {show(entry.get('file'))}")
+            if not is_int(entry.get("size"), 0, UNBOUNDED):
+                raise CheckpointError(f"{manifest}: the part of {role} {entry['rank']} has no 'size'")
+            digest = entry.get("sha256")
+            if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise CheckpointError(f"{manifest}: the part of {role} {entry['rank']}: 'sha256' is not a digest")
+    return body
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """The checkpoint in directory ``path``; CheckpointError naming the file when it is incomplete, damaged, or
+    another user could have written it (:mod:`.files`). Every part must be a plain file named as the manifest's
+    writer names it, of this user, with the size the manifest recorded."""
+    path = Path(path)
+    body = _read_manifest_body(path)
+    manifest = path / MANIFEST
     for role in ("server", "worker"):
         for entry in body.get(f"{role}s", []):
-            file = path / str(entry.get("file"))
+            file = path / entry["file"]
             try:
-                size = file.stat().st_size
-            except OSError:
+                size = _trusted_part(file).st_size
+            except FileNotFoundError:
                 raise CheckpointError(f"{file} is missing (listed in {manifest})") from None
-            if size != entry.get("size"):
-                raise CheckpointError(f"{file}: {size} bytes, {manifest} says {entry.get('size')}: truncated or "
+            except OSError as exc:
+                raise CheckpointError(f"{file}: {exc.strerror}; a part another user could have written is never "
+                                      "loaded") from None
+            if size != entry["size"]:
+                raise CheckpointError(f"{file}: {size} bytes, {manifest} says {entry['size']}: truncated or "
                                       "replaced")
     return Manifest(path, body)
+
+
+def digest(path: Path) -> str:
+    """The SHA-256 of a part, as the manifest records it (read through :func:`.files.open_trusted`)."""
+    sha = hashlib.sha256()
+    with os.fdopen(open_trusted(path), "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+# safetensors dtype -> bytes per element
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _step(value: Any) -> bool:
+    return is_int(value, 0, MAX_STEP + 1)
+
+
+def _check_layout(header: Any, data_size: int, where: str) -> dict[str, int]:
+    """A part's safetensors header: each tensor's dtype, shape and bytes, packed in order in exactly the data there
+    is. The elements of each tensor, by name; CheckpointError naming the problem."""
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise CheckpointError(f"{where}: its header is not a safetensors header")
+    numels: dict[str, int] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and info.get("dtype") in _ITEMSIZE and isinstance(info.get("shape"), list)
+                and all(is_int(d, 0, UNBOUNDED) for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
+                and len(info["data_offsets"]) == 2 and all(is_int(o, 0, UNBOUNDED) for o in info["data_offsets"])):
+            raise CheckpointError(f"{where}: tensor {show(name)} has no dtype, shape and data offsets")
+        begin, end = info["data_offsets"]
+        numel = math.prod(info["shape"])
+        if end - begin != numel * _ITEMSIZE[info["dtype"]]:
+            raise CheckpointError(f"{where}: tensor {show(name)} takes {end - begin} bytes, its shape "
+                                  f"{info['shape']} {info['dtype']} needs {numel * _ITEMSIZE[info['dtype']]}")
+        numels[name] = numel
+        spans.append((begin, end))
+    at = 0
+    for begin, end in sorted(spans):
+        if begin != at:
+            raise CheckpointError(f"{where}: its tensors overlap or leave gaps (at byte {at})")
+        at = end
+    if at != data_size:
+        raise CheckpointError(f"{where}: its tensors take {at} bytes, the file holds {data_size} after the header")
+    return numels
+
+
+def _check_server_meta(meta: dict[str, Any], numels: dict[str, int], where: str) -> None:
+    keys = meta.get("keys")
+    if not isinstance(keys, list) or not isinstance(meta.get("clocks", {}), dict):
+        raise CheckpointError(f"{where}: its metadata has no 'keys'")
+    for worker, clock in meta.get("clocks", {}).items():
+        if not (isinstance(worker, str) and worker.isdecimal() and len(worker) < 10 and _step(clock)):
+            raise CheckpointError(f"{where}: 'clocks' must map worker ranks to steps in [0, {MAX_STEP}]")
+    for k in keys:
+        if not (isinstance(k, dict) and is_int(k.get("key"), 0, UNBOUNDED) and isinstance(k.get("name"), str)
+                and is_int(k.get("offset"), 0, UNBOUNDED) and is_int(k.get("numel"), 0, UNBOUNDED)
+                and is_int(k.get("group", 0), 0, 1 << 10) and _step(k.get("version"))
+                and isinstance(k.get("state", []), list) and isinstance(k.get("last_step", {}), dict)
+                and (k.get("hp") is None or isinstance(k.get("hp"), dict))):
+            raise CheckpointError(f"{where}: a key's record must hold its key, name, offset, numel, group, and a "
+                                  f"'version' in [0, {MAX_STEP}], got {show(k)}")
+        if numels.get(f"{k['key']}.param") != k["numel"]:
+            raise CheckpointError(f"{where}: key {k['key']}: its values are not the {k['numel']} elements recorded")
+        for name in k.get("state", []):
+            if not isinstance(name, str) or f"{k['key']}.state.{name}" not in numels:
+                raise CheckpointError(f"{where}: key {k['key']}: optimizer state {show(name)} is not in the part")
+        for worker, step in k.get("last_step", {}).items():
+            if not (isinstance(worker, str) and worker.isdecimal() and len(worker) < 10 and _step(step)):
+                raise CheckpointError(f"{where}: key {k['key']}: 'last_step' must map worker ranks to steps in "
+                                      f"[0, {MAX_STEP}]")
+
+
+def verify(manifest: Manifest) -> None:
+    """Check every part of ``manifest`` before anything starts (the launcher does): its content hash where the
+    manifest records one, its safetensors header (each tensor's dtype, shape and bytes, in exactly the file's size)
+    and its metadata (steps, versions and clocks within [0, 2^53], each key's values and optimizer state present).
+    CheckpointError names the file and what is wrong."""
+    for role in ("server", "worker"):
+        for entry in manifest.body.get(f"{role}s", []):
+            path = manifest.path / entry["file"]
+            sha = hashlib.sha256()
+            try:
+                with os.fdopen(open_trusted(path), "rb") as f:
+                    prefix = f.read(8)
+                    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+                    if not 0 < length <= min(MAX_PART_HEADER, entry["size"] - 8):
+                        raise CheckpointError(f"{path}: not a safetensors file (a header of {length} bytes)")
+                    raw = f.read(length)
+                    sha.update(prefix)
+                    sha.update(raw)
+                    while chunk := f.read(1 << 22):
+                        sha.update(chunk)
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot read it ({exc.strerror})") from None
+            if entry.get("sha256") is not None and sha.hexdigest() != entry["sha256"]:
+                raise CheckpointError(f"{path}: its content is not what {manifest.path / MANIFEST} recorded "
+                                      "(SHA-256): damaged or replaced")
+            try:
+                header = json.loads(raw)
+                meta = json.loads(header["__metadata__"]["zps"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path}: its header is damaged ({type(exc).__name__}: {exc})") from None
+            numels = _check_layout(header, entry["size"] - 8 - length, str(path))
+            if not isinstance(meta, dict) or meta.get("checkpoint") != manifest.checkpoint:
+                raise CheckpointError(f"{path}: its metadata is not that of checkpoint {manifest.checkpoint}")
+            if role == "server":
+                _check_server_meta(meta, numels, str(path))
+            elif not _step(meta.get("steps", 0)):
+                raise CheckpointError(f"{path}: 'steps' must be in [0, {MAX_STEP}]")
 
 
 def manifest_body(checkpoint: int, settings: Mapping[str, Any], servers: list[dict[str, Any]],
@@ -293,21 +476,40 @@ def manifest_body(checkpoint: int, settings: Mapping[str, Any], servers: list[di
             "servers": sorted(servers, key=lambda p: p["rank"]), "workers": sorted(workers, key=lambda p: p["rank"])}
 
 
-def complete(root: str | os.PathLike[str]) -> list[Path]:
-    """The complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
+def _candidates(root: Path) -> list[Path]:
+    """The directories under ``root`` that look like complete checkpoints, oldest first (trusted or not)."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _DIR.match(p.name)) and (p / MANIFEST).exists()]
     return [p for _, p in sorted(found)]
 
 
+def _trusted(path: Path) -> bool:
+    try:
+        check_checkpoint_directory(path)
+        return True
+    except OSError:
+        return False
+
+
+def complete(root: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first: only directories of this user (or root) that no other
+    user can write (:func:`check_checkpoint_directory`); what another user planted there is not one."""
+    return [p for p in _candidates(Path(root)) if _trusted(p)]
+
+
 def resolve(path: str | os.PathLike[str]) -> Manifest:
-    """``path`` is a checkpoint directory, or a ``--checkpoint-dir`` holding checkpoints: the (newest) complete one."""
+    """``path`` is a checkpoint directory, or a ``--checkpoint-dir`` holding checkpoints: the (newest) complete one.
+    A checkpoint directory another user could have written, newer than the newest of this user's, is refused by
+    name rather than passed over in silence."""
     path = Path(path)
     if (path / MANIFEST).exists() or _DIR.match(path.name):
         return read_manifest(path)
-    found = complete(path)
+    try:
+        check_directory(path)
+    except OSError as exc:
+        raise CheckpointError(f"{exc.strerror}: checkpoints there could be another user's") from None
+    found = _candidates(path)
     if not found:
         raise CheckpointError(f"{path} holds no complete checkpoint (a ckpt-NNNNNNNNN directory with {MANIFEST})")
     return read_manifest(found[-1])

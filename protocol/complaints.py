@@ -14,8 +14,9 @@ class Complaints:
     """``complain(peer, reason)`` logs ``reason`` unless ``peer`` was logged within :data:`INTERVAL` seconds; the
     next line says how many refusals were not logged in between."""
 
-    def __init__(self, log: logging.Logger, who: str, interval: float = INTERVAL) -> None:
-        self.log, self.who, self.interval = log, who, interval
+    def __init__(self, log: logging.Logger, who: str, interval: float = INTERVAL,
+                 what: str = "refused a message") -> None:
+        self.log, self.who, self.interval, self.what = log, who, interval, what
         self._last: dict[bytes, tuple[float, int]] = {}  # peer -> (when last logged, refusals since)
 
     def __call__(self, peer: bytes, reason: str, level: int = logging.WARNING, exc_info: bool = False) -> None:
@@ -28,4 +29,4 @@ class Complaints:
             self._last.clear()
         self._last[peer] = (now, 0)
         more = f" (and {quiet} more from this peer in the last minute)" if quiet else ""
-        self.log.log(level, "%s refused a message: %s%s", self.who, reason[:MAX_REASON], more, exc_info=exc_info)
+        self.log.log(level, "%s %s: %s%s", self.who, self.what, reason[:MAX_REASON], more, exc_info=exc_info)

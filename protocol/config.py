@@ -195,8 +195,12 @@ class JobConfig:
                             launcher_env=True)
     # observability (docs/metrics.md)
     metrics_port: int = setting(0, "serve Prometheus metrics over HTTP: the coordinator (its own and every "
-                                   "worker's) on PORT, server r on PORT+1+r, bound to each role's address (0: off)",
+                                   "worker's) on PORT, server r on PORT+1+r, on --metrics-host (0: off)",
                                 minimum=0, metavar="PORT")
+    metrics_host: str = setting("127.0.0.1", "the address --metrics-port serves on: loopback unless asked; 'host': "
+                                             "each role's own address (reachable from other hosts: the metrics "
+                                             "name hosts, parameters and rates, with no authentication), or an "
+                                             "address such as 0.0.0.0", metavar="ADDRESS")
     trace: str = setting("", "write Chrome-trace spans of every worker and server into DIR; the launcher merges "
                              "them into DIR/trace.json at the end (Perfetto, chrome://tracing)", metavar="DIR")
     straggler_factor: float = setting(1.5, "flag a worker whose step time (without waiting for the servers) is this "
@@ -226,7 +230,8 @@ class JobConfig:
     max_header_bytes: int = setting(4 << 20, "cap: the largest message header", minimum=1 << 12, metavar="BYTES")
     max_key_elements: int = setting(1 << 28, "cap: elements in one key (a chunk of a parameter)", minimum=1,
                                     metavar="N")
-    max_keys: int = setting(1 << 20, "cap: keys one server holds", minimum=1, metavar="N")
+    max_keys: int = setting(1 << 16, "cap: keys one server holds (each costs about 1 KiB even before it has values)",
+                            minimum=1, metavar="N")
     max_server_bytes: int = setting(1 << 36, "cap: bytes of parameters one server holds (their optimizer state "
                                              "comes on top)", minimum=1 << 20, metavar="BYTES")
     max_pending: int = setting(256, "cap: requests of one worker a server keeps waiting", minimum=1, metavar="N")
@@ -278,9 +283,8 @@ class JobConfig:
             check_replicas(self.replicas, self.num_servers)
         except ValueError as exc:
             raise ConfigError(f"ZPS_REPLICAS (--replicas)={self.replicas}: {exc}") from None
-        for name, value in (("checkpoint_dir", self.checkpoint_dir), ("resume", self.resume),
-                            ("secure", self.secure)):
-            if value:  # (a checkpoint part would hold the backups' copies too; servers would need each other's keys)
+        for name, value in (("checkpoint_dir", self.checkpoint_dir), ("resume", self.resume)):
+            if value:  # (a checkpoint part would hold the backups' copies too)
                 raise ConfigError(f"ZPS_REPLICAS (--replicas) cannot be combined with {env_name(name)} "
                                   f"(--{name.replace('_', '-')}) yet")
 

@@ -173,6 +173,10 @@ class ErrorCode(str, enum.Enum):
     TOO_LARGE = "too_large"  # over a cap (the reason names it and the setting that raises it)
     MISSING = "missing"
     DEAD = "dead"
+    # --replicas: the server was failed over while the request waited there (it stops serving): not an answer. The
+    # worker sends the request again to the new primary of its keys, which the coordinator's failover notice names
+    # (each update is still applied once: pushes are de-duplicated on every copy)
+    MOVED = "moved"
     INTERNAL = "internal"
     # the coordinator does not know the sender, a member of a running job (it restarted): the member registers
     # again with ``rejoin`` (:class:`zps.protocol.bodies.RegisterBody`) and sends its request again
@@ -182,12 +186,14 @@ class ErrorCode(str, enum.Enum):
 
 
 class ProtocolError(Exception):
-    """A message or request was rejected; ``code`` is an :class:`ErrorCode`."""
+    """A message or request was rejected; ``code`` is an :class:`ErrorCode`. ``reason`` goes to the peer;
+    ``detail`` only into the refusing role's log (what the peer must not learn: a key's version or size)."""
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, detail: str = "") -> None:
         super().__init__(f"[{code.value}] {reason}")
         self.code = code
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass
@@ -274,12 +280,14 @@ def decode_header(frame: Any, limit: int = MAX_HEADER_BYTES) -> Any:
         raise _bad(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MAX_HEADER_BYTES) -> Message:
+def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MAX_HEADER_BYTES,
+                 max_keys: int | None = None) -> Message:
     """Decode and structurally validate a multipart message; raise :class:`ProtocolError` on any defect.
 
     Checks the header is a msgpack map of the right version and kind with well-typed fields, and that the
     frame count equals the sum of the keys' ``nf``. Per-key semantic checks (known key, sizes) are the
-    receiver's, against its own declared state. ``head``: the header already unpacked by :func:`decode_header`.
+    receiver's, against its own declared state. ``head``: the header already unpacked by :func:`decode_header`;
+    ``max_keys``: more key entries are refused (TOO_LARGE) before any is looked at.
     """
     if not frames:
         raise _bad("empty message")
@@ -309,6 +317,9 @@ def parse_frames(frames: Sequence[Any], head: Any = None, header_limit: int = MA
     keys = head.get("keys", [])
     if not isinstance(keys, list):
         raise _bad(f"'keys' must be a list, got {type(keys).__name__}")
+    if max_keys is not None and len(keys) > max_keys:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"a message of {len(keys)} keys is over the cap of {max_keys} keys "
+                                                 "per message")
     fused = head.get("fz", 0)
     if not is_int(fused, 0, UNBOUNDED):
         raise _bad(f"'fz' must be a non-negative integer, got {show(fused)}")

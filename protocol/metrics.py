@@ -40,8 +40,15 @@ class MetricsServer:
             server.server_close()
 
 
+def bind_address(metrics_host: str, role_host: str) -> str:
+    """Where a role serves its metrics: ``--metrics-host`` (loopback by default: plain HTTP that anyone who reaches
+    it may read, also in a --secure job), ``host`` meaning the role's own address ``role_host``."""
+    return role_host if metrics_host == "host" else metrics_host
+
+
 def serve(registry: CollectorRegistry, host: str, port: int, who: str) -> MetricsServer | None:
-    """Serve ``registry`` for ``who`` (a log name), or log why it cannot (a port in use must not end a job)."""
+    """Serve ``registry`` for ``who`` (a log name) on ``host`` (:func:`bind_address`), or log why it cannot (a port
+    in use must not end a job)."""
     if not port:
         return None
     try:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+# the most keys a worker puts in one message; a server takes twice as many (zps.protocol.messages.parse_frames), and
+# refuses more at once: serving a message costs time per key, and a message must not hold the server's loop long
+MAX_KEYS_PER_MESSAGE = 4096
 _Item = TypeVar("_Item")
 
 
@@ -110,15 +113,16 @@ def make_plan(
 
 
 def cut_messages(items: Iterable[_Item], numel: Callable[[_Item], int],
-                 limit: int = DEFAULT_CHUNK_BYTES) -> list[list[_Item]]:
+                 limit: int = DEFAULT_CHUNK_BYTES, max_items: int = MAX_KEYS_PER_MESSAGE) -> list[list[_Item]]:
     """``items`` (one server's keys of a request, in plan order) grouped into the messages that carry them: a new
-    message once the next item would take the current one past ``limit`` bytes at 4 bytes an element; an item
-    larger than ``limit`` travels alone. The one rule for a worker's messages and ``zps plan``'s model of them."""
+    message once the next item would take the current one past ``limit`` bytes at 4 bytes an element, or past
+    ``max_items`` keys; an item larger than ``limit`` travels alone. The one rule for a worker's messages and
+    ``zps plan``'s model of them."""
     out: list[list[_Item]] = []
     size = 0
     for item in items:
         nbytes = 4 * numel(item)
-        if out and size + nbytes <= limit:
+        if out and size + nbytes <= limit and len(out[-1]) < max_items:
             out[-1].append(item)
             size += nbytes
         else:

@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from . import checkpoint as ckpt
 from . import security, transport
 from .bodies import HeartbeatBody, RegisterBody
 from .config import Config, ConfigError
@@ -206,8 +207,15 @@ class RendezvousClient:
 
     def report_saved(self, checkpoint: int, file: str, size: int, info: dict[str, Any]) -> None:
         """Tell the coordinator this process's part of checkpoint ``checkpoint`` is on disk (any thread may call it);
-        it writes the manifest once every part is."""
-        body = {"checkpoint": checkpoint, "file": file, "size": size, "info": info}
+        it writes the manifest once every part is, with each part's size and content hash (computed here, by the
+        thread that wrote the part)."""
+        try:
+            sha256 = ckpt.digest(ckpt.directory(self.config.job.checkpoint_dir, checkpoint) / file)
+        except OSError as exc:
+            log.error("%s: checkpoint %d: the part written cannot be read back (%s): not recorded", self.name,
+                      checkpoint, exc)
+            return
+        body = {"checkpoint": checkpoint, "file": file, "size": size, "info": {**info, "sha256": sha256}}
         sock = security.dealer(self.context, self.config.secrets)  # its own: the caller may be any thread
         try:
             transport.connect(sock, self.address)

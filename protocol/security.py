@@ -25,6 +25,7 @@ import zmq
 from zmq.utils import z85
 
 from . import transport
+from .files import UntrustedFile, read_trusted
 from .messages import ErrorCode, ProtocolError
 from .peers import COORDINATOR, peer_name
 from .variables import ZPS_RANK, ConfigError
@@ -33,6 +34,7 @@ ZAP_DOMAIN = "zps"
 ENV_SECRETS = "ZPS_SECRETS"
 ENV_SECRETS_FILE = "ZPS_SECRETS_FILE"
 ENV_SECRETS_DIR = "ZPS_SECRETS_DIR"
+OBSERVER = "observer"  # the read-only key: the coordinator answers it the job's STATUS, nothing else (zps top)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Secrets:
 
 
 def make_secrets(num_servers: int, num_workers: int) -> dict[str, Secrets]:
-    """Fresh keys for one job: the coordinator's secrets (``"coordinator"``) and each process's (``"worker-3"``)."""
+    """Fresh keys for one job: the coordinator's secrets (``"coordinator"``), each process's (``"worker-3"``) and
+    the observer's (``"observer"``: a key the coordinator answers STATUS only, and the servers not at all)."""
     server_public, server_secret = (k.decode() for k in zmq.curve_keypair())
     pairs = {}
     for role, count in (("server", num_servers), ("worker", num_workers)):
@@ -73,27 +76,33 @@ def make_secrets(num_servers: int, num_workers: int) -> dict[str, Secrets]:
             public, secret = (k.decode() for k in zmq.curve_keypair())
             pairs[f"{role}-{rank}"] = (peer_name(role, rank), public, secret)
     clients = {public: name for name, public, _ in pairs.values()}
-    out = {"coordinator": Secrets(server_public, server_secret=server_secret, clients=clients)}
+    observer_public, observer_secret = (k.decode() for k in zmq.curve_keypair())
+    out = {"coordinator": Secrets(server_public, server_secret=server_secret,
+                                  clients={**clients, observer_public: OBSERVER})}
     for label, (name, public, secret) in pairs.items():
         serves = label.startswith("server")
         out[label] = Secrets(server_public, name, public, secret, server_secret if serves else "",
                              clients if serves else {})
+    out[OBSERVER] = Secrets(server_public, OBSERVER, observer_public, observer_secret)
     return out
 
 
 def secrets_label(role: str, rank: int) -> str:
     """The name of a process's secrets in :func:`make_secrets` and in a secrets directory: ``worker-3``."""
-    return "coordinator" if role == "coordinator" else f"{role}-{rank}"
+    return role if role in ("coordinator", OBSERVER) else f"{role}-{rank}"
 
 
 def write_secrets(directory: str | os.PathLike[str], secrets: Mapping[str, Secrets]) -> Path:
     """One 0600 file per process in ``directory`` (made 0700): ``ZPS_SECRETS_DIR`` for ``zps node`` and Slurm."""
     root = Path(directory)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(root)
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():  # (one planted by another user: never written)
+        raise UntrustedFile(f"{root} is a link or belongs to another user (uid {info.st_uid})")
     os.chmod(root, 0o700)
     for label, value in secrets.items():
         path = root / f"{label}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(value.to_json())
     return root
@@ -101,7 +110,8 @@ def write_secrets(directory: str | os.PathLike[str], secrets: Mapping[str, Secre
 
 def load_secrets(env: Mapping[str, str], role: str, rank: int) -> Secrets:
     """This process's secrets from ``env`` (``ZPS_SECRETS``, ``ZPS_SECRETS_FILE`` or ``ZPS_SECRETS_DIR``);
-    ConfigError saying what is missing. A file others can read, or its group can write, is refused."""
+    ConfigError saying what is missing. A file others can read, or its group can write, is refused, and so is one
+    another user owns or could have put there (:mod:`.files`: a directory other users can write)."""
     if env.get(ENV_SECRETS):
         return Secrets.from_json(env[ENV_SECRETS], ENV_SECRETS)
     path = env.get(ENV_SECRETS_FILE)
@@ -112,14 +122,13 @@ def load_secrets(env: Mapping[str, str], role: str, rank: int) -> Secrets:
     if not path:
         raise ConfigError(f"--secure needs this process's keys: set {ENV_SECRETS}, {ENV_SECRETS_FILE} or "
                           f"{ENV_SECRETS_DIR} (zps run and zps launch do; `zps secrets` writes them)")
-    try:
-        info = os.stat(path)
-        if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP):  # (a pod's fsGroup may add group read: allowed)
-            raise ConfigError(f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}): chmod 600 it; "
-                              "it holds secret keys")
-        return Secrets.from_json(Path(path).read_text(), path)
+    try:  # this user's (or root's) file in a directory no other user can write: nobody could have swapped it
+        text = read_trusted(path, private=True).decode("utf-8", "replace")  # (a pod's fsGroup may add group read)
+    except UntrustedFile as exc:
+        raise ConfigError(f"the job's secrets: {exc}; it holds secret keys") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the job's secrets from {path}: {exc.strerror}") from None
+    return Secrets.from_json(text, path)
 
 
 def secure_server(sock: zmq.Socket, secrets: Secrets) -> None:

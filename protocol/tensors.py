@@ -10,6 +10,7 @@ import torch
 
 from .codecs import Codec, Encoded, make_codec, parse_codec_spec
 from .codecs.quantize import NoneCodec
+from .fields import show
 from .messages import ErrorCode, KeyEntry, Message, ProtocolError
 
 T = TypeVar("T")
@@ -200,7 +201,8 @@ class Decoders:
                 wrong_dtype = isinstance(got, list) and bool(got) and got[0] != want[0]
                 raise ProtocolError(
                     ErrorCode.DTYPE_MISMATCH if wrong_dtype else ErrorCode.SHAPE_MISMATCH,
-                    f"{what}: got {got!r} but the key is declared as {want!r}",
+                    f"{what}: got {show(got)}, not the dtype and size the key is declared with",
+                    detail=f"declared {want!r}",
                 )
             if len(frames) != 1:
                 raise ProtocolError(ErrorCode.FRAME_COUNT,
@@ -209,7 +211,7 @@ class Decoders:
         out = self._run(entry, frames, what, lambda codec, encoded: codec.decode(encoded, numel, dtype, "cpu"))
         if out.numel() != numel:
             raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
-                                f"{what}: decoded {out.numel()} elements, the key has {numel}")
+                                f"{what}: decoded {out.numel()} elements, not the key's size", detail=f"it has {numel}")
         return out
 
     def add(self, entry: KeyEntry, frames: list[Any], target: torch.Tensor, what: str) -> None:

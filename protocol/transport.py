@@ -10,6 +10,7 @@ from typing import Any
 
 import zmq
 
+from .inflow import Inflow
 from .messages import Message, parse_frames
 from .variables import join_host_port
 
@@ -98,26 +99,36 @@ class TooLarge(Exception):
         self.identity = identity
 
 
-def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int) -> list[Any]:
+def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int, inflow: Inflow | None = None) -> list[Any]:
     """Receive one multipart message (without waiting) of at most ``max_frames`` parts and ``max_bytes`` bytes; a
-    larger one is drained part by part (nothing of it is kept) and :class:`TooLarge` says how large it was."""
+    larger one is drained part by part (nothing of it is kept) and :class:`TooLarge` says how large it was.
+    ``inflow``: the watch of the socket's connections (:mod:`.inflow`), told what was taken off the socket."""
     frames: list[Any] = []
+    sizes: list[int] = []  # of the parts after the first (a ROUTER's identity, not on the wire)
     total = 0
     while True:
         frame = sock.recv(zmq.NOBLOCK, copy=False)
         total += len(frame)
+        if frames:
+            sizes.append(len(frame))
         frames.append(frame)
         more = sock.getsockopt(zmq.RCVMORE)
         if len(frames) > max_frames or total > max_bytes:
-            count, identity = len(frames), frame_bytes(frames[0])
+            count, first, identity = len(frames), frames[0], frame_bytes(frames[0])
             frames.clear()
             while more:
-                total += len(sock.recv(zmq.NOBLOCK, copy=False))
+                size = len(sock.recv(zmq.NOBLOCK, copy=False))
+                total += size
+                sizes.append(size)
                 count += 1
                 more = sock.getsockopt(zmq.RCVMORE)
+            if inflow is not None:
+                inflow.delivered(first, sizes)
             raise TooLarge(f"a message of {count} parts and {total} bytes is over the cap of {max_frames} parts "
                            f"or {max_bytes} bytes (--max-message-bytes)", identity)
         if not more:
+            if inflow is not None:
+                inflow.delivered(frames[0], sizes)
             return frames
 
 

@@ -23,7 +23,7 @@ class Guard:
     def refuse(self, identity: bytes, request_id: int, exc: ProtocolError) -> Message:
         """The reply to a request refused with ``exc``."""
         self.metrics.failed += 1
-        self.complain(identity, str(exc))
+        self.complain(identity, f"{exc} ({exc.detail})" if exc.detail else str(exc))
         return error_reply(request_id, self.name, exc.code, f"{self.name}: {exc.reason}")
 
     def fail(self, identity: bytes, request_id: int, exc: Exception) -> Message:

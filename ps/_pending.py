@@ -125,9 +125,11 @@ class Pending:
                 out.append((w.identity, error_reply(w.request_id, self.name, ErrorCode.TIMEOUT, reason)))
         return out
 
-    def fail_all(self, reason: str) -> list[Reply]:
+    def fail_all(self, reason: str, code: ErrorCode = ErrorCode.DEAD) -> list[Reply]:
+        """Answer every waiting request with an error (``code`` MOVED: this server was failed over, the workers
+        send them again to the new primaries)."""
         out = []
         for wid in list(self.items):
             w = self._remove(wid)
-            out.append((w.identity, error_reply(w.request_id, self.name, ErrorCode.DEAD, f"{self.name}: {reason}")))
+            out.append((w.identity, error_reply(w.request_id, self.name, code, f"{self.name}: {reason}")))
         return out

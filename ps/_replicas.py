@@ -32,7 +32,7 @@ from zps.protocol.peers import parse_peer
 from zps.protocol.tensors import encode_entry
 
 from ._metrics import ServerMetrics
-from ._seeds import Decode, seed_messages
+from ._seeds import Decode, Seed, SeedKey, seed_messages
 from .store import KeyState, Update
 
 Forward = tuple[KeyState, int, dict[str, Any] | None, torch.Tensor | None]  # key, version, hp, gradient
@@ -62,17 +62,32 @@ class Replication:
         self._seeded: dict[tuple[int, int], int] = {}  # (key, backup) -> the id of the newest seed sent
         self.reseed: dict[int, set[int]] = {}  # backup -> keys to seed it with (Server sends them: it has the state)
         self.fenced: str | None = None  # a backup answered that this server was declared dead
-        self._fenced_off: set[int] = set()  # servers a seed named dead before the coordinator's notice came
         self._plain = make_codec("none")  # updates travel uncompressed
 
-    def fence(self, notice: tuple[int, frozenset[int]]) -> None:
-        """Refuse updates from the servers a seed's topology names dead (before the coordinator's notice comes)."""
-        if notice[0] > self.version:
-            self._fenced_off |= notice[1]
+    # -- who may send what: the coordinator's topology, never a peer's word ----------------------------------
+    def sender(self, src: str, what: str) -> int:
+        """The rank of the server that sent a replicate request or a seed (``src``: its peer name, bound to its key
+        under --secure): BAD_HEADER unless it names one of the job's servers, DEAD when the coordinator's notices
+        say it was failed over (a paused primary that resumed is fenced off: the copies that took its place serve
+        its chunks now)."""
+        peer = parse_peer(src, "server")
+        if peer is None or peer[1] >= self.num_servers:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' of {what} must be server:N with N < {self.num_servers}, "
+                                                      f"got {str(src)[:40]!r}")
+        if peer[1] in self.dead:
+            raise ProtocolError(ErrorCode.DEAD, f"{src} was failed over (topology version {self.version}): it serves "
+                                                "nothing any more")
+        return peer[1]
 
-    def is_dead(self, server: int) -> bool:
-        """Whether ``server`` was failed over (by the coordinator's notice or a seed's topology)."""
-        return server in self.dead or server in self._fenced_off
+    def check_primary(self, home: int, sender: int, what: str) -> None:
+        """CONFLICT unless, in the topology the coordinator announced to this server, ``sender`` is the primary of
+        the chunks of ``home`` and this server one of their live copies: only that server may replicate to or seed
+        this one (a server that has not heard of a failover yet refuses the new primary: it is seeded again once
+        it has)."""
+        live = replicas.live_copies(home, self.count, self.num_servers, self.dead)
+        if not live or live[0] != sender or self.rank not in live[1:]:
+            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: server {sender} is not the primary of its chunks with "
+                                                    f"this server as a backup (topology version {self.version})")
 
     @property
     def enabled(self) -> bool:
@@ -104,6 +119,24 @@ class Replication:
         state, version = next(((s, v) for s, v in targets if self.acked(s) < v), targets[0])
         return (f"{state.label()} at version {state.version}: its backups (servers {self.backups(state)}) have "
                 f"acknowledged version {self.acked(state)}, the request waits for {version}")
+
+    def early(self, seed: Seed) -> bool:
+        """``seed`` follows a failover this server has not heard of from the coordinator yet: it waits for that
+        notice (a peer's word on who is dead is never taken)."""
+        return seed.topology[0] > self.version
+
+    def check_seed(self, seed: Seed, homes: Callable[[SeedKey], int]) -> None:
+        """ProtocolError unless the coordinator's topology, as this server heard it, names the seed's sender the
+        primary of every key it carries (``homes``: each key's home, as declared here or else as the seed says) with
+        this server as a live copy. DEAD: the sender was failed over; CONFLICT: the seed names another topology, or
+        its sender does not serve those keys."""
+        self.sender(seed.src, "a seed")
+        version, dead = seed.topology
+        if version == self.version and dead != self.dead:
+            raise ProtocolError(ErrorCode.CONFLICT, f"a seed of topology version {version} names dead servers "
+                                                    f"{sorted(dead)}; the coordinator named {sorted(self.dead)}")
+        for item in seed.keys:
+            self.check_primary(homes(item), seed.sender, f"seed of key {item.entry['key']}")
 
     # -- forwarding ------------------------------------------------------------------------------------
     def snapshot(self, updates: list[Update]) -> list[Forward] | None:
@@ -278,25 +311,24 @@ class Replicate:
     updates: list[Incoming]
 
 
-def read_replicate(msg: Message, num_servers: int, num_workers: int, check_hp: CheckHp,
+def read_replicate(msg: Message, replication: Replication, num_workers: int, check_hp: CheckHp,
                    state_of: Callable[[KeyEntry], KeyState], decode: Decode) -> Replicate:
-    """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): a server's, keys
-    held here, well-typed fields, uncompressed gradients of the keys' sizes, and no update a BSP copy would have to
-    skip others to apply."""
-    peer = parse_peer(msg.src, "server")
-    if peer is None or peer[1] >= num_servers:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' of a replicate request must be server:N with N < "
-                                                  f"{num_servers}, got {str(msg.src)[:40]!r}")
+    """Check a whole REPLICATE request before anything changes (ProtocolError naming the problem): from the server
+    the coordinator's topology makes the primary of each key, keys held here, well-typed fields, uncompressed
+    gradients of the keys' sizes, and no update a BSP copy would have to skip others to apply. A refusal names no
+    key's version or size (they are logged here): a peer learns nothing it could forge an update with."""
+    sender = replication.sender(msg.src, "a replicate request")
     if msg.fused:
         raise ProtocolError(ErrorCode.BAD_HEADER, "a replicate request carries no fused frame")
     out: list[Incoming] = []
     seen: set[int] = set()
     for entry, frames in msg.entries():
         state = state_of(entry)
-        what = f"replicate of {state.label()}"
+        what = f"replicate of key {state.key}"  # (not its name or size: a refusal tells a forger nothing)
         if state.key in seen:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{state.label()} appears twice in one replicate request")
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: the key appears twice in one replicate request")
         seen.add(state.key)
+        replication.check_primary(state.home, sender, what)
         version, hp, worker, step = entry.get("version"), entry.get("hp"), entry.get("worker"), entry.get("step", 0)
         if not is_int(version, 0, UNBOUNDED):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer")
@@ -317,7 +349,7 @@ def read_replicate(msg: Message, num_servers: int, num_workers: int, check_hp: C
             grad = decode(entry, frames, state.numel, torch.float32, what)
         update = Incoming(state, version, hp, worker, step, grad)
         if not update.held() and state.version < version:  # (a copy applies its primary's updates in order)
-            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: an update of version {version}, but this copy is at "
-                                                    f"{state.version}: it missed updates")
+            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: this copy missed updates before it",
+                                detail=f"an update of version {version}, this copy is at {state.version}")
         out.append(update)
-    return Replicate(msg.id, msg.src, peer[1], out)
+    return Replicate(msg.id, msg.src, sender, out)

@@ -25,7 +25,7 @@ from zps.protocol.trace import now_us
 
 from ._keys import Keys
 from ._metrics import ServerMetrics
-from ._replicas import Replicate, read_replicate
+from ._replicas import Replicate, Replication, read_replicate
 from ._seeds import Seed, read_seed
 from ._shm import WorkerSegments
 from .consistency import Consistency
@@ -125,10 +125,11 @@ class Reader:
     ``complain(identity, text)``: logs what the asker is not told)."""
 
     def __init__(self, job: JobConfig, keys: Keys, consistency: Consistency, decoders: Decoders,
-                 segments: WorkerSegments, metrics: ServerMetrics, rank: int, num_servers: int,
+                 segments: WorkerSegments, metrics: ServerMetrics, replication: Replication,
                  complain: Callable[[bytes, str], None]) -> None:
         self.job, self.keys, self.consistency, self.decoders = job, keys, consistency, decoders
-        self.segments, self.metrics, self.rank, self.num_servers = segments, metrics, rank, num_servers
+        self.segments, self.metrics, self.replication = segments, metrics, replication
+        self.rank, self.num_servers = replication.rank, replication.num_servers
         self.complain = complain
         self._workers: dict[str, int] = {}  # src -> worker rank, once checked
 
@@ -281,6 +282,7 @@ class Reader:
         worker = self.worker(msg)
         if step is None:
             step = max((e.get("step", 0) for e in msg.keys), default=0)
+        self.consistency.check_pull(worker, step)
         states = [self.keys.of(e, initialized=False) for e in msg.keys]
         pull_codecs: list[str | None] = []
         pull_shm = []
@@ -326,7 +328,7 @@ class Reader:
         """A primary's updates, checked whole (:func:`._replicas.read_replicate`)."""
         if not self.job.replicas:
             raise ProtocolError(ErrorCode.BAD_KIND, "this job has no --replicas: a server takes no replicate requests")
-        return read_replicate(msg, self.num_servers, self.job.worker_ranks, self.check_hp, self.keys.of,
+        return read_replicate(msg, self.replication, self.job.worker_ranks, self.check_hp, self.keys.of,
                               self.decoders.decode)
 
     def seed(self, identity: bytes, msg: Message) -> Seed:
@@ -341,5 +343,8 @@ class Reader:
             else:
                 build_optimizer(name, groups[group], torch.zeros(1, requires_grad=True))
 
-        return read_seed(msg, self.num_servers, self.job.worker_ranks, self.job.max_key_elements, check_optimizer,
-                         self.decoders.decode)
+        sender = self.replication.sender(msg.src, "a seed")
+        seed = read_seed(msg, sender, self.num_servers, self.job.worker_ranks, self.job.max_key_elements,
+                         check_optimizer, self.decoders.decode)
+        seed.identity = identity
+        return seed

@@ -21,7 +21,6 @@ from zps.protocol.bodies import SeedBody, read_hp
 from zps.protocol.codecs import make_codec
 from zps.protocol.fields import UNBOUNDED, is_int
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError
-from zps.protocol.peers import parse_peer
 from zps.protocol.tensors import DTYPES, as_buffer, dtype_from_name, dtype_name, encode_entry, from_buffer
 
 from .store import KeyState
@@ -94,16 +93,16 @@ class Seed:
     optimizer: str
     groups: list[dict[str, Any]]
     keys: list[SeedKey]
+    identity: bytes = b""  # the sender's on the server's socket (where an answer that waited goes)
 
 
-def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements: int,
+def read_seed(msg: Message, sender: int, num_servers: int, num_workers: int, max_key_elements: int,
               check_optimizer: Callable[[str, list[Any], int], None], decode: Decode) -> Seed:
-    """Check a whole SEED request (ProtocolError naming the problem): a server's, a failover notice, a known
-    optimizer, well-typed keys whose frames have exactly the sizes declared. Nothing is changed here."""
-    peer = parse_peer(msg.src, "server")
-    if peer is None or peer[1] >= num_servers:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"'src' of a seed must be server:N with N < {num_servers}, got "
-                                                  f"{str(msg.src)[:40]!r}")
+    """Check a whole SEED request (ProtocolError naming the problem): a live server's, a failover notice, a known
+    optimizer, well-typed keys whose frames have exactly the sizes declared. Nothing is changed here. Whether its
+    sender is the primary of its keys is checked when it is taken (:meth:`._replicas.Replication.check_seed`),
+    once this server heard of the failover it follows from the coordinator itself (``sender``: its rank, checked
+    by :meth:`._replicas.Replication.sender`)."""
     if msg.fused:
         raise ProtocolError(ErrorCode.BAD_HEADER, "a seed carries no fused frame")
     body, topology = bodies.read_seed(msg.body, num_servers)
@@ -161,12 +160,12 @@ def read_seed(msg: Message, num_servers: int, num_workers: int, max_key_elements
                                                           "with a scalar or 1-D shape, each name once")
             count = math.prod(item[2])
             if item[2] and count != numel:
-                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: optimizer state {item[0]!r} has {count} "
-                                                              f"elements, the key {numel}")
+                raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"{what}: optimizer state {item[0]!r} has "
+                                                              f"{count} elements, not the key's 'numel'")
             dtype = dtype_from_name(item[1])
             state[item[0]] = from_buffer(frame, dtype, count, f"{what}, optimizer state {item[0]!r}").clone() \
                 .reshape(item[2])
         out.append(SeedKey(entry, values, state, version, hp, {w: s for w, s in last},
                            None if previous is None else previous.clone()))
         check_optimizer(optimizer, groups, group)
-    return Seed(msg.id, msg.src, peer[1], topology, optimizer, groups, out)
+    return Seed(msg.id, msg.src, sender, topology, optimizer, groups, out)

@@ -28,8 +28,10 @@ from .store import Aggregate, KeyState
 
 Completed = tuple[KeyState, Aggregate]  # a key whose step is complete, and its aggregate
 
-# ASP/SSP: how far one push may move a worker's step past its last push (or its clock)
-MAX_STEP_JUMP = 1 << 20
+# the default of how far one push or pull may move a worker's step past the furthest it reached (the job's
+# --max-pending: what a worker can have in flight; one forged step must not make the worker's next pushes look like
+# duplicates, nor a pull set its clock anywhere)
+MAX_STEP_JUMP = 256
 
 
 class Consistency:
@@ -38,16 +40,30 @@ class Consistency:
     name = ""
     arrival = False  # BSP: sum a step's pushes as they arrive, not in rank order (--bsp-sum arrival)
 
-    def __init__(self, num_workers: int, staleness: int = 0) -> None:
+    def __init__(self, num_workers: int, staleness: int = 0, max_jump: int = MAX_STEP_JUMP) -> None:
         self.live: set[int] = set(range(num_workers))
         self.staleness = staleness
+        self.max_jump = max_jump
         self.clock: dict[int, int] = {w: 0 for w in self.live}
+        self.reached: dict[int, int] = {}  # the furthest step of each worker's pushes applied (ASP/SSP)
         self.since: dict[int, int] = {}  # a worker that joined the running job: the step (or clock) it counts from
         self.max_served_gap = 0  # largest (clock of a served pull - slowest live clock) seen
 
     def check_push(self, state: KeyState, worker: int, step: int) -> bool:
         """Validate a push without changing anything; return False for a duplicate (to be acknowledged only)."""
         raise NotImplementedError
+
+    def furthest(self, worker: int, last: int = -1) -> int:
+        """The furthest step ``worker`` reached here: its clock, its pushes applied, ``last`` (a key's last push)."""
+        return max(last, self.clock.get(worker, 0), self.reached.get(worker, 0))
+
+    def check_pull(self, worker: int, step: int) -> None:
+        """STEP_AHEAD for a pull more than :attr:`max_jump` steps past the furthest step ``worker`` reached (a pull
+        sets the worker's clock: one of any step would make every later push of the worker look old)."""
+        if step > self.furthest(worker) + self.max_jump + 1:
+            raise ProtocolError(ErrorCode.STEP_AHEAD, f"pull of step {step} from worker {worker}, whose furthest step "
+                                                      f"is {self.furthest(worker)}: a step moves forward by at most "
+                                                      f"{self.max_jump} at a time (--max-pending)")
 
     def push(self, state: KeyState, worker: int, step: int, grad: torch.Tensor | None, hp: dict[str, Any] | None,
              owned: bool = True) -> Aggregate | None:
@@ -182,11 +198,12 @@ class ASP(Consistency):
         last = state.last_step.get(worker, -1)
         if step <= last:
             return False
-        if step > max(last, self.clock.get(worker, 0)) + MAX_STEP_JUMP:  # one push must not poison every later one
+        if step > self.furthest(worker, last) + self.max_jump:  # one push must not poison the worker's next ones
             raise ProtocolError(
                 ErrorCode.STEP_AHEAD,
-                f"push of {state.label()} for step {step} from worker {worker}, whose last push was step {last}: a "
-                f"step moves forward by at most {MAX_STEP_JUMP} at a time",
+                f"push of {state.label()} for step {step} from worker {worker}, whose furthest step is "
+                f"{self.furthest(worker, last)}: a step moves forward by at most {self.max_jump} at a time "
+                "(--max-pending: what a worker can have in flight)",
             )
         return True
 
@@ -196,6 +213,8 @@ class ASP(Consistency):
 
     def applied(self, state: KeyState, worker: int, step: int) -> None:
         state.last_step[worker] = step
+        if step > self.reached.get(worker, -1):
+            self.reached[worker] = step
 
     def pull_ready(self, state: KeyState, worker: int, step: int) -> bool:
         return state.initialized
@@ -220,12 +239,13 @@ class SSP(ASP):
         )
 
 
-def make_consistency(mode: str, num_workers: int, staleness: int = 0, bsp_sum: str = "rank") -> Consistency:
+def make_consistency(mode: str, num_workers: int, staleness: int = 0, bsp_sum: str = "rank",
+                     max_jump: int = MAX_STEP_JUMP) -> Consistency:
     mode = mode.lower()
     if mode not in MODES:
         raise ValueError(f"consistency mode {mode!r} is not one of {', '.join(MODES)}")
     if staleness < 0:
         raise ValueError(f"staleness must be >= 0, got {staleness}")
-    made = {"bsp": BSP, "asp": ASP, "ssp": SSP}[mode](num_workers, staleness)
+    made = {"bsp": BSP, "asp": ASP, "ssp": SSP}[mode](num_workers, staleness, max_jump)
     made.arrival = bsp_sum == "arrival"
     return made

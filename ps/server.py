@@ -25,8 +25,10 @@ import zmq
 from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.config import Config
+from zps.protocol.inflow import Inflow, limit_for
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import peer_name
+from zps.protocol.plan import MAX_KEYS_PER_MESSAGE
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.simulation import parse_kills
 from zps.protocol.stepmetrics import MetricsFile
@@ -40,6 +42,8 @@ from ._replicas import Replication
 from .shard import Shard
 
 log = logging.getLogger("zps.server")
+
+MAX_KEYS_SERVED = 2 * MAX_KEYS_PER_MESSAGE  # key entries of one message (a worker puts in at most half as many)
 
 # Freed message buffers and optimizer temporaries go back to the OS when the server has been idle this long, or
 # after this many bytes under continuous load (trimming more often makes the next messages fault pages in again).
@@ -74,6 +78,7 @@ class Server:
         self.name = "server:?"
         self.kill: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)  # --kill
         self._loop: Loop | None = None
+        self.inflow: Inflow | None = None  # the watch of the socket's connections, from run()
 
     @property
     def shard(self) -> Shard:
@@ -86,6 +91,9 @@ class Server:
         sock = security.router(self.context, self.config.secrets)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.job.max_message_bytes)  # ZeroMQ drops a peer that sends more
+        # and a connection whose message (of any number of parts) would hold more is cut: zps.protocol.inflow
+        self.inflow = Inflow(sock, limit_for(self.config.job.max_message_bytes), "server",
+                             curve=self.config.secrets is not None)
         address = transport.bind_free(sock, self.config.host)
         rendezvous = RendezvousClient(self.config, self.context)
         loop: Loop | None = None
@@ -117,6 +125,8 @@ class Server:
                 loop.finish()
             rendezvous.done(failure)
             rendezvous.close()
+            self.inflow.close()
+            self.inflow = None
             sock.close(linger=0)
             if loop is not None:
                 loop.close()
@@ -133,12 +143,13 @@ class Loop:
         self.metrics = ServerMetrics(name)
         self.guard = Guard(name, self.metrics)
         self.tracer = Tracer(job.trace, "server", topology.rank)
-        self.peers: dict[int, zmq.Socket] = {}  # --replicas: a DEALER to each other server (updates, seeds)
+        # --replicas: a DEALER to each other server (updates, seeds); under --secure it speaks CURVE with this
+        # server's own key, which the others' ZAP handlers name server:N
+        self.peers: dict[int, zmq.Socket] = {}
         if job.replicas:
             for peer, peer_address in enumerate(topology.servers):
                 if peer != topology.rank:
-                    self.peers[peer] = peer_sock = server.context.socket(zmq.DEALER)
-                    peer_sock.setsockopt(zmq.LINGER, 0)
+                    self.peers[peer] = peer_sock = security.dealer(server.context, server.config.secrets)
                     transport.connect(peer_sock, peer_address)
         replication = Replication(topology.rank, topology.num_servers, job.replicas, name, self._send_peer,
                                   self.metrics)
@@ -149,7 +160,7 @@ class Loop:
         self.shard = Shard(name, job, topology, self.metrics, self.guard, replication, checkpoints, self.tracer)
         self.recorder = Recorder(MetricsFile(job.metrics_out, "server", topology.rank), self.metrics, self.shard.step)
         rendezvous.reporter = self.metrics.report
-        self.metrics_server = prom.serve(self.metrics.registry, server.config.host,
+        self.metrics_server = prom.serve(self.metrics.registry, prom.bind_address(job.metrics_host, server.config.host),
                                          prom.metrics_port(job.metrics_port, "server", topology.rank), name)
         self._kill_at = parse_kills(job.kill).get(("server", topology.rank)) if job.kill else None
         self._kill_seen: int | None = None  # the applied step when the loop last looked
@@ -192,6 +203,9 @@ class Loop:
             self.recorder.tick()
             if self._kill_at is not None:
                 self._maybe_kill()
+        if shard.replication.fenced is not None:  # failed over (rightly or not): the new primaries serve these
+            self._send_all(shard.pending.fail_all(f"failed over ({shard.replication.fenced}): send it again to the "
+                                                  "new primary", ErrorCode.MOVED))
         self._send_all(shard.pending.fail_all(rendezvous.failure or "the job is shutting down"))
 
     def finish(self) -> None:
@@ -213,7 +227,8 @@ class Loop:
     # -- receiving -------------------------------------------------------------------------------------
     def _receive(self) -> None:
         try:
-            frames = transport.recv_bounded(self.sock, transport.MAX_FRAMES, self.job.max_message_bytes)
+            frames = transport.recv_bounded(self.sock, transport.MAX_FRAMES, self.job.max_message_bytes,
+                                            self.server.inflow)
         except transport.TooLarge as exc:
             self.metrics.failed += 1
             self._send(exc.identity, error_reply(0, self.name, ErrorCode.TOO_LARGE, str(exc)))
@@ -235,7 +250,7 @@ class Loop:
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
-            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes)
+            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes, max_keys=MAX_KEYS_SERVED)
             request_id = msg.id
             if self.server.config.secrets is not None:
                 security.check_sender(frames[0], msg.src)

@@ -27,6 +27,7 @@ import torch
 from zps.protocol import board, replicas
 from zps.protocol import checkpoint as ckpt
 from zps.protocol.bodies import Commit, KeyStat, inspect_reply, read_notice
+from zps.protocol.complaints import Complaints
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.rendezvous import Topology
@@ -41,7 +42,7 @@ from ._metrics import ServerMetrics
 from ._pending import Pending, Reply, Waiting
 from ._replicas import Replicate, Replication, keys_text
 from ._requests import Declare, Inspect, Join, PullRequest, Push, Reader, Request, group_hp
-from ._seeds import Seed
+from ._seeds import Seed, SeedKey
 from ._shm import WorkerSegments
 from ._values import Values
 from .consistency import Completed, make_consistency
@@ -89,20 +90,23 @@ class Shard:
         self.name, self.job, self.mode = name, job, topology.mode
         self.metrics, self.guard, self.replication, self.checkpoints = metrics, guard, replication, checkpoints
         self.tracer = tracer or Tracer()
-        self.consistency = make_consistency(topology.mode, topology.num_workers, topology.staleness, job.bsp_sum)
+        self.consistency = make_consistency(topology.mode, topology.num_workers, topology.staleness, job.bsp_sum,
+                                            job.max_pending)
         self.keys = Keys(job)
         self.decoders = Decoders((job.codec, job.pull_codec))
         self.segments = WorkerSegments()
         self.values = Values(name, self.segments, metrics, snapshot=job.mode != "bsp")
         self.pending = Pending(name, job.max_pending)
         self.members = Members(name, self.consistency, self.values, self.segments, topology.num_workers)
-        self.read = Reader(job, self.keys, self.consistency, self.decoders, self.segments, metrics, replication.rank,
-                           replication.num_servers, guard.complain)
+        self.read = Reader(job, self.keys, self.consistency, self.decoders, self.segments, metrics, replication,
+                           guard.complain)
         self.optimizer_bytes = 0  # of the torch.optim state, measured now and then (:meth:`measure`)
         self._restore: Restore | None = None  # with --resume, opened at the first INIT that needs it
         self._first_push: dict[int, float] = {}  # BSP: key -> when the first push of its current step came
         self._commits: dict[int, Commit] = {}  # BSP: how held steps are applied, by step (zps.protocol.bodies)
         self._board: Message | None = None  # the newest PUT (zps.protocol.board)
+        self._seeded: set[int] = set()  # keys set by seeds that waited for a failover notice, until re-checked
+        self._duplicates = Complaints(log, name, what="dropped duplicate pushes")
         read = self.read
         self.handlers: dict[Kind, Handler] = {
             Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
@@ -234,7 +238,12 @@ class Shard:
         contribution (BSP: once its step is applied), for the answer to wait until the backups hold it."""
         c, m = self.consistency, self.metrics
         taken = [k for k in push.keys if k.fresh]
-        m.duplicates += len(push.keys) - len(taken)
+        if len(taken) < len(push.keys):  # counted, and logged (once a minute per worker, with the count between)
+            dropped = [k for k in push.keys if not k.fresh]
+            m.duplicates += len(dropped)
+            self._duplicates(push.identity, f"{len(dropped)} keys of worker {push.worker}'s push of step "
+                                            f"{dropped[0].step} (keys {keys_text([k.state.key for k in dropped])}) "
+                                            "had been applied already: acknowledged, not applied again")
         if self.checkpoints is not None and push.worker == 0 and "ckpt" in push.body:
             self.checkpoints.request(push.body["ckpt"])  # worker 0 asks for a checkpoint at that step
         for k in push.keys:
@@ -393,7 +402,11 @@ class Shard:
         else:
             log.warning("FAILOVER: %s: topology version %d (dead servers %s)", self.name, found[0], sorted(found[1]))
         self.send_seeds()  # re-replication: the backups new to the keys this server serves get their state
-        return self.recheck((), everything=True)  # what waited for a dead backup's acknowledgement goes on
+        # what waited for a dead backup's acknowledgement goes on, and seeds that waited for this notice are taken
+        # (then again what waits on the keys they set: a declare of a key new here)
+        replies = self.recheck((), everything=True)
+        seeded, self._seeded = self._seeded, set()
+        return replies + self.recheck(seeded) if seeded else replies
 
     # -- INSPECT: a held step's norms; PUT and GET: worker 0's tensors for every worker --------------------
     def inspect(self, request: Inspect) -> Done:
@@ -428,9 +441,9 @@ class Shard:
 
     # -- --replicas: a backup's side -----------------------------------------------------------------------
     def replicate(self, request: Replicate) -> Done:
-        """A backup: apply a primary's updates as it did (all checked first; one already held is acknowledged and
-        skipped, so a retried or late one is applied once)."""
-        self._refuse_dead(request.src, request.sender)
+        """A backup: apply a primary's updates as it did (all checked first, its sender the keys' primary in the
+        coordinator's topology; one already held is acknowledged and skipped, so a retried or late one is applied
+        once)."""
         updates = request.updates
         fresh = [u for u in updates if not u.held()]
         self.replication.counters["replica_duplicates"] += len(updates) - len(fresh)
@@ -445,19 +458,22 @@ class Shard:
         self.replication.counters["replica_applied"] += len(fresh)
         return Done(reply=self._ok(request.request_id), changed=changed)
 
-    def _refuse_dead(self, src: str, sender: int) -> None:
-        """A server this one knows dead is fenced off: its updates and seeds are refused (it may be paused, not
-        gone; the copies that took its place serve its chunks now)."""
-        if self.replication.is_dead(sender):
-            raise ProtocolError(ErrorCode.DEAD, f"{src} was failed over (topology version "
-                                                f"{self.replication.version}): it serves nothing any more")
-
     def seed(self, seed: Seed) -> Done:
-        """A backup: take a primary's whole state of some keys (all checked first), declaring those new here."""
-        # the servers the seed's topology names dead are refused from now on, even if the coordinator's notice is
-        # still on its way (a late update of a dead primary must not reach this copy after the seed)
-        self.replication.fence(seed.topology)
-        self._refuse_dead(seed.src, seed.sender)
+        """A backup: take a primary's whole state of some keys (all checked first), declaring those new here. A seed
+        that follows a failover this server has not heard of yet waits for the coordinator's notice: only the
+        topology the coordinator announced says who may seed whom (a server named dead there is refused as DEAD:
+        a paused primary is fenced off)."""
+        if self.replication.early(seed):
+            return Done(wait=_Seeding(seed.identity, seed.request_id, -1 - seed.sender, [], self._deadline(),
+                                      f"seed from {seed.src}", shard=self, seed=seed))
+        return Done(reply=self._take_seed(seed), changed=[i.entry["key"] for i in seed.keys])  # declares go on
+
+    def _take_seed(self, seed: Seed) -> Message:
+        def home(item: SeedKey) -> int:
+            existing = self.keys.get(item.entry["key"])
+            return existing.home if existing is not None else int(item.entry.get("home", 0))
+
+        self.replication.check_seed(seed, home)
         new_keys, new_bytes = 0, 0
         for item in seed.keys:
             entry = item.entry
@@ -466,7 +482,7 @@ class Shard:
                 new_keys, new_bytes = new_keys + 1, new_bytes + 4 * entry["numel"]
             elif (existing.numel, existing.name, existing.group, existing.offset) != (
                     entry["numel"], entry.get("name", ""), entry.get("group", 0), entry.get("offset", 0)):
-                raise ProtocolError(ErrorCode.CONFLICT, f"seed of {existing.label()}: it is declared here with "
+                raise ProtocolError(ErrorCode.CONFLICT, f"seed of key {existing.key}: it is declared here with "
                                                         "another name, size, offset or group")
         self.keys.check_room(new_keys, new_bytes, f"with the seed's {new_keys} new keys ")
         # every check passed: now change state
@@ -489,7 +505,7 @@ class Shard:
         self.replication.counters["seeds_taken"] += len(seed.keys)
         log.warning("FAILOVER: %s: seeded by server %d with %d keys (%s)", self.name, seed.sender, len(seed.keys),
                     keys_text([i.entry["key"] for i in seed.keys]))
-        return Done(reply=self._ok(seed.request_id), changed=[i.entry["key"] for i in seed.keys])  # declares go on
+        return self._ok(seed.request_id)
 
     def send_seeds(self) -> None:
         """--replicas: seed the backups the replication state asks for (after a failover, or a refused update)."""
@@ -579,6 +595,27 @@ class _Inspecting(Waiting):
         r = self.request
         waiting = next(s for s in r.states if s.held is None)
         return f"inspect of step {r.step}: " + self.shard.consistency.pull_waiting_for(waiting, -1, r.step + 1)
+
+
+@dataclass(kw_only=True)
+class _Seeding(Waiting):
+    """--replicas: a seed that follows a failover this server has not heard of yet, until the coordinator's notice
+    comes (then it is checked against that topology and taken, or refused)."""
+
+    shard: Shard
+    seed: Seed
+
+    def ready(self) -> bool:
+        return not self.shard.replication.early(self.seed)
+
+    def answer(self) -> Message:
+        reply = self.shard._take_seed(self.seed)
+        self.shard._seeded.update(i.entry["key"] for i in self.seed.keys)
+        return reply
+
+    def why(self) -> str:
+        return (f"it follows topology version {self.seed.topology[0]}, and the coordinator has announced "
+                f"{self.shard.replication.version} to this server")
 
 
 @dataclass(kw_only=True)

@@ -193,8 +193,11 @@ def test_probes_and_metrics_ports_with_scrape_annotations() -> None:
         assert server["metadata"]["annotations"]["prometheus.io/port"] == str(9101 + rank)
         worker = found[f"worker-{rank}"]  # (its metrics are the coordinator's to serve)
         assert "ports" not in worker["spec"]["containers"][0] and "annotations" not in worker["metadata"]
+    for pod in found.values():  # the probes and Prometheus reach the pod's IP: metrics there, not on loopback
+        assert {"name": "ZPS_METRICS_HOST", "value": "host"} in pod["spec"]["containers"][0]["env"]
     plain = pods(manifest())
     assert "livenessProbe" not in plain["server-0"]["spec"]["containers"][0]  # no fixed port: heartbeats say it
+    assert all("ZPS_METRICS_HOST" not in str(pod["spec"]["containers"][0]["env"]) for pod in plain.values())
 
 
 @pytest.mark.unit
@@ -209,13 +212,17 @@ def test_each_pod_mounts_only_its_own_keys_and_the_manifest_holds_none() -> None
         assert pod["spec"]["automountServiceAccountToken"] is False
     secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(render_secrets(job, namespace="ml")) if d}
     assert sorted(secrets) == sorted(f"zps-keys-{n}" for n in ("coordinator", "server-0", "server-1", "worker-0",
-                                                                   "worker-1", "worker-2"))
+                                                                   "worker-1", "worker-2", "observer"))
     for name, secret in secrets.items():
         label = name.removeprefix("zps-keys-")
         assert list(secret["stringData"]) == [f"{label}.json"] and secret["metadata"]["namespace"] == "ml"
         keys = Secrets.from_json(secret["stringData"][f"{label}.json"], name)
         if label.startswith("worker"):  # a worker's Secret: its own key pair, nobody else's, no serving key
             assert keys.name == f"worker:{label[7:]}" and keys.secret and not keys.server_secret and not keys.clients
+        if label == "observer":  # zps top's key, mounted by no pod: it reads STATUS and nothing else
+            assert keys.name == "observer" and not keys.server_secret and not keys.clients
+            assert all(secret["metadata"]["name"] not in str(pod["spec"]["volumes"]) for pod in
+                       pods([d for d in yaml.safe_load_all(text) if d]).values())
     other = yaml.safe_load_all(render_secrets(job))
     assert {d["metadata"]["name"]: d["stringData"] for d in other if d} != {n: s["stringData"] for n, s in
                                                                            secrets.items()}  # fresh every time
@@ -259,7 +266,7 @@ def test_zps_k8s_command() -> None:
     keys = zps_k8s("--image", "zps:1", "--workers", "2", "--keys")
     assert keys.returncode == 0, keys.stderr
     assert sorted(d["metadata"]["name"] for d in yaml.safe_load_all(keys.stdout)) == [
-        "zps-keys-coordinator", "zps-keys-server-0", "zps-keys-worker-0", "zps-keys-worker-1"]
+        "zps-keys-coordinator", "zps-keys-observer", "zps-keys-server-0", "zps-keys-worker-0", "zps-keys-worker-1"]
 
 
 @pytest.mark.unit

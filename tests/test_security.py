@@ -159,7 +159,10 @@ def test_a_workers_key_speaks_only_as_that_worker(secure_cluster) -> None:
 @pytest.mark.unit
 def test_secrets_files_are_private_and_name_their_process(tmp_path: Path) -> None:
     keys = security.make_secrets(2, 3)
-    assert set(keys) == {"coordinator", "server-0", "server-1", "worker-0", "worker-1", "worker-2"}
+    assert set(keys) == {"coordinator", "server-0", "server-1", "worker-0", "worker-1", "worker-2", "observer"}
+    # the observer's key is known to the coordinator only, as the observer (zps top), never to a server
+    assert keys["coordinator"].clients[keys["observer"].public] == "observer"
+    assert keys["observer"].public not in keys["server-0"].clients and not keys["observer"].server_secret
     assert not keys["worker-1"].server_secret and not keys["worker-1"].clients  # a worker cannot serve
     assert keys["server-1"].server_secret == keys["coordinator"].server_secret
     assert keys["coordinator"].clients[keys["worker-2"].public] == "worker:2"
@@ -179,6 +182,45 @@ def test_secrets_files_are_private_and_name_their_process(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="not the job's secrets"):
         security.load_secrets({"ZPS_SECRETS": "{}"}, "worker", 2)
     assert "secret" not in repr(security.Secrets("x", "worker:0", "p", "s")).split("Secrets(")[0]
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.getuid() != 0, reason="files of another user need root to make (chown) in a test")
+def test_secrets_another_user_could_have_planted_are_refused(tmp_path: Path) -> None:
+    """Issue 22: in a directory others can write, another user substituted their own 0600 worker-0.json and
+    load_secrets returned it (for coordinator.json: who may speak as whom)."""
+    keys = security.make_secrets(1, 1)
+    stranger = 54321  # a uid of nobody here: another local user
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # writable by every user
+    planted = security.make_secrets(1, 1)["worker-0"]
+    path = shared / "worker-0.json"
+    path.write_text(planted.to_json())
+    os.chmod(path, 0o600)
+    os.chown(path, stranger, stranger)
+    with pytest.raises(ConfigError, match="writable by other users"):
+        security.load_secrets({"ZPS_SECRETS_DIR": str(shared)}, "worker", 0)
+    os.chmod(shared, 0o1777)  # sticky, like /tmp: nobody may replace another's entry, but one may plant a name
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        security.load_secrets({"ZPS_SECRETS_FILE": str(path)}, "worker", 0)
+    mine = security.write_secrets(tmp_path / "mine", keys)
+    link = shared / "link.json"
+    os.symlink(mine / "worker-0.json", link)
+    os.lchown(link, stranger, stranger)  # a link another user made to this user's own file
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        security.load_secrets({"ZPS_SECRETS_FILE": str(link)}, "worker", 0)
+    os.chown(mine, stranger, stranger)  # the directory of the keys is another user's
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        security.load_secrets({"ZPS_SECRETS_DIR": str(mine)}, "worker", 0)
+    os.chown(mine, os.getuid(), os.getgid())
+    assert security.load_secrets({"ZPS_SECRETS_DIR": str(mine)}, "worker", 0) == keys["worker-0"]
+    planted_dir = tmp_path / "planted"  # zps secrets into a directory another user made: nothing is written
+    planted_dir.mkdir()
+    os.chown(planted_dir, stranger, stranger)
+    with pytest.raises(OSError, match="belongs to another user"):
+        security.write_secrets(planted_dir, keys)
+    assert not list(planted_dir.iterdir())
 
 
 @pytest.mark.unit

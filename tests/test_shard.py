@@ -13,6 +13,7 @@ import pytest
 import torch
 import zmq
 
+from zps.protocol import replicas
 from zps.protocol.codecs import make_codec
 from zps.protocol.config import Config, JobConfig
 from zps.protocol.messages import ErrorCode, KeyEntry, Kind, Message, ProtocolError, parse_frames
@@ -322,7 +323,7 @@ def test_replicate_applies_a_primarys_update_once_and_its_push_is_answered_once_
                                   frames=forward.frames)) is ErrorCode.BAD_HEADER  # only a server replicates
 
 
-def test_a_seed_gives_a_backup_the_primarys_whole_state_and_fences_a_server_it_names_dead() -> None:
+def test_a_seed_gives_a_backup_the_primarys_whole_state_and_waits_for_the_failover_it_names() -> None:
     primary, backup = _pair()
     for step in range(2):
         primary.ask(push(0, {1: torch.full((4,), 0.5)}, step))
@@ -337,9 +338,74 @@ def test_a_seed_gives_a_backup_the_primarys_whole_state_and_fences_a_server_it_n
     copy, state = fresh.shard.keys[1], primary.shard.keys[1]
     assert torch.equal(copy.param, state.param) and (copy.version, copy.last_step) == (2, {0: 1})  # type: ignore[arg-type]
     assert copy.before is None and state.before is None  # ASP keeps no values one version back
+    # a seed that names its own sender dead in a failover this server has not heard of (issue 22: a forged one
+    # fenced the real primary off): it waits for the coordinator's notice and fences nobody meanwhile
     dead = Message(Kind.SEED, id=next(_IDS), src="server:0", keys=seed.keys, frames=seed.frames,
                    body={**seed.body, "failover": {"version": 1, "dead": [0]}})
-    assert fresh.refused(dead) is ErrorCode.DEAD
+    assert fresh.ask(dead, identity=b"server-0") == [] and len(fresh.shard.pending) == 1
+    assert not fresh.shard.replication.dead
+    primary.ask(push(0, {1: torch.full((4,), 0.5)}, 2))
+    (_, forward), = primary.forwarded[1:]
+    ((_, applied),) = fresh.ask(forward, identity=b"server-0")  # the real primary's updates still apply
+    assert applied.kind is Kind.OK and fresh.shard.keys[1].version == 3
+    # the coordinator's notice comes: now the seed is checked against it, and its sender is dead there
+    ((who, refused),) = fresh.shard.notice(replicas.notice_body(1, {0}))
+    assert who == b"server-0" and refused.body["code"] == ErrorCode.DEAD.value, refused.body
+    assert fresh.shard.keys[1].version == 3 and len(fresh.shard.pending) == 0
+
+
+def test_only_the_primary_the_coordinator_named_replicates_to_or_seeds_a_backup_and_a_refusal_leaks_nothing() -> None:
+    """Issue 22: a forged REPLICATE at the backup's version made it skip the real primary's update, and CONFLICT
+    texts told the forger the versions it needed."""
+    servers = [Harness("asp", workers=1, servers=3, rank=r, replicas=1) for r in range(3)]
+    for h in servers:
+        (reply,) = h.ask(init(0, {1: torch.ones(4)}, home=0))  # home 0: copies on servers 0 and 1
+        assert reply[1].kind is Kind.OK
+    primary, backup, stranger = servers
+    primary.ask(push(0, {1: torch.full((4,), 0.5)}, 0))
+    (_, forward), = primary.forwarded
+    for src in ("server:2", "server:1"):  # not the primary (server 1 is the backup itself)
+        forged = Message(Kind.REPLICATE, id=next(_IDS), src=src, keys=forward.keys, frames=forward.frames)
+        with pytest.raises(ProtocolError) as info:
+            backup.ask(forged)
+        assert info.value.code is ErrorCode.CONFLICT and "not the primary" in info.value.reason
+    assert backup.shard.keys[1].version == 0
+    ahead = Message(Kind.REPLICATE, id=next(_IDS), src="server:0", keys=[{**forward.keys[0], "version": 7}],
+                    frames=forward.frames)
+    with pytest.raises(ProtocolError) as info:
+        backup.ask(ahead)
+    reason = info.value.reason  # no version, name or size of the key
+    assert info.value.code is ErrorCode.CONFLICT and not [t for t in ("7", "p1", "[0:4]", "version 0") if t in reason]
+    with pytest.raises(ProtocolError) as info:  # a stranger to the key is no copy of it: it takes no update
+        stranger.ask(Message(Kind.REPLICATE, id=next(_IDS), src="server:0", keys=forward.keys, frames=forward.frames))
+    assert info.value.code in (ErrorCode.CONFLICT, ErrorCode.UNKNOWN_KEY)
+    ((_, ok),) = backup.ask(forward, identity=b"server-0")
+    assert ok.kind is Kind.OK and backup.shard.keys[1].version == 1
+    primary.shard.replication.reseed = {1: {1}}
+    primary.shard.send_seeds()
+    (_, seed), = primary.forwarded[1:]
+    forged_seed = Message(Kind.SEED, id=next(_IDS), src="server:2", keys=seed.keys, frames=seed.frames, body=seed.body)
+    with pytest.raises(ProtocolError) as info:
+        backup.ask(forged_seed)
+    assert info.value.code is ErrorCode.CONFLICT
+    other = Message(Kind.SEED, id=next(_IDS), src="server:0", keys=seed.keys, frames=seed.frames,
+                    body={**seed.body, "failover": {"version": 0, "dead": [2]}})  # not the topology announced
+    with pytest.raises(ProtocolError) as info:
+        backup.ask(other)
+    assert info.value.code is ErrorCode.CONFLICT
+    assert backup.shard.keys[1].version == 1 and backup.metrics.replication["seeds_taken"] == 0
+
+
+def test_a_server_failed_over_answers_what_waits_there_moved_not_dead() -> None:
+    """Issue 22: a live server that learns it was failed over answered its waiting pulls with ERROR dead, which
+    ended the job; MOVED tells the worker to send them again to the new primary."""
+    primary, _ = _pair("bsp")
+    waiting = primary.ask(pull(0, [1], 3))  # a pull of a future step waits
+    assert waiting == [] and len(primary.shard.pending) == 1
+    assert primary.shard.notice(replicas.notice_body(1, {0})) == []  # the coordinator failed this server over
+    assert primary.shard.replication.fenced is not None
+    ((_, moved),) = primary.shard.pending.fail_all("failed over", ErrorCode.MOVED)
+    assert moved.body["code"] == ErrorCode.MOVED.value
 
 
 def test_a_seed_carries_the_values_one_version_back_where_they_are_kept() -> None:

@@ -28,7 +28,15 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zps.protocol import security, transport
-from zps.protocol.messages import ErrorCode, Message, ProtocolError, decode_header, parse_frames, raise_if_error
+from zps.protocol.messages import (
+    ErrorCode,
+    Kind,
+    Message,
+    ProtocolError,
+    decode_header,
+    parse_frames,
+    raise_if_error,
+)
 from zps.protocol.security import Secrets
 
 log = logging.getLogger("zps.worker")
@@ -130,6 +138,7 @@ class Engine:
         self.lost = lost  # --replicas: told the rank of a server whose connection dropped (it may have died)
         self._monitors: dict[zmq.Socket, int] = {}
         self._resent: set[int] = set()  # ids of messages sent again after the newest failover
+        self._moved_from: set[int] = set()  # servers that answered MOVED since the newest failover (logged once)
         self._failover_at = 0.0
         self.addresses = list(addresses)
         self.timeout = timeout
@@ -236,6 +245,7 @@ class Engine:
                     max((now - s.at for s in moved), default=0.0))
         self.routes = routes
         self._resent.clear()
+        self._moved_from.clear()
         self._failover_at = now
         for sent in moved:
             del self._inflight[sent.msg.id]
@@ -380,6 +390,15 @@ class Engine:
             msg = parse_frames(frames, head)
         except ProtocolError as exc:
             log.error("%s: unreadable reply from server %d: %s", self.name, server, exc)
+            return
+        if (msg.kind is Kind.ERROR and msg.body.get("code") == ErrorCode.MOVED.value and self.reroute is not None
+                and msg.id in self._inflight):
+            # --replicas: the server was failed over while this waited there; it stays in flight and goes to the
+            # new primary when this worker's own failover notice comes (or fails at its deadline)
+            if server not in self._moved_from:
+                self._moved_from.add(server)
+                log.warning("%s: server %d was failed over with requests of this worker waiting there; they go to the "
+                            "new primary once the failover notice comes", self.name, server)
             return
         found = self._inflight.pop(msg.id, None)
         if found is None:

@@ -52,8 +52,8 @@ class Failover:
         log.warning("FAILOVER: %s failed (%s); topology version %d: %s; the job goes on", member.where(), why[:500],
                     self.version, ", ".join(f"the chunks of server {h} are now served by server {o}"
                                             for h, o in sorted(moved.items())))
-        for m in members:
-            if m.hb_identity is not None and not m.failed and not m.done:
+        for m in members:  # the failed server too: one that still runs (falsely suspected, paused) stops serving
+            if m.hb_identity is not None and (m is member or not m.failed) and not m.done:
                 self.tell(m, m.hb_identity)
         return []
 

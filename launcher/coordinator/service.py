@@ -28,6 +28,7 @@ from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.complaints import Complaints
 from zps.protocol.config import ConfigError, JobConfig
+from zps.protocol.inflow import Inflow, limit_for
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import COORDINATOR, parse_peer
 from zps.protocol.security import Secrets
@@ -54,6 +55,7 @@ class Coordinator:
         self.context = context or zmq.Context.instance()
         self.sock = security.router(self.context, secrets)
         self.sock.setsockopt(zmq.MAXMSGSIZE, job.max_header_bytes)  # its messages are headers only
+        self.inflow = Inflow(self.sock, limit_for(job.max_header_bytes), "coordinator", curve=secrets is not None)
         if port:
             self.sock.bind(transport.tcp_address(host, port))
             self.address = transport.tcp_address(host, port)
@@ -133,14 +135,14 @@ class Coordinator:
                 **self.monitor.snapshot()}
 
     def serve(self) -> int:
-        metrics = prom.serve(self.registry, self._metrics_host, prom.metrics_port(self.job.metrics_port,
-                                                                                  "coordinator", 0), "coordinator")
+        metrics = prom.serve(self.registry, prom.bind_address(self.job.metrics_host, self._metrics_host),
+                             prom.metrics_port(self.job.metrics_port, "coordinator", 0), "coordinator")
         try:
             while not self._stop.is_set():
                 if self.sock.poll(100):
                     for _ in range(256):
                         try:
-                            frames = transport.recv_bounded(self.sock, 8, self.job.max_header_bytes)
+                            frames = transport.recv_bounded(self.sock, 8, self.job.max_header_bytes, self.inflow)
                         except zmq.Again:
                             break
                         except transport.TooLarge as exc:
@@ -154,6 +156,7 @@ class Coordinator:
                     return 0
             return 0 if self.state is State.FINISHED else 1
         finally:
+            self.inflow.close()
             self.sock.close(linger=200)
             if metrics is not None:
                 metrics.close()
@@ -166,12 +169,15 @@ class Coordinator:
         identity = transport.frame_bytes(frames[0])
         request_id = 0
         try:
-            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes)
+            msg = parse_frames(frames[1:], header_limit=self.job.max_header_bytes, max_keys=0)  # (bodies only)
             request_id = msg.id
             if self.secrets is not None:  # a key speaks only as its own process (and registers only as it)
                 body = msg.body
                 claimed = f"{body.get('role')}:{body.get('rank')}" if msg.kind is Kind.REGISTER else msg.src
                 security.check_sender(frames[0], claimed)
+                if claimed == security.OBSERVER and msg.kind is not Kind.STATUS:
+                    raise ProtocolError(ErrorCode.BAD_KIND, "the observer's key asks for the job's status, nothing "
+                                                            "else")
             if msg.kind is Kind.REGISTER:
                 self._register(identity, msg)
             elif msg.kind is Kind.STATUS:
@@ -213,8 +219,8 @@ class Coordinator:
             return
         member.hb_identity = identity
         member.last_seen = time.monotonic()
-        if member.topology_version < self.failover.version and not member.failed:
-            self.failover.tell(member, identity)
+        if member.topology_version < self.failover.version and (not member.failed or member.role == "server"):
+            self.failover.tell(member, identity)  # (a server failed over that still runs hears it: it stops serving)
         replicated = msg.body.get("replicated")
         if member.role == "server" and replicated == self.failover.version and type(replicated) is int:
             self.failover.replicated(member.rank)
