@@ -22,9 +22,10 @@ from dataclasses import fields, replace
 from typing import IO
 
 from zps.protocol import checkpoint as ckpt
-from zps.protocol import security, stepmetrics, trace
+from zps.protocol import security
 from zps.protocol.config import JobConfig
 from zps.protocol.files import check_directory
+from zps.telemetry import stepmetrics, trace
 
 from .attempt import Attempt, Budget
 from .backend import Backend, LaunchError

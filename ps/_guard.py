@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from zps.protocol.complaints import Complaints
 from zps.protocol.messages import ErrorCode, Message, ProtocolError, error_reply
+from zps.telemetry.complaints import Complaints
 
 from ._metrics import ServerMetrics
 

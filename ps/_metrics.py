@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from zps.protocol.progress import cpu_seconds, rss_bytes
-from zps.protocol.stepmetrics import MetricsFile
+from zps.telemetry.stepmetrics import MetricsFile
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16, 32, 64)

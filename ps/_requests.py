@@ -21,7 +21,7 @@ from zps.protocol.messages import ErrorCode, KeyEntry, Message, ProtocolError
 from zps.protocol.peers import parse_peer
 from zps.protocol.shm import PULL, PUSH
 from zps.protocol.tensors import DTYPES, Decoders, FusedReader, dtype_from_name
-from zps.protocol.trace import now_us
+from zps.telemetry.trace import now_us
 
 from ._keys import Keys
 from ._metrics import ServerMetrics

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import zmq
 
-from zps.protocol import metrics as prom
 from zps.protocol import security, transport
 from zps.protocol.config import Config
 from zps.protocol.inflow import Inflow, limit_for
@@ -31,8 +30,9 @@ from zps.protocol.peers import peer_name
 from zps.protocol.plan import MAX_KEYS_PER_MESSAGE
 from zps.protocol.rendezvous import RendezvousClient, RendezvousError, Topology
 from zps.protocol.simulation import parse_kills
-from zps.protocol.stepmetrics import MetricsFile
-from zps.protocol.trace import Tracer
+from zps.telemetry import metrics as prom
+from zps.telemetry.stepmetrics import MetricsFile
+from zps.telemetry.trace import Tracer
 
 from ._checkpoint import Checkpoints
 from ._guard import Guard

@@ -27,12 +27,12 @@ import torch
 from zps.protocol import board, replicas
 from zps.protocol import checkpoint as ckpt
 from zps.protocol.bodies import Commit, KeyStat, inspect_reply, read_notice
-from zps.protocol.complaints import Complaints
 from zps.protocol.config import JobConfig
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.rendezvous import Topology
 from zps.protocol.tensors import Decoders
-from zps.protocol.trace import Tracer, now_us
+from zps.telemetry.complaints import Complaints
+from zps.telemetry.trace import Tracer, now_us
 
 from ._checkpoint import Checkpoints, Restore
 from ._guard import Guard

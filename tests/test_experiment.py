@@ -426,8 +426,8 @@ def test_an_experiment_runs_two_configurations_end_to_end(tag: str, tmp_path: Pa
 # -- what the worker writes, as the lab reads it -------------------------------------------------------------------
 @pytest.mark.unit
 def test_a_steps_record_holds_the_loss_and_samples_reported_after_it(tmp_path: Path) -> None:
-    from zps.protocol.stepmetrics import MetricsFile, parts_dir
-    from zps.protocol.trace import Tracer
+    from zps.telemetry.stepmetrics import MetricsFile, parts_dir
+    from zps.telemetry.trace import Tracer
     from zps.worker._progress import Progress
 
     path = str(tmp_path / "m.jsonl")

@@ -16,10 +16,10 @@ from zps.protocol.bodies import KeyStat, inspect_reply, read_commit, read_hp, re
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import ErrorCode, ProtocolError
 from zps.protocol.optim_spec import check_optimizer_spec, describe_optimizer, hyperparameter_overrides
-from zps.protocol.trace import Tracer
 from zps.ps.consistency import make_consistency
 from zps.ps.optim import build_optimizer, check_overrides
 from zps.ps.store import KeyState, Optimizers
+from zps.telemetry.trace import Tracer
 from zps.worker import DistributedOptimizer, _iteration, _state
 from zps.worker._progress import Progress
 from zps.worker.data import ShardSampler

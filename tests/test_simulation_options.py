@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from zps.protocol import stepmetrics
 from zps.protocol.codecs import make_codec
 from zps.protocol.config import JobConfig
 from zps.protocol.tensors import encode_entry
+from zps.telemetry import stepmetrics
 from zps.worker._progress import Disturbance
 from zps.worker.optimizer import DistributedOptimizer
 

@@ -2,7 +2,7 @@
 
 The heartbeats carry :meth:`Progress.report` to the coordinator (fields: :mod:`zps.protocol.progress`), which
 feeds the launcher's live view, ``zps top``, the workers' Prometheus metrics and the straggler check. The
-:class:`~zps.protocol.trace.Tracer` records the same steps as spans under ``--trace``.
+:class:`~zps.telemetry.trace.Tracer` records the same steps as spans under ``--trace``.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any
 from zps.protocol.config import JobConfig
 from zps.protocol.progress import MAX_TIMES, cpu_seconds, rss_bytes
 from zps.protocol.simulation import kill_due, kill_step, parse_jitter, parse_stragglers
-from zps.protocol.stepmetrics import MetricsFile
-from zps.protocol.trace import Tracer, now_us
+from zps.telemetry.stepmetrics import MetricsFile
+from zps.telemetry.trace import Tracer, now_us
 
 log = logging.getLogger("zps.worker")
 

@@ -14,7 +14,7 @@ import torch
 from zps.protocol.fields import UNBOUNDED, is_int
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.tensors import Decoders, FusedReader
-from zps.protocol.trace import Tracer
+from zps.telemetry.trace import Tracer
 
 from ._engine import InPlace, Request
 from ._progress import Progress

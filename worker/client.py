@@ -32,9 +32,9 @@ from zps.protocol.plan import DEFAULT_CHUNK_BYTES, Chunk, ParamSpec, Plan, make_
 from zps.protocol.rendezvous import RendezvousClient, Topology
 from zps.protocol.replicas import live_copies, parse_notice, routes
 from zps.protocol.shm import Segment
-from zps.protocol.stepmetrics import MetricsFile
 from zps.protocol.tensors import Decoders, encode_entry
-from zps.protocol.trace import Tracer
+from zps.telemetry.stepmetrics import MetricsFile
+from zps.telemetry.trace import Tracer
 
 from ._engine import Engine
 from ._messages import Messages, Tensors, flat

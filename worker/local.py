@@ -12,7 +12,7 @@ from typing import Any
 
 from zps.protocol.config import Config, JobConfig
 from zps.protocol.rendezvous import Topology
-from zps.protocol.trace import Tracer
+from zps.telemetry.trace import Tracer
 
 from ._progress import Progress
 

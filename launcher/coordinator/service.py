@@ -24,14 +24,14 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry
 
-from zps.protocol import metrics as prom
 from zps.protocol import security, transport
-from zps.protocol.complaints import Complaints
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.inflow import Inflow, limit_for
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError, error_reply, parse_frames
 from zps.protocol.peers import COORDINATOR, parse_peer
 from zps.protocol.security import Secrets
+from zps.telemetry import metrics as prom
+from zps.telemetry.complaints import Complaints
 from zps.telemetry.monitor import Monitor, WorkerMetrics
 
 from .barriers import Barriers
