@@ -43,6 +43,7 @@ from ._replicas import Replicate, Replication, keys_text
 from ._requests import Declare, Inspect, Join, PullRequest, Push, Reader, Request, group_hp
 from ._seeds import Seed
 from ._shm import WorkerSegments
+from ._tables import TableCollector, Tables
 from ._values import Values
 from .consistency import Completed, make_consistency
 from .optim import build_optimizer
@@ -103,7 +104,9 @@ class Shard:
         self._first_push: dict[int, float] = {}  # BSP: key -> when the first push of its current step came
         self._commits: dict[int, Commit] = {}  # BSP: how held steps are applied, by step (zps.protocol.bodies)
         self._board: Message | None = None  # the newest PUT (zps.protocol.board)
-        read = self.read
+        self.tables = Tables(name, job, self.consistency, replication.rank, replication.num_servers, self.read.worker)
+        metrics.registry.register(TableCollector(self.tables))
+        read, tables = self.read, self.tables
         self.handlers: dict[Kind, Handler] = {
             Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
             Kind.PUSH_PULL: Route(read.push_pull, self.push_pull), Kind.PULL: Route(read.pull, self.pull),
@@ -111,6 +114,9 @@ class Shard:
             Kind.STATS: Route(read.request, self.stats), Kind.REPLICATE: Route(read.replicate, self.replicate),
             Kind.SEED: Route(read.seed, self.seed), Kind.INSPECT: Route(read.inspect, self.inspect),
             Kind.PUT: Route(self._read_put, self.put), Kind.GET: Route(self._read_get, self.get),
+            Kind.TABLE: Route(tables.read_declare, lambda r: Done(*tables.declare(r))),
+            Kind.ROWS_PULL: Route(tables.read_pull, lambda r: Done(*tables.pull(r))),
+            Kind.ROWS_PUSH: Route(tables.read_push, lambda r: Done(*tables.push(r))),
         }
         metrics.holdings = self.holdings
 
@@ -356,7 +362,8 @@ class Shard:
     def leave(self, request: Request) -> Done:
         """A worker finished cleanly: stop waiting for it; apply what its leaving completes."""
         done = self.members.leave(request.worker, self.keys.values())
-        return Done(reply=self._ok(request.request_id), changed=self._apply_completed(done), everything=True)
+        changed = self._apply_completed(done) | self.tables.settle()
+        return Done(reply=self._ok(request.request_id), changed=changed, everything=True)
 
     def notice(self, body: dict[str, Any]) -> list[Reply]:
         """The coordinator's news (a NOTICE body): of workers (:class:`._members.Members`) or, --replicas, of dead
@@ -365,6 +372,7 @@ class Shard:
         if "failover" in notice:
             return self.failover(body)
         self._apply_completed(self.members.notice(notice, self.keys.values()))
+        self.tables.settle()
         return self.recheck((), everything=True)
 
     def failover(self, body: dict[str, Any]) -> list[Reply]:
@@ -512,6 +520,7 @@ class Shard:
             "max_served_gap": c.max_served_gap,
             "staleness": c.staleness,
             **self.metrics.stats(),
+            "tables": self.tables.stats(),
         }))
 
     def checkpoint_for(self, step: int) -> int:
@@ -523,7 +532,7 @@ class Shard:
 
     def holdings(self) -> dict[str, float]:
         """What this server holds now (the gauges of :mod:`._metrics`)."""
-        return {"parameter_bytes": self.keys.bytes, "optimizer_state_bytes": self.optimizer_bytes,
+        return {"parameter_bytes": self.keys.bytes + self.tables.bytes(), "optimizer_state_bytes": self.optimizer_bytes,
                 "keys": len(self.keys), "pending_requests": len(self.pending)}
 
     def measure(self) -> None:
