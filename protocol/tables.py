@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,6 +262,10 @@ def frames_of(codec: str) -> int:
     return 2 if codec == "int8" else 1
 
 
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int8: np.int8, torch.int64: np.int64}
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
 def _view(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
     view = memoryview(frame.buffer if hasattr(frame, "buffer") else frame).cast("B")
     size = torch.empty((), dtype=dtype).element_size()
@@ -268,7 +273,7 @@ def _view(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor
         raise ProtocolError(ErrorCode.FRAME_SIZE, f"{what}: a frame of {view.nbytes} bytes, expected {numel} x {size}")
     if numel == 0:
         return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(view, dtype=dtype)
+    return torch.from_numpy(np.frombuffer(view, dtype=_NUMPY[dtype]))
 
 
 def decode_rows(frames: list[Any], codec: str, n: int, dim: int, what: str) -> torch.Tensor:
