@@ -377,3 +377,12 @@ def test_bad_table_requests_are_refused_whole() -> None:
     assert h.refused(nan) is ErrorCode.BAD_HEADER
     assert h.refused(rows_push(0, SGD1, mine[:1], torch.ones(1, 3), 0, hp={"momentum": 1})) is ErrorCode.BAD_OPTIMIZER
     assert h.shard.tables.by_key[SGD1.key].version == 0  # nothing was applied
+
+
+def test_a_sparse_embedding_under_a_distributed_optimizer_names_the_table() -> None:
+    from zps.worker import DistributedOptimizer
+
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(10, 4, sparse=True))
+    with pytest.raises(ValueError, match="zps.worker.EmbeddingTable"):
+        local: Any = LocalClient()
+        DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=local)

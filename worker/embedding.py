@@ -156,6 +156,9 @@ class _Remote:
         while self._pushes:
             self._pushes.pop(0).result()
 
+    def stats(self) -> list[dict[str, Any]]:
+        return [s["tables"][self.spec.name] for s in self.client.stats()]
+
 
 class _Local:
     """A table held whole in this process (a script started by no launcher)."""
@@ -179,6 +182,11 @@ class _Local:
 
     def drain(self) -> None:
         pass
+
+    def stats(self) -> list[dict[str, Any]]:
+        store = self.store
+        return [{"rows": len(store), "version": store.steps, "mode": "local", **self.counters, **store.counters,
+                 **{f"{k}_bytes": v for k, v in store.nbytes().items()}}]
 
 
 @dataclass
@@ -321,6 +329,11 @@ class EmbeddingTable(torch.nn.Module):
     def synchronize(self) -> None:
         """Wait until every push this worker sent was acknowledged (raising what one failed with)."""
         self._backend.drain()
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per server, this table's record there (rows held, bytes, rows pulled and pushed, admissions,
+        evictions: ``zps.ps._tables.Tables.stats``); one record for a table held in this process."""
+        return self._backend.stats()
 
 
 def prefetching(batches: Iterable[B], ids: Callable[[B], Mapping[EmbeddingTable, torch.Tensor]]) -> Iterator[B]:
