@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,8 @@ def main() -> None:
         opt = worker.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=args.dense_lr), model)
     loss_fn = nn.BCEWithLogitsLoss()
     start = opt.steps if isinstance(opt, worker.DistributedOptimizer) else 0
-    batches = (data.batch(args.batch_size, step, rank) for step in range(start, args.steps))
+    batches: Iterator[dict[str, torch.Tensor]] = (data.batch(args.batch_size, step, rank)
+                                                  for step in range(start, args.steps))
     if isinstance(table, worker.EmbeddingTable) and not args.no_prefetch:
         batches = worker.prefetching(batches, lambda b: {table: b["ids"]})
     began, losses = time.monotonic(), []
