@@ -113,6 +113,7 @@ class PushEntry:
 @dataclass
 class RowsPush(TableRequest):
     entries: list[PushEntry]
+    checkpoint: int | None  # the pusher heard that this checkpoint was asked for (every table copies its step)
 
 
 class Tables:
@@ -125,6 +126,7 @@ class Tables:
         self.rank, self.num_servers, self.worker = rank, num_servers, worker
         self.by_key: dict[int, Table] = {}
         self.on_applied: Callable[[Table], None] = lambda table: None
+        self.on_checkpoint: Callable[[int], None] = lambda checkpoint: None
         self.restore: Callable[[TableSpec], tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = \
             lambda spec: None
         self.seconds = {"apply": 0.0, "read": 0.0}
@@ -280,7 +282,8 @@ class Tables:
             fresh = self._check_step(table, worker, step, what)
             entries.append(PushEntry(table, step, ids, grads, lr["lr"] if lr else None, fresh,
                                      8 * ids.numel() + sum(memoryview(f).nbytes for f in rest)))
-        return RowsPush(identity, msg.id, worker, entries)
+        checkpoint = msg.body.get("ckpt")
+        return RowsPush(identity, msg.id, worker, entries, checkpoint if is_int(checkpoint, 1) else None)
 
     def _check_step(self, table: Table, worker: int, step: int, what: str) -> bool:
         """Whether this server takes a push of ``step`` (False: a duplicate); STEP_AHEAD for one that cannot be."""
@@ -300,6 +303,8 @@ class Tables:
         return True
 
     def push(self, request: RowsPush) -> TableDone:
+        if request.checkpoint is not None:  # first: a table at the checkpoint's step is copied before it moves on
+            self.on_checkpoint(request.checkpoint)
         changed: set[int] = set()
         for e in request.entries:
             t = e.table

@@ -43,6 +43,7 @@ from ._replicas import Replicate, Replication, keys_text
 from ._requests import Declare, Inspect, Join, PullRequest, Push, Reader, Request, group_hp
 from ._seeds import Seed
 from ._shm import WorkerSegments
+from ._table_checkpoints import TableCheckpoints, restore
 from ._tables import TableCollector, Tables
 from ._values import Values
 from .consistency import Completed, make_consistency
@@ -106,6 +107,15 @@ class Shard:
         self._board: Message | None = None  # the newest PUT (zps.protocol.board)
         self.tables = Tables(name, job, self.consistency, replication.rank, replication.num_servers, self.read.worker)
         metrics.registry.register(TableCollector(self.tables))
+        self.table_checkpoints: TableCheckpoints | None = None
+        if checkpoints is not None:
+            self.table_checkpoints = TableCheckpoints(
+                job.checkpoint_dir, replication.rank, self.tables, checkpoints, job.timeout,
+                lambda: checkpoints.after_apply([], self.keys.states, self.keys.optimizers, self.consistency.clock))
+            self.tables.on_checkpoint = self.table_checkpoints.ask
+        if job.resume:
+            self.tables.restore = functools.partial(restore, job.resume, rank=replication.rank,
+                                                    num_servers=replication.num_servers)
         read, tables = self.read, self.tables
         self.handlers: dict[Kind, Handler] = {
             Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
@@ -241,6 +251,8 @@ class Shard:
         m.duplicates += len(push.keys) - len(taken)
         if self.checkpoints is not None and push.worker == 0 and "ckpt" in push.body:
             self.checkpoints.request(push.body["ckpt"])  # worker 0 asks for a checkpoint at that step
+            if self.table_checkpoints is not None:
+                self.table_checkpoints.ask(push.body["ckpt"])
         for k in push.keys:
             if k.codec == "shm":
                 m.shared("in", k.encoded)

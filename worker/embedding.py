@@ -87,6 +87,8 @@ class _Remote:
         replies = client._engine.submit(parts, f"declare of table {spec.name!r}", keep_replies=True).result()
         self.start = max((int(replies[s].get("step", 0)) for s in replies), default=0)
         client.before_close.append(self.drain)
+        client.table_servers.update(self._live())
+        self._marked = 0  # the newest checkpoint this table's pushes told the servers of
 
     def _live(self) -> list[int]:
         return self.client._live_servers()
@@ -131,6 +133,11 @@ class _Remote:
         self._check_pushes()
         parts = []
         hp = None if lr == self.spec.hp["lr"] else {"lr": lr}
+        body = {}
+        asked = self.client.checkpoint_requested  # (BSP: checkpoint V is the table's state at step V)
+        if asked > self._marked and (asked == step or self.client.topology.mode != "bsp"):
+            self._marked = asked
+            body["ckpt"] = asked
         for server in self._live():
             where = split.parts.get(server)
             if where is None:
@@ -141,7 +148,7 @@ class _Remote:
             entry = wire.row_entry(self.spec.key, step, ids.numel(), nf=1 + len(frames), codec=self.spec.codec)
             if hp is not None:
                 entry["hp"] = hp
-            parts.append((server, Message(Kind.ROWS_PUSH, src=self.client.name, keys=[entry],
+            parts.append((server, Message(Kind.ROWS_PUSH, src=self.client.name, keys=[entry], body=body,
                                           frames=[wire.ids_frame(ids), *frames])))
             self.counters["rows_pushed"] += ids.numel()
             self.counters["bytes_pushed"] += 8 * ids.numel() + size
