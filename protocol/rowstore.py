@@ -32,17 +32,18 @@ import torch
 
 from .tables import TableSpec, initial_rows, mix64
 
-_FIB = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: Fibonacci hashing
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
 EMPTY, DELETED = -1, -2
-WINDOW = 8  # places one probe round of the index looks at per id
-_OFFSETS = torch.arange(WINDOW)
+WIDTH = 4  # places of a bucket of the index (4 ids: 32 bytes of keys)
 SKETCH_DEPTH, SKETCH_WIDTH = 4, 1 << 20
 COUNTERS = ("rows_created", "rows_admitted", "rows_evicted_expired", "rows_evicted_cap", "rows_dropped",
             "rows_refused", "rows_updated")
 
 
 class HashIndex:
-    """int64 id -> int64 slot, vectorised (see the module docstring)."""
+    """int64 id -> slot, vectorised (see the module docstring): buckets of :data:`WIDTH` places, one cache line of
+    keys each, probed bucket after bucket (linear probing over buckets); numpy, whose small operations cost a
+    fraction of torch's, with the four places of a bucket compared column by column."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self._alloc(max(1024, 1 << (capacity - 1).bit_length()))
@@ -50,95 +51,109 @@ class HashIndex:
         self.tombs = 0
 
     def _alloc(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.bits = capacity.bit_length() - 1
-        self.keys = torch.zeros(capacity, dtype=torch.int64)
-        self.slots = torch.full((capacity,), EMPTY, dtype=torch.int64)
+        self.capacity = capacity  # places
+        self.buckets = capacity // WIDTH
+        self._shift = np.uint64(64 - (self.buckets.bit_length() - 1))
+        self.keys = np.zeros((self.buckets, WIDTH), dtype=np.int64)
+        self.slots = np.full((self.buckets, WIDTH), EMPTY, dtype=np.int32)
 
-    def _home(self, ids: torch.Tensor) -> torch.Tensor:
-        return ((ids * _FIB) >> (64 - self.bits)) & (self.capacity - 1)
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        return ((ids.view(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)
 
-    def _window(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The :data:`WINDOW` places from each of ``pos`` on, and their slots (two (m, WINDOW) tensors)."""
-        places = (pos.unsqueeze(1) + _OFFSETS) & (self.capacity - 1)
-        return places, self.slots.index_select(0, places.view(-1)).view(-1, WINDOW)
-
-    def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each id: its place in the table and its slot (-1 and -1 where absent). A probe round looks at a window
-        of places per id, so most ids resolve in one."""
-        n = ids.numel()
-        place_out = torch.full((n,), EMPTY, dtype=torch.int64)
-        slot_out = torch.full((n,), EMPTY, dtype=torch.int64)
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each id: its place (bucket * WIDTH + column) and its slot, -1 and -1 where absent."""
+        n = ids.size
+        place_out = np.full(n, EMPTY, dtype=np.int64)
+        slot_out = np.full(n, EMPTY, dtype=np.int64)
         if n == 0 or self.used == 0:
             return place_out, slot_out
-        pos, which, want = self._home(ids), torch.arange(n), ids
+        bucket, which, want = self._home(ids), np.arange(n), ids
+        last = self.buckets - 1
         while True:
-            places, slots = self._window(pos)
-            match = (slots >= 0) & (self.keys.index_select(0, places.view(-1)).view(-1, WINDOW) == want.unsqueeze(1))
-            found = match.any(1)
-            if bool(found.any()):
-                at = match.to(torch.uint8).argmax(1, keepdim=True)
-                rows = which.masked_select(found)
-                place_out.index_put_((rows,), places.gather(1, at).squeeze(1).masked_select(found))
-                slot_out.index_put_((rows,), slots.gather(1, at).squeeze(1).masked_select(found))
-            go = ~found & ~(slots == EMPTY).any(1)
-            if not bool(go.any()):
+            keys, slots = self.keys[bucket], self.slots[bucket]
+            # a live place holding the id (a tombstone of it may come first: the live slot is the larger)
+            hits = np.where(keys == want[:, None], slots, EMPTY)
+            col = np.where(hits[:, 0] >= 0, 0, np.where(hits[:, 1] >= 0, 1, np.where(hits[:, 2] >= 0, 2, 3)))
+            slot = hits[np.arange(bucket.size), col]
+            found = slot >= 0
+            if found.any():
+                rows = which[found]
+                place_out[rows] = bucket[found] * WIDTH + col[found]
+                slot_out[rows] = slot[found]
+            empty = slots == EMPTY
+            go = ~found & ~(empty[:, 0] | empty[:, 1] | empty[:, 2] | empty[:, 3])
+            if not go.any():
                 return place_out, slot_out
-            pos = pos.masked_select(go) + WINDOW
-            which, want = which.masked_select(go), want.masked_select(go)
+            bucket, which, want = (bucket[go] + 1) & last, which[go], want[go]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """The slot of each id, -1 where absent."""
-        return self._find(ids)[1]
+        """The slot of each id (int64 tensor), -1 where absent."""
+        return torch.from_numpy(self._find(ids.contiguous().numpy())[1])
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Map each of ``ids`` (distinct, none present) to its slot."""
-        if ids.numel() == 0:
+        n = ids.numel()
+        if n == 0:
             return
-        if (self.used + self.tombs + ids.numel()) * 10 > self.capacity * 7:
-            self._rebuild(self.used + ids.numel())
-        pos, want, value = self._home(ids), ids, slots
-        while want.numel():
-            places, held = self._window(pos)
-            free = held < 0
-            has = free.any(1)
-            first = places.gather(1, free.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
-            fp, fw, fv = first.masked_select(has), want.masked_select(has), value.masked_select(has)
-            self.keys.index_put_((fp,), fw)  # several may aim at one place: the one that stays there has it
-            won = self.keys.index_select(0, fp) == fw
-            wp = fp.masked_select(won)
-            self.tombs -= int((self.slots.index_select(0, wp) == DELETED).sum())
-            self.slots.index_put_((wp,), fv.masked_select(won))
+        if (self.used + self.tombs + n) * 10 > self.capacity * 8:
+            self._rebuild(self.used + n)
+        self._insert(ids.contiguous().numpy(), slots.contiguous().numpy().astype(np.int32))
+        self.used += n
+
+    def _insert(self, want: np.ndarray, value: np.ndarray) -> None:
+        keys, slots = self.keys.reshape(-1), self.slots.reshape(-1)
+        bucket, last = self._home(want), self.buckets - 1
+        while want.size:
+            free = self.slots[bucket] < 0
+            has = free[:, 0] | free[:, 1] | free[:, 2] | free[:, 3]
+            col = np.where(free[:, 0], 0, np.where(free[:, 1], 1, np.where(free[:, 2], 2, 3)))
+            place = bucket * WIDTH + col
+            fp, fw = place[has], want[has]
+            keys[fp] = fw  # several may aim at one place: the one that stays there has it
+            won = keys[fp] == fw
+            taken = fp[won]
+            self.tombs -= int(np.count_nonzero(slots[taken] == DELETED))
+            slots[taken] = value[has][won]
             lost = ~has
-            lost.masked_scatter_(has, ~won)
-            # a full window: on past it; beaten to a free place: from that place again
-            pos = torch.where(has, first, pos + WINDOW).masked_select(lost)
-            want, value = want.masked_select(lost), value.masked_select(lost)
-        self.used += ids.numel()
+            lost[np.flatnonzero(has)[~won]] = True
+            # a full bucket: on to the next; beaten to a free place: this bucket again
+            bucket = np.where(has, bucket, (bucket + 1) & last)[lost]
+            want, value = want[lost], value[lost]
 
     def remove(self, ids: torch.Tensor) -> None:
         """Forget ``ids`` (each present)."""
-        places = self._find(ids)[0]
-        self.slots.index_fill_(0, places, DELETED)
+        places = self._find(ids.contiguous().numpy())[0]
+        self.slots.reshape(-1)[places] = DELETED
         self.used -= ids.numel()
         self.tombs += ids.numel()
 
     def _rebuild(self, live: int) -> None:
-        held = self.slots >= 0
-        keys, slots = self.keys[held], self.slots[held]
+        keys, slots = self._items()
         capacity = 1024
         while live * 2 > capacity:
             capacity *= 2
-        self._alloc(max(capacity, self.capacity if self.tombs * 2 > self.used else 0))
-        self.used = self.tombs = 0
-        self.insert(keys, slots)
+        self._alloc(capacity)
+        self.tombs = 0
+        for at in range(0, keys.size, 1 << 20):  # (in pieces: the temporaries of one piece stay small)
+            self._insert(keys[at : at + (1 << 20)], slots[at : at + (1 << 20)])
 
-    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _items(self) -> tuple[np.ndarray, np.ndarray]:
         held = self.slots >= 0
         return self.keys[held], self.slots[held]
 
+    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (id, slot) held."""
+        keys, slots = self._items()
+        return torch.from_numpy(keys), torch.from_numpy(slots.astype(np.int64))
+
     def nbytes(self) -> int:
-        return self.capacity * 16
+        return self.capacity * 12
+
+
+def _add(values: torch.Tensor, slots: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
+    """``values[slots] += alpha * update`` (distinct slots) with the rounding of torch's dense += sparse with alpha,
+    gathered, added and put back: index_add_ with alpha takes a slower path to the same bits."""
+    values.index_copy_(0, slots, values.index_select(0, slots).add_(update, alpha=alpha))
 
 
 def _state_names(optimizer: str) -> tuple[str, ...]:
@@ -152,19 +167,21 @@ class RowStore:
     def __init__(self, spec: TableSpec, capacity: int = 1024) -> None:
         self.spec = spec
         self.dim = spec.dim
-        self.index = HashIndex(capacity * 2)
+        self.index = HashIndex(2 * min(capacity, spec.max_rows or capacity))
         self.capacity = 0
         self.size = 0  # slots handed out (evicted ones are reused first: ``_free``)
         self._free = torch.empty(0, dtype=torch.int64)
         self.ids = torch.empty(0, dtype=torch.int64)
         self.values = torch.empty(0, spec.dim)
-        self.touched = torch.empty(0, dtype=torch.int64)  # the step of each slot's latest update
+        self.touched = torch.empty(0, dtype=torch.int32)  # the step of each slot's latest update
         self.state: dict[str, torch.Tensor] = {}
         self.steps = 0  # optimizer steps taken (SparseAdam's and Adagrad's ``step``)
         self.clock = 0  # the newest step an update was applied at (expiry counts from it)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.sketch = torch.zeros(SKETCH_DEPTH, SKETCH_WIDTH, dtype=torch.int32) if spec.admit > 1 else None
-        self._grow(capacity)
+        # under a cap, room for all of it at once: memory the rows never touch is never resident (the pages of a
+        # large allocation are committed as they are first written), and the table never moves
+        self._grow(spec.max_rows or capacity)
 
     def __len__(self) -> int:
         return self.index.used
@@ -325,18 +342,18 @@ class RowStore:
         """The optimizer's update of rows ``slots`` with gradient rows ``g``, as torch's sparse path computes it."""
         kind, lr, values = self.spec.optimizer, float(hp["lr"]), self.values
         if kind == "sgd":
-            values.index_add_(0, slots, g, alpha=-lr)
+            _add(values, slots, g, -lr)
         elif kind == "adagrad":
             clr = lr / (1 + (self.steps - 1) * hp["lr_decay"])
             total = self.state["sum"].index_select(0, slots).add_(g.pow(2))
             self.state["sum"].index_copy_(0, slots, total)
             std = total.sqrt_().add_(hp["eps"])
-            values.index_add_(0, slots, g / std, alpha=-clr)
+            _add(values, slots, g / std, -clr)
         elif kind == "rowwise_adagrad":
             total = self.state["sum"].index_select(0, slots).add_(g.pow(2).mean(dim=1))
             self.state["sum"].index_copy_(0, slots, total)
             std = total.sqrt_().add_(hp["eps"])
-            values.index_add_(0, slots, g / std[:, None], alpha=-lr)
+            _add(values, slots, g / std[:, None], -lr)
         else:  # sparse_adam
             beta1, beta2 = hp["betas"]
             old_avg = self.state["exp_avg"].index_select(0, slots)

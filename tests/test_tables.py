@@ -122,7 +122,7 @@ def _bag_steps(store: RowStore, reference: torch.nn.EmbeddingBag, optimizer: tor
 
 
 @pytest.mark.parametrize("name,hp,build", [
-    ("sgd", {"lr": 0.5}, lambda p: torch.optim.SGD(p, lr=0.5)),
+    ("sgd", {"lr": 0.3}, lambda p: torch.optim.SGD(p, lr=0.3)),
     ("adagrad", {"lr": 0.3, "lr_decay": 0.01, "eps": 1e-8}, lambda p: torch.optim.Adagrad(p, lr=0.3, lr_decay=0.01,
                                                                                           eps=1e-8)),
     ("sparse_adam", {"lr": 0.05, "betas": (0.8, 0.95)}, lambda p: torch.optim.SparseAdam(p, lr=0.05,
