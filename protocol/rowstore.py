@@ -60,35 +60,54 @@ class HashIndex:
     def _home(self, ids: np.ndarray) -> np.ndarray:
         return ((ids.view(np.uint64) * _GOLDEN) >> self._shift).astype(np.int64)
 
-    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each id: its place (bucket * WIDTH + column) and its slot, -1 and -1 where absent."""
+    def _probe(self, bucket: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One probe round: each id's match in its bucket as a (n, WIDTH) map of slots (-1 elsewhere), its slot (-1:
+        not there), and whether its search goes on to the next bucket (absent here, and the bucket is full)."""
+        keys, slots = np.take(self.keys, bucket, axis=0), np.take(self.slots, bucket, axis=0)
+        # a live place holding the id (a tombstone of it may be there too: the live slot is the larger)
+        hits = np.where(keys == want[:, None], slots, EMPTY)
+        slot = np.maximum(np.maximum(hits[:, 0], hits[:, 1]), np.maximum(hits[:, 2], hits[:, 3]))
+        empty = slots == EMPTY
+        go = (slot < 0) & ~(empty[:, 0] | empty[:, 1] | empty[:, 2] | empty[:, 3])
+        return hits, slot, go
+
+    def _find(self, ids: np.ndarray, places: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """For each id: its slot (-1 where absent) and, with ``places``, its place (bucket * WIDTH + column)."""
         n = ids.size
-        place_out = np.full(n, EMPTY, dtype=np.int64)
-        slot_out = np.full(n, EMPTY, dtype=np.int64)
         if n == 0 or self.used == 0:
-            return place_out, slot_out
-        bucket, which, want = self._home(ids), np.arange(n), ids
-        last = self.buckets - 1
-        while True:
-            keys, slots = self.keys[bucket], self.slots[bucket]
-            # a live place holding the id (a tombstone of it may come first: the live slot is the larger)
-            hits = np.where(keys == want[:, None], slots, EMPTY)
-            col = np.where(hits[:, 0] >= 0, 0, np.where(hits[:, 1] >= 0, 1, np.where(hits[:, 2] >= 0, 2, 3)))
-            slot = hits[np.arange(bucket.size), col]
-            found = slot >= 0
-            if found.any():
-                rows = which[found]
-                place_out[rows] = bucket[found] * WIDTH + col[found]
-                slot_out[rows] = slot[found]
-            empty = slots == EMPTY
-            go = ~found & ~(empty[:, 0] | empty[:, 1] | empty[:, 2] | empty[:, 3])
-            if not go.any():
-                return place_out, slot_out
+            return np.full(n, EMPTY, dtype=np.int64), np.full(n, EMPTY, dtype=np.int64)
+        bucket = self._home(ids)
+        hits, slot, go = self._probe(bucket, ids)
+        slot_out = slot.astype(np.int64)
+        place_out = self._places(bucket, hits, slot) if places else slot_out
+        if go.any():  # (a few: their bucket was full) on to the next buckets
+            which = np.flatnonzero(go)
+            more_slot, more_place = self._find_from((bucket[which] + 1) & (self.buckets - 1), ids[which], places)
+            slot_out[which] = more_slot
+            if places:
+                place_out[which] = more_place
+        return slot_out, place_out
+
+    def _find_from(self, bucket: np.ndarray, want: np.ndarray, places: bool) -> tuple[np.ndarray, np.ndarray]:
+        slot_out = np.full(want.size, EMPTY, dtype=np.int64)
+        place_out = np.full(want.size, EMPTY, dtype=np.int64)
+        which, last = np.arange(want.size), self.buckets - 1
+        while which.size:
+            hits, slot, go = self._probe(bucket, want)
+            slot_out[which] = slot
+            if places:
+                place_out[which] = self._places(bucket, hits, slot)
             bucket, which, want = (bucket[go] + 1) & last, which[go], want[go]
+        return slot_out, place_out
+
+    @staticmethod
+    def _places(bucket: np.ndarray, hits: np.ndarray, slot: np.ndarray) -> np.ndarray:
+        col = np.argmax(hits == slot[:, None], axis=1)
+        return np.where(slot >= 0, bucket * WIDTH + col, EMPTY)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The slot of each id (int64 tensor), -1 where absent."""
-        return torch.from_numpy(self._find(ids.contiguous().numpy())[1])
+        return torch.from_numpy(self._find(ids.contiguous().numpy())[0])
 
     def insert(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
         """Map each of ``ids`` (distinct, none present) to its slot."""
@@ -104,7 +123,7 @@ class HashIndex:
         keys, slots = self.keys.reshape(-1), self.slots.reshape(-1)
         bucket, last = self._home(want), self.buckets - 1
         while want.size:
-            free = self.slots[bucket] < 0
+            free = np.take(self.slots, bucket, axis=0) < 0
             has = free[:, 0] | free[:, 1] | free[:, 2] | free[:, 3]
             col = np.where(free[:, 0], 0, np.where(free[:, 1], 1, np.where(free[:, 2], 2, 3)))
             place = bucket * WIDTH + col
@@ -122,7 +141,7 @@ class HashIndex:
 
     def remove(self, ids: torch.Tensor) -> None:
         """Forget ``ids`` (each present)."""
-        places = self._find(ids.contiguous().numpy())[0]
+        places = self._find(ids.contiguous().numpy(), places=True)[1]
         self.slots.reshape(-1)[places] = DELETED
         self.used -= ids.numel()
         self.tombs += ids.numel()
