@@ -83,12 +83,9 @@ def server_part(rows: int, repeats: int) -> list[dict[str, Any]]:
                       Replication(0, 1, 0, "server:0", lambda s, m: None, metrics))
         spec = TableSpec("bench", dim, optimizer="sgd", hp={"lr": 0.01})
 
-        def ask(msg: Message) -> Message:
-            ((_, reply),) = shard.handle(b"w", parse_frames([bytes(f) for f in msg.to_frames()]))
-            assert reply.kind is Kind.OK, reply.body
-            return reply
-
-        ask(Message(Kind.TABLE, id=next(_IDS), src="worker:0", body=spec.to_body()))
+        declare = Message(Kind.TABLE, id=next(_IDS), src="worker:0", body=spec.to_body())
+        ((_, reply),) = shard.handle(b"w", parse_frames([bytes(f) for f in declare.to_frames()]))
+        assert reply.kind is Kind.OK, reply.body
         table = shard.tables.by_key[spec.key]
         for at in range(0, rows, 1 << 18):  # every row stored (the first update creates it)
             ids = torch.arange(at, min(rows, at + (1 << 18)))
@@ -182,7 +179,8 @@ def ctr_part(steps: int, rounds: int) -> dict[str, Any]:
                 _ctr_zps(example, [*common, "--out", str(out)], servers, workers, tmp)
                 runs[name].append(json.loads(out.read_text()))
     return {name: {"samples_per_second": C.median(x["samples_per_second"] for x in found),
-                   "auc": C.median(x["auc"] for x in found), "worker_rss_bytes": max(x["worker_rss_bytes"] for x in found),
+                   "auc": C.median(x["auc"] for x in found),
+                   "worker_rss_bytes": max(x["worker_rss_bytes"] for x in found),
                    "rows": found[-1]["rows"], "table_wire_bytes_per_sample": found[-1]["table_wire_bytes_per_sample"],
                    "dense_table_bytes_per_sample": found[-1]["dense_table_bytes_per_sample"]}
             for name, found in runs.items()}
