@@ -267,20 +267,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {"rows": rows, "repeats": repeats}
     md: list[str] = [f"# Embedding tables ({rows:,} rows, {BATCH}-id batches)\n"]
     if "server" in args.parts:
-        found = data["server"] = server_part(rows, repeats)
+        measured = data["server"] = server_part(rows, repeats)
         md.append("## 1. One server's rows/s against index_select / index_add_ of the same rows (medians)\n")
         md.append(C.md_table(
             ["dim", "ids", "distinct", "pull rows/s", "limit", "ratio", "push rows/s", "limit", "ratio"],
             [[r["dim"], r["ids"], int(r["distinct"]), f"{r['pull_rows_per_s']:,.0f}", f"{r['select_rows_per_s']:,.0f}",
               C.ratio(r["pull_rows_per_s"], r["select_rows_per_s"]), f"{r['push_rows_per_s']:,.0f}",
-              f"{r['add_rows_per_s']:,.0f}", C.ratio(r["push_rows_per_s"], r["add_rows_per_s"])] for r in found]))
+              f"{r['add_rows_per_s']:,.0f}", C.ratio(r["push_rows_per_s"], r["add_rows_per_s"])] for r in measured]))
     if "roundtrip" in args.parts:
         trips = data["roundtrip"] = roundtrip_part(rows, repeats)
         limits = {(r["dim"], r["ids"]): r["select_s"] + r["add_s"] for r in data.get("server", [])}
         md.append("\n## 2. A batch pulled and pushed by a worker (1 server, 1 worker, separate processes)\n")
         body = []
-        for dim, found in trips.items():
-            for dist, t in found.items():
+        for dim, by_ids in trips.items():
+            for dist, t in by_ids.items():
                 limit = limits.get((dim, dist))
                 bound = None if limit is None else 2 * limit + t["rtt_s"]
                 body.append([dim, dist, f"{t['batch_s'] * 1e3:.2f}", f"{t['rtt_s'] * 1e3:.2f}",
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         md.append(C.md_table(["dim", "ids", "pull+push ms", "round trip ms", "limit ms", "2 x limit + rtt ms",
                               "ratio to it"], body))
     if "ctr" in args.parts:
-        found = data["ctr"] = ctr_part(40 if args.quick else 150, 1 if args.quick else 3)
-        base = found["baseline"]["samples_per_second"]
+        ctr = data["ctr"] = ctr_part(40 if args.quick else 150, 1 if args.quick else 3)
+        base = ctr["baseline"]["samples_per_second"]
         md.append("\n## 3. examples/ctr.py (medians of interleaved runs)\n")
         md.append(C.md_table(
             ["run", "samples/s", "vs one process", "AUC", "rows", "worker peak RSS MB", "table bytes/sample",
@@ -300,18 +300,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "" if r["table_wire_bytes_per_sample"] is None else f"{r['table_wire_bytes_per_sample']:,.0f}",
               "" if r["table_wire_bytes_per_sample"] is None else
               C.ratio(r["table_wire_bytes_per_sample"], r["dense_table_bytes_per_sample"], 5)]
-             for name, r in found.items()]))
+             for name, r in ctr.items()]))
     if args.scale:
-        found = data["scale"] = scale_part(50_000_000 if not args.rows else args.rows, args.batch)
-        table_bytes = found["rows"] * 16 * 4
-        worst = max(found["worker_peak_rss"])
+        scale = data["scale"] = scale_part(50_000_000 if not args.rows else args.rows, args.batch)
+        table_bytes = scale["rows"] * 16 * 4
+        worst = max(scale["worker_peak_rss"])
         md.append("\n## 4. Scale: one table spread over 2 servers by 2 workers\n")
-        md.append(C.md_table(["rows", "table GB", "per server", "server peak RSS GB", "worker 0 peak RSS MB",
+        md.append(C.md_table(["rows", "table GB", "per server", "server peak RSS GB", "largest worker peak RSS MB",
                               "worker RSS / table", "seconds"],
-                             [[f"{found['rows']:,}", f"{table_bytes / 1e9:.2f}",
-                               ", ".join(f"{r:,}" for r in found["rows_per_server"]),
-                               ", ".join(f"{b / 1e9:.2f}" for b in found["server_peak_rss"]),
-                               f"{worst / 2**20:.0f}", f"{worst / table_bytes:.3f}", f"{found['seconds']:.0f}"]]))
+                             [[f"{scale['rows']:,}", f"{table_bytes / 1e9:.2f}",
+                               ", ".join(f"{r:,}" for r in scale["rows_per_server"]),
+                               ", ".join(f"{b / 1e9:.2f}" for b in scale["server_peak_rss"]),
+                               f"{worst / 2**20:.0f}", f"{worst / table_bytes:.3f}", f"{scale['seconds']:.0f}"]]))
     return C.finish("embedding", "\n".join(md), data, args.json, started, load)
 
 
