@@ -213,9 +213,8 @@ def scale_worker(rows: int, batch: int, share: str) -> None:
     per_step = batch * client.num_workers
     while step * per_step < rows:
         start = step * per_step + client.rank * batch
-        ids = torch.arange(start, min(rows, start + batch))
-        if ids.numel() == 0:
-            ids = torch.arange(0, 1)
+        end = min(rows, start + batch)
+        ids = torch.arange(start, end) if end > start else torch.arange(0, 1)  # (the last step: one row again)
         table.lookup(ids).pow(2).sum().backward()
         step += 1
     table.synchronize()
@@ -238,7 +237,7 @@ def scale_part(rows: int, batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as share:
         return C.run_zps(__file__, ["--scale-worker", "--rows", str(rows), "--batch", str(batch), "--share", share],
                          servers=2, workers=2, timeout=3600, env={"OMP_NUM_THREADS": "1"},
-                         zps_args=["--timeout", "600"])
+                         zps_args=["--timeout", "600", "--no-preload"])
 
 
 # -- the report -------------------------------------------------------------------------------------------------
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=0)
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=1 << 18)
+    parser.add_argument("--batch", type=int, default=1 << 16, help="--scale: new ids per worker per step")
     parser.add_argument("--share", default="", help=argparse.SUPPRESS)
     parser.add_argument("--roundtrip-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scale-worker", action="store_true", help=argparse.SUPPRESS)

@@ -36,6 +36,8 @@ from typing import Any
 from zps.protocol.plan import ParamSpec, cut_messages, make_plan
 from zps.protocol.simulation import Link, NetSpec
 
+from .table_plan import parse_table, row_cost, table_seconds
+
 _ROUNDS = 5
 
 
@@ -47,6 +49,7 @@ class Model:
     sizes: tuple[int, ...]
     compute: float  # seconds, one process alone on this host
     batch: int = 0  # samples per step (0: unknown)
+    tables: tuple[tuple[int, int], ...] = ()  # embedding tables: (distinct ids per worker batch, dim), lab/table_plan
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Costs:
     pull_wire_ratio: float
     copy_key: float = 2e-6  # an uncompressed key: its bytes as they are
     copy_elem: float = 0.25e-9
+    row: tuple[float, float] = (1.5e-6, 1.5e-8)  # a table row pulled and pushed at a server: a + b * dim seconds
 
 
 @dataclass(frozen=True)
@@ -320,7 +324,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     push = max(t[0] for t in timeline) + latency
     pull = max(0.0, replied - looped) + latency
     parts = {"compute": compute, "encode": encode, "push": push + costs.message,
-             "apply": max(0.0, looped - pushed), "pull": pull, "decode": decode}
+             "apply": max(0.0, looped - pushed), "pull": pull, "decode": decode,
+             "tables": table_seconds(model.tables, w, s, worker_links, links, latency, costs.message, costs.row)}
 
     def links_of(way: str, at_servers: float, at_workers: float) -> str:
         if latency > max(at_servers, at_workers):
@@ -331,7 +336,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
 
     where = {"compute": "the workers' compute", "encode": "the workers' codec (encode)",
              "push": links_of("push", push_servers, push_workers), "pull": links_of("pull", pull_servers, pull_workers),
-             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)"}
+             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)",
+             "tables": "the embedding tables' rows (pull, push, the servers' row work)"}
     if setup.mode == "bsp":
         step = sum(parts.values())
         bottleneck = where[max(parts, key=lambda k: parts[k])]
@@ -340,7 +346,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
         def own_parts(wl: Link) -> dict[str, float]:  # push and pull overlap key by key on a full-duplex link
             push_t, pull_t, d = seconds(push_w, wl), seconds(pull_w, wl), max(delay(wl, sl) for sl in links)
             return {"compute": compute, "encode": encode, "push": push_t + d + costs.message, "apply": apply / w,
-                    "pull": max(0.0, pull_t - push_t) + d, "decode": decode}
+                    "pull": max(0.0, pull_t - push_t) + d, "decode": decode,
+                    "tables": table_seconds(model.tables, w, s, [wl], links, d, costs.message, costs.row)}
 
         owns = sorted((own_parts(wl) for wl in worker_links), key=lambda o: sum(o.values()))
         own = w / sum(1 / sum(o.values()) for o in owns)  # the workers' mean rate: each goes at its own pace
@@ -433,10 +440,18 @@ def main(args: Any) -> int:
         model = synthetic_model(args.params, args.tensors, args.compute_ms / 1000)
     if args.compute_ms:
         model = replace(model, compute=args.compute_ms / 1000)
+    try:
+        model = replace(model, tables=tuple(parse_table(t) for t in args.table or ()))
+    except ValueError as e:
+        console.print(f"zps plan: {e}")
+        return 2
     batch = args.batch_size or model.batch
     sizes = key_sizes(model)
     costs = calibrate(args.codec, args.pull_codec, args.optimizer, sizes, args.compress_min)
     topk = calibrate("topk:ratio=0.01", "int8", args.optimizer, sizes, args.compress_min)
+    if model.tables:
+        costs = replace(costs, row=row_cost())
+        topk = replace(topk, row=costs.row)
     cores = (os.cpu_count() or 1) if args.local else 0
 
     def setup(w: int, s: int) -> Setup:
@@ -446,13 +461,14 @@ def main(args: Any) -> int:
                   f"{model.compute * 1e3:.1f} ms per step{f' (batch {batch})' if batch else ''} (one process on this "
                   f"host); {args.mode}, net {args.net or 'unlimited'}, codec {args.codec or 'none'} / pull "
                   f"{args.pull_codec or 'none'}")
-    table = Table("workers", "servers", "step ms", "compute", "encode", "push", "apply", "pull", "decode",
-                  "bottleneck", "samples/s" if batch else "steps/s", title="predicted, ms per step")
+    shown = ("compute", "encode", "push", "apply", "pull", "decode") + (("tables",) if model.tables else ())
+    table = Table("workers", "servers", "step ms", *shown, "bottleneck", "samples/s" if batch else "steps/s",
+                  title="predicted, ms per step")
     for w in workers:
         for s in servers:
             p = predict(model, setup(w, s), costs)
-            table.add_row(str(w), str(s), f"{p.step * 1e3:.1f}", *(f"{p.parts[k] * 1e3:.1f}" for k in
-                          ("compute", "encode", "push", "apply", "pull", "decode")), p.bottleneck,
+            table.add_row(str(w), str(s), f"{p.step * 1e3:.1f}", *(f"{p.parts[k] * 1e3:.1f}" for k in shown),
+                          p.bottleneck,
                           f"{w * (batch or 1) / p.step:,.1f}")
     console.print(table)
     if len(workers) > 1 or len(servers) > 1:
@@ -495,6 +511,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--mode", default="bsp", choices=("bsp", "asp", "ssp"))
     p.add_argument("--optimizer", default="adam:lr=1e-3", help="the servers' optimizer")
     p.add_argument("--compress-min", type=int, default=1024)
+    p.add_argument("--table", action="append", metavar="IDS:DIM", help="an embedding table: the distinct ids of a "
+                   "worker's batch and the row width (repeat for several tables)")
     p.add_argument("--local", action="store_true", help="a cluster simulated on this host (zps run): the workers "
                                                         "share its cores")
 

@@ -386,3 +386,28 @@ def test_a_sparse_embedding_under_a_distributed_optimizer_names_the_table() -> N
     with pytest.raises(ValueError, match="zps.worker.EmbeddingTable"):
         local: Any = LocalClient()
         DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, client=local)
+
+
+def test_the_plan_counts_a_tables_traffic_as_its_distinct_ids_times_the_row() -> None:
+    """zps plan: per worker and way, N ids x (8 + 4 x dim) bytes; a server receives W/S of every worker's (incast)
+    and does the row work of W/S of them."""
+    from dataclasses import replace
+
+    from zps.lab.planner import Setup, predict, synthetic_model
+    from zps.lab.table_plan import parse_table, table_seconds
+    from zps.protocol.simulation import Link
+
+    from .test_planner import FREE
+
+    assert parse_table("4096:16") == (4096, 16)
+    with pytest.raises(ValueError, match="IDS:DIM"):
+        parse_table("many")
+    each_way = 4096 * (8 + 4 * 16) + 64
+    link = Link(rate=1e6)
+    got = table_seconds(((4096, 16),), 4, 2, [link], [link], 0.001, 0.0, (1e-6, 0.0))
+    assert got == pytest.approx(2 * 0.001 + 2 * 4 * each_way / 2 / 1e6 + 4 * 4096 / 2 * 1e-6)
+    model = synthetic_model(1000, 1, compute=0.005)
+    plain = predict(model, Setup(4, 2, net="bw=1mb"), FREE)
+    with_table = predict(replace(model, tables=((4096, 16),)), Setup(4, 2, net="bw=1mb"), FREE)
+    assert with_table.step == pytest.approx(plain.step + with_table.parts["tables"])
+    assert with_table.parts["tables"] > 2 * 4 * each_way / 2 / 1e6  # at least the incast of the rows, both ways

@@ -159,3 +159,29 @@ def test_compressed_rows_train_close_to_float32(codec: str, tolerance: float) ->
     assert (rows - want).abs().max() < tolerance * want.abs().max()
     per_row = {"fp16": 2 * DIM, "int8": DIM + 4}[codec]
     assert counters["bytes_pulled"] == counters["rows_pulled"] * (8 + per_row)
+
+
+def test_a_dynamic_vocabulary_ten_times_the_cap_never_exceeds_it() -> None:
+    """Every step brings new ids: the job sees more than 10x the per-server cap of distinct ids, and no server ever
+    holds more rows than its cap (admission after two sightings, evictions counted)."""
+    cap, steps = 250, 40
+    with local_cluster(2, 1) as cluster:
+        clients = cluster.clients()
+        try:
+            table = EmbeddingTable("vocab", 4, optimizer="adagrad:lr=0.1", max_rows=cap, admit=2, client=clients[0])
+            g = torch.Generator().manual_seed(0)
+            seen: set[int] = set()
+            for step in range(steps):
+                fresh = torch.arange(step * 150, step * 150 + 150)  # new ids, and some seen before
+                ids = torch.cat([fresh, torch.randint(0, step * 150 + 150, (50,), generator=g)])
+                seen |= set(ids.tolist())
+                table.lookup(ids).pow(2).sum().backward()
+                table.synchronize()
+                held = [s["rows"] for s in table.stats()]
+                assert max(held) <= cap, (step, held)
+            stats = table.stats()
+        finally:
+            close_all(clients)
+    assert len(seen) > 10 * cap * 2  # ten times what the two servers may hold together
+    assert sum(s["rows_evicted_cap"] for s in stats) > 0 and sum(s["rows_admitted"] for s in stats) > 0
+    assert sum(s["rows_dropped"] for s in stats) > 0  # first sightings are not stored
