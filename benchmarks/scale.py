@@ -46,23 +46,34 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def sample_memory(root: int, stop: threading.Event, seen: list[list[int]]) -> None:
-    """Every 2 s until ``stop``: the PSS of each process of the job (the launcher's included)."""
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def sample_memory(root: int, stop: threading.Event, seen: list[list[int]], servers: list[list[int]]) -> None:
+    """Every 2 s until ``stop``: the PSS of each process of the job (the launcher's included), and of its servers."""
     while not stop.wait(2.0):
-        seen.append([pss_kib(p) for p in [root, *descendants(root)]])
+        pids = [root, *descendants(root)]
+        seen.append([pss_kib(p) for p in pids])
+        servers.append([pss_kib(p) for p in pids if comm(p).startswith("zps-server")])
 
 
-def run(workers: int, servers: int, steps: int, out: Path, timeout: float) -> dict[str, Any]:
+def run(workers: int, servers: int, steps: int, out: Path, timeout: float, bsp_sum: str = "rank") -> dict[str, Any]:
     per_epoch = max(1, math.ceil(TRAIN_SAMPLES / workers / BATCH))
     epochs = max(1, math.ceil(steps / per_epoch))
     metrics = out / f"w{workers}.jsonl"
     argv = [*C.zps_command(), "run", "--servers", str(servers), "--workers", str(workers), "--progress", "off",
-            "--metrics-out", str(metrics), "examples/digits.py", "--epochs", str(epochs), "--batch-size", str(BATCH)]
+            "--bsp-sum", bsp_sum, "--metrics-out", str(metrics), "examples/digits.py", "--epochs", str(epochs),
+            "--batch-size", str(BATCH)]
     began = time.monotonic()
     proc = subprocess.Popen(argv, cwd=C.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    stop, memory = threading.Event(), list[list[int]]()
-    sampler = threading.Thread(target=sample_memory, args=(proc.pid, stop, memory), daemon=True)
+    stop, memory, server_memory = threading.Event(), list[list[int]](), list[list[int]]()
+    sampler = threading.Thread(target=sample_memory, args=(proc.pid, stop, memory, server_memory), daemon=True)
     sampler.start()
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -89,7 +100,8 @@ def run(workers: int, servers: int, steps: int, out: Path, timeout: float) -> di
             "step_time": statistics.median(gaps) if gaps else float("nan"),
             "server_cpu_per_step": statistics.mean(server_cpu) / applied if server_cpu else float("nan"),
             "processes": len(peak), "pss_mib_per_process": statistics.median(peak) / 1024 if peak else 0.0,
-            "pss_mib_total": sum(peak) / 1024}
+            "pss_mib_total": sum(peak) / 1024,
+            "server_pss_mib_peak": max((max(s) for s in server_memory if s), default=0) / 1024}
 
 
 def main() -> None:
@@ -98,8 +110,14 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--compare-sums", type=int, default=0, metavar="ROUNDS",
+                        help="instead: at each W, ROUNDS interleaved runs summing BSP steps in rank order (the "
+                             "default) and in arrival order (--bsp-sum arrival): step time and server memory")
     args = parser.parse_args()
     started, load_before = time.monotonic(), C.load_avg()
+    if args.compare_sums:
+        compare_sums(args, started, load_before)
+        return
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="zps-scale-") as tmp:
         for w in args.workers:
@@ -113,6 +131,31 @@ def main() -> None:
     table = C.md_table(["W", "S", "steps", "step ms (median)", "server CPU ms/step", "processes",
                         "PSS MiB/process (median)", "PSS MiB total", "wall s", "load"], rows)
     C.finish("scale", table, {"results": results}, args.json, started, load_before)
+
+
+def compare_sums(args: Any, started: float, load_before: str) -> None:
+    """Rank-order against arrival-order sums, interleaved: medians of step time and of the servers' peak PSS."""
+    rows, results = [], []
+    with tempfile.TemporaryDirectory(prefix="zps-scale-") as tmp:
+        for w in args.workers:
+            seen: dict[str, list[dict[str, Any]]] = {"rank": [], "arrival": []}
+            loads = []
+            for _ in range(args.compare_sums):
+                for order in ("rank", "arrival"):
+                    seen[order].append(run(w, args.servers, args.steps, Path(tmp), args.timeout, order))
+                    loads.append(C.load_avg().split()[0])
+            med = {o: (statistics.median(r["step_time"] for r in rs), statistics.median(r["server_pss_mib_peak"]
+                                                                                        for r in rs))
+                   for o, rs in seen.items()}
+            rows.append([str(w), str(args.servers), f"{med['rank'][0] * 1e3:.1f}", f"{med['arrival'][0] * 1e3:.1f}",
+                         f"{med['rank'][0] / med['arrival'][0]:.2f}x", f"{med['rank'][1]:.0f}",
+                         f"{med['arrival'][1]:.0f}", f"{min(loads)}-{max(loads)}"])
+            results.append({"workers": w, "runs": seen})
+            print(rows[-1], flush=True)
+    table = C.md_table(["W", "S", "step ms, rank order", "step ms, arrival", "rank / arrival",
+                        "server peak PSS MiB, rank", "arrival", "load"], rows)
+    C.finish("scale: BSP sums in rank order against arrival order", table, {"results": results}, args.json,
+             started, load_before)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def main() -> None:
             "workers": client.num_workers,
             "servers": client.topology.num_servers,
             "wall_seconds": wall,
-            "max_served_gap": max(s["max_served_gap"] for s in stats),
+            "max_served_gap": max((s["max_served_gap"] for s in stats), default=0),
         }
         print(json.dumps(summary), flush=True)
         if args.out:

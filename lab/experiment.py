@@ -27,15 +27,20 @@ from zps.process import die_with_parent
 
 from .experiment_spec import SEED, Run, Spec, SpecError, check_specs, expand, varying
 from .experiment_summary import (
+    BREAKDOWN,
+    BYTES,
+    OUTCOME,
     curve,
     group_rows,
     is_complete,
     markdown_table,
+    per_seed_table,
     read_records,
     setting_cell,
     setting_title,
     summarize_run,
 )
+from .stats import CONFIDENCE, t_quantile
 
 # the settings every results row names, whether they vary or not (JobConfig field names)
 ROW_SETTINGS = ("num_servers", "num_workers", "codec", "pull_codec", "error_feedback", "mode", "staleness", "net",
@@ -161,8 +166,9 @@ def write_results(spec: Spec, runs: Sequence[Run], rows: Sequence[dict[str, Any]
     (out / "results.json").write_text(json.dumps(list(rows), indent=1) + "\n")
     keys = varying(runs)
     written = [out / "results.csv", out / "results.json"]
-    plots = _plots(spec, runs, rows, keys)
-    (out / "summary.md").write_text(summary_markdown(spec, rows, keys, spec_path, plots))
+    common = shared_settings(runs, keys)
+    plots = _plots(spec, runs, rows, keys, common)
+    (out / "summary.md").write_text(summary_markdown(spec, rows, keys, spec_path, plots, common))
     return [*written, out / "summary.md", *plots]
 
 
@@ -170,7 +176,18 @@ def _label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(f"{setting_title(k)}={setting_cell(k, row.get(k))}" for k in keys) or "all runs"
 
 
-def _plots(spec: Spec, runs: Sequence[Run], rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[Path]:
+def shared_settings(runs: Sequence[Run], keys: Sequence[str]) -> str:
+    """What every run has in common and the tables do not say: its mode and the settings it sets (servers, workers,
+    a network...), e.g. "mode bsp, servers 2, workers 2, net bw=10mbit,latency=1ms"."""
+    if not runs:
+        return ""
+    config = runs[0].config
+    names = ["mode", *(name for name, _ in runs[0].settings if name != "mode")]
+    return ", ".join(f"{setting_title(n)} {setting_cell(n, config[n])}" for n in names if n not in keys)
+
+
+def _plots(spec: Spec, runs: Sequence[Run], rows: Sequence[dict[str, Any]], keys: Sequence[str],
+           common: str = "") -> list[Path]:
     try:
         from .experiment_plots import plot_curves
     except ImportError:  # pragma: no cover
@@ -182,23 +199,52 @@ def _plots(spec: Spec, runs: Sequence[Run], rows: Sequence[dict[str, Any]], keys
     groups = [(_label(group[0], keys), [curve(records[r["run_id"]], metric) for r in group])
               for group in group_rows(ok, keys).values()]
     try:
-        return plot_curves(groups, spec.out, title=Path(spec.script).name)
+        return plot_curves(groups, spec.out, title=f"{Path(spec.script).name}" + (f": {common}" if common else ""),
+                           target=spec.target_accuracy if metric == "accuracy" else None)
     except ImportError:
         return []
 
 
+def _intervals_note(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    sizes = sorted({sum(r["status"] == "ok" for r in g) for g in group_rows(rows, keys).values()} - {0, 1})
+    ts = ", ".join(f"t = {t_quantile((1 + CONFIDENCE) / 2, n - 1):.2f} for n = {n}" for n in sizes)
+    return (f"Each cell of the first two tables is the mean over the n seeds that succeeded and, in brackets, its "
+            f"{CONFIDENCE:.0%} confidence interval: mean ± t × s / √n, with s the seeds' sample standard deviation and "
+            f"t Student's for n - 1 degrees of freedom{f' ({ts})' if ts else ''}. A single value: n = 1, or every "
+            "seed gave the same. `(k/n)`: only k of the n seeds reached the target; the cell is over those k.")
+
+
 def summary_markdown(spec: Spec, rows: Sequence[dict[str, Any]], keys: Sequence[str], spec_path: str,
-                     plots: Sequence[Path] = ()) -> str:
+                     plots: Sequence[Path] = (), common: str = "") -> str:
     ok = sum(r["status"] == "ok" for r in rows)
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    target = spec.target_accuracy
+    to = f"{target:.3g}" if target is not None else ""
     lines = [f"# zps experiment {Path(spec_path).name}", "",
              f"{len(rows)} runs ({ok} ok) of `{shlex.join([spec.script, *spec.args])}`"
-             + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + "; mean ± std over seeds. Regenerate: "
-             f"`zps experiment {spec_path}`. Columns: docs/experiments.md.", "",
-             markdown_table(rows, keys, spec.target_accuracy)]
+             + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + (f"; every run: {common}" if common else "")
+             + f". Regenerate: `zps experiment "
+             f"{spec_path}`. The columns: docs/experiments.md.", "", _intervals_note(rows, keys), "",
+             "## Outcome", "", markdown_table(rows, keys, target, OUTCOME),
+             "## Bytes", "",
+             "Wire bytes: what crossed the sockets and the shared-memory path, message headers included. Per step: "
+             "one worker's push (or pull) of one step; per sample: every worker's bytes over every sample it "
+             "trained on" + (f"; to {to}: every worker's bytes together, from the first step to the first "
+                             f"evaluation at or above {to}" if target is not None else "") + ".", "",
+             markdown_table(rows, keys, target, BYTES),
+             "## Where a step's time goes", "",
+             "Milliseconds per worker step, the mean over seeds: compute (outside zps: data, forward, backward), "
+             "encode, wait (sending, and waiting for the servers and the network) and decode add up to a worker's "
+             "mean step time. The servers': the busiest server's optimizer (apply), push decoding and pull "
+             "encoding per step of the job.", "",
+             markdown_table(rows, keys, target, BREAKDOWN, interval=False),
+             "## Per seed", "", per_seed_table(rows, keys, target)]
     failed = [r for r in rows if r["status"] not in ("ok", "not run")]
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r['run_id']}`: {r.get('error', '')}" for r in failed] + [""]
+    if plots:
+        lines += ["## Plots", "", "A line per configuration: the mean over its seeds; the band: the seeds' range "
+                  "(lowest to highest)" + (f"; dashed: the target, {to}" if target is not None else "") + ".", ""]
     for path in plots:
         lines += [f"![{path.stem.replace('_', ' ')}]({path.name})", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -210,7 +256,7 @@ def run_experiment(spec: Spec, spec_path: str, *, dry_run: bool = False, retry_f
     console = console or Console(stderr=True)
     runs = expand(spec)
     if not os.path.exists(spec.script):
-        raise SpecError(f"script {spec.script!r} not found (paths are relative to the current directory)")
+        raise SpecError(f"script {spec.script!r} not found (a spec's script is relative to the spec file's folder)")
     check_specs(runs)
     files = {r.run_id: RunFiles(spec.out, r) for r in runs}
     if dry_run:

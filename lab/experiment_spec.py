@@ -19,13 +19,15 @@
 A matrix key is ``seed`` or any :class:`JobConfig` field with a flag (``codec``, ``pull_codec``,
 ``error_feedback``, ``mode``, ``staleness``, ``net``, ``straggler``, ``jitter``, ``optimizer``...; ``servers`` and
 ``workers`` too). Combinations that mean the same run collapse into one: error feedback without a push codec, a
-staleness outside ssp. Paths are relative to the current directory, as with ``zps run``.
+staleness outside ssp. ``script`` is relative to the spec file's folder (a spec runs the same from any directory);
+``out`` is relative to the current directory. A value of the wrong type is refused in one line naming its key.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -47,6 +49,7 @@ _TOP_LEVEL = {"script", "args", "servers", "workers", "matrix", "target_accuracy
 _FIELDS = {f.name: f for f in fields(JobConfig) if flag_of(f)}
 # set by `zps experiment` itself on every run
 _RESERVED = {"metrics_out", "progress"}
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
 class SpecError(ValueError):
@@ -146,8 +149,28 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> Spec:
         raise SpecError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a table of settings at the top")
-    spec = parse_spec(data, default_out=Path(f"{path.stem}.out"))
+    spec = parse_spec(data, default_out=Path(f"{path.stem}.out"), base=path.parent)
     return spec if out is None else replace(spec, out=Path(out))
+
+
+def _typed(value: Any, name: str, what: str) -> Any:
+    """``value`` when it has the type of setting ``name`` (an int is a number too); else SpecError naming ``what``."""
+    kind = str(_FIELDS[name].type)
+    ok = {"int": isinstance(value, int), "float": isinstance(value, (int, float)), "bool": isinstance(value, bool),
+          "str": isinstance(value, str)}.get(kind, True)
+    if not ok or (kind != "bool" and isinstance(value, bool)):
+        raise SpecError(f"{what}: expected {_KINDS.get(kind, kind)}, got {value!r}")
+    return value
+
+
+def resolve_script(script: str, base: Path) -> str:
+    """``script`` relative to ``base`` (the spec's folder), as a path from the current directory where it lies under
+    it (the run ids and commands stay short and the same on every machine), absolute otherwise."""
+    path = Path(os.path.abspath(base / script))
+    try:
+        return str(path.relative_to(os.path.abspath(os.getcwd())))
+    except ValueError:
+        return str(path)
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:
@@ -164,8 +187,9 @@ def _number(value: Any, what: str) -> float | None:
     return float(value)
 
 
-def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.out") -> Spec:
-    """A :class:`Spec` from the file's parsed table; every matrix value is checked against its setting."""
+def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.out", base: Path | None = None) -> Spec:
+    """A :class:`Spec` from the file's parsed table; every matrix value is checked against its setting. ``base``:
+    the folder ``script`` is relative to (the spec file's; None: the current directory)."""
     unknown = set(data) - _TOP_LEVEL
     if unknown:
         raise SpecError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
@@ -178,22 +202,22 @@ def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.ou
         if key in data:
             if key in matrix_in:
                 raise SpecError(f"{key!r} is given both at the top and in [matrix]")
-            matrix[_ALIASES[key]] = [data[key]]
+            matrix[_ALIASES[key]] = [_typed(data[key], _ALIASES[key], key)]
     for key, values in matrix_in.items():
         name = _ALIASES.get(key, key)
-        if isinstance(values, list) and values and all(isinstance(v, dict) for v in values):
-            for bundle in values:  # an axis of its own name whose values each set several settings
-                for setting in bundle:
-                    if _ALIASES.get(setting, setting) not in _FIELDS or setting in _RESERVED:
-                        raise SpecError(f"[matrix] {key}: {setting!r} is not a setting of zps run")
-            matrix[key] = [{_ALIASES.get(k, k): v for k, v in bundle.items()} for bundle in values]
+        if isinstance(values, list) and any(isinstance(v, dict) for v in values):
+            matrix[key] = [_bundle(key, i, bundle) for i, bundle in enumerate(values, 1)]
             continue
         if name != SEED and (name not in _FIELDS or name in _RESERVED):
             allowed = sorted({SEED, *_ALIASES, *_FIELDS} - _RESERVED - set(_ALIASES.values()))
             raise SpecError(f"[matrix] {key!r} is not a setting of zps run; expected one of {', '.join(allowed)}")
+        if isinstance(values, dict):
+            raise SpecError(f"[matrix] {key}: expected a value or a list of values, got a table {values!r}")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise SpecError(f"[matrix] {key}: an empty list makes no runs")
+        if name != SEED:
+            values = [_typed(v, name, f"[matrix] {key}") for v in values]
         matrix[name] = values
     for value in matrix.get(SEED, []):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -205,11 +229,30 @@ def parse_spec(data: Mapping[str, Any], default_out: str | Path = "experiment.ou
     script = data.get("script", DEFAULT_SCRIPT)
     if not isinstance(script, str) or not script:
         raise SpecError(f"script: expected a path, got {script!r}")
+    if "script" in data and base is not None:
+        script = resolve_script(script, base)
+    out = data.get("out", default_out)
+    if not isinstance(out, (str, Path)) or not str(out):
+        raise SpecError(f"out: expected a folder's path (a string), got {out!r}")
     spec = Spec(script=script, args=_strings(data.get("args", []), "args"), matrix=matrix,
-                target_accuracy=None if target is None else float(target), out=Path(data.get("out", default_out)),
+                target_accuracy=None if target is None else float(target), out=Path(out),
                 timeout=_number(data.get("timeout"), "timeout"), extra=_strings(data.get("extra", []), "extra"))
     expand(spec)  # every combination checked now, before anything runs
     return spec
+
+
+def _bundle(key: str, index: int, bundle: Any) -> dict[str, Any]:
+    """One value of a grouped axis (a table of settings that go together), its settings checked."""
+    if not isinstance(bundle, dict):
+        raise SpecError(f"[matrix] {key}: a grouped axis is a list of tables of settings; value {index} is "
+                        f"{bundle!r}")
+    out = {}
+    for setting, value in bundle.items():
+        name = _ALIASES.get(setting, setting)
+        if name not in _FIELDS or name in _RESERVED:
+            raise SpecError(f"[matrix] {key}: {setting!r} is not a setting of zps run")
+        out[name] = _typed(value, name, f"[matrix] {key}: {setting}")
+    return out
 
 
 def _settings(combo: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -1,6 +1,7 @@
 """What ``zps experiment`` makes of the records of ``--metrics-out`` (format: docs/experiments.md): one run's
-numbers (:func:`summarize_run`), its accuracy curve (:func:`curve`), and the markdown table over seeds
-(:func:`markdown_table`). Pure functions of the records: nothing here runs or reads anything but a file.
+numbers (:func:`summarize_run`), its accuracy curve (:func:`curve`), and the markdown tables over seeds
+(:func:`markdown_table`: means with their 95% intervals, :func:`per_seed_table`). Pure functions of the records:
+nothing here runs or reads anything but a file.
 
 Every per-step number is per *worker step* (one push and pull of the whole model by one worker). Time is counted
 from the start of the job's first step (the processes' start-up and the script's data loading are not in it).
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .stats import estimate, numbers
 
 Record = Mapping[str, Any]
 _STEP_TIME = ("compute", "encode", "wait", "decode")
@@ -61,13 +63,16 @@ def training_start(records: Sequence[Record]) -> float | None:
 
 @dataclass(frozen=True)
 class Curve:
-    """An accuracy (or loss) curve: seconds since the start of training, cumulative wire bytes (both directions,
-    every worker) at each point, and the value."""
+    """An accuracy (or loss) curve: at each point, seconds since the start of training, the reporting worker's
+    steps done, the cumulative wire bytes of every worker pushed (``sent``) and pulled (``recv``), and the value."""
 
     metric: str
     seconds: list[float]
-    wire_bytes: list[float]
+    wire_bytes: list[float]  # sent + recv
     values: list[float]
+    steps: list[float] = field(default_factory=list)
+    sent: list[float] = field(default_factory=list)
+    recv: list[float] = field(default_factory=list)
 
 
 def curve(records: Sequence[Record], metric: str = "accuracy") -> Curve:
@@ -81,23 +86,35 @@ def curve(records: Sequence[Record], metric: str = "accuracy") -> Curve:
         return Curve(metric, [], [], [])
     rank = min(r.get("rank", 0) for r in points)
     points = sorted((r for r in points if r.get("rank", 0) == rank), key=lambda r: _num(r, "t"))
-    seconds, wire, values = [], [], []
-    total, i = 0.0, 0
+    out: Curve = Curve(metric, [], [], [])
+    sent = recv = 0.0
+    i = 0
     for p in points:
         while i < len(steps) and _num(steps[i], "t") <= _num(p, "t"):
-            total += _num(steps[i], "sent") + _num(steps[i], "recv")
+            sent += _num(steps[i], "sent")
+            recv += _num(steps[i], "recv")
             i += 1
-        seconds.append(_num(p, "t") - start)
-        wire.append(total)
-        values.append(float(p[metric]))
-    return Curve(metric, seconds, wire, values)
+        out.seconds.append(_num(p, "t") - start)
+        out.sent.append(sent)
+        out.recv.append(recv)
+        out.wire_bytes.append(sent + recv)
+        # an eval's step is the steps done; a step record's, its index (steps done: one more)
+        out.steps.append(_num(p, "step") + (1 if kind == "step" else 0))
+        out.values.append(float(p[metric]))
+    return out
+
+
+def reached(c: Curve, target: float | None) -> int | None:
+    """The index of the curve's first point at or above ``target`` (None: never, or no target)."""
+    if target is None:
+        return None
+    return next((i for i, v in enumerate(c.values) if v >= target), None)
 
 
 def time_to_target(c: Curve, target: float | None) -> float | None:
     """Seconds until the curve first reaches ``target`` (None: never, or no target)."""
-    if target is None:
-        return None
-    return next((s for s, v in zip(c.seconds, c.values, strict=True) if v >= target), None)
+    i = reached(c, target)
+    return None if i is None else c.seconds[i]
 
 
 def _median_step_seconds(steps: Sequence[Record]) -> float | None:
@@ -117,16 +134,25 @@ def _ratio(raw: float, wire: float) -> float | None:
 
 
 def summarize_run(records: Sequence[Record], target: float | None = None) -> dict[str, float | int | None]:
-    """One run's numbers (the columns of results.csv; None where the records do not say)."""
+    """One run's numbers (the columns of results.csv; None where the records do not say). Per step: per worker step;
+    bytes: wire bytes (headers included), of every worker together where it says "to target" or "per sample"; the
+    servers' times: the busiest server's, per step of the job (one step of every worker)."""
     steps = _of(records, "step")
     servers = _of(records, "server")
     n = len(steps)
+    job_steps = n / len({r.get("rank") for r in steps}) if n else 0
 
     def total(key: str, among: Sequence[Record] = steps) -> float:
         return sum(_num(r, key) for r in among)
 
     def per_step(key: str, among: Sequence[Record] = steps, scale: float = 1.0) -> float | None:
         return total(key, among) * scale / n if n else None
+
+    def busiest_server_ms(key: str) -> float | None:
+        ranks = {r.get("rank") for r in servers}
+        if not ranks or not job_steps:
+            return None
+        return max(total(key, [r for r in servers if r.get("rank") == rank]) for rank in ranks) * 1e3 / job_steps
 
     acc = curve(records, "accuracy")
     loss = curve(records, "loss")
@@ -135,9 +161,11 @@ def summarize_run(records: Sequence[Record], target: float | None = None) -> dic
     later = [r for r in steps if _num(r, "t") > t0]
     span = times[-1] - t0 if times else 0.0
     rss = [_num(r, "rss") for r in _of(records, "end") if "rss" in r]
+    samples = total("samples")
+    hit = reached(acc, target)
     return {
         "steps": n,
-        "samples": int(total("samples")),
+        "samples": int(samples),
         "push_bytes_per_step": per_step("sent"),
         "pull_bytes_per_step": per_step("recv"),
         "push_logical_bytes_per_step": per_step("logical_sent"),
@@ -147,18 +175,23 @@ def summarize_run(records: Sequence[Record], target: float | None = None) -> dic
         "push_ratio": _ratio(total("raw_sent"), total("sent")),
         "pull_ratio": _ratio(total("raw_recv"), total("recv")),
         "wire_ratio": _ratio(total("raw_sent") + total("raw_recv"), total("sent") + total("recv")),
+        "push_bytes_per_sample": total("sent") / samples if samples else None,
+        "pull_bytes_per_sample": total("recv") / samples if samples else None,
         "compute_ms": per_step("compute", scale=1e3),
         "encode_ms": per_step("encode", scale=1e3),
         "wait_ms": per_step("wait", scale=1e3),
         "decode_ms": per_step("decode", scale=1e3),
         "pause_ms": per_step("pause", scale=1e3),
-        "server_apply_ms": per_step("apply", servers, 1e3),
-        "server_decode_ms": per_step("decode", servers, 1e3),
-        "server_encode_ms": per_step("encode", servers, 1e3),
+        "server_apply_ms": busiest_server_ms("apply"),
+        "server_decode_ms": busiest_server_ms("decode"),
+        "server_encode_ms": busiest_server_ms("encode"),
         "step_ms": None if (m := _median_step_seconds(steps)) is None else m * 1e3,
         "samples_per_s": total("samples", later) / span if span > 0 else None,
         "train_seconds": None if (s := training_start(records)) is None or not times else times[-1] - s,
-        "time_to_target_s": time_to_target(acc, target),
+        "time_to_target_s": None if hit is None else acc.seconds[hit],
+        "steps_to_target": None if hit is None else acc.steps[hit],
+        "push_bytes_to_target": None if hit is None else acc.sent[hit],
+        "pull_bytes_to_target": None if hit is None else acc.recv[hit],
         "final_accuracy": acc.values[-1] if acc.values else None,
         "final_loss": loss.values[-1] if loss.values else None,
         "max_rss_bytes": max(rss) if rss else None,
@@ -166,19 +199,11 @@ def summarize_run(records: Sequence[Record], target: float | None = None) -> dic
 
 
 # -- over seeds ------------------------------------------------------------------------------------------------
-def mean_std(values: Iterable[float | None]) -> tuple[float, float, int] | None:
-    """Mean, sample standard deviation (0 for one value) and count of the values that are numbers."""
-    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not xs:
-        return None
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
-
-
 def si_bytes(value: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g} {unit}"
-    return f"{value:.0f} B"
+    return f"{value:.3g} B"
 
 
 def _fixed(digits: int) -> Callable[[float], str]:
@@ -193,28 +218,54 @@ def _times(v: float) -> str:
     return f"{v:.3g}x"
 
 
-def format_mean_std(values: Iterable[float | None], fmt: Callable[[float], str], of: int | None = None) -> str:
-    """``mean ± std`` (one value: itself); "—" when none; ``(k/n)`` after it when only k of the n runs have one."""
-    got = mean_std(values)
+def format_estimate(values: Iterable[float | None], fmt: Callable[[float], str], of: int | None = None,
+                    interval: bool = True) -> str:
+    """``mean [low, high]``, the 95% Student-t interval (:func:`zps.lab.stats.estimate`; ``interval`` false: the
+    mean alone); one value, or values all equal: the value alone; "—" when none; ``(k/n)`` after it when only k of the
+    n runs have one."""
+    got = estimate(values)
     if got is None:
         return "—"
-    mean, std, k = got
-    text = fmt(mean) if k == 1 else f"{fmt(mean)} ± {fmt(std)}"
-    return text + (f" ({k}/{of})" if of is not None and k < of else "")
+    plain = got.n == 1 or got.std == 0 or not interval
+    text = fmt(got.mean) if plain else f"{fmt(got.mean)} [{fmt(got.low)}, {fmt(got.high)}]"
+    return text + (f" ({got.n}/{of})" if of is not None and got.n < of else "")
 
 
-# (column, field of summarize_run, format); the time to target's title names the target
-COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+Column = tuple[str, str, Callable[[float], str]]  # (title, field of summarize_run, format)
+# "T" in a title is the target accuracy; a column of a field that says "target" exists only with a target
+OUTCOME: tuple[Column, ...] = (
+    ("time to T (s)", "time_to_target_s", _sig),
+    ("steps to T", "steps_to_target", _sig),
+    ("final accuracy", "final_accuracy", _fixed(3)),
+    ("step ms", "step_ms", _sig),
+    ("samples/s", "samples_per_s", _sig),
+)
+BYTES: tuple[Column, ...] = (
     ("push/step", "push_bytes_per_step", si_bytes),
     ("pull/step", "pull_bytes_per_step", si_bytes),
     ("push ratio", "push_ratio", _times),
     ("pull ratio", "pull_ratio", _times),
-    ("encode ms", "encode_ms", _sig),
-    ("decode ms", "decode_ms", _sig),
-    ("step ms", "step_ms", _sig),
-    ("samples/s", "samples_per_s", _fixed(0)),
-    ("time to target (s)", "time_to_target_s", _sig),
+    ("push/sample", "push_bytes_per_sample", si_bytes),
+    ("pull/sample", "pull_bytes_per_sample", si_bytes),
+    ("push to T", "push_bytes_to_target", si_bytes),
+    ("pull to T", "pull_bytes_to_target", si_bytes),
+)
+BREAKDOWN: tuple[Column, ...] = (
+    ("compute", "compute_ms", _sig),
+    ("encode", "encode_ms", _sig),
+    ("wait", "wait_ms", _sig),
+    ("decode", "decode_ms", _sig),
+    ("servers' apply", "server_apply_ms", _sig),
+    ("servers' decode", "server_decode_ms", _sig),
+    ("servers' encode", "server_encode_ms", _sig),
+)
+PER_SEED: tuple[Column, ...] = (
+    ("time to T (s)", "time_to_target_s", _sig),
+    ("steps to T", "steps_to_target", _sig),
     ("final accuracy", "final_accuracy", _fixed(3)),
+    ("step ms", "step_ms", _sig),
+    ("push to T", "push_bytes_to_target", si_bytes),
+    ("pull to T", "pull_bytes_to_target", si_bytes),
 )
 
 
@@ -240,20 +291,56 @@ def group_rows(rows: Sequence[Mapping[str, Any]],
     return groups
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], target: float | None = None) -> str:
-    """One line per configuration (rows grouped over seeds by ``keys``): its settings, how many of its runs
-    succeeded, and each of :data:`COLUMNS` as mean ± std over the successful ones. A row's ``status`` is "ok" for
-    a run that succeeded."""
-    heads = [setting_title(k) for k in keys] + ["runs"] + [
-        f"time to {target:.3g} (s)" if field == "time_to_target_s" and target is not None else title
-        for title, field, _ in COLUMNS
-    ]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+def _columns(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], target: float | None) -> list[Column]:
+    """``columns`` as this table shows them: "T" named, the target's columns only with a target, final loss where
+    no run reported an accuracy."""
+    out: list[Column] = []
+    for title, name, fmt in columns:
+        if "target" in name and target is None:
+            continue
+        if name == "final_accuracy" and not any(r.get(name) is not None for r in rows) \
+                and any(r.get("final_loss") is not None for r in rows):
+            title, name, fmt = "final loss", "final_loss", _sig
+        out.append((title.replace("T", f"{target:.3g}") if target is not None and " T" in title else title,
+                    name, fmt))
+    return out
+
+
+def _line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], target: float | None = None,
+                   columns: Sequence[Column] = OUTCOME, interval: bool = True) -> str:
+    """One line per configuration (rows grouped over seeds by ``keys``): its settings, n (its runs that succeeded;
+    "k of m" when some failed) and each of ``columns`` over those runs: the mean and its 95% interval
+    (:func:`format_estimate`), or the mean alone (``interval`` false). A row's ``status`` is "ok" for a run that
+    succeeded."""
+    shown = _columns(columns, rows, target)
+    lines = [_line([setting_title(k) for k in keys] + ["n"] + [title for title, _, _ in shown]),
+             "|" + "---|" * (len(keys) + 1 + len(shown))]
     for group in group_rows(rows, keys).values():
         ok = [r for r in group if r.get("status") == "ok"]
-        cells = [setting_cell(k, group[0].get(k)) for k in keys] + [f"{len(ok)}/{len(group)}"]
-        for _, field, fmt in COLUMNS:
-            of = len(ok) if field == "time_to_target_s" else None  # "(2/3)": only two seeds reached it
-            cells.append(format_mean_std((r.get(field) for r in ok), fmt, of))
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [setting_cell(k, group[0].get(k)) for k in keys]
+        cells.append(str(len(ok)) if len(ok) == len(group) else f"{len(ok)} of {len(group)}")
+        for _, name, fmt in shown:
+            of = len(ok) if "target" in name else None  # "(2/3)": only two seeds reached it
+            cells.append(format_estimate([r.get(name) for r in ok], fmt, of, interval))
+        lines.append(_line(cells))
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], target: float | None = None) -> str:
+    """One line per run: its settings, seed, and :data:`PER_SEED` (a run that failed: its status)."""
+    shown = _columns(PER_SEED, rows, target)
+    lines = [_line([setting_title(k) for k in keys] + ["seed"] + [title for title, _, _ in shown]),
+             "|" + "---|" * (len(keys) + 1 + len(shown))]
+    for group in group_rows(rows, keys).values():
+        for r in group:
+            cells = [setting_cell(k, r.get(k)) for k in keys] + [setting_cell("seed", r.get("seed"))]
+            if r.get("status") != "ok":
+                cells += [str(r.get("status"))] + ["—"] * (len(shown) - 1)
+            else:
+                cells += ["—" if (v := numbers([r.get(name)])) == [] else fmt(v[0]) for _, name, fmt in shown]
+            lines.append(_line(cells))
     return "\n".join(lines) + "\n"

@@ -17,17 +17,18 @@ The model (docs/experiments.md, "zps plan"), per BSP step of a worker:
 
 ASP and SSP do not wait for the slowest worker: a worker's step is its own compute, codecs and transfer unless the
 servers or their links, busy with every worker's requests, are slower (``max(own path, W x the server's work per
-request)``). Calibration is short and local (:func:`calibrate`): the model's forward and backward on this CPU, the
-codec on the model's key sizes, the server optimizer's step, a message round trip over loopback. ``--local``
-predicts a cluster simulated on this host, where W workers share its cores.
+request)``). Calibration is short and local (:func:`calibrate`): the codec on the model's key sizes, the server
+optimizer's step, a message round trip over loopback; the model and its compute come from the script's own first
+steps (:func:`model_from`, :mod:`.plan_probe`). ``--local`` predicts a cluster simulated on this host, where W
+workers share its cores. The command is :mod:`.plan_cli`; the comparison with all-reduce :mod:`.plan_compare`.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 from zps.protocol.plan import ParamSpec, cut_messages, make_plan
 from zps.protocol.simulation import Link, NetSpec
 
-from .table_plan import parse_table, row_cost, table_seconds
+from .table_plan import table_seconds
 
 _ROUNDS = 5
 
@@ -49,6 +50,7 @@ class Model:
     sizes: tuple[int, ...]
     compute: float  # seconds, one process alone on this host
     batch: int = 0  # samples per step (0: unknown)
+    optimizer: str = ""  # the script's optimizer as a spec ("": unknown)
     tables: tuple[tuple[int, int], ...] = ()  # embedding tables: (distinct ids per worker batch, dim), lab/table_plan
 
 
@@ -110,28 +112,36 @@ def _timed(fn: Callable[[], object], rounds: int = _ROUNDS) -> float:
     return statistics.median(times)
 
 
-def load_model(script: str, batch: int | None = None) -> Model:
-    """The model of a zps example script (its ``make_model()`` and ``example_batch(n)``), compute timed here."""
-    import torch
+def model_from(source: str, args: Sequence[str] = ()) -> Model:
+    """The model of ``source``: a zps training script (a path; run under the planning stand-in for its first steps,
+    :mod:`.plan_probe`, with ``args``), or ``module:function`` (a function returning a ``torch.nn.Module``; its
+    compute is not measured: 0 unless ``--compute-ms`` says). ValueError says what is wrong."""
+    from .plan_probe import ProbeError, probe_script
 
-    spec = importlib.util.spec_from_file_location(Path(script).stem, script)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"{script}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    if not hasattr(module, "make_model") or not hasattr(module, "example_batch"):
-        raise ValueError(f"{script} has no make_model() and example_batch(n): give --params and --compute-ms")
-    model = module.make_model()
-    x, y, loss_fn = module.example_batch(batch) if batch else module.example_batch()
-    torch.set_num_threads(1)
+    if os.path.isfile(source) or source.endswith(".py"):
+        try:
+            got = probe_script(source, list(args))
+        except ProbeError as exc:
+            raise ValueError(str(exc)) from None
+        return Model(Path(source).stem, got.sizes, got.compute, got.batch, got.optimizer)
+    module_name, colon, function = source.partition(":")
+    if not colon or not module_name or not function:
+        raise ValueError(f"--model {source!r}: expected a script's path or module:function")
+    import importlib
 
-    def step() -> None:
-        model.zero_grad()
-        loss_fn(model(x), y).backward()
-
-    sizes = tuple(p.numel() for p in model.parameters())
-    return Model(Path(script).stem, sizes, _timed(step), len(y))
+    sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in function.split("."):
+            target = getattr(target, part)
+        model = target()
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--model {source!r}: {exc}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    if not hasattr(model, "parameters"):
+        raise ValueError(f"--model {source!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return Model(source, tuple(int(p.numel()) for p in model.parameters() if p.requires_grad), 0.0)
 
 
 def synthetic_model(params: int, tensors: int, compute: float) -> Model:
@@ -273,8 +283,11 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
         enc = cost(chunks, [pulled[i] for i in ids], costs.pull_encode_key + costs.pull_decode_key,
                    costs.pull_encode_elem + costs.pull_decode_elem, copy_key, copy_elem)
         server_work.append(w * (dec + enc) + costs.apply_elem * sum(c.numel for c in chunks) + 2 * w * costs.message)
-    worker_links = [net.link("worker", r) for r in range(w)]
+    # the distinct links (a cluster of a thousand workers has a handful), with how many workers have each
+    worker_count = Counter(net.link("worker", r) for r in range(w))
+    worker_links = list(worker_count)
     links = [net.link("server", r) for r in range(s)]
+    distinct_links = set(links)
 
     def seconds(size: float, link: Link) -> float:
         return size / link.rate if link.rate else 0.0
@@ -282,7 +295,7 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     def delay(a: Link, b: Link) -> float:  # one way: both links' latency and, for the slowest chunk, their jitter
         return a.latency + a.jitter + b.latency + b.jitter
 
-    latency = max(delay(wl, sl) for wl in worker_links for sl in links)
+    latency = max(delay(wl, sl) for wl in worker_links for sl in distinct_links)
     push_workers = max(seconds(push_w, wl) for wl in worker_links)
     pull_workers = max(seconds(pull_w, wl) for wl in worker_links)
     push_servers = max(seconds(w * b, sl) for b, sl in zip(push_s, links, strict=True))
@@ -344,14 +357,15 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     else:  # no barrier: a worker's own path, unless the servers or their links serve the others slower
 
         def own_parts(wl: Link) -> dict[str, float]:  # push and pull overlap key by key on a full-duplex link
-            push_t, pull_t, d = seconds(push_w, wl), seconds(pull_w, wl), max(delay(wl, sl) for sl in links)
+            push_t, pull_t, d = seconds(push_w, wl), seconds(pull_w, wl), max(delay(wl, sl) for sl in distinct_links)
             return {"compute": compute, "encode": encode, "push": push_t + d + costs.message, "apply": apply / w,
                     "pull": max(0.0, pull_t - push_t) + d, "decode": decode,
                     "tables": table_seconds(model.tables, w, s, [wl], links, d, costs.message, costs.row)}
 
-        owns = sorted((own_parts(wl) for wl in worker_links), key=lambda o: sum(o.values()))
-        own = w / sum(1 / sum(o.values()) for o in owns)  # the workers' mean rate: each goes at its own pace
-        parts = owns[len(owns) // 2]  # the median worker's
+        owns = sorted(((own_parts(wl), worker_count[wl]) for wl in worker_links), key=lambda o: sum(o[0].values()))
+        own = w / sum(n / sum(o.values()) for o, n in owns)  # the workers' mean rate: each goes at its own pace
+        ranked = [o for o, n in owns for _ in range(n)] if len(owns) > 1 else [owns[0][0]]
+        parts = ranked[len(ranked) // 2]  # the median worker's
         shared_links = max(seconds(w * (a + b), sl) for a, b, sl in zip(push_s, pull_s, links, strict=True))
         shared = max(apply, shared_links)
         step = max(own, shared)
@@ -376,31 +390,41 @@ def suggestions(model: Model, setup: Setup, costs: Costs, topk: Costs) -> list[t
     return out
 
 
+WITHIN = 0.10  # servers needed: within this fraction of the fastest step
+
+
 @dataclass(frozen=True)
 class Need:
-    """How many servers a configuration needs."""
+    """How many servers a configuration needs (:func:`servers_needed`)."""
 
-    servers: int
-    enough: bool  # True: from ``servers`` on the servers no longer dominate; False: they still do, but more servers
-    # stop helping there (the busiest server holds one key that cannot be cut further)
+    servers: int  # the fewest whose step is within ``within`` of the fastest
     step: float  # the predicted step at ``servers``
+    best_servers: int  # the count with the fastest step (the fewest, on a tie)
+    best: float
+    within: float
+    most: int  # the counts tried: 1 .. most
+
+    def definition(self) -> str:
+        return (f"servers needed: the fewest servers whose predicted step is within {self.within:.0%} of the fastest "
+                f"over 1 to {self.most} servers (past the model's keys a server holds one key: more servers change "
+                "nothing)")
 
 
-def servers_needed(model: Model, setup: Setup, costs: Costs, most: int = 1024) -> Need:
-    """The fewest servers whose links and loops take no longer per step than a worker's own compute, codecs and
-    link (:attr:`Prediction.servers_bound` false). When no count up to ``most`` (or the number of keys: past it a
-    server holds one key and more servers change nothing) gets there, the fewest servers within 1% of the best
-    step."""
+def server_counts(model: Model, setup: Setup, costs: Costs, most: int = 1024) -> list[Prediction]:
+    """The predictions of ``setup`` with 1, 2, ... servers, up to ``most`` or the model's keys (zps's chunks of its
+    tensors, at most 4 MiB each): past that a server holds one key, and more servers change nothing."""
     keys = len(key_sizes(model))
-    tried: list[Prediction] = []
-    for s in range(1, min(most, keys) + 1):
-        p = predict(model, replace(setup, servers=s), costs)
-        if not p.servers_bound:
-            return Need(s, True, p.step)
-        tried.append(p)
-    best = min(p.step for p in tried)
-    s = next(i for i, p in enumerate(tried, 1) if p.step <= best * 1.01)
-    return Need(s, False, tried[s - 1].step)
+    return [predict(model, replace(setup, servers=s), costs) for s in range(1, min(most, keys) + 1)]
+
+
+def servers_needed(model: Model, setup: Setup, costs: Costs, within: float = WITHIN, most: int = 1024,
+                   tried: Sequence[Prediction] | None = None) -> Need:
+    """The fewest servers whose predicted step is within ``within`` (0.10: 10%) of the fastest over 1 .. ``most``
+    servers (:func:`server_counts`, or ``tried``: its result)."""
+    tried = list(tried) if tried is not None else server_counts(model, setup, costs, most)
+    best = min(range(len(tried)), key=lambda i: tried[i].step)
+    s = next(i for i, p in enumerate(tried, 1) if p.step <= tried[best].step * (1 + within))
+    return Need(s, tried[s - 1].step, best + 1, tried[best].step, within, len(tried))
 
 
 def parse_counts(values: Sequence[str]) -> list[int]:
@@ -420,99 +444,3 @@ def parse_counts(values: Sequence[str]) -> list[int]:
     if not out or min(out) < 1:
         raise ValueError(f"{' '.join(values)!r}: expected counts >= 1 (e.g. 64,128,256 or 64..1024)")
     return out
-
-
-def main(args: Any) -> int:
-    """``zps plan`` (see :func:`add_arguments`)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 150)
-    try:
-        workers, servers = parse_counts(args.workers), parse_counts(args.servers)
-        NetSpec.parse(args.net)
-    except ValueError as e:
-        console.print(f"zps plan: {e}")
-        return 2
-    if args.model:
-        model = load_model(args.model, args.batch_size or None)
-    else:
-        model = synthetic_model(args.params, args.tensors, args.compute_ms / 1000)
-    if args.compute_ms:
-        model = replace(model, compute=args.compute_ms / 1000)
-    try:
-        model = replace(model, tables=tuple(parse_table(t) for t in args.table or ()))
-    except ValueError as e:
-        console.print(f"zps plan: {e}")
-        return 2
-    batch = args.batch_size or model.batch
-    sizes = key_sizes(model)
-    costs = calibrate(args.codec, args.pull_codec, args.optimizer, sizes, args.compress_min)
-    topk = calibrate("topk:ratio=0.01", "int8", args.optimizer, sizes, args.compress_min)
-    if model.tables:
-        costs = replace(costs, row=row_cost())
-        topk = replace(topk, row=costs.row)
-    cores = (os.cpu_count() or 1) if args.local else 0
-
-    def setup(w: int, s: int) -> Setup:
-        return Setup(w, s, args.net, args.codec, args.pull_codec, args.mode, args.compress_min, cores)
-
-    console.print(f"model: {model.name}: {sum(model.sizes):,} parameters in {len(model.sizes)} tensors, compute "
-                  f"{model.compute * 1e3:.1f} ms per step{f' (batch {batch})' if batch else ''} (one process on this "
-                  f"host); {args.mode}, net {args.net or 'unlimited'}, codec {args.codec or 'none'} / pull "
-                  f"{args.pull_codec or 'none'}")
-    shown = ("compute", "encode", "push", "apply", "pull", "decode") + (("tables",) if model.tables else ())
-    table = Table("workers", "servers", "step ms", *shown, "bottleneck", "samples/s" if batch else "steps/s",
-                  title="predicted, ms per step")
-    for w in workers:
-        for s in servers:
-            p = predict(model, setup(w, s), costs)
-            table.add_row(str(w), str(s), f"{p.step * 1e3:.1f}", *(f"{p.parts[k] * 1e3:.1f}" for k in shown),
-                          p.bottleneck,
-                          f"{w * (batch or 1) / p.step:,.1f}")
-    console.print(table)
-    if len(workers) > 1 or len(servers) > 1:
-        needs = Table("workers", "servers are the bottleneck at", "servers needed", "step ms there",
-                      title="servers needed (their busiest link or loop within a worker's own compute, codecs, link)")
-        for w in workers:
-            bound = [s for s in servers if predict(model, setup(w, s), costs).servers_bound]
-            need = servers_needed(model, setup(w, servers[0]), costs)
-            needs.add_row(str(w), f"S <= {max(bound)}" if bound else "none of these",
-                          str(need.servers) if need.enough else f"{need.servers} (still the bottleneck: more do "
-                          "not help)", f"{need.step * 1e3:.1f}")
-        console.print(needs)
-    last = setup(workers[-1], servers[-1])
-    base = predict(model, last, costs)
-    console.print(f"W={last.workers}, S={last.servers}: {base.step * 1e3:.1f} ms per step; the bottleneck is "
-                  f"{base.bottleneck}. What would move it:")
-    for change, step in suggestions(model, last, costs, topk):
-        console.print(f"  {change}: {step * 1e3:.1f} ms ({base.step / step:.2f}x)")
-    need = servers_needed(model, last, costs)
-    console.print(f"  servers needed at W={last.workers}: {need.servers} ({need.step * 1e3:.1f} ms)" if need.enough
-                  else f"  at W={last.workers} the servers stay the bottleneck; more than {need.servers} do not "
-                  f"help ({need.step * 1e3:.1f} ms)")
-    return 0
-
-
-def add_arguments(p: Any) -> None:
-    p.add_argument("--model", help="a script with make_model() and example_batch(n) (examples/lm.py, "
-                                   "examples/digits.py)")
-    p.add_argument("--params", type=int, default=1_000_000, help="without --model: this many parameters")
-    p.add_argument("--tensors", type=int, default=10, help="without --model: in this many tensors")
-    p.add_argument("--compute-ms", type=float, default=0.0, help="one step's forward and backward (default: "
-                                                                 "measured with --model)")
-    p.add_argument("--batch-size", type=int, default=0, help="per worker (default: the script's)")
-    p.add_argument("--workers", "-w", nargs="+", default=["4"], help="counts to predict: 4, 64,128,256 or 64..1024 "
-                                                                      "(doubling)")
-    p.add_argument("--servers", "-s", nargs="+", default=["2"], help="counts to predict, as --workers")
-    p.add_argument("--net", default="", help="a --net spec: each role's link (default: unlimited)")
-    p.add_argument("--codec", default="")
-    p.add_argument("--pull-codec", default="")
-    p.add_argument("--mode", default="bsp", choices=("bsp", "asp", "ssp"))
-    p.add_argument("--optimizer", default="adam:lr=1e-3", help="the servers' optimizer")
-    p.add_argument("--compress-min", type=int, default=1024)
-    p.add_argument("--table", action="append", metavar="IDS:DIM", help="an embedding table: the distinct ids of a "
-                   "worker's batch and the row width (repeat for several tables)")
-    p.add_argument("--local", action="store_true", help="a cluster simulated on this host (zps run): the workers "
-                                                        "share its cores")
-

@@ -311,6 +311,9 @@ class Attempt:
 def _how(child: Child) -> str:
     code = child.returncode
     assert code is not None
+    cause = getattr(child.proc, "cause", None)  # a Starter's role: how it ended, where a code cannot say
+    if cause:
+        return cause
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 

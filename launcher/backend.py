@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from zps.protocol.config import Config, JobConfig
 
@@ -39,6 +39,41 @@ class ProcSpec:
     # --secure: how the process gets its keys: in its environment (ZPS_SECRETS), or on its standard input (the ssh
     # backend: an ssh command line is visible to every user of both hosts)
     secrets_on_stdin: bool = False
+    # where set, this starts the role instead of a local process (the Ray backend: an actor on a node of its cluster)
+    starter: Starter | None = field(default=None, compare=False, repr=False)
+
+
+class Proc(Protocol):
+    """A started role as the process group sees it: a ``subprocess.Popen``, a zygote's child, or a role that another
+    system runs (:class:`Started`). Its output comes on ``stdout``; ``poll`` and ``wait`` give its exit code."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def stdout(self) -> IO[bytes] | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class Started(Proc, Protocol):
+    """A role a :class:`Starter` started somewhere other than this host's process table. Its ``pid`` is on its own
+    node: the launcher never signals it; :meth:`signal_group` does, wherever the role runs. ``cause``, once it
+    ended, says how where an exit code cannot (``its actor died with node 10.0.0.3``); else None."""
+
+    cause: str | None
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the role's process group (SIGKILL: end it and whatever holds it, at once)."""
+
+
+class Starter(Protocol):
+    """Starts a :class:`ProcSpec`'s role itself (an actor on a Ray cluster) instead of a local process."""
+
+    def start(self, spec: ProcSpec, env: dict[str, str]) -> Started:
+        """Start ``spec``'s role with ``env`` laid over its node's environment."""
 
 
 class Backend(Protocol):

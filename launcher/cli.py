@@ -45,8 +45,6 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
             default = option_default(f, os.environ)
         except ConfigError:  # job_config says so, for the commands that start a job
             default = f.default
-        if f.name == "staleness" and env_name(f.name) not in os.environ:
-            default = None  # not given: job_config refuses --mode ssp without it
         names = [flag, opt.short] if opt.short else [flag]
         help_text = f"{opt.help} (default {default!r})" if default not in ("", False) else opt.help
         if f.type == "bool":
@@ -54,8 +52,19 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(*names, dest=f.name, action=action, default=default, help=opt.help)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        extra: dict[str, Any] = {"action": _Given} if f.name == "staleness" else {}
         group.add_argument(*names, dest=f.name, type=kind, default=default, choices=opt.choices,
-                           metavar=opt.metavar, help=help_text)
+                           metavar=opt.metavar, help=help_text, **extra)
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the option was given (``args.given``): an option whose default would pass
+    silently where the user must choose (``--staleness`` under ``--mode ssp``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
 def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
@@ -63,11 +72,10 @@ def job_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Job
     try:
         for f in fields(JobConfig):
             option_default(f, os.environ)  # a bad default from the launcher's environment (ZPS_PRELOAD=maybe)
-        if hasattr(args, "staleness") and args.staleness is None:
-            if getattr(args, "mode", "bsp") == "ssp":
-                raise ConfigError("--mode ssp needs --staleness N: how many clocks a worker may run ahead of the "
-                                  "slowest (0: every worker waits for every other, each push applied alone)")
-            args.staleness = 0
+        given = getattr(args, "given", set()) | {n for n in ("staleness",) if env_name(n) in os.environ}
+        if getattr(args, "mode", "bsp") == "ssp" and "staleness" not in given:
+            raise ConfigError("--mode ssp needs --staleness N: how many clocks a worker may run ahead of the "
+                              "slowest (0: every worker waits for every other, each push applied alone)")
         job = JobConfig(**{f.name: getattr(args, f.name) for f in fields(JobConfig) if hasattr(args, f.name)})
         job.check_specs()
     except ConfigError as exc:
@@ -100,6 +108,32 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-preflight", action="store_true", help="start without checking the hosts first")
     p.add_argument("--dry-run", action="store_true",
                    help="print where each process goes and its command; start nothing")
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``zps ray`` beyond the job's own (add_job_options)."""
+    from .ray_backend import STRATEGIES
+
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster (host:port of its head); default: RAY_ADDRESS, else a cluster `ray start` "
+                        "began on this host, else a new local one (as ray.init() does)")
+    p.add_argument("--working-dir", default=".", metavar="DIR",
+                   help="what travels to the nodes with the job (Ray's runtime environment; .gitignore applies); "
+                        "the script is a path in it (default: the current directory)")
+    p.add_argument("--server-resources", default='{"CPU": 1}', metavar="JSON",
+                   help="each server's bundle, e.g. '{\"CPU\": 4, \"memory\": 8e9}' (default %(default)s)")
+    p.add_argument("--worker-resources", default='{"CPU": 1}', metavar="JSON",
+                   help="each worker's bundle, e.g. '{\"CPU\": 4, \"GPU\": 1}' or custom resources "
+                        "(default %(default)s)")
+    p.add_argument("--server-placement", default="spread", choices=sorted(STRATEGIES),
+                   help="how the servers' bundles go over the nodes (default spread: Ray's SPREAD)")
+    p.add_argument("--worker-placement", default="pack", choices=sorted(STRATEGIES),
+                   help="how the workers' bundles go over the nodes (default pack: Ray's PACK)")
+    p.add_argument("--placement-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
+                   help="seconds the cluster may take to place every bundle (autoscaling, image pulls) before "
+                        "the job fails, apart from --timeout (default 300)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a variable for every server and worker (repeatable)")
 
 
 def add_insecure(p: argparse.ArgumentParser, what: str) -> None:
@@ -142,21 +176,72 @@ def build_parser() -> argparse.ArgumentParser:
     add_script(node, required=False, what="the training script (the worker role runs it)")
 
     slurm = sub.add_parser("slurm", help="run one task of an srun step: task 0 also runs the coordinator")
-    slurm.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
-    slurm.add_argument("--servers", "-s", type=_positive(int), default=None, help="number of servers (default 1)")
+    add_job_options(slurm)
+    slurm.add_argument("--port", type=_port, default=None,
+                       help="the coordinator's port (default: one derived from SLURM_JOB_ID, 20000-31999)")
+    slurm.add_argument("--role", choices=("server", "worker"), default=None,
+                       help="this step runs this role alone, rank SLURM_PROCID; ZPS_COORDINATOR and the job's size "
+                            "come from the environment (what zps sbatch's script does)")
     add_script(slurm, required=False, what="the training script (the worker role runs it)")
+
+    sbatch = sub.add_parser("sbatch", help="print a batch script that runs a job on Slurm: servers and workers as "
+                                           "the two components of a heterogeneous job (docs/launch.md)")
+    add_job_options(sbatch)
+    add_insecure(sbatch, "a port of the job")
+    sbatch.add_argument("--job-name", default="zps", help="the job's name (default zps)")
+    sbatch.add_argument("--time", default=None, help="the job's time limit, e.g. 4:00:00")
+    sbatch.add_argument("--account", default=None, help="the account to charge")
+    sbatch.add_argument("--partition", default=None, help="the partition of both components")
+    sbatch.add_argument("--server-partition", default=None, help="the servers' partition (e.g. a CPU one)")
+    sbatch.add_argument("--worker-partition", default=None, help="the workers' partition (e.g. a GPU one)")
+    sbatch.add_argument("--server-cpus", type=_positive(int), default=2, help="CPUs per server (default 2)")
+    sbatch.add_argument("--worker-cpus", type=_positive(int), default=4, help="CPUs per worker (default 4)")
+    sbatch.add_argument("--server-mem", default=None, help="memory per server node, e.g. 16G")
+    sbatch.add_argument("--worker-mem", default=None, help="memory per worker node, e.g. 64G")
+    sbatch.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs per worker task (default 0)")
+    sbatch.add_argument("--keys-dir", default="$HOME/.zps/keys",
+                        help="--secure: where each job's key directory goes, on a file system every node shares "
+                             "(default %(default)s)")
+    sbatch.add_argument("--zps", default="zps", help="the zps command on the nodes (default zps)")
+    sbatch.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="one more sbatch option, e.g. --sbatch=--qos=high (repeatable)")
+    add_script(sbatch, what="the training script every worker runs (a path from where the job is submitted)")
 
     k8s = sub.add_parser("k8s", help="print a Kubernetes manifest for a job (kubectl apply -f -)")
     add_job_options(k8s)
     add_insecure(k8s, "the job's pods")
-    k8s.add_argument("--image", required=True, help="the container image, with zps and the script in it")
+    k8s.add_argument("--image", default=None, help="the container image, with zps and the script in it (required, "
+                                                   "except with --keys)")
     k8s.add_argument("--namespace", default=None, help="the namespace of every object")
     k8s.add_argument("--name", default="zps", help="the prefix of every object's name (default zps)")
     k8s.add_argument("--port", type=_port, default=None, help="the coordinator's port (default 29600)")
     k8s.add_argument("--gpus-per-worker", type=int, default=0, help="nvidia.com/gpu per worker pod (default 0)")
     k8s.add_argument("--checkpoint-claim", default=None, metavar="PVC",
                      help="a PersistentVolumeClaim every pod mounts at --checkpoint-dir")
-    add_script(k8s, what="the training script, a path inside the image")
+    k8s.add_argument("--format", default="jobset", choices=("jobset", "jobs"),
+                     help="one JobSet (default: needs the JobSet controller) or independent Jobs and a Service")
+    from .k8s import DEFAULT_RESOURCES
+
+    for role, amounts in DEFAULT_RESOURCES.items():
+        k8s.add_argument(f"--{role}-resources", default=None, metavar="NAME=QTY,...",
+                         help=f"each {role} pod's requests = limits (default "
+                              f"{','.join(f'{k}={v}' for k, v in amounts.items())}), e.g. cpu=8,memory=32Gi")
+    k8s.add_argument("--queue", default=None, help="Kueue's LocalQueue: the JobSet is admitted whole or not at all")
+    k8s.add_argument("--ttl", type=int, default=86400, metavar="SECONDS",
+                     help="delete the finished job after this long (default a day)")
+    k8s.add_argument("--deadline", type=int, default=None, metavar="SECONDS",
+                     help="fail any role still running after this long (activeDeadlineSeconds; default none)")
+    k8s.add_argument("--keys", action="store_true",
+                     help="--secure: print the job's fresh keys instead, one Secret per pod, for kubectl apply -f - "
+                          "(the manifest holds none)")
+    add_script(k8s, required=False, what="the training script, a path inside the image")
+
+    ray_p = sub.add_parser("ray", help="run a job on a Ray cluster: every server and worker an actor on its bundle of "
+                                       "a placement group (docs/launch.md)")
+    add_job_options(ray_p)
+    add_ray_options(ray_p)
+    add_insecure(ray_p, "a port of the job")
+    add_script(ray_p, what="the training script every worker runs (a path in --working-dir)")
 
     top = sub.add_parser("top", help="a live view of a running job: every role's step, rates, memory, stragglers")
     top.add_argument("--coordinator", "-c", required=True, metavar="HOST:PORT",
@@ -180,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="predict a job's step time and its bottleneck (compute, codecs, links with "
                                        "incast, servers) from a short calibration on this host")
-    from zps.lab.planner import add_arguments
+    from zps.lab.plan_cli import add_arguments
 
     add_arguments(plan)
 
@@ -195,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("directory", help="where to write them (made 0700; on a file system every host shares)")
     keys.add_argument("--servers", "-s", type=_positive(int), required=True, help="number of servers")
     keys.add_argument("--workers", "-w", type=_positive(int), required=True, help="number of workers")
+    for command in sub.choices.values():  # what main() reports a command's errors with (its own usage)
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -233,18 +320,102 @@ def _launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run_job(job, backend, port=args.port)
 
 
-def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .k8s import DEFAULT_PORT, render_manifest
+def _ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``zps ray``: the job on a Ray cluster (:mod:`.ray_backend`)."""
+    from .backend import LaunchError
+    from .job import run_job
+    from .ray_backend import RayBackend, RayOptions, parse_resources
+    from .ssh_command import parse_env_options
 
     job = job_config(args, parser)
+    _warn_insecure(job, "ray")
+    try:
+        options = RayOptions(address=args.address, working_dir=args.working_dir,
+                             server_resources=parse_resources("--server-resources", args.server_resources),
+                             worker_resources=parse_resources("--worker-resources", args.worker_resources),
+                             server_placement=args.server_placement, worker_placement=args.worker_placement,
+                             placement_timeout=args.placement_timeout, env=parse_env_options(args.env))
+        backend = RayBackend([args.script, *args.args], options, sys.stdout)
+        backend.connect()
+    except LaunchError as exc:
+        print(f"zps ray: {str(exc).removeprefix('zps ray: ')}", file=sys.stderr)
+        return 2
+    try:
+        return run_job(job, backend)
+    except KeyboardInterrupt:  # while placing the job, before its own handlers: what it reserved is removed
+        print("zps ray: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        backend.close()
+
+
+def _sbatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``zps sbatch``: the batch script (:func:`.slurm.render_sbatch`) on standard output."""
+    from .slurm import SbatchOptions, render_sbatch
+
+    job = job_config(args, parser)
+    _warn_insecure(job, "sbatch")
+    options = SbatchOptions(job_name=args.job_name, time=args.time, account=args.account, partition=args.partition,
+                            server_partition=args.server_partition, worker_partition=args.worker_partition,
+                            server_cpus=args.server_cpus, worker_cpus=args.worker_cpus, server_mem=args.server_mem,
+                            worker_mem=args.worker_mem, gpus_per_worker=args.gpus_per_worker,
+                            keys_dir=args.keys_dir, zps=args.zps, extra=tuple(args.sbatch))
+    try:
+        sys.stdout.write(render_sbatch(job, [args.script, *args.args], options))
+    except ValueError as exc:
+        print(f"zps sbatch: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def given_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The ``ZPS_*`` variables of the job options given on the command line (those left at their defaults are not:
+    the environment's own ``ZPS_*`` then stand)."""
+    job = job_config(args, parser)
+    defaults = JobConfig().to_env()
+    return {k: v for k, v in job.to_env().items() if v != defaults[k]}
+
+
+def _k8s(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .k8s import (
+        DEFAULT_PORT,
+        DEFAULT_RESOURCES,
+        K8sOptions,
+        option_warnings,
+        parse_resources,
+        render_manifest,
+        render_secrets,
+    )
+
+    job = job_config(args, parser)
+    if args.keys:
+        if not job.secure:
+            parser.error("--keys: an --insecure job has no keys")
+        if sys.stdout.isatty():
+            print("zps k8s --keys: not to a terminal (nor a log): pipe it into kubectl apply -f -", file=sys.stderr)
+            return 2
+        try:
+            sys.stdout.write(render_secrets(job, namespace=args.namespace, name=args.name))
+        except ValueError as exc:
+            print(f"zps k8s: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.script or not args.image:
+        parser.error("--image and the training script (a path inside the image) are required, except with --keys")
     _warn_insecure(job, "k8s")
     try:
+        resources = {role: parse_resources(f"--{role}-resources", text) for role in DEFAULT_RESOURCES
+                     if (text := getattr(args, f"{role}_resources")) is not None}
+        options = K8sOptions(format=args.format, resources={**DEFAULT_RESOURCES, **resources},
+                             queue=args.queue, ttl=args.ttl, deadline=args.deadline)
         text = render_manifest(args.image, job, [args.script, *args.args], namespace=args.namespace,
                                port=args.port or DEFAULT_PORT, name=args.name, gpus_per_worker=args.gpus_per_worker,
-                               checkpoint_claim=args.checkpoint_claim)
+                               checkpoint_claim=args.checkpoint_claim, options=options)
     except ValueError as exc:  # ConfigError is one too
         print(f"zps k8s: {exc}", file=sys.stderr)
         return 2
+    for warning in option_warnings(job, args.format):
+        print(f"zps k8s: warning: {warning}", file=sys.stderr)
     sys.stdout.write(text)
     return 0
 
@@ -282,15 +453,16 @@ def _secrets(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.command_parser  # a command's errors print its usage, not zps's
     if args.command in ("node", "slurm"):
         from . import node
 
         script = [args.script, *args.args] if args.script else []
         if args.command == "node":
             return node.main_node(script, num_servers=args.servers)
-        return node.main_slurm(script, num_servers=args.servers, port=args.port)
+        return node.main_slurm(script, num_servers=args.num_servers, port=args.port, role=args.role,
+                               settings=given_settings(args, parser))
     configure_logging(getattr(args, "log_level", "WARNING"))
     if args.command == "run":
         return _run(args, parser)
@@ -298,12 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _launch(args, parser)
     if args.command == "k8s":
         return _k8s(args, parser)
+    if args.command == "ray":
+        return _ray(args, parser)
+    if args.command == "sbatch":
+        return _sbatch(args, parser)
     if args.command == "secrets":
         return _secrets(args)
     if args.command == "experiment":
         return _experiment(args)
     if args.command == "plan":
-        from zps.lab.planner import main as plan_main
+        from zps.lab.plan_cli import main as plan_main
 
         return plan_main(args)
     if args.command == "chaos":

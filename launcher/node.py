@@ -6,6 +6,8 @@ Where the role comes from (:func:`node_env`; a ``ZPS_*`` variable already set al
 * ``ZPS_ROLE`` = ``coordinator`` | ``server`` | ``worker`` and the other ``ZPS_*`` variables;
 * ``DMLC_*`` variables (``DMLC_ROLE=scheduler`` is the coordinator): :func:`launcher.env_roles.dmlc_to_zps`;
 * a Kubernetes pod's rank (StatefulSet ordinal, Indexed Job completion index): :func:`launcher.k8s.k8s_roles`;
+  ``--resume latest`` (or a restarted JobSet's pod, ``ZPS_RESTART_ATTEMPT``): the newest checkpoint
+  (:func:`launcher.k8s.k8s_resume`);
 * torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` when no role is set: a
   worker (:func:`launcher.env_roles.torchrun_roles`); the coordinator is at ``MASTER_ADDR:MASTER_PORT+1``.
 
@@ -46,8 +48,8 @@ from zps.protocol.variables import ZPS_HOST, ZPS_NUM_SERVERS, ZPS_ROLE, env_valu
 
 from .coordinator import Coordinator
 from .env_roles import local_device, torchrun_roles
-from .k8s import k8s_roles
-from .slurm import DEFAULT_PORT, is_coordinator_task, slurm_roles
+from .k8s import k8s_resume, k8s_roles
+from .slurm import is_coordinator_task, slurm_roles
 
 
 def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str, str]:
@@ -58,6 +60,7 @@ def node_env(env: Mapping[str, str], num_servers: int | None = None) -> dict[str
     out = dict(env)
     out.update(dmlc_to_zps(out))
     out.update(k8s_roles(out))
+    out.update(k8s_resume(out))
     torchrun = env_value(out, "RANK") is not None and env_value(out, "WORLD_SIZE") is not None
     if env_value(out, ZPS_ROLE) is None and torchrun:
         out.update(torchrun_roles(out, num_servers))
@@ -191,13 +194,16 @@ def main_node(script: Sequence[str], num_servers: int | None = None, environ: Ma
 
 
 def main_slurm(script: Sequence[str], num_servers: int | None = None, port: int | None = None,
-               environ: Mapping[str, str] | None = None) -> int:
-    """``srun zps slurm [--servers S] SCRIPT ARGS...``: this task's role; task 0 also runs the coordinator."""
-    base = os.environ if environ is None else environ
+               environ: Mapping[str, str] | None = None, role: str | None = None,
+               settings: Mapping[str, str] | None = None) -> int:
+    """``srun zps slurm [--servers S] [JOB OPTIONS] SCRIPT ARGS...``: this task's role; task 0 also runs the
+    coordinator. ``settings`` (the job options given) lie over the environment's ``ZPS_*``; with ``role`` the step
+    runs that role alone (:func:`launcher.slurm.slurm_roles`) and the coordinator runs elsewhere."""
+    base = {**(os.environ if environ is None else environ), **(settings or {})}
     try:
-        env = {**base, **slurm_roles(base, num_servers or 1, port or DEFAULT_PORT)}
+        env = {**base, **slurm_roles(base, num_servers or 1, port, role)}
         config = Config.from_env(env)
-        first_task = is_coordinator_task(base)
+        first_task = role is None and is_coordinator_task(base)
         coordinator = make_coordinator(config, env=env) if first_task else None
     except ConfigError as exc:
         print(f"zps slurm: {exc}", file=sys.stderr)

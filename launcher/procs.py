@@ -2,8 +2,9 @@
 
 A child is a plain process (``subprocess.Popen``) or, where its :class:`~.backend.ProcSpec` names a
 :class:`~.zygote_client.Zygote`, forked by that fork server;
-where the zygote cannot start it, it falls back to a plain process (saying so once). Teardown is SIGTERM to each
-child's process group, a bounded wait, then SIGKILL. On Linux each child also gets PR_SET_PDEATHSIG, so it dies
+where the zygote cannot start it, it falls back to a plain process (saying so once). Where the spec names a
+:class:`~.backend.Starter`, that starts the role elsewhere (a Ray actor) and signals it there. Teardown is SIGTERM
+to each child's process group, a bounded wait, then SIGKILL. On Linux each child also gets PR_SET_PDEATHSIG, so it dies
 even when the launcher itself is SIGKILLed (a forked child: when the zygote dies, which dies with the launcher).
 """
 from __future__ import annotations
@@ -18,11 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO
 
 from zps.process import die_with_parent, kill_group
 
-from .backend import ProcSpec
+from .backend import Proc, ProcSpec
 from .zygote_client import Zygote, ZygoteError
 
 log = logging.getLogger("zps.launcher")
@@ -74,20 +75,6 @@ class LineForwarder:
             self.feed(data)
 
 
-class Proc(Protocol):
-    """What the group uses of a child process: a ``subprocess.Popen`` or a :class:`~.zygote_client.ZygoteChild`."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def stdout(self) -> IO[bytes] | None: ...
-
-    def poll(self) -> int | None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
-
-
 @dataclass
 class Child:
     """A started process and what it was started from (``spec``: to start it again)."""
@@ -97,6 +84,14 @@ class Child:
     tail: list[str] = field(default_factory=list)
     exited_at: float | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    # sends a signal to its process group: this host's (kill_group), or wherever its Starter runs it
+    signal_group: Callable[[int], None] | None = None
+
+    def signal(self, sig: int) -> None:
+        if self.signal_group is not None:
+            self.signal_group(sig)
+        else:  # start_new_session: its pid is its process group's id
+            kill_group(self.proc.pid, sig)
 
     @property
     def label(self) -> str:  # e.g. "worker 1"
@@ -130,6 +125,9 @@ class ProcessGroup:
         where given. ``stdin``, where given, is written to its standard input (a plain process's), which is then
         closed."""
         env = spec.env if env is None else env
+        if spec.starter is not None:
+            started = spec.starter.start(spec, env)
+            return self._watch(Child(spec, started, signal_group=started.signal_group))
         proc = self._fork(spec, env) if spec.zygote is not None and stdin is None else None
         if proc is None:
             proc = subprocess.Popen(
@@ -148,7 +146,11 @@ class ProcessGroup:
                     proc.stdin.close()
                 except BrokenPipeError:  # it exited at once; its exit code says why
                     pass
-        child = Child(spec, proc)
+        return self._watch(Child(spec, proc))
+
+    def _watch(self, child: Child) -> Child:
+        """Forward ``child``'s output and note its exit (``changed``)."""
+        spec, proc = child.spec, child.proc
         forwarder = LineForwarder(f"[{spec.label}] ", self.out, self.lock, child.tail)
         assert proc.stdout is not None
         reader = threading.Thread(target=forwarder.pump, args=(proc.stdout,), name=f"out-{spec.label}", daemon=True)
@@ -193,7 +195,7 @@ class ProcessGroup:
     def terminate(self, grace: float = 5.0) -> None:
         """SIGTERM every child's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
         for child in self.running():
-            kill_group(child.proc.pid, signal.SIGTERM)  # start_new_session: its pid is its process group's id
+            child.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for child in self.children:
             remaining = max(0.0, deadline - time.monotonic())
@@ -203,7 +205,7 @@ class ProcessGroup:
                 pass
         for child in self.children:
             # the group may hold grandchildren (data loader workers) even when the child itself has exited
-            kill_group(child.proc.pid, signal.SIGKILL)
+            child.signal(signal.SIGKILL)
             try:
                 child.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -10,6 +10,8 @@ member never refuses its coordinator's news). The per-key fields of data message
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 from typing import Any, NamedTuple, TypedDict
@@ -37,11 +39,21 @@ class InitBody(TypedDict, total=False):
     - ``groups``: its hyper-parameters, one map per param group (a key's ``group`` indexes it)
     - ``shm``: the worker's shared segment on this host (:meth:`zps.protocol.shm.Segment.describe`), when it offers
       one; the keys' areas in it are their ``shm`` entries
+    - ``model``: what the worker declares as a whole (:func:`model_signature`): ``[tensors, digest]``, the number
+      of its tensors and a digest of their names, shapes and groups; a server refuses a worker whose model is not
+      the one the first declared (an extra layer would otherwise wait for values rank 0 never sends)
     """
 
     optimizer: str
     groups: list[Any]
     shm: dict[str, Any]
+    model: list[Any]
+
+
+def model_signature(params: list[tuple[str, tuple[int, ...], int]]) -> list[Any]:
+    """``[number of tensors, digest]`` of a model declared as (name, shape, group) per tensor, in order."""
+    text = json.dumps([[name, list(shape), group] for name, shape, group in params], separators=(",", ":"))
+    return [len(params), hashlib.sha256(text.encode()).hexdigest()[:16]]
 
 
 def read_init(body: dict[str, Any]) -> InitBody:
@@ -59,6 +71,12 @@ def read_init(body: dict[str, Any]) -> InitBody:
         if not isinstance(shm, dict):
             raise _bad("'shm' must be a map")
         out["shm"] = shm
+    model = body.get("model")
+    if model is not None:
+        if not (isinstance(model, list) and len(model) == 2 and is_int(model[0], 0, UNBOUNDED)
+                and isinstance(model[1], str) and len(model[1]) <= 64):
+            raise _bad("'model' must be [number of tensors, digest]")
+        out["model"] = model
     return out
 
 

@@ -6,7 +6,6 @@ Prometheus metrics and the straggler check all read from there. A report comes f
 
 Worker fields:
 
-- ``step``: steps completed (int)
 - ``samples``: samples processed so far, as the script reported them (``zps.worker.report(samples=...)``)
 - ``loss``: the newest loss the script reported (float), if any
 - ``times``: compute seconds of each step since the previous report (the step's time outside zps: forward,
@@ -20,6 +19,8 @@ Server fields:
 
 Both:
 
+- ``step``: a worker's steps completed; a server's newest step applied (BSP: its keys' version; ASP/SSP: the
+  furthest worker clock)
 - ``rss``: resident memory in bytes
 - ``cpu``: CPU seconds the process used so far (all its threads)
 - ``sent``, ``recv``: bytes that crossed a socket or the shared-memory path (wire bytes), so far

@@ -22,6 +22,7 @@ class Keys:
         self.optimizers = Optimizers()
         self.bytes = 0  # float32 bytes of the keys declared here (the cap --max-server-bytes)
         self.optimizer: tuple[str, list[dict[str, Any]]] | None = None  # as rank 0 declared it (or a seed named it)
+        self.model: tuple[list[Any], int] | None = None  # the first declared model's signature, and whose it was
 
     def __len__(self) -> int:
         return len(self.states)
@@ -62,6 +63,17 @@ class Keys:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{what}this server would hold more than "
                                                      f"{job.max_server_bytes} bytes of parameters (the cap: "
                                                      "--max-server-bytes)")
+
+    def check_model(self, signature: list[Any] | None, worker: int) -> None:
+        """CONFLICT when ``worker`` declares a model other than the one declared first (its number of tensors and
+        digest of names, shapes and groups: zps.protocol.bodies.model_signature)."""
+        if signature is None or self.model is None or self.model[0] == signature:
+            return
+        first, whose = self.model
+        raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} declares a model of {signature[0]} tensors "
+                                                f"(digest {signature[1]}), worker {whose} declared one of {first[0]} "
+                                                f"(digest {first[1]}): every worker must build the same model, with "
+                                                "the same names, shapes and optimizer groups")
 
     def add(self, state: KeyState) -> KeyState:
         """Hold ``state`` (a key new here)."""

@@ -43,6 +43,7 @@ class ServerMetrics:
     def __init__(self, server: str) -> None:
         self.server = server
         self.holdings: Holdings = _nothing_held
+        self.step: Callable[[], int] = lambda: 0  # the newest step applied (set with the holdings)
         self.received = 0  # messages that reached the loop, well-formed or not
         self.failed = 0  # requests refused or failed, and replies that could not be built or sent
         self.requests: dict[str, int] = collections.defaultdict(int)  # kind -> well-formed requests
@@ -115,7 +116,7 @@ class ServerMetrics:
     def report(self) -> dict[str, Any]:
         """What each heartbeat tells the coordinator (:mod:`zps.protocol.progress`)."""
         held, logical = self.holdings(), list(self.tensors.items())
-        return {"keys": held["keys"], "param_bytes": held["parameter_bytes"],
+        return {"step": self.step(), "keys": held["keys"], "param_bytes": held["parameter_bytes"],
                 "optimizer_bytes": held["optimizer_state_bytes"], "requests": self.received, "updates": self.updates,
                 "rss": rss_bytes(), "cpu": cpu_seconds(), **self._moved(),
                 "logical_recv": sum(v[0] for k, v in logical if k[0] == "in"),

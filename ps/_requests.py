@@ -157,6 +157,7 @@ class Reader:
         decoded (with a server optimizer torch would build)."""
         worker = self.worker(msg)
         body = bodies.read_init(msg.body)
+        self.keys.check_model(body.get("model"), worker)
         opt_name, groups = body.get("optimizer"), body.get("groups", [])
         if opt_name is not None:
             optimizer_class(opt_name)
@@ -304,6 +305,9 @@ class Reader:
     def inspect(self, identity: bytes, msg: Message) -> Inspect:
         """An INSPECT: known keys, one step for all."""
         worker = self.worker(msg)
+        if self.consistency.name != "bsp":
+            raise ProtocolError(ErrorCode.BAD_KIND, f"an inspect asks about a held BSP step; this job runs "
+                                                    f"{self.consistency.name}")
         norm = bodies.read_inspect(msg.body).get("norm")
         states = [self.keys.of(e) for e in msg.keys]
         steps = {e.get("step", 0) for e in msg.keys}

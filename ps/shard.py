@@ -128,7 +128,7 @@ class Shard:
             Kind.ROWS_PULL: Route(tables.read_pull, lambda r: Done(*tables.pull(r))),
             Kind.ROWS_PUSH: Route(tables.read_push, lambda r: Done(*tables.push(r))),
         }
-        metrics.holdings = self.holdings
+        metrics.holdings, metrics.step = self.holdings, self.step
 
     # -- dispatch --------------------------------------------------------------------------------------
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
@@ -170,6 +170,8 @@ class Shard:
         if segment is not None:
             self.segments.adopt(request.worker, segment, entries)
         opt_name, groups = request.body.get("optimizer"), request.body.get("groups", [])
+        if self.keys.model is None and "model" in request.body:
+            self.keys.model = (request.body["model"], request.worker)
         if opt_name is not None:
             self.keys.optimizer = (opt_name, groups)
             if self.checkpoints is not None:

@@ -34,30 +34,79 @@ def _number(value: Any, fmt: str = "{:,.0f}") -> str:
     return "" if value is None else fmt.format(value)
 
 
-def table(status: dict[str, Any], title: str | None = None, final: bool = False) -> Table:
-    """The roles of ``status`` (a coordinator's STATUS body) as a rich table."""
+def short_bytes(n: float) -> str:
+    """``human_bytes`` in fewer characters: 1.2M, 830k, 12B."""
+    text = human_bytes(n)
+    number, unit = text.split()
+    return number + ("B" if unit == "B" else unit[0].upper() if unit != "kB" else "k")
+
+
+# The columns, in order: (key, header, its abbreviation). To fit a terminal, the table first drops the host, then
+# abbreviates headers and values (roles as w0 / s1, rates as 1.2M/s), then drops memory, samples/s, sent and
+# received, step time and loss, in that order, until it fits: the role, its state, its step and steps/s stay.
+COLUMNS = (("role", "role", "role"), ("host", "host", "host"), ("state", "state", "state"), ("step", "step", "step"),
+           ("loss", "loss", "loss"), ("samples/s", "samples/s", "smp/s"), ("steps/s", "steps/s", "st/s"),
+           ("sent", "sent", "sent"), ("received", "received", "recv"), ("step time", "step time", "step t"),
+           ("memory", "memory", "mem"))
+FIT_ORDER: tuple[tuple[str, ...], ...] = (
+    (), ("host",), ("host", "abbreviate"), ("host", "abbreviate", "memory"),
+    ("host", "abbreviate", "memory", "samples/s"), ("host", "abbreviate", "memory", "samples/s", "sent", "received"),
+    ("host", "abbreviate", "memory", "samples/s", "sent", "received", "step time"),
+    ("host", "abbreviate", "memory", "samples/s", "sent", "received", "step time", "loss"),
+)
+_RIGHT = {"step", "loss", "samples/s", "steps/s", "sent", "received", "step time", "memory"}
+
+
+def _cells(r: dict[str, Any], final: bool, short: bool) -> dict[str, str]:
+    """One member's row of the table, by column key (``short``: abbreviated values)."""
+    worker = r["role"] == "worker"
+    size = short_bytes if short else human_bytes
+    if final:  # averages over the time this run of the worker reported (from its first step's report to its last)
+        active = float(r.get("active", 0.0)) or None
+        samples_s = r.get("samples_run", 0) / active if worker and r.get("samples") and active else None
+        steps_s = r.get("steps_run", 0) / active if worker and active else None
+        sent, recv = size(r.get("sent", 0)), size(r.get("recv", 0))
+    else:
+        samples_s = r.get("samples_per_s") if worker and r.get("samples") else None
+        steps_s = r.get("step_per_s") if worker else None
+        sent, recv = f"{size(r.get('sent_per_s', 0))}/s", f"{size(r.get('recv_per_s', 0))}/s"
+    if worker or r.get("step") is not None:  # a server counts steps where it reports them
+        step = _number(r.get("step"))
+    else:  # else optimizer updates, one per key and step: say so
+        step = _number(r.get("updates"), "{:,} key-upd" if short else "{:,} key updates")
+    state = str(r.get("state", ""))
+    if r.get("straggler"):
+        state = "[bold red]STRAGGLER[/]" if short else f"{state}, [bold red]STRAGGLER[/]"
+    role = f"{r['role'][0]}{r['rank']}" if short else f"{r['role']} {r['rank']}"
+    return {"role": role, "host": str(r.get("host", "")), "state": state, "step": step,
+            "loss": _number(r.get("loss"), "{:.4f}"), "samples/s": _number(samples_s, "{:,.1f}"),
+            "steps/s": _number(steps_s, "{:,.2f}"), "sent": sent, "received": recv,
+            "step time": _number(r.get("step_time"), "{:.3f}" if short else "{:.3f} s"),
+            "memory": size(r.get("rss", 0))}
+
+
+def _table(status: dict[str, Any], title: str | None, final: bool, drop: tuple[str, ...]) -> Table:
+    short = "abbreviate" in drop
     t = Table(title=title, title_justify="left", expand=False)
-    for name, justify in (("role", "left"), ("host", "left"), ("state", "left"), ("step", "right"),
-                          ("loss", "right"), ("samples/s", "right"), ("steps/s", "right"), ("sent", "right"),
-                          ("received", "right"), ("step time", "right"), ("memory", "right"), ("", "left")):
-        t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    shown = [(key, abbreviated if short else header) for key, header, abbreviated in COLUMNS if key not in drop]
+    for key, header in shown:
+        t.add_column(header, justify="right" if key in _RIGHT else "left", no_wrap=True)
     for r in status.get("members", []):
-        worker = r["role"] == "worker"
-        if final:  # averages over the time the worker reported (from its first report to its last)
-            active = float(r.get("active", 0.0)) or None
-            samples_s = r.get("samples", 0) / active if worker and r.get("samples") and active else None
-            steps_s = r.get("step", 0) / active if worker and active else None
-            sent, recv = human_bytes(r.get("sent", 0)), human_bytes(r.get("recv", 0))
-        else:
-            samples_s = r.get("samples_per_s") if worker and r.get("samples") else None
-            steps_s = r.get("step_per_s") if worker else None
-            sent = f"{human_bytes(r.get('sent_per_s', 0))}/s"
-            recv = f"{human_bytes(r.get('recv_per_s', 0))}/s"
-        flag = "[bold red]STRAGGLER[/]" if r.get("straggler") else ""
-        t.add_row(f"{r['role']} {r['rank']}", str(r.get("host", "")), str(r.get("state", "")),
-                  _number(r.get("step")) if worker else _number(r.get("updates"), "{:,} updates"),
-                  _number(r.get("loss"), "{:.4f}"), _number(samples_s, "{:,.1f}"), _number(steps_s, "{:,.2f}"),
-                  sent, recv, _number(r.get("step_time"), "{:.3f} s"), human_bytes(r.get("rss", 0)), flag)
+        cells = _cells(r, final, short)
+        t.add_row(*(cells[key] for key, _ in shown))
+    return t
+
+
+def table(status: dict[str, Any], title: str | None = None, final: bool = False, width: int | None = None) -> Table:
+    """The roles of ``status`` (a coordinator's STATUS body) as a rich table no wider than ``width`` columns where
+    it can be (:data:`FIT_ORDER`: what is dropped or abbreviated first); None: every column."""
+    if width is None:
+        return _table(status, title, final, ())
+    measure = Console(width=10_000, file=io.StringIO())
+    for drop in FIT_ORDER:
+        t = _table(status, title, final, drop)
+        if measure.measure(t).maximum <= width:
+            return t
     return t
 
 
@@ -72,8 +121,10 @@ def line(r: dict[str, Any]) -> str:
             parts.append(f"{r.get('samples_per_s', 0):,.1f} samples/s")
         if r.get("step_time") is not None:
             parts.append(f"step time {r['step_time']:.3f} s")
+    elif r.get("step") is not None:
+        parts.append(f"step {r['step']}")
     else:
-        parts.append(f"{r.get('updates', 0):,} updates")
+        parts.append(f"{r.get('updates', 0):,} updates (one per key and step; {r.get('keys', 0)} keys)")
     parts.append(f"sent {human_bytes(r.get('sent_per_s', 0))}/s, received {human_bytes(r.get('recv_per_s', 0))}/s")
     parts.append(f"memory {human_bytes(r.get('rss', 0))}")
     if r.get("straggler"):
@@ -97,8 +148,9 @@ class LiveView:
     def start(self) -> IO[str]:
         """Start showing; returns the stream the job's other output must go to (above the live table)."""
         if self.mode == "live":
-            self._live = Live(table(self.status()), console=Console(file=self.out), refresh_per_second=1 / REFRESH,
-                              redirect_stdout=False, transient=True)
+            console = Console(file=self.out)
+            self._live = Live(table(self.status(), width=console.width), console=console,
+                              refresh_per_second=1 / REFRESH, redirect_stdout=False, transient=True)
             self._live.start()
             self._thread = threading.Thread(target=self._redraw, name="zps-progress", daemon=True)
             self._thread.start()
@@ -111,7 +163,7 @@ class LiveView:
     def _redraw(self) -> None:
         assert self._live is not None
         while not self._stop.wait(REFRESH):
-            self._live.update(table(self.status()))
+            self._live.update(table(self.status(), width=self._live.console.width))
 
     def _lines(self) -> None:
         while not self._stop.wait(LINE_INTERVAL):
@@ -133,7 +185,7 @@ class LiveView:
             if status.get("members"):
                 console = Console(file=self.out, width=None if self.out.isatty() else 200)
                 console.print(table(status, title=f"zps: the job's roles ({status.get('uptime', 0):.1f} s)",
-                                    final=True))
+                                    final=True, width=console.width))
                 self.out.flush()
 
 

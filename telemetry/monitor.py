@@ -50,15 +50,19 @@ class Row:
     straggler: bool = False
     step_time: float | None = None  # median compute time of the window
     seen: float = field(default_factory=time.monotonic)
-    first: float | None = None  # when its first report came (the active time: from there to the newest)
+    # (when, step, samples) at its first report with a step done by this process (a server: its first report): the
+    # averages of the job's summary count from there, so a resumed job's steps before the checkpoint, which this run
+    # did not do (its first reports say 0, then the checkpoint's step), are not counted as run
+    counted: tuple[float, int, int] | None = None
     logged: bool = False  # its straggling was logged (once per worker)
     _mark: tuple[float, dict[str, Any]] | None = None  # the report the rates are measured from
 
     def view(self, now: float) -> dict[str, Any]:
-        active = self.seen - self.first if self.first is not None else 0.0
+        when, step, samples = self.counted if self.counted is not None else (self.seen, 0, 0)
         return {"role": self.role, "rank": self.rank, "host": self.host, "pid": self.pid, "state": self.state,
                 "straggler": self.straggler, "step_time": self.step_time, "age": round(now - self.seen, 3),
-                "active": round(active, 3),
+                "active": round(self.seen - when, 3), "steps_run": max(0, self.stats.get("step", 0) - step),
+                "samples_run": max(0, self.stats.get("samples", 0) - samples),
                 **{k: v for k, v in self.stats.items() if k != "times"},
                 **{f"{k}_per_s": round(v, 3) for k, v in self.rates.items()}}
 
@@ -99,8 +103,8 @@ class Monitor:
                 return
             row.times.extend(clean.pop("times", []))
             row.stats = clean
-            if row.first is None:
-                row.first = now
+            if row.counted is None and (role != "worker" or clean.get("step", 0) > 0):
+                row.counted = (now, clean.get("step", 0), clean.get("samples", 0))
             if row._mark is None:
                 row._mark = (now, clean)
             elif now - row._mark[0] >= RATE_MIN_SECONDS:

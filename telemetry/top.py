@@ -1,7 +1,8 @@
 """``zps top --coordinator HOST:PORT``: a live view of a running job from any terminal or host (read-only).
 
 It asks the coordinator for the job's status (a STATUS request) every ``--interval`` seconds and draws the table
-the launcher's own live view draws: every role, its step, loss, rates, memory, step time, and who straggles.
+the launcher's own live view draws: every role, its step, loss, rates, memory, step time, and who straggles, fitted
+to the terminal's width (:func:`~.live.table`: at 80 columns it drops the host and memory, and abbreviates).
 ``--once`` prints the table once and exits (scripts, logs). A ``--secure`` job answers only its own keys: pass one
 of its key files (``--secrets DIR/worker-0.json``, as ``zps secrets`` wrote them).
 """
@@ -64,13 +65,15 @@ class StatusClient:
         self.sock.close(linger=0)
 
 
-def view(status: dict[str, Any], coordinator: str) -> Group:
+def view(status: dict[str, Any], coordinator: str, width: int | None = None) -> Group:
+    """The job's line, its roles' table (no wider than ``width`` where it can be: :func:`~.live.table`), who
+    straggles and why it failed."""
     head = Text(f"zps job at {coordinator}: {status.get('state', '?')}, {status.get('mode', '?')}, "
                 f"{status.get('num_servers', '?')} servers x {status.get('num_workers', '?')} workers, up "
                 f"{float(status.get('uptime', 0)):.0f} s" + (f", newest checkpoint {status['checkpoint']}"
                                                             if status.get("checkpoint") else ""))
     stragglers = [f"worker {r['rank']} ({r['host']})" for r in status.get("members", []) if r.get("straggler")]
-    parts: list[Any] = [head, table(status)]
+    parts: list[Any] = [head, table(status, width=width)]
     if stragglers:
         parts.append(Text(f"stragglers: {', '.join(stragglers)}", style="bold red"))
     if status.get("error"):
@@ -98,14 +101,14 @@ def main_top(coordinator: str, interval: float = 1.0, once: bool = False, secret
     try:
         status = client.status()
         if once:
-            console.print(view(status, coordinator))
+            console.print(view(status, coordinator, console.width))
             return 0
-        with Live(view(status, coordinator), console=console, refresh_per_second=4) as live:
+        with Live(view(status, coordinator, console.width), console=console, refresh_per_second=4) as live:
             while status.get("state") in ("registering", "recovering", "running"):
                 if stop.wait(interval):  # the refresh period of a dashboard, or Ctrl-C
                     break
                 status = client.status()
-                live.update(view(status, coordinator))
+                live.update(view(status, coordinator, console.width))
         return 0
     except Unreachable as exc:
         print(f"zps top: {exc}", file=sys.stderr)

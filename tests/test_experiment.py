@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,15 +16,20 @@ from rich.console import Console
 
 from zps.lab import experiment
 from zps.lab.experiment import result_row
+from zps.lab.experiment_plots import mean_band, plot_curves
 from zps.lab.experiment_spec import Run, SpecError, expand, load_spec, parse_spec, varying
 from zps.lab.experiment_summary import (
+    BREAKDOWN,
+    BYTES,
     curve,
-    format_mean_std,
+    format_estimate,
     is_complete,
     markdown_table,
+    per_seed_table,
     read_records,
     summarize_run,
 )
+from zps.lab.stats import estimate, t_cdf, t_quantile
 from zps.launcher.cli import main as zps_main
 
 from .helpers import ROOT, finish, start
@@ -71,12 +78,28 @@ def test_a_runs_numbers_come_from_its_records() -> None:
     assert got["decode_ms"] == pytest.approx(20.0, rel=1e-12)
     assert got["compute_ms"] == pytest.approx(500.0, rel=1e-12)
     assert got["step_ms"] == pytest.approx(1000.0, rel=1e-9)  # each worker's steps are a second apart
-    assert got["server_apply_ms"] == pytest.approx(60 / 6, rel=1e-12)  # 2 x 30 ms over 6 worker steps
+    assert got["server_apply_ms"] == pytest.approx(60 / 3, rel=1e-12)  # 2 x 30 ms over 3 steps of the job
+    assert got["server_decode_ms"] == pytest.approx(12 / 3, rel=1e-12)
     assert got["samples_per_s"] == pytest.approx(5 * 32 / 2.1, rel=1e-9)  # after the first step: 5 in 2.1 s
     assert got["time_to_target_s"] == pytest.approx(113.05 - start, rel=1e-12)  # the third eval reaches 0.85
     assert got["train_seconds"] == pytest.approx(113.1 - start, rel=1e-12)
     assert got["final_accuracy"] == 0.9 and got["final_loss"] == pytest.approx(1 / 3)
     assert got["max_rss_bytes"] == 3e8
+    # every worker's bytes over every sample: 6 steps x 500 B pushed, 6 x 4100 B pulled, 6 x 32 samples
+    assert got["push_bytes_per_sample"] == pytest.approx(3000 / 192) and got["pull_bytes_per_sample"] == 24600 / 192
+    # to the target: the steps before the third eval (at 113.05): 111.0, 111.1, 112.0, 112.1, 113.0 (both workers)
+    assert got["steps_to_target"] == 3
+    assert got["push_bytes_to_target"] == 5 * 500 and got["pull_bytes_to_target"] == 5 * 4100
+
+
+@pytest.mark.unit
+def test_the_busiest_server_sets_the_servers_times() -> None:
+    records = job_records() + [{"kind": "server", "role": "server", "rank": 1, "t": 112.5, "step": 3, "apply": 0.3,
+                                "decode": 0.0, "encode": 0.09, "requests": 6, "sent": 0, "recv": 0, "updates": 3},
+                               {"kind": "end", "role": "server", "rank": 1, "t": 114.0}]
+    got = summarize_run(records)
+    assert got["server_apply_ms"] == pytest.approx(300 / 3) and got["server_encode_ms"] == pytest.approx(90 / 3)
+    assert got["server_decode_ms"] == pytest.approx(12 / 3)  # server 0's: server 1 decoded nothing
 
 
 @pytest.mark.unit
@@ -84,6 +107,8 @@ def test_the_curve_counts_the_wire_bytes_sent_before_each_evaluation() -> None:
     c = curve(job_records())
     assert c.values == [0.5, 0.8, 0.9]
     assert c.wire_bytes == [4600, 3 * 4600, 5 * 4600]  # steps at 111.0 | 111.1 112.0 | 112.1 113.0
+    assert c.sent == [500, 3 * 500, 5 * 500] and c.recv == [4100, 3 * 4100, 5 * 4100]
+    assert c.steps == [1, 2, 3]  # an eval's step: the steps done
     assert c.seconds == pytest.approx([111.05 - 110.27, 112.05 - 110.27, 113.05 - 110.27], rel=1e-12)
     loss = curve(job_records(), "loss")
     assert loss.values == pytest.approx([1.0, 0.5, 1 / 3]) and loss.wire_bytes == [4600, 3 * 4600, 5 * 4600]
@@ -110,21 +135,91 @@ def test_records_are_complete_with_meta_and_every_processes_end(tmp_path: Path) 
 
 
 @pytest.mark.unit
-def test_the_table_groups_over_seeds_with_mean_and_std() -> None:
-    rows = [{"codec": "", "seed": 0, "status": "ok", "push_bytes_per_step": 1000.0, "time_to_target_s": 2.0,
-             "final_accuracy": 0.9},
+def test_the_t_quantiles_are_the_published_ones() -> None:
+    # Student's t, two-sided 95% (the 0.975 quantile), from any table of the distribution
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (29, 2.0452), (120, 1.9799)):
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4), df
+    assert t_quantile(0.995, 5) == pytest.approx(4.0321, abs=1e-4)
+    assert t_quantile(0.025, 3) == pytest.approx(-3.1824, abs=1e-4)
+    for t in (-3.0, -0.5, 0.0, 1.0, 7.0):  # one degree of freedom: the Cauchy distribution, CDF in closed form
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+
+
+@pytest.mark.unit
+def test_the_interval_is_the_hand_computed_one() -> None:
+    # 2, 4, 6, 9: mean 5.25; s^2 = (10.5625 + 1.5625 + 0.5625 + 14.0625) / 3 = 8.9167; s / sqrt(4) = 1.49304;
+    # t(0.975, 3) = 3.18245: 5.25 ± 4.75152
+    got = estimate([2.0, 4.0, None, 6.0, 9.0])
+    assert got is not None and got.n == 4
+    assert got.mean == 5.25 and got.std == pytest.approx(2.98608, abs=1e-5)
+    assert got.low == pytest.approx(0.49848, abs=1e-4) and got.high == pytest.approx(10.00152, abs=1e-4)
+    assert format_estimate([2.0, 4.0, 6.0, 9.0], lambda v: f"{v:.2f}") == "5.25 [0.50, 10.00]"
+    assert format_estimate([7.0], lambda v: f"{v:.2f}") == "7.00"  # one value says nothing of its spread
+    assert format_estimate([3.0, 3.0], lambda v: f"{v:.1f}") == "3.0"
+    assert format_estimate([1.0, None, 3.0], lambda v: f"{v:.1f}", of=3) == "2.0 [-10.7, 14.7] (2/3)"
+    assert format_estimate([None], str) == "—"
+
+
+def table_rows() -> list[dict[str, Any]]:
+    return [{"codec": "", "seed": 0, "status": "ok", "push_bytes_per_step": 1000.0, "time_to_target_s": 2.0,
+             "steps_to_target": 20, "final_accuracy": 0.9, "compute_ms": 10.0, "wait_ms": 4.0,
+             "push_bytes_to_target": 2e6, "pull_bytes_to_target": 3e6},
             {"codec": "", "seed": 1, "status": "ok", "push_bytes_per_step": 3000.0, "time_to_target_s": None,
-             "final_accuracy": 0.8},
+             "final_accuracy": 0.8, "compute_ms": 20.0, "wait_ms": 6.0},
             {"codec": "topk:ratio=0.01", "seed": 0, "status": "failed"},
             {"codec": "topk:ratio=0.01", "seed": 1, "status": "ok", "push_bytes_per_step": 50.0,
              "final_accuracy": 0.85}]
-    table = markdown_table(rows, ["codec"], target=0.85).splitlines()
-    assert table[0] == ("| codec | runs | push/step | pull/step | push ratio | pull ratio | encode ms | decode ms | "
-                        "step ms | samples/s | time to 0.85 (s) | final accuracy |")
-    assert table[2] == "| none | 2/2 | 2 kB ± 1.41 kB | — | — | — | — | — | — | — | 2 (1/2) | 0.850 ± 0.071 |"
-    assert table[3] == "| topk:ratio=0.01 | 1/2 | 50 B | — | — | — | — | — | — | — | — | 0.850 |"
+
+
+@pytest.mark.unit
+def test_the_tables_give_n_the_mean_and_its_interval() -> None:
+    table = markdown_table(table_rows(), ["codec"], target=0.85).splitlines()
+    assert table[0] == "| codec | n | time to 0.85 (s) | steps to 0.85 | final accuracy | step ms | samples/s |"
+    # 0.9 and 0.8: mean 0.85, s = 0.0707, t(0.975, 1) = 12.706: ± 0.635
+    assert table[2] == "| none | 2 | 2 (1/2) | 20 (1/2) | 0.850 [0.215, 1.485] | — | — |"
+    assert table[3] == "| topk:ratio=0.01 | 1 of 2 | — | — | 0.850 | — | — |"
     assert len(table) == 4
-    assert format_mean_std([1.0, None, 3.0], lambda v: f"{v:.2f}") == "2.00 ± 1.41"
+    got = markdown_table(table_rows(), ["codec"], target=0.85, columns=BYTES).splitlines()
+    assert got[0] == ("| codec | n | push/step | pull/step | push ratio | pull ratio | push/sample | pull/sample | "
+                      "push to 0.85 | pull to 0.85 |")
+    assert got[2].startswith("| none | 2 | 2 kB [-10.7 kB, 14.7 kB] | — |") and "| 2 MB (1/2) | 3 MB (1/2) |" in got[2]
+    assert "to" not in markdown_table(table_rows(), ["codec"], columns=BYTES).splitlines()[0]  # no target
+    breakdown = markdown_table(table_rows(), ["codec"], columns=BREAKDOWN, interval=False).splitlines()
+    assert breakdown[2] == "| none | 2 | 15 | — | 5 | — | — | — | — |"  # the means alone
+
+
+@pytest.mark.unit
+def test_the_per_seed_table_has_a_line_per_run() -> None:
+    lines = per_seed_table(table_rows(), ["codec"], target=0.85).splitlines()
+    assert lines[0] == ("| codec | seed | time to 0.85 (s) | steps to 0.85 | final accuracy | step ms | push to 0.85 | "
+                        "pull to 0.85 |")
+    assert lines[2:] == ["| none | 0 | 2 | 20 | 0.900 | — | 2 MB | 3 MB |",
+                         "| none | 1 | — | — | 0.800 | — | — | — |",
+                         "| topk:ratio=0.01 | 0 | failed | — | — | — | — | — |",
+                         "| topk:ratio=0.01 | 1 | — | — | 0.850 | — | — | — |"]
+
+
+@pytest.mark.unit
+def test_the_mean_band_covers_the_range_every_seed_reached() -> None:
+    a = ([0.0, 1.0, 2.0], [0.0, 0.5, 1.0])
+    b = ([0.5, 1.5, 3.0], [0.1, 0.3, 0.9])
+    x, mean, low, high = mean_band([a, b])
+    assert x[0] == 0.5 and x[-1] == 2.0 and len(x) == 200  # both seeds' curves exist from 0.5 to 2.0
+    assert mean[0] == pytest.approx((0.25 + 0.1) / 2) and low[0] == 0.1 and high[0] == 0.25
+    assert mean[-1] == pytest.approx((1.0 + 0.3 + 0.6 * 0.5 / 1.5) / 2)  # b at 2.0: 0.3 + 0.6 x 0.5 / 1.5
+    assert all(lo <= m <= hi for m, lo, hi in zip(mean, low, high, strict=True))
+    assert mean_band([a]) == (a[0], a[1], a[1], a[1])  # one seed: itself, no band
+    logx, *_ = mean_band([([1.0, 100.0], [0, 1]), ([1.0, 100.0], [0, 1])], log=True)
+    assert logx[1] == pytest.approx(100 ** (1 / 199))
+
+
+@pytest.mark.unit
+def test_the_plots_are_written_with_steps_too(tmp_path: Path) -> None:
+    c = curve(job_records())
+    written = plot_curves([("codec=none", [c, c]), ("codec=topk", [curve(job_records(sent=100))])], tmp_path,
+                          title="t", target=0.85)
+    assert [p.name for p in written] == ["accuracy_vs_time.png", "accuracy_vs_bytes.png", "accuracy_vs_step.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
 
 
 # -- the spec -------------------------------------------------------------------------------------------------
@@ -178,11 +273,49 @@ def test_an_axis_of_tables_sets_several_settings_together() -> None:
     ({"target_accuracy": 95}, "target_accuracy"),
     ({"servers": 2, "matrix": {"servers": [1, 2]}}, "both at the top and in [matrix]"),
     ({"sript": "x.py"}, "unknown top-level key(s) sript"),
+    # a value of the wrong type: one line naming the key
+    ({"servers": "two"}, "servers: expected an integer, got 'two'"),
+    ({"workers": 1.5}, "workers: expected an integer, got 1.5"),
+    ({"out": 5}, "out: expected a folder's path (a string), got 5"),
+    ({"matrix": {"codec": [1]}}, "[matrix] codec: expected a string, got 1"),
+    ({"matrix": {"net": 5}}, "[matrix] net: expected a string, got 5"),
+    ({"matrix": {"error_feedback": ["yes"]}}, "[matrix] error_feedback: expected true or false, got 'yes'"),
+    ({"matrix": {"staleness": ["2"]}}, "[matrix] staleness: expected an integer, got '2'"),
+    ({"matrix": {"servers": [True]}}, "[matrix] servers: expected an integer, got True"),
+    ({"matrix": {"jitter": [0.5]}}, "[matrix] jitter: expected a string, got 0.5"),
+    ({"matrix": {"heartbeat_interval": ["1"]}}, "[matrix] heartbeat_interval: expected a number, got '1'"),
+    ({"matrix": {"codec": {"a": 1}}}, "[matrix] codec: expected a value or a list of values, got a table"),
+    ({"matrix": {"compression": [{"codec": 1}]}}, "[matrix] compression: codec: expected a string, got 1"),
+    ({"matrix": {"compression": [{"codec": ""}, "x"]}}, "a grouped axis is a list of tables of settings; value 2"),
 ])
 def test_a_bad_spec_is_refused_before_anything_runs(data: dict[str, Any], says: str) -> None:
     with pytest.raises(SpecError, match=None) as info:
         parse_spec(data)
-    assert says in str(info.value)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.unit
+def test_a_wrong_type_in_a_spec_file_is_one_line_not_a_traceback(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text('[matrix]\ncompression = [{codec = 3}]\n')
+    assert zps_main(["experiment", str(spec_file), "--dry-run"]) == 2
+    assert capsys.readouterr().err == "zps experiment: [matrix] compression: codec: expected a string, got 3\n"
+
+
+@pytest.mark.unit
+def test_the_script_is_relative_to_the_spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "train.py").write_text("")
+    spec_file = tmp_path / "specs" / "s.toml"
+    spec_file.write_text('script = "../train.py"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_spec(spec_file).script == "train.py"  # from the current directory, which holds it
+    monkeypatch.chdir(tmp_path / "specs")
+    assert load_spec("s.toml").script == str(tmp_path / "train.py")  # outside it: absolute
+    assert load_spec(spec_file, out="o").script == str(tmp_path / "train.py")
+    spec_file.write_text('[matrix]\nseed = [0]\n')
+    assert load_spec(spec_file).script == "examples/digits.py"  # the default: from the current directory
 
 
 @pytest.mark.unit
@@ -227,10 +360,13 @@ def test_the_sweep_resumes_keeps_failures_and_writes_its_results(tmp_path: Path,
     listed = json.loads((out / "results.json").read_text())
     assert listed[2]["log_tail"][-2:] == ["starting", "boom: int8 is broken here"]
     summary = (out / "summary.md").read_text()
-    assert "| none | 2/2 | 500 B ± 0 B | 4.1 kB ± 0 B | 8x ± 0x |" in summary
-    assert "| int8 | 0/2 |" in summary and "## Failed runs" in summary
-    assert (out / "accuracy_vs_time.png").stat().st_size > 1000
-    assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert "| none | 2 | 500 B | 4.1 kB | 8x | 0.976x | 15.6 B | 128 B | 2.5 kB | 20.5 kB |" in summary  # (seeds agree)
+    assert "| int8 | 0 of 2 |" in summary and "## Failed runs" in summary
+    for section in ("## Outcome", "## Bytes", "## Where a step's time goes", "## Per seed", "## Plots"):
+        assert section in summary
+    assert "| none | 2 | 500 | 10 | 200 | 20 | 20 | 4 | 0 |" in summary  # the breakdown: ms per step
+    for plot in ("accuracy_vs_time.png", "accuracy_vs_bytes.png", "accuracy_vs_step.png"):
+        assert (out / plot).stat().st_size > 1000 and f"]({plot})" in summary
 
     assert experiment.run_experiment(spec, "sweep.toml", console=quiet) == 1
     assert counter.read_text() == "x" * 6  # nothing ran again: the successes are done, the failures kept
@@ -258,7 +394,8 @@ def test_dry_run_prints_each_runs_command(tmp_path: Path, capsys: pytest.Capture
     assert zps_main(["experiment", str(spec_file), "--dry-run", "--out", str(tmp_path / "o")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith("none-asp-s1w1-")
-    assert "--mode asp" in lines[1] and lines[1].endswith(f"{STEPS_SCRIPT} --steps 5")
+    # (an absolute path under the current directory is shown relative to it)
+    assert "--mode asp" in lines[1] and lines[1].endswith(f"{os.path.relpath(STEPS_SCRIPT)} --steps 5")
     assert not (tmp_path / "o").exists()
     spec_file.write_text('[matrix]\nnet = ["bw=fast"]\n')
     assert zps_main(["experiment", str(spec_file)]) == 2
@@ -284,3 +421,27 @@ def test_an_experiment_runs_two_configurations_end_to_end(tag: str, tmp_path: Pa
     assert (tmp_path / "out" / "loss_vs_time.png").exists()  # the script reports a loss, no accuracy
     code, text = finish(start(tag, ["experiment", str(spec_file)]), timeout=60)
     assert code == 0 and "2 of 2 runs already done" in text, text
+
+
+# -- what the worker writes, as the lab reads it -------------------------------------------------------------------
+@pytest.mark.unit
+def test_a_steps_record_holds_the_loss_and_samples_reported_after_it(tmp_path: Path) -> None:
+    from zps.protocol.stepmetrics import MetricsFile, parts_dir
+    from zps.protocol.trace import Tracer
+    from zps.worker._progress import Progress
+
+    path = str(tmp_path / "m.jsonl")
+    progress = Progress(Tracer(), MetricsFile(path, "worker", 0))
+    progress.ready()
+    for step in (69, 70, 71):  # a resumed worker's first steps, the script reporting after each opt.step()
+        progress.step_begin(step)
+        progress.step_end(step)
+        progress.reported(loss=1.0 / (step - 68), samples=8)
+    progress.step_begin(72)
+    progress.step_end(72)  # the last step: the script ends without a report
+    progress.end()
+    records = read_records(parts_dir(path) / "worker-0.jsonl")
+    steps = [(r["step"], r["loss"], r["samples"]) for r in records if r["kind"] == "step"]
+    assert steps == [(69, 1.0, 8), (70, 0.5, 8), (71, pytest.approx(1 / 3), 8), (72, None, 0)]
+    assert [r["kind"] for r in records] == ["step"] * 4 + ["end"]  # in order, none lost
+    assert [r["t"] for r in records] == sorted(r["t"] for r in records)

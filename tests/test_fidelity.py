@@ -193,3 +193,20 @@ def test_with_arrival_order_sums_the_two_runs_differ(tag: str, tmp_path: Path) -
     a = _job(tag, tmp_path / "a", 4, 1, 0, extra)
     b = _job(tag, tmp_path / "b", 4, 1, 3, extra)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_worker_with_another_model_fails_the_job_at_once_naming_both(tag: str, tmp_path: Path) -> None:
+    """Worker 1 builds an extra layer: its declaration is refused as soon as it reaches a server that knows
+    worker 0's model (not after --timeout), and the message names both workers and their models."""
+    script = tmp_path / "extra.py"
+    script.write_text(
+        "import torch\nfrom zps import worker\nclient = worker.init()\n"
+        "layers = [torch.nn.Linear(4, 4)] + ([torch.nn.Linear(4, 4)] if client.rank == 1 else [])\n"
+        "model = torch.nn.Sequential(*layers)\n"
+        "opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)\n")
+    code, text = finish(start(tag, ["run", "--servers", "2", "--workers", "2", "--timeout", "60", str(script)]),
+                        timeout=50)
+    assert code != 0
+    assert "declares a model of" in text and "every worker must build the same model" in text, text
+    assert "worker 0" in text and "worker 1" in text
+    assert wait_for_no_tagged(tag, within=10) == []

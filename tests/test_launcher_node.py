@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from zps.launcher.node import node_env
 
@@ -197,48 +196,6 @@ def run_zps(*args: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
-def test_zps_k8s_prints_a_manifest_yaml_can_read() -> None:
-    code, out, err = run_zps(
-        "k8s",
-        "--image",
-        "registry.example/zps:0.1",
-        "--servers",
-        "2",
-        "--workers",
-        "3",
-        "--namespace",
-        "ml",
-        "train.py",
-        "--lr",
-        "0.1",
-    )
-    assert code == 0, err
-    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out)}
-    assert set(docs) == {
-        ("Secret", "zps-keys-coordinator"),  # --secure is zps k8s's default
-        ("Secret", "zps-keys-server"),
-        ("Secret", "zps-keys-worker"),
-        ("Service", "zps-coordinator"),
-        ("Job", "zps-coordinator"),
-        ("Job", "zps-server"),
-        ("Job", "zps-worker"),
-    }
-    assert sorted(docs[("Secret", "zps-keys-worker")]["stringData"]) == ["worker-0.json", "worker-1.json",
-                                                                         "worker-2.json"]
-    assert docs[("Job", "zps-server")]["spec"]["completions"] == 2
-    job = docs[("Job", "zps-worker")]["spec"]
-    assert (job["completions"], job["completionMode"]) == (3, "Indexed")
-    container = job["template"]["spec"]["containers"][0]
-    assert container["command"] == ["zps", "node", "train.py", "--lr", "0.1"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["ZPS_COORDINATOR"] == "zps-coordinator.ml.svc:29600" and env["ZPS_NUM_WORKERS"] == "3"
-    assert env["ZPS_SECURE"] == "1" and env["ZPS_SECRETS_DIR"] == "/etc/zps/keys"
-    (volume,) = job["template"]["spec"]["volumes"]
-    assert volume["secret"] == {"secretName": "zps-keys-worker", "defaultMode": 0o400}
-    assert all(d["metadata"]["namespace"] == "ml" for d in docs.values())
-    code, out, err = run_zps("k8s", "--image", "zps:1", "--insecure", "train.py")
-    assert code == 0 and "warning: --insecure" in err, err
-    assert {d["kind"] for d in yaml.safe_load_all(out)} == {"Service", "Job"}
 
 
 def test_zps_launch_dry_run_shows_placement_and_commands(tmp_path: Path) -> None:

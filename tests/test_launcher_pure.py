@@ -18,7 +18,7 @@ from zps.launcher.hostfile import (
     place,
     read_hostfile,
 )
-from zps.launcher.k8s import k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
+from zps.launcher.k8s import K8sOptions, k8s_roles, rank_from_k8s, render_manifest, to_yaml_stream
 from zps.launcher.slurm import NodelistError, expand_nodelist, is_coordinator_task, slurm_roles
 from zps.protocol.config import Config, ConfigError, JobConfig
 from zps.protocol.dmlc import dmlc_to_zps
@@ -438,75 +438,6 @@ def test_join_host_port():
 # --- Kubernetes ------------------------------------------------------------------------------------------------
 
 
-def env_of(container: dict) -> dict:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
-
-
-def test_render_manifest(yaml):
-    job = JobConfig(num_servers=3, num_workers=5, mode="ssp", staleness=2)
-    text = render_manifest(
-        "registry.example/zps:1.0", job, ["train.py", "--lr", "0.1", 'it\'s "quoted"'], namespace="ml", port=31000
-    )
-    docs = list(yaml.safe_load_all(text))
-    assert [d["kind"] for d in docs] == ["Service", "Job", "Job", "Job"]
-    svc, coord, servers, workers = docs
-    assert svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"]["ports"][0]["port"] == 31000
-    assert svc["spec"]["selector"] == coord["spec"]["template"]["metadata"]["labels"]
-    assert all(d["metadata"]["namespace"] == "ml" for d in docs)
-
-    # every role a Job that runs once: a finished job's pods stay finished, a failure fails it as a unit
-    assert coord["spec"]["completions"] == 1
-    for doc, count in ((servers, 3), (workers, 5)):
-        assert doc["spec"]["completionMode"] == "Indexed"
-        assert doc["spec"]["completions"] == doc["spec"]["parallelism"] == count
-    for doc in (coord, servers, workers):
-        assert doc["spec"]["backoffLimit"] == 0 and doc["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-
-    expected_common = {
-        "ZPS_COORDINATOR": "zps-coordinator.ml.svc:31000",
-        "ZPS_NUM_SERVERS": "3",
-        "ZPS_NUM_WORKERS": "5",
-        "ZPS_MODE": "ssp",
-        "ZPS_STALENESS": "2",
-        "ZPS_HOST": {"fieldRef": {"fieldPath": "status.podIP"}},
-    }
-    for doc, role, rank_from, command in (
-        (coord, "coordinator", None, ["zps", "node"]),
-        (servers, "server", "job-completion-index", ["zps", "node"]),
-        (workers, "worker", "job-completion-index", ["zps", "node", "train.py", "--lr", "0.1", 'it\'s "quoted"']),
-    ):
-        (container,) = doc["spec"]["template"]["spec"]["containers"]
-        env = env_of(container)
-        assert env.pop("ZPS_RANK_FROM", None) == rank_from
-        assert env == {"ZPS_ROLE": role, **expected_common}
-        assert container["command"] == command
-        assert container["image"] == "registry.example/zps:1.0"
-        assert all(isinstance(e.get("value", ""), str) for e in container["env"])
-    assert workers["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    assert "resources" not in workers["spec"]["template"]["spec"]["containers"][0]
-
-
-def test_render_manifest_defaults_string_command_and_gpus(yaml):
-    docs = list(
-        yaml.safe_load_all(
-            render_manifest("zps", JobConfig(num_workers=2), "train.py --flag 'a b' yes", name="job-7",
-                            gpus_per_worker=2)
-        )
-    )
-    assert all("namespace" not in d["metadata"] for d in docs)
-    assert docs[0]["metadata"]["name"] == "job-7-coordinator"
-    (worker,) = docs[3]["spec"]["template"]["spec"]["containers"]
-    assert worker["command"] == ["zps", "node", "train.py", "--flag", "a b", "yes"]
-    assert env_of(worker)["ZPS_COORDINATOR"] == "job-7-coordinator:29600"
-    assert worker["resources"] == {"limits": {"nvidia.com/gpu": 2}}
-    # the Config a worker pod builds from these values (ZPS_HOST from the downward API, rank from the index)
-    pod_env = {k: v for k, v in env_of(worker).items() if isinstance(v, str)}
-    pod_env.update(ZPS_HOST="10.2.3.4", JOB_COMPLETION_INDEX="1")
-    config = Config.from_env({**pod_env, **k8s_roles(pod_env)})
-    assert (config.role, config.rank, config.job.num_servers, config.job.num_workers) == ("worker", 1, 1, 2)
-
-
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -520,6 +451,10 @@ def test_render_manifest_defaults_string_command_and_gpus(yaml):
         ({"name": "x" * 41}, "at most 40"),
         ({"port": 0}, "port=0"),
         ({"gpus_per_worker": -1}, "gpus_per_worker=-1"),
+        ({"options": K8sOptions(format="helm")}, "format='helm'"),
+        ({"options": K8sOptions(queue="Team A")}, "queue='Team A'"),
+        ({"options": K8sOptions(ttl=-1)}, "ttl=-1"),
+        ({"options": K8sOptions(deadline=True)}, "deadline=True"),
     ],
 )
 def test_render_manifest_errors(kwargs, words):
@@ -529,18 +464,6 @@ def test_render_manifest_errors(kwargs, words):
     assert words in str(err.value)
 
 
-def test_render_manifest_restarts_workers_in_place_and_mounts_the_checkpoints(yaml):
-    job = JobConfig(num_workers=2, checkpoint_dir="/ckpt", on_worker_failure="restart", max_restarts=3)
-    docs = list(yaml.safe_load_all(render_manifest("zps", job, ["t.py"], checkpoint_claim="zps-ckpt")))
-    workers = docs[3]["spec"]
-    assert workers["backoffLimit"] == 3 and workers["template"]["spec"]["restartPolicy"] == "OnFailure"
-    assert docs[2]["spec"]["backoffLimit"] == 0  # a server's failure still fails the job
-    for doc in docs[1:]:
-        spec = doc["spec"]["template"]["spec"]
-        assert spec["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": "zps-ckpt"}}]
-        (container,) = spec["containers"]
-        assert container["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/ckpt"}]
-        assert env_of(container)["ZPS_CHECKPOINT_DIR"] == "/ckpt"
 
 
 def test_yaml_quoting_round_trips(yaml):

@@ -116,7 +116,7 @@ def test_the_graph_is_read_whole() -> None:
     edges = graph()
     assert "launcher.backend" in edges["launcher.local"]  # from .backend import ...
     assert "protocol.checkpoint" in edges["launcher.job"]  # from zps.protocol import checkpoint as ckpt
-    assert "lab.planner" in edges["launcher.cli"]  # inside a function
+    assert "lab.plan_cli" in edges["launcher.cli"]  # inside a function
     assert "ps.server" in edges["launcher.node"]  # inside a function
     assert "launcher.zygote" in edges["launcher.zygote_client"]
     assert "launcher.coordinator.membership" in edges["launcher.coordinator"]  # a package's __init__

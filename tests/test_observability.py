@@ -138,11 +138,11 @@ def test_the_straggler_check_flags_a_slow_worker_and_only_it() -> None:
 @pytest.mark.unit
 def test_progress_lines_and_the_summary_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     status: dict[str, Any] = {"uptime": 12.0, "members": [
-        {"role": "server", "rank": 0, "host": "a", "state": "running", "updates": 40, "rss": 2_000_000,
+        {"role": "server", "rank": 0, "host": "a", "state": "running", "updates": 40, "keys": 4, "rss": 2_000_000,
          "sent_per_s": 1500.0, "recv_per_s": 2500.0, "sent": 9000, "recv": 8000, "active": 10.0},
         {"role": "worker", "rank": 1, "host": "b", "state": "running", "step": 20, "step_per_s": 2.0,
          "loss": 0.25, "samples": 640, "samples_per_s": 64.0, "step_time": 0.2, "straggler": True, "rss": 1000,
-         "sent": 100, "recv": 200, "active": 10.0}]}
+         "sent": 100, "recv": 200, "active": 10.0, "steps_run": 20, "samples_run": 640}]}
     assert live.line(status["members"][1]) == (
         "worker 1 (b): running, step 20 (2.00/s), loss 0.2500, 64.0 samples/s, step time 0.200 s, sent 0 B/s, "
         "received 0 B/s, memory 1.0 kB, STRAGGLER")
@@ -158,9 +158,10 @@ def test_progress_lines_and_the_summary_table(monkeypatch: pytest.MonkeyPatch, t
             time.sleep(0.02)  # polling the file another thread writes, bounded
         progress.close()
     text = out_path.read_text()
-    assert "[zps] server 0 (a): running, 40 updates, sent 1.5 kB/s, received 2.5 kB/s, memory 2.0 MB" in text
+    assert ("[zps] server 0 (a): running, 40 updates (one per key and step; 4 keys), sent 1.5 kB/s, received 2.5 kB/s, "
+            "memory 2.0 MB") in text
     table = text[text.index("zps: the job's roles"):]
-    assert re.search(r"worker 1 .* 20 .* 0\.2500 .* 64\.0 .* 2\.00 .* STRAGGLER", table), table
+    assert re.search(r"worker 1 .* STRAGGLER .* 20 .* 0\.2500 .* 64\.0 .* 2\.00", table), table
 
 
 def _steps_of(events: list[dict[str, Any]], pid: int, name: str) -> set[int]:

@@ -115,6 +115,7 @@ class Progress:
         self._step_end_us = 0.0
         self._step_start = 0.0
         self._forward_end: float | None = None  # under --trace, when the model's forward pass ended
+        self._pending: dict[str, Any] | None = None  # --metrics-out: the step record waiting for its loss
 
     # -- steps (DistributedOptimizer.step) -------------------------------------------------------------
     def watch(self, model: Any, step: Callable[[], int]) -> list[Any]:
@@ -133,6 +134,7 @@ class Progress:
 
     def step_begin(self, step: int) -> None:
         """``step``'s compute is over (forward, backward); zps's part of the step begins."""
+        self._flush()
         now = time.perf_counter()
         if self._step_end is not None:
             compute = now - self._step_end
@@ -172,30 +174,47 @@ class Progress:
         delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
         self._last = now
         inside = delta["encode"] + delta["decode"]
-        self.out.write("step", step=step, compute=self._compute, pause=self._pause,
-                       wait=max(0.0, took - inside), loss=self.loss,
-                       **{k: (int(v) if k not in ("encode", "decode") else v) for k, v in delta.items()})
+        self._flush()
+        # written once the script reports the step's loss (after opt.step(), as zps.worker.report asks), or when
+        # the next step begins
+        self._pending = {"t": time.time(), "step": step, "compute": self._compute, "pause": self._pause,
+                         "wait": max(0.0, took - inside), "loss": None,
+                         **{k: (int(v) if k not in ("encode", "decode") else v) for k, v in delta.items()}}
+
+    def _flush(self) -> None:
+        """Write the step record that waited for its loss (with the samples reported since)."""
+        if self._pending is None:
+            return
+        record, self._pending = self._pending, None
+        record["samples"] += self.samples - self._last.get("samples", 0)
+        self._last["samples"] = self.samples
+        self.out.write("step", **record)
 
     def end(self) -> None:
         """The worker's part is over: its ``end`` record (totals), and the file is closed."""
+        self._flush()
         if self.out.enabled:
             self.out.write("end", step=self.step, wait=self.wait, rss=rss_bytes(), cpu=cpu_seconds(),
                            **self.totals())
             self.out.close()
 
     def reported(self, loss: float | None, samples: int | None, accuracy: float | None = None) -> None:
-        """What the script said (``zps.worker.report``)."""
-        if loss is not None:
-            self.loss = float(loss)
-        if accuracy is not None:
-            if not 0.0 <= accuracy <= 1.0:
-                raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
-            self.accuracy = float(accuracy)
-            self.out.write("eval", step=self.step, accuracy=self.accuracy, loss=self.loss)
+        """What the script said (``zps.worker.report``): a loss reported after ``opt.step()`` is that step's."""
         if samples is not None:
             if samples < 0:
                 raise ValueError(f"samples must be >= 0, got {samples}")
             self.samples += int(samples)
+        if loss is not None:
+            self.loss = float(loss)
+            if self._pending is not None:
+                self._pending["loss"] = self.loss
+                self._flush()
+        if accuracy is not None:
+            if not 0.0 <= accuracy <= 1.0:
+                raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+            self.accuracy = float(accuracy)
+            self._flush()
+            self.out.write("eval", step=self.step, accuracy=self.accuracy, loss=self.loss)
 
     # -- the heartbeat's report ------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 import zmq
 
 from zps.protocol import board, transport
-from zps.protocol.bodies import Commit, Hyperparameters, KeyStat, read_inspect_reply
+from zps.protocol.bodies import Commit, Hyperparameters, KeyStat, model_signature, read_inspect_reply
 from zps.protocol.codecs import Codec, canonical_spec, codec_factory, make_codec
 from zps.protocol.config import Config, ConfigError
 from zps.protocol.messages import KeyEntry, Kind, Message
@@ -143,6 +143,8 @@ class Client:
         plan = make_plan([ParamSpec(name, tuple(t.shape), 4) for name, t in tensors.items()],
                          self.topology.num_servers, self.chunk_bytes)
         group_of_param = [groups.get(spec.name, 0) for spec in plan.params]
+        signature = model_signature([(spec.name, spec.shape, g) for spec, g in zip(plan.params, group_of_param,
+                                                                                    strict=True)])
         parts: list[tuple[int, Message]] = []
         created: dict[int, tuple[Segment, list[tuple[int, int]]]] = {}
         replicas = self.config.job.replicas
@@ -169,9 +171,9 @@ class Client:
                     entry.update(fields)
                     frames.extend(bufs)
                 keys.append(entry)
-            body: dict[str, Any] = {}
+            body: dict[str, Any] = {"model": signature}
             if with_values and optimizer is not None:
-                body = {"optimizer": optimizer[0], "groups": optimizer[1]}
+                body.update(optimizer=optimizer[0], groups=optimizer[1])
             if shared is not None:
                 body["shm"] = shared[0].describe()
             parts.append((server, Message(Kind.INIT, src=self.name, keys=keys, body=body, frames=frames)))

@@ -8,7 +8,10 @@ debugged and unit-tested like any other, with the same result as ``zps run --ser
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+from zps.protocol.config import Config, JobConfig
+from zps.protocol.rendezvous import Topology
 from zps.protocol.trace import Tracer
 
 from ._progress import Progress
@@ -31,6 +34,14 @@ class LocalClient:
 
     def __init__(self) -> None:
         self.progress = Progress(Tracer())
+        self.config = Config(role="worker", coordinator="127.0.0.1:0", rank=0, job=JobConfig(num_servers=1,
+                                                                                          num_workers=1))
+        self.topology = Topology(role="worker", rank=0, num_servers=0, num_workers=1, servers=(), mode="bsp",
+                                 staleness=0)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """The servers' counters: there are none."""
+        return []
 
     def barrier(self, name: str = "default") -> None:
         """One worker: everyone is here."""

@@ -114,5 +114,6 @@ def report(loss: float | None = None, samples: int | None = None, accuracy: floa
     """Tell the job how training goes: the newest ``loss``, ``samples`` processed since the previous call, and
     (where the script evaluates) the newest held-out ``accuracy`` in [0, 1]. The launcher's live view, ``zps top``,
     the metrics and ``--metrics-out`` show them (samples/s from ``samples``; ``zps experiment``'s time to target
-    accuracy from ``accuracy``)."""
+    accuracy from ``accuracy``). Call it after ``opt.step()``: ``--metrics-out`` files the loss and samples under the
+    step that just ended."""
     default_client().progress.reported(loss, samples, accuracy)

@@ -26,7 +26,8 @@ import pytest
 import torch
 import zmq
 
-from zps.protocol.messages import PROTOCOL_VERSION, Kind, Message, parse_frames
+from zps.protocol.bodies import Commit
+from zps.protocol.messages import PROTOCOL_VERSION, Kind, Message, ProtocolError, parse_frames
 from zps.protocol.peers import parse_peer
 from zps.worker.client import Client
 
@@ -34,7 +35,8 @@ from ..helpers import LocalCluster, close_all, local_cluster, run_parallel
 from . import mutate
 
 State = list[tuple[tuple[int, int], int, "torch.Tensor | None"]]
-SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate", "seed"}
+SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate", "seed", "inspect", "put",
+                "get"}
 PROBE_ID = 1 << 40  # probe ids start here; a reply with this id or above is a probe's
 
 
@@ -63,6 +65,18 @@ def workload(cluster: LocalCluster) -> list[Client]:
     for number in range(3):
         run_parallel(functools.partial(step, number=number), clients)
     run_parallel(lambda c: c.push_pull(grads, outs[c.rank], step=3).result(timeout=30), clients)
+    # a held step (hyper-parameters, a key without a gradient), its inspect and its commit; a broadcast
+    held = {**grads, "b": None}
+
+    def held_step(client: Client) -> None:
+        client.push(held, step=4, hp=[{"lr": 0.005}], hold=True).result(timeout=30)  # (ASP: applied as it comes)
+        with pytest.raises(ProtocolError, match="held BSP step"):  # (captured all the same)
+            client.inspect(list(tensors), 4, 2.0).result(timeout=30)
+        commit = Commit(step=4, skip=False, mul=[0.5], hp=[{"lr": 0.005, "betas": [0.8, 0.99]}])
+        client.pull(outs[client.rank], step=5, commit=commit).result(timeout=30)
+        client.broadcast({"running_mean": torch.ones(3), "count": torch.tensor(7)}, "captured")
+
+    run_parallel(held_step, clients)
     clients[1].stats()
     run_parallel(lambda c: c.barrier("captured"), clients)
     return clients

@@ -47,8 +47,8 @@ while opt.steps < args.steps:
     loss.backward()
     if args.step_time:  # emulated work (a bigger model's compute), not synchronisation
         time.sleep(args.step_time * (args.slow_factor if client.rank == args.slow_rank else 1.0))
-    worker.report(loss=loss.item(), samples=len(x))
     opt.step()
+    worker.report(loss=loss.item(), samples=len(x))
     print(f"STEP {opt.steps}", flush=True)
     if args.step_times:  # from the end of the previous step: compute, push, the wait for the servers, pull
         now = time.perf_counter()

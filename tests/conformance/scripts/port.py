@@ -115,6 +115,7 @@ class Port:
         if self.backend == "ddp":
             import torch.distributed as dist
 
+            dist.barrier()  # every rank done before any tears gloo down (a rank torn down early aborts the other)
             dist.destroy_process_group()
         else:
             from zps import worker
