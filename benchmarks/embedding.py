@@ -16,6 +16,7 @@ against one process holding the whole table, and (``--scale``) a 50M-row table s
    batches of new ids; each worker's peak RSS against the table's bytes.
 
     python benchmarks/embedding.py [--quick] [--scale] [--parts server roundtrip ctr] [--json out.json]
+    python benchmarks/embedding.py --scale --parts        # the 50M-row run alone
 """
 
 from __future__ import annotations
@@ -243,8 +244,8 @@ def scale_part(rows: int, batch: int) -> dict[str, Any]:
 # -- the report -------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = C.base_parser(__doc__)
-    parser.add_argument("--parts", nargs="+", default=["server", "roundtrip", "ctr"],
-                        choices=["server", "roundtrip", "ctr"])
+    parser.add_argument("--parts", nargs="*", default=["server", "roundtrip", "ctr"],
+                        choices=["server", "roundtrip", "ctr"], help="none given: --scale alone")
     parser.add_argument("--scale", action="store_true", help="also the 50M-row run (3.2 GB of rows, ~5 GB in all)")
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=0)
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = args.rows or (200_000 if args.quick else 2_000_000)
     repeats = args.repeats or (15 if args.quick else 41)
     data: dict[str, Any] = {"rows": rows, "repeats": repeats}
-    md: list[str] = [f"# Embedding tables ({rows:,} rows, {BATCH}-id batches)\n"]
+    md: list[str] = [f"# Embedding tables ({rows:,} rows, {BATCH}-id batches)\n" if args.parts else
+                     "# Embedding tables\n"]
     if "server" in args.parts:
         measured = data["server"] = server_part(rows, repeats)
         md.append("## 1. One server's rows/s against index_select / index_add_ of the same rows (medians)\n")
