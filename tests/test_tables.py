@@ -411,3 +411,21 @@ def test_the_plan_counts_a_tables_traffic_as_its_distinct_ids_times_the_row() ->
     with_table = predict(replace(model, tables=((4096, 16),)), Setup(4, 2, net="bw=1mb"), FREE)
     assert with_table.step == pytest.approx(plain.step + with_table.parts["tables"])
     assert with_table.parts["tables"] > 2 * 4 * each_way / 2 / 1e6  # at least the incast of the rows, both ways
+
+
+def test_ssp_pulls_wait_for_the_slowest_clock_and_pushes_apply_as_they_come() -> None:
+    """SSP with staleness 1: a worker's rows pull of step t is answered once the slowest worker's clock is t - 1;
+    pushes are applied as they come (each alone, not averaged over the workers)."""
+    h = Harness(mode="ssp", workers=2, staleness=1)
+    for w in (0, 1):
+        declare(h, SGD1, w)
+    start = initial_rows(SGD1, torch.tensor([1]))
+    assert h.ask(rows_push(0, SGD1, [1], torch.ones(1, 3), 0))[0][1].kind is Kind.OK
+    (_, now), = h.ask(rows_pull(0, SGD1, [1], 1))  # one step ahead of worker 1: within the staleness
+    assert torch.equal(rows_of(now, 3), start - 1.0)
+    assert h.ask(rows_push(0, SGD1, [1], torch.ones(1, 3), 1))[0][1].kind is Kind.OK
+    assert h.ask(rows_pull(0, SGD1, [1], 2)) == []  # two ahead of worker 1 (clock 0): it waits
+    replies = h.ask(rows_pull(1, SGD1, [1], 1))  # worker 1 reaches clock 1: both pulls are answered
+    assert sorted(r.kind.value for _, r in replies) == ["ok", "ok"] and len({i for i, _ in replies}) == 2
+    for _, reply in replies:
+        assert torch.equal(rows_of(reply, 3), start - 2.0)
