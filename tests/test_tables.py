@@ -429,3 +429,20 @@ def test_ssp_pulls_wait_for_the_slowest_clock_and_pushes_apply_as_they_come() ->
     assert sorted(r.kind.value for _, r in replies) == ["ok", "ok"] and len({i for i, _ in replies}) == 2
     for _, reply in replies:
         assert torch.equal(rows_of(reply, 3), start - 2.0)
+
+
+def test_zps_plan_takes_tables_on_its_command_line(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``zps plan --table IDS:DIM``: a wrong one is refused by name; a right one adds the tables' column."""
+    from zps.lab import plan_cli
+    from zps.launcher.cli import main as zps_main
+
+    base = ["plan", "--params", "100000", "--tensors", "4", "--compute-ms", "5", "-w", "2", "-s", "1",
+            "--net", "bw=100mbit"]
+    assert zps_main([*base, "--table", "many"]) == 2
+    assert "expected IDS:DIM" in capsys.readouterr().err
+    monkeypatch.setattr(plan_cli, "row_cost", lambda: (1e-6, 1e-8))  # (measuring it takes seconds)
+    assert zps_main([*base, "--table", "4096:16"]) == 0
+    out = capsys.readouterr().out
+    assert "tables" in out and "the embedding tables' rows" in out  # at 100 Mbit/s the rows are the bottleneck
+    assert "The ring and BytePS are predicted without the tables" in out
