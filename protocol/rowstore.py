@@ -16,10 +16,11 @@ which is why it is here.
   the squared gradient row: FBGEMM's exact row-wise Adagrad), ``sparse_adam`` (torch.optim.SparseAdam: lazy moments,
   one step count per table).
 - Admission (``admit`` > 1): sightings of ids not stored yet are counted in a count-min sketch (4 x 2^20 int32
-  counters); a row is stored once its estimate reaches ``admit`` (a sketch never undercounts, so no later than its
-  ``admit``-th sighting). Expiry (``expire``): rows not updated for that many steps are evicted. ``max_rows``: never
-  exceeded; the rows updated least recently (ties: the smaller id) are evicted to make room, at least 1/64 of the
-  cap at a time, never one updated in the same step; new rows beyond what fits are dropped.
+  counters, allocated at the first update of an id not stored); a row is stored once its estimate reaches
+  ``admit`` (a sketch never undercounts, so no later than its ``admit``-th sighting). Expiry (``expire``): rows not
+  updated for that many steps are evicted. ``max_rows``: never exceeded; the rows updated least recently (ties:
+  the smaller id) are evicted to make room, at least 1/64 of the cap at a time, never one updated in the same step;
+  new rows beyond what fits are dropped.
 """
 from __future__ import annotations
 
@@ -197,7 +198,7 @@ class RowStore:
         self.steps = 0  # optimizer steps taken (SparseAdam's and Adagrad's ``step``)
         self.clock = 0  # the newest step an update was applied at (expiry counts from it)
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.sketch = torch.zeros(SKETCH_DEPTH, SKETCH_WIDTH, dtype=torch.int32) if spec.admit > 1 else None
+        self.sketch: torch.Tensor | None = None  # admission's counters, from the first push of a new id (16 MB)
         # under a cap, room for all of it at once: memory the rows never touch is never resident (the pages of a
         # large allocation are committed as they are first written), and the table never moves
         self._grow(spec.max_rows or capacity)
@@ -277,8 +278,10 @@ class RowStore:
 
     def _admit(self, ids: torch.Tensor, new: torch.Tensor, sightings: torch.Tensor | None) -> torch.Tensor | None:
         """Admission: which rows stay (None: all); the gradients of ids not admitted yet are dropped."""
-        if self.sketch is None:
+        if self.spec.admit <= 1:
             return None
+        if self.sketch is None:
+            self.sketch = self._new_sketch()
         fresh = ids[new]
         counts = (sightings[new] if sightings is not None else torch.ones(fresh.numel(), dtype=torch.int64))
         places = self._sketch_places(fresh)
@@ -295,6 +298,10 @@ class RowStore:
         self.counters["rows_admitted"] += int(admitted.sum())
         self.counters["rows_dropped"] += int((~admitted).sum())
         return keep
+
+    @staticmethod
+    def _new_sketch() -> torch.Tensor:
+        return torch.zeros(SKETCH_DEPTH, SKETCH_WIDTH, dtype=torch.int32)
 
     def _sketch_places(self, ids: torch.Tensor) -> list[torch.Tensor]:
         u64 = ids.contiguous().numpy().view(np.uint64)
@@ -416,7 +423,8 @@ class RowStore:
         self.touched[:n] = tensors["touched"]
         for name, tensor in self.state.items():
             tensor[:n] = tensors[f"state.{name}"]
-        if self.sketch is not None and "sketch" in tensors:
+        if self.spec.admit > 1 and "sketch" in tensors:
+            self.sketch = self._new_sketch()
             self.sketch.copy_(tensors["sketch"])
         self.steps, self.clock = int(meta["steps"]), int(meta["clock"])
 
