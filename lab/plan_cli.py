@@ -24,6 +24,7 @@ from .planner import (
     suggestions,
     synthetic_model,
 )
+from .table_plan import parse_table, row_cost
 
 
 def _ms(seconds: float) -> str:
@@ -43,6 +44,7 @@ def main(args: Any) -> int:
             raise ValueError(f"--within {args.within}: expected a percentage >= 0")
         model = (model_from(args.model, shlex.split(args.model_args)) if args.model
                  else synthetic_model(args.params, args.tensors, args.compute_ms / 1000))
+        model = replace(model, tables=tuple(parse_table(t) for t in args.table or ()))
     except ValueError as e:
         print(f"zps plan: {e}", file=sys.stderr)
         return 2
@@ -54,6 +56,9 @@ def main(args: Any) -> int:
     sizes = key_sizes(model)
     costs = calibrate(args.codec, args.pull_codec, optimizer, sizes, args.compress_min)
     topk = calibrate("topk:ratio=0.01", "int8", optimizer, sizes, args.compress_min)
+    if model.tables:
+        costs = replace(costs, row=row_cost())
+        topk = replace(topk, row=costs.row)
     cores = (os.cpu_count() or 1) if args.local else 0
 
     def setup(w: int, s: int) -> Setup:
@@ -67,13 +72,13 @@ def main(args: Any) -> int:
                   f"{' (the script' + chr(39) + 's)' if not args.optimizer and model.optimizer else ''}; "
                   f"{args.mode}, net {args.net or 'unlimited'}, codec {args.codec or 'none'} / pull "
                   f"{args.pull_codec or 'none'}", highlight=False)
-    table = Table("workers", "servers", "step ms", "compute", "encode", "push", "apply", "pull", "decode",
-                  "bottleneck", "samples/s" if batch else "steps/s", title="predicted, ms per step")
+    shown = ("compute", "encode", "push", "apply", "pull", "decode") + (("tables",) if model.tables else ())
+    table = Table("workers", "servers", "step ms", *shown, "bottleneck", "samples/s" if batch else "steps/s",
+                  title="predicted, ms per step")
     for w in workers:
         for s in servers:
             p = predict(model, setup(w, s), costs)
-            table.add_row(str(w), str(s), _ms(p.step), *(_ms(p.parts[k]) for k in
-                          ("compute", "encode", "push", "apply", "pull", "decode")), p.bottleneck,
+            table.add_row(str(w), str(s), _ms(p.step), *(_ms(p.parts[k]) for k in shown), p.bottleneck,
                           f"{w * (batch or 1) / p.step:,.1f}")
     console.print(table)
     counts = {w: server_counts(model, setup(w, servers[0]), costs) for w in workers}
@@ -101,6 +106,9 @@ def main(args: Any) -> int:
                              _ms(by[RING].step), _ms(by[f"BytePS (k={s})"].step), v.says(),
                              f"S = {v.matches_ring}" if v.matches_ring else "never")
     console.print(verdicts)
+    if model.tables:
+        console.print("The ring and BytePS are predicted without the tables (zps's steps include them): a dense "
+                      "table would be all-reduced whole, which these formulas leave out.", highlight=False)
     assert last is not None
     base = last.ps
     ring = next(c for c in last.candidates if c.name == RING)
@@ -141,5 +149,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--compress-min", type=int, default=1024)
     p.add_argument("--within", type=float, default=WITHIN * 100, metavar="PCT",
                    help="servers needed: the fewest whose step is within PCT%% of the fastest (default %(default)g)")
+    p.add_argument("--table", action="append", metavar="IDS:DIM", help="an embedding table: the distinct ids of a "
+                   "worker's batch and the row width (repeat for several tables; docs/embeddings.md)")
     p.add_argument("--local", action="store_true", help="a cluster simulated on this host (zps run): the workers "
                                                         "share its cores")

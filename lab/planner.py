@@ -37,6 +37,8 @@ from typing import Any
 from zps.protocol.plan import ParamSpec, cut_messages, make_plan
 from zps.protocol.simulation import Link, NetSpec
 
+from .table_plan import table_seconds
+
 _ROUNDS = 5
 
 
@@ -49,6 +51,7 @@ class Model:
     compute: float  # seconds, one process alone on this host
     batch: int = 0  # samples per step (0: unknown)
     optimizer: str = ""  # the script's optimizer as a spec ("": unknown)
+    tables: tuple[tuple[int, int], ...] = ()  # embedding tables: (distinct ids per worker batch, dim), lab/table_plan
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Costs:
     pull_wire_ratio: float
     copy_key: float = 2e-6  # an uncompressed key: its bytes as they are
     copy_elem: float = 0.25e-9
+    row: tuple[float, float] = (1.5e-6, 1.5e-8)  # a table row pulled and pushed at a server: a + b * dim seconds
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
     push = max(t[0] for t in timeline) + latency
     pull = max(0.0, replied - looped) + latency
     parts = {"compute": compute, "encode": encode, "push": push + costs.message,
-             "apply": max(0.0, looped - pushed), "pull": pull, "decode": decode}
+             "apply": max(0.0, looped - pushed), "pull": pull, "decode": decode,
+             "tables": table_seconds(model.tables, w, s, worker_links, links, latency, costs.message, costs.row)}
 
     def links_of(way: str, at_servers: float, at_workers: float) -> str:
         if latency > max(at_servers, at_workers):
@@ -344,7 +349,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
 
     where = {"compute": "the workers' compute", "encode": "the workers' codec (encode)",
              "push": links_of("push", push_servers, push_workers), "pull": links_of("pull", pull_servers, pull_workers),
-             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)"}
+             "apply": "the servers' loops (decode + optimizer)", "decode": "the workers' codec (decode)",
+             "tables": "the embedding tables' rows (pull, push, the servers' row work)"}
     if setup.mode == "bsp":
         step = sum(parts.values())
         bottleneck = where[max(parts, key=lambda k: parts[k])]
@@ -353,7 +359,8 @@ def predict(model: Model, setup: Setup, costs: Costs) -> Prediction:
         def own_parts(wl: Link) -> dict[str, float]:  # push and pull overlap key by key on a full-duplex link
             push_t, pull_t, d = seconds(push_w, wl), seconds(pull_w, wl), max(delay(wl, sl) for sl in distinct_links)
             return {"compute": compute, "encode": encode, "push": push_t + d + costs.message, "apply": apply / w,
-                    "pull": max(0.0, pull_t - push_t) + d, "decode": decode}
+                    "pull": max(0.0, pull_t - push_t) + d, "decode": decode,
+                    "tables": table_seconds(model.tables, w, s, [wl], links, d, costs.message, costs.row)}
 
         owns = sorted(((own_parts(wl), worker_count[wl]) for wl in worker_links), key=lambda o: sum(o[0].values()))
         own = w / sum(n / sum(o.values()) for o, n in owns)  # the workers' mean rate: each goes at its own pace

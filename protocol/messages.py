@@ -60,6 +60,10 @@ class Kind(str, enum.Enum):
     # one that missed updates; the body names the optimizer and the failover it follows
     # (:class:`zps.protocol.bodies.SeedBody`)
     SEED = "seed"
+    # embedding tables (zps.protocol.tables): declare a table; pull rows by id; push gradient rows by id
+    TABLE = "table"
+    ROWS_PULL = "rows_pull"
+    ROWS_PUSH = "rows_push"
     # replies
     OK = "ok"
     VALUES = "values"

@@ -44,6 +44,8 @@ from ._replicas import Replicate, Replication, keys_text
 from ._requests import Declare, Inspect, Join, PullRequest, Push, Reader, Request, group_hp
 from ._seeds import Seed, SeedKey
 from ._shm import WorkerSegments
+from ._table_checkpoints import TableCheckpoints, restore
+from ._tables import TableCollector, Tables
 from ._values import Values
 from .consistency import Completed, make_consistency
 from .optim import build_optimizer
@@ -107,7 +109,18 @@ class Shard:
         self._board: Message | None = None  # the newest PUT (zps.protocol.board)
         self._seeded: set[int] = set()  # keys set by seeds that waited for a failover notice, until re-checked
         self._duplicates = Complaints(log, name, what="dropped duplicate pushes")
-        read = self.read
+        self.tables = Tables(name, job, self.consistency, replication.rank, replication.num_servers, self.read.worker)
+        metrics.registry.register(TableCollector(self.tables))
+        self.table_checkpoints: TableCheckpoints | None = None
+        if checkpoints is not None:
+            self.table_checkpoints = TableCheckpoints(
+                job.checkpoint_dir, replication.rank, self.tables, checkpoints, job.timeout,
+                lambda: checkpoints.after_apply([], self.keys.states, self.keys.optimizers, self.consistency.clock))
+            self.tables.on_checkpoint = self.table_checkpoints.ask
+        if job.resume:
+            self.tables.restore = functools.partial(restore, job.resume, rank=replication.rank,
+                                                    num_servers=replication.num_servers)
+        read, tables = self.read, self.tables
         self.handlers: dict[Kind, Handler] = {
             Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
             Kind.PUSH_PULL: Route(read.push_pull, self.push_pull), Kind.PULL: Route(read.pull, self.pull),
@@ -115,6 +128,9 @@ class Shard:
             Kind.STATS: Route(read.request, self.stats), Kind.REPLICATE: Route(read.replicate, self.replicate),
             Kind.SEED: Route(read.seed, self.seed), Kind.INSPECT: Route(read.inspect, self.inspect),
             Kind.PUT: Route(self._read_put, self.put), Kind.GET: Route(self._read_get, self.get),
+            Kind.TABLE: Route(tables.read_declare, lambda r: Done(*tables.declare(r))),
+            Kind.ROWS_PULL: Route(tables.read_pull, lambda r: Done(*tables.pull(r))),
+            Kind.ROWS_PUSH: Route(tables.read_push, lambda r: Done(*tables.push(r))),
         }
         metrics.holdings, metrics.step = self.holdings, self.step
 
@@ -246,6 +262,8 @@ class Shard:
                                             "had been applied already: acknowledged, not applied again")
         if self.checkpoints is not None and push.worker == 0 and "ckpt" in push.body:
             self.checkpoints.request(push.body["ckpt"])  # worker 0 asks for a checkpoint at that step
+            if self.table_checkpoints is not None:
+                self.table_checkpoints.ask(push.body["ckpt"])
         for k in push.keys:
             if k.codec == "shm":
                 m.shared("in", k.encoded)
@@ -367,7 +385,8 @@ class Shard:
     def leave(self, request: Request) -> Done:
         """A worker finished cleanly: stop waiting for it; apply what its leaving completes."""
         done = self.members.leave(request.worker, self.keys.values())
-        return Done(reply=self._ok(request.request_id), changed=self._apply_completed(done), everything=True)
+        changed = self._apply_completed(done) | self.tables.settle()
+        return Done(reply=self._ok(request.request_id), changed=changed, everything=True)
 
     def notice(self, body: dict[str, Any]) -> list[Reply]:
         """The coordinator's news (a NOTICE body): of workers (:class:`._members.Members`) or, --replicas, of dead
@@ -376,6 +395,7 @@ class Shard:
         if "failover" in notice:
             return self.failover(body)
         self._apply_completed(self.members.notice(notice, self.keys.values()))
+        self.tables.settle()
         return self.recheck((), everything=True)
 
     def failover(self, body: dict[str, Any]) -> list[Reply]:
@@ -531,6 +551,7 @@ class Shard:
             "max_served_gap": c.max_served_gap,
             "staleness": c.staleness,
             **self.metrics.stats(),
+            "tables": self.tables.stats(),
         }))
 
     def checkpoint_for(self, step: int) -> int:
@@ -542,7 +563,7 @@ class Shard:
 
     def holdings(self) -> dict[str, float]:
         """What this server holds now (the gauges of :mod:`._metrics`)."""
-        return {"parameter_bytes": self.keys.bytes, "optimizer_state_bytes": self.optimizer_bytes,
+        return {"parameter_bytes": self.keys.bytes + self.tables.bytes(), "optimizer_state_bytes": self.optimizer_bytes,
                 "keys": len(self.keys), "pending_requests": len(self.pending)}
 
     def measure(self) -> None:

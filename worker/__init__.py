@@ -11,8 +11,9 @@
 """
 from .client import Client
 from .data import shard_sampler
+from .embedding import EmbeddingTable, prefetching
 from .optimizer import DistributedOptimizer, build_optimizer
 from .session import abort, barrier, default_client, init, num_workers, rank, report, shutdown
 
-__all__ = ["Client", "DistributedOptimizer", "abort", "barrier", "build_optimizer", "default_client", "init",
-           "num_workers", "rank", "report", "shard_sampler", "shutdown"]
+__all__ = ["Client", "DistributedOptimizer", "EmbeddingTable", "abort", "barrier", "build_optimizer", "default_client",
+           "init", "num_workers", "prefetching", "rank", "report", "shard_sampler", "shutdown"]

@@ -132,7 +132,7 @@ class WorkerCheckpoints:
         plan = self.client.plan
         if self.client.rank == 0 and plan is not None:  # what the manifest needs to know of the model
             info["params"] = [[p.name, list(p.shape)] for p in plan.params]
-            info["servers"] = sorted({c.server for c in plan.chunks})
+            info["servers"] = sorted({c.server for c in plan.chunks} | self.client.table_servers)
         self.client.rendezvous.report_saved(due.checkpoint, path.name, size, info)
 
 

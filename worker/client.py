@@ -100,6 +100,7 @@ class Client:
         self.before_close: list[Callable[[], None]] = []  # run by a clean close() first (a checkpoint still due)
         self._replies = Replies(self._decoders, self._areas)
         self._dead: frozenset[int] = frozenset()  # --replicas: servers that died (their homes moved to backups)
+        self.table_servers: set[int] = set()  # servers holding rows of an EmbeddingTable (each owes a checkpoint part)
         self._topology_version = 0
         self._engine = Engine(self.name, self.context, self.topology.servers, config.job.timeout, self._replies,
                               lambda: self.rendezvous.failure, config.secrets,

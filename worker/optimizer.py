@@ -273,8 +273,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if skip and n in skip:
                 continue
             if p.grad is not None and p.grad.is_sparse:
-                raise ValueError(f"{n!r} has a sparse gradient: zps sends dense gradients (nn.Embedding(sparse=True) "
-                                 "is not supported yet; use sparse=False)")
+                raise ValueError(f"{n!r} has a sparse gradient: a DistributedOptimizer sends dense gradients; a table "
+                                 "held by rows on the servers is zps.worker.EmbeddingTable (or use sparse=False)")
             out[n] = p.grad
         return out
 
@@ -632,8 +632,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
 def _refuse_sparse(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
-            raise ValueError(f"{type(module).__name__} {name!r} has sparse=True: zps sends dense gradients and does "
-                             "not take sparse ones yet; build it with sparse=False")
+            raise ValueError(f"{type(module).__name__} {name!r} has sparse=True: a DistributedOptimizer sends dense "
+                             "gradients; for a table the servers hold by rows, pulled and pushed by the ids of a "
+                             "batch, use zps.worker.EmbeddingTable (or build it with sparse=False)")
 
 
 def _scaler_stage(optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler | None) -> str | None:

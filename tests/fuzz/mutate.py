@@ -31,7 +31,8 @@ FIELDS = ["v", "kind", "id", "src", "keys", "body", "fz", "key", "step", "numel"
           "skip", "ng", "norm", "tensors", "role", "rank", "pid", "host", "address", "exit_code", "failure",
           "checkpoint", "file", "size", "info", "ckpt"]
 KINDS = ["register", "topology", "barrier", "heartbeat", "done", "shutdown", "saved", "notice", "init", "push", "pull",
-         "push_pull", "leave", "stats", "inspect", "put", "get", "ok", "values", "error", "nonsense"]
+         "push_pull", "leave", "stats", "inspect", "put", "get", "table", "rows_pull", "rows_push", "ok", "values",
+         "error", "nonsense"]
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ changed nothing: every server's parameters and versions, the coordinator's state
 process's RSS is within 10% of what it was after a warm-up. ``ZPS_FUZZ_SEED`` replays a run; the seed is in every
 failure message.
 
-The corpus holds a JOIN, a REPLICATE and a SEED too (this cluster refuses them: no --max-workers, no --replicas;
+The corpus holds an embedding table's declaration, rows pulls and pushes (zps.worker.embedding), and a JOIN, a
+REPLICATE and a SEED too (this cluster refuses them: no --max-workers, no --replicas;
 tests/test_elastic.py and tests/test_replication.py send bad ones to servers that take them). The cluster tier
 sends 10,000 messages (5,000 shared by the two servers, 5,000 at the coordinator); the slow tier 100,000 at each
 role.
@@ -30,13 +31,14 @@ from zps.protocol.bodies import Commit
 from zps.protocol.messages import PROTOCOL_VERSION, Kind, Message, ProtocolError, parse_frames
 from zps.protocol.peers import parse_peer
 from zps.worker.client import Client
+from zps.worker.embedding import EmbeddingTable
 
 from ..helpers import LocalCluster, close_all, local_cluster, run_parallel
 from . import mutate
 
 State = list[tuple[tuple[int, int], int, "torch.Tensor | None"]]
 SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate", "seed", "inspect", "put",
-                "get"}
+                "get", "table", "rows_pull", "rows_push"}
 PROBE_ID = 1 << 40  # probe ids start here; a reply with this id or above is a probe's
 
 
@@ -77,16 +79,33 @@ def workload(cluster: LocalCluster) -> list[Client]:
         client.broadcast({"running_mean": torch.ones(3), "count": torch.tensor(7)}, "captured")
 
     run_parallel(held_step, clients)
+
+    def table_steps(client: Client) -> None:  # an embedding table's declaration, rows pulls and pushes
+        table = EmbeddingTable("fuzzed", 4, optimizer="adagrad:lr=0.1", admit=2, client=client)
+        for number in range(2):
+            table.lookup(torch.arange(number, number + 20) * 7919).pow(2).sum().backward()
+        table.synchronize()
+
+    run_parallel(table_steps, clients)
     clients[1].stats()
     run_parallel(lambda c: c.barrier("captured"), clients)
     return clients
 
 
 def server_state(cluster: LocalCluster) -> State:
-    """(server, key), version and values of every key of every server."""
-    return [((i, s.key), s.version, None if s.param is None else s.param.detach().clone())
-            for i, server in enumerate(cluster.servers)
-            for s in sorted(server.shard.keys.values(), key=lambda s: s.key)]
+    """(server, key), version and values of every key of every server; of every embedding table, its key, version
+    and stored rows (ids and values in id order)."""
+    dense = [((i, s.key), s.version, None if s.param is None else s.param.detach().clone())
+             for i, server in enumerate(cluster.servers)
+             for s in sorted(server.shard.keys.values(), key=lambda s: s.key)]
+    tables = []
+    for i, server in enumerate(cluster.servers):
+        for key, table in sorted(server.shard.tables.by_key.items()):
+            ids, slots = table.store.index.items()
+            order = torch.argsort(ids)
+            held = torch.cat([ids[order].double(), table.store.values.index_select(0, slots[order]).double().flatten()])
+            tables.append(((i, key), table.version, held))
+    return dense + tables
 
 
 def same_state(a: State, b: State, declared_ok: bool = False) -> bool:
