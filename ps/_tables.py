@@ -203,19 +203,24 @@ class Tables:
                                                     "on the server zps.protocol.tables.server_of names)")
         return ids, frames[1:]
 
+    def _tables_of(self, msg: Message, verb: str) -> Iterator[tuple[KeyEntry, list[Any], Table, str]]:
+        """Each (entry, its frames, its table, how errors name it) of a rows message; each table at most once."""
+        seen: set[int] = set()
+        for entry, frames in msg.entries():
+            table = self._table(entry)
+            what = f"{verb} of table {table.name!r}"
+            if table.spec.key in seen:
+                raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: the table appears twice")
+            seen.add(table.spec.key)
+            yield entry, frames, table, what
+
     def read_pull(self, identity: bytes, msg: Message) -> RowsPull:
         worker = self.worker(msg)
         steps = {e.get("step", 0) for e in msg.keys}
         if len(steps) > 1:
             raise ProtocolError(ErrorCode.BAD_HEADER, "a rows pull asks for one step, the same for every table")
         entries: list[PullEntry] = []
-        seen: set[int] = set()
-        for entry, frames in msg.entries():
-            table = self._table(entry)
-            what = f"pull of table {table.name!r}"
-            if table.spec.key in seen:
-                raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: the table appears twice")
-            seen.add(table.spec.key)
+        for entry, frames, table, what in self._tables_of(msg, "pull"):
             codec = entry.get("pc", "none")
             if codec not in wire.ROW_CODECS:
                 raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: row codec {str(codec)[:40]!r} is not one of "
@@ -267,13 +272,7 @@ class Tables:
     def read_push(self, identity: bytes, msg: Message) -> RowsPush:
         worker = self.worker(msg)
         entries: list[PushEntry] = []
-        seen: set[int] = set()
-        for entry, frames in msg.entries():
-            table = self._table(entry)
-            what = f"push of table {table.name!r}"
-            if table.spec.key in seen:
-                raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: the table appears twice")
-            seen.add(table.spec.key)
+        for entry, frames, table, what in self._tables_of(msg, "push"):
             step = entry.get("step", 0)
             ids, rest = self._ids(entry, frames, table, what)
             codec = entry.get("codec", "none")

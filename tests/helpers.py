@@ -316,3 +316,30 @@ class Procs:
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.procs)
+
+
+@contextlib.contextmanager
+def engine_and_two_fake_servers(name: str) -> Iterator[tuple[Any, list[Any], list[list[int]]]]:
+    """A worker's Engine connected to two fake servers (ROUTERs on inproc): (engine, [fake 0, fake 1], notices);
+    appending a route list to ``notices`` is the coordinator's failover notice the engine reads next. Closed after."""
+    import zmq
+
+    from zps.protocol.tensors import Decoders
+    from zps.worker._engine import Engine
+    from zps.worker._replies import Replies
+    from zps.worker._shm import SharedAreas
+
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    fakes = [ctx.socket(zmq.ROUTER) for _ in range(2)]
+    addresses = [f"inproc://zps-test-{name}-{os.getpid()}-{id(fakes)}-{i}" for i in range(2)]
+    for fake, address in zip(fakes, addresses, strict=True):
+        fake.bind(address)
+    notices: list[list[int]] = []
+    engine = Engine("worker:0", ctx, addresses, timeout=5.0, replies=Replies(Decoders(), SharedAreas("worker:0")),
+                    failure=lambda: None, reroute=lambda: notices.pop() if notices else None)
+    try:
+        yield engine, fakes, notices
+    finally:
+        engine.close()
+        for fake in fakes:
+            fake.close(linger=0)

@@ -23,13 +23,9 @@ import torch
 import zmq
 
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, Kind, Message, error_reply, parse_frames
-from zps.protocol.tensors import Decoders
-from zps.worker._engine import Engine
-from zps.worker._replies import Replies
-from zps.worker._shm import SharedAreas
 from zps.worker.client import Client
 
-from .helpers import close_all, finish, local_cluster, run_parallel, start
+from .helpers import close_all, engine_and_two_fake_servers, finish, local_cluster, run_parallel, start
 
 NAMES = [f"p{i}" for i in range(6)]
 
@@ -167,15 +163,7 @@ def test_a_forged_done_fails_a_live_server_over_and_its_waiting_requests_go_to_t
 
 @pytest.mark.unit
 def test_the_engine_keeps_a_request_a_failed_over_server_answered_moved_and_sends_it_to_the_new_primary() -> None:
-    ctx: zmq.Context = zmq.Context.instance()
-    fakes = [ctx.socket(zmq.ROUTER) for _ in range(2)]
-    addresses = [f"inproc://zps-test-moved-{id(fakes)}-{i}" for i in range(2)]
-    for fake, address in zip(fakes, addresses, strict=True):
-        fake.bind(address)
-    notices: list[list[int]] = []
-    engine = Engine("worker:0", ctx, addresses, timeout=5.0, replies=Replies(Decoders(), SharedAreas("worker:0")),
-                    failure=lambda: None, reroute=lambda: notices.pop() if notices else None)
-    try:
+    with engine_and_two_fake_servers("moved") as (engine, fakes, notices):
         future = engine.submit([(0, Message(Kind.PULL, src="worker:0", keys=[{"key": 3, "step": 4, "nf": 0}]))],
                                "pull of step 4")
         assert fakes[0].poll(5000)
@@ -191,10 +179,6 @@ def test_the_engine_keeps_a_request_a_failed_over_server_answered_moved_and_send
         assert again.keys == first.keys
         fakes[1].send_multipart([identity, *Message(Kind.OK, id=again.id, src="server:1").to_frames()])
         assert future.result(timeout=10) == {}
-    finally:
-        engine.close()
-        for fake in fakes:
-            fake.close(linger=0)
 
 
 # -- 3. the duplicate guard of ASP/SSP --------------------------------------------------------------------------

@@ -24,15 +24,12 @@ from zps.protocol import replicas, transport
 from zps.protocol.bodies import SeedBody
 from zps.protocol.config import ConfigError, JobConfig
 from zps.protocol.messages import PROTOCOL_VERSION, ErrorCode, KeyEntry, Kind, Message, parse_frames
-from zps.protocol.tensors import Decoders
 from zps.ps._seeds import seed_messages
-from zps.worker._engine import Engine
-from zps.worker._replies import Replies
-from zps.worker._shm import SharedAreas
 
 from .helpers import (
     ROOT,
     Procs,
+    engine_and_two_fake_servers,
     finish,
     free_port,
     kill_tagged,
@@ -96,15 +93,7 @@ def test_replicas_must_fit_the_servers_and_are_refused_with_what_they_cannot_com
 # -- the client's engine re-routes (two fake servers on inproc) ------------------------------------------------
 @pytest.mark.cluster
 def test_the_engine_sends_what_a_dead_server_never_answered_again_to_the_new_primary() -> None:
-    ctx: zmq.Context = zmq.Context.instance()
-    fakes = [ctx.socket(zmq.ROUTER) for _ in range(2)]
-    addresses = [f"inproc://zps-test-reroute-{os.getpid()}-{i}" for i in range(2)]
-    for fake, address in zip(fakes, addresses, strict=True):
-        fake.bind(address)
-    notices: list[list[int]] = []
-    engine = Engine("worker:0", ctx, addresses, timeout=5.0, replies=Replies(Decoders(), SharedAreas("worker:0")),
-                    failure=lambda: None, reroute=lambda: notices.pop() if notices else None)
-    try:
+    with engine_and_two_fake_servers("reroute") as (engine, fakes, notices):
         push = Message(Kind.PUSH, src="worker:0", keys=[{"key": 3, "step": 4, "nf": 0}])
         future = engine.submit([(0, push)], "push of step 4")  # home 0: server 0 while it lives
         assert fakes[0].poll(5000)
@@ -122,10 +111,6 @@ def test_the_engine_sends_what_a_dead_server_never_answered_again_to_the_new_pri
         identity, *frames = fakes[1].recv_multipart()
         fakes[1].send_multipart([identity, *Message(Kind.OK, id=parse_frames(frames).id, src="server:1").to_frames()])
         later.result(timeout=10)
-    finally:
-        engine.close()
-        for fake in fakes:
-            fake.close(linger=0)
 
 
 # -- a malformed replication message (threads) -----------------------------------------------------------------
