@@ -7,7 +7,8 @@ process's RSS is within 10% of what it was after a warm-up. ``ZPS_FUZZ_SEED`` re
 failure message.
 
 The corpus holds a JOIN, a REPLICATE and a SEED too (this cluster refuses them: no --max-workers, no --replicas;
-tests/test_elastic.py and tests/test_replication.py send bad ones to servers that take them). The cluster tier
+tests/test_elastic.py and tests/test_replication.py send bad ones to servers that take them, and
+:mod:`.test_fuzz_replication` fuzzes SEED, REPLICATE and NOTICE on a replicated cluster). The cluster tier
 sends 10,000 messages (5,000 shared by the two servers, 5,000 at the coordinator); the slow tier 100,000 at each
 role.
 """

@@ -117,7 +117,7 @@ def _dealer(address: str) -> Iterator[zmq.Socket]:
 
 
 def _right_values(clients: list[Client], grads: dict[str, torch.Tensor]) -> None:
-    """A worker's own push is applied and both workers pull the same values, which every copy of a key holds."""
+    """A worker's own next push is applied, and both workers pull the same values."""
     outs = [{k: torch.empty_like(v) for k, v in grads.items()} for _ in clients]
     before = {k: torch.empty_like(v) for k, v in grads.items()}
     clients[0].pull(before, step=0).result(timeout=30)
