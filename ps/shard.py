@@ -405,7 +405,7 @@ class Shard:
         except ValueError as exc:
             log.error("%s: a malformed failover notice from the coordinator: %s", self.name, exc)
             return []
-        if found is None:
+        if found is None or found[0] <= self.replication.version:  # not one, or one seen already: nothing new
             return []
         if self.replication.rank in found[1]:
             self.replication.fenced = f"the coordinator failed this server over (topology version {found[0]})"

@@ -545,3 +545,120 @@ def test_declare_only_inits_and_huge_headers_are_capped_before_they_cost() -> No
             assert grown < 160 << 20
         finally:
             raw.close()
+
+
+# -- 1 and 2 end to end: --secure --replicas 1 digits, forged replication messages, a server killed -----------------
+def _serving_at(procs: Any, name: str, within: float = 60.0) -> str:
+    """The address a server process logged it serves at (its log file, read until the line is there)."""
+    import re
+
+    found: list[str] = []
+
+    def logged() -> bool:
+        found[:] = re.findall(r"serving at (tcp://\S+)", procs.log(name))
+        return bool(found)
+
+    wait_until(logged, f"{name} logging where it serves", within=within)
+    return found[0]
+
+
+@pytest.mark.slow
+def test_secure_replicated_digits_survive_forged_seed_replicate_and_done_and_a_killed_server(
+        tag: str, tmp_path: Path) -> None:
+    """Issue 22, end to end: `--secure --replicas 1` digits (3 servers, 2 workers, BSP, each role its own `zps node`
+    with its own key) is sent, at epoch 5, a REPLICATE of forged values (keyless; with a worker's key; with another
+    server's key), a SEED that names the real primary dead, and a DONE {failure} as server 1 (keyless; with a
+    worker's key). Nothing is failed over for them; then server 1 is killed for real, its backup takes over, and
+    the job ends with exit 0 and >= 95% test accuracy."""
+    import json
+    import signal
+
+    from zps.protocol.security import OBSERVER, make_secrets, write_secrets
+    from zps.telemetry.top import StatusClient
+
+    from .helpers import ROOT, Procs, free_port, role_pid, wait_for_line, wait_for_no_tagged
+
+    secrets = make_secrets(3, 2)
+    keys = write_secrets(tmp_path / "keys", secrets)
+    procs = Procs(tag, tmp_path)
+    out = tmp_path / "result.json"
+    coordinator_at = f"127.0.0.1:{free_port()}"
+    common = {"ZPS_COORDINATOR": coordinator_at, "ZPS_NUM_SERVERS": "3", "ZPS_NUM_WORKERS": "2", "ZPS_MODE": "bsp",
+              "ZPS_REPLICAS": "1", "ZPS_SECURE": "1", "ZPS_SECRETS_DIR": str(keys), "ZPS_TIMEOUT": "120",
+              "ZPS_HEARTBEAT_TIMEOUT": "60"}
+    procs.start("coordinator", {**common, "ZPS_ROLE": "coordinator"}, ["node"])
+    for rank in range(3):
+        procs.start(f"server{rank}", {**common, "ZPS_ROLE": "server", "ZPS_RANK": str(rank)}, ["node"])
+    script = [str(ROOT / "examples" / "digits.py"), "--epochs", "20", "--out", str(out)]
+    worker0 = procs.start("worker0", {**common, "ZPS_ROLE": "worker", "ZPS_RANK": "0"}, ["node", *script], pipe=True)
+    procs.start("worker1", {**common, "ZPS_ROLE": "worker", "ZPS_RANK": "1"}, ["node", *script])
+    servers = [_serving_at(procs, f"server{rank}") for rank in range(3)]
+    wait_for_line(worker0, "epoch 5/20", timeout=180)
+    public = secrets["coordinator"].server_public
+
+    def keyed(label: str, address: str) -> zmq.Socket:
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey, sock.curve_publickey = public.encode(), secrets[label].public.encode()
+        sock.curve_secretkey = secrets[label].secret.encode()
+        sock.connect(address)
+        return sock
+
+    def answer(sock: zmq.Socket, frames: list) -> Message:
+        sock.send_multipart(frames)
+        assert sock.poll(10_000), "no answer"
+        return parse_frames(sock.recv_multipart())
+
+    def update(key: int) -> dict[str, Any]:
+        return {"key": key, "version": 1 << 20, "hp": None, "step": 1 << 20, "worker": 0, "nf": 1, "codec": "none",
+                "meta": {}, "bufs": [["float32", 8]]}
+
+    forged = torch.full((8,), -12345.0).numpy().tobytes()
+    # server 2 is the backup of server 1's chunks: what it holds is what they become once server 1 is killed
+    keyless, as_worker = dealer(servers[2]), keyed("worker-1", servers[2])
+    as_server = keyed("server-0", servers[2])
+    to_coordinator, keyless_coordinator = (keyed("worker-1", f"tcp://{coordinator_at}"),
+                                           dealer(f"tcp://{coordinator_at}"))
+    watcher = StatusClient(coordinator_at, secrets[OBSERVER])
+    try:
+        keyless.send_multipart([head("replicate", "server:1", keys=[update(0)]), forged])
+        keyless_coordinator.send_multipart([head("done", "server:1", body={"exit_code": 1, "failure": "forged"})])
+        for kind in ("replicate", "seed"):  # a worker's key cannot speak as a server
+            reply = answer(as_worker, [head(kind, "server:1", keys=[update(0)]), forged])
+            assert reply.body["code"] == ErrorCode.BAD_HEADER.value, reply.body
+        # another server's key: not the primary of any chunk server 2 holds a copy of (CONFLICT comes before any
+        # look at the update's version or size; a key server 2 does not hold is UNKNOWN_KEY)
+        codes = []
+        for key in range(12):
+            reply = answer(as_server, [head("replicate", "server:0", keys=[update(key)]), forged])
+            assert reply.kind is Kind.ERROR, reply.body
+            codes.append(reply.body["code"])
+        assert set(codes) <= {ErrorCode.CONFLICT.value, ErrorCode.UNKNOWN_KEY.value}, codes
+        assert ErrorCode.CONFLICT.value in codes, codes
+        seed = head("seed", "server:0", keys=[], body={"optimizer": "Adam", "groups": [{"lr": 0.001}],
+                                                       "failover": {"version": 1, "dead": [1]}})
+        as_server.send_multipart([seed])  # names the real primary dead: it waits for a notice, unanswered
+        reply = answer(as_server, [head("replicate", "server:0", keys=[update(0)]), forged])  # served after it
+        assert reply.kind is Kind.ERROR and reply.body["code"] == codes[0], reply.body
+        reply = answer(to_coordinator, [head("done", "server:1", body={"exit_code": 1, "failure": "forged"})])
+        assert reply.body["code"] == ErrorCode.BAD_HEADER.value, reply.body
+        assert not keyless.poll(1000) and not keyless_coordinator.poll(0)  # no key of the job: no answer at all
+        status = watcher.status(wait=10)
+        assert (status["state"], status["dead_servers"], status["error"]) == ("running", [], None), status
+    finally:
+        watcher.close()
+        for sock in (keyless, as_worker, as_server, to_coordinator, keyless_coordinator):
+            sock.close()
+    os.kill(role_pid(tag, "server", 1), signal.SIGKILL)
+    code, text = finish(worker0, timeout=240)
+    assert code == 0, f"{text}\n{procs.logs()}"
+    codes_of = procs.wait(timeout=60)
+    assert codes_of == {"coordinator": 0, "server0": 0, "server1": -signal.SIGKILL, "server2": 0, "worker0": 0,
+                        "worker1": 0}, procs.logs()
+    coordinator_log = procs.log("coordinator")
+    assert "FAILOVER: server:1" in coordinator_log, procs.logs()
+    assert "FAILOVER: server:0" not in coordinator_log and "FAILOVER: server:2" not in coordinator_log, procs.logs()
+    result = json.loads(out.read_text())
+    print(f"--secure --replicas 1 digits, forged messages at epoch 5, server 1 killed: {result['test_accuracy']:.4f}")
+    assert result["test_accuracy"] >= 0.95, result
+    assert wait_for_no_tagged(tag, within=10) == []

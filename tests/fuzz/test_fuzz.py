@@ -7,8 +7,9 @@ process's RSS is within 10% of what it was after a warm-up. ``ZPS_FUZZ_SEED`` re
 failure message.
 
 The corpus holds an embedding table's declaration, rows pulls and pushes (zps.worker.embedding), and a JOIN, a
-REPLICATE and a SEED too (this cluster refuses them: no --max-workers, no --replicas;
-tests/test_elastic.py and tests/test_replication.py send bad ones to servers that take them). The cluster tier
+REPLICATE and a SEED too (this cluster refuses them: no --max-workers, no --replicas; tests/test_elastic.py and
+tests/test_replication.py send bad ones to servers that take them, and :mod:`.test_fuzz_replication` fuzzes SEED,
+REPLICATE and NOTICE on a replicated cluster). The cluster tier
 sends 10,000 messages (5,000 shared by the two servers, 5,000 at the coordinator); the slow tier 100,000 at each
 role.
 """
@@ -157,8 +158,10 @@ def probe(kind: str, number: int, src: str, body: dict[str, Any]) -> bytes:
 
 def run_fuzz(sock: zmq.Socket, mutator: mutate.Mutator, count: int, make_probe: Callable[[int], bytes],
              state: Callable[[], Any], same: Callable[..., bool], alive: Callable[[], bool], where: str,
-             adjust: Callable[[list[bytes]], list[bytes]] = lambda f: f) -> dict[str, int]:
-    """Send ``count`` mutated messages, each followed by a probe; check the invariants (module docstring)."""
+             adjust: Callable[[list[bytes]], list[bytes]] = lambda f: f,
+             deliver: Callable[[list[bytes]], None] | None = None) -> dict[str, int]:
+    """Send ``count`` mutated messages, each followed by a probe; check the invariants (module docstring).
+    ``deliver``: how a message reaches the role when not over ``sock`` (the probe always goes over ``sock``)."""
     tally = {"rejected": 0, "accepted": 0, "unanswered": 0}
     warm_rss = 0
     warm_up = min(500, count // 10)
@@ -167,7 +170,7 @@ def run_fuzz(sock: zmq.Socket, mutator: mutate.Mutator, count: int, make_probe: 
             warm_rss = rss()
         frames = adjust(mutator.next())
         before = state()
-        sock.send_multipart(frames)
+        (deliver or sock.send_multipart)(frames)
         sock.send_multipart([make_probe(i)])
         mine = {0, request_id(frames)}  # the message's replies: its id, or 0 when its header could not be read
         answers: list[Message] = []
