@@ -262,8 +262,9 @@ def raise_if_error(msg: Message) -> Message:
 MAX_HEADER_BYTES = 4 << 20  # the default; servers and the coordinator take theirs from --max-header-bytes
 MAX_STEP = 1 << 53  # steps are counts of updates: beyond this a step is not one a worker took
 # msgpack's own limits while a header is unpacked: no header of a real message comes near them, and a small header
-# cannot expand into millions of objects (a "msgpack bomb")
-_UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len": 1 << 18, "max_map_len": 1 << 16,
+# cannot expand into millions of objects (a "msgpack bomb"); the longest array a real header holds is the keys of
+# one message (a few thousand: zps.ps.server.MAX_KEYS_SERVED) or a per-key list under --max-keys (2^16 by default)
+_UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len": 1 << 16, "max_map_len": 1 << 16,
                   "max_ext_len": 0}
 
 

@@ -29,7 +29,7 @@ import torch
 import zmq
 
 from zps.protocol.bodies import Commit
-from zps.protocol.messages import PROTOCOL_VERSION, Kind, Message, ProtocolError, parse_frames
+from zps.protocol.messages import PROTOCOL_VERSION, Kind, Message, ProtocolError, decode_header, parse_frames
 from zps.protocol.peers import parse_peer
 from zps.worker.client import Client
 from zps.worker.embedding import EmbeddingTable
@@ -143,10 +143,11 @@ def tame(frames: list[bytes], members: set[tuple[str, int]]) -> list[bytes]:
 
 
 def request_id(frames: list[bytes]) -> int:
-    """The id a role answers ``frames`` with: its header's, when it has a readable integer one (else 0)."""
+    """The id a role answers ``frames`` with: its header's, when the roles can read it and it has an integer one
+    (else 0)."""
     try:
-        head = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
-    except Exception:
+        head = decode_header(frames[0])
+    except ProtocolError:
         return 0
     found = head.get("id") if isinstance(head, dict) else None
     return found if type(found) is int and 0 <= found < 1 << 64 else 0
