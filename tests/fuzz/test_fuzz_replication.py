@@ -16,7 +16,7 @@ on relaying the worker's connection (the right values after every batch), takes 
 ones closed, and the process that hosts it (the launcher; here the test) does not grow.
 
 The cluster tier sends 450 replication messages, 150 notices and 24 hostile connections (a few seconds); the slow
-tier 20,000, 10,000 and 600. ``ZPS_FUZZ_SEED`` replays a run.
+tier 60,000, 30,000 and 600. ``ZPS_FUZZ_SEED`` replays a run.
 """
 from __future__ import annotations
 
@@ -191,8 +191,8 @@ def test_mangled_seeds_replicates_and_notices_end_nothing_and_change_nothing() -
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_twenty_thousand_mangled_seeds_replicates_and_ten_thousand_notices() -> None:
-    fuzz_replication(20_000, 10_000)  # about 3 minutes on 2 cores: the slow tier's share of CI
+def test_sixty_thousand_mangled_seeds_replicates_and_thirty_thousand_notices() -> None:
+    fuzz_replication(60_000, 30_000)  # about a minute on 2 cores
 
 
 # -- the --net relay ---------------------------------------------------------------------------------------------
