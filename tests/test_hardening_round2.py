@@ -49,6 +49,23 @@ def wait_until(condition: Callable[[], bool], what: str, within: float = 30.0) -
         time.sleep(0.01)
 
 
+def keyed(secrets: Any, public: str, label: str, address: str) -> zmq.Socket:
+    """A DEALER to ``address`` under CURVE with the key of ``label`` (one of the job's secrets)."""
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_serverkey, sock.curve_publickey = public.encode(), secrets[label].public.encode()
+    sock.curve_secretkey = secrets[label].secret.encode()
+    sock.connect(address)
+    return sock
+
+
+def answer(sock: zmq.Socket, frames: list) -> Message:
+    """Send ``frames`` and read the one answer (10 s at most)."""
+    sock.send_multipart(frames)
+    assert sock.poll(10_000), "no answer"
+    return parse_frames(sock.recv_multipart())
+
+
 # -- 1. replicas under --secure: only the primary the coordinator names replicates or seeds ---------------------
 @pytest.mark.cluster
 def test_a_secure_replicated_job_refuses_every_forged_seed_replicate_and_done_and_trains_on() -> None:
@@ -73,22 +90,11 @@ def test_a_secure_replicated_job_refuses_every_forged_seed_replicate_and_done_an
         servers = clients[0].topology.servers
         public = secrets["coordinator"].server_public
 
-        def keyed(label: str, address: str) -> zmq.Socket:
-            sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.curve_serverkey, sock.curve_publickey = public.encode(), secrets[label].public.encode()
-            sock.curve_secretkey = secrets[label].secret.encode()
-            sock.connect(address)
-            return sock
-
-        def answer(sock: zmq.Socket, frames: list) -> Message:
-            sock.send_multipart(frames)
-            assert sock.poll(10_000), "no answer"
-            return parse_frames(sock.recv_multipart())
 
         keyless = dealer(servers[1])
-        as_worker, as_server = keyed("worker-1", servers[1]), keyed("server-2", servers[1])
-        coordinator = keyed("worker-1", cluster.coordinator.address)
+        as_worker = keyed(secrets, public, "worker-1", servers[1])
+        as_server = keyed(secrets, public, "server-2", servers[1])
+        coordinator = keyed(secrets, public, "worker-1", cluster.coordinator.address)
         try:
             keyless.send_multipart([head("replicate", "server:0", keys=[update]), forged])
             assert not keyless.poll(1000)  # no key of the job: no answer at all
@@ -596,18 +602,6 @@ def test_secure_replicated_digits_survive_forged_seed_replicate_and_done_and_a_k
     wait_for_line(worker0, "epoch 5/20", timeout=180)
     public = secrets["coordinator"].server_public
 
-    def keyed(label: str, address: str) -> zmq.Socket:
-        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.curve_serverkey, sock.curve_publickey = public.encode(), secrets[label].public.encode()
-        sock.curve_secretkey = secrets[label].secret.encode()
-        sock.connect(address)
-        return sock
-
-    def answer(sock: zmq.Socket, frames: list) -> Message:
-        sock.send_multipart(frames)
-        assert sock.poll(10_000), "no answer"
-        return parse_frames(sock.recv_multipart())
 
     def update(key: int) -> dict[str, Any]:
         return {"key": key, "version": 1 << 20, "hp": None, "step": 1 << 20, "worker": 0, "nf": 1, "codec": "none",
@@ -615,9 +609,9 @@ def test_secure_replicated_digits_survive_forged_seed_replicate_and_done_and_a_k
 
     forged = torch.full((8,), -12345.0).numpy().tobytes()
     # server 2 is the backup of server 1's chunks: what it holds is what they become once server 1 is killed
-    keyless, as_worker = dealer(servers[2]), keyed("worker-1", servers[2])
-    as_server = keyed("server-0", servers[2])
-    to_coordinator, keyless_coordinator = (keyed("worker-1", f"tcp://{coordinator_at}"),
+    keyless, as_worker = dealer(servers[2]), keyed(secrets, public, "worker-1", servers[2])
+    as_server = keyed(secrets, public, "server-0", servers[2])
+    to_coordinator, keyless_coordinator = (keyed(secrets, public, "worker-1", f"tcp://{coordinator_at}"),
                                            dealer(f"tcp://{coordinator_at}"))
     watcher = StatusClient(coordinator_at, secrets[OBSERVER])
     try:
