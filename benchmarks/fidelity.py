@@ -31,13 +31,7 @@ from benchmarks.training import make_batches, make_model, set_threads  # noqa: E
 
 def cpu_per_call(fn, repeats: int) -> float:
     """Median process CPU seconds of one call of ``fn`` over ``repeats`` calls (after a warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    return statistics.median(C.time_calls(fn, repeats, clock=time.process_time))
 
 
 def measure(kind: str, repeats: int) -> dict[str, float]:
