@@ -137,9 +137,9 @@ def main(args: Any) -> int:
 def _tables_note(console: Any, model: Any, at: Setup, stated: float) -> None:
     """What the verdict does with the tables: how all-reduce holds and moves them, and the memory it needs."""
     if tables_left_out(model):
-        console.print("The ring and BytePS are predicted without the tables whose ROWS is not given (--table "
-                      "IDS:DIM:ROWS; zps's steps include them): a dense table would be all-reduced whole, which "
-                      "these formulas then leave out.", highlight=False)
+        console.print("The ring and BytePS are predicted without the tables whose ROWS is not given, in time and "
+                      "in memory (--table IDS:DIM:ROWS; zps's steps include them): a dense table would be all-reduced "
+                      "and held whole, which these formulas then leave out.", highlight=False)
     whole = table_elements(model)
     if whole:
         console.print(f"With the tables, the ring and BytePS all-reduce each table whole every step (an nn.Embedding's "
