@@ -51,18 +51,20 @@ MAX_CONNECTIONS = 4  # live connections per relay: one worker's to one server, a
 
 class Queue:
     """One direction of one link: bytes leave it at ``rate`` in the order they were offered. Shared by every
-    connection over the link (thread-safe)."""
+    connection over the link (thread-safe). ``bytes``: every byte it has been given, in all (what its rate paced)."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
+        self.bytes = 0
         self._free_at = 0.0
         self._lock = threading.Lock()
 
     def reserve(self, size: int, ready: float) -> float:
         """``size`` bytes, ready to enter the queue at ``ready``: when they have left it."""
-        if self.rate is None:
-            return ready
         with self._lock:
+            self.bytes += size
+            if self.rate is None:
+                return ready
             start = max(ready, self._free_at)
             self._free_at = start + size / self.rate
             return self._free_at
@@ -333,6 +335,12 @@ class Emulator:
             if found is None:
                 found = self._queues[(role, rank, direction)] = Queue(self.spec.link(role, rank).rate)
             return found
+
+    def moved(self, role: str, rank: int, direction: str) -> int:
+        """The bytes that have entered the ``direction`` (``"up"``: sent, ``"down"``: received) queue of ``role``
+        ``rank``'s link so far: every byte the relays paced through it (TCP stream bytes: zps's frames and ZeroMQ's
+        framing)."""
+        return self.queue(role, rank, direction).bytes
 
     def path(self, sender: tuple[str, int], receiver: tuple[str, int]) -> Path:
         """What bytes from ``sender`` to ``receiver`` (each ``(role, rank)``) cross."""

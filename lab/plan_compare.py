@@ -24,21 +24,42 @@ is in its own prediction). The formulas:
   equal links (``B_w = B_s = B``) that is the paper's ``2 W (W - 1) M / ((W^2 + k W - 2 k) B)``: ``k = 0`` is the
   ring, ``k = W`` a parameter server with as many servers as workers (``M / B``). The optimizer runs on every
   worker; latency: the larger of a round trip to the servers and the ring's hops.
+
+**Embedding tables** (``--table IDS:DIM:ROWS``, docs/embeddings.md). zps pulls and pushes a batch's distinct rows
+(:func:`~zps.lab.table_plan.table_seconds`); under all-reduce a table is an ``nn.Embedding`` every worker holds
+whole:
+
+- the **ring** and **BytePS** take it dense (``nn.Embedding``'s default, and what BytePS reduces): its whole
+  gradient, ``4 x ROWS x DIM`` bytes, joins ``M`` every step, and the optimizer steps all of its rows on every
+  worker;
+- **DDP, sparse rows** (``nn.Embedding(sparse=True)`` under DDP over gloo, which all-gathers a sparse gradient's
+  indices and values): the dense parameters are all-reduced as by the ring, and each worker receives every other
+  worker's distinct rows, ``(W - 1) x IDS x (8 + 4 DIM)`` bytes per table over ``3 (W - 1)`` hops (sizes, indices,
+  values); its optimizer steps the union of the rows (at most ``min(ROWS, W x IDS)``) on every worker.
+
+A table whose ROWS is not given is left out of the ring's and BytePS's ``M`` (:func:`tables_left_out`). **Memory**:
+a worker holds at least the float32 values and gradients of what it trains (optimizer state comes on top): zps's,
+the dense parameters and its batch's rows; the ring's and BytePS's, the dense parameters and every table whole
+with its dense gradient (``8 x ROWS x DIM``); sparse DDP's, every table whole (``4 x ROWS x DIM``) and the rows
+gathered. With a worker's memory stated (``Setup.worker_memory``), an architecture needing more cannot train the
+model at all: it is named as such and never the verdict.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zps.protocol.simulation import Link, NetSpec
 
 from .planner import Costs, Model, Need, Prediction, Setup, predict, server_counts, servers_needed
+from .table_plan import rows_of
 
 DDP_BUCKET = 25 * 1024 * 1024  # bytes: DistributedDataParallel's bucket_cap_mb default
 SUMMABLE = {"fp16": 0.5, "bf16": 0.5}  # codecs a ring can sum, and their size against float32
 TIE = 0.05  # predictions this close are called a tie
 RING = "ring"  # the ring all-reduce's name in a verdict
+SPARSE = "DDP, sparse rows"  # DDP with nn.Embedding(sparse=True): the tables' rows all-gathered
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,8 @@ class Candidate:
     name: str
     step: float
     parts: dict[str, float]
+    memory: float = 0.0  # bytes a worker holds at least (float32 values and gradients; optimizer state on top)
+    fits: bool = True  # False: more than the worker memory stated (this architecture cannot train the model)
 
 
 def _rates(setup: Setup) -> tuple[float | None, float | None, float]:
@@ -64,9 +87,42 @@ def _rates(setup: Setup) -> tuple[float | None, float | None, float]:
     return slowest(workers), slowest(servers), hop
 
 
+def gib(size: float) -> str:
+    """Bytes as GiB, for people: ``"7.6"``, ``"0.004"``."""
+    value = size / 2**30
+    return f"{value:,.1f}" if value >= 0.95 else f"{value:.2g}"
+
+
+def table_elements(model: Model) -> int:
+    """ROWS x DIM summed over the tables whose ROWS is given: what all-reduce holds and reduces of them."""
+    return sum(rows * t[1] for t in model.tables if (rows := rows_of(t)) is not None)
+
+
+def tables_left_out(model: Model) -> bool:
+    """Some table has no ROWS: the ring and BytePS are predicted without it."""
+    return any(rows_of(t) is None for t in model.tables)
+
+
 def gradient_bytes(model: Model, setup: Setup) -> float:
-    """M: what a dense reduction moves (float32, or the size of a summable codec's values)."""
-    return 4.0 * sum(model.sizes) * SUMMABLE.get(setup.codec.split(":")[0], 1.0)
+    """M: what a dense reduction moves (float32, or the size of a summable codec's values): the dense parameters'
+    gradient and every table's whole (its ROWS given), as an ``nn.Embedding``'s dense gradient."""
+    return 4.0 * (sum(model.sizes) + table_elements(model)) * SUMMABLE.get(setup.codec.split(":")[0], 1.0)
+
+
+def worker_memory(model: Model, setup: Setup, way: str) -> float:
+    """Bytes a worker holds at least under ``way`` (``"zps"``, ``"dense"``: the ring and BytePS, ``"sparse"``):
+    float32 values and gradients (module docstring)."""
+    dense = 8.0 * sum(model.sizes)
+    if way == "zps":
+        return dense + sum(8.0 * t[0] * t[1] for t in model.tables)
+    if way == "sparse":
+        return dense + 4.0 * table_elements(model) + setup.workers * sum(t[0] * (8 + 4 * t[1]) for t in model.tables)
+    return dense + 8.0 * table_elements(model)
+
+
+def _held(candidate: Candidate, model: Model, setup: Setup, way: str) -> Candidate:
+    need = worker_memory(model, setup, way)
+    return replace(candidate, memory=need, fits=not setup.worker_memory or need <= setup.worker_memory)
 
 
 def _compute(model: Model, setup: Setup) -> float:
@@ -78,7 +134,7 @@ def ring_allreduce(model: Model, setup: Setup, costs: Costs) -> Candidate:
     w = setup.workers
     rate, _, hop = _rates(setup)
     m = gradient_bytes(model, setup)
-    params = sum(model.sizes)
+    params = sum(model.sizes) + table_elements(model)
     buckets = max(1, math.ceil(m / DDP_BUCKET))
     share = 2 * (w - 1) / w
     parts = {"compute": _compute(model, setup),
@@ -86,7 +142,22 @@ def ring_allreduce(model: Model, setup: Setup, costs: Costs) -> Candidate:
              "latency": 2 * (w - 1) * buckets * hop if w > 1 else 0.0,
              "sum": (w - 1) / w * params * costs.copy_elem,
              "optimizer": params * costs.apply_elem}
-    return Candidate(RING, sum(parts.values()), parts)
+    return _held(Candidate(RING, sum(parts.values()), parts), model, setup, "dense")
+
+
+def ddp_sparse(model: Model, setup: Setup, costs: Costs) -> Candidate:
+    """DDP with the tables as ``nn.Embedding(sparse=True)``: the dense parameters all-reduced by the ring, every
+    worker's distinct rows all-gathered (module docstring)."""
+    w = setup.workers
+    rate, _, hop = _rates(setup)
+    parts = dict(ring_allreduce(replace(model, tables=()), setup, costs).parts)
+    gathered = (w - 1) * sum(t[0] * (8 + 4 * t[1]) for t in model.tables)
+    union = sum(min(w * t[0], rows_of(t) or w * t[0]) * t[1] for t in model.tables)
+    parts["transfer"] += gathered / rate if rate else 0.0
+    parts["latency"] += 3 * (w - 1) * hop * len(model.tables) if w > 1 else 0.0
+    parts["sum"] += w * sum(t[0] * t[1] for t in model.tables) * costs.copy_elem
+    parts["optimizer"] += union * costs.apply_elem
+    return _held(Candidate(SPARSE, sum(parts.values()), parts), model, setup, "sparse")
 
 
 def byteps_share(w: int, k: int, worker_rate: float | None, server_rate: float | None) -> float:
@@ -105,7 +176,7 @@ def byteps(model: Model, setup: Setup, costs: Costs) -> Candidate:
     w, k = setup.workers, setup.servers
     worker_rate, server_rate, hop = _rates(setup)
     m = gradient_bytes(model, setup)
-    params = sum(model.sizes)
+    params = sum(model.sizes) + table_elements(model)
     x = byteps_share(w, k, worker_rate, server_rate)
     a = 2 * (w - 1) / w
     at_worker = (x + a * (1 - x)) * m / worker_rate if worker_rate else 0.0
@@ -118,7 +189,7 @@ def byteps(model: Model, setup: Setup, costs: Costs) -> Candidate:
              "latency": max(ring_latency, server_latency),
              "sum": (w * x * params / k if k else (w - 1) / w * params) * costs.copy_elem,
              "optimizer": params * costs.apply_elem}
-    return Candidate(f"BytePS (k={k})", sum(parts.values()), parts)
+    return _held(Candidate(f"BytePS (k={k})", sum(parts.values()), parts), model, setup, "dense")
 
 
 @dataclass(frozen=True)
@@ -134,18 +205,36 @@ class Verdict:
 
     @property
     def fastest(self) -> Candidate:
+        """The fastest of those that fit in a worker's memory (candidates are ordered so)."""
         return self.candidates[0]
 
+    @property
+    def unfit(self) -> list[Candidate]:
+        """The architectures a worker's memory cannot hold (they cannot train the model at all)."""
+        return [c for c in self.candidates if not c.fits]
+
     def winners(self, tie: float = TIE) -> list[Candidate]:
-        """The fastest and every other within ``tie`` of it (a prediction is not that precise)."""
-        return [c for c in self.candidates if c.step <= self.fastest.step * (1 + tie)]
+        """The fastest and every other within ``tie`` of it (a prediction is not that precise), of those that fit."""
+        return [c for c in self.candidates if c.fits and c.step <= self.fastest.step * (1 + tie)]
 
     def says(self) -> str:
-        """The verdict in words: the fastest and by how much, or the architectures that tie."""
+        """The verdict in words: the fastest and by how much, or the architectures that tie; and those that cannot
+        hold the model in the worker memory stated."""
         won = self.winners()
-        if len(won) > 1:
-            return "about equal: " + ", ".join(c.name for c in won)
-        return f"{won[0].name}, {self.candidates[1].step / won[0].step:.2f}x {self.candidates[1].name}"
+        fit = [c for c in self.candidates if c.fits]
+        if not won:
+            out = "none fits"
+        elif len(won) > 1:
+            out = "about equal: " + ", ".join(c.name for c in won)
+        elif len(fit) > 1:
+            out = f"{won[0].name}, {fit[1].step / won[0].step:.2f}x {fit[1].name}"
+        else:
+            out = f"{won[0].name}, the only one that fits"
+        if self.unfit:
+            least, stated = min(c.memory for c in self.unfit), self.setup.worker_memory
+            out += (f"; out of memory: {', '.join(c.name for c in self.unfit)} (a worker would hold at least "
+                    f"{gib(least)} GiB, over the {gib(stated)} GiB stated)")
+        return out
 
 
 def verdict(model: Model, setup: Setup, costs: Costs, within: float,
@@ -156,13 +245,16 @@ def verdict(model: Model, setup: Setup, costs: Costs, within: float,
     need = servers_needed(model, setup, costs, within, tried=tried)
     ps = predict(model, setup, costs)
     ring = ring_allreduce(model, setup, costs)
-    candidates = [Candidate(f"zps (S={setup.servers})", ps.step, ps.parts),
-                  Candidate(f"zps (S={need.servers})", need.step, tried[need.servers - 1].parts),
+    candidates = [_held(Candidate(f"zps (S={setup.servers})", ps.step, ps.parts), model, setup, "zps"),
+                  _held(Candidate(f"zps (S={need.servers})", need.step, tried[need.servers - 1].parts), model, setup,
+                        "zps"),
                   ring, byteps(model, setup, costs)]
     if need.servers == setup.servers:
         candidates.pop(1)
+    if model.tables:
+        candidates.append(ddp_sparse(model, setup, costs))
     matches = next((s for s, p in enumerate(tried, 1) if p.step <= ring.step), None)
-    return Verdict(setup, ps, need, sorted(candidates, key=lambda c: c.step), matches)
+    return Verdict(setup, ps, need, sorted(candidates, key=lambda c: (not c.fits, c.step)), matches)
 
 
 def byteps_equal_links(w: int, k: int, m: float, rate: float) -> float:

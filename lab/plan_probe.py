@@ -3,19 +3,19 @@ under a planning stand-in for the cluster.
 
     python -m zps.lab.plan_probe --out model.json [--warmup 2] [--steps 5] SCRIPT [ARGS...]
 
-:func:`probe_script` runs this module in a fresh interpreter (one torch thread, no ``ZPS_ROLE``). It runs the
-script as ``python SCRIPT ARGS`` would (``__main__``, its own arguments), so ``worker.init()`` gives it the local
-session of a script started by no launcher (:mod:`zps.worker.local`: the only worker, its optimizer stepped in
-the process). Before the script starts, ``zps.worker.DistributedOptimizer`` is replaced by a stand-in that builds
-the real one and times its ``step`` (and ``zps.worker.init`` by one that gives the local session the job's default
-settings and a one-server BSP topology where it has none, for scripts that read ``client.config`` or
-``client.topology``): a step's compute is the time from the end of the previous ``step()`` to the
-start of this one (data, forward, backward, the script's own work: what ``--metrics-out`` calls compute), its
-samples what the script reported meanwhile (``worker.report(samples=...)``). After ``warmup`` steps and
-``steps`` more, the stand-in stops the script (an exception no ``except Exception`` catches) and writes what it saw:
-the parameters the optimizer steps (names and shapes, in the model's order), the median compute and samples of the
-timed steps, and the optimizer's class and learning rate. Nothing of zps.worker is changed; the script's training
-beyond those steps never runs.
+:func:`probe_script` runs this module in a fresh interpreter (one torch thread, no ``ZPS_ROLE``). It runs the script
+as ``python SCRIPT ARGS`` would (``__main__``, its own arguments), so ``worker.init()`` gives it the local session
+of a script started by no launcher (:mod:`zps.worker.local`: the only worker, its optimizer stepped in the process).
+Before the script starts, ``zps.worker.DistributedOptimizer``'s ``__init__`` is wrapped by a stand-in that describes
+the first one built and times its ``step`` (the class stays, so ``isinstance`` holds), and ``zps.worker.init`` by
+one that gives the local session the job's default settings and a one-server BSP topology where it has none, for
+scripts that read ``client.config`` or ``client.topology``. A step's compute is the time from the end of the
+previous ``step()`` to the start of this one (data, forward, backward, the script's own work: what ``--metrics-out``
+calls compute), its samples what the script reported meanwhile (``worker.report(samples=...)``). After ``warmup``
+steps and ``steps`` more, the stand-in stops the script (an exception no ``except Exception`` catches) and writes
+what it saw: the parameters the optimizer steps (names and shapes, in the model's order), the median compute and
+samples of the timed steps, and the optimizer's class and learning rate. Nothing of zps.worker is changed on disk
+(only in the probe's own interpreter); the script's training beyond those steps never runs.
 """
 from __future__ import annotations
 
@@ -103,16 +103,20 @@ class _StandIn:
         init.__doc__ = real.__doc__
         return init
 
-    def wrap(self, real: Any) -> Any:
-        def stand_in(optimizer: Any, model: Any = None, *args: Any, **kwargs: Any) -> Any:
-            opt = real(optimizer, model, *args, **kwargs)
+    def patch(self, cls: Any) -> None:
+        """``cls.__init__`` (DistributedOptimizer's) builds the real one, then describes and times the first one
+        built. The class itself stays: a script's ``isinstance(opt, worker.DistributedOptimizer)`` holds (a function
+        standing in for the class once broke examples/ctr.py's)."""
+        real_init = cls.__init__
+
+        def __init__(opt: Any, optimizer: Any, model: Any = None, *args: Any, **kwargs: Any) -> None:
+            real_init(opt, optimizer, model, *args, **kwargs)
             if self.described is None:  # the first one built is the one planned for
                 self._describe(optimizer, model, kwargs.get("named_parameters"))
                 self._time(opt)
-            return opt
 
-        stand_in.__doc__ = real.__doc__
-        return stand_in
+        __init__.__doc__ = real_init.__doc__
+        cls.__init__ = __init__
 
     def _describe(self, optimizer: Any, model: Any, named: Any) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -169,7 +173,7 @@ def _main() -> int:
     from zps import worker
 
     stand_in = _StandIn(args.warmup, args.steps, Path(args.out))
-    worker.DistributedOptimizer = stand_in.wrap(worker.DistributedOptimizer)  # type: ignore[misc]
+    stand_in.patch(worker.DistributedOptimizer)
     worker.init = stand_in.init(worker.init)
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, str(Path(args.script).resolve().parent))

@@ -51,7 +51,8 @@ class Model:
     compute: float  # seconds, one process alone on this host
     batch: int = 0  # samples per step (0: unknown)
     optimizer: str = ""  # the script's optimizer as a spec ("": unknown)
-    tables: tuple[tuple[int, int], ...] = ()  # embedding tables: (distinct ids per worker batch, dim), lab/table_plan
+    tables: tuple[tuple[int, ...], ...] = ()  # embedding tables: (distinct ids per worker batch, dim[, rows in all]),
+    # lab/table_plan
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Setup:
     mode: str = "bsp"
     compress_min: int = 1024
     local_cores: int = 0  # >0: a cluster simulated on a host with this many cores
+    worker_memory: float = 0.0  # bytes a worker may hold (0: not stated); all-reduce holds every table whole
 
 
 @dataclass(frozen=True)

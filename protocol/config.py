@@ -235,6 +235,8 @@ class JobConfig:
     max_server_bytes: int = setting(1 << 36, "cap: bytes of parameters one server holds (their optimizer state "
                                              "comes on top)", minimum=1 << 20, metavar="BYTES")
     max_pending: int = setting(256, "cap: requests of one worker a server keeps waiting", minimum=1, metavar="N")
+    max_tables: int = setting(64, "cap: embedding tables a job declares (every server holds an index, counters and, "
+                                  "with admit > 1, a 16 MB sketch for each)", minimum=1, metavar="N")
 
     def __post_init__(self) -> None:
         _check_fields(self)

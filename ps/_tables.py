@@ -164,6 +164,10 @@ class Tables:
             raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} declares table {spec.name!r}, but key "
                                                     f"{spec.key} {what} ({existing.spec.to_body()}): do all workers "
                                                     "build the same tables?")
+        if existing is None and len(self.by_key) >= self.job.max_tables:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"worker {worker} declares table {spec.name!r}, but this job "
+                                                     f"has {len(self.by_key)} tables already (the cap: "
+                                                     "--max-tables)")
         return Declare(identity, msg.id, worker, spec, existing)
 
     def declare(self, request: Declare) -> TableDone:

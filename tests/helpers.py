@@ -43,6 +43,7 @@ class LocalCluster:
         self.timeout = job.timeout
         self.secrets = secrets  # the job's keys, with secure=True
         self.threads: list[threading.Thread] = []  # the coordinator's, then each server's
+        self.network: Emulator | None = None  # with net=...: the emulated links (each queue counts its bytes)
 
     def worker_config(self, rank: int = -1, **job_overrides: Any) -> Config:
         return Config(
@@ -105,7 +106,7 @@ def local_cluster(
         t.start()
     try:
         cluster = LocalCluster(coordinator, servers, settings, secrets)
-        cluster.threads = threads
+        cluster.threads, cluster.network = threads, network
         yield cluster
     finally:
         for s in servers:

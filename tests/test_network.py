@@ -182,3 +182,45 @@ def test_a_job_under_net_moves_every_byte_through_the_links_and_shares_the_serve
     assert all(torch.equal(out, expected) for out in outs)
     # both pushes cross the server's one link (2 MiB), then both pulls (2 MiB): at 12.5 MB/s, at least this long
     assert took >= 0.95 * 4 * 4 * numel / 12.5e6, took
+
+
+@pytest.mark.cluster
+def test_embedding_table_rows_cross_the_links_and_are_paced_by_them() -> None:
+    """ROWS_PULL and ROWS_PUSH go through the relays like any worker-server bytes: the server's link queues count
+    (deterministically) every row each way, and the steps take at least those bytes over its rate."""
+    from zps.worker import EmbeddingTable
+
+    rate, n, dim, steps = 2.5e6, 1000, 128, 3  # 20 Mbit/s; per worker and step 0.5 MB of rows each way
+    with local_cluster(1, 2, "bsp", net="bw=20mbit") as cluster:
+        assert cluster.network is not None
+        clients = cluster.clients()
+        try:
+            tables = run_parallel(lambda c: EmbeddingTable("rows", dim, optimizer="sgd:lr=0.5", client=c), clients)
+            assert all(address != cluster.coordinator.members[("server", 0)].address
+                       for c in clients for address in c.topology.servers)  # each worker reaches it via a relay
+            before = {d: cluster.network.moved("server", 0, d) for d in ("up", "down")}
+            mine = [torch.arange(n) + 7 * n * r for r in range(2)]  # distinct ids, none shared by the workers
+
+            def train(r: int) -> None:
+                for _ in range(steps):
+                    tables[r].lookup(mine[r]).sum().backward()
+                tables[r].synchronize()
+
+            began = time.perf_counter()
+            run_parallel(train, range(2))
+            took = time.perf_counter() - began
+            moved = {d: cluster.network.moved("server", 0, d) - before[d] for d in ("up", "down")}
+            pushed_by = [cluster.network.moved("worker", r, "up") for r in range(2)]
+            counters = [t.counters for t in tables]
+        finally:
+            close_all(clients)
+    rows = 2 * steps * n * 4 * dim  # float32 rows of both workers' steps: pulled (server up), pushed (server down)
+    ids = 2 * steps * n * 8  # int64 ids: in every pull and every push (server down)
+    assert [c["rows_pulled"] for c in counters] == [steps * n] * 2 and [c["rows_pushed"] for c in counters] == \
+        [steps * n] * 2
+    # every row crossed the server's link (and no other bytes of size: headers and ZeroMQ's framing only)
+    assert rows <= moved["up"] <= rows + (64 << 10), moved
+    assert rows + 2 * ids <= moved["down"] <= rows + 2 * ids + (64 << 10), moved
+    assert all(steps * n * (4 * dim + 16) <= p for p in pushed_by), pushed_by  # each worker's own uplink too
+    # paced: a queue lets its bytes out at its rate, so the steps took at least its bytes' time
+    assert took >= 0.95 * max(moved.values()) / rate, (took, moved)

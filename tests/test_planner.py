@@ -11,12 +11,16 @@ import torch
 from zps.lab.plan_compare import (
     DDP_BUCKET,
     RING,
+    SPARSE,
     byteps,
     byteps_equal_links,
     byteps_share,
+    ddp_sparse,
     gradient_bytes,
     ring_allreduce,
+    tables_left_out,
     verdict,
+    worker_memory,
 )
 from zps.lab.plan_probe import ProbeError, probe_script
 from zps.lab.planner import (
@@ -215,6 +219,86 @@ def test_the_verdict_weighs_servers_against_the_ring_for_a_big_model_on_many_wor
     assert tried[v.matches_ring - 1].step <= ring.step < tried[v.matches_ring - 2].step  # ... and not before
     small = verdict(synthetic_model(1000, 2, compute=0.1), Setup(2, 1, net="bw=10gbit"), FREE, within=0.10)
     assert small.says().startswith("about equal: ")  # compute-bound: every architecture within 5%
+
+
+# -- embedding tables under all-reduce ----------------------------------------------------------------------------
+TABLE = (1000, 16, 2_000_000)  # 1,000 distinct ids per worker batch, 16 wide, 2M rows in all (32M elements)
+
+
+@pytest.mark.unit
+def test_a_table_is_a_dense_parameter_to_the_ring_and_byteps_and_its_rows_are_gathered_by_sparse_ddp() -> None:
+    from dataclasses import replace
+
+    from zps.lab.table_plan import parse_table
+
+    assert parse_table("1000:16:2000000") == TABLE and parse_table("1000:16:2e6") == TABLE
+    assert parse_table("4096:16") == (4096, 16)  # ROWS unknown
+    for bad in ("10:16:5", "1:2:3:4", "10:16:2.5"):
+        with pytest.raises(ValueError, match="IDS:DIM|ROWS"):
+            parse_table(bad)
+    dense = synthetic_model(1_000_000, 10, compute=0.1)
+    model = replace(dense, tables=(TABLE,))
+    setup = Setup(4, 2, net="bw=1gbit,latency=1ms")  # 125 MB/s, a hop between two workers 2 ms
+    # the ring: the table's whole dense gradient joins M (33M float32 elements: 6 buckets of 25 MiB)
+    assert gradient_bytes(model, setup) == 4 * 33e6
+    ring = ring_allreduce(model, setup, FREE)
+    assert ring.parts["transfer"] == pytest.approx(1.5 * 132e6 / 125e6)
+    assert ring.parts["latency"] == pytest.approx(2 * 3 * 6 * 0.002)
+    assert byteps(model, setup, FREE).parts["transfer"] > byteps(dense, setup, FREE).parts["transfer"] * 30
+    costs = Costs(**{**FREE.__dict__, "apply_elem": 1e-9})
+    assert ring_allreduce(model, setup, costs).parts["optimizer"] == pytest.approx(33e6 * 1e-9)  # every row, every step
+    # sparse DDP: the dense part as the ring's, and each worker receives the 3 others' 1,000 rows (id + 16 floats)
+    sparse = ddp_sparse(model, setup, FREE)
+    alone = ring_allreduce(dense, setup, FREE)
+    assert sparse.parts["transfer"] == pytest.approx(alone.parts["transfer"] + 3 * 1000 * 72 / 125e6)
+    assert sparse.parts["latency"] == pytest.approx(alone.parts["latency"] + 3 * 3 * 0.002)
+    assert ddp_sparse(model, setup, costs).parts["optimizer"] == pytest.approx((1e6 + 4 * 1000 * 16) * 1e-9)
+    # memory, at least (float32 values and gradients): the ring holds the table and its dense gradient
+    assert worker_memory(model, setup, "dense") == 8e6 + 8 * 32e6
+    assert worker_memory(model, setup, "sparse") == 8e6 + 4 * 32e6 + 4 * 1000 * 72
+    assert worker_memory(model, setup, "zps") == 8e6 + 8 * 1000 * 16
+    # a table of unknown size is left out of the ring (and said to be)
+    unknown = replace(dense, tables=(TABLE[:2],))
+    assert tables_left_out(unknown) and not tables_left_out(model)
+    assert ring_allreduce(unknown, setup, FREE).step == alone.step
+
+
+@pytest.mark.unit
+def test_all_reduce_cannot_train_a_table_larger_than_a_workers_memory() -> None:
+    from dataclasses import replace
+
+    model = replace(synthetic_model(1_000_000, 10, compute=0.1), tables=(TABLE,))
+    setup = Setup(4, 2, net="bw=1gbit,latency=1ms")
+    free = verdict(model, setup, FREE, within=0.10)
+    assert not free.unfit and free.fastest.name == SPARSE  # no memory stated: sparse DDP is fastest here
+    # 200 MB: the table and its dense gradient (264 MB) do not fit, the table alone (136 MB) does
+    mid = verdict(model, replace(setup, worker_memory=200e6), FREE, within=0.10)
+    assert {c.name for c in mid.unfit} == {RING, "BytePS (k=2)"} and mid.fastest.name == SPARSE
+    assert "out of memory: " in mid.says() and "at least 0.25 GiB, over the 0.19 GiB stated" in mid.says()
+    # 100 MB: no all-reduce can hold the table; zps's workers hold their batch's rows only (8.1 MB)
+    small = verdict(model, replace(setup, worker_memory=100e6), FREE, within=0.10)
+    assert {c.name for c in small.unfit} == {RING, "BytePS (k=2)", SPARSE}
+    assert small.fastest.name.startswith("zps") and all(c.name.startswith("zps") for c in small.winners())
+    assert small.says().startswith("zps (S=") and "out of memory" in small.says()
+    assert [c.fits for c in small.candidates] == sorted((c.fits for c in small.candidates), reverse=True)
+
+
+@pytest.mark.unit
+def test_zps_plan_says_when_all_reduce_cannot_hold_the_tables(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from zps.lab import plan_cli
+
+    monkeypatch.setattr(plan_cli, "row_cost", lambda: (1e-6, 1e-8))  # (measuring it takes seconds)
+    base = ["plan", "--params", "100000", "--tensors", "4", "--compute-ms", "5", "-w", "2", "-s", "1", "--net",
+            "bw=10gbit", "--table", "4096:16:10000000"]
+    assert zps_main([*base, "--worker-memory", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "(OOM)" in out and "All-reduce cannot train this model on workers of 0.5 GiB" in out
+    assert "the ring cannot hold the model in --worker-memory" in out
+    assert zps_main(base) == 0
+    out = capsys.readouterr().out
+    assert "(OOM)" not in out and "give --worker-memory GIB" in out and "640.0 MB" in out
+    assert zps_main([*base, "--worker-memory", "-1"]) == 2
 
 
 # -- the model of a script ----------------------------------------------------------------------------------------

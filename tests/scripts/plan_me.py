@@ -17,6 +17,7 @@ if args.no_optimizer:
     print("nothing to plan", client.rank)
     raise SystemExit(0)
 opt = worker.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+assert isinstance(opt, worker.DistributedOptimizer)  # (as examples/ctr.py asks: the stand-in keeps the class)
 for _ in range(args.steps):
     time.sleep(0.03)  # the step's compute
     opt.zero_grad()
