@@ -174,6 +174,45 @@ def test_a_forged_misrouted_or_malformed_table_forward_is_refused_and_changes_no
 
 
 @pytest.mark.unit
+def test_a_push_retried_to_the_backup_after_it_was_applied_is_acknowledged_and_not_applied_again() -> None:
+    """ASP: the push record travels with the forwards, so a worker's push sent again to the home's backup (as after
+    a failover) is answered OK and not applied twice; the next push is applied on both copies alike."""
+    with local_cluster(2, 1, "asp", replicas=1) as cluster:
+        (client,) = cluster.clients()
+        try:
+            _train(client, 0, 3)
+            key, home = wire.table_key("emb"), 0
+            primary = cluster.servers[0].shard.tables.parts[(key, home)]
+            backup = cluster.servers[1].shard.tables.parts[(key, home)]
+            assert primary.last_step == backup.last_step == {0: 2}
+            before = _state(backup)
+            ids = IDS[wire.server_of(IDS, 2) == home][:5]
+            frames, _ = wire.encode_rows(torch.ones(5, 6), "none")
+
+            def push(step: int) -> Message:
+                entry = wire.row_entry(key, step, 5, nf=2, codec="none", home=home)
+                return Message(Kind.ROWS_PUSH, id=step, src="worker:0", keys=[entry],
+                               frames=[wire.ids_frame(ids), *frames])
+
+            raw = _raw(client.topology.servers[1])
+            try:
+                assert _ask(raw, push(2)).kind is Kind.OK  # step 2 again, to the backup
+                _assert_same(before, _state(backup), "after the retry")
+                assert backup.counters["duplicate_pushes"] == 1
+            finally:
+                raw.close()
+            raw = _raw(client.topology.servers[0])
+            try:
+                assert _ask(raw, push(3)).kind is Kind.OK  # answered once the backup holds it
+                assert primary.version == backup.version == before["version"] + 1
+                _assert_same(_state(primary), _state(backup), "after the next push")
+            finally:
+                raw.close()
+        finally:
+            client.close()
+
+
+@pytest.mark.unit
 def test_a_server_without_replicas_refuses_table_forwards_and_seeds() -> None:
     with local_cluster(1, 1, "bsp") as cluster:
         (client,) = cluster.clients()
@@ -243,7 +282,8 @@ def test_a_backup_new_to_a_home_is_seeded_whole_in_bounded_parts_checked_before_
                     assert _ask(raw, msg).kind is Kind.OK
                 copy = stranger.shard.tables.parts[(key, home)]
                 _assert_same(_state(table), _state(copy), "the seeded copy")
-                assert copy.store.sketch is not None and torch.equal(copy.store.sketch, table.store.sketch)
+                assert copy.store.sketch is not None and table.store.sketch is not None
+                assert torch.equal(copy.store.sketch, table.store.sketch) and bool(table.store.sketch.any())
             finally:
                 raw.close()
         finally:

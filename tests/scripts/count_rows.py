@@ -26,11 +26,12 @@ table = worker.EmbeddingTable("counts", 4, optimizer="sgd:lr=1", init="zeros")
 values = {f"dense{i}": torch.zeros(100) for i in range(6)}  # on every server (--kill counts their steps)
 client.declare(values, ("SGD", [{"lr": 1.0}]))
 for step in range(args.steps):
-    rows = table.lookup(IDS)
+    grads = {name: torch.full((100,), -float(client.rank + 1)) for name in values}
+    dense = client.push_pull(grads, values, step, lr=1.0)  # (first: a server killed at this step has table pushes
+    rows = table.lookup(IDS)                                # of it in flight)
     (-(client.rank + 1) * rows.sum()).backward()
     table.synchronize()  # acknowledged: every live copy applied it
-    grads = {name: torch.full((100,), -float(client.rank + 1)) for name in values}
-    client.push_pull(grads, values, step, lr=1.0).result()
+    dense.result()
     print(f"STEP {step + 1}", flush=True)
 client.barrier("end")
 client.pull(values, step=0).result()
