@@ -191,8 +191,9 @@ class Tables:
     def add(self, spec: TableSpec, home: int) -> Table:
         """A new, empty partition of ``spec``'s rows of ``home``."""
         mode = "asp" if spec.sync == "async" else self.consistency.name
-        table = Table(spec, RowStore(spec), mode, KeyState(key=-1 - len(self.parts), numel=0,
-                                                           name=f"table {spec.name}", home=home), home)
+        name = f"table {spec.name}" + (f" (rows of server {home})" if self.replication is not None else "")
+        table = Table(spec, RowStore(spec), mode, KeyState(key=-1 - len(self.parts), numel=0, name=name, home=home),
+                      home)
         self.parts[(spec.key, home)] = table
         return table
 
