@@ -36,6 +36,7 @@ log = logging.getLogger("zps.server")
 
 SKETCH_SIZE = SKETCH_DEPTH * SKETCH_WIDTH  # elements of a whole admission sketch
 HEADER_ROOM = 1 << 14  # of a seed part's byte budget, kept for its header
+MAX_STAGED = 64  # seeds being received at once (a primary sends one partition's parts before the next's)
 
 
 def _frame(tensor: torch.Tensor) -> Any:
@@ -231,8 +232,9 @@ class TableReplicas:
         what = f"table replicate of table {spec.name!r} (rows of server {table.home})"
         self.replication.check_primary(table.home, sender, what)
         version, step, worker = entry.get("version"), entry.get("step"), entry.get("worker")
-        if not is_int(version, 0, UNBOUNDED) or not is_int(step, 0, UNBOUNDED):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' and 'step' must be non-negative integers")
+        if not is_int(version, 0, UNBOUNDED) or not is_int(step, 0, wire.MAX_STEP + 1):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer, 'step' one "
+                                                      f"up to {wire.MAX_STEP}")
         workers = self.job.worker_ranks
         if worker is not None and not is_int(worker, 0, workers):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")
@@ -294,6 +296,8 @@ class TableReplicas:
             raise ProtocolError(ErrorCode.CONFLICT, f"{what}: the table is declared otherwise here")
         part = SeedPart(identity, msg.id, msg.src, sender, topology, body, spec, home, {}, None)
         staged = self._staged.get((spec.key, home)) if body["part"] else None
+        if not body["part"] and (spec.key, home) not in self._staged and len(self._staged) >= MAX_STAGED:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{what}: {MAX_STAGED} seeds are being received already")
         if body["part"] and (staged is None or staged.received != body["part"] or staged.scalars != part.scalars()):
             raise ProtocolError(ErrorCode.CONFLICT, f"{what}: part {body['part']} is not the next part of a seed "
                                                     "being received")

@@ -316,15 +316,19 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("kills", ["server:1@15", "server:0@10,server:1@20"])
 def test_bsp_table_and_dense_survive_a_killed_server_with_the_uninterrupted_bits(
-        straight: dict[str, torch.Tensor], tag: str, tmp_path: Path) -> None:
+        straight: dict[str, torch.Tensor], tag: str, tmp_path: Path, kills: str) -> None:
     """--replicas 1, 3 servers, 2 workers, BSP, a table (Adam) and a dense head: server 1 is killed (SIGKILL) at
-    step 15; its homes' rows are served by their backups, which seed the next live servers, and the job ends with
-    every row and parameter of the run nobody killed, bit for bit."""
+    step 15 (or server 0 at step 10, then server 1 at 20, after the first death's re-replication: every row ends on
+    server 2 alone); the dead servers' rows are served by their backups, which seed the next live servers, and the
+    job ends with every row and parameter of the run nobody killed, bit for bit."""
     out = tmp_path / "final.st"
-    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "bsp", "--replicas", "1", "--kill",
-                      "server:1@15", TABLE_SCRIPT, "--steps", "30", "--out", str(out)])
-    assert "server 1 was killed by SIGKILL: its backups take over" in text, text
+    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "bsp", "--replicas", "1", "--kill", kills,
+                      TABLE_SCRIPT, "--steps", "30", "--out", str(out)])
+    for kill in kills.split(","):
+        victim = kill.split(":")[1].split("@")[0]
+        assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
     assert re.search(r"FAILOVER: server:\d: seeding server \d with \d+ table partitions", text), text
     got = load_file(str(out))
     assert got.keys() == straight.keys()
