@@ -85,12 +85,13 @@ def _partitions(cluster: LocalCluster, key: int) -> dict[int, list[tuple[int, Ta
     ("bsp", {"optimizer": "adam:lr=0.05", "admit": 2, "expire": 3}),
     ("asp", {"optimizer": "rowwise_adagrad:lr=0.1"}),
     ("bsp", {"optimizer": "adagrad:lr=0.1", "sync": "async"}),  # the hybrid: an ASP table in a BSP job
+    ("ssp", {"optimizer": "sgd:lr=0.1", "expire": 2}),
 ])
 def test_each_backup_partition_equals_its_primarys_bit_for_bit(mode: str, table: dict[str, Any]) -> None:
     """3 servers, 2 workers, --replicas 1: after training, each home's partition on its backup equals the primary's
     (values, optimizer state, last updates, admission sketch, step counts, push record), and each server counts
     the rows it holds as a backup."""
-    with local_cluster(3, 2, mode, replicas=1) as cluster:
+    with local_cluster(3, 2, mode, staleness=1 if mode == "ssp" else 0, replicas=1) as cluster:
         clients = cluster.clients()
         try:
             run_parallel(lambda r: _train(clients[r], r, 12, **table), range(2))
@@ -337,11 +338,17 @@ def test_bsp_table_and_dense_survive_a_killed_server_with_the_uninterrupted_bits
 
 
 @pytest.mark.cluster
-def test_asp_applies_every_pushed_row_exactly_once_through_a_killed_server(tag: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("count, kills", [(1, "server:1@15"), (2, "server:0@10,server:1@25")])
+def test_asp_applies_every_pushed_row_exactly_once_through_a_killed_server(tag: str, tmp_path: Path, count: int,
+                                                                           kills: str) -> None:
+    """ASP, --replicas 1 (one server killed) or 2 (two, one after the other): every row and dense element ends
+    with exactly the sum of every worker's pushes (each applied once, retries through the failover included)."""
     out = tmp_path / "final.st"
-    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", "1", "--kill",
-                      "server:1@15", COUNT_ROWS, "--steps", "40", "--out", str(out)])
-    assert "server 1 was killed by SIGKILL: its backups take over" in text, text
+    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", str(count), "--kill", kills,
+                      COUNT_ROWS, "--steps", "40", "--out", str(out)])
+    for kill in kills.split(","):
+        victim = kill.split(":")[1].split("@")[0]
+        assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
     final = load_file(str(out))
     for name, value in final.items():  # 40 steps of +1 (worker 0) and +2 (worker 1)
         assert torch.equal(value, torch.full_like(value, 120.0)), (name, value.unique())
