@@ -12,6 +12,9 @@ sets grow by the next live server) and, when it was just promoted, every backup 
 may have missed the dead primary's last update); a backup that refuses an update (it missed one) is seeded again.
 Until a seed is acknowledged, that backup's acknowledged version is 0: pushes wait for it, so no acknowledged
 update exists only on the primary. A backup that refuses a seed is dropped as a copy of those keys, loudly.
+
+Embedding tables' partitions are tracked here too, by their handles (negative keys; :mod:`._table_replicas` sends
+their forwards and seeds through :meth:`Replication.track` and :meth:`Replication.seeding`).
 """
 from __future__ import annotations
 
