@@ -64,6 +64,10 @@ class Kind(str, enum.Enum):
     TABLE = "table"
     ROWS_PULL = "rows_pull"
     ROWS_PUSH = "rows_push"
+    # server -> server (--replicas): a primary's update of a table's rows of one home, for its backups to apply the
+    # same way; a primary's whole partition of a table, in parts, for a backup new to it (zps.protocol.tables)
+    TABLE_REPLICATE = "table_replicate"
+    TABLE_SEED = "table_seed"
     # replies
     OK = "ok"
     VALUES = "values"
@@ -129,6 +133,14 @@ class KeyEntry(TypedDict, total=False):
     - ``ostate``: the torch.optim state of the key, ``[[name, dtype name, shape], ...]``, one frame each after the
       values' frames (each at most ``numel`` elements)
     - ``last``: ASP/SSP, ``[[worker, step], ...]``: the last push of each worker applied (dedupe)
+
+    Table messages (:mod:`zps.protocol.tables`; ``key`` is the table's key): ``home`` (ROWS_PULL, ROWS_PUSH,
+    TABLE_REPLICATE, TABLE_SEED) is the server whose rows they are (:func:`zps.protocol.tables.server_of`; absent:
+    the receiver's own); with ``--replicas`` the receiver serves that home as its primary or holds a copy of it.
+    TABLE_REPLICATE also carries ``version``, ``step``, ``worker`` and ``hp`` as REPLICATE does, and:
+
+    - ``sightings``: True -- a frame of each row's sightings (int64: how many workers' gradients it sums) follows
+      the gradient rows (BSP's aggregate of several workers)
     """
 
     key: int
@@ -155,6 +167,7 @@ class KeyEntry(TypedDict, total=False):
     ostate: list[list[Any]]
     last: list[list[int]]
     before: bool  # a seed: the values one version back follow the values (zps.ps.store.KeyState.before)
+    sightings: bool
 
 
 class ErrorCode(str, enum.Enum):

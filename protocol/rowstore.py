@@ -176,7 +176,9 @@ def _add(values: torch.Tensor, slots: torch.Tensor, update: torch.Tensor, alpha:
     values.index_copy_(0, slots, values.index_select(0, slots).add_(update, alpha=alpha))
 
 
-def _state_names(optimizer: str) -> tuple[str, ...]:
+def state_names(optimizer: str) -> tuple[str, ...]:
+    """The names of a row optimizer's state tensors, in the order a store keeps them (one float32 element per row
+    for ``rowwise_adagrad``, ``dim`` for the others)."""
     return {"sgd": (), "adagrad": ("sum",), "rowwise_adagrad": ("sum",), "sparse_adam": ("exp_avg", "exp_avg_sq")
             }[optimizer]
 
@@ -222,7 +224,7 @@ class RowStore:
         self.ids = grown(self.ids, (capacity,))
         self.values = grown(self.values, (capacity, self.dim))
         self.touched = grown(self.touched, (capacity,))
-        for name in _state_names(self.spec.optimizer):
+        for name in state_names(self.spec.optimizer):
             old = self.state.get(name, torch.empty(self._state_shape(name, 0)))
             self.state[name] = grown(old, self._state_shape(name, capacity))
         self.capacity = capacity

@@ -23,6 +23,21 @@ Messages (the per-key fields are :class:`zps.protocol.messages.KeyEntry`'s; ``ke
   ``{"key", "step", "numel": n, "codec", "nf"}``, the ids frame then the gradient rows' frames; ``hp``: the
   table optimizer's hyper-parameters for this step (``{"lr": ...}``). A push of (worker, table, step) is applied
   once (a retry is acknowledged and not applied again).
+
+``--replicas R``: the rows of home ``h`` (the ids ``server_of`` gives ``h``) live on the copies
+:func:`zps.protocol.replicas.live_copies` names. ROWS_PULL and ROWS_PUSH entries name their ``home``, and a
+worker sends them to the live primary of that home (every home is pushed every step, wherever it is served);
+the primary forwards each update to the home's backups:
+
+- ``TABLE_REPLICATE`` (primary -> backup, one per update): one entry ``{"key", "home", "version", "step",
+  "numel": n, "nf"}`` (``worker``: ASP/SSP, the push it came from; ``hp``: ``{"lr": ...}`` as the primary applied
+  it; ``sightings``: a third frame follows) and the frames: the ``n`` ids, their float32 gradient rows (and the
+  int64 sightings), exactly what the primary gave :meth:`zps.protocol.rowstore.RowStore.apply`.
+- ``TABLE_SEED`` (primary -> a backup new to a home, after a failover): the home's whole partition in ``parts``
+  messages, each checked whole; the body is :class:`TableSeedBody` (read by :func:`read_seed_body`), the one
+  entry ``{"key", "home", "numel": rows of this part, "nf"}``, the frames the rows' ids (ascending), float32
+  values, int32 steps last updated, each optimizer state tensor (:func:`zps.protocol.rowstore.state_names`) and,
+  where ``sketch`` says, a slice of the admission sketch (int32).
 """
 from __future__ import annotations
 
@@ -31,17 +46,20 @@ import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
-from .fields import MAX_INT, is_int, is_number
+from . import replicas
+from .fields import MAX_INT, UNBOUNDED, is_int, is_number
 from .messages import ErrorCode, KeyEntry, ProtocolError
+from .replicas import FailoverNotice
 
 SERVER_SALT = 0x5A505354424C4531  # "ZPSTBLE1": the row -> server rule's salt (never change it: checkpoints use it)
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 MAX_DIM = 1 << 16  # elements of one row
+MAX_STEP = (1 << 31) - 1  # a table's steps: each row keeps the step it was last updated at as an int32
 MAX_NAME = 200
 ROW_CODECS = ("none", "fp16", "int8")
 # The row-wise optimizers the servers apply to touched rows only: their hyper-parameters and defaults.
@@ -332,3 +350,73 @@ def read_lr(value: Any, what: str) -> dict[str, float] | None:
     if not isinstance(value, dict) or set(value) - {"lr"} or not is_number(value.get("lr"), 0.0, 3.0e38):
         raise ProtocolError(ErrorCode.BAD_OPTIMIZER, f"{what}: 'hp' of a table push is {{'lr': number >= 0}}")
     return {"lr": float(value["lr"])}
+
+
+# -- --replicas: a partition's seed --------------------------------------------------------------------------------
+MAX_SEED_PARTS = 1 << 20
+
+
+class TableSeedBody(TypedDict):
+    """The body of a TABLE_SEED request (``--replicas``, a primary to a backup): one part of a home's partition of a
+    table. Every part carries the partition's scalars; the backup takes the partition once the last part came.
+
+    - ``table``: the table (:meth:`TableSpec.to_body`): a backup new to it declares it so
+    - ``failover``: the topology the primary seeds for (:class:`zps.protocol.replicas.FailoverNotice`)
+    - ``part``, ``parts``: this is part ``part`` of ``parts`` (0-based, sent in order)
+    - ``rows``: the partition's rows in all (the parts' ``numel`` add up to it)
+    - ``version``: the updates the partition applied; ``steps``, ``clock``: its store's optimizer step count and
+      newest step (:class:`zps.protocol.rowstore.RowStore`)
+    - ``last``: ``[[worker, step], ...]``, each worker's last push applied (ASP/SSP dedupe)
+    - ``sketch``: ``[offset, count]``: this part ends with elements ``offset`` .. ``offset + count`` of the
+      flattened admission sketch; absent or None: none
+    """
+
+    table: dict[str, Any]
+    failover: FailoverNotice
+    part: int
+    parts: int
+    rows: int
+    version: int
+    steps: int
+    clock: int
+    last: list[list[int]]
+    sketch: list[int] | None
+
+
+def read_seed_body(body: dict[str, Any], num_servers: int, num_workers: int, sketch_size: int
+                   ) -> tuple[TableSeedBody, TableSpec, tuple[int, frozenset[int]]]:
+    """A TABLE_SEED body, checked (BAD_HEADER naming the field): the body, its table and its failover as
+    (topology version, dead servers). ``sketch_size``: the elements of a whole admission sketch."""
+    def bad(what: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.BAD_HEADER, f"a table seed's {what}")
+
+    try:
+        topology = replicas.parse_notice(body, num_servers)
+    except ValueError as exc:
+        raise bad(f"failover: {exc}") from None
+    if topology is None:
+        raise bad("'failover' is missing")
+    spec = read_table(body.get("table"))  # type: ignore[arg-type]
+    parts, part, rows = body.get("parts"), body.get("part"), body.get("rows")
+    if not is_int(parts, 1, MAX_SEED_PARTS + 1) or not is_int(part, 0, parts) or not is_int(rows, 0, MAX_INT):
+        raise bad("'parts', 'part' and 'rows' must be integers with 0 <= part < parts")
+    if spec.max_rows and rows > spec.max_rows:
+        raise bad(f"'rows' ({rows}) is over the table's cap ({spec.max_rows})")
+    if not all(is_int(body.get(name), 0, UNBOUNDED) for name in ("version", "steps")) \
+            or not is_int(body.get("clock"), 0, MAX_STEP + 1):
+        raise bad(f"'version' and 'steps' must be non-negative integers, 'clock' one up to {MAX_STEP}")
+    last = body.get("last")
+    if not isinstance(last, list) or len(last) > num_workers or not all(
+            isinstance(p, list) and len(p) == 2 and is_int(p[0], 0, num_workers) and is_int(p[1]) for p in last) \
+            or len({p[0] for p in last}) != len(last):
+        raise bad("'last' must be [[worker rank, step], ...], each worker once")
+    sketch = body.get("sketch")
+    if sketch is not None and not (isinstance(sketch, list) and len(sketch) == 2 and spec.admit > 1
+                                   and is_int(sketch[0], 0, sketch_size) and is_int(sketch[1], 1, sketch_size + 1)
+                                   and sketch[0] + sketch[1] <= sketch_size):
+        raise bad(f"'sketch' must be [offset, count] within the {sketch_size} elements of an admission sketch")
+    out: TableSeedBody = {"table": spec.to_body(), "failover": {"version": topology[0], "dead": sorted(topology[1])},
+                          "part": part, "parts": parts, "rows": rows, "version": body["version"],
+                          "steps": body["steps"], "clock": body["clock"], "last": [list(p) for p in last],
+                          "sketch": None if sketch is None else list(sketch)}
+    return out, spec, topology

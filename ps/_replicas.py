@@ -12,6 +12,9 @@ sets grow by the next live server) and, when it was just promoted, every backup 
 may have missed the dead primary's last update); a backup that refuses an update (it missed one) is seeded again.
 Until a seed is acknowledged, that backup's acknowledged version is 0: pushes wait for it, so no acknowledged
 update exists only on the primary. A backup that refuses a seed is dropped as a copy of those keys, loudly.
+
+Embedding tables' partitions are tracked here too, by their handles (negative keys; :mod:`._table_replicas` sends
+their forwards and seeds through :meth:`Replication.track` and :meth:`Replication.seeding`).
 """
 from __future__ import annotations
 
@@ -130,13 +133,45 @@ class Replication:
         primary of every key it carries (``homes``: each key's home, as declared here or else as the seed says) with
         this server as a live copy. DEAD: the sender was failed over; CONFLICT: the seed names another topology, or
         its sender does not serve those keys."""
-        self.sender(seed.src, "a seed")
-        version, dead = seed.topology
+        self.check_topology(seed.src, seed.topology)
+        for item in seed.keys:
+            self.check_primary(homes(item), seed.sender, f"seed of key {item.entry['key']}")
+
+    def check_topology(self, src: str, topology: tuple[int, frozenset[int]]) -> None:
+        """DEAD unless the seed's sender ``src`` lives; CONFLICT when ``topology`` (version, dead servers) is the
+        version this server heard of with other dead servers."""
+        self.sender(src, "a seed")
+        version, dead = topology
         if version == self.version and dead != self.dead:
             raise ProtocolError(ErrorCode.CONFLICT, f"a seed of topology version {version} names dead servers "
                                                     f"{sorted(dead)}; the coordinator named {sorted(self.dead)}")
-        for item in seed.keys:
-            self.check_primary(homes(item), seed.sender, f"seed of key {item.entry['key']}")
+
+    def serves(self, home: int) -> bool:
+        """This server is the live primary of the chunks (and table rows) of ``home``, as it heard the topology."""
+        live = replicas.live_copies(home, self.count, self.num_servers, self.dead)
+        return bool(live) and live[0] == self.rank
+
+    def copy_of(self, home: int) -> bool:
+        """This server is one of the live copies of ``home`` (its primary or a backup)."""
+        return self.rank in replicas.live_copies(home, self.count, self.num_servers, self.dead)
+
+    def track(self, backup: int, msg: Message, record: list[tuple[int, int]], seed: bool = False) -> None:
+        """Send ``msg`` (an update or a seed) to ``backup`` under a new id; its answer acknowledges ``record``
+        ((key, version it holds once applied); an empty record: an answer that acknowledges nothing, the
+        first parts of a seed sent in several)."""
+        msg.id = next(self._ids)
+        self._inflight[msg.id] = (backup, record, seed)
+        self.send(backup, msg)  # (one that cannot be sent is never acknowledged: the push times out naming it)
+
+    def seeding(self, backup: int, key: int, version: int, parts: list[Message]) -> None:
+        """Send ``backup`` the seed of ``key`` (its state at ``version``) in ``parts``: only the last part's answer
+        acknowledges it; until then the backup's acknowledged version of the key is 0."""
+        for i, msg in enumerate(parts):
+            self.track(backup, msg, [(key, version)] if i == len(parts) - 1 else [], seed=True)
+            self.counters["seed_bytes"] += transport.size_of(msg.frames)
+        self._seeding[(key, backup)] = self._seeded[(key, backup)] = parts[-1].id
+        self._acked.pop((key, backup), None)
+        self.counters["seeded_keys"] += 1
 
     # -- forwarding ------------------------------------------------------------------------------------
     def snapshot(self, updates: list[Update]) -> list[Forward] | None:
@@ -172,10 +207,8 @@ class Replication:
                 keys.append(entry)
                 frames.extend(bufs)
                 record.append((state.key, version + 1))
-            msg = Message(Kind.REPLICATE, id=next(self._ids), src=self.name, keys=keys, frames=frames)
-            self._inflight[msg.id] = (backup, record, False)
             self.counters["replicated"] += len(items)
-            self.send(backup, msg)  # (one that cannot be sent is never acknowledged: the push times out naming it)
+            self.track(backup, Message(Kind.REPLICATE, src=self.name, keys=keys, frames=frames), record)
 
     def answered(self, backup: int, msg: Message) -> set[int]:
         """A backup's answer: the keys whose acknowledged version may have moved. Keys a backup refused an update of

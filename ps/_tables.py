@@ -11,8 +11,14 @@ Every table has its own clock, separate from the dense keys':
   pulls are answered at once. SSP: pulls wait for the slowest worker's clock, as the dense keys' do.
 - A push of (worker, table, step) is applied once: a retry is acknowledged and not applied again.
 
-A table waits in :class:`._pending.Pending` under a key of its own (a negative one: no dense key is negative), so a
-table's step re-checks only the pulls waiting on it.
+``--replicas R``: a server holds a *partition* of each table per home it is a copy of (the rows
+:func:`zps.protocol.tables.server_of` gives that home; :func:`zps.protocol.replicas.live_copies`), each with its own
+step, pushes and push record. The primary of a home forwards each update it applies to the home's live backups
+(:mod:`._table_replicas`), and answers a push (and a BSP pull) only once every live backup acknowledged it, as
+dense keys are (:class:`._replicas.Replication`).
+
+A partition waits in :class:`._pending.Pending` under a key of its own (a negative one: no dense key is negative),
+so a partition's step re-checks only the requests waiting on it.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from zps.protocol.rowstore import COUNTERS, RowStore
 from zps.protocol.tables import TableSpec
 
 from ._pending import Waiting
+from ._replicas import Replication
 from .consistency import Consistency
 from .store import KeyState
 
@@ -54,14 +61,27 @@ class Contribution:
 
 
 @dataclass
+class RowUpdate:
+    """One optimizer step of a partition, as :meth:`RowStore.apply` takes it (BSP: the step's rank-ordered
+    aggregate; ASP/SSP: one push), and the push it came from (``worker``: ASP/SSP; BSP: None)."""
+
+    ids: torch.Tensor
+    grads: torch.Tensor
+    lr: float | None
+    step: int
+    sightings: torch.Tensor | None = None
+    worker: int | None = None
+
+
+@dataclass
 class Table:
-    """One table on this server."""
+    """One table's partition on this server: the rows of ``home`` (without --replicas: this server's own)."""
 
     spec: TableSpec
     store: RowStore
     mode: str  # bsp, asp or ssp: the job's, or asp for a table declared async
-    handle: KeyState  # what pulls of this table wait on in Pending
-    version: int = 0  # BSP: steps applied; ASP/SSP: pushes applied
+    handle: KeyState  # what requests on this partition wait on in Pending (its version is the partition's)
+    home: int = 0
     pushed: dict[int, Contribution] = field(default_factory=dict)  # BSP: the current step's pushes, by worker
     last_step: dict[int, int] = field(default_factory=dict)  # ASP/SSP: each worker's last push applied
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_COUNTERS, 0))
@@ -69,6 +89,15 @@ class Table:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def version(self) -> int:
+        """BSP: steps applied; ASP/SSP: pushes applied (kept in the handle, which --replicas' acks compare)."""
+        return self.handle.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.handle.version = value
 
 
 @dataclass
@@ -118,35 +147,77 @@ class RowsPush(TableRequest):
 
 class Tables:
     """The tables of server ``rank`` of ``num_servers`` (``worker(msg)``: the asking worker's rank, checked;
-    ``on_applied(table)``: called after each update, for checkpoints)."""
+    ``replication``: --replicas' state; ``on_applied(table)``: called after each update, for checkpoints;
+    ``on_update(table, update)``: before each update is applied, for its backups)."""
 
     def __init__(self, name: str, job: JobConfig, consistency: Consistency, rank: int, num_servers: int,
-                 worker: Callable[[Message], int]) -> None:
+                 worker: Callable[[Message], int], replication: Replication | None = None) -> None:
         self.name, self.job, self.consistency = name, job, consistency
         self.rank, self.num_servers, self.worker = rank, num_servers, worker
-        self.by_key: dict[int, Table] = {}
+        self.replication = replication if replication is not None and replication.enabled else None
+        self.parts: dict[tuple[int, int], Table] = {}  # (table key, home) -> the partition
         self.on_applied: Callable[[Table], None] = lambda table: None
+        self.on_update: Callable[[Table, RowUpdate], None] = lambda table, update: None
         self.on_checkpoint: Callable[[int], None] = lambda checkpoint: None
         self.restore: Callable[[TableSpec], tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = \
             lambda spec: None
         self.seconds = {"apply": 0.0, "read": 0.0}
 
     def __iter__(self) -> Iterator[Table]:
-        return iter(self.by_key.values())
+        return iter(self.parts.values())
 
     def __len__(self) -> int:
-        return len(self.by_key)
+        return len(self.parts)
+
+    @property
+    def by_key(self) -> dict[int, Table]:
+        """Each table's partition of this server's own rows, by key."""
+        return {key: t for (key, home), t in self.parts.items() if home == self.rank}
+
+    def handles(self) -> list[KeyState]:
+        """Every partition's handle (--replicas tracks a partition's copies by it)."""
+        return [t.handle for t in self]
+
+    def serves(self, table: Table) -> bool:
+        """This server is the primary of ``table``'s home (always, without --replicas)."""
+        return self.replication is None or self.replication.serves(table.home)
+
+    def homes(self) -> list[int]:
+        """The homes this server holds a copy of: its own, and with --replicas those it is a live backup of."""
+        if self.replication is None:
+            return [self.rank]
+        return [h for h in range(self.num_servers) if self.replication.copy_of(h)]
+
+    def add(self, spec: TableSpec, home: int) -> Table:
+        """A new, empty partition of ``spec``'s rows of ``home``."""
+        mode = "asp" if spec.sync == "async" else self.consistency.name
+        name = f"table {spec.name}" + (f" (rows of server {home})" if self.replication is not None else "")
+        table = Table(spec, RowStore(spec), mode, KeyState(key=-1 - len(self.parts), numel=0, name=name, home=home),
+                      home)
+        self.parts[(spec.key, home)] = table
+        return table
 
     def _ok(self, request_id: int, body: dict[str, Any] | None = None, keys: list[KeyEntry] | None = None,
             frames: list[Any] | None = None) -> Message:
         return Message(Kind.OK, id=request_id, src=self.name, body=body or {}, keys=keys or [], frames=frames or [])
 
     def _table(self, entry: KeyEntry) -> Table:
-        table = self.by_key.get(entry["key"])
+        """The partition an entry names: its table's ``key`` and its rows' ``home`` (absent: this server's)."""
+        home = entry.get("home", self.rank)
+        if not is_int(home, 0, self.num_servers):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"'home' must be a server rank below {self.num_servers}")
+        table = self.parts.get((entry["key"], home))
         if table is None:
+            if any(key == entry["key"] for key, _ in self.parts):
+                raise ProtocolError(ErrorCode.CONFLICT, f"server {self.rank} holds no copy of the rows of server "
+                                                        f"{home} of table key {entry['key']}")
             raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"no table has key {entry['key']} here (declare it with TABLE "
                                                        "first)")
         return table
+
+    def find(self, key: int) -> Table | None:
+        """Any partition of the table with ``key`` (they share its spec)."""
+        return next((t for (k, _), t in self.parts.items() if k == key), None)
 
     def _max_rows(self, table: Table) -> int:
         return max(1, self.job.max_key_elements // table.spec.dim)
@@ -155,10 +226,7 @@ class Tables:
     def read_declare(self, identity: bytes, msg: Message) -> Declare:
         worker = self.worker(msg)
         spec = wire.read_table(msg.body)
-        if self.job.replicas:
-            raise ProtocolError(ErrorCode.CONFLICT, f"table {spec.name!r}: embedding tables do not take --replicas "
-                                                    "yet (their rows have no backups)")
-        existing = self.by_key.get(spec.key)
+        existing = self.find(spec.key)
         if existing is not None and not existing.spec.same(spec):
             what = "is another table" if existing.name != spec.name else "was declared otherwise"
             raise ProtocolError(ErrorCode.CONFLICT, f"worker {worker} declares table {spec.name!r}, but key "
@@ -171,24 +239,23 @@ class Tables:
         return Declare(identity, msg.id, worker, spec, existing)
 
     def declare(self, request: Declare) -> TableDone:
-        """Declare a table (the first worker's declaration creates it; a resumed job's takes its rows from the
-        checkpoint); answered with the step the table is at for this worker."""
-        table = request.existing
-        if table is None:
-            spec = request.spec
-            mode = "asp" if spec.sync == "async" else self.consistency.name
-            table = Table(spec, RowStore(spec), mode,
-                          KeyState(key=-1 - len(self.by_key), numel=0, name=f"table {spec.name}"))
-            restored = self.restore(spec)
-            if restored is not None:
-                tensors, meta = restored
-                table.store.load(tensors, meta)
-                table.version = int(meta["version"])
-                table.last_step = {int(w): int(s) for w, s in meta.get("last_step", {}).items()}
-            self.by_key[spec.key] = table
-            log.info("%s: table %r (dim %d, %s, %s) with %d rows here", self.name, spec.name, spec.dim,
-                     spec.optimizer, table.mode, len(table.store))
-        return self._ok(request.request_id, {"step": self._start(table, request.worker)}), None, set(), False
+        """Declare a table (the first worker's declaration creates a partition per home this server holds a copy
+        of; a resumed job's takes its rows from the checkpoint); answered with the step the table is at for this
+        worker."""
+        spec = request.spec
+        if request.existing is None:
+            for home in self.homes():
+                table = self.add(spec, home)
+                restored = self.restore(spec) if home == self.rank else None
+                if restored is not None:
+                    tensors, meta = restored
+                    table.store.load(tensors, meta)
+                    table.version = int(meta["version"])
+                    table.last_step = {int(w): int(s) for w, s in meta.get("last_step", {}).items()}
+                log.info("%s: table %r (dim %d, %s, %s) with %d rows of server %d here", self.name, spec.name,
+                         spec.dim, spec.optimizer, table.mode, len(table.store), home)
+        step = min(self._start(t, request.worker) for (key, _), t in self.parts.items() if key == spec.key)
+        return self._ok(request.request_id, {"step": step}), None, set(), False
 
     def _start(self, table: Table, worker: int) -> int:
         if table.mode == "bsp":
@@ -202,9 +269,9 @@ class Tables:
         if not frames:
             raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: no ids frame")
         ids = wire.read_ids(frames[0], n, what)
-        if self.num_servers > 1 and n and not bool((wire.server_of(ids, self.num_servers) == self.rank).all()):
-            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: ids that server {self.rank} does not hold (a row lives "
-                                                    "on the server zps.protocol.tables.server_of names)")
+        if self.num_servers > 1 and n and not bool((wire.server_of(ids, self.num_servers) == table.home).all()):
+            raise ProtocolError(ErrorCode.CONFLICT, f"{what}: ids that are not rows of server {table.home} (a row "
+                                                    "lives on the server zps.protocol.tables.server_of names)")
         return ids, frames[1:]
 
     def _tables_of(self, msg: Message, verb: str) -> Iterator[tuple[KeyEntry, list[Any], Table, str]]:
@@ -250,8 +317,8 @@ class Tables:
         return None, waiting, set(), everything
 
     def ready(self, table: Table, worker: int, step: int) -> bool:
-        if table.mode == "bsp":
-            return table.version >= step
+        if table.mode == "bsp":  # (--replicas: values every live backup holds)
+            return table.version >= step and self.held([(table.handle, step)])
         if table.mode == "ssp":
             return self.consistency.slowest() >= step - self.consistency.staleness
         return True
@@ -306,13 +373,17 @@ class Tables:
         return True
 
     def push(self, request: RowsPush) -> TableDone:
+        """Take a push (BSP: into its step; ASP/SSP: applied); with --replicas answered once every live backup holds
+        what it contributed to (BSP: its step's update)."""
         if request.checkpoint is not None:  # first: a table at the checkpoint's step is copied before it moves on
             self.on_checkpoint(request.checkpoint)
         changed: set[int] = set()
+        targets: list[tuple[KeyState, int]] = []
         for e in request.entries:
             t = e.table
             t.counters["push_requests"] += 1
             t.counters["bytes_pushed"] += e.encoded
+            targets.append((t.handle, e.step + 1 if t.mode == "bsp" else t.version + (1 if e.fresh else 0)))
             if not e.fresh:
                 t.counters["duplicate_pushes"] += 1
                 continue
@@ -322,10 +393,17 @@ class Tables:
                 if self._complete(t):
                     changed.add(t.handle.key)
             else:
-                self._apply(t, e.ids, e.grads, e.lr, e.step, None)
-                t.last_step[request.worker] = e.step
+                self.apply(t, RowUpdate(e.ids, e.grads, e.lr, e.step, None, request.worker))
                 changed.add(t.handle.key)
-        return self._ok(request.request_id), None, changed, False
+        if self.held(targets):
+            return self._ok(request.request_id), None, changed, False
+        waiting = _Acknowledging(request.identity, request.request_id, request.worker, [s for s, _ in targets],
+                                 time.monotonic() + self.job.timeout, "rows push", tables=self, targets=targets)
+        return None, waiting, changed, False
+
+    def held(self, targets: list[tuple[KeyState, int]]) -> bool:
+        """--replicas: every live backup holds each (partition, version) of ``targets`` (always without)."""
+        return self.replication is None or self.replication.holds(targets)
 
     def _expected(self, table: Table) -> set[int]:
         c = self.consistency
@@ -352,14 +430,18 @@ class Tables:
                 at += p.ids.numel()
             grads.div_(len(parts))
         table.pushed.clear()
-        self._apply(table, ids, grads, lr, table.version, sightings)
+        self.apply(table, RowUpdate(ids, grads, lr, table.version, sightings))
         return True
 
-    def _apply(self, table: Table, ids: torch.Tensor, grads: torch.Tensor, lr: float | None, step: int,
-               sightings: torch.Tensor | None) -> None:
+    def apply(self, table: Table, update: RowUpdate) -> None:
+        """Apply ``update`` to ``table`` (the one place a partition changes but for a seed): its backups get it
+        first (``on_update``: a primary forwards it), then the store steps, and an ASP/SSP push is recorded."""
         began = time.perf_counter()
-        table.store.apply(ids, grads, lr, step, sightings)
+        self.on_update(table, update)
+        table.store.apply(update.ids, update.grads, update.lr, update.step, update.sightings)
         table.version += 1
+        if update.worker is not None:
+            table.last_step[update.worker] = update.step
         self.seconds["apply"] += time.perf_counter() - began
         self.on_applied(table)
 
@@ -369,15 +451,45 @@ class Tables:
 
     # -- what is counted ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Per table: rows held here, bytes, the counters (STATS)."""
-        out = {}
+        """Per table: rows held here, bytes, the counters (STATS) of the partitions this server serves (with
+        --replicas, their sum, and ``backup_rows``: the rows of those it holds as a backup)."""
+        out: dict[str, Any] = {}
         for t in self:
-            out[t.name] = {"rows": len(t.store), "version": t.version, "mode": t.mode, **t.counters,
-                           **t.store.counters, **{f"{k}_bytes": v for k, v in t.store.nbytes().items()}}
+            if not self.serves(t):
+                continue
+            record = {"rows": len(t.store), "version": t.version, "mode": t.mode, **t.counters, **t.store.counters,
+                      **{f"{k}_bytes": v for k, v in t.store.nbytes().items()}}
+            found = out.get(t.name)
+            out[t.name] = record if found is None else {
+                k: min(v, record[k]) if k == "version" else v if k == "mode" else v + record[k]
+                for k, v in found.items()}
+        if self.replication is not None:
+            for t in self:
+                if t.name in out:
+                    out[t.name]["backup_rows"] = out[t.name].get("backup_rows", 0) + (
+                        0 if self.serves(t) else len(t.store))
         return out
 
     def bytes(self) -> int:
         return sum(sum(t.store.nbytes().values()) for t in self)
+
+
+@dataclass(kw_only=True)
+class _Acknowledging(Waiting):
+    """--replicas: a rows push's OK, once every live backup holds what it contributed to (BSP: its step's update)."""
+
+    tables: Tables
+    targets: list[tuple[KeyState, int]]
+
+    def ready(self) -> bool:
+        return self.tables.held(self.targets)
+
+    def answer(self) -> Message:
+        return self.tables._ok(self.request_id)
+
+    def why(self) -> str:
+        assert self.tables.replication is not None
+        return "rows push: " + self.tables.replication.missing(self.targets)
 
 
 @dataclass(kw_only=True)
@@ -399,6 +511,8 @@ class _Pulling(Waiting):
         t = next(e.table for e in r.entries if not self.tables.ready(e.table, r.worker, r.step))
         if t.mode == "ssp":
             return f"rows pull of table {t.name!r}: worker {r.worker} at clock {r.step} waits for the slowest worker"
+        if t.version >= r.step and self.tables.replication is not None:
+            return f"rows pull of table {t.name!r}: " + self.tables.replication.missing([(t.handle, r.step)])
         missing = sorted(self.tables._expected(t) - set(t.pushed))
         return (f"rows pull of table {t.name!r} wants step {r.step}; the table is at step {t.version} here and waits "
                 f"for the pushes of workers {missing}")
@@ -419,12 +533,15 @@ class TableCollector(Collector):
                                  "index)", labels=["table", "part"])
         counters = {name: CounterMetricFamily(f"zps_server_table_{name}", f"embedding tables: {name.replace('_', ' ')}",
                                               labels=["table"]) for name in TABLE_COUNTERS + COUNTERS}
-        for t in list(self.tables):
-            rows.add_metric([t.name], len(t.store))
-            for part, size in t.store.nbytes().items():
-                held.add_metric([t.name, part], size)
-            for name, value in {**t.counters, **t.store.counters}.items():
-                counters[name].add_metric([t.name], value)
+        by_name: dict[str, list[Table]] = {}
+        for t in list(self.tables):  # (--replicas: a table's partitions summed)
+            by_name.setdefault(t.name, []).append(t)
+        for name, parts in by_name.items():
+            rows.add_metric([name], sum(len(t.store) for t in parts))
+            for part in ("values", "state", "index"):
+                held.add_metric([name, part], sum(t.store.nbytes()[part] for t in parts))
+            for counter in TABLE_COUNTERS + COUNTERS:
+                counters[counter].add_metric([name], sum({**t.counters, **t.store.counters}[counter] for t in parts))
         yield rows
         yield held
         yield from counters.values()

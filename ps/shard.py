@@ -45,6 +45,7 @@ from ._requests import Declare, Inspect, Join, PullRequest, Push, Reader, Reques
 from ._seeds import Seed, SeedKey
 from ._shm import WorkerSegments
 from ._table_checkpoints import TableCheckpoints, restore
+from ._table_replicas import TableReplicas
 from ._tables import TableCollector, Tables
 from ._values import Values
 from .consistency import Completed, make_consistency
@@ -109,7 +110,9 @@ class Shard:
         self._board: Message | None = None  # the newest PUT (zps.protocol.board)
         self._seeded: set[int] = set()  # keys set by seeds that waited for a failover notice, until re-checked
         self._duplicates = Complaints(log, name, what="dropped duplicate pushes")
-        self.tables = Tables(name, job, self.consistency, replication.rank, replication.num_servers, self.read.worker)
+        self.tables = Tables(name, job, self.consistency, replication.rank, replication.num_servers, self.read.worker,
+                             replication)
+        self.table_replicas = TableReplicas(name, job, self.tables, replication)
         metrics.registry.register(TableCollector(self.tables))
         self.table_checkpoints: TableCheckpoints | None = None
         if checkpoints is not None:
@@ -120,7 +123,7 @@ class Shard:
         if job.resume:
             self.tables.restore = functools.partial(restore, job.resume, rank=replication.rank,
                                                     num_servers=replication.num_servers)
-        read, tables = self.read, self.tables
+        read, tables, table_replicas = self.read, self.tables, self.table_replicas
         self.handlers: dict[Kind, Handler] = {
             Kind.INIT: Route(read.declare, self.init), Kind.PUSH: Route(read.push, self.push),
             Kind.PUSH_PULL: Route(read.push_pull, self.push_pull), Kind.PULL: Route(read.pull, self.pull),
@@ -131,6 +134,8 @@ class Shard:
             Kind.TABLE: Route(tables.read_declare, lambda r: Done(*tables.declare(r))),
             Kind.ROWS_PULL: Route(tables.read_pull, lambda r: Done(*tables.pull(r))),
             Kind.ROWS_PUSH: Route(tables.read_push, lambda r: Done(*tables.push(r))),
+            Kind.TABLE_REPLICATE: Route(table_replicas.read_replicate, lambda r: Done(*table_replicas.replicate(r))),
+            Kind.TABLE_SEED: Route(table_replicas.read_seed, lambda r: Done(*table_replicas.seed(r))),
         }
         metrics.holdings, metrics.step = self.holdings, self.step
 
@@ -410,7 +415,7 @@ class Shard:
         if self.replication.rank in found[1]:
             self.replication.fenced = f"the coordinator failed this server over (topology version {found[0]})"
             return []
-        promoted = self.replication.failover(found[0], found[1], self.keys.values())
+        promoted = self.replication.failover(found[0], found[1], [*self.keys.values(), *self.tables.handles()])
         if promoted is None:
             return []
         if promoted:
@@ -528,7 +533,9 @@ class Shard:
         return self._ok(seed.request_id)
 
     def send_seeds(self) -> None:
-        """--replicas: seed the backups the replication state asks for (after a failover, or a refused update)."""
+        """--replicas: seed the backups the replication state asks for (after a failover, or a refused update): the
+        tables' partitions, then the dense keys."""
+        self.table_replicas.send_seeds()
         self.replication.seed(self.keys.states, self.keys.optimizer_state, self.keys.optimizer,
                               self.job.max_message_bytes)
 

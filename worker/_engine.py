@@ -58,7 +58,7 @@ class Request:
     deadline: float
     remaining: int  # messages not answered yet
     outs: dict[int, torch.Tensor] = field(default_factory=dict)  # key -> flat destination view
-    replies: dict[int, Any] | None = None  # server -> reply body (or the whole message), when the caller wants them
+    replies: dict[int, Any] | None = None  # home -> reply body (or the whole message), when the caller wants them
     whole: bool = False  # keep whole reply messages (their frames too), not only their bodies
     error: BaseException | None = None
     marks: set[tuple[int, int]] = field(default_factory=set)  # shared areas reserved until the reply
@@ -413,7 +413,7 @@ class Engine:
             raise_if_error(msg)
             self.replies.apply(msg, request)
             if request.replies is not None:
-                request.replies[server] = msg if request.whole else msg.body
+                request.replies[found.home] = msg if request.whole else msg.body
         except Exception as exc:  # the first error fails the whole call
             if request.error is None:
                 request.error = exc

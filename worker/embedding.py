@@ -110,7 +110,7 @@ class _Remote:
         parts = []
         for server, where in split.parts.items():
             ids = split.ids.index_select(0, where)
-            entry = wire.row_entry(self.spec.key, step, ids.numel(), nf=1)
+            entry = wire.row_entry(self.spec.key, step, ids.numel(), nf=1, home=server)
             if self.spec.codec != "none":
                 entry["pc"] = self.spec.codec
             parts.append((server, Message(Kind.ROWS_PULL, src=self.client.name, keys=[entry],
@@ -128,8 +128,8 @@ class _Remote:
         return n * per
 
     def push(self, split: _Split, grads: torch.Tensor, step: int, lr: float) -> None:
-        """Push the gradient rows of ``step`` to every server (none for a server without ids: every server counts
-        every step)."""
+        """Push the gradient rows of ``step`` for every server's rows (none for a server without ids: every server
+        counts every step; with --replicas the engine sends each to the live primary of those rows)."""
         self._check_pushes()
         parts = []
         hp = None if lr == self.spec.hp["lr"] else {"lr": lr}
@@ -138,14 +138,15 @@ class _Remote:
         if asked > self._marked and (asked == step or self.client.topology.mode != "bsp"):
             self._marked = asked
             body["ckpt"] = asked
-        for server in self._live():
+        for server in range(self.servers):
             where = split.parts.get(server)
             if where is None:
                 ids, rows = torch.empty(0, dtype=torch.int64), torch.empty(0, self.spec.dim)
             else:
                 ids, rows = split.ids.index_select(0, where), grads.index_select(0, where)
             frames, size = wire.encode_rows(rows, self.spec.codec)
-            entry = wire.row_entry(self.spec.key, step, ids.numel(), nf=1 + len(frames), codec=self.spec.codec)
+            entry = wire.row_entry(self.spec.key, step, ids.numel(), nf=1 + len(frames), codec=self.spec.codec,
+                                   home=server)
             if hp is not None:
                 entry["hp"] = hp
             parts.append((server, Message(Kind.ROWS_PUSH, src=self.client.name, keys=[entry], body=body,

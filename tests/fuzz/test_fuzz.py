@@ -37,7 +37,7 @@ from zps.worker.embedding import EmbeddingTable
 from ..helpers import LocalCluster, close_all, local_cluster, run_parallel
 from . import mutate
 
-State = list[tuple[tuple[int, int], int, "torch.Tensor | None"]]
+State = list[tuple[tuple[int, ...], int, "torch.Tensor | None"]]
 SERVER_KINDS = {"init", "push", "pull", "push_pull", "leave", "stats", "join", "replicate", "seed", "inspect", "put",
                 "get", "table", "rows_pull", "rows_push"}
 PROBE_ID = 1 << 40  # probe ids start here; a reply with this id or above is a probe's
@@ -94,18 +94,18 @@ def workload(cluster: LocalCluster) -> list[Client]:
 
 
 def server_state(cluster: LocalCluster) -> State:
-    """(server, key), version and values of every key of every server; of every embedding table, its key, version
-    and stored rows (ids and values in id order)."""
-    dense = [((i, s.key), s.version, None if s.param is None else s.param.detach().clone())
+    """(server, key), version and values of every key of every server; of every embedding table's partition, its
+    key and home, version and stored rows (ids and values in id order)."""
+    dense: State = [((i, s.key), s.version, None if s.param is None else s.param.detach().clone())
              for i, server in enumerate(cluster.servers)
              for s in sorted(server.shard.keys.values(), key=lambda s: s.key)]
-    tables = []
+    tables: State = []
     for i, server in enumerate(cluster.servers):
-        for key, table in sorted(server.shard.tables.by_key.items()):
+        for (key, home), table in sorted(server.shard.tables.parts.items()):  # (--replicas: each home's copy)
             ids, slots = table.store.index.items()
             order = torch.argsort(ids)
             held = torch.cat([ids[order].double(), table.store.values.index_select(0, slots[order]).double().flatten()])
-            tables.append(((i, key), table.version, held))
+            tables.append(((i, key, home), table.version, held))
     return dense + tables
 
 

@@ -1,14 +1,17 @@
-"""Fuzzing what a replicated job adds (issue 22): SEED and REPLICATE at its servers, the coordinator's NOTICE
+"""Fuzzing what a replicated job adds (issues 22, 23): SEED, REPLICATE, TABLE_SEED and TABLE_REPLICATE at its
+servers, the coordinator's NOTICE
 messages (sent to a server's port by a peer, and heard on the heartbeat channel, where only the coordinator speaks,
 failover notices included), and the ``--net`` relay's ports.
 
 Messages: the invariants of :mod:`.test_fuzz` (after every message a probe on the same connection is answered; a
 refused message changed nothing; one left waiting changed no parameter; RSS within 10% of the warm-up's), on a
-3-server ``--replicas 1`` cluster, with real REPLICATE messages (captured from the primaries' forwards), real SEEDs
-(:func:`zps.ps._seeds.seed_messages` of a primary's state) and notices as the corpus. A notice on the heartbeat
-channel gets no answer: it may change no parameter or version, and the server goes on serving. A notice that
-would really fail a server over or end a worker (the coordinator doing its job) is made stale instead, as
-:func:`.test_fuzz.tame` does with a member's DONE. At the end a worker's own push and pull get the right values.
+3-server ``--replicas 1`` cluster, with real REPLICATE and TABLE_REPLICATE messages (captured from the primaries'
+forwards), real SEEDs and TABLE_SEEDs (:func:`zps.ps._seeds.seed_messages` of a primary's state,
+:meth:`zps.ps._table_replicas.TableReplicas.seed_messages` of its table partitions) and notices as the corpus. A
+notice on the heartbeat channel gets no answer: it may change no parameter or version, and the server goes on
+serving. A notice that would really fail a server over or end a worker (the coordinator doing its job) is made
+stale instead, as :func:`.test_fuzz.tame` does with a member's DONE. At the end a worker's own push and pull get
+the right values.
 
 The relay: hostile connections (random bytes, a ZMTP greeting and then a frame claiming 2^40 bytes, half-open and
 reset connections, a flood past the relay's window) to the port a worker reaches a server through; the relay goes
@@ -38,6 +41,7 @@ from zps.protocol import replicas
 from zps.protocol.bodies import SeedBody
 from zps.protocol.messages import PROTOCOL_VERSION, Kind, ProtocolError, parse_frames
 from zps.ps._seeds import seed_messages
+from zps.worker import EmbeddingTable
 from zps.worker.client import Client
 
 from ..helpers import LocalCluster, close_all, local_cluster, run_parallel
@@ -62,6 +66,14 @@ def _train(cluster: LocalCluster) -> tuple[list[Client], dict[str, torch.Tensor]
 
     for number in range(3):
         run_parallel(functools.partial(step, number=number), clients)
+
+    def table_steps(client: Client) -> None:  # an embedding table's pushes (forwarded to the backups too)
+        table = EmbeddingTable("fuzzed", 4, optimizer="adagrad:lr=0.1", client=client)
+        for number in range(2):
+            table.lookup(torch.arange(number, number + 20) * 7919).pow(2).sum().backward()
+        table.synchronize()
+
+    run_parallel(table_steps, clients)
     return clients, grads
 
 
@@ -72,7 +84,7 @@ def _notice(body: dict[str, Any]) -> Frames:
 def _corpus(cluster: LocalCluster, captured: list[Frames]) -> list[Frames]:
     """The captured REPLICATEs, SEEDs of each primary's keys (in the topology as it is, and as the first seed after
     a failover would be), and NOTICEs of each kind."""
-    corpus = [f for f in captured if msgpack.unpackb(f[0], raw=False).get("kind") == "replicate"]
+    corpus = [f for f in captured if msgpack.unpackb(f[0], raw=False).get("kind") in ("replicate", "table_replicate")]
     assert corpus, "no REPLICATE was captured"
     ids = iter(range(20, 1 << 20))
     for server in cluster.servers:
@@ -83,11 +95,16 @@ def _corpus(cluster: LocalCluster, captured: list[Frames]) -> list[Frames]:
             for msg, _ in seed_messages(states, server.shard.keys.optimizer_state, body, f"server:{rank}", ids,
                                         1 << 20):
                 corpus.append([bytes(f) for f in msg.to_frames()])
+            for table in server.shard.tables:
+                if table.home == rank:
+                    for part in server.shard.table_replicas.seed_messages(table):
+                        part.body["failover"] = failover
+                        corpus.append([bytes(f) for f in part.to_frames()])
     notices: list[dict[str, Any]] = [replicas.notice_body(1, {2}), {"gone": 1, "why": "killed"}, {"replaced": 0},
                                      {"workers": {"0": 4242, "1": 4243}}]
     corpus += [_notice(notice) for notice in notices]
     kinds = {msgpack.unpackb(f[0], raw=False)["kind"] for f in corpus}
-    assert kinds == {"replicate", "seed", "notice"}, kinds
+    assert kinds == {"replicate", "seed", "table_replicate", "table_seed", "notice"}, kinds
     return corpus
 
 
