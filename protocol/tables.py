@@ -59,7 +59,7 @@ from .replicas import FailoverNotice
 SERVER_SALT = 0x5A505354424C4531  # "ZPSTBLE1": the row -> server rule's salt (never change it: checkpoints use it)
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 MAX_DIM = 1 << 16  # elements of one row
-MAX_STEP = (1 << 31) - 1  # a table's steps: each row keeps the step it was last updated at as an int32
+MAX_TABLE_STEP = (1 << 31) - 1  # a table's steps: each row keeps the step it was last updated at as an int32
 MAX_NAME = 200
 ROW_CODECS = ("none", "fp16", "int8")
 # The row-wise optimizers the servers apply to touched rows only: their hyper-parameters and defaults.
@@ -403,8 +403,8 @@ def read_seed_body(body: dict[str, Any], num_servers: int, num_workers: int, ske
     if spec.max_rows and rows > spec.max_rows:
         raise bad(f"'rows' ({rows}) is over the table's cap ({spec.max_rows})")
     if not all(is_int(body.get(name), 0, UNBOUNDED) for name in ("version", "steps")) \
-            or not is_int(body.get("clock"), 0, MAX_STEP + 1):
-        raise bad(f"'version' and 'steps' must be non-negative integers, 'clock' one up to {MAX_STEP}")
+            or not is_int(body.get("clock"), 0, MAX_TABLE_STEP + 1):
+        raise bad(f"'version' and 'steps' must be non-negative integers, 'clock' one up to {MAX_TABLE_STEP}")
     last = body.get("last")
     if not isinstance(last, list) or len(last) > num_workers or not all(
             isinstance(p, list) and len(p) == 2 and is_int(p[0], 0, num_workers) and is_int(p[1]) for p in last) \

@@ -232,9 +232,9 @@ class TableReplicas:
         what = f"table replicate of table {spec.name!r} (rows of server {table.home})"
         self.replication.check_primary(table.home, sender, what)
         version, step, worker = entry.get("version"), entry.get("step"), entry.get("worker")
-        if not is_int(version, 0, UNBOUNDED) or not is_int(step, 0, wire.MAX_STEP + 1):
+        if not is_int(version, 0, UNBOUNDED) or not is_int(step, 0, wire.MAX_TABLE_STEP + 1):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'version' must be a non-negative integer, 'step' one "
-                                                      f"up to {wire.MAX_STEP}")
+                                                      f"up to {wire.MAX_TABLE_STEP}")
         workers = self.job.worker_ranks
         if worker is not None and not is_int(worker, 0, workers):
             raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: 'worker' must be a worker rank")

@@ -367,9 +367,9 @@ class Tables:
         last = table.last_step.get(worker, -1)
         if step <= last:
             return False
-        if not is_int(step, 0, last + 2 + (1 << 20)):
+        if not is_int(step, 0, min(last + 2 + (1 << 20), wire.MAX_TABLE_STEP + 1)):
             raise ProtocolError(ErrorCode.STEP_AHEAD, f"{what}: step {step} from worker {worker}, whose last push was "
-                                                      f"{last}")
+                                                      f"{last} (a table's steps end at {wire.MAX_TABLE_STEP})")
         return True
 
     def push(self, request: RowsPush) -> TableDone:

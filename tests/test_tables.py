@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zps.protocol import tables as wire
-from zps.protocol.messages import ErrorCode, Kind, Message
+from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.rowstore import HashIndex, RowStore
 from zps.protocol.tables import TableSpec, initial_rows, server_of
 from zps.worker.embedding import EmbeddingTable
@@ -356,6 +356,21 @@ def test_asp_applies_every_pushed_row_exactly_once_under_retries() -> None:
     assert torch.equal(rows_of(reply, 3), want)
     table = h.shard.tables.by_key[soak.key]
     assert table.counters["duplicate_pushes"] == 200 and table.version == 200
+
+
+def test_an_asp_worker_cannot_walk_a_tables_step_past_what_a_row_records() -> None:
+    """Each ASP push may jump ahead by at most 2^20 steps; a worker that walked its steps up to the end of a row's
+    int32 step record is refused there, by name, and the rows are unchanged (an overflow would have stepped them)."""
+    h = Harness(mode="asp", workers=1)
+    declare(h, SGD1, 0)
+    end = wire.MAX_TABLE_STEP
+    h.shard.tables.by_key[SGD1.key].last_step[0] = end - 2  # as if it had pushed ~2,000 jumps of 2^20
+    assert h.ask(rows_push(0, SGD1, [1], torch.ones(1, 3), end))[0][1].kind is Kind.OK  # the last step there is
+    before = rows_of(h.ask(rows_pull(0, SGD1, [1, 2], 0))[0][1], 3)
+    with pytest.raises(ProtocolError, match=f"steps end at {end}") as refused:
+        h.ask(rows_push(0, SGD1, [1, 2], torch.ones(2, 3), end + 1))
+    assert refused.value.code is ErrorCode.STEP_AHEAD
+    assert torch.equal(rows_of(h.ask(rows_pull(0, SGD1, [1, 2], 0))[0][1], 3), before)
 
 
 def test_bad_table_requests_are_refused_whole() -> None:
