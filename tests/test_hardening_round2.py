@@ -121,6 +121,9 @@ def test_a_secure_replicated_job_refuses_every_forged_seed_replicate_and_done_an
 
         for step in range(1, 4):  # the job goes on: every copy takes the real primary's updates, exactly once
             run_parallel(functools.partial(train, step=step), clients)
+        # ASP: a push_pull's pull may be answered before the other worker's push of the step; once both are done
+        # (each push acknowledged by the backup), a pull reads all seven updates
+        run_parallel(lambda c: c.pull(outs[c.rank], 4).result(timeout=30), clients)
         assert cluster.coordinator.error is None and cluster.coordinator.failover.dead == set()
         assert torch.equal(outs[0][name], torch.full((8,), -7.0)) and torch.equal(outs[0][name], outs[1][name])
         held = backup.shard.keys[key].param
