@@ -341,7 +341,8 @@ class EmbeddingTable(torch.nn.Module):
                 log.warning("table %r: step %d's forward had no backward before the next forward; it pushes no "
                             "gradient (one training forward per step; evaluate under torch.no_grad())", self.name,
                             self._open.step)
-            self._push(self._open, torch.empty(self._open.split.ids.numel(), self.dim))
+            stale = self._open  # (no ids: every server counts the step, no row changes)
+            self._push(_Open(stale.step, _Split(unique[:0], {}, whole=True), stale.device), torch.empty(0, self.dim))
         step = self.step
         for old in [s for s in self._prefetched if s < step]:
             del self._prefetched[old]
