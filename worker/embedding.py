@@ -45,7 +45,7 @@ log = logging.getLogger("zps.worker")
 B = TypeVar("B")
 MODES = ("sum", "mean", "max")
 # glibc's M_MMAP_THRESHOLD and the size from which a worker's buffers are mapped and unmapped whole (below)
-_M_MMAP_THRESHOLD, BIG_BUFFER = -3, 1 << 20
+_M_MMAP_THRESHOLD, BIG_BUFFER = -3, 2 << 20
 _malloc_set = False
 
 
@@ -54,8 +54,11 @@ def _big_buffers_to_the_os() -> None:
     (glibc, unless ``MALLOC_MMAP_THRESHOLD_`` says otherwise). A table's step allocates and frees a few buffers of
     the batch's rows (pulled rows, gradient rows, their frames); glibc's default raises its mapping threshold to the
     largest buffer freed, after which such buffers come from the heap, whose free pieces between live allocations
-    stay resident: a worker pushing 65,536 new 16-wide rows per step grew by ~45 MB that way, against ~20 MB of
-    buffers live at once. Set once, by the first table of a worker."""
+    stay resident: a worker pushing 65,536 new 16-wide rows per step (4 MiB buffers) peaked at ~360 MiB that way,
+    at 329 MiB with this (325 with 1 MiB, 333 with 4 MiB; malloc_trim after every step: 339, and 1-18 ms a call).
+    The price: a mapped buffer's pages fault in afresh each time (~1 us per 4 KiB page here: 2 MiB of zeros take
+    ~0.5 ms instead of ~0.06), hence 2 MiB, above a 4096-id batch of 64-wide rows (1 MiB). Set once, by the first
+    table of a worker."""
     global _malloc_set
     if _malloc_set or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
