@@ -99,10 +99,11 @@ class _Rows:
             if entry.get("key") != key or entry.get("numel") != where.numel():
                 raise RuntimeError(f"server {server} answered a rows pull with {entry.get('numel')} rows of key "
                                    f"{entry.get('key')}, not {where.numel()} of {key}")
-            # one server holding every id: its rows are the batch's, decoded once; else each server's rows go
-            # straight from the frame to their places (a view of the frame, never a second copy)
+            # a view of the frame, never copied to be copied again: one server holding every id sends the batch's
+            # rows, in their order (the view is the rows: nothing writes them, autograd reads them); else each
+            # server's rows go from the frame to their places
             rows = wire.decode_rows(frames, str(entry.get("codec", "none")), where.numel(), self.dim,
-                                    f"rows from server {server}", copy=whole)
+                                    f"rows from server {server}", copy=False)
             if out is None:
                 out = rows
             else:
