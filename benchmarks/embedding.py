@@ -13,7 +13,8 @@ against one process holding the whole table, and (``--scale``) a 50M-row table s
    nn.EmbeddingBag(sparse=True) holding the whole table, torch.optim.Adagrad), and the table's bytes on the wire
    per sample against a dense push and pull of the same table; runs interleaved, medians.
 4. ``--scale``: 50M rows x 16 (3.2 GB) with row-wise Adagrad spread over 2 servers by 2 workers that push
-   batches of new ids; each worker's peak RSS against the table's bytes.
+   batches of new ids; each worker's peak RSS (ru_maxrss: the whole process, torch included) against the table's
+   bytes.
 
     python benchmarks/embedding.py [--quick] [--scale] [--parts server roundtrip ctr] [--json out.json]
     python benchmarks/embedding.py --scale --parts        # the 50M-row run alone
@@ -250,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=0)
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=1 << 16, help="--scale: new ids per worker per step")
+    parser.add_argument("--batch", type=int, default=1 << 16,
+                        help="--scale: new ids per worker per step (65,536: examples/ctr.py's step is 2048 samples x "
+                             "26 features, 53,248 ids, all new here)")
     parser.add_argument("--share", default="", help=argparse.SUPPRESS)
     parser.add_argument("--roundtrip-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scale-worker", action="store_true", help=argparse.SUPPRESS)
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = ctr["baseline"]["samples_per_second"]
         md.append("\n## 3. examples/ctr.py (medians of interleaved runs)\n")
         md.append(C.md_table(
-            ["run", "samples/s", "vs one process", "AUC", "rows", "worker peak RSS MB", "table bytes/sample",
+            ["run", "samples/s", "vs one process", "AUC", "rows", "worker peak RSS MiB", "table bytes/sample",
              "vs a dense pull+push"],
             [[name, f"{r['samples_per_second']:,.0f}", C.ratio(r["samples_per_second"], base), f"{r['auc']:.4f}",
               f"{r['rows']:,}", f"{r['worker_rss_bytes'] / 2**20:.0f}",
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table_bytes = scale["rows"] * 16 * 4
         worst = max(scale["worker_peak_rss"])
         md.append("\n## 4. Scale: one table spread over 2 servers by 2 workers\n")
-        md.append(C.md_table(["rows", "table GB", "per server", "server peak RSS GB", "largest worker peak RSS MB",
+        md.append(C.md_table(["rows", "table GB", "per server", "server peak RSS GB", "largest worker peak RSS MiB",
                               "worker RSS / table", "seconds"],
                              [[f"{scale['rows']:,}", f"{table_bytes / 1e9:.2f}",
                                ", ".join(f"{r:,}" for r in scale["rows_per_server"]),

@@ -170,10 +170,22 @@ class HashIndex:
         return self.capacity * 12
 
 
+def _gather(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``tensor[slots]`` along the first dimension, a new tensor: numpy's take, which gathers rows a fifth faster than
+    ``index_select`` (the same bits: a gather copies)."""
+    return torch.from_numpy(np.take(tensor.numpy(), slots.numpy(), axis=0))
+
+
+def _scatter(tensor: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """``tensor[slots] = rows`` (distinct slots, ``rows`` of ``tensor``'s dtype): numpy's assignment, about twice as
+    fast as ``index_copy_`` for rows of 16 to 64 floats (the same bits: a scatter copies)."""
+    tensor.numpy()[slots.numpy()] = rows.numpy()
+
+
 def _add(values: torch.Tensor, slots: torch.Tensor, update: torch.Tensor, alpha: float) -> None:
     """``values[slots] += alpha * update`` (distinct slots) with the rounding of torch's dense += sparse with alpha,
     gathered, added and put back: index_add_ with alpha takes a slower path to the same bits."""
-    values.index_copy_(0, slots, values.index_select(0, slots).add_(update, alpha=alpha))
+    _scatter(values, slots, _gather(values, slots).add_(update, alpha=alpha))
 
 
 def state_names(optimizer: str) -> tuple[str, ...]:
@@ -239,13 +251,14 @@ class RowStore:
     def read(self, ids: torch.Tensor) -> torch.Tensor:
         """(n, dim) values of ``ids``: the stored rows, and the initial value of every id not stored."""
         slots = self.index.lookup(ids)
-        held = slots >= 0
-        if bool(held.all()):
-            return self.values.index_select(0, slots)
+        held = slots.numpy() >= 0  # (numpy's small operations cost a fraction of torch's)
+        if held.all():
+            return _gather(self.values, slots)
         out = torch.empty(ids.numel(), self.dim)
-        if bool(held.any()):
-            out[held] = self.values.index_select(0, slots[held])
-        out[~held] = initial_rows(self.spec, ids[~held])
+        held_t = torch.from_numpy(held)
+        if held.any():
+            out[held_t] = _gather(self.values, slots[held_t])
+        out[~held_t] = initial_rows(self.spec, ids[~held_t])
         return out
 
     # -- updating ------------------------------------------------------------------------------------
@@ -263,8 +276,8 @@ class RowStore:
         if ids.numel() == 0:
             return 0
         slots = self.index.lookup(ids)
-        new = slots < 0
-        if bool(new.any()):
+        if (slots.numpy() < 0).any():
+            new = slots < 0
             keep = self._admit(ids, new, sightings)
             if keep is not None:
                 ids, grads, slots, new = ids[keep], grads[keep], slots[keep], new[keep]
@@ -274,7 +287,7 @@ class RowStore:
                 ids, grads, slots = ids[placed], grads[placed], slots[placed]
         if slots.numel():
             self._step(slots, grads, hp)
-            self.touched[slots] = step
+            self.touched.numpy()[slots.numpy()] = step
         self.counters["rows_updated"] += slots.numel()
         return slots.numel()
 
@@ -373,23 +386,23 @@ class RowStore:
             _add(values, slots, g, -lr)
         elif kind == "adagrad":
             clr = lr / (1 + (self.steps - 1) * hp["lr_decay"])
-            total = self.state["sum"].index_select(0, slots).add_(g.pow(2))
-            self.state["sum"].index_copy_(0, slots, total)
+            total = _gather(self.state["sum"], slots).add_(g.pow(2))
+            _scatter(self.state["sum"], slots, total)
             std = total.sqrt_().add_(hp["eps"])
             _add(values, slots, g / std, -clr)
         elif kind == "rowwise_adagrad":
-            total = self.state["sum"].index_select(0, slots).add_(g.pow(2).mean(dim=1))
-            self.state["sum"].index_copy_(0, slots, total)
+            total = _gather(self.state["sum"], slots).add_(g.pow(2).mean(dim=1))
+            _scatter(self.state["sum"], slots, total)
             std = total.sqrt_().add_(hp["eps"])
             _add(values, slots, g / std[:, None], -lr)
         else:  # sparse_adam
             beta1, beta2 = hp["betas"]
-            old_avg = self.state["exp_avg"].index_select(0, slots)
+            old_avg = _gather(self.state["exp_avg"], slots)
             avg_update = g.sub(old_avg).mul_(1 - beta1)
-            self.state["exp_avg"].index_copy_(0, slots, old_avg + avg_update)
-            old_sq = self.state["exp_avg_sq"].index_select(0, slots)
+            _scatter(self.state["exp_avg"], slots, old_avg + avg_update)
+            old_sq = _gather(self.state["exp_avg_sq"], slots)
             sq_update = g.pow(2).sub_(old_sq).mul_(1 - beta2)
-            self.state["exp_avg_sq"].index_copy_(0, slots, old_sq + sq_update)
+            _scatter(self.state["exp_avg_sq"], slots, old_sq + sq_update)
             numer = avg_update.add_(old_avg)
             denom = sq_update.add_(old_sq).sqrt_().add_(hp["eps"])
             step_size = lr * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)

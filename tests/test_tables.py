@@ -16,7 +16,7 @@ from zps.protocol import tables as wire
 from zps.protocol.messages import ErrorCode, Kind, Message, ProtocolError
 from zps.protocol.rowstore import HashIndex, RowStore
 from zps.protocol.tables import TableSpec, initial_rows, server_of
-from zps.worker.embedding import EmbeddingTable
+from zps.worker.embedding import EmbeddingTable, _Gather, unique_ids
 from zps.worker.local import LocalClient
 
 from .test_shard import Harness
@@ -253,6 +253,36 @@ def test_the_module_with_no_launcher_is_an_embedding_bag() -> None:
     assert table.step == 5
     torch.testing.assert_close(table.rows(torch.arange(1000)), reference.weight.detach(), rtol=0, atol=1e-7)
     assert table.lookup(torch.tensor([[1, 2]])).shape == (1, 2, 6)
+
+
+def test_a_forward_without_a_backward_changes_no_row() -> None:
+    table = EmbeddingTable("t", 3, optimizer="sgd:lr=0.5", client=LocalClient())
+    before = table.rows(torch.arange(10))
+    table.lookup(torch.tensor([1, 2, 3]))  # no backward: the next forward closes its step without a gradient
+    table.lookup(torch.tensor([4, 5])).sum().backward()
+    after = table.rows(torch.arange(10))
+    assert table.step == 2
+    assert torch.equal(after[[0, 1, 2, 3, 6, 7, 8, 9]], before[[0, 1, 2, 3, 6, 7, 8, 9]])
+    assert torch.equal(after[[4, 5]], before[[4, 5]] - 0.5)
+
+
+def test_dedup_and_lookup_backward_match_torch_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(3)
+    for vocabulary, shape, dim in ((50, (7, 13), 4), (5000, (4096,), 16), (300, (4, 1024), 64), (9, (0,), 2)):
+        ids = torch.randint(0, vocabulary, shape, generator=g)
+        unique, inverse = unique_ids(ids)
+        want_unique, want_inverse = torch.unique(ids.view(-1), return_inverse=True)
+        assert torch.equal(unique, want_unique) and torch.equal(inverse, want_inverse)
+        rows = torch.randn(unique.numel(), dim, generator=g, requires_grad=True)
+        weight = torch.randn(*shape, dim, generator=g)
+        (F.embedding(inverse.view(shape), rows) * weight).sum().backward()
+        want = rows.grad
+        assert want is not None
+        rows.grad = None
+        got = _Gather.apply(rows, inverse).view(*shape, dim)
+        assert torch.equal(got, F.embedding(inverse.view(shape), rows))
+        (got * weight).sum().backward()  # (beyond 3000 ids F.embedding sorts: the same sums)
+        assert rows.grad is not None and torch.equal(rows.grad, want)
 
 
 def test_a_second_forward_before_the_backward_is_refused_loudly() -> None:
