@@ -250,10 +250,26 @@ def test_a_server_without_replicas_refuses_replicate_requests() -> None:
 
 
 # -- real processes, a server killed mid-run ---------------------------------------------------------------------
-def _run(tag: str, args: list[str], timeout: float = 240) -> str:
+def run_job(tag: str, args: list[str], timeout: float = 240) -> str:
+    """``zps run --progress off ARGS``: its output, once it exited 0 and left no process behind."""
     code, text = finish(start(tag, ["run", "--progress", "off", *args]), timeout=timeout)
     assert code == 0, text
     assert wait_for_no_tagged(tag, within=10) == []
+    return text
+
+
+def run_counting_through_kills(tag: str, script: str, count: int, kills: str, steps: int, out: Path) -> str:
+    """Run ``script`` (each step worker 0 pushes +1 and worker 1 +2 into everything it trains, then writes it to
+    ``out``) over 3 servers in ASP with ``--replicas count`` and ``--kill kills``: every victim was failed over and
+    every tensor ends at exactly 3 x ``steps`` (each push applied once, retries through the failovers included).
+    The job's output."""
+    text = run_job(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", str(count), "--kill", kills,
+                      script, "--steps", str(steps), "--out", str(out)])
+    for kill in kills.split(","):
+        victim = kill.split(":")[1].split("@")[0]
+        assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
+    for name, value in load_file(str(out)).items():
+        assert torch.equal(value, torch.full_like(value, 3.0 * steps)), (name, value.unique())
     return text
 
 
@@ -268,7 +284,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     out = tmp_path_factory.mktemp("reference") / "final.safetensors"
     tag = f"replication-reference-{os.getpid()}"
     try:
-        _run(tag, [*BSP_JOB, TRAIN, "--steps", "100", "--out", str(out)])
+        run_job(tag, [*BSP_JOB, TRAIN, "--steps", "100", "--out", str(out)])
     finally:
         kill_tagged(tag)
     return load_file(str(out))
@@ -291,7 +307,7 @@ def test_bsp_adam_goes_on_through_a_killed_server_and_ends_with_the_uninterrupte
         tag: str, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
     """Under --secure too: the servers forward and seed each other over CURVE, each with its own key."""
     out = tmp_path / "failover.safetensors"
-    text = _run(tag, [*BSP_JOB, "--secure", "--replicas", "1", "--kill", "server:1@50", TRAIN, "--steps", "100",
+    text = run_job(tag, [*BSP_JOB, "--secure", "--replicas", "1", "--kill", "server:1@50", TRAIN, "--steps", "100",
                       "--step-times", "--out", str(out)])
     assert "server 1 was killed by SIGKILL: its backups take over" in text, text
     assert re.search(r"FAILOVER: server:1 .* the chunks of server 1 are now served by server 2", text), text
@@ -332,7 +348,7 @@ def test_bsp_with_two_replicas_survives_two_servers_killed_one_after_the_other(
         tag: str, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
     """--replicas 2 on 3 servers: the second death promotes the last copy, which the first promotion kept updated."""
     out = tmp_path / "failover.safetensors"
-    text = _run(tag, [*BSP_JOB, "--replicas", "2", "--kill", "server:0@30,server:2@60", TRAIN, "--steps", "100",
+    text = run_job(tag, [*BSP_JOB, "--replicas", "2", "--kill", "server:0@30,server:2@60", TRAIN, "--steps", "100",
                       "--step-times", "--out", str(out)])
     assert "topology version 2: the chunks of server 0 are now served by server 1" in text, text
     print(f"longest step with two servers killed: {_longest_step(text):.3f}s")
@@ -345,7 +361,7 @@ def test_bsp_with_one_replica_survives_two_servers_killed_with_re_replication_be
     """--replicas 1 on 3 servers: after the first death every chunk has one copy left; its primary seeds the next
     live server with it (values and Adam state), so the second death still leaves a complete copy of everything."""
     out = tmp_path / "failover.safetensors"
-    text = _run(tag, [*BSP_JOB, "--replicas", "1", "--kill", "server:0@30,server:1@60", TRAIN, "--steps", "100",
+    text = run_job(tag, [*BSP_JOB, "--replicas", "1", "--kill", "server:0@30,server:1@60", TRAIN, "--steps", "100",
                       "--step-times", "--out", str(out)])
     assert re.search(r"RE-REPLICATED: the chunks of server 0 have 2 complete copies again \(servers \[1, 2\]", text)
     assert "topology version 2: the chunks of server 0 are now served by server 2" in text, text
@@ -358,15 +374,7 @@ def test_bsp_with_one_replica_survives_two_servers_killed_with_re_replication_be
                                           (1, "server:0@20,server:1@40")])
 def test_asp_applies_every_acknowledged_push_exactly_once_through_a_killed_server(tag: str, tmp_path: Path,
                                                                                   count: int, kills: str) -> None:
-    out = tmp_path / "final.safetensors"
-    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", str(count), "--kill", kills,
-                      COUNT, "--steps", "60", "--out", str(out)])
-    for kill in kills.split(","):
-        victim = kill.split(":")[1].split("@")[0]
-        assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
-    final = load_file(str(out))
-    for name, value in final.items():  # 60 steps of +1 (worker 0) and +2 (worker 1)
-        assert torch.equal(value, torch.full_like(value, 180.0)), (name, value.unique())
+    text = run_counting_through_kills(tag, COUNT, count, kills, 60, tmp_path / "final.safetensors")
     print(re.findall(r"DUPLICATES \d+", text))
 
 

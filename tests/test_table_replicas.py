@@ -28,13 +28,11 @@ from .helpers import (
     ROOT,
     LocalCluster,
     close_all,
-    finish,
     kill_tagged,
     local_cluster,
     run_parallel,
-    start,
-    wait_for_no_tagged,
 )
+from .test_replication import run_counting_through_kills, run_job
 
 IDS = torch.arange(400, dtype=torch.int64) * 7919 - 5
 
@@ -296,20 +294,13 @@ TABLE_SCRIPT = str(ROOT / "tests" / "scripts" / "table_steps.py")
 COUNT_ROWS = str(ROOT / "tests" / "scripts" / "count_rows.py")
 
 
-def _run(tag: str, args: list[str], timeout: float = 240) -> str:
-    code, text = finish(start(tag, ["run", "--progress", "off", *args]), timeout=timeout)
-    assert code == 0, text
-    assert wait_for_no_tagged(tag, within=10) == []
-    return text
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The rows and dense head after 30 BSP steps of tests/scripts/table_steps.py that nobody interrupted."""
     out = tmp_path_factory.mktemp("table-replicas") / "final.st"
     tag = f"table-replicas-straight-{os.getpid()}"
     try:
-        _run(tag, ["--servers", "3", "--workers", "2", "--mode", "bsp", TABLE_SCRIPT, "--steps", "30", "--out",
+        run_job(tag, ["--servers", "3", "--workers", "2", "--mode", "bsp", TABLE_SCRIPT, "--steps", "30", "--out",
                    str(out)])
     finally:
         kill_tagged(tag)
@@ -325,7 +316,7 @@ def test_bsp_table_and_dense_survive_a_killed_server_with_the_uninterrupted_bits
     server 2 alone); the dead servers' rows are served by their backups, which seed the next live servers, and the
     job ends with every row and parameter of the run nobody killed, bit for bit."""
     out = tmp_path / "final.st"
-    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "bsp", "--replicas", "1", "--kill", kills,
+    text = run_job(tag, ["--servers", "3", "--workers", "2", "--mode", "bsp", "--replicas", "1", "--kill", kills,
                       TABLE_SCRIPT, "--steps", "30", "--out", str(out)])
     for kill in kills.split(","):
         victim = kill.split(":")[1].split("@")[0]
@@ -343,13 +334,5 @@ def test_asp_applies_every_pushed_row_exactly_once_through_a_killed_server(tag: 
                                                                            kills: str) -> None:
     """ASP, --replicas 1 (one server killed) or 2 (two, one after the other): every row and dense element ends
     with exactly the sum of every worker's pushes (each applied once, retries through the failover included)."""
-    out = tmp_path / "final.st"
-    text = _run(tag, ["--servers", "3", "--workers", "2", "--mode", "asp", "--replicas", str(count), "--kill", kills,
-                      COUNT_ROWS, "--steps", "40", "--out", str(out)])
-    for kill in kills.split(","):
-        victim = kill.split(":")[1].split("@")[0]
-        assert f"server {victim} was killed by SIGKILL: its backups take over" in text, text
-    final = load_file(str(out))
-    for name, value in final.items():  # 40 steps of +1 (worker 0) and +2 (worker 1)
-        assert torch.equal(value, torch.full_like(value, 120.0)), (name, value.unique())
+    text = run_counting_through_kills(tag, COUNT_ROWS, count, kills, 40, tmp_path / "final.st")
     print(re.findall(r"DUPLICATES \d+", text))
