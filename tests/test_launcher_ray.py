@@ -6,13 +6,16 @@ not installed (``pip install 'zps[ray]'``); the unit tests at the end need no cl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,14 +79,36 @@ class RayCluster:
         self.cluster.shutdown()
 
 
+@contextlib.contextmanager
+def one_ray_cluster_at_a_time(within: float = 900.0) -> Iterator[None]:
+    """Hold a lock file while a Ray cluster of these tests lives: the two test processes of ``pytest -n 2`` may each
+    be given some of this module's tests, and two local clusters at once collide on Ray's fixed ports (the
+    dashboard's 8265). Fails, saying so, if the other process's cluster keeps it longer than ``within`` seconds."""
+    path = Path(tempfile.gettempdir()) / "zps-tests-ray-cluster.lock"
+    with open(path, "a+") as lock:
+        end = time.monotonic() + within
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < end, f"another test process kept its Ray cluster over {within:.0f}s"
+                time.sleep(0.5)  # (no event to wait on across processes: the lock is polled)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
     pytest.importorskip("ray", reason=NO_RAY)
-    held = RayCluster()
-    try:
-        yield held
-    finally:
-        held.close()
+    with one_ray_cluster_at_a_time():
+        held = RayCluster()
+        try:
+            yield held
+        finally:
+            held.close()
 
 
 @pytest.fixture()
