@@ -278,6 +278,7 @@ class Shard:
             m.staleness.observe(max(c.clock.values()) - c.clock.get(push.worker, 0))
         hps, hold = push.body.get("hp"), bool(push.body.get("hold")) and bsp
         updates: list[Update] = []
+        held: set[int] = set()
         now = time.monotonic()
         for k in taken:
             state = k.state
@@ -285,7 +286,8 @@ class Shard:
                 state.hold = True
             ready = c.push(state, push.worker, k.step, k.grad, group_hp(hps, state.group), k.owned)
             if ready is not None:
-                self._completed(state, ready, updates)
+                if self._completed(state, ready, updates):
+                    held.add(state.key)
                 first = self._first_push.pop(state.key, None) if bsp else None
                 if first is not None:
                     m.bsp_wait.observe(now - first)
@@ -293,7 +295,7 @@ class Shard:
                 self._first_push.setdefault(state.key, now)
         replicated = self.replication.enabled
         changed = self._apply(updates, {k.state.key: (push.worker, k.step) for k in taken}
-                              if replicated and not bsp else None)
+                              if replicated and not bsp else None) | held
         for k in taken:
             c.applied(k.state, push.worker, k.step)
         if taken:
@@ -302,18 +304,21 @@ class Shard:
             return [], changed
         return [(k.state, k.step + 1 if bsp else k.state.version) for k in push.keys], changed
 
-    def _completed(self, state: KeyState, aggregate: Aggregate, updates: list[Update]) -> None:
-        """A key's step is complete: its update goes into ``updates``, or is held until its commit."""
+    def _completed(self, state: KeyState, aggregate: Aggregate, updates: list[Update]) -> bool:
+        """A key's step is complete: its update goes into ``updates``, or is held until its commit (True: held --
+        the key changed with no update yet, and an INSPECT waiting for its aggregate must be looked at again)."""
         if not aggregate.hold:
             state.hp = aggregate.hp
             updates.append((state, aggregate.grad))
-            return
+            return False
         if aggregate.grad is not None and aggregate.grad is not state.acc:
             aggregate = aggregate._replace(grad=aggregate.grad.clone())  # (the received buffer itself: one worker)
         state.held, state.stats, state.stats_step = aggregate, {}, state.version
         commit = self._commits.get(state.version)
-        if commit is not None:
-            updates.extend(self._committed([state], commit))
+        if commit is None:
+            return True
+        updates.extend(self._committed([state], commit))
+        return False
 
     def _committed(self, states: list[KeyState], commit: Commit) -> list[Update]:
         """The updates of held ``states`` as ``commit`` says: skipped (versioned only), or scaled by its factors in
@@ -344,9 +349,8 @@ class Shard:
 
     def _apply_completed(self, done: list[Completed]) -> set[int]:
         updates: list[Update] = []
-        for state, aggregate in done:
-            self._completed(state, aggregate, updates)
-        return self._apply(updates)
+        held = {state.key for state, aggregate in done if self._completed(state, aggregate, updates)}
+        return self._apply(updates) | held
 
     def _apply(self, updates: list[Update], origin: dict[int, tuple[int, int]] | None = None) -> set[int]:
         """Apply ``updates`` with the optimizers (the one place an update is applied); a primary first forwards them

@@ -176,6 +176,25 @@ def test_bsp_push_pull_waits_for_every_worker_then_answers_both_with_the_mean_ap
     assert len(h.shard.pending) == 0 and h.shard.keys[1].hp == {"lr": 0.5}
 
 
+def test_an_inspect_that_came_before_the_last_push_of_a_held_step_is_answered_when_it_completes() -> None:
+    """Clipping under BSP: a worker's INSPECT of step 0 can reach a server before another worker's push completes
+    the step. The completed aggregate is held (not applied) until its commit, so no update marks the key changed;
+    the INSPECT waiting on it must be answered all the same (it waited until the job's timeout: a 3-worker clip
+    job hung on a loaded host)."""
+    h = Harness("bsp", workers=2)
+    h.declare({1: torch.zeros(2)})
+    hold = {"hold": True}
+    assert h.ask(push(0, {1: torch.tensor([3.0, 0.0])}, 0, body=hold))[0][1].kind is Kind.OK
+    asked = Message(Kind.INSPECT, id=next(_IDS), src="worker:0", keys=[{"key": 1, "step": 0, "nf": 0}],
+                    body={"norm": 2.0})
+    assert h.ask(asked) == []  # worker 1's push is still to come
+    replies = h.ask(push(1, {1: torch.tensor([5.0, 6.0])}, 0, body=hold))
+    assert [(who, m.kind) for who, m in replies] == [(ident(1), Kind.OK), (ident(0), Kind.OK)], replies
+    (key, norm, finite), = replies[1][1].body["keys"]
+    assert key == 1 and finite and norm == pytest.approx(float(torch.tensor([4.0, 3.0]).norm()))  # of the mean
+    assert len(h.shard.pending) == 0 and h.shard.keys[1].version == 0  # held, not applied: the commit applies it
+
+
 def test_bsp_pull_is_answered_at_its_version_and_waits_for_a_later_one() -> None:
     h = Harness("bsp", workers=2)
     h.declare({1: torch.full((2,), 5.0)})
